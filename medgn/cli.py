@@ -1,0 +1,90 @@
+"""The ``medgn`` command line: argument parsing and dispatch to subcommands.
+
+Each subcommand lives in ``medgn/commands/<name>.py`` with ``register(subparsers)`` adding its
+parser (and ``set_defaults(func=...)``); the function calls the Python API. This module maps
+errors to exit codes: 0 success, 2 usage/config, 3 invalid input data, 4 invalid model or
+checkpoint, 5 resources, 6 output locked, 1 a bug. Users see one line; tracebacks go to the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+
+import medgn
+from medgn.errors import EXIT_BUG, EXIT_OK, EXIT_USAGE, MedgnError
+from medgn.logs import attach_file_log, current_log_path, fallback_log_path, get_logger
+
+# Subcommands in the order `medgn --help` lists them; each names a module in medgn/commands.
+SUBCOMMANDS: tuple[str, ...] = ("env",)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``medgn`` argument parser with every registered subcommand."""
+    parser = _Parser(prog="medgn", description="3D medical-image segmentation with a fused GroupNorm U-Net.")
+    parser.add_argument("--version", action="version", version=f"medgn {medgn.__version__}")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"medgn.commands.{name}")
+        module.register(subparsers)
+    return parser
+
+
+def _report(exc: BaseException, debug: bool) -> None:
+    log = get_logger("cli")
+    if current_log_path() is None:
+        try:
+            attach_file_log(fallback_log_path())
+        except OSError:
+            pass
+    log.error("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    if debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    logging.getLogger("medgn").setLevel(logging.INFO)
+    try:
+        result = args.func(args)
+        return EXIT_OK if result is None else int(result)
+    except MedgnError as exc:
+        _report(exc, args.debug)
+        sys.stderr.write(f"medgn: error: {exc.one_line()}\n")
+        return exc.code
+    except KeyboardInterrupt:
+        sys.stderr.write("medgn: interrupted\n")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - any other exception is a bug: exit 1
+        _report(exc, args.debug)
+        where = current_log_path() or fallback_log_path()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        sys.stderr.write(f"medgn: internal error: {type(exc).__name__}: {first} (traceback in {where})\n")
+        return EXIT_BUG
+
+
+def console_main() -> None:
+    """Entry point of the ``medgn`` console script."""
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    console_main()

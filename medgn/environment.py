@@ -1,0 +1,87 @@
+"""What this machine offers medgn: library versions, CPU threads, CUDA devices, GroupNorm backend.
+
+Used by ``medgn env`` and recorded in checkpoints and provenance sidecars. Finding out whether
+triton is installed uses package metadata, never an import, so asking does not load triton.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import sys
+from typing import Any
+
+_PACKAGES = ("torch", "monai", "nibabel", "SimpleITK", "numpy", "triton")
+
+
+def package_version(name: str) -> str | None:
+    """Installed version of distribution ``name``, or None when absent."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of Python, medgn and its key libraries (JSON-able)."""
+    import medgn
+
+    result: dict[str, str | None] = {"python": platform.python_version(), "medgn": medgn.__version__}
+    for name in _PACKAGES:
+        result[name.lower()] = package_version(name)
+    return result
+
+
+def triton_available() -> bool:
+    """True when triton can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def cuda_devices() -> list[dict[str, Any]]:
+    """Name, memory and compute capability of each visible CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    devices = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        devices.append(
+            {
+                "index": index,
+                "name": props.name,
+                "memory_gib": round(props.total_memory / 2**30, 1),
+                "capability": f"{props.major}.{props.minor}",
+                "bf16": bool(torch.cuda.is_bf16_supported()),
+            }
+        )
+    return devices
+
+
+def group_norm_backend(device_type: str) -> str:
+    """The backend ``medgn.ops.group_norm(..., backend="auto")`` picks for tensors on ``device_type``."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device_type == "cuda" and triton_available():
+        return "triton"
+    if device_type == "cpu" and interpret and triton_available():
+        return "torch (triton interpreter available with backend='triton')"
+    return "torch"
+
+
+def describe() -> dict[str, Any]:
+    """Everything ``medgn env`` prints, as a JSON-able mapping."""
+    import torch
+
+    devices = cuda_devices()
+    return {
+        "versions": versions(),
+        "platform": platform.platform(),
+        "executable": sys.executable,
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.version.cuda,
+        "cuda_devices": devices,
+        "group_norm_backend": {"cpu": group_norm_backend("cpu"), "cuda": group_norm_backend("cuda") if devices else "no CUDA device"},
+    }

@@ -1,0 +1,94 @@
+"""User-facing errors and their exit-code categories.
+
+Every error medgn reports to a user is a :class:`MedgnError` carrying a category that the CLI turns
+into the process exit code (2 usage/config, 3 invalid input data, 4 invalid model or checkpoint,
+5 resources, 6 output locked by another run; 1 is reserved for bugs). The message is one line:
+``<where>: <what is wrong> (<got>, expected <rule>)``, so a user sees the file or key, the problem
+and how to fix it without a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_MODEL = 4
+EXIT_RESOURCE = 5
+EXIT_LOCKED = 6
+
+
+class MedgnError(Exception):
+    """An error a user can act on.
+
+    Args:
+        where: the file path or configuration key involved ("" when none applies).
+        what: what is wrong, in plain words.
+        got: the offending value, shown as given (optional).
+        expected: the rule the value should satisfy (optional).
+        code: exit-code category; subclasses fix it.
+    """
+
+    code: int = EXIT_USAGE
+
+    def __init__(
+        self,
+        where: str | os.PathLike[str],
+        what: str,
+        *,
+        got: Any = None,
+        expected: str | None = None,
+        code: int | None = None,
+    ) -> None:
+        self.where = os.fspath(where) if where is not None else ""
+        self.what = what
+        self.got = got
+        self.expected = expected
+        if code is not None:
+            self.code = code
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        """The message without the ``medgn: error:`` prefix, on a single line."""
+        detail = []
+        if self.got is not None:
+            detail.append(f"got {self.got!r}" if not isinstance(self.got, str) else f"got {self.got}")
+        if self.expected is not None:
+            detail.append(f"expected {self.expected}")
+        text = f"{self.where}: {self.what}" if self.where else self.what
+        if detail:
+            text += " (" + ", ".join(detail) + ")"
+        return " ".join(text.split("\n"))
+
+
+class UsageError(MedgnError):
+    """Bad command line or configuration (exit code 2)."""
+
+    code = EXIT_USAGE
+
+
+class InputDataError(MedgnError):
+    """An image, label or dataset description that cannot be used (exit code 3)."""
+
+    code = EXIT_INPUT
+
+
+class ModelError(MedgnError):
+    """A model or checkpoint that is invalid or does not match the data (exit code 4)."""
+
+    code = EXIT_MODEL
+
+
+class ResourceError(MedgnError):
+    """Out of memory, disk, or beyond a configured limit (exit code 5)."""
+
+    code = EXIT_RESOURCE
+
+
+class LockedError(MedgnError):
+    """The output folder is in use by another run (exit code 6)."""
+
+    code = EXIT_LOCKED

@@ -1,0 +1,225 @@
+"""Atomic file writes and the output-folder run lock.
+
+Every file medgn writes (volumes, JSON, checkpoints, reports, plots) goes through
+:func:`atomic_path`: the writer fills a temporary file in the destination folder, the file is
+fsynced and renamed over the final name with ``os.replace``. "The file exists" therefore always
+means "the file is complete"; on any failure the temporary file is removed and an earlier file at the
+final path is left untouched. A full disk becomes a :class:`~medgn.errors.ResourceError` (exit 5)
+naming the file. :class:`RunLock` keeps two runs from writing into one output folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from medgn.errors import LockedError, ResourceError, UsageError
+
+TEMP_MARK = ".medgn-tmp-"
+LOCK_NAME = ".medgn.lock"
+
+# Multi-part suffixes that writers (nibabel, SimpleITK) read the format from: the temporary
+# name must end with the same suffix as the final name.
+_COMPOUND_SUFFIXES = (".nii.gz", ".tar.gz", ".seg.nrrd")
+
+
+def split_suffix(name: str) -> tuple[str, str]:
+    """Split ``case.nii.gz`` into ``("case", ".nii.gz")``; other names at their last dot."""
+    lower = name.lower()
+    for suffix in _COMPOUND_SUFFIXES:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)], name[-len(suffix) :]
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem:
+        return name, ""
+    return stem, "." + ext
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system can fsync a directory
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; on success it becomes ``final`` atomically.
+
+    Args:
+        final: destination path. Its folder must exist.
+        overwrite: when False and ``final`` exists, refuse with a usage error before writing.
+
+    Raises:
+        ResourceError: the disk is full or over quota while writing (exit code 5).
+        UsageError: ``final`` exists and ``overwrite`` is False.
+    """
+    final = Path(final)
+    if not overwrite and final.exists():
+        raise UsageError(final, "output exists", expected="a new path, or pass --overwrite")
+    stem, suffix = split_suffix(final.name)
+    tmp = final.with_name(f"{TEMP_MARK}{uuid.uuid4().hex[:12]}-{stem}{suffix}")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"writer produced no file at {tmp}")
+        os.chmod(tmp, _umask_mode())  # mkstemp-style 0600 would surprise users
+        _fsync_file(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceError(final, "no space left on device while writing", expected="free disk space") from exc
+        raise
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _write_bytes_to(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+
+
+def atomic_write_bytes(final: str | os.PathLike[str], data: bytes, *, overwrite: bool = True) -> Path:
+    """Write ``data`` to ``final`` atomically and return the final path."""
+    with atomic_path(final, overwrite=overwrite) as tmp:
+        _write_bytes_to(tmp, data)
+    return Path(final)
+
+
+def atomic_write_text(final: str | os.PathLike[str], text: str, *, overwrite: bool = True) -> Path:
+    """Write UTF-8 ``text`` to ``final`` atomically."""
+    return atomic_write_bytes(final, text.encode("utf-8"), overwrite=overwrite)
+
+
+def atomic_write_json(final: str | os.PathLike[str], obj: Any, *, overwrite: bool = True) -> Path:
+    """Write ``obj`` as indented JSON (NaN/Infinity refused: they are not JSON)."""
+    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    return atomic_write_text(final, text, overwrite=overwrite)
+
+
+def atomic_write_with(final: str | os.PathLike[str], writer: Callable[[Path], None], *, overwrite: bool = True) -> Path:
+    """Call ``writer(tmp_path)`` (e.g. ``nib.save``, ``torch.save``) and publish atomically."""
+    with atomic_path(final, overwrite=overwrite) as tmp:
+        writer(tmp)
+    return Path(final)
+
+
+def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove temporary files an interrupted run left in ``folder``; return what was removed."""
+    removed = []
+    folder = Path(folder)
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.name.startswith(TEMP_MARK) and path.is_file():
+                _remove_quietly(path)
+                removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock on an output folder, held by one run at a time.
+
+    The lock is a file created with ``O_EXCL`` holding pid, host and start time. A lock left by a
+    process on this host that no longer exists is stale and is taken over. Use as a context manager.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], purpose: str = "run") -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.purpose = purpose
+        self.stale_removed: dict[str, Any] | None = None
+        self._held = False
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> RunLock:
+        if not self.folder.is_dir():
+            raise UsageError(self.folder, "output folder does not exist", expected="an existing folder")
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "purpose": self.purpose}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read()
+                same_host = holder.get("host") == socket.gethostname()
+                pid = holder.get("pid")
+                if same_host and isinstance(pid, int) and not _pid_alive(pid):
+                    self.stale_removed = holder
+                    _remove_quietly(self.path)
+                    continue
+                if not holder and time.time() - self.path.stat().st_mtime > 60:
+                    # An empty or unreadable lock older than a minute: its writer died mid-create.
+                    self.stale_removed = {}
+                    _remove_quietly(self.path)
+                    continue
+                raise LockedError(
+                    self.folder,
+                    "output folder is in use by another medgn run",
+                    got=f"pid {pid} on {holder.get('host', '?')}",
+                    expected=f"wait for it to finish, or remove {self.path} if that process is gone",
+                ) from None
+            except OSError as exc:
+                raise UsageError(self.folder, f"cannot create lock file ({exc.strerror})", expected="a writable folder") from exc
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(info, handle)
+            self._held = True
+            return self
+        raise LockedError(self.folder, "could not take the output-folder lock", expected="one run per folder")
+
+    def release(self) -> None:
+        if self._held:
+            _remove_quietly(self.path)
+            self._held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,91 @@
+"""The CLI shell: version, env, exit codes per error category, one-line messages."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+import medgn
+from medgn import cli
+from medgn.errors import (
+    InputDataError,
+    LockedError,
+    MedgnError,
+    ModelError,
+    ResourceError,
+    UsageError,
+)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "medgn", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_version() -> None:
+    proc = _run("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"medgn {medgn.__version__}"
+
+
+def test_env_json_lists_versions() -> None:
+    proc = _run("env", "--json")
+    assert proc.returncode == 0
+    import json
+
+    info = json.loads(proc.stdout)
+    assert info["versions"]["medgn"] == medgn.__version__
+    assert info["versions"]["torch"]
+    assert "cpu" in info["group_norm_backend"]
+
+
+def test_unknown_subcommand_is_usage_error_on_one_line() -> None:
+    proc = _run("frobnicate")
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "frobnicate" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [UsageError("k", "bad"), InputDataError("f.nii.gz", "bad"), ModelError("m.pt", "bad"), ResourceError("d", "full"), LockedError("o", "busy")],
+)
+def test_error_category_becomes_exit_code(exc: MedgnError, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def fake_register(subparsers: argparse._SubParsersAction) -> None:
+        p = subparsers.add_parser("boom")
+
+        def run(args: argparse.Namespace) -> int:
+            raise exc
+
+        p.set_defaults(func=run)
+
+    real_build = cli.build_parser
+
+    def build_with_boom() -> argparse.ArgumentParser:
+        parser = real_build()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        fake_register(sub)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", build_with_boom)
+    assert cli.main(["boom"]) == exc.code
+    err = capsys.readouterr().err
+    assert err == f"medgn: error: {exc.one_line()}\n"
+    assert "Traceback" not in err
+
+
+def test_bug_exits_1_with_log_pointer(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    real_build = cli.build_parser
+
+    def build_with_bug() -> argparse.ArgumentParser:
+        parser = real_build()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        p = sub.add_parser("bug")
+        p.set_defaults(func=lambda args: 1 / 0)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", build_with_bug)
+    assert cli.main(["bug"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("medgn: internal error: ZeroDivisionError") and "traceback in" in err
+    assert len(err.strip().splitlines()) == 1

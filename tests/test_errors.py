@@ -1,0 +1,32 @@
+"""Error messages and categories."""
+
+from __future__ import annotations
+
+import pytest
+
+from medgn.errors import (
+    InputDataError,
+    LockedError,
+    MedgnError,
+    ModelError,
+    ResourceError,
+    UsageError,
+)
+
+
+@pytest.mark.parametrize(
+    ("cls", "code"),
+    [(UsageError, 2), (InputDataError, 3), (ModelError, 4), (ResourceError, 5), (LockedError, 6)],
+)
+def test_category_codes(cls: type[MedgnError], code: int) -> None:
+    assert cls("x", "bad").code == code
+
+
+def test_one_line_names_where_got_expected() -> None:
+    err = InputDataError("a/b.nii.gz", "spacing must be positive", got="(0.0, 1.0, 1.0)", expected="> 0")
+    assert err.one_line() == "a/b.nii.gz: spacing must be positive (got (0.0, 1.0, 1.0), expected > 0)"
+
+
+def test_multiline_detail_collapses_to_one_line() -> None:
+    err = UsageError("k", "first\nsecond")
+    assert "\n" not in err.one_line()

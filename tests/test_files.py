@@ -1,0 +1,142 @@
+"""Atomic writes and the output-folder lock."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medgn import files
+from medgn.errors import LockedError, ResourceError, UsageError
+
+
+def _temps(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name.startswith(files.TEMP_MARK)]
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "out.json"
+    files.atomic_write_json(target, {"a": 1})
+    files.atomic_write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 2}
+    assert _temps(tmp_path) == []
+
+
+def test_temp_keeps_compound_suffix(tmp_path: Path) -> None:
+    seen = []
+    with files.atomic_path(tmp_path / "case.nii.gz") as tmp:
+        seen.append(tmp.name)
+        tmp.write_bytes(b"x")
+    assert seen[0].endswith(".nii.gz") and seen[0].startswith(files.TEMP_MARK)
+
+
+def test_enospc_mid_write_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "mask.bin"
+    target.write_bytes(b"old content")
+
+    def failing_writer(path: Path) -> None:
+        with open(path, "wb") as handle:
+            handle.write(b"half")
+            handle.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ResourceError) as info:
+        files.atomic_write_with(target, failing_writer)
+    assert info.value.code == 5
+    assert str(target) in info.value.one_line()
+    assert target.read_bytes() == b"old content"
+    assert _temps(tmp_path) == []
+
+
+def test_enospc_in_fsync_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(ResourceError):
+        files.atomic_write_text(target, "new")
+    monkeypatch.undo()
+    assert target.read_text() == "old"
+    assert _temps(tmp_path) == []
+
+
+def test_other_errors_propagate_and_clean_up(tmp_path: Path) -> None:
+    target = tmp_path / "x.txt"
+
+    def boom(path: Path) -> None:
+        path.write_text("partial")
+        raise RuntimeError("writer bug")
+
+    with pytest.raises(RuntimeError):
+        files.atomic_write_with(target, boom)
+    assert not target.exists()
+    assert _temps(tmp_path) == []
+
+
+def test_no_overwrite_refuses(tmp_path: Path) -> None:
+    target = tmp_path / "x.txt"
+    target.write_text("keep")
+    with pytest.raises(UsageError):
+        files.atomic_write_text(target, "new", overwrite=False)
+    assert target.read_text() == "keep"
+
+
+def test_written_file_has_normal_permissions(tmp_path: Path) -> None:
+    target = files.atomic_write_text(tmp_path / "p.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_nan_is_refused_in_json(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        files.atomic_write_json(tmp_path / "n.json", {"x": float("nan")})
+    assert not (tmp_path / "n.json").exists()
+
+
+def test_lock_second_process_gets_code_6(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from medgn.files import RunLock\n"
+        "from medgn.errors import LockedError\n"
+        f"try:\n    RunLock({str(tmp_path)!r}).acquire()\n"
+        "except LockedError as e:\n    print(e.one_line()); sys.exit(e.code)\n"
+    )
+    with files.RunLock(tmp_path):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 6
+    assert "in use by another medgn run" in proc.stdout
+    assert not (tmp_path / files.LOCK_NAME).exists()
+
+
+def test_stale_lock_from_dead_process_is_taken_over(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    (tmp_path / files.LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    lock = files.RunLock(tmp_path).acquire()
+    assert lock.stale_removed is not None and lock.stale_removed["pid"] == dead.pid
+    assert json.loads((tmp_path / files.LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_live_lock_in_same_process_is_refused(tmp_path: Path) -> None:
+    with files.RunLock(tmp_path), pytest.raises(LockedError):
+        files.RunLock(tmp_path).acquire()
+
+
+def test_clean_stale_temps(tmp_path: Path) -> None:
+    (tmp_path / f"{files.TEMP_MARK}abc-x.nii.gz").write_bytes(b"x")
+    (tmp_path / "keep.nii.gz").write_bytes(b"x")
+    removed = files.clean_stale_temps(tmp_path)
+    assert [p.name for p in removed] == [f"{files.TEMP_MARK}abc-x.nii.gz"]
+    assert (tmp_path / "keep.nii.gz").exists()

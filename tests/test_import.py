@@ -1,0 +1,21 @@
+"""Importing medgn touches neither triton nor CUDA."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+CHECK = """
+import sys
+import medgn, medgn.ops, medgn.layers, medgn.models
+import torch
+assert 'triton' not in sys.modules, 'triton imported'
+assert not torch.cuda.is_initialized(), 'CUDA initialised'
+print('ok')
+"""
+
+
+def test_import_does_not_load_triton_or_cuda() -> None:
+    proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
