@@ -1,0 +1,219 @@
+"""Public GroupNorm operator: backend choice and the ``torch.library`` registration of the kernels.
+
+``group_norm`` computes ``act(group_norm(x) * weight + bias + residual)``. Backend "torch" runs the
+pure-PyTorch reference; "triton" runs the fused kernels of ``group_norm_triton`` (CUDA tensors, or
+CPU tensors under ``TRITON_INTERPRET=1``); "auto" picks triton for CUDA tensors when triton is
+installed. The triton path is two custom ops, ``medgn::group_norm_fwd`` and ``medgn::group_norm_bwd``,
+with fake (meta) implementations and an autograd formula, so ``torch.compile`` traces through them,
+``torch.library.opcheck`` passes, and autocast leaves bf16 inputs in bf16 (custom ops are not on
+autocast's upcast list, unlike ``F.group_norm``). Importing this file does not import triton.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import torch
+
+from medgn.ops.group_norm_ref import check_group_norm_args, group_norm_ref
+from medgn.ops.group_norm_triton import alloc_like
+
+__all__ = ["BACKENDS", "group_norm"]
+
+#: Backend names accepted by :func:`group_norm` and the GroupNorm layer.
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _triton_available() -> bool:
+    """True when the triton package is installed (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    """True when Triton's CPU interpreter is switched on for this process."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@torch.library.custom_op(
+    "medgn::group_norm_fwd",
+    mutates_args=(),
+    schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, int num_groups, float eps, "
+    "str activation, float negative_slope) -> (Tensor, Tensor, Tensor)",
+)
+def _fwd_op(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from medgn.ops.group_norm_triton import group_norm_forward
+
+    return group_norm_forward(x, num_groups, weight, bias, eps, activation, residual, negative_slope)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return alloc_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op(
+    "medgn::group_norm_bwd",
+    mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor mean, "
+    "Tensor rstd, int num_groups, str activation, float negative_slope, bool need_dres) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    activation: str,
+    negative_slope: float,
+    need_dres: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from medgn.ops.group_norm_triton import group_norm_backward
+
+    return group_norm_backward(
+        dy, x, weight, bias, residual, mean, rstd, num_groups, activation, negative_slope, need_dres
+    )
+
+
+@_bwd_op.register_fake
+def _bwd_fake(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    activation: str,
+    negative_slope: float,
+    need_dres: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dw = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
+    db = torch.empty_like(bias) if bias is not None else x.new_empty((0,))
+    dres = alloc_like(residual) if (need_dres and residual is not None) else x.new_empty((0,))
+    return alloc_like(x), dw, db, dres
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    x, weight, bias, residual, num_groups, _eps, activation, negative_slope = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, residual, mean, rstd)
+    ctx.num_groups = num_groups
+    ctx.activation = activation
+    ctx.negative_slope = negative_slope
+
+
+def _backward(ctx: Any, dy: torch.Tensor, _dmean: Any, _drstd: Any) -> tuple[Any, ...]:
+    x, weight, bias, residual, mean, rstd = ctx.saved_tensors
+    need_dres = residual is not None and bool(ctx.needs_input_grad[3])
+    dx, dw, db, dres = _bwd_op(
+        dy, x, weight, bias, residual, mean, rstd,
+        ctx.num_groups, ctx.activation, ctx.negative_slope, need_dres,
+    )  # fmt: skip
+    return (
+        dx,
+        dw if weight is not None else None,
+        db if bias is not None else None,
+        dres if need_dres else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _resolve_backend(x: torch.Tensor, backend: str) -> str:
+    """Turn "auto" into a concrete backend and check that "triton" can run on ``x``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"group_norm: unknown backend {backend!r}, expected one of {BACKENDS}")
+    if backend == "auto":
+        ok = x.is_cuda and x.dtype in _TRITON_DTYPES and _triton_available()
+        return "triton" if ok else "torch"
+    if backend == "triton":
+        if not _triton_available():
+            raise ValueError("group_norm: backend='triton' needs the triton package; use backend='torch'")
+        if x.dtype not in _TRITON_DTYPES:
+            raise TypeError(
+                f"group_norm: backend='triton' takes float32/bfloat16/float16 input, got {x.dtype}; "
+                "use backend='torch' for float64"
+            )
+        if not x.is_cuda and not _interpreting():
+            raise ValueError(
+                f"group_norm: backend='triton' needs a CUDA tensor, got one on {x.device}; use "
+                "backend='torch', or set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU"
+            )
+    return backend
+
+
+def group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    negative_slope: float = 0.01,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """GroupNorm fused with a per-channel affine, a residual add and an activation.
+
+    ``y = act((x - mean) * rstd * weight + bias + residual)``, statistics per (sample, group) in
+    float32, output in x's dtype and memory format (contiguous or channels_last(_3d)).
+
+    Args:
+        x: (N, C, L), (N, C, H, W) or (N, C, D, H, W) tensor; float32, bfloat16 or float16
+            (float64 on the torch backend).
+        num_groups: G, a divisor of C.
+        weight: gamma of shape (C,) or None.
+        bias: beta of shape (C,) or None.
+        eps: added to the variance before the square root.
+        activation: None/"none", "relu", "leaky_relu", "silu" or "gelu" (exact erf form).
+        residual: tensor of x's shape added before the activation, or None.
+        negative_slope: slope of "leaky_relu" for negative inputs.
+        backend: "auto", "triton" or "torch" (see the module docstring).
+
+    Returns:
+        y, same shape and dtype as x; differentiable in x, weight, bias and residual.
+
+    Raises:
+        ValueError / TypeError: bad shapes, dtypes, activation or backend (the message says the fix).
+    """
+    act = check_group_norm_args(x, num_groups, weight, bias, eps, activation, residual, negative_slope)
+    if _resolve_backend(x, backend) == "torch":
+        return group_norm_ref(x, num_groups, weight, bias, eps, act, residual, negative_slope)
+    y, _mean, _rstd = _fwd_op(
+        x, weight, bias, residual, num_groups, float(eps), act, float(negative_slope)
+    )
+    return y
