@@ -1,0 +1,353 @@
+"""Header preflight: validate an image file's header before a single pixel is read.
+
+This module owns :class:`Limits`, :class:`HeaderInfo` and :func:`read_header`. The header is
+untrusted: nibabel and ITK "repair" bad fields (zero spacing becomes 1, an invalid sform code 0,
+no orientation an invented affine) and allocate the declared size before reading. So the raw NIfTI
+header is parsed here with nibabel's checks off, ITK formats through ``ReadImageInformation`` (no
+pixels), and DICOM series slice by slice from their tags. Dimensionality, voxel and byte limits,
+spacing, affine, orientation codes, data type and (for gzip) the declared uncompressed size are
+checked, and every failure is an :class:`~medgn.errors.InputDataError` (exit 3) or, for limits, a
+:class:`~medgn.errors.ResourceError` (exit 5) naming the file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medgn.errors import InputDataError, ResourceError
+
+# LPS (ITK, DICOM) <-> RAS (NIfTI, medgn) world axes: flip x and y.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mha"}
+SUPPORTED = ".nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or a DICOM series folder"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits enforced from the header alone, before any allocation.
+
+    Attributes:
+        max_voxels: most voxels per channel; 512**3 (134 M) covers a full-body CT at 1 mm and keeps
+            one float32 copy at 512 MiB, which the 2-4 working copies of a pipeline can afford.
+        max_bytes: most bytes of the stored pixel array; 2 GiB so that a float64 volume at the voxel
+            limit (1 GiB) passes while a corrupt header cannot make us allocate tens of GiB.
+        max_dim: most voxels along one axis; no scanner produces more than a few thousand, so a
+            larger value means a corrupt or hostile header.
+    """
+
+    max_voxels: int = field(default=512**3, metadata={"min": 1})
+    max_bytes: int = field(default=2 * 1024**3, metadata={"min": 1})
+    max_dim: int = field(default=8192, metadata={"min": 1})
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass
+class HeaderInfo:
+    """What the header of an image says, validated.
+
+    Attributes:
+        path: the file (or DICOM folder).
+        format: "nifti", "nrrd", "mha" or "dicom".
+        shape: (X, Y, Z) in file voxel order.
+        dtype: the stored pixel type.
+        spacing: voxel size in mm along X, Y, Z.
+        affine: 4x4 float64 voxel -> world (RAS, mm).
+        meta: format details a writer needs (NIfTI header and codes, or ITK origin/spacing/direction).
+    """
+
+    path: Path
+    format: str
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def detect_format(path: Path) -> str:
+    """The format of ``path`` from its name ("nifti", "nrrd", "mha") or "dicom" for a folder."""
+    if path.is_dir():
+        return "dicom"
+    lower = path.name.lower()
+    if lower.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    for suffix, fmt in ITK_SUFFIXES.items():
+        if lower.endswith(suffix):
+            return fmt
+    raise InputDataError(path, "unsupported file type", got=path.suffix or "no suffix", expected=SUPPORTED)
+
+
+def _check_size(path: Path, shape: tuple[int, ...], itemsize: int, limits: Limits) -> None:
+    if any(d > limits.max_dim for d in shape):
+        raise ResourceError(path, "image dimension above the limit", got=f"shape {shape}", expected=f"each axis <= {limits.max_dim} (raise it with --max-dim)")
+    voxels = int(np.prod(np.asarray(shape, dtype=np.int64)))
+    if voxels > limits.max_voxels:
+        raise ResourceError(path, "image has too many voxels", got=f"shape {shape} = {voxels} voxels", expected=f"<= {limits.max_voxels} (raise it with --max-voxels)")
+    if voxels * itemsize > limits.max_bytes:
+        raise ResourceError(path, "image is too large", got=f"{voxels * itemsize} bytes", expected=f"<= {limits.max_bytes} bytes")
+
+
+def _squeeze_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if any(d < 1 for d in shape):
+        raise InputDataError(path, "header declares a non-positive dimension", got=f"shape {shape}", expected="all sizes >= 1")
+    if len(shape) < 3 or any(d != 1 for d in shape[3:]):
+        raise InputDataError(path, f"expected 3D, got shape {shape}", expected="one 3D volume per file (channels as separate files)")
+    return (int(shape[0]), int(shape[1]), int(shape[2]))
+
+
+def _check_dtype(path: Path, dtype: np.dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype.fields is not None or dtype.kind not in "iuf" or dtype.itemsize > 8:
+        raise InputDataError(path, "unsupported data type", got=str(dtype), expected="integer or floating-point scalar voxels (no complex, RGB or bool)")
+    return dtype
+
+
+def _check_geometry(path: Path, affine: np.ndarray) -> tuple[float, float, float]:
+    if not np.all(np.isfinite(affine)):
+        raise InputDataError(path, "voxel-to-world affine is not finite", got=np.round(affine[:3], 4).tolist(), expected="finite numbers")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    # 1e-6 relative: a 3x3 block this close to singular has no usable orientation.
+    if abs(np.linalg.det(affine[:3, :3])) <= 1e-6 * float(np.prod(spacing)) or np.any(spacing <= 0):
+        raise InputDataError(path, "voxel-to-world affine is singular", got=np.round(affine[:3, :3], 4).tolist(), expected="three independent axes")
+    return (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+
+
+def _open_nifti(path: Path) -> tuple[Any, bool]:
+    import nibabel as nib
+
+    compressed = path.name.lower().endswith(".gz")
+    if path.stat().st_size == 0:
+        raise InputDataError(path, "file is empty", expected="a NIfTI image")
+    try:
+        if compressed:
+            with gzip.open(path, "rb") as handle:
+                block = handle.read(540)
+        else:
+            with open(path, "rb") as handle:
+                block = handle.read(540)
+    except (gzip.BadGzipFile, OSError, EOFError, zlib.error) as exc:
+        raise InputDataError(path, "cannot read the file as gzip-compressed NIfTI" if compressed else "cannot read the file", got=str(exc), expected="a valid .nii.gz (is it an uncompressed .nii?)" if compressed else None) from None
+    if len(block) < 348:
+        raise InputDataError(path, "file is too short for a NIfTI header", got=f"{len(block)} bytes", expected=">= 348 bytes")
+    sizes = {struct.unpack("<i", block[:4])[0], struct.unpack(">i", block[:4])[0]}
+    if 348 in sizes:
+        header_cls = nib.Nifti1Header
+    elif 540 in sizes:
+        header_cls = nib.Nifti2Header
+    else:
+        raise InputDataError(path, "not a NIfTI file", got="sizeof_hdr is neither 348 nor 540", expected="a NIfTI-1 or NIfTI-2 header")
+    try:
+        import io
+
+        header = header_cls.from_fileobj(io.BytesIO(block), check=False)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises several types for corrupt headers
+        raise InputDataError(path, "corrupt NIfTI header", got=str(exc)) from None
+    return header, compressed
+
+
+def _check_gzip_length(path: Path, needed: int, what: str) -> None:
+    """Refuse a truncated .nii.gz: the gzip trailer stores the uncompressed size mod 2**32.
+
+    When the trailer disagrees (a truncated file, or a multi-member gzip) the stream is
+    decompressed in 1 MiB chunks and counted, so memory stays small either way.
+    """
+    with open(path, "rb") as handle:
+        handle.seek(-4, os.SEEK_END)
+        isize = struct.unpack("<I", handle.read(4))[0]
+    if isize == needed % 2**32:
+        return
+    total = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(1 << 20):  # 1 MiB: bounded memory
+                total += len(chunk)
+    except (gzip.BadGzipFile, OSError, EOFError, zlib.error):
+        raise InputDataError(path, "file is truncated or corrupt", got=f"gzip stream ends after {total} bytes", expected=f"{needed} bytes for {what}") from None
+    if total < needed:
+        raise InputDataError(path, "file is truncated", got=f"{total} uncompressed bytes", expected=f"{needed} bytes for {what}")
+
+
+def _nifti_header(path: Path, limits: Limits) -> HeaderInfo:
+    header, compressed = _open_nifti(path)
+    dims = [int(d) for d in header["dim"]]
+    ndim = dims[0]
+    if not 1 <= ndim <= 7:
+        raise InputDataError(path, "header dim[0] is invalid", got=ndim, expected="1..7")
+    shape = tuple(dims[1 : ndim + 1])
+    shape3 = _squeeze_shape(path, shape)
+    try:
+        dtype = header.get_data_dtype()
+    except Exception as exc:  # noqa: BLE001 - unknown datatype codes raise KeyError/HeaderDataError
+        raise InputDataError(path, "unknown NIfTI data type", got=str(exc)) from None
+    dtype = _check_dtype(path, dtype)
+    _check_size(path, shape3, dtype.itemsize, limits)
+    pixdim = np.asarray(header["pixdim"], dtype=np.float64)
+    if not np.all(np.isfinite(pixdim[1:4])) or np.any(pixdim[1:4] <= 0):
+        raise InputDataError(path, "voxel spacing is not positive and finite", got=f"pixdim {pixdim[1:4].tolist()}", expected="three finite values > 0")
+    qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    if qcode not in range(6) or scode not in range(6):
+        raise InputDataError(path, "invalid orientation code", got=f"qform_code={qcode}, sform_code={scode}", expected="codes 0..5")
+    if qcode == 0 and scode == 0:
+        raise InputDataError(path, "no orientation in header", got="qform_code=0, sform_code=0", expected="qform_code or sform_code > 0")
+    try:
+        affine = np.asarray(header.get_best_affine(), dtype=np.float64)
+    except Exception as exc:  # noqa: BLE001 - NaN quaternions raise inside nibabel
+        raise InputDataError(path, "cannot build the voxel-to-world affine", got=str(exc)) from None
+    spacing = _check_geometry(path, affine)
+    offset = int(header["vox_offset"])
+    needed = offset + int(np.prod(shape3)) * dtype.itemsize
+    if compressed:
+        _check_gzip_length(path, needed, f"shape {shape3} {dtype}")
+    elif path.stat().st_size < needed:
+        raise InputDataError(path, "file is truncated", got=f"{path.stat().st_size} bytes", expected=f">= {needed} bytes for shape {shape3} {dtype}")
+    meta = {"nifti_header": header, "qform_code": qcode, "sform_code": scode, "squeezed": len(shape) != 3}
+    return HeaderInfo(path, "nifti", shape3, dtype, spacing, affine, meta)
+
+
+def itk_affine(origin: Any, spacing: Any, direction: Any) -> np.ndarray:
+    """RAS voxel -> world affine from ITK (LPS) origin, spacing and row-major 3x3 direction."""
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(direction, dtype=np.float64).reshape(3, 3) @ np.diag(np.asarray(spacing, dtype=np.float64))
+    lps[:3, 3] = np.asarray(origin, dtype=np.float64)
+    return LPS_TO_RAS @ lps
+
+
+def itk_geometry(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """ITK (origin, spacing, row-major direction) of a RAS voxel -> world affine."""
+    lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    direction = lps[:3, :3] / spacing
+    return tuple(map(float, lps[:3, 3])), tuple(map(float, spacing)), tuple(map(float, direction.ravel()))
+
+
+def _itk_reader(path: Path) -> Any:
+    import SimpleITK as sitk
+
+    if path.stat().st_size == 0:
+        raise InputDataError(path, "file is empty", expected="an image file")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        raise InputDataError(path, "cannot read the image header", got=first[:200]) from None
+    return reader
+
+
+_ITK_DTYPES = {
+    "8-bit unsigned integer": np.uint8, "8-bit signed integer": np.int8,
+    "16-bit unsigned integer": np.uint16, "16-bit signed integer": np.int16,
+    "32-bit unsigned integer": np.uint32, "32-bit signed integer": np.int32,
+    "64-bit unsigned integer": np.uint64, "64-bit signed integer": np.int64,
+    "32-bit float": np.float32, "64-bit float": np.float64,
+}
+
+
+def _itk_info(path: Path, reader: Any, fmt: str, limits: Limits) -> HeaderInfo:
+    import SimpleITK as sitk
+
+    size = tuple(int(s) for s in reader.GetSize())
+    shape3 = _squeeze_shape(path, size)
+    name = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    if reader.GetNumberOfComponents() != 1 or name not in _ITK_DTYPES:
+        raise InputDataError(path, "unsupported data type", got=f"{name}, {reader.GetNumberOfComponents()} components", expected="integer or floating-point scalar voxels (no complex, RGB or vector)")
+    dtype = np.dtype(_ITK_DTYPES[name])
+    _check_size(path, shape3, dtype.itemsize, limits)
+    ndim = len(size)
+    spacing = np.asarray(reader.GetSpacing(), dtype=np.float64)[:3]
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputDataError(path, "voxel spacing is not positive and finite", got=spacing.tolist(), expected="three finite values > 0")
+    origin = np.asarray(reader.GetOrigin(), dtype=np.float64)[:3]
+    direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(ndim, ndim)[:3, :3]
+    affine = itk_affine(origin, spacing, direction)
+    _check_geometry(path, affine)
+    meta = {"origin": tuple(origin.tolist()), "spacing": tuple(spacing.tolist()), "direction": tuple(direction.ravel().tolist()), "squeezed": ndim != 3}
+    return HeaderInfo(path, fmt, shape3, dtype, tuple(map(float, spacing)), affine, meta)
+
+
+def dicom_series_files(path: Path) -> list[str]:
+    """The files of the single DICOM series in folder ``path``, in slice order."""
+    import SimpleITK as sitk
+
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+    if not series:
+        raise InputDataError(path, "folder holds no DICOM series", expected=f"a DICOM series folder or a file ({SUPPORTED})")
+    if len(series) > 1:
+        listing = "; ".join(f"{sid} ({len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), sid))} files)" for sid in series)
+        raise InputDataError(path, f"folder holds {len(series)} DICOM series: {listing}", expected="exactly one series per folder")
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
+
+
+def _dicom_header(path: Path, limits: Limits) -> HeaderInfo:
+    files = dicom_series_files(path)
+    positions = []
+    first = None
+    for name in files:
+        reader = _itk_reader(Path(name))
+        if first is None:
+            first = reader
+        try:
+            positions.append([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+        except RuntimeError:
+            raise InputDataError(name, "DICOM slice has no ImagePositionPatient (0020,0032)") from None
+    assert first is not None  # dicom_series_files never returns an empty list
+    info = _itk_info(path, first, "dicom", limits)
+    direction = np.asarray(info.meta["direction"]).reshape(3, 3)
+    normal = direction[:, 2]
+    along = np.sort(np.asarray(positions) @ normal)
+    shape3 = (info.shape[0], info.shape[1], len(files))
+    _check_size(path, shape3, info.dtype.itemsize, limits)
+    if len(files) > 1:
+        steps = np.diff(along)
+        step = float(np.median(steps))
+        # 1% of the slice step (or 1 micrometre): rounding in exported positions, not a missing slice.
+        tolerance = max(0.01 * abs(step), 1e-3)
+        if step <= 0 or np.any(np.abs(steps - step) > tolerance):
+            gaps = [f"{along[i]:.3f}->{along[i + 1]:.3f} mm" for i in np.flatnonzero(np.abs(steps - step) > tolerance)]
+            raise InputDataError(path, f"DICOM series has missing or uneven slices: {', '.join(gaps[:10])}", got=f"{len(files)} slices", expected=f"uniform slice step {step:.4f} mm")
+        spacing = (info.spacing[0], info.spacing[1], abs(step))
+    else:
+        spacing = info.spacing
+    origin = np.asarray(positions[int(np.argmin(np.asarray(positions) @ normal))])
+    affine = itk_affine(origin, spacing, direction)
+    meta = {"origin": tuple(origin.tolist()), "spacing": spacing, "direction": tuple(direction.ravel().tolist()), "files": files, "squeezed": False}
+    return HeaderInfo(path, "dicom", shape3, info.dtype, spacing, affine, meta)
+
+
+def read_header(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS) -> HeaderInfo:
+    """Validate an image's header without reading its pixels.
+
+    Args:
+        path: a NIfTI, NRRD or MetaImage file, or a folder holding one DICOM series.
+        limits: voxel, byte and per-axis limits checked from the header alone.
+
+    Returns:
+        The validated header.
+
+    Raises:
+        InputDataError: unreadable, not 3D, bad spacing/affine/orientation, unsupported type,
+            truncated file, several DICOM series or missing slices (exit 3).
+        ResourceError: above a size limit (exit 5).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputDataError(path, "file not found", expected="an existing image file or DICOM folder")
+    fmt = detect_format(path)
+    if fmt == "nifti":
+        return _nifti_header(path, limits)
+    if fmt == "dicom":
+        return _dicom_header(path, limits)
+    return _itk_info(path, _itk_reader(path), fmt, limits)

@@ -1,0 +1,193 @@
+"""Tests for medgn.data.io and medgn.data.preflight: bad inputs refused, geometry kept on write."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medgn.data.io import Limits, geometry_diff, read_header, read_volume, write_mask, write_volume
+from medgn.errors import InputDataError, MedgnError, UsageError
+from tests.data.conftest import make_nifti, patch_nifti
+
+
+def _raises(path: Path, code: int, words: str, **kwargs: object) -> MedgnError:
+    with pytest.raises(MedgnError) as info:
+        read_volume(path, **kwargs)  # type: ignore[arg-type]
+    assert info.value.code == code, info.value
+    assert str(path) in str(info.value) and words in str(info.value)
+    assert "\n" not in info.value.one_line()
+    return info.value
+
+
+def test_unreadable_files(tmp_path: Path, blob: np.ndarray) -> None:
+    empty = tmp_path / "empty.nii.gz"
+    empty.write_bytes(b"")
+    _raises(empty, 3, "empty")
+    noise = tmp_path / "noise.nii.gz"
+    noise.write_bytes(np.random.default_rng(0).bytes(3000))
+    _raises(noise, 3, "gzip")
+    plain = make_nifti(tmp_path / "plain.nii", blob)
+    renamed = tmp_path / "renamed.nii.gz"
+    os.rename(plain, renamed)
+    _raises(renamed, 3, "gzip")
+    _raises(tmp_path / "missing.nii.gz", 3, "not found")
+    (tmp_path / "x.png").write_bytes(b"png")
+    _raises(tmp_path / "x.png", 3, "unsupported file type")
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_truncated_file_caught_by_header_check(tmp_path: Path, blob: np.ndarray, suffix: str) -> None:
+    path = make_nifti(tmp_path / f"cut{suffix}", blob)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InputDataError, match="truncated"):
+        read_header(path)
+
+
+@pytest.mark.parametrize(("size", "words"), [(30000, "dimension above the limit"), (4000, "too many voxels")])
+def test_huge_header_fails_before_allocation(tmp_path: Path, size: int, words: str) -> None:
+    header = nib.Nifti1Header()
+    header.set_data_shape((size, size, size))
+    header.set_data_dtype(np.float32)
+    header.set_sform(np.eye(4), code=1)
+    path = tmp_path / "bomb.nii.gz"
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + b"\0" * 64))
+    assert path.stat().st_size < 1000
+    err = _raises(path, 5, words)
+    assert "raise it with --max-" in str(err)
+
+
+def test_real_volume_above_voxel_limit(tmp_path: Path, blob: np.ndarray) -> None:
+    path = make_nifti(tmp_path / "a.nii.gz", blob)
+    _raises(path, 5, "too many voxels", limits=Limits(max_voxels=100))
+    assert read_volume(path, limits=Limits(max_voxels=blob.size)).shape == blob.shape
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("pixdim", (1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0), "spacing"),
+        ("pixdim", (1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0), "spacing"),
+        ("pixdim", (1.0, float("nan"), 1.0, 1.0, 1.0, 1.0, 1.0, 1.0), "spacing"),
+        ("srow_x", (0.0, 0.0, 0.0, 0.0), "singular"),
+        ("srow_x", (float("nan"), 0.0, 0.0, 0.0), "not finite"),
+        ("datatype", 32, "unsupported data type"),  # complex64 (bitpix stays wrong on purpose)
+        ("datatype", 1, "data type"),  # binary/bool
+    ],
+)
+def test_bad_header_fields(tmp_path: Path, blob: np.ndarray, field: str, value: tuple[float, ...] | float, words: str) -> None:
+    path = patch_nifti(make_nifti(tmp_path / "bad.nii.gz", blob), field, value)
+    _raises(path, 3, words)
+
+
+def test_no_orientation_codes(tmp_path: Path, blob: np.ndarray) -> None:
+    path = make_nifti(tmp_path / "noorient.nii.gz", blob)
+    patch_nifti(path, "qform_code", 0)
+    patch_nifti(path, "sform_code", 0)
+    _raises(path, 3, "no orientation")
+
+
+@pytest.mark.parametrize("shape", [(8, 7), (8, 7, 6, 2), (8, 7, 6, 1, 2)])
+def test_not_3d(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    path = make_nifti(tmp_path / "nd.nii.gz", np.zeros(shape, np.float32))
+    _raises(path, 3, "expected 3D, got shape")
+
+
+def test_singleton_fourth_dim_is_squeezed(tmp_path: Path, blob: np.ndarray) -> None:
+    path = make_nifti(tmp_path / "4d.nii.gz", blob[..., None])
+    np.testing.assert_array_equal(read_volume(path).array, blob)
+
+
+def test_rgb_and_nan(tmp_path: Path, blob: np.ndarray) -> None:
+    rgb = np.zeros((4, 4, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    _raises(make_nifti(tmp_path / "rgb.nii.gz", rgb), 3, "unsupported data type")
+    blob[0, 0, :3] = [np.nan, np.inf, -np.inf]
+    _raises(make_nifti(tmp_path / "nan.nii.gz", blob), 3, "3 NaN/Inf voxels")
+
+
+def test_labels_are_integers(tmp_path: Path, blob: np.ndarray) -> None:
+    labels = np.zeros((8, 7, 6), np.uint8)
+    labels[2:4, 2:4, 2:4] = 7
+    labels[0, 0, 0] = 9
+    path = make_nifti(tmp_path / "lab.nii.gz", labels)
+    vol = read_volume(path, label=True, label_values=[0, 1, 7, 8, 9])
+    assert vol.array.dtype == np.int32
+    np.testing.assert_array_equal(vol.array, labels)
+    err = _raises(path, 3, "outside the declared set", label=True, label_values=[0, 1])
+    assert "[7, 9]" in str(err)
+    _raises(make_nifti(tmp_path / "img.nii.gz", blob), 3, "non-integer", label=True)
+
+
+def test_scaled_integral_label_is_read_exactly(tmp_path: Path) -> None:
+    labels = np.arange(6 * 5 * 4).reshape(6, 5, 4) % 5
+    img = nib.Nifti1Image(labels.astype(np.int16), np.eye(4))
+    img.header.set_sform(np.eye(4), code=1)
+    img.header.set_slope_inter(2.0, 0.0)  # stored/2: the reader applies the scale exactly
+    nib.save(img, str(tmp_path / "s.nii.gz"))
+    out = read_volume(tmp_path / "s.nii.gz", label=True).array
+    assert out.dtype == np.int32 and set(np.unique(out).tolist()) <= {0, 2, 4, 6, 8}
+
+
+def _oblique(spacing: tuple[float, float, float]) -> np.ndarray:
+    angle = 0.3
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(spacing) @ np.diag([-1, 1, -1])
+    affine[:3, 3] = [12.5, -30.25, 7.0]
+    return affine
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_write_mask_reproduces_geometry(tmp_path: Path, blob: np.ndarray, suffix: str) -> None:
+    affine = _oblique((0.7, 1.3, 3.1))
+    src = make_nifti(tmp_path / "ref.nii.gz", blob, affine)
+    if suffix != ".nii.gz":  # an ITK-format reference, written by SimpleITK itself
+        ref0 = read_volume(src)
+        src = write_volume(blob, ref0, tmp_path / f"ref{suffix}")
+    ref = read_volume(src)
+    np.testing.assert_allclose(ref.affine, affine, atol=1e-5)
+    np.testing.assert_allclose(ref.array, blob)
+    mask = (blob > 30).astype(np.int64)
+    mask[0, 0, 0] = 300  # forces uint16
+    out = write_mask(mask, ref, tmp_path / f"mask{suffix}")
+    back = read_volume(out, label=True)
+    assert geometry_diff(ref, back) == []
+    np.testing.assert_array_equal(back.array, mask)
+    if suffix == ".nii.gz":
+        header = nib.load(str(out)).header
+        assert header.get_data_dtype() == np.uint16
+        assert (int(header["qform_code"]), int(header["sform_code"])) == (1, 1)
+    with pytest.raises(UsageError, match="output exists"):
+        write_mask(mask, ref, out)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".medgn-tmp")] == []
+
+
+def test_write_mask_refuses_wrong_geometry_and_writes_nothing(tmp_path: Path, blob: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = read_volume(make_nifti(tmp_path / "ref.nii.gz", blob, spacing=(0.5, 0.5, 2.0)))
+    with pytest.raises(UsageError, match="shape"):
+        write_mask(np.zeros((3, 3, 3), np.uint8), ref, tmp_path / "m.nii.gz")
+    import medgn.data.io as io_mod
+
+    real = io_mod._written_geometry
+    monkeypatch.setattr(io_mod, "_written_geometry", lambda tmp, fmt: (real(tmp, fmt)[0], real(tmp, fmt)[1] @ np.diag([1, 1, 1.001, 1])))
+    with pytest.raises(InputDataError, match="spacing"):
+        write_mask(np.zeros(blob.shape, np.uint8), ref, tmp_path / "m.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.nii.gz"]
+
+
+def test_itk_reader_matches_transposed_array(tmp_path: Path) -> None:
+    zyx = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    image = sitk.GetImageFromArray(zyx)
+    image.SetSpacing((0.5, 0.75, 2.0))
+    image.SetOrigin((1.0, 2.0, 3.0))
+    sitk.WriteImage(image, str(tmp_path / "a.nrrd"))
+    vol = read_volume(tmp_path / "a.nrrd")
+    np.testing.assert_array_equal(vol.array, zyx.transpose(2, 1, 0))
+    # LPS origin (1, 2, 3) is RAS (-1, -2, 3); identity LPS direction flips x and y in RAS.
+    np.testing.assert_allclose(vol.affine, [[-0.5, 0, 0, -1], [0, -0.75, 0, -2], [0, 0, 2, 3], [0, 0, 0, 1]])
