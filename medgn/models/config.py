@@ -1,0 +1,60 @@
+"""The network's configuration: the architecture choices a YAML config sets.
+
+:class:`UNet3DConfig` is the ``model:`` section of a run config. It holds what a user chooses
+(widths, norm, activation, residual stages, deep supervision, memory options); the strides, kernel
+sizes and the input/output channel counts come from the data plan and are passed to
+:func:`medgn.models.registry.build_model` at build time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+NormName = Literal["group", "group_torch", "batch", "instance", "layer", "none"]
+ActivationName = Literal["relu", "leaky_relu", "silu", "gelu"]
+MemoryFormat = Literal["contiguous", "channels_last_3d"]
+
+
+@dataclass(frozen=True)
+class UNet3DConfig:
+    """Architecture of a 3D U-Net (see :class:`medgn.models.unet.UNet3D`).
+
+    Attributes:
+        name: registered model name (``unet3d`` or ``unet3d_residual``).
+        features: channels per resolution stage, highest resolution first; nnU-Net's widths
+            (32 doubling to a cap of 320) by default.
+        norm: normalization layer name.
+        activation: activation name.
+        residual: residual encoder stages.
+        deep_supervision: return lower-resolution heads during training.
+        checkpoint: recompute each stage in the backward pass (activation checkpointing).
+        weight_std: weight-standardized convolutions.
+        memory_format: ``channels_last_3d`` keeps activations in NDHWC order.
+        num_groups: groups of every group norm; null applies the group-count rule.
+        n_conv_per_stage: convolutions per encoder and decoder stage (2 as in nnU-Net).
+    """
+
+    name: str = "unet3d"
+    features: tuple[int, ...] = (32, 64, 128, 256, 320, 320)
+    norm: NormName = "group"
+    activation: ActivationName = "leaky_relu"
+    residual: bool = False
+    deep_supervision: bool = True
+    checkpoint: bool = False
+    weight_std: bool = False
+    memory_format: MemoryFormat = "contiguous"
+    # 1..512: every group needs at least one channel of the widest (512-channel) layers.
+    num_groups: int | None = field(default=None, metadata={"min": 1, "max": 512})
+    # 1..4: one conv per stage is the smallest U-Net, beyond 4 nnU-Net reports no gain.
+    n_conv_per_stage: int = field(default=2, metadata={"min": 1, "max": 4})
+
+    def __post_init__(self) -> None:
+        # ValueError here becomes a UsageError naming the section in configtools.build.
+        if len(self.features) < 2:
+            raise ValueError(f"features needs at least 2 stages, got {list(self.features)}")
+        if any(f < 1 for f in self.features):
+            raise ValueError(f"features must be positive, got {list(self.features)}")
+
+
+__all__ = ["ActivationName", "MemoryFormat", "NormName", "UNet3DConfig"]
