@@ -1,0 +1,352 @@
+"""Dataset discovery: Medical Segmentation Decathlon, nnU-Net v2 raw, and plain folder pairs.
+
+This module owns :class:`Case`, :class:`DatasetIndex`, :func:`load_dataset` (a training dataset
+with labels) and :func:`find_inputs` (what inference should read: one file, a folder of files with
+``_0000``/``_0001`` channels, a dataset's test cases, or a DICOM series folder). Problems with a
+``dataset.json`` or the file layout are collected and reported together in one error, so a user fixes
+everything in one pass. Case ids and paths that would leave the dataset folder are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from medgn.data.preflight import ITK_SUFFIXES, NIFTI_SUFFIXES
+from medgn.errors import InputDataError, UsageError
+from medgn.files import split_suffix
+
+IMAGE_SUFFIXES = (*NIFTI_SUFFIXES, *ITK_SUFFIXES)
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+_MR_WORDS = ("MR", "T1", "T2", "FLAIR", "DWI", "ADC", "PD", "BOLD")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case: its id, one image per channel (channel order) and an optional label."""
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path | None = None
+
+
+@dataclass
+class DatasetIndex:
+    """A dataset's description and its cases.
+
+    Attributes:
+        root: the dataset folder.
+        format: "msd", "nnunet" or "folders".
+        name: dataset name (the folder name when none is declared).
+        channel_names: one name per input channel.
+        modalities: "CT", "MR" or the declared name, per channel.
+        labels: label name -> value; background is 0. Empty for folder pairs until measured.
+        cases: training cases (with labels).
+        test_cases: cases without labels (MSD ``test`` list, nnU-Net ``imagesTs``).
+        regions: hierarchical label regions (nnU-Net ``labels`` with lists), else empty.
+    """
+
+    root: Path
+    format: Literal["msd", "nnunet", "folders"]
+    name: str
+    channel_names: tuple[str, ...]
+    modalities: tuple[str, ...]
+    labels: dict[str, int]
+    cases: list[Case]
+    test_cases: list[Case] = field(default_factory=list)
+    regions: dict[str, Any] = field(default_factory=dict)
+
+
+def modality_of(channel_name: str) -> str:
+    """"CT" for CT channels, "MR" for MR sequences, else the name as given."""
+    upper = channel_name.strip().upper()
+    if upper == "CT" or upper.startswith("CT_") or upper.startswith("CT "):
+        return "CT"
+    if any(upper.startswith(w) or upper == w for w in _MR_WORDS) or "MRI" in upper:
+        return "MR"
+    return channel_name
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` names an image file medgn reads (by suffix)."""
+    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith(".")
+
+
+def strip_image_suffix(name: str) -> str:
+    """``case_0000.nii.gz`` -> ``case_0000``."""
+    return split_suffix(name)[0]
+
+
+def check_case_id(case_id: str, where: str | os.PathLike[str]) -> str:
+    """Refuse case ids that could escape an output folder or are empty."""
+    if not case_id or case_id in (".", "..") or "/" in case_id or "\\" in case_id or "\0" in case_id or case_id.startswith(".."):
+        raise InputDataError(where, "case id is not a plain file name", got=case_id, expected="no path separators and no '..'")
+    return case_id
+
+
+def _inside(root: Path, rel: str, where: Path, problems: list[str]) -> Path | None:
+    """``root / rel`` when it stays inside ``root`` (lexically; symlinked data is allowed)."""
+    if not isinstance(rel, str) or not rel:
+        problems.append(f"path entry is not a string: {rel!r}")
+        return None
+    full = Path(os.path.normpath(root / rel))
+    if os.path.isabs(rel) or (full != root and root not in full.parents):
+        problems.append(f"path leaves the dataset folder: {rel!r}")
+        return None
+    return full
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputDataError(path, f"cannot read dataset description ({exc})") from None
+    except ValueError as exc:
+        raise InputDataError(path, f"dataset.json is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputDataError(path, "dataset.json must be a JSON object", got=type(data).__name__)
+    return data
+
+
+def _labels(raw: Any, msd: bool, problems: list[str]) -> tuple[dict[str, int], dict[str, Any]]:
+    labels: dict[str, int] = {}
+    regions: dict[str, Any] = {}
+    if not isinstance(raw, dict) or not raw:
+        problems.append("'labels' must be a non-empty mapping")
+        return labels, regions
+    for key, value in raw.items():
+        if msd:
+            try:
+                labels[str(value)] = int(key)
+            except ValueError:
+                problems.append(f"label key {key!r} is not an integer")
+        elif isinstance(value, list):
+            regions[str(key)] = value
+        elif isinstance(value, int) and not isinstance(value, bool):
+            labels[str(key)] = value
+        else:
+            problems.append(f"label {key!r} has a non-integer value {value!r}")
+    values = sorted(labels.values())
+    if values and values != list(range(len(values))) and not regions:
+        problems.append(f"label values must be consecutive from 0 (0 = background), got {values}")
+    return labels, regions
+
+
+def _load_msd(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIndex:
+    problems = [f"missing key {key!r}" for key in ("labels", "training", "modality") if key not in desc]
+    labels, _ = _labels(desc.get("labels"), True, problems) if "labels" in desc else ({}, {})
+    modality = desc.get("modality", {})
+    channels = tuple(str(modality[k]) for k in sorted(modality, key=lambda k: int(k))) if isinstance(modality, dict) and all(str(k).isdigit() for k in modality) else ()
+    if "modality" in desc and not channels:
+        problems.append("'modality' must map channel numbers to names, e.g. {\"0\": \"CT\"}")
+    if len(channels) > 1:
+        problems.append(f"{len(channels)} channels in one 4D file per case are not supported; store one file per channel in the nnU-Net layout")
+    training = desc.get("training", [])
+    if not isinstance(training, list):
+        problems.append("'training' must be a list")
+        training = []
+    if "numTraining" in desc and desc["numTraining"] != len(training):
+        problems.append(f"numTraining is {desc['numTraining']} but 'training' lists {len(training)} cases")
+    cases = []
+    for i, entry in enumerate(training):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            problems.append(f"training[{i}] needs 'image' and 'label'")
+            continue
+        image = _inside(root, entry["image"], json_path, problems)
+        label = _inside(root, entry["label"], json_path, problems)
+        if image is None or label is None:
+            continue
+        for kind, path in (("image", image), ("label", label)):
+            if not path.is_file():
+                problems.append(f"training[{i}] {kind} file missing: {path}")
+        cases.append(Case(strip_image_suffix(image.name), (image,), label))
+    tests = []
+    for i, rel in enumerate(desc.get("test", []) or []):
+        path = _inside(root, rel, json_path, problems)
+        if path is not None:
+            tests.append(Case(strip_image_suffix(path.name), (path,), None))
+        elif not isinstance(rel, str):
+            problems.append(f"test[{i}] is not a path")
+    _raise_all(json_path, problems)
+    names = channels or ("image",)
+    return DatasetIndex(root, "msd", str(desc.get("name", root.name)), names, tuple(modality_of(c) for c in names), labels, cases, tests)
+
+
+def _group_channels(folder: Path, ending: str | None) -> tuple[dict[str, dict[int, Path]], list[Path]]:
+    grouped: dict[str, dict[int, Path]] = {}
+    plain: list[Path] = []
+    for path in sorted(folder.iterdir()):
+        if not is_image_file(path) or (ending and not path.name.endswith(ending)):
+            continue
+        stem = path.name[: -len(ending)] if ending else strip_image_suffix(path.name)
+        match = _CHANNEL_RE.match(stem)
+        if match:
+            grouped.setdefault(match["case"], {})[int(match["channel"])] = path
+        else:
+            plain.append(path)
+    return grouped, plain
+
+
+def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIndex:
+    problems = [f"missing key {key!r}" for key in ("channel_names", "labels", "numTraining", "file_ending") if key not in desc]
+    labels, regions = _labels(desc.get("labels"), False, problems) if "labels" in desc else ({}, {})
+    if regions and "regions_class_order" not in desc:
+        problems.append("labels with regions need 'regions_class_order'")
+    if regions:
+        regions = {"regions": regions, "order": desc.get("regions_class_order")}
+    names_raw = desc.get("channel_names", {})
+    channels = tuple(str(names_raw[k]) for k in sorted(names_raw, key=int)) if isinstance(names_raw, dict) and all(str(k).isdigit() for k in names_raw) else ()
+    if "channel_names" in desc and (not channels or sorted(int(k) for k in names_raw) != list(range(len(channels)))):
+        problems.append("'channel_names' must map 0..C-1 to names")
+    ending = desc.get("file_ending", ".nii.gz")
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    for folder in (images_dir, labels_dir):
+        if not folder.is_dir():
+            problems.append(f"folder missing: {folder}")
+    cases: list[Case] = []
+    if images_dir.is_dir() and channels:
+        grouped, plain = _group_channels(images_dir, ending)
+        for path in plain:
+            problems.append(f"image without a _XXXX channel suffix: {path.name}")
+        for case_id, found in sorted(grouped.items()):
+            missing = [f"{case_id}_{c:04d}{ending}" for c in range(len(channels)) if c not in found]
+            extra = [found[c].name for c in found if c >= len(channels)]
+            problems += [f"channel file missing: {images_dir / m}" for m in missing]
+            problems += [f"unexpected channel file (only {len(channels)} channels declared): {e}" for e in extra]
+            label = labels_dir / f"{case_id}{ending}"
+            if not label.is_file():
+                problems.append(f"label missing for case {case_id}: {label}")
+            if not missing:
+                cases.append(Case(check_case_id(case_id, images_dir), tuple(found[c] for c in range(len(channels))), label))
+        if isinstance(desc.get("numTraining"), int) and desc["numTraining"] != len(grouped):
+            problems.append(f"numTraining is {desc['numTraining']} but imagesTr holds {len(grouped)} cases")
+    _raise_all(json_path, problems)
+    tests: list[Case] = []
+    if (root / "imagesTs").is_dir():
+        grouped, _ = _group_channels(root / "imagesTs", ending)
+        tests = [Case(check_case_id(cid, root / "imagesTs"), tuple(found[c] for c in sorted(found))) for cid, found in sorted(grouped.items())]
+    return DatasetIndex(root, "nnunet", str(desc.get("name", root.name)), channels, tuple(modality_of(c) for c in channels), labels, cases, tests, regions)
+
+
+def _load_folders(root: Path) -> DatasetIndex:
+    problems: list[str] = []
+    grouped, plain = _group_channels(root / "images", None)
+    for path in plain:
+        grouped.setdefault(strip_image_suffix(path.name), {})[0] = path
+    label_files = {strip_image_suffix(p.name): p for p in sorted((root / "labels").iterdir()) if is_image_file(p)}
+    counts = {len(v) for v in grouped.values()}
+    if len(counts) > 1:
+        problems.append(f"cases have different channel counts: {sorted(counts)}")
+    cases = []
+    for case_id, found in sorted(grouped.items()):
+        if case_id not in label_files:
+            problems.append(f"label missing for case {case_id} in {root / 'labels'}")
+            continue
+        cases.append(Case(check_case_id(case_id, root / "images"), tuple(found[c] for c in sorted(found)), label_files[case_id]))
+    for orphan in sorted(set(label_files) - set(grouped)):
+        problems.append(f"label without an image: {label_files[orphan].name}")
+    if not grouped:
+        problems.append(f"no image files in {root / 'images'}")
+    _raise_all(root, problems)
+    n = max(counts) if counts else 1
+    names = tuple(f"channel{i}" for i in range(n))
+    return DatasetIndex(root, "folders", root.name, names, names, {}, cases)
+
+
+def _raise_all(where: Path, problems: list[str]) -> None:
+    if problems:
+        shown = "; ".join(problems[:30]) + (f"; and {len(problems) - 30} more" if len(problems) > 30 else "")
+        raise InputDataError(where, f"{len(problems)} problem(s) in the dataset description: {shown}")
+
+
+def load_dataset(root: str | os.PathLike[str]) -> DatasetIndex:
+    """Index a training dataset (MSD, nnU-Net v2 raw, or ``images/`` + ``labels/`` folders).
+
+    Args:
+        root: the dataset folder.
+
+    Returns:
+        The dataset's description and cases (files are checked to exist, not read).
+
+    Raises:
+        UsageError: ``root`` is not a folder or has no recognised layout.
+        InputDataError: dataset.json problems or missing files, all listed in one message.
+    """
+    root = Path(os.path.normpath(Path(root).absolute()))
+    if not root.is_dir():
+        raise UsageError(root, "dataset folder not found", expected="a folder with dataset.json, or images/ and labels/")
+    json_path = root / "dataset.json"
+    if json_path.is_file():
+        desc = _load_json(json_path)
+        if "channel_names" in desc or "file_ending" in desc:
+            return _load_nnunet(root, desc, json_path)
+        if "training" in desc or "modality" in desc:
+            return _load_msd(root, desc, json_path)
+        labels = desc.get("labels")
+        if isinstance(labels, dict) and labels and all(isinstance(v, (int, list)) for v in labels.values()):
+            return _load_nnunet(root, desc, json_path)  # nnU-Net style labels: report its missing keys
+        raise InputDataError(json_path, "unrecognised dataset.json", got=f"keys {sorted(desc)}", expected="MSD keys (training, labels, modality) or nnU-Net v2 keys (channel_names, labels, numTraining, file_ending)")
+    if (root / "images").is_dir() and (root / "labels").is_dir():
+        return _load_folders(root)
+    raise UsageError(root, "no dataset found", expected="dataset.json (MSD or nnU-Net v2), or images/ and labels/ folders")
+
+
+def _is_dicom_folder(path: Path) -> bool:
+    import SimpleITK as sitk
+
+    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+
+
+def find_inputs(path: str | os.PathLike[str], channels: int | None = None) -> list[Case]:
+    """The cases inference should read from ``path``.
+
+    Args:
+        path: an image file, a folder of image files (``<case>_0000``, ``_0001``... grouped as
+            channels), a dataset folder (its test cases), or a DICOM series folder.
+        channels: expected channels per case; cases with another count are refused.
+
+    Returns:
+        Cases without labels, sorted by id.
+
+    Raises:
+        UsageError: nothing to read at ``path``.
+        InputDataError: a case with missing or extra channels.
+    """
+    path = Path(path)
+    if path.is_file():
+        cases = [Case(check_case_id(strip_image_suffix(path.name), path), (path,))]
+    elif not path.is_dir():
+        raise UsageError(path, "input not found", expected="an image file or a folder")
+    elif (path / "dataset.json").is_file():
+        index = load_dataset(path)
+        cases = index.test_cases
+        if not cases:
+            raise UsageError(path, "dataset has no test cases", expected="a 'test' list or an imagesTs folder")
+    elif any(is_image_file(p) for p in path.iterdir()):
+        grouped, plain = _group_channels(path, None)
+        if plain and grouped:
+            raise InputDataError(path, "folder mixes files with and without _XXXX channel suffixes", got=[p.name for p in plain[:5]], expected="one naming scheme")
+        cases = [Case(check_case_id(strip_image_suffix(p.name), path), (p,)) for p in plain]
+        for case_id, found in sorted(grouped.items()):
+            if sorted(found) != list(range(len(found))):
+                raise InputDataError(path, f"case {case_id} has channels {sorted(found)}", expected="consecutive channels from _0000")
+            cases.append(Case(check_case_id(case_id, path), tuple(found[c] for c in sorted(found))))
+    elif _is_dicom_folder(path):
+        cases = [Case(check_case_id(path.name, path), (path,))]
+    else:
+        raise UsageError(path, "no images found", expected="image files (.nii.gz, .nrrd, .mha...) or a DICOM series")
+    if channels is not None:
+        wrong = [f"{c.case_id} ({len(c.images)})" for c in cases if len(c.images) != channels]
+        if wrong:
+            raise InputDataError(path, f"cases with the wrong number of channels: {', '.join(wrong[:10])}", expected=f"{channels} channel(s) per case")
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def all_paths(cases: Iterable[Case]) -> list[Path]:
+    """Every image and label file of ``cases``."""
+    return [p for c in cases for p in (*c.images, *((c.label,) if c.label else ()))]

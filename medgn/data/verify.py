@@ -1,0 +1,116 @@
+"""Dataset integrity check: every case read and compared before a long training starts.
+
+This module owns :func:`verify_dataset` and its :class:`VerifyReport`. For each case it checks that
+the files exist, passes the header preflight, reads the pixels (NaN/Inf voxels, integer labels within
+the declared set) and compares the geometry of every channel and of the label with the first
+channel (shape, spacing, origin, direction). It never stops at the first problem: every problem of
+every case is collected with its file, so ``medgn verify`` can list them all at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medgn.data.datasets import Case, DatasetIndex
+from medgn.data.io import Limits, Volume, geometry_diff, read_volume
+from medgn.data.preflight import DEFAULT_LIMITS
+from medgn.errors import MedgnError
+
+
+@dataclass
+class CaseResult:
+    """The outcome for one case: problems (failing) and notes (safe, reported)."""
+
+    case_id: str
+    shape: tuple[int, ...] | None = None
+    spacing: tuple[float, ...] | None = None
+    labels_found: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when the case has no problem."""
+        return not self.problems
+
+
+@dataclass
+class VerifyReport:
+    """Results of :func:`verify_dataset`, one per case in dataset order."""
+
+    index: DatasetIndex
+    cases: list[CaseResult]
+
+    @property
+    def ok(self) -> bool:
+        """True when no case has a problem."""
+        return all(c.ok for c in self.cases)
+
+    @property
+    def problems(self) -> list[str]:
+        """Every problem of every case, each naming its file."""
+        return [p for c in self.cases for p in c.problems]
+
+
+def _read(path: Path, limits: Limits, result: CaseResult, **kwargs: object) -> Volume | None:
+    try:
+        return read_volume(path, limits, **kwargs)  # type: ignore[arg-type]
+    except MedgnError as exc:
+        result.problems.append(exc.one_line())
+        return None
+
+
+def verify_case(case: Case, index: DatasetIndex, limits: Limits = DEFAULT_LIMITS) -> CaseResult:
+    """Check one case; see :func:`verify_dataset`."""
+    result = CaseResult(case.case_id)
+    label_values = sorted(index.labels.values()) if index.labels else None
+    first: Volume | None = None
+    for channel, path in enumerate(case.images):
+        vol = _read(path, limits, result)
+        if vol is None:
+            continue
+        if float(vol.array.min()) == float(vol.array.max()):
+            # Normalisation guards std == 0, so a constant channel is safe but worth a look.
+            result.notes.append(f"{path}: constant image (all voxels {float(vol.array.min()):g})")
+        if first is None:
+            first = vol
+            result.shape, result.spacing = vol.shape, tuple(round(s, 4) for s in vol.spacing)
+        else:
+            diffs = geometry_diff(first, vol)
+            if diffs:
+                result.problems.append(f"{path}: channel {channel} geometry differs from {first.path}: {'; '.join(diffs)}")
+        del vol
+    if case.label is not None:
+        label = _read(case.label, limits, result, label=True, label_values=label_values)
+        if label is not None:
+            result.labels_found = np.unique(label.array).tolist()
+            if first is not None:
+                diffs = geometry_diff(first, label)
+                if diffs:
+                    result.problems.append(f"{case.label}: label geometry differs from image {first.path}: {'; '.join(diffs)}")
+    return result
+
+
+def verify_dataset(index: DatasetIndex, limits: Limits = DEFAULT_LIMITS, *, progress: Callable[[CaseResult], None] | None = None, include_test: bool = False) -> VerifyReport:
+    """Check every case of a dataset and collect all problems.
+
+    Args:
+        index: from :func:`medgn.data.datasets.load_dataset`.
+        limits: size limits for the header preflight.
+        progress: called with each case's result as it finishes.
+        include_test: also check the test cases (images only).
+
+    Returns:
+        The report; ``report.ok`` is False when any case has a problem.
+    """
+    results = []
+    for case in [*index.cases, *(index.test_cases if include_test else [])]:
+        result = verify_case(case, index, limits)
+        results.append(result)
+        if progress is not None:
+            progress(result)
+    return VerifyReport(index, results)

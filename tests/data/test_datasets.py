@@ -1,0 +1,170 @@
+"""Tests for dataset discovery (MSD, nnU-Net v2, folders), find_inputs and `medgn verify`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medgn.cli import main
+from medgn.data.datasets import find_inputs, load_dataset
+from medgn.errors import InputDataError
+from tests.data.conftest import make_nifti
+
+
+def _nnunet(root: Path, n_cases: int = 2, channels: int = 2, spacing: tuple[float, float, float] = (1.0, 1.0, 2.0)) -> Path:
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(n_cases):
+        for c in range(channels):
+            make_nifti(root / "imagesTr" / f"case{i}_{c:04d}.nii.gz", rng.normal(size=(6, 5, 4)).astype(np.float32), spacing=spacing)
+        label = np.zeros((6, 5, 4), np.uint8)
+        label[1:3, 1:3, 1:3] = 2
+        label[4, 4, 3] = 1
+        make_nifti(root / "labelsTr" / f"case{i}.nii.gz", label, spacing=spacing)
+    desc = {"channel_names": {str(c): ["CT", "T2"][c % 2] for c in range(channels)}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": n_cases, "file_ending": ".nii.gz", "name": "tiny"}
+    (root / "dataset.json").write_text(json.dumps(desc))
+    return root
+
+
+def _verify(root: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    before = sorted(str(p) for p in root.rglob("*"))
+    code = main(["verify", str(root)])
+    err = capsys.readouterr().err
+    assert sorted(str(p) for p in root.rglob("*")) == before  # verify writes nothing
+    return code, err
+
+
+def test_nnunet_dataset_loads_and_verifies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _nnunet(tmp_path / "ds")
+    index = load_dataset(root)
+    assert (index.format, index.name, index.channel_names, index.modalities) == ("nnunet", "tiny", ("CT", "T2"), ("CT", "MR"))
+    assert index.labels == {"background": 0, "a": 1, "b": 2}
+    assert [c.case_id for c in index.cases] == ["case0", "case1"]
+    assert [p.name for p in index.cases[1].images] == ["case1_0000.nii.gz", "case1_0001.nii.gz"]
+    assert _verify(root, capsys)[0] == 0
+
+
+def test_dataset_json_problems_are_all_listed(tmp_path: Path) -> None:
+    root = _nnunet(tmp_path / "ds", n_cases=3)
+    (root / "imagesTr" / "case1_0001.nii.gz").unlink()
+    (root / "labelsTr" / "case2.nii.gz").unlink()
+    desc = json.loads((root / "dataset.json").read_text())
+    desc["numTraining"] = 5
+    desc["labels"] = {"background": 0, "a": 1, "b": 3}
+    (root / "dataset.json").write_text(json.dumps(desc))
+    with pytest.raises(InputDataError) as info:
+        load_dataset(root)
+    text = str(info.value)
+    assert "dataset.json" in text and "4 problem(s)" in text
+    for words in ("consecutive", "case1_0001.nii.gz", "label missing for case case2", "numTraining is 5"):
+        assert words in text
+    del desc["file_ending"], desc["channel_names"]
+    (root / "dataset.json").write_text(json.dumps(desc))
+    assert "missing key 'channel_names'" in str(pytest.raises(InputDataError, load_dataset, root).value)
+
+
+def test_msd_layout_and_escaping_paths(tmp_path: Path) -> None:
+    root = tmp_path / "msd"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    make_nifti(root / "imagesTr" / "a.nii.gz", np.ones((4, 4, 4), np.float32))
+    make_nifti(root / "labelsTr" / "a.nii.gz", np.zeros((4, 4, 4), np.uint8))
+    desc = {"name": "m", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "x"}, "numTraining": 1, "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]}
+    (root / "dataset.json").write_text(json.dumps(desc))
+    index = load_dataset(root)
+    assert (index.format, index.modalities, index.labels, index.cases[0].case_id) == ("msd", ("MR",), {"background": 0, "x": 1}, "a")
+    desc["training"].append({"image": "../../etc/x.nii.gz", "label": "/abs/y.nii.gz"})
+    desc["numTraining"] = 2
+    (root / "dataset.json").write_text(json.dumps(desc))
+    text = str(pytest.raises(InputDataError, load_dataset, root).value)
+    assert "leaves the dataset folder: '../../etc/x.nii.gz'" in text and "'/abs/y.nii.gz'" in text
+
+
+def test_folder_pair_with_odd_names(tmp_path: Path) -> None:
+    root = tmp_path / "pair"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for name in ("-lead ing", "ünï $x"):
+        make_nifti(root / "images" / f"{name}.nii.gz", np.ones((4, 4, 4), np.float32))
+        make_nifti(root / "labels" / f"{name}.nii.gz", np.zeros((4, 4, 4), np.uint8))
+    index = load_dataset(root)
+    assert [c.case_id for c in index.cases] == ["-lead ing", "ünï $x"]
+    assert index.format == "folders" and index.cases[0].label == root / "labels" / "-lead ing.nii.gz"
+
+
+@pytest.mark.parametrize("broken", ["label_spacing", "channel_origin", "label_values", "nan"])
+def test_verify_reports_every_problem_with_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], broken: str) -> None:
+    root = _nnunet(tmp_path / "ds")
+    label = root / "labelsTr" / "case1.nii.gz"
+    channel = root / "imagesTr" / "case1_0001.nii.gz"
+    if broken == "label_spacing":
+        make_nifti(label, np.zeros((6, 5, 4), np.uint8), spacing=(1.0, 1.0, 2.5))
+        words, bad = ["spacing (1, 1, 2) vs (1, 1, 2.5)", str(label), "case1_0000.nii.gz"], label
+    elif broken == "channel_origin":
+        affine = np.diag([1.0, 1.0, 2.0, 1.0])
+        affine[:3, 3] = [0.0, 5.0, 0.0]
+        make_nifti(channel, np.ones((6, 5, 4), np.float32), affine)
+        words, bad = ["origin (0, 0, 0) vs (0, 5, 0)", str(channel)], channel
+    elif broken == "label_values":
+        make_nifti(label, np.full((6, 5, 4), 7, np.uint8), spacing=(1.0, 1.0, 2.0))
+        words, bad = ["outside the declared set: [7]", "[0, 1, 2]"], label
+    else:
+        array = np.ones((6, 5, 4), np.float32)
+        array[0, 0, :2] = np.nan
+        make_nifti(channel, array, spacing=(1.0, 1.0, 2.0))
+        words, bad = ["2 NaN/Inf voxels"], channel
+    (root / "imagesTr" / "case0_0000.nii.gz").write_bytes(b"")  # a second problem in another case
+    code, err = _verify(root, capsys)
+    assert code == 3
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("medgn: error: ") and "2 problem(s) in 2 of 2 cases" in lines[-1]
+    problem_lines = [line for line in lines if line.startswith("problem: ")]
+    assert any("case0_0000.nii.gz: file is empty" in line for line in problem_lines)
+    assert any(str(bad) in line and all(w in line for w in words) for line in problem_lines), problem_lines
+
+
+def test_find_inputs(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("b_0000", "b_0001", "a_0000", "a_0001"):
+        make_nifti(folder / f"{name}.nii.gz", np.ones((3, 3, 3), np.float32))
+    cases = find_inputs(folder, channels=2)
+    assert [(c.case_id, [p.name for p in c.images]) for c in cases] == [("a", ["a_0000.nii.gz", "a_0001.nii.gz"]), ("b", ["b_0000.nii.gz", "b_0001.nii.gz"])]
+    with pytest.raises(InputDataError, match="wrong number of channels"):
+        find_inputs(folder, channels=1)
+    single = find_inputs(folder / "a_0000.nii.gz")
+    assert single[0].case_id == "a_0000" and single[0].label is None
+    ds = _nnunet(tmp_path / "ds")
+    (ds / "imagesTs").mkdir()
+    os.symlink(ds / "imagesTr" / "case0_0000.nii.gz", ds / "imagesTs" / "t_0000.nii.gz")
+    os.symlink(ds / "imagesTr" / "case0_0001.nii.gz", ds / "imagesTs" / "t_0001.nii.gz")
+    assert [c.case_id for c in find_inputs(ds, channels=2)] == ["t"]
+
+
+def _mini_msd(src: Path, dst: Path, n: int) -> Path:
+    """A symlinked subset of an MSD dataset (keeps the real-data tests fast)."""
+    desc = json.loads((src / "dataset.json").read_text())
+    desc["training"], desc["numTraining"] = desc["training"][:n], n
+    for sub in ("imagesTr", "labelsTr"):
+        (dst / sub).mkdir(parents=True)
+    for entry in desc["training"]:
+        for key in ("image", "label"):
+            os.symlink(src / entry[key], dst / entry[key])
+    (dst / "dataset.json").write_text(json.dumps(desc))
+    return dst
+
+
+@pytest.mark.data
+def test_real_datasets_verify(shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _mini_msd(shared_data / "LA2018", tmp_path / "la", 3)
+    assert main(["verify", str(root)]) == 0
+    assert "all 3 cases passed" in capsys.readouterr().out
+    index = load_dataset(shared_data / "BraTS2013mini")
+    assert index.channel_names == ("FLAIR", "T1c") and index.labels["enhancing_tumor"] == 4 and len(index.cases) == 4
+    assert main(["verify", str(shared_data / "BraTS2013mini")]) == 0
+    assert "all 4 cases passed" in capsys.readouterr().out
