@@ -1,0 +1,72 @@
+"""``medgn evaluate``: compare predicted label maps with references and write the reports.
+
+A thin wrapper over :func:`medgn.engine.evaluate.evaluate`: parses the folders, labels, regions and
+tolerance, prints the per-class summary table, lists failed and missing cases on stderr, and exits
+3 when any case failed (missing predictions are an error unless ``--allow-missing``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from medgn.errors import UsageError
+
+
+def _labels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"labels must be comma-separated integers, got {text!r}") from None
+
+
+def _region(text: str) -> tuple[str, tuple[int, ...]]:
+    name, sep, members = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"a region is NAME=L1,L2,..., got {text!r}")
+    return name.strip(), _labels(members)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="Dice, IoU, HD95, ASSD and surface Dice of predictions against references",
+        description="Compare a folder of predicted label maps with a folder of reference label maps "
+        "(matched by file name) and write metrics.csv, summary.json, report.md, boxplot.png and overlays/.",
+    )
+    parser.add_argument("--pred", required=True, type=Path, metavar="DIR", help="folder of predicted label maps")
+    parser.add_argument("--ref", required=True, type=Path, metavar="DIR", help="folder of reference label maps")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if needed)")
+    parser.add_argument("--labels", type=_labels, metavar="1,2,...", help="labels to evaluate (default: every nonzero value found)")
+    parser.add_argument("--region", type=_region, action="append", default=[], metavar="NAME=1,2,...",
+                        help="also evaluate the union of these labels as one structure (repeatable)")
+    parser.add_argument("--nsd-tolerance-mm", type=float, default=2.0, metavar="MM", help="surface Dice tolerance in mm (default 2)")
+    parser.add_argument("--allow-missing", action="store_true", help="count a missing prediction as failed (Dice 0) instead of stopping")
+    parser.add_argument("--images", type=Path, metavar="DIR", help="images to draw the overlay contours on")
+    parser.add_argument("--worst-k", type=int, default=3, metavar="K", help="overlays for the K worst cases per label (default 3)")
+    parser.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from medgn.engine.evaluate import evaluate
+    from medgn.engine.evaluate_report import format_table
+
+    regions = dict(args.region)
+    if len(regions) != len(args.region):
+        raise UsageError("--region", "region names must be distinct", got=[name for name, _ in args.region])
+    result = evaluate(
+        args.pred, args.ref, args.out, labels=args.labels, nsd_tolerance_mm=args.nsd_tolerance_mm,
+        allow_missing=args.allow_missing, image_dir=args.images, regions=regions, worst_k=args.worst_k,
+        overwrite=args.overwrite,
+    )
+    print(format_table(result))
+    counts = result.summary["counts"]
+    print(f"cases {counts['cases']}: evaluated {counts['evaluated']}, missing {counts['missing']}, failed {counts['failed']}; "
+          f"results in {args.out}")
+    for cid in result.missing:
+        print(f"medgn: warning: {cid}: prediction missing, counted as Dice 0", file=sys.stderr)
+    for cid, why in result.failures.items():
+        print(f"medgn: error: case {cid}: {why}", file=sys.stderr)
+    return result.exit_code
