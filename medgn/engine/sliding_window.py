@@ -1,0 +1,195 @@
+"""Whole-volume prediction: Gaussian-weighted sliding windows, mirroring TTA and model averaging.
+
+This module owns :func:`predict_probabilities`, which turns one preprocessed image (C, X, Y, Z)
+into class probabilities (K, X, Y, Z) on the same grid: MONAI's ``sliding_window_inference`` with a
+Gaussian blend of overlapping windows, several windows per forward, autocast (bf16 where the GPU
+supports it, else fp16) on CUDA, optional mirroring test-time augmentation over any subset of the
+three spatial axes, and the softmax averaged over every flip and every model. When the GPU runs
+out of memory the same prediction is retried with the stitching buffer on the CPU (windows still
+run on the GPU, one per forward); that fallback happens only for ``torch.OutOfMemoryError`` and is
+recorded in the caller's warnings list. Any other error propagates unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from medgn.errors import ResourceError, UsageError
+
+__all__ = ["WindowSettings", "mirror_flips", "predict_probabilities"]
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """How the sliding window covers a volume.
+
+    Attributes:
+        roi_size: window size in voxels along (X, Y, Z) of the preprocessed array (the plan's
+            patch size).
+        overlap: fraction of a window shared with its neighbour, in [0, 1).
+        sw_batch_size: windows per forward pass.
+        tta: average over mirrored copies of the input.
+        mirror_axes: spatial axes (0, 1, 2) that TTA mirrors; all 2**len combinations are used.
+        sigma_scale: Gaussian sigma as a fraction of the window; 0.125 is nnU-Net's and MONAI's
+            choice (the window border gets ~1e-3 of the centre's weight).
+    """
+
+    roi_size: tuple[int, int, int]
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+    tta: bool = False
+    mirror_axes: tuple[int, ...] = (0, 1, 2)
+    sigma_scale: float = 0.125
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise UsageError("--overlap", "overlap out of range", got=self.overlap, expected="a fraction in [0, 1)")
+        if self.sw_batch_size < 1:
+            raise UsageError("sw_batch_size", "needs at least one window per forward", got=self.sw_batch_size, expected=">= 1")
+        if len(self.roi_size) != 3 or any(int(s) < 1 for s in self.roi_size):
+            raise UsageError("patch_size", "window size must be 3 positive integers", got=list(self.roi_size))
+        if len(set(self.mirror_axes)) != len(self.mirror_axes) or any(a not in (0, 1, 2) for a in self.mirror_axes):
+            raise UsageError("mirror_axes", "mirror axes must be distinct spatial axes", got=list(self.mirror_axes), expected="a subset of (0, 1, 2)")
+
+
+def mirror_flips(settings: WindowSettings) -> list[tuple[int, ...]]:
+    """The flips to average: ``[()]`` without TTA, else every subset of ``mirror_axes``.
+
+    Returns:
+        Tuples of tensor dims to flip in a (B, C, X, Y, Z) batch (spatial axis a is dim a + 2).
+    """
+    if not settings.tta:
+        return [()]
+    dims = [a + 2 for a in settings.mirror_axes]
+    return [combo for r in range(len(dims) + 1) for combo in itertools.combinations(dims, r)]
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    # bf16 keeps fp32's exponent range (no overflow in deep layers); fp16 only on older GPUs.
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
+    if device.type != "cpu" or threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _window_logits(
+    model: nn.Module,
+    batch: torch.Tensor,
+    settings: WindowSettings,
+    sw_device: torch.device,
+    stitch_device: torch.device,
+    sw_batch_size: int,
+) -> torch.Tensor:
+    """Stitched logits (1, K, X, Y, Z) on ``stitch_device`` for one (1, C, X, Y, Z) batch."""
+    from monai.inferers import sliding_window_inference
+
+    def forward(windows: torch.Tensor) -> torch.Tensor:
+        with _autocast(sw_device):
+            out = model(windows)
+        if isinstance(out, (list, tuple)):  # deep-supervision models in eval mode: full resolution first
+            out = out[0]
+        return out.float()
+
+    return sliding_window_inference(
+        batch.to(stitch_device),
+        roi_size=tuple(int(s) for s in settings.roi_size),
+        sw_batch_size=sw_batch_size,
+        predictor=forward,
+        overlap=settings.overlap,
+        mode="gaussian",
+        sigma_scale=settings.sigma_scale,
+        padding_mode="constant",
+        cval=0.0,
+        sw_device=sw_device,
+        device=stitch_device,
+    )
+
+
+def _oom_error(device: str | torch.device, exc: BaseException) -> ResourceError:
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ResourceError(str(device), "out of memory even with stitching on the CPU and one window per forward", got=first, expected="a smaller patch size or more memory")
+
+
+@torch.inference_mode()
+def predict_probabilities(
+    models: Sequence[nn.Module],
+    image: torch.Tensor,
+    settings: WindowSettings,
+    *,
+    device: str | torch.device = "cpu",
+    warnings: list[str] | None = None,
+    threads: int | None = None,
+) -> torch.Tensor:
+    """Class probabilities for one preprocessed image, averaged over TTA flips and models.
+
+    Args:
+        models: networks in eval mode on ``device``, each mapping (B, C, *roi) to logits (B, K, *roi).
+        image: (C, X, Y, Z) float image on any device.
+        settings: window size, overlap, windows per forward, TTA.
+        device: where the windows run ("cpu" or "cuda[:i]").
+        warnings: list that receives a line when the CPU-stitching fallback was used.
+        threads: CPU threads for inference on the CPU (None keeps torch's setting).
+
+    Returns:
+        (K, X, Y, Z) float32 probabilities on the CPU; every voxel sums to 1.
+
+    Raises:
+        ResourceError: out of memory even with stitching on the CPU (exit 5).
+    """
+    if not models:
+        raise UsageError("--model", "no model given", expected="at least one checkpoint or run folder")
+    if image.ndim != 4:
+        raise UsageError("image", "expected a channel-first 3D image", got=f"shape {tuple(image.shape)}", expected="(C, X, Y, Z)")
+    sw_device = torch.device(device)
+    # Stitch where the windows run while that fits; the fallback moves the buffer to the CPU.
+    stitch_device = sw_device
+    sw_batch_size = settings.sw_batch_size
+    batch = image.float().unsqueeze(0)  # (1, C, X, Y, Z)
+    total: torch.Tensor | None = None
+    count = 0
+    flips = mirror_flips(settings)
+    with _cpu_threads(sw_device, threads):
+        for model in models:
+            for dims in flips:
+                flipped = torch.flip(batch, dims) if dims else batch
+                try:
+                    logits = _window_logits(model, flipped, settings, sw_device, stitch_device, sw_batch_size)
+                except torch.OutOfMemoryError as exc:
+                    if stitch_device.type == "cpu" and sw_batch_size == 1:
+                        raise _oom_error(device, exc) from exc
+                    if sw_device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    stitch_device, sw_batch_size = torch.device("cpu"), 1
+                    if warnings is not None:
+                        warnings.append(f"out of memory on {device}: stitching moved to the CPU with one window per forward")
+                    try:
+                        logits = _window_logits(model, flipped, settings, sw_device, stitch_device, sw_batch_size)
+                    except torch.OutOfMemoryError as again:
+                        raise _oom_error(device, again) from again
+                probs = torch.softmax(logits.float(), dim=1)  # (1, K, X, Y, Z)
+                if dims:
+                    probs = torch.flip(probs, dims)
+                probs = probs[0].cpu()
+                total = probs if total is None else total.add_(probs)
+                count += 1
+    assert total is not None  # at least one model and one flip ran
+    return total.div_(count)
