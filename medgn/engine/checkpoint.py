@@ -1,0 +1,219 @@
+"""Checkpoint files: atomic, hash-recorded, data-only, refused loudly when damaged.
+
+A checkpoint is a dict of tensors and JSON-able values (no numpy objects, no dataclasses, no code)
+written with ``torch.save`` through :func:`medgn.files.atomic_path`, so ``torch.load(...,
+weights_only=True)`` reads it and a crash never leaves half a file at a final name. Each save gets
+a new file name in the checkpoint folder (``e0003-i0000750-step.pt``) with a ``.sha256`` sidecar,
+then small JSON pointers (``latest.json``, ``best.json``, ``final.json``) are replaced atomically
+to name it with its sha256. A crash between any two writes leaves every pointer naming a complete,
+verified file. Weights that are not finite are never written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medgn.errors import ModelError
+from medgn.files import atomic_path, atomic_write_json, atomic_write_text, clean_stale_temps
+from medgn.logs import get_logger
+
+FORMAT = "medgn-checkpoint"
+FORMAT_VERSION = 1
+POINTERS = ("latest", "best", "final")
+# Bytes read per chunk while hashing: 8 MiB keeps memory flat for multi-GB files.
+_HASH_CHUNK = 8 << 20
+
+log = get_logger("engine.checkpoint")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_data_only(obj: Any, key: str = "checkpoint") -> None:
+    """Refuse anything but tensors, numbers, strings, None and lists/tuples/dicts of them.
+
+    Raises:
+        TypeError: a value of another type (a bug in the code that built the state).
+    """
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            check_data_only(item, f"{key}[{i}]")
+        return
+    if isinstance(obj, dict):
+        for k, item in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{key}: key {k!r} of type {type(k).__name__} cannot go into a checkpoint")
+            check_data_only(item, f"{key}.{k}")
+        return
+    raise TypeError(f"{key}: {type(obj).__name__} cannot go into a checkpoint (tensors and JSON-able values only)")
+
+
+def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
+    """Names of floating tensors in a nested state that hold NaN or Inf."""
+    bad: list[str] = []
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
+            bad.append(prefix or "tensor")
+    elif isinstance(tree, Mapping):
+        for k, v in tree.items():
+            bad.extend(nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            bad.extend(nonfinite_tensors(v, f"{prefix}[{i}]"))
+    return bad
+
+
+def _unique_path(folder: Path, stem: str) -> Path:
+    path = folder / f"{stem}.pt"
+    n = 1
+    while path.exists():
+        path = folder / f"{stem}-{n}.pt"
+        n += 1
+    return path
+
+
+def save_checkpoint(
+    state: dict[str, Any],
+    folder: str | os.PathLike[str],
+    *,
+    tag: str = "step",
+    pointers: Iterable[str] = ("latest",),
+    keep: int = 2,
+) -> Path:
+    """Write ``state`` as a new checkpoint file in ``folder`` and point ``pointers`` at it.
+
+    Args:
+        state: the checkpoint dict; ``state["model"]`` (and ``"optimizer"``) must be finite.
+        folder: checkpoint folder (created if missing).
+        tag: word in the file name (``step``, ``epoch``, ``final``).
+        pointers: which of ``latest``/``best``/``final`` to update.
+        keep: unreferenced checkpoint files kept (newest first); older ones are removed.
+
+    Returns:
+        Path of the written checkpoint.
+
+    Raises:
+        ModelError: model or optimizer state holds NaN/Inf (nothing is written).
+        ResourceError: the disk is full (the previous checkpoint stays intact).
+    """
+    check_data_only(state)
+    bad = nonfinite_tensors({"model": state.get("model"), "optimizer": state.get("optimizer")})
+    if bad:
+        raise ModelError(folder, "refusing to save a checkpoint with non-finite weights", got=", ".join(bad[:5]), expected="finite tensors")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    counters = state.get("counters", {})
+    stem = f"e{int(counters.get('epoch', 0)):04d}-i{int(counters.get('iteration', 0)):07d}-{tag}"
+    path = _unique_path(folder, stem)
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, tmp)
+        sha = file_sha256(tmp)
+    atomic_write_text(path.with_name(path.name + ".sha256"), f"{sha}  {path.name}\n")
+    record = {"file": path.name, "sha256": sha, "epoch": counters.get("epoch"), "iteration": counters.get("iteration")}
+    for name in pointers:
+        if name not in POINTERS:
+            raise ValueError(f"unknown checkpoint pointer {name!r}; expected one of {POINTERS}")
+        atomic_write_json(folder / f"{name}.json", record)
+    prune_checkpoints(folder, keep=keep)
+    return path
+
+
+def read_pointer(folder: str | os.PathLike[str], name: str = "latest") -> dict[str, Any] | None:
+    """The record of pointer ``name`` in ``folder``, or None when absent."""
+    path = Path(folder) / f"{name}.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(path, f"unreadable checkpoint pointer ({exc})", expected="a JSON file written by medgn") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("file"), str) or "/" in record["file"]:
+        raise ModelError(path, "malformed checkpoint pointer", got=record, expected='{"file": NAME, "sha256": HEX}')
+    return record
+
+
+def prune_checkpoints(folder: str | os.PathLike[str], *, keep: int = 2) -> list[Path]:
+    """Remove checkpoint files no pointer names, beyond the newest ``keep``; returns what was removed."""
+    folder = Path(folder)
+    clean_stale_temps(folder)
+    referenced = {rec["file"] for name in POINTERS if (rec := read_pointer(folder, name))}
+    files = sorted((p for p in folder.glob("e*-i*.pt")), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    removed = []
+    for path in [p for p in files if p.name not in referenced][keep:]:
+        for victim in (path, path.with_name(path.name + ".sha256")):
+            victim.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, str | None]:
+    """The checkpoint file and expected sha256 for a file, a pointer JSON or a folder (its latest)."""
+    path = Path(path)
+    if path.is_dir():
+        sub = path / "checkpoints"
+        folder = sub if (sub / "latest.json").is_file() else path
+        record = read_pointer(folder, "latest")
+        if record is None:
+            raise ModelError(path, "no checkpoint to resume from", expected=f"{folder / 'latest.json'}")
+        return folder / record["file"], record.get("sha256")
+    if path.suffix == ".json":
+        record = read_pointer(path.parent, path.stem)
+        if record is None:
+            raise ModelError(path, "checkpoint pointer not found", expected="an existing file")
+        return path.parent / record["file"], record.get("sha256")
+    sidecar = path.with_name(path.name + ".sha256")
+    expected = None
+    if sidecar.is_file():
+        expected = sidecar.read_text(encoding="utf-8").split()[0] if sidecar.read_text(encoding="utf-8").strip() else None
+    return path, expected
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu", verify: bool = True) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``), checking its recorded sha256.
+
+    Args:
+        path: a checkpoint file, a pointer (``latest.json``) or a run/checkpoint folder.
+        map_location: where tensors go.
+        verify: compare the file with its recorded sha256 when one is recorded.
+
+    Raises:
+        ModelError: missing, truncated, corrupt, hash mismatch, code inside the pickle, or not a
+            medgn checkpoint; the message names the file.
+    """
+    file, expected = resolve_checkpoint(path)
+    if not file.is_file():
+        raise ModelError(file, "checkpoint file not found", expected="an existing file")
+    if verify and expected:
+        actual = file_sha256(file)
+        if actual != expected:
+            raise ModelError(file, "checkpoint does not match its recorded sha256 (corrupt or replaced)", got=actual[:16], expected=expected[:16])
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelError(file, f"cannot load checkpoint safely ({reason})", expected="an intact medgn checkpoint with tensors and plain values only") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        got = type(state).__name__ if not isinstance(state, dict) else f"keys {sorted(map(str, state))[:6]}"
+        raise ModelError(file, "not a medgn checkpoint", got=got, expected=f"a dict with format={FORMAT!r}")
+    if int(state.get("format_version", 0)) > FORMAT_VERSION:
+        raise ModelError(file, "checkpoint written by a newer medgn", got=state.get("format_version"), expected=f"format_version <= {FORMAT_VERSION}")
+    bad = nonfinite_tensors(state.get("model", {}))
+    if bad:
+        raise ModelError(file, "checkpoint holds non-finite weights", got=", ".join(bad[:5]), expected="finite tensors")
+    log.debug("loaded checkpoint %s", file)
+    return state

@@ -1,0 +1,85 @@
+"""The training configuration: one frozen dataclass, validated by :mod:`medgn.configtools`.
+
+:class:`TrainConfig` holds every knob of the trainer (optimiser, schedule, epochs of a fixed number
+of iterations, batch size, accumulation, clipping, mixed precision, deep supervision, validation
+cadence, the EMA of validation Dice, checkpoint cadence, early stopping, non-finite loss limit, time
+budget, seed and determinism). It is built with ``configtools.build(TrainConfig, mapping, "train")``
+so unknown keys, wrong types and out-of-range values fail naming the key. Defaults follow nnU-Net
+v2 where it has one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run (section ``train`` of a run config).
+
+    An epoch is ``iters_per_epoch`` optimiser steps; each step sees ``grad_accum`` micro-batches of
+    ``batch_size`` samples per process.
+    """
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    # nnU-Net v2: SGD lr 1e-2, Nesterov momentum 0.99, weight decay 3e-5.
+    lr: float = field(default=1e-2, metadata={"min": 0.0, "max": 10.0})
+    momentum: float = field(default=0.99, metadata={"min": 0.0, "max": 1.0})
+    weight_decay: float = field(default=3e-5, metadata={"min": 0.0, "max": 1.0})
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    # nnU-Net's PolyLRScheduler exponent.
+    poly_exponent: float = field(default=0.9, metadata={"min": 0.0, "max": 10.0})
+    warmup_iters: int = field(default=0, metadata={"min": 0})
+    # nnU-Net trains 1000 epochs of 250 iterations.
+    epochs: int = field(default=1000, metadata={"min": 1})
+    iters_per_epoch: int = field(default=250, metadata={"min": 1})
+    batch_size: int = field(default=2, metadata={"min": 1})
+    grad_accum: int = field(default=1, metadata={"min": 1})
+    # nnU-Net clips the gradient norm at 12; 0 disables clipping.
+    clip_grad: float = field(default=12.0, metadata={"min": 0.0})
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    deep_supervision: bool = True
+    # Like nnU-Net: the lowest-resolution head gets weight 0 after halving.
+    ds_drop_lowest: bool = True
+    dice_weight: float = field(default=1.0, metadata={"min": 0.0})
+    ce_weight: float = field(default=1.0, metadata={"min": 0.0})
+    batch_dice: bool = False
+    dice_include_background: bool = False
+    # Validation every N epochs (and once at the end); 0 = only at the end.
+    val_every: int = field(default=1, metadata={"min": 0})
+    # nnU-Net's EMA of pseudo Dice: ema = 0.9 * ema + 0.1 * new.
+    ema_alpha: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
+    # A crash should lose minutes, not hours: checkpoint every 10 minutes and at every epoch end.
+    checkpoint_every_minutes: float = field(default=10.0, metadata={"min": 0.0})
+    # Extra step-based checkpoints (0 = off); used for fine-grained exact-resume tests.
+    checkpoint_every_steps: int = field(default=0, metadata={"min": 0})
+    # Number of step checkpoints kept on disk besides the best and final ones.
+    keep_checkpoints: int = field(default=2, metadata={"min": 1})
+    # Validations without EMA improvement before stopping; 0 = never stop early.
+    early_stopping_patience: int = field(default=0, metadata={"min": 0})
+    # Skipped steps in a row (non-finite loss or gradient) that end the run.
+    max_nonfinite_in_row: int = field(default=10, metadata={"min": 1})
+    # Wall-clock budget of this process in minutes; 0 = no budget.
+    time_budget_minutes: float = field(default=0.0, metadata={"min": 0.0})
+    # Steps between logged metric records (metrics.jsonl, TensorBoard).
+    log_every: int = field(default=10, metadata={"min": 1})
+    seed: int = field(default=0, metadata={"min": 0, "max": 2**31 - 1})
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.warmup_iters >= self.epochs * self.iters_per_epoch:
+            raise ValueError(
+                f"train.warmup_iters={self.warmup_iters} must be smaller than epochs * iters_per_epoch "
+                f"= {self.epochs * self.iters_per_epoch}"
+            )
+
+    @property
+    def total_iters(self) -> int:
+        """Optimiser steps of the whole run."""
+        return self.epochs * self.iters_per_epoch
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        """Micro-batches each process draws per epoch."""
+        return self.iters_per_epoch * self.grad_accum
