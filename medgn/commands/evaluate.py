@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--labels", type=_labels, metavar="1,2,...", help="labels to evaluate (default: every nonzero value found)")
     parser.add_argument("--region", type=_region, action="append", default=[], metavar="NAME=1,2,...",
                         help="also evaluate the union of these labels as one structure (repeatable)")
+    parser.add_argument("--dataset", type=Path, metavar="DIR",
+                        help="dataset folder whose dataset.json declares regions (nnU-Net labels with lists) to evaluate too")
     parser.add_argument("--nsd-tolerance-mm", type=float, default=2.0, metavar="MM", help="surface Dice tolerance in mm (default 2)")
     parser.add_argument("--allow-missing", action="store_true", help="count a missing prediction as failed (Dice 0) instead of stopping")
     parser.add_argument("--images", type=Path, metavar="DIR", help="images to draw the overlay contours on")
@@ -53,9 +55,16 @@ def run(args: argparse.Namespace) -> int:
     from medgn.engine.evaluate import evaluate
     from medgn.engine.evaluate_report import format_table
 
-    regions = dict(args.region)
-    if len(regions) != len(args.region):
-        raise UsageError("--region", "region names must be distinct", got=[name for name, _ in args.region])
+    regions: dict[str, tuple[int, ...]] = {}
+    if args.dataset is not None:
+        from medgn.data.datasets import load_dataset
+
+        declared = load_dataset(args.dataset).regions  # {"regions": {name: [labels]}, "order": [...]}
+        regions.update({name: tuple(members) for name, members in declared.get("regions", {}).items()})
+    for name, members in args.region:
+        if name in regions:
+            raise UsageError("--region", f"region {name!r} given twice", got=[n for n, _ in args.region])
+        regions[name] = members
     result = evaluate(
         args.pred, args.ref, args.out, labels=args.labels, nsd_tolerance_mm=args.nsd_tolerance_mm,
         allow_missing=args.allow_missing, image_dir=args.images, regions=regions, worst_k=args.worst_k,

@@ -132,9 +132,12 @@ def _check_labels(labels: Sequence[int] | None) -> tuple[int, ...] | None:
 def _check_regions(regions: Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, ...]]:
     out: dict[str, tuple[int, ...]] = {}
     for name, members in (regions or {}).items():
-        values = tuple(int(v) for v in members)
-        if not name or name.isdigit() or not name.replace("_", "").replace("-", "").isalnum():
-            raise UsageError("regions", "region names must be words (letters, digits, _ or -), not numbers", got=name)
+        try:
+            values = tuple(int(v) for v in members)
+        except (TypeError, ValueError):
+            raise UsageError("regions", f"region {name!r} must list integer labels", got=members) from None
+        if not name.strip() or name.strip().isdigit() or not name.isprintable():
+            raise UsageError("regions", "region names must be printable words, not label numbers", got=name)
         if not values or any(v <= 0 for v in values):
             raise UsageError("regions", f"region {name!r} needs positive labels", got=list(members))
         out[name] = values

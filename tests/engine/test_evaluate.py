@@ -202,3 +202,30 @@ def test_la2018_eroded_label_dice_matches_numpy(shared_data: Path, tmp_path: Pat
         assert 0.5 < dice < 0.99  # the erosion really changed the mask
         # Two erosions at 0.625 mm: no reference surface point is more than ~2 voxels from the prediction.
         assert 0 < result.value(cid, 1, "hd95") <= 2 * 0.625 * math.sqrt(3) + 1e-6
+
+
+def test_unreadable_prediction_fails_that_case_only(folders: tuple[Path, Path]) -> None:
+    pred_dir, ref_dir = folders
+    (pred_dir / "c0.nii.gz").write_bytes(b"not a nifti file at all")
+    result = evaluate(pred_dir, ref_dir)
+    assert list(result.failures) == ["c0"] and "c0.nii.gz" in result.failures["c0"]
+    assert result.exit_code == 3 and result.value("c1", 1, "dice") == pytest.approx(7 / 8)
+
+
+def test_cli_reads_regions_from_dataset_json(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    pred_dir, ref_dir = folders
+    dataset = tmp_path / "ds"
+    (dataset / "imagesTr").mkdir(parents=True)
+    (dataset / "labelsTr").mkdir()
+    for ref in ref_dir.glob("*.nii.gz"):
+        (dataset / "labelsTr" / ref.name).symlink_to(ref)
+        (dataset / "imagesTr" / ref.name.replace(".nii.gz", "_0000.nii.gz")).symlink_to(ref)
+    desc = {"channel_names": {"0": "MR"}, "labels": {"background": 0, "cube": [1], "anything": [1, 2]},
+            "regions_class_order": [1, 2], "numTraining": 3, "file_ending": ".nii.gz"}
+    (dataset / "dataset.json").write_text(json.dumps(desc))
+    out = tmp_path / "out"
+    argv = ["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(out), "--dataset", str(dataset), "--worst-k", "0"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["regions"] == {"cube": [1], "anything": [1, 2]}
+    assert summary["per_class"]["cube"]["dice"]["mean"] == pytest.approx(summary["per_class"]["1"]["dice"]["mean"])
