@@ -7,6 +7,8 @@ header bytes (after nibabel would have "repaired" them) so that corrupt headers 
 from __future__ import annotations
 
 import gzip
+import json
+import os
 import struct
 from pathlib import Path
 
@@ -47,3 +49,32 @@ def blob() -> np.ndarray:
     array = rng.normal(10.0, 1.0, size=(8, 7, 6)).astype(np.float32)
     array[1:4, 2:5, 1:3] += 50.0
     return array
+
+
+def make_nnunet(root: Path, n_cases: int = 2, channels: int = 2, spacing: tuple[float, float, float] = (1.0, 1.0, 2.0)) -> Path:
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(n_cases):
+        for c in range(channels):
+            make_nifti(root / "imagesTr" / f"case{i}_{c:04d}.nii.gz", rng.normal(size=(6, 5, 4)).astype(np.float32), spacing=spacing)
+        label = np.zeros((6, 5, 4), np.uint8)
+        label[1:3, 1:3, 1:3] = 2
+        label[4, 4, 3] = 1
+        make_nifti(root / "labelsTr" / f"case{i}.nii.gz", label, spacing=spacing)
+    desc = {"channel_names": {str(c): ["CT", "T2"][c % 2] for c in range(channels)}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": n_cases, "file_ending": ".nii.gz", "name": "tiny"}
+    (root / "dataset.json").write_text(json.dumps(desc))
+    return root
+
+
+def mini_msd(src: Path, dst: Path, n: int) -> Path:
+    """A symlinked subset of an MSD dataset (keeps the real-data tests fast)."""
+    desc = json.loads((src / "dataset.json").read_text())
+    desc["training"], desc["numTraining"] = desc["training"][:n], n
+    for sub in ("imagesTr", "labelsTr"):
+        (dst / sub).mkdir(parents=True)
+    for entry in desc["training"]:
+        for key in ("image", "label"):
+            os.symlink(src / entry[key], dst / entry[key])
+    (dst / "dataset.json").write_text(json.dumps(desc))
+    return dst

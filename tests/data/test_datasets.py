@@ -12,23 +12,7 @@ import pytest
 from medgn.cli import main
 from medgn.data.datasets import find_inputs, load_dataset
 from medgn.errors import InputDataError
-from tests.data.conftest import make_nifti
-
-
-def _nnunet(root: Path, n_cases: int = 2, channels: int = 2, spacing: tuple[float, float, float] = (1.0, 1.0, 2.0)) -> Path:
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(n_cases):
-        for c in range(channels):
-            make_nifti(root / "imagesTr" / f"case{i}_{c:04d}.nii.gz", rng.normal(size=(6, 5, 4)).astype(np.float32), spacing=spacing)
-        label = np.zeros((6, 5, 4), np.uint8)
-        label[1:3, 1:3, 1:3] = 2
-        label[4, 4, 3] = 1
-        make_nifti(root / "labelsTr" / f"case{i}.nii.gz", label, spacing=spacing)
-    desc = {"channel_names": {str(c): ["CT", "T2"][c % 2] for c in range(channels)}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": n_cases, "file_ending": ".nii.gz", "name": "tiny"}
-    (root / "dataset.json").write_text(json.dumps(desc))
-    return root
+from tests.data.conftest import make_nifti, make_nnunet, mini_msd
 
 
 def _verify(root: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -40,7 +24,7 @@ def _verify(root: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
 
 
 def test_nnunet_dataset_loads_and_verifies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    root = _nnunet(tmp_path / "ds")
+    root = make_nnunet(tmp_path / "ds")
     index = load_dataset(root)
     assert (index.format, index.name, index.channel_names, index.modalities) == ("nnunet", "tiny", ("CT", "T2"), ("CT", "MR"))
     assert index.labels == {"background": 0, "a": 1, "b": 2}
@@ -50,7 +34,7 @@ def test_nnunet_dataset_loads_and_verifies(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_dataset_json_problems_are_all_listed(tmp_path: Path) -> None:
-    root = _nnunet(tmp_path / "ds", n_cases=3)
+    root = make_nnunet(tmp_path / "ds", n_cases=3)
     (root / "imagesTr" / "case1_0001.nii.gz").unlink()
     (root / "labelsTr" / "case2.nii.gz").unlink()
     desc = json.loads((root / "dataset.json").read_text())
@@ -99,7 +83,7 @@ def test_folder_pair_with_odd_names(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("broken", ["label_spacing", "channel_origin", "label_values", "nan"])
 def test_verify_reports_every_problem_with_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], broken: str) -> None:
-    root = _nnunet(tmp_path / "ds")
+    root = make_nnunet(tmp_path / "ds")
     label = root / "labelsTr" / "case1.nii.gz"
     channel = root / "imagesTr" / "case1_0001.nii.gz"
     if broken == "label_spacing":
@@ -139,29 +123,16 @@ def test_find_inputs(tmp_path: Path) -> None:
         find_inputs(folder, channels=1)
     single = find_inputs(folder / "a_0000.nii.gz")
     assert single[0].case_id == "a_0000" and single[0].label is None
-    ds = _nnunet(tmp_path / "ds")
+    ds = make_nnunet(tmp_path / "ds")
     (ds / "imagesTs").mkdir()
     os.symlink(ds / "imagesTr" / "case0_0000.nii.gz", ds / "imagesTs" / "t_0000.nii.gz")
     os.symlink(ds / "imagesTr" / "case0_0001.nii.gz", ds / "imagesTs" / "t_0001.nii.gz")
     assert [c.case_id for c in find_inputs(ds, channels=2)] == ["t"]
 
 
-def _mini_msd(src: Path, dst: Path, n: int) -> Path:
-    """A symlinked subset of an MSD dataset (keeps the real-data tests fast)."""
-    desc = json.loads((src / "dataset.json").read_text())
-    desc["training"], desc["numTraining"] = desc["training"][:n], n
-    for sub in ("imagesTr", "labelsTr"):
-        (dst / sub).mkdir(parents=True)
-    for entry in desc["training"]:
-        for key in ("image", "label"):
-            os.symlink(src / entry[key], dst / entry[key])
-    (dst / "dataset.json").write_text(json.dumps(desc))
-    return dst
-
-
 @pytest.mark.data
 def test_real_datasets_verify(shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    root = _mini_msd(shared_data / "LA2018", tmp_path / "la", 3)
+    root = mini_msd(shared_data / "LA2018", tmp_path / "la", 3)
     assert main(["verify", str(root)]) == 0
     assert "all 3 cases passed" in capsys.readouterr().out
     index = load_dataset(shared_data / "BraTS2013mini")

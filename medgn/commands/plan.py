@@ -1,0 +1,51 @@
+"""``medgn plan DATASET --out plan.json``: fingerprint a dataset and write its plan and folds."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from medgn.data.datasets import load_dataset
+from medgn.data.fingerprint import compute_fingerprint
+from medgn.data.plan import DEFAULT_GPU_GB, make_plan
+from medgn.data.preflight import DEFAULT_LIMITS, Limits
+from medgn.data.splits import load_or_create_splits
+from medgn.errors import UsageError
+from medgn.files import atomic_write_json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("plan", help="measure a dataset and choose spacing, normalisation, patch and network")
+    parser.add_argument("dataset", help="dataset folder (MSD, nnU-Net v2 raw, or images/ + labels/)")
+    parser.add_argument("--out", required=True, help="plan JSON to write (splits.json is written next to it)")
+    parser.add_argument("--gpu-memory", type=float, default=DEFAULT_GPU_GB, help=f"training GPU memory budget in GB (default {DEFAULT_GPU_GB:g})")
+    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the folds and of intensity sampling")
+    parser.add_argument("--max-voxels", type=int, default=DEFAULT_LIMITS.max_voxels, help="largest volume accepted (voxels per channel)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing plan")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    dataset = Path(os.path.normpath(Path(args.dataset).absolute()))
+    if not 0.5 <= args.gpu_memory <= 4096:  # GB: below 0.5 no 3D U-Net trains; above 4 TB is a typo
+        raise UsageError("--gpu-memory", "out of range", got=args.gpu_memory, expected="0.5..4096 GB")
+    if not out.parent.absolute().is_dir():
+        raise UsageError(out, "output folder does not exist", expected="an existing folder")
+    if dataset in Path(os.path.normpath(out.absolute())).parents:
+        raise UsageError(out, "refusing to write into the dataset folder", expected="an output path outside the input tree")
+    if out.exists() and not args.overwrite:
+        raise UsageError(out, "output exists", expected="a new path, or pass --overwrite")
+    index = load_dataset(dataset)
+    limits = Limits(max_voxels=args.max_voxels, max_bytes=max(DEFAULT_LIMITS.max_bytes, args.max_voxels * 8), max_dim=DEFAULT_LIMITS.max_dim)
+    print(f"{index.name}: fingerprinting {len(index.cases)} cases")
+    fingerprint = compute_fingerprint(index, limits, seed=args.seed)
+    plan = make_plan(index, fingerprint, gpu_memory_gb=args.gpu_memory)
+    atomic_write_json(out, plan, overwrite=args.overwrite)
+    splits = load_or_create_splits(out.with_name("splits.json"), [c.case_id for c in index.cases], min(args.folds, len(index.cases)), args.seed) if len(index.cases) >= 2 else []
+    norms = ", ".join(n["scheme"] for n in plan["normalization"])
+    print(f"target spacing {plan['target_spacing']} mm, normalisation {norms}, patch {plan['patch_size']}, batch {plan['batch_size']}, {len(plan['network']['strides'])} stages, {len(splits)} folds")
+    print(f"wrote {out}")
+    return 0
