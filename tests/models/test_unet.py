@@ -97,6 +97,23 @@ def test_checkpointing_gives_the_same_gradients(residual: bool) -> None:
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_checkpointing_keeps_fewer_tensors_for_backward() -> None:
+    counts = []
+    for flag in (False, True):
+        net = _net(checkpoint=flag).train()
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net(torch.randn(1, 1, 16, 16, 16))
+        counts.append(sum(saved))
+    # only the segment boundaries (and the heads) stay alive outside the checkpointed stages
+    assert counts[1] < counts[0] / 3
+
+
 def test_group_torch_state_dict_loads_into_group_model() -> None:
     torch.manual_seed(5)
     torch_net = _net(norm="group_torch", features=(16, 32, 48)).double()
