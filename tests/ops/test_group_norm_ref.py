@@ -1,0 +1,76 @@
+"""The GroupNorm reference and the public argument checks (pure PyTorch, no kernels)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medgn.ops import ACTIVATIONS, group_norm, group_norm_ref
+from medgn.ops.group_norm_ref import apply_activation
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize(("shape", "g"), [((2, 6, 5), 3), ((1, 8, 3, 5), 8), ((2, 4, 3, 2, 5), 1)])
+def test_reference_matches_torch_in_float64(shape, g, act) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, r = (
+        torch.randn(shape, generator=gen, dtype=torch.float64),
+        torch.randn(shape, dtype=torch.float64),
+    )
+    w, b = torch.randn(shape[1], dtype=torch.float64), torch.randn(shape[1], dtype=torch.float64)
+    expected = apply_activation(F.group_norm(x, g, w, b, 1e-5) + r, act, 0.2)
+    got = group_norm_ref(x, g, w, b, 1e-5, act, r, negative_slope=0.2)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_gradcheck_reference(act: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    args = [torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True)
+            for s in ((1, 4, 3, 2, 2), (4,), (4,), (1, 4, 3, 2, 2))]  # fmt: skip
+
+    def f(x, w, b, r):
+        return group_norm_ref(x, 2, w, b, 1e-5, act, r)
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_reference_keeps_variance_at_large_mean() -> None:
+    x = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(2)) + 1000.0
+    y = group_norm_ref(x, 2)  # fp32 statistics, centred
+    y64 = group_norm_ref(x.double(), 2)
+    assert (y.double() - y64).abs().max() < 1e-3
+
+
+def test_auto_on_cpu_is_the_reference() -> None:
+    x = torch.randn(2, 8, 3, 4, 5)
+    assert torch.equal(group_norm(x, 4, activation="silu"), group_norm_ref(x, 4, activation="silu"))
+
+
+def test_float64_on_torch_backend_stays_float64() -> None:
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    assert group_norm(x, 2, backend="torch").dtype == torch.float64
+
+
+BAD = [
+    (dict(x=torch.randn(1, 6, 4, 4), num_groups=4), ValueError, "not divisible"),
+    (dict(x=torch.randn(1, 8, 4, 4), num_groups=2, weight=torch.ones(4)), ValueError, "expected (8,)"),
+    (dict(x=torch.randn(1, 8, 4, 4), num_groups=2, bias=torch.ones(8, 1)), ValueError, "bias has shape"),
+    (dict(x=torch.randn(1, 8, 4, 4).int(), num_groups=2), TypeError, "dtype torch.int32"),
+    (dict(x=torch.randn(8, 4), num_groups=2), ValueError, "rank 2"),
+    (dict(x=torch.randn(1, 8, 2, 2, 2, 2), num_groups=2), ValueError, "rank 6"),
+    (dict(x=torch.randn(1, 8, 4, 4), num_groups=2, activation="tanh"), ValueError, "unknown activation"),
+    (dict(x=torch.randn(1, 8, 4, 4), num_groups=2, residual=torch.randn(1, 8, 4)), ValueError, "residual has shape"),
+    (dict(x=torch.randn(1, 8, 4, 4), num_groups=0), ValueError, "positive integer"),
+    (dict(x=torch.randn(1, 8, 4, 4), num_groups=2, eps=0.0), ValueError, "eps"),
+    (dict(x=torch.randn(1, 8, 4, 4), num_groups=2, backend="cuda"), ValueError, "unknown backend"),
+    (dict(x=torch.randn(1, 8, 4, 4, dtype=torch.float64), num_groups=2, backend="triton"), TypeError, "float64"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kwargs", "error", "text"), BAD)
+def test_bad_input_says_what_and_how(kwargs: dict, error: type, text: str) -> None:
+    with pytest.raises(error, match=None) as info:
+        group_norm(**kwargs)
+    assert text in str(info.value)
