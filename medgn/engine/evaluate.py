@@ -12,6 +12,7 @@ When an output folder is given, the run holds its lock and writes the reports
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from medgn.engine.metrics import (
     failed_metrics,
 )
 from medgn.errors import EXIT_INPUT, EXIT_OK, InputDataError, MedgnError, UsageError
+from medgn.files import RunLock, clean_stale_temps
 from medgn.logs import get_logger
 
 CASE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -231,8 +233,6 @@ def evaluate(
         InputDataError: no reference cases, or predictions missing without ``allow_missing``.
         LockedError: another run writes into ``out_dir``.
     """
-    from medgn.engine.evaluate_report import build_summary
-
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     label_set = _check_labels(labels)
     region_map = _check_regions(regions)
@@ -254,8 +254,26 @@ def evaluate(
     images = Path(image_dir) if image_dir is not None else None
     if images is not None and not images.is_dir():
         raise UsageError(images, "image folder does not exist", expected="a folder of images named like the references")
-    if out_path is not None:
-        _check_out_dir(out_path, [p for p in (pred_dir, ref_dir, images) if p is not None], overwrite)
+    with contextlib.ExitStack() as stack:
+        if out_path is not None:
+            inputs = [p for p in (pred_dir, ref_dir, images) if p is not None]
+            _check_out_dir(out_path, inputs, overwrite)
+            out_path.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(RunLock(out_path, purpose="evaluate"))
+            _check_out_dir(out_path, inputs, overwrite)  # again under the lock: a run may just have finished
+            clean_stale_temps(out_path)
+        return _run(pred_dir, ref_dir, out_path, images, refs, preds, missing, len(extra), label_set, region_map,
+                    float(nsd_tolerance_mm), allow_missing, worst_k)
+
+
+def _run(
+    pred_dir: Path, ref_dir: Path, out_path: Path | None, images: Path | None, refs: Mapping[str, Path],
+    preds: Mapping[str, Path], missing: list[str], n_extra: int, label_set: tuple[int, ...] | None,
+    region_map: dict[str, tuple[int, ...]], nsd_tolerance_mm: float, allow_missing: bool, worst_k: int,
+) -> EvaluationResult:
+    """Evaluate every case, summarise, and write the outputs (the caller holds the lock)."""
+    from medgn.engine.evaluate_report import build_summary
+
 
     per_case: dict[str, dict[str, ClassMetrics]] = {}
     failures: dict[str, str] = {}
@@ -263,7 +281,7 @@ def evaluate(
         if cid in missing:
             continue
         try:
-            per_case[cid] = _evaluate_case(preds[cid], ref_path, label_set, region_map, float(nsd_tolerance_mm))
+            per_case[cid] = _evaluate_case(preds[cid], ref_path, label_set, region_map, nsd_tolerance_mm)
         except MedgnError as exc:
             failures[cid] = exc.one_line()
             log.info("case %s failed: %s", cid, exc.one_line())  # the caller reports it
@@ -275,11 +293,11 @@ def evaluate(
     settings = {
         "pred_dir": str(pred_dir), "ref_dir": str(ref_dir), "image_dir": str(images) if images else None,
         "labels": list(final_labels), "regions": {k: list(v) for k, v in region_map.items()},
-        "nsd_tolerance_mm": float(nsd_tolerance_mm), "allow_missing": allow_missing,
+        "nsd_tolerance_mm": nsd_tolerance_mm, "allow_missing": allow_missing,
     }
-    result.summary = build_summary(result, settings, n_unmatched=len(extra), worst_k=worst_k)
+    result.summary = build_summary(result, settings, n_unmatched=n_extra, worst_k=worst_k)
     if out_path is not None:
-        _write_locked(result, out_path, refs, preds, images, worst_k)
+        _write(result, out_path, refs, preds, images, worst_k)
     return result
 
 
@@ -307,17 +325,13 @@ def _rows(
     return rows
 
 
-def _write_locked(
+def _write(
     result: EvaluationResult, out_dir: Path, refs: Mapping[str, Path], preds: Mapping[str, Path], images: Path | None, worst_k: int
 ) -> None:
     from medgn.engine.evaluate_figures import write_boxplot, write_overlays
     from medgn.engine.evaluate_report import write_outputs
-    from medgn.files import RunLock, clean_stale_temps
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(out_dir, purpose="evaluate"):
-        clean_stale_temps(out_dir)
-        result.out_dir = out_dir
-        figures = [write_boxplot(result, out_dir / "boxplot.png")]
-        figures += write_overlays(result, out_dir / "overlays", refs, preds, images, worst_k)
-        result.files = write_outputs(result, out_dir, [f.relative_to(out_dir) for f in figures]) + figures
+    result.out_dir = out_dir
+    figures = [write_boxplot(result, out_dir / "boxplot.png")]
+    figures += write_overlays(result, out_dir / "overlays", refs, preds, images, worst_k)
+    result.files = write_outputs(result, out_dir, [f.relative_to(out_dir) for f in figures]) + figures

@@ -229,3 +229,14 @@ def test_cli_reads_regions_from_dataset_json(folders: tuple[Path, Path], tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["regions"] == {"cube": [1], "anything": [1, 2]}
     assert summary["per_class"]["cube"]["dice"]["mean"] == pytest.approx(summary["per_class"]["1"]["dice"]["mean"])
+
+
+def test_locked_output_folder_is_refused(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    from medgn.files import RunLock
+
+    pred_dir, ref_dir = folders
+    out = tmp_path / "out"
+    out.mkdir()
+    with RunLock(out, purpose="another run"):
+        assert main(["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(out)]) == 6
+    assert not (out / "metrics.csv").exists()
