@@ -274,7 +274,6 @@ def _run(
     """Evaluate every case, summarise, and write the outputs (the caller holds the lock)."""
     from medgn.engine.evaluate_report import build_summary
 
-
     per_case: dict[str, dict[str, ClassMetrics]] = {}
     failures: dict[str, str] = {}
     for cid, ref_path in refs.items():
