@@ -41,7 +41,7 @@ def soft_dice_per_class(
         (K or K-1,) Dice per class when ``batch_dice``, else (B, K or K-1).
     """
     probs = torch.softmax(logits.float(), dim=1)  # (B, K, *spatial), fp32 for stable sums
-    target = _one_hot(label, logits.shape[1])
+    target = _one_hot(label, logits)
     axes = tuple(range(2, logits.ndim))
     if batch_dice:
         axes = (0, *axes)
@@ -54,11 +54,11 @@ def soft_dice_per_class(
     return dice
 
 
-def _one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    if label.ndim >= 2 and label.shape[1] == 1:
-        label = label[:, 0]
+def _one_hot(label: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    if label.ndim == logits.ndim:
+        label = label[:, 0]  # (B, 1, *spatial) -> (B, *spatial)
     # (B, *spatial) -> (B, K, *spatial)
-    return F.one_hot(label.long(), num_classes).movedim(-1, 1).float()
+    return F.one_hot(label.long(), logits.shape[1]).movedim(-1, 1).float()
 
 
 class DiceCELoss(nn.Module):

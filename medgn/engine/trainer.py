@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,10 @@ class Trainer:
         device: torch device.
         hooks: hooks in the order they run.
         loss_fn: ``loss(outputs, label)``; defaults to :func:`default_loss`.
-        run_info: JSON-able extras saved in checkpoints (resolved run config, plan).
+        run_config: the resolved run config (all sections, JSON-able) saved as ``config`` in
+            checkpoints; its ``train`` section is replaced by ``cfg``. Inference rebuilds the
+            network from its ``model`` section and the ``plan``.
+        plan: the dataset plan (JSON-able), saved as ``plan`` in checkpoints.
         dist_info: rank layout; read from the environment when None.
     """
 
@@ -101,7 +105,8 @@ class Trainer:
         device: str | torch.device = "cpu",
         hooks: Sequence[HookBase] = (),
         loss_fn: nn.Module | None = None,
-        run_info: Mapping[str, Any] | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        plan: Mapping[str, Any] | None = None,
         dist_info: ddp.DistInfo | None = None,
     ) -> None:
         self.cfg = cfg
@@ -121,7 +126,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         self.optimizer = build_optimizer(self.module.parameters(), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.run_info = dict(run_info or {})
+        self.run_config = {**dict(run_config or {}), "train": to_dict(cfg)}
+        self.plan = dict(plan or {})
         self.state = TrainState()
         self.epoch_records: list[dict[str, Any]] = []
         self.epoch_record: dict[str, Any] = {}
@@ -191,7 +197,10 @@ class Trainer:
             else:
                 finite = False
         lr = float(self.optimizer.param_groups[0]["lr"])
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule follows the step counter even when a skipped step had no optimizer.step().
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         self._count_nonfinite(finite, case_ids)
         return StepResult(total / count if finite else None, lr, grad_norm, not finite, case_ids, time.monotonic() - start)
 
@@ -305,9 +314,9 @@ class Trainer:
             "sampler": {"epoch": self.state.epoch, "position": self.state.epoch_iter * self.cfg.grad_accum, "seed": self.cfg.seed, "world_size": self.dist.world_size},
             "hooks": {h.name: h.state_dict() for h in self.hooks},
             "epoch_records": self.epoch_records,
-            "config": to_dict(self.cfg),
-            "config_sha256": config_hash(self.cfg),
-            "run": self.run_info,
+            "config": self.run_config,
+            "config_sha256": config_hash(self.run_config),
+            "plan": self.plan,
             "versions": versions(),
         }
 
@@ -343,7 +352,7 @@ class Trainer:
     def resume(self, path: str | Path) -> dict[str, Any]:
         """Load a checkpoint (file, pointer or run folder) and continue from it; returns it."""
         state = load_checkpoint(path, map_location=self.device)
-        old = state.get("config", {})
+        old = state.get("config", {}).get("train", {})
         changed = {k: (old.get(k), v) for k, v in to_dict(self.cfg).items() if old.get(k) != v}
         if changed:
             log.warning("resuming with changed settings: %s", changed)

@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return real_forward(x)
 
         model.forward = forward  # type: ignore[method-assign]
-    trainer = Trainer(model, cfg, loader, out_dir=out, hooks=hooks, run_info={"plan": {"patch_size": [SIZE] * 3}})
+    trainer = Trainer(model, cfg, loader, out_dir=out, hooks=hooks, plan={"patch_size": [SIZE] * 3})
     try:
         if args.resume:
             trainer.resume(out)
