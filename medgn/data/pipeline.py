@@ -1,0 +1,244 @@
+"""MONAI transform pipelines for training, validation and inference, their inversion, and data loaders.
+
+This module owns :func:`train_transforms`, :func:`val_transforms`, :func:`infer_transforms` (dict
+transforms; keys "image" = list of channel paths, "label" = path), :func:`invert_to_input` (a
+prediction on the pipeline grid resampled back onto exactly the input file's voxel grid),
+:func:`pipeline_hash` (the cache key: a changed plan or pipeline never reads a stale cache) and the
+loaders :func:`make_train_loader` / :func:`make_val_data`. The deterministic part (load, crop to
+the nonzero region, normalise, orient to RAS, resample to the target spacing, map label values to
+class indices) is cacheable; random crops with foreground oversampling and augmentation follow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import Compose
+
+from medgn.data.config import DataConfig
+from medgn.data.datasets import Case
+from medgn.data.preflight import DEFAULT_LIMITS, Limits
+from medgn.data.reader import LoadCased, MedgnReader, NormalizePland
+from medgn.errors import InputDataError, MedgnError
+
+# Bump when the deterministic transforms change meaning: old caches are then never read.
+PIPELINE_VERSION = 1
+# Input voxels resampled per slab in invert_to_input: bounds the float64 coordinate grid to
+# ~100 MB whatever the scan size.
+INVERT_SLAB_VOXELS = 4_000_000
+
+
+def _nonzero(x: torch.Tensor) -> torch.Tensor:
+    return x != 0
+
+
+class MedgnCompose(Compose):
+    """A MONAI Compose that lets medgn's user errors out unwrapped (MONAI wraps them in RuntimeError)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except RuntimeError as exc:
+            cause: BaseException | None = exc
+            while cause is not None and not isinstance(cause, MedgnError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
+
+
+def _compose(steps: list[Any]) -> MedgnCompose:
+    return MedgnCompose(steps)
+
+
+def _deterministic(plan: Mapping[str, Any], limits: Limits, with_label: bool) -> list[Any]:
+    from monai.transforms import CropForegroundd, MapLabelValued, Orientationd, Spacingd
+
+    keys = ["image", "label"] if with_label else ["image"]
+    steps: list[Any] = [LoadCased("image", MedgnReader(limits))]
+    if with_label:
+        values = [int(v) for v in plan["label_values"]]
+        steps += [
+            LoadCased("label", MedgnReader(limits, label=True, label_values=values), dtype=np.float32),
+            MapLabelValued("label", orig_labels=values, target_labels=list(range(len(values)))),
+        ]
+    steps += [
+        CropForegroundd(keys, source_key="image", select_fn=_nonzero, allow_smaller=True),
+        NormalizePland("image", plan["normalization"]),
+        Orientationd(keys, axcodes="RAS"),
+        Spacingd(keys, pixdim=[float(s) for s in plan["target_spacing"]], mode=("bilinear", "nearest")[: len(keys)]),
+    ]
+    return steps
+
+
+def _augment(plan: Mapping[str, Any], cfg: DataConfig) -> list[Any]:
+    from monai.transforms import (
+        RandAdjustContrastd,
+        RandCropByPosNegLabeld,
+        RandFlipd,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+        RandRotated,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        RandZoomd,
+        SpatialPadd,
+    )
+
+    keys = ["image", "label"]
+    patch = [int(p) for p in plan["patch_size"]]
+    angle = math.radians(cfg.rotate_deg)
+    pos = cfg.foreground_ratio
+    return [
+        SpatialPadd(keys, spatial_size=patch),
+        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=patch, pos=pos, neg=1.0 - pos, num_samples=cfg.samples_per_volume, image_key=None, allow_smaller=False),
+        RandRotated(keys, range_x=angle, range_y=angle, range_z=angle, prob=cfg.prob_rotate, mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandZoomd(keys, min_zoom=cfg.scale_range[0], max_zoom=cfg.scale_range[1], prob=cfg.prob_scale, mode=("trilinear", "nearest"), keep_size=True),
+        *[RandFlipd(keys, prob=cfg.prob_flip, spatial_axis=a) for a in range(3)],
+        RandScaleIntensityd("image", factors=cfg.intensity_scale, prob=cfg.prob_intensity_scale),
+        RandShiftIntensityd("image", offsets=cfg.intensity_shift, prob=cfg.prob_intensity_shift),
+        RandAdjustContrastd("image", gamma=cfg.gamma_range, prob=cfg.prob_gamma),
+        RandGaussianNoised("image", std=cfg.noise_std, prob=cfg.prob_noise),
+        RandGaussianSmoothd("image", sigma_x=cfg.blur_sigma, sigma_y=cfg.blur_sigma, sigma_z=cfg.blur_sigma, prob=cfg.prob_blur),
+    ]
+
+
+def _finish(with_label: bool) -> list[Any]:
+    from monai.transforms import CastToTyped, EnsureTyped
+
+    steps: list[Any] = [EnsureTyped("image", dtype=torch.float32)]
+    if with_label:
+        steps.append(CastToTyped("label", dtype=torch.int64))  # exact: nearest interpolation keeps integers
+    return steps
+
+
+def train_transforms(plan: Mapping[str, Any], cfg: DataConfig) -> Any:
+    """Training Compose: deterministic preprocessing, then random patches and augmentation.
+
+    Output per sample: "image" (C, *patch) float32, "label" (1, *patch) int64 class indices.
+    """
+    return _compose([*_deterministic(plan, cfg.limits, True), *_augment(plan, cfg), *_finish(True)])
+
+
+def val_transforms(plan: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Any:
+    """Validation Compose: whole preprocessed volumes with labels, no randomness."""
+    return _compose([*_deterministic(plan, limits, True), *_finish(True)])
+
+
+def infer_transforms(plan: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Any:
+    """Inference Compose: "image" only; keep the output dict for :func:`invert_to_input`."""
+    return _compose([*_deterministic(plan, limits, False), *_finish(False)])
+
+
+def invert_to_input(pred: torch.Tensor, data: Mapping[str, Any], *, mode: str = "bilinear", fill: Sequence[float] | None = None) -> torch.Tensor:
+    """Resample a prediction from the pipeline grid back onto the input file's voxel grid.
+
+    Every input voxel's centre is mapped through ``inv(pipeline affine) @ input affine`` into the
+    prediction and interpolated there, so orientation, resampling and cropping are all undone
+    in one step and the result lies on exactly the input grid in file voxel order.
+
+    Args:
+        pred: (K, *pipeline_shape) probabilities or one-hot scores on ``data["image"]``'s grid.
+        data: the dict returned by :func:`infer_transforms` (its "image" MetaTensor).
+        mode: "bilinear" (trilinear, for probabilities) or "nearest".
+        fill: value per channel for input voxels outside the pipeline grid (cropped background);
+            default one-hot background (1 for channel 0, 0 elsewhere).
+
+    Returns:
+        (K, X, Y, Z) float tensor on the CPU.
+    """
+    image = data["image"]
+    if tuple(pred.shape[1:]) != tuple(image.shape[1:]):
+        raise InputDataError("prediction", "shape differs from the preprocessed image", got=tuple(pred.shape), expected=f"(K, {tuple(image.shape[1:])})")
+    meta = image.meta
+    a_pipe = np.asarray(image.affine, dtype=np.float64)
+    a_in = np.asarray(meta["original_affine"], dtype=np.float64)
+    shape_in = [int(s) for s in np.asarray(meta["spatial_shape"]).reshape(-1)[:3]]
+    m = np.linalg.inv(a_pipe) @ a_in  # input voxel -> pipeline voxel
+    size = np.asarray(pred.shape[1:], dtype=np.float64)
+    k = int(pred.shape[0])
+    fill_t = torch.tensor(list(fill) if fill is not None else [1.0] + [0.0] * (k - 1), dtype=torch.float32)
+    src = pred.detach().float().cpu()[None]  # (1, K, Xp, Yp, Zp)
+    out = torch.empty((k, *shape_in), dtype=torch.float32)
+    plane = shape_in[1] * shape_in[2]
+    step = max(1, INVERT_SLAB_VOXELS // max(plane, 1))
+    jj, kk = np.meshgrid(np.arange(shape_in[1]), np.arange(shape_in[2]), indexing="ij")
+    for start in range(0, shape_in[0], step):
+        ii = np.arange(start, min(start + step, shape_in[0]))
+        idx = np.stack(np.broadcast_arrays(ii[:, None, None], jj[None], kk[None]), axis=-1).astype(np.float64)  # (n, Y, Z, 3)
+        p = idx @ m[:3, :3].T + m[:3, 3]  # pipeline voxel coordinates
+        # Half a voxel beyond the outer centres is still inside the grid; outside is fill.
+        outside = np.any((p < -0.5 - 1e-6) | (p > size - 0.5 + 1e-6), axis=-1)
+        norm = np.where(size > 1, 2.0 * p / np.maximum(size - 1, 1) - 1.0, 0.0)
+        grid = torch.from_numpy(norm[..., ::-1].copy()).float()[None]  # grid_sample wants (z, y, x) order
+        sampled = F.grid_sample(src, grid, mode=mode, padding_mode="border", align_corners=True)[0]  # (K, n, Y, Z)
+        mask = torch.from_numpy(outside)
+        sampled[:, mask] = fill_t[:, None]
+        out[:, ii[0] : ii[-1] + 1] = sampled
+    return out
+
+
+def pipeline_hash(plan: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> str:
+    """Hash of everything that changes the cached (deterministic) preprocessing."""
+    key = {
+        "pipeline_version": PIPELINE_VERSION,
+        "target_spacing": plan["target_spacing"],
+        "normalization": plan["normalization"],
+        "label_values": plan["label_values"],
+        "limits": [limits.max_voxels, limits.max_bytes, limits.max_dim],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def case_item(case: Case) -> dict[str, Any]:
+    """The dict a pipeline reads for one case; "stamp" (sizes and mtimes) keys the cache per file."""
+    paths = [*case.images, *((case.label,) if case.label else ())]
+    stamp = ";".join(f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in map(Path, paths) if p.exists())
+    item: dict[str, Any] = {"image": [str(p) for p in case.images], "case_id": case.case_id, "stamp": stamp}
+    if case.label is not None:
+        item["label"] = str(case.label)
+    return item
+
+
+def _dataset(items: list[dict[str, Any]], transform: Any, plan: Mapping[str, Any], cfg: DataConfig) -> Any:
+    from monai.data import CacheDataset, Dataset, PersistentDataset
+
+    if cfg.cache_dir is not None:
+        folder = Path(cfg.cache_dir) / f"prep-{pipeline_hash(plan, cfg.limits)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(items, transform=transform, cache_dir=folder)
+    if cfg.cache_rate > 0:
+        return CacheDataset(items, transform=transform, cache_rate=cfg.cache_rate, num_workers=None, progress=False)
+    return Dataset(items, transform=transform)
+
+
+def make_train_loader(cases: Sequence[Case], plan: Mapping[str, Any], cfg: DataConfig, seed: int, *, batch_size: int | None = None) -> Any:
+    """A shuffling MONAI DataLoader of augmented patches, reproducible from ``seed``.
+
+    Args:
+        cases: training cases (with labels).
+        plan: the plan dict.
+        cfg: data settings (cache, workers, augmentation).
+        seed: seeds the shuffle and, through MONAI, every worker's transform random state.
+        batch_size: patches per batch (default: the plan's).
+    """
+    from monai.data import DataLoader
+
+    if any(c.label is None for c in cases):
+        raise InputDataError("cases", "training cases need labels", got=[c.case_id for c in cases if c.label is None][:10])
+    dataset = _dataset([case_item(c) for c in cases], train_transforms(plan, cfg), plan, cfg)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size or int(plan["batch_size"]), shuffle=True, num_workers=cfg.num_workers, generator=generator, persistent_workers=cfg.num_workers > 0, drop_last=False)
+
+
+def make_val_data(cases: Sequence[Case], plan: Mapping[str, Any], cfg: DataConfig) -> Any:
+    """A dataset of whole preprocessed validation volumes (cached like the training data)."""
+    return _dataset([case_item(c) for c in cases], val_transforms(plan, cfg.limits), plan, cfg)

@@ -1,0 +1,165 @@
+"""Tests for the MONAI pipelines: exact inversion to the input grid, label mapping, loaders, cache keys."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medgn.data.config import DataConfig
+from medgn.data.datasets import Case
+from medgn.data.io import read_volume, write_mask
+from medgn.data.pipeline import (
+    infer_transforms,
+    invert_to_input,
+    make_train_loader,
+    make_val_data,
+    pipeline_hash,
+    val_transforms,
+)
+from medgn.data.reader import normalize_channel
+from medgn.errors import InputDataError
+from tests.data.conftest import make_nifti
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+def _affine(perm: tuple[int, int, int], flips: tuple[int, int, int], spacing: tuple[float, float, float], oblique: float = 0.0) -> np.ndarray:
+    """Array axis a runs along world axis perm[a] with sign flips[a] and size spacing[a]."""
+    affine = np.zeros((4, 4))
+    for a in range(3):
+        affine[perm[a], a] = flips[a] * spacing[a]
+    c, s = np.cos(oblique), np.sin(oblique)
+    affine[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ affine[:3, :3]
+    affine[:3, 3] = [7.0, -4.5, 12.25]
+    affine[3, 3] = 1.0
+    return affine
+
+
+def _left_blob(shape: tuple[int, int, int] = (12, 10, 9)) -> np.ndarray:
+    """An asymmetric block: any flip or transposition left uncorrected moves it."""
+    array = np.zeros(shape, np.float32)
+    array[1:6, 2:8, 3:8] = 1.0
+    array[1:3, 2:4, 3:5] = 2.0
+    return array
+
+
+PLAN = {"normalization": [{"scheme": "none"}], "label_values": [0, 1, 2]}
+
+
+@pytest.mark.parametrize(
+    ("perm", "flips"),
+    [((0, 1, 2), (1, 1, 1)), ((0, 1, 2), (-1, -1, 1)), ((2, 0, 1), (1, -1, -1)), ((1, 2, 0), (-1, 1, -1))],
+)
+def test_round_trip_is_exact_on_input_grid(tmp_path: Path, perm: tuple[int, int, int], flips: tuple[int, int, int]) -> None:
+    spacing = (0.8, 1.5, 3.0)
+    affine = _affine(perm, flips, spacing)
+    array = _left_blob()
+    path = make_nifti(tmp_path / "in.nii.gz", array, affine)
+    ras_spacing = [0.0, 0.0, 0.0]
+    for a in range(3):
+        ras_spacing[perm[a]] = spacing[a]
+    data = infer_transforms({**PLAN, "target_spacing": ras_spacing})({"image": [str(path)]})
+    assert data["image"].shape[1:] != array.shape or perm == (0, 1, 2)  # cropped / reoriented
+    back = invert_to_input(data["image"], data, mode="nearest", fill=[0.0])
+    assert tuple(back.shape) == (1, *array.shape)
+    np.testing.assert_array_equal(back[0].numpy(), array)
+    reference = read_volume(path)
+    out = write_mask(back[0].numpy().astype(np.uint8), reference, tmp_path / "mask.nii.gz")
+    assert np.array_equal(read_volume(out, label=True).affine, reference.affine)
+
+
+@pytest.mark.parametrize(("target", "oblique"), [((1.0, 1.0, 1.0), 0.0), ((0.7, 0.7, 2.0), 0.4)])
+def test_round_trip_with_resampling_keeps_the_blob(tmp_path: Path, target: tuple[float, float, float], oblique: float) -> None:
+    array = _left_blob((20, 18, 10))
+    affine = _affine((0, 1, 2), (-1, 1, 1), (0.9, 0.9, 2.5), oblique)
+    path = make_nifti(tmp_path / "in.nii.gz", array, affine)
+    data = infer_transforms({**PLAN, "target_spacing": list(target)})({"image": [str(path)]})
+    onehot = torch.cat([(data["image"] == v).float() for v in (0, 1, 2)])  # an identity "model"
+    labels = torch.round(data["image"][0]).clamp(0, 2).long()
+    onehot = torch.nn.functional.one_hot(labels, 3).permute(3, 0, 1, 2).float()
+    back = invert_to_input(onehot, data).argmax(0).numpy()
+    assert back.shape == array.shape
+    fg, ref = back > 0, array > 0
+    dice = 2 * (fg & ref).sum() / (fg.sum() + ref.sum())
+    assert dice > 0.9, dice
+
+
+def test_non_contiguous_labels_map_to_class_indices(tmp_path: Path) -> None:
+    image = np.ones((6, 6, 6), np.float32)
+    label = np.zeros((6, 6, 6), np.uint8)
+    label[0, 0, :2], label[1, :3, 0], label[2:5, 2:5, 2:5] = 7, 8, 9
+    label[5, 5, 5] = 1
+    img_path, lab_path = make_nifti(tmp_path / "i.nii.gz", image), make_nifti(tmp_path / "l.nii.gz", label)
+    plan = {"normalization": [{"scheme": "zscore"}], "label_values": [0, 1, 7, 8, 9], "target_spacing": [1.0, 1.0, 1.0]}
+    out = val_transforms(plan)({"image": [str(img_path)], "label": str(lab_path)})
+    mapped = out["label"]
+    assert mapped.dtype == torch.int64 and mapped.shape == (1, 6, 6, 6)
+    counts = {v: int((label == v).sum()) for v in (0, 1, 7, 8, 9)}
+    assert [int((mapped == k).sum()) for k in range(5)] == [counts[v] for v in (0, 1, 7, 8, 9)]
+    assert torch.isfinite(out["image"]).all() and float(out["image"].abs().max()) == 0.0  # constant image -> zeros, no NaN
+    with pytest.raises(InputDataError, match="outside the declared set"):
+        val_transforms({**plan, "label_values": [0, 1]})({"image": [str(img_path)], "label": str(lab_path)})
+
+
+def test_normalization_against_float64_reference() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(40.0, 300.0, size=(5, 6, 7))
+    ct = normalize_channel(torch.from_numpy(x.astype(np.float32)), {"scheme": "ct", "clip": [-100.0, 500.0], "mean": 80.0, "std": 120.0})
+    np.testing.assert_allclose(ct.numpy(), (np.clip(x, -100, 500) - 80) / 120, rtol=1e-5, atol=1e-5)
+    x[0] = 0.0
+    z = normalize_channel(torch.from_numpy(x.astype(np.float32)), {"scheme": "zscore"})
+    fg = x[x != 0]
+    np.testing.assert_allclose(z.numpy(), (x - fg.mean()) / fg.std(), rtol=1e-4, atol=1e-4)
+
+
+def _tiny_cases(tmp_path: Path, n: int = 2) -> list[Case]:
+    rng = np.random.default_rng(0)
+    cases = []
+    for i in range(n):
+        label = np.zeros((14, 12, 10), np.uint8)
+        label[3:7, 4:8, 2:6] = 1
+        image = (rng.normal(size=label.shape) + 3 * label).astype(np.float32)
+        cases.append(Case(f"c{i}", (make_nifti(tmp_path / f"c{i}_0000.nii.gz", image),), make_nifti(tmp_path / f"c{i}.nii.gz", label)))
+    return cases
+
+
+TRAIN_PLAN = {"normalization": [{"scheme": "zscore"}], "label_values": [0, 1], "target_spacing": [1.0, 1.0, 1.0], "patch_size": [8, 8, 8], "batch_size": 2}
+
+
+def test_train_loader_is_seeded_and_shapes_are_right(tmp_path: Path) -> None:
+    cases = _tiny_cases(tmp_path)
+    cfg = DataConfig(num_workers=0, cache_rate=0.0, samples_per_volume=2, foreground_ratio=1.0)
+
+    def first(seed: int) -> dict[str, torch.Tensor]:
+        return next(iter(make_train_loader(cases, TRAIN_PLAN, cfg, seed)))
+
+    a, b, c = first(5), first(5), first(6)
+    assert a["image"].shape == (4, 1, 8, 8, 8) and a["label"].shape == (4, 1, 8, 8, 8)
+    assert a["label"].dtype == torch.int64 and set(a["label"].unique().tolist()) <= {0, 1}
+    assert torch.isfinite(a["image"]).all()
+    assert all(bool((a["label"][i] == 1).any()) for i in range(4))  # foreground_ratio 1: every crop has foreground
+    assert torch.equal(a["image"], b["image"]) and not torch.equal(a["image"], c["image"])
+
+
+def test_cache_is_keyed_by_plan(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    cases = _tiny_cases(tmp_path / "data", 1)
+    cfg = DataConfig(num_workers=0, cache_dir=str(tmp_path / "cache"))
+    plan_b = {**TRAIN_PLAN, "target_spacing": [2.0, 2.0, 2.0]}
+    assert pipeline_hash(TRAIN_PLAN) != pipeline_hash(plan_b)
+    first = make_val_data(cases, TRAIN_PLAN, cfg)[0]
+    second = make_val_data(cases, plan_b, cfg)[0]
+    assert first["image"].shape[1:] == (14, 12, 10) and max(second["image"].shape[1:]) <= 8  # two spacings
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    again = make_val_data(cases, TRAIN_PLAN, dataclasses.replace(cfg))[0]  # read back from the cache
+    assert torch.equal(again["image"], first["image"])
+
+
+def test_bad_file_error_is_not_swallowed(tmp_path: Path) -> None:
+    (tmp_path / "bad.nii.gz").write_bytes(b"\x00" * 10)
+    with pytest.raises(InputDataError, match="bad.nii.gz"):
+        infer_transforms({**PLAN, "target_spacing": [1.0, 1.0, 1.0]})({"image": [str(tmp_path / "bad.nii.gz")]})
