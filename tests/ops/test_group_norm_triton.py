@@ -18,13 +18,12 @@ def _run(inp: dict[str, torch.Tensor], g: int, act: str, use_res: bool, backend:
     leaves = {
         k: inp[k].detach().clone().requires_grad_() for k in ("x", "weight", "bias", "residual")
     }
-    fn = group_norm_ref if backend == "ref" else None
+    x, w, b = leaves["x"], leaves["weight"], leaves["bias"]
     r = leaves["residual"] if use_res else None
-    if fn is None:
-        y = group_norm(leaves["x"], g, leaves["weight"], leaves["bias"], activation=act,
-                       residual=r, backend=backend)  # fmt: skip
-    elif backend == "ref":
-        y = group_norm_ref(leaves["x"], g, leaves["weight"], leaves["bias"], 1e-5, act, r)
+    if backend == "ref":
+        y = group_norm_ref(x, g, w, b, 1e-5, act, r)
+    else:
+        y = group_norm(x, g, w, b, activation=act, residual=r, backend=backend)
     y.backward(inp["dy"].to(y.dtype))
     dres = leaves["residual"].grad if use_res else None
     return y, leaves["x"].grad, leaves["weight"].grad, leaves["bias"].grad, dres
