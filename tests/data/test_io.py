@@ -191,3 +191,57 @@ def test_itk_reader_matches_transposed_array(tmp_path: Path) -> None:
     np.testing.assert_array_equal(vol.array, zyx.transpose(2, 1, 0))
     # LPS origin (1, 2, 3) is RAS (-1, -2, 3); identity LPS direction flips x and y in RAS.
     np.testing.assert_allclose(vol.affine, [[-0.5, 0, 0, -1], [0, -0.75, 0, -2], [0, 0, 2, 3], [0, 0, 0, 1]])
+
+
+def _dicom_series(folder: Path, series_uid: str, n: int = 5, skip: int | None = None, z0: float = 0.0) -> None:
+    """Write an n-slice int16 CT series (2 mm slices) with SimpleITK; ``skip`` drops one slice."""
+    folder.mkdir(parents=True, exist_ok=True)
+    volume = sitk.GetImageFromArray(np.arange(n * 6 * 7, dtype=np.int16).reshape(n, 6, 7))
+    volume.SetSpacing((0.5, 0.75, 2.0))
+    volume.SetOrigin((10.0, 20.0, z0))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for i in range(n):
+        if i == skip:
+            continue
+        image = volume[:, :, i]
+        position = volume.TransformIndexToPhysicalPoint((0, 0, i))
+        tags = {"0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": series_uid, "0020|0013": str(i + 1), "0020|0032": "\\".join(f"{v:.6f}" for v in position), "0020|0037": "1\\0\\0\\0\\1\\0", "0008|0018": f"{series_uid}.{i + 1}", "0028|0030": "0.75\\0.5", "0018|0050": "2.0"}
+        for key, value in tags.items():
+            image.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"{series_uid[-3:]}_{i:03d}.dcm"))
+        writer.Execute(image)
+
+
+def test_dicom_series_read_and_refused(tmp_path: Path) -> None:
+    _dicom_series(tmp_path / "ok", "1.2.826.0.1.3680043.2.1125.101")
+    vol = read_volume(tmp_path / "ok")
+    assert vol.format == "dicom" and vol.shape == (7, 6, 5)
+    np.testing.assert_allclose(vol.spacing, (0.5, 0.75, 2.0), atol=1e-5)
+    np.testing.assert_allclose(vol.affine[:3, 3], (-10.0, -20.0, 0.0), atol=1e-5)  # LPS origin -> RAS
+    np.testing.assert_array_equal(vol.array, np.arange(5 * 6 * 7).reshape(5, 6, 7).transpose(2, 1, 0))
+    _dicom_series(tmp_path / "gap", "1.2.826.0.1.3680043.2.1125.102", n=6, skip=3)
+    _raises(tmp_path / "gap", 3, "missing or uneven slices: 4.000->8.000 mm")
+    _dicom_series(tmp_path / "two", "1.2.826.0.1.3680043.2.1125.103")
+    _dicom_series(tmp_path / "two", "1.2.826.0.1.3680043.2.1125.104", z0=50.0)
+    err = _raises(tmp_path / "two", 3, "2 DICOM series")
+    assert "1125.103" in str(err) and "1125.104" in str(err)
+
+
+@pytest.mark.data
+def test_real_samples_geometry(shared_data: Path) -> None:
+    samples = shared_data / "samples"
+    ct = read_volume(samples / "ct_abdomen_small.nii.gz")
+    assert ct.spacing == pytest.approx((3.0, 3.0, 3.0)) and nib.aff2axcodes(ct.affine) == ("R", "A", "S")
+    for name, spacing in (("mr_brain_tumor", (0.78125, 0.78125, 6.5)), ("mr_prostate_phantom", (0.5, 0.5, 3.0))):
+        image = read_volume(samples / f"{name}.nrrd")
+        label = read_volume(samples / f"{name}_label.nrrd", label=True)
+        assert image.spacing == pytest.approx(spacing, abs=1e-4) and geometry_diff(image, label) == []
+        itk = sitk.ReadImage(str(samples / f"{name}.nrrd"))
+        # Voxel (1, 2, 3) through our RAS affine equals ITK's LPS point with x and y negated.
+        lps = itk.TransformContinuousIndexToPhysicalPoint((1.0, 2.0, 3.0))
+        np.testing.assert_allclose((image.affine @ [1, 2, 3, 1])[:3], (-lps[0], -lps[1], lps[2]), atol=1e-4)
+    assert sorted(np.unique(read_volume(samples / "mr_prostate_phantom_label.nrrd", label=True).array).tolist()) == [0, 1, 7, 8, 9]
+    dicom = read_volume(samples / "ct_dicom_series")
+    assert dicom.shape == (512, 512, 20) and dicom.spacing == pytest.approx((0.9765625, 0.9765625, 2.0), abs=1e-4)
+    assert nib.aff2axcodes(dicom.affine) == ("L", "P", "S") and dicom.array.min() < -500  # Hounsfield units

@@ -163,3 +163,15 @@ def test_bad_file_error_is_not_swallowed(tmp_path: Path) -> None:
     (tmp_path / "bad.nii.gz").write_bytes(b"\x00" * 10)
     with pytest.raises(InputDataError, match="bad.nii.gz"):
         infer_transforms({**PLAN, "target_spacing": [1.0, 1.0, 1.0]})({"image": [str(tmp_path / "bad.nii.gz")]})
+
+
+def test_data_config_validation() -> None:
+    from medgn.configtools import build
+    from medgn.errors import UsageError
+
+    cfg = build(DataConfig, {"limits": {"max_voxels": 1000}, "scale_range": [0.8, 1.2]}, "data")
+    assert cfg.limits.max_voxels == 1000 and cfg.scale_range == (0.8, 1.2)
+    with pytest.raises(UsageError, match="data.foreground_ratio"):
+        build(DataConfig, {"foreground_ratio": 1.5}, "data")
+    with pytest.raises(UsageError, match="low <= high"):
+        build(DataConfig, {"gamma_range": [1.5, 0.7]}, "data")
