@@ -223,7 +223,8 @@ class ConsoleHook(HookBase):
         rec = trainer.epoch_record
         val = f", val Dice {rec['val_mean']:.4f} (EMA {rec['val_ema']:.4f})" if "val_mean" in rec else ""
         loss = f"{rec['train_loss']:.4f}" if rec.get("train_loss") is not None else "-"
-        self.progress.console.log(f"epoch {rec['epoch']}: loss {loss}, {rec['epoch_time_s']:.1f} s{val}")
+        self.progress.update(self.task, epoch=trainer.state.epoch)
+        self.progress.console.print(f"epoch {rec['epoch']}: loss {loss}, {rec['epoch_time_s']:.1f} s{val}")
 
     def close(self) -> None:
         if self.progress is not None:
