@@ -56,6 +56,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool) and value not in choices:
+            # YAML 1.1 reads off/on/no/yes as booleans; map back onto a string choice.
+            spelled = ("off", "no", "false") if value is False else ("on", "yes", "true")
+            value = next((c for c in choices if isinstance(c, str) and c.lower() in spelled), value)
         if value not in choices:
             raise UsageError(key, "invalid value", got=value, expected="one of " + ", ".join(repr(c) for c in choices))
         return value

@@ -85,3 +85,14 @@ def test_hash_is_stable_and_sensitive() -> None:
     a = build(Outer, {})
     assert config_hash(a) == config_hash(to_dict(a))
     assert config_hash(a) != config_hash(build(Outer, {"batch_size": 1}))
+
+
+@dataclass(frozen=True)
+class Switch:
+    amp: Literal["auto", "bf16", "off"] = "auto"
+
+
+def test_yaml_off_maps_to_string_choice() -> None:
+    assert build(Switch, apply_overrides({}, ["amp=off"])).amp == "off"
+    with pytest.raises(UsageError):
+        build(Switch, apply_overrides({}, ["amp=on"]))

@@ -1,0 +1,59 @@
+"""``medgn train``: train a U-Net on a dataset folder (one GPU, the CPU, or torchrun DDP)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from medgn.config import load_run_config
+from medgn.engine.run_training import ALL_FOLDS, train_on_dataset
+from medgn.errors import UsageError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
+
+
+def parse_duration_minutes(text: str) -> float:
+    """'30m', '2h', '90s' or a bare number of minutes -> minutes."""
+    match = _DURATION.match(text)
+    if not match:
+        raise UsageError("--time-budget", "invalid duration", got=text, expected="a number with unit s, m or h (e.g. 30m)")
+    value, unit = float(match.group(1)), match.group(2) or "m"
+    return value * {"s": 1 / 60, "m": 1.0, "h": 60.0}[unit]
+
+
+def parse_fold(text: str) -> int:
+    if text == "all":
+        return ALL_FOLDS
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError("--fold", "invalid fold", got=text, expected="an integer or 'all'") from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train a model on a dataset (verify, plan, train, validate)")
+    parser.add_argument("--config", help="run config YAML (configs/*.yaml); defaults when omitted")
+    parser.add_argument("--data", required=True, help="dataset folder (MSD, nnU-Net v2 raw, or images/ + labels/)")
+    parser.add_argument("--out", required=True, help="run folder to create (checkpoints, logs, plots)")
+    parser.add_argument("--fold", default="0", help="cross-validation fold (0-based) or 'all' (default 0)")
+    parser.add_argument("--plan", help="plan JSON from 'medgn plan' (default: made and stored in the run folder)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--time-budget", help="stop cleanly after this long (e.g. 30m, 2h)")
+    parser.add_argument("--no-progress", action="store_true", help="no live progress display (logs only)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    overrides = list(args.set)
+    if args.time_budget:
+        overrides.append(f"train.time_budget_minutes={parse_duration_minutes(args.time_budget)}")
+    cfg = load_run_config(args.config, overrides)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = train_on_dataset(cfg, args.data, args.out, fold=parse_fold(args.fold), resume=args.resume, device=device, plan_path=args.plan, console=not args.no_progress)
+    best = f", best validation Dice (EMA) {result.best_dice:.4f}" if result.best_dice is not None else ""
+    print(f"training stopped ({result.state.stop_reason or 'finished'}) at epoch {result.state.epoch}, step {result.state.iteration}{best}; run folder {result.out_dir}")
+    return result.exit_code
