@@ -18,7 +18,7 @@ import numpy as np
 from medgn.data.datasets import Case, DatasetIndex
 from medgn.data.io import Limits, Volume, geometry_diff, read_volume
 from medgn.data.preflight import DEFAULT_LIMITS
-from medgn.errors import MedgnError
+from medgn.errors import InputDataError, MedgnError
 
 
 @dataclass
@@ -114,3 +114,17 @@ def verify_dataset(index: DatasetIndex, limits: Limits = DEFAULT_LIMITS, *, prog
         if progress is not None:
             progress(result)
     return VerifyReport(index, results)
+
+
+def require_valid(index: DatasetIndex, limits: Limits = DEFAULT_LIMITS) -> VerifyReport:
+    """Run :func:`verify_dataset` and raise one error listing every problem (training's first step).
+
+    Raises:
+        InputDataError: any case has a problem (exit 3); the message lists each with its file.
+    """
+    report = verify_dataset(index, limits)
+    problems = report.problems
+    if problems:
+        shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more (run 'medgn verify')" if len(problems) > 20 else "")
+        raise InputDataError(index.root, f"{len(problems)} problem(s) in the dataset: {shown}")
+    return report

@@ -139,3 +139,14 @@ def test_real_datasets_verify(shared_data: Path, tmp_path: Path, capsys: pytest.
     assert index.channel_names == ("FLAIR", "T1c") and index.labels["enhancing_tumor"] == 4 and len(index.cases) == 4
     assert main(["verify", str(shared_data / "BraTS2013mini")]) == 0
     assert "all 4 cases passed" in capsys.readouterr().out
+
+
+def test_require_valid_lists_all_problems(tmp_path: Path) -> None:
+    from medgn.data.verify import require_valid
+
+    root = make_nnunet(tmp_path / "ds")
+    assert require_valid(load_dataset(root)).ok
+    (root / "labelsTr" / "case0.nii.gz").write_bytes(b"junk")
+    (root / "imagesTr" / "case1_0001.nii.gz").write_bytes(b"")
+    text = str(pytest.raises(InputDataError, require_valid, load_dataset(root)).value)
+    assert "2 problem(s)" in text and "case0.nii.gz" in text and "case1_0001.nii.gz: file is empty" in text
