@@ -103,17 +103,16 @@ def _read_channels(images: tuple[Path, ...], in_channels: int) -> list[Any]:
 
 
 def _write_probabilities(probs: np.ndarray, reference: Any, out: Path, overwrite: bool) -> Path:
-    """Write (K, X, Y, Z) probabilities as float16: NIfTI (X, Y, Z, K) for NIfTI inputs, else .npz."""
-    from medgn.data.io import write_volume
+    """Write (K, X, Y, Z) probabilities as float16 in ``<case>_probabilities.npz``, atomically.
 
-    if reference.format == "nifti":
-        path = out.with_name(out.name + "_probabilities.nii.gz")
-        # float16 halves the file; 1e-3 resolution is far finer than any threshold users apply.
-        return write_volume(np.moveaxis(probs, 0, -1), reference, path, dtype=np.float16, overwrite=overwrite)
+    NIfTI-1 has no float16 type, so every input format gets the same compressed ``.npz`` with
+    ``probabilities`` (K, X, Y, Z) in file voxel order, ``affine`` (RAS) and ``label_values``.
+    """
     path = out.with_name(out.name + "_probabilities.npz")
     with atomic_path(path, overwrite=overwrite) as tmp:
         with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, probabilities=probs.astype(np.float16), affine=reference.affine)
+            # float16 halves the file; its 1e-3 resolution is finer than any threshold users apply.
+            np.savez_compressed(handle, probabilities=probs.astype(np.float16), affine=np.asarray(reference.affine, dtype=np.float64))
     return path
 
 

@@ -1,8 +1,9 @@
 """The geometry invariant through the whole inference path, in NIfTI, NRRD and MHA.
 
 Fifty 12^3 volumes per format (all 48 axis permutations/flips of an anisotropic affine plus two
-oblique affines) go through ``infer`` as one folder run with an intensity-threshold network, so the
-predicted mask is the input blob exactly when no axis was lost, flipped or resampled on the way.
+oblique affines) each go through ``infer`` (read, MONAI orientation to RAS and spacing, sliding
+windows, inversion, geometry-checked write) with an intensity-threshold network, so the predicted
+mask is the input blob exactly when no axis was lost, flipped or resampled on the way.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def test_every_orientation_keeps_geometry_and_blob(tmp_path: Path, fmt: str) -> 
     src.mkdir()
     for name, affine in AFFINES:
         F.write_image(src / f"{name}{SUFFIXES[fmt]}", F.image(), affine)
-    # Isotropic-in-RAS target spacing differs per orientation, so each orientation is its own
-    # single-case run sharing one model; a plan per run keeps "target spacing = own spacing".
+    # The spacing in RAS axis order differs per orientation, so each orientation is its own
+    # single-case run with a plan whose target spacing is the volume's own (no resampling).
     net = F.ThresholdNet()
     failures = []
     for name, affine in AFFINES:

@@ -39,9 +39,11 @@ def _threshold_predictor(threshold: float = 0.0) -> Predictor:
     return Predictor.from_modules([F.ThresholdNet(threshold)], F.plan())
 
 
-def _wait_for(predicate, what: str, deadline_s: float = 120.0) -> None:
+def _wait_for(predicate, what: str, child: subprocess.Popen, deadline_s: float = 120.0) -> None:
     end = time.monotonic() + deadline_s  # a deadline for a hung child, not a timing assertion
     while not predicate():
+        if child.poll() is not None:
+            raise AssertionError(f"child exited with {child.returncode} before {what}: {child.stderr.read().decode()[-2000:]}")
         if time.monotonic() > end:
             raise AssertionError(f"gave up waiting for {what}")
         time.sleep(0.05)
@@ -58,11 +60,11 @@ def test_kill_9_mid_write_then_rerun_skips_done_cases_and_matches(tmp_path: Path
     run = F.save_run(tmp_path / "run")
     out, ref_out = tmp_path / "out", tmp_path / "ref"
     args = ["infer", "--model", str(run), "--input", str(src), "--no-progress"]
-    env = {**os.environ, "HANG_AT": "2", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HANG_AT": "2", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     child = subprocess.Popen([sys.executable, str(DRIVER), *args, "--output", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        _wait_for(lambda: (out / "c0.json").is_file(), "the first case's sidecar")
-        _wait_for(lambda: any(p.name.startswith(TEMP_MARK) and "c1" in p.name for p in out.iterdir()), "the second case's temp file")
+        _wait_for(lambda: (out / "c0.json").is_file(), "the first case's sidecar", child)
+        _wait_for(lambda: any(p.name.startswith(TEMP_MARK) and "c1" in p.name for p in out.iterdir()), "the second case's temp file", child)
         # A second run on the same folder while the first holds it: refused with code 6.
         assert main([*args, "--output", str(out)]) == 6
     finally:
@@ -141,8 +143,6 @@ def test_unsafe_names_stay_inside_the_output(tmp_path: Path) -> None:
 
 
 def test_probabilities_and_largest_component(tmp_path: Path) -> None:
-    import nibabel as nib
-
     src = tmp_path / "in"
     src.mkdir()
     img = F.image()
@@ -152,9 +152,11 @@ def test_probabilities_and_largest_component(tmp_path: Path) -> None:
     assert report.exit_code == 0
     mask = _arrays(tmp_path / "out")["a.nii.gz"]
     assert np.array_equal(mask == 1, F.blob())  # the island is gone
-    probs = nib.load(tmp_path / "out" / "a_probabilities.nii.gz")
-    assert probs.shape == (12, 12, 12, 2) and probs.get_data_dtype() == np.float16
-    p = np.asarray(probs.dataobj, dtype=np.float64)
+    with np.load(tmp_path / "out" / "a_probabilities.npz") as saved:
+        p, affine = saved["probabilities"], saved["affine"]
+    assert p.shape == (2, 12, 12, 12) and p.dtype == np.float16
+    np.testing.assert_allclose(affine, AFFINE, atol=1e-6)
+    p = p.astype(np.float64).transpose(1, 2, 3, 0)
     np.testing.assert_allclose(p.sum(-1), 1.0, atol=2e-3)  # float16 rounding of two terms
     assert (p[..., 1] > 0.5)[9:11, 9:11, 9:11].all()  # probabilities are not post-processed
 
