@@ -200,19 +200,52 @@ def test_channels_by_name(tmp_path: Path) -> None:
     assert [Path(i["path"]).name for i in sidecar["inputs"]] == ["p1_t1.nii.gz", "p1_flair.nii.gz"]
 
 
+def _train_a_few_steps(run_dir: Path, image: Path, label: Path, plan: dict) -> int:
+    """Train the tiny UNet3D for a few steps on one LA2018 case; save it as the best checkpoint."""
+    from medgn.configtools import build
+    from medgn.data.pipeline import val_transforms
+    from medgn.engine.checkpoint import save_checkpoint
+    from medgn.models.config import UNet3DConfig
+    from medgn.models.registry import build_model
+
+    data = val_transforms(plan)({"image": [str(image)], "label": str(label)})
+    x, y = torch.as_tensor(data["image"]).float(), torch.as_tensor(data["label"]).long()
+    centre = [int(c.float().mean()) for c in torch.nonzero(y[0], as_tuple=True)]
+    starts = [max(0, min(c - p // 2, s - p)) for c, p, s in zip(centre, plan["patch_size"], x.shape[1:])]
+    crop = tuple(slice(a, a + p) for a, p in zip(starts, plan["patch_size"]))
+    xb, yb = x[(slice(None), *crop)][None], y[(0, *crop)][None]
+    config = F.tiny_model_config()
+    torch.manual_seed(0)
+    net = build_model(build(UNet3DConfig, config["model"], "model"), 1, 2, plan["network"]["strides"], plan["network"]["kernel_sizes"])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)  # large steps: a few of them must move the weights
+    steps = 6  # enough to change every weight, few enough for seconds on two cores
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(xb), yb)
+        loss.backward()
+        opt.step()
+    state = {"model": {k: v.detach().clone() for k, v in net.state_dict().items()}, "config": config, "plan": plan, "counters": {"epoch": 1, "iteration": steps}}
+    save_checkpoint(state, run_dir / "checkpoints", tag="epoch", pointers=("latest", "best"))
+    return steps
+
+
 @pytest.mark.data
 def test_la2018_case_keeps_its_geometry(tmp_path: Path, shared_data: Path) -> None:
     from medgn.data.io import geometry_diff, read_volume
 
     image = sorted((shared_data / "LA2018" / "imagesTr").glob("*.nii.gz"))[0]
+    label = shared_data / "LA2018" / "labelsTr" / image.name
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / image.name).symlink_to(image)
     ref = read_volume(image)
     plan = F.plan(target_spacing=[1.25, 1.25, 1.25])  # half resolution keeps the test fast
-    plan["patch_size"] = [64, 64, 48]
-    run = F.save_run(tmp_path / "run", plan_dict=plan)
-    assert main(["infer", "--model", str(run), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--no-progress"]) == 0
-    mask = read_volume(tmp_path / "out" / image.name, label=True)
+    plan["patch_size"] = [48, 48, 32]
+    _train_a_few_steps(tmp_path / "run", image, label, plan)
+    assert main(["infer", "--model", str(tmp_path / "run"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    mask = read_volume(tmp_path / "out" / image.name, label=True, label_values=[0, 1])
     assert geometry_diff(ref, mask) == [] and mask.shape == ref.shape
     assert np.allclose(mask.affine, ref.affine, atol=1e-5)
     assert (mask.meta["qform_code"], mask.meta["sform_code"]) == (ref.meta["qform_code"], ref.meta["sform_code"])
+    import nibabel as nib
+
+    assert nib.load(tmp_path / "out" / image.name).get_data_dtype() == np.uint8
