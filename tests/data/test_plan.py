@@ -115,3 +115,14 @@ def test_splits(tmp_path: Path) -> None:
     assert load_or_create_splits(path, ids, 5, 99) == splits  # written once, then only read
     with pytest.raises(InputDataError, match="do not match"):
         load_or_create_splits(path, ids[:-1])
+
+
+def test_fallback_estimator_grows_with_patch_and_batch() -> None:
+    from medgn.data.plan import _fallback_estimate, _model_cfg
+
+    strides = [[1, 1, 1]] + [[2, 2, 2]] * 4
+    small = _fallback_estimate(_model_cfg(5), 1, 2, strides, None, [64, 64, 64], 2, None)
+    assert _fallback_estimate(_model_cfg(5), 1, 2, strides, None, [128, 64, 64], 2, None) > 1.9 * small - 2e8
+    assert _fallback_estimate(_model_cfg(5), 1, 2, strides, None, [64, 64, 64], 1, None) < small
+    patch, _, _, batch, need = choose_patch([200, 200, 200], [1.0, 1.0, 1.0], 1, 2, 4e9, _fallback_estimate)
+    assert need <= 4e9 and batch == 2 and max(patch) < 200
