@@ -186,8 +186,14 @@ def infer(
         removed = _clean_own_temps(out, list(names.values()), shard_pair)
         if removed:
             log.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), out)
-        predictor = models if isinstance(models, Predictor) else load_predictor(models, device)
+        predictor = models if isinstance(models, Predictor) else load_predictor(models, _rank_device(device))
         return _run_cases(predictor, cases, selected, names, out, shard_pair, tta=tta, overlap=overlap, save_probabilities=save_probabilities, largest_component=largest_component, overwrite=overwrite, sw_batch_size=sw_batch_size, mirror_axes=mirror_axes, threads=threads, progress=progress)
+
+
+def _rank_device(device: str) -> str:
+    """Under torchrun, plain ``cuda`` means this process's GPU, ``cuda:$LOCAL_RANK``."""
+    local = os.environ.get("LOCAL_RANK")
+    return f"cuda:{int(local)}" if device == "cuda" and local is not None and local.isdigit() else device
 
 
 def _shard_lock_dir(out: Path, shard: tuple[int, int]) -> Path:
@@ -217,11 +223,15 @@ def _run_cases(predictor: Predictor, cases: dict[str, Any], selected: list[str],
                 existing = outputs_exist(stem, case.images)
                 sidecar = read_sidecar(stem.with_name(stem.name + ".json"))
                 mask_done = stem.with_name(stem.name + mask_suffix(case.images[0])).is_file()
-                if sidecar is not None and sidecar.get("fingerprint") == fp and mask_done:
+                same = sidecar is not None and sidecar.get("fingerprint") == fp
+                # An interrupted run of the same fingerprint left these outputs: ours to replace.
+                resuming = same and sidecar.get("status") == "running"
+                if same and sidecar.get("status") == "done" and mask_done:
                     result.status, result.message, result.outputs = "skipped", "done earlier with the same inputs, models and settings", list(sidecar.get("outputs", []))
-                elif existing and not kw["overwrite"]:
+                elif existing and not (kw["overwrite"] or resuming):
                     raise refuse_existing(stem, existing)
                 else:
+                    options["overwrite"] = bool(kw["overwrite"] or resuming)
                     base = {"sidecar_version": 1, "case_id": cid, "inputs": inputs, "fingerprint": fp, "models": report.models, "config_hash": predictor.config_hash, "settings": recorded, "plan": {k: predictor.plan.get(k) for k in ("in_channels", "num_classes", "label_values", "target_spacing", "patch_size")}, **env}
                     outcome = run_case(case.images, stem, predictor, settings, options, preprocess, invert, base)
                     result.outputs, result.warnings = outcome.outputs, outcome.warnings

@@ -7,7 +7,9 @@ the geometry reference), preprocessed with the plan's MONAI pipeline, predicted 
 grid with :func:`medgn.data.pipeline.invert_to_input`, turned into raw label values (argmax, the
 plan's ``label_values``, optionally the largest connected component per class) and written with
 :func:`medgn.data.io.write_mask`, which checks the geometry before publishing. The sidecar
-``<case>.json`` is written last, so a sidecar whose fingerprint matches proves the case is done.
+``<case>.json`` is written twice: with ``status: running`` before any output (so a rerun knows
+outputs left by an interrupted run of the same fingerprint are its own) and with ``status: done``
+last, so a done sidecar whose fingerprint matches proves the case is complete.
 """
 
 from __future__ import annotations
@@ -145,6 +147,8 @@ def run_case(
     """
     from medgn.data.io import write_mask
 
+    sidecar_path = stem.with_name(stem.name + ".json")
+    atomic_write_json(sidecar_path, {**sidecar_base, "status": "running"}, overwrite=True)
     times: dict[str, float] = {}
     warnings: list[str] = []
     t0 = time.perf_counter()
@@ -174,8 +178,8 @@ def run_case(
     times["total"] = time.perf_counter() - t0
 
     sidecar = dict(sidecar_base)
-    sidecar.update({"outputs": outputs, "mask": outputs[0], "seconds": {k: round(v, 4) for k, v in times.items()}, "warnings": warnings, "labels_found": sorted(int(v) for v in np.unique(mask))})
-    atomic_write_json(stem.with_name(stem.name + ".json"), sidecar, overwrite=True)
+    sidecar.update({"status": "done", "outputs": outputs, "mask": outputs[0], "seconds": {k: round(v, 4) for k, v in times.items()}, "warnings": warnings, "labels_found": sorted(int(v) for v in np.unique(mask))})
+    atomic_write_json(sidecar_path, sidecar, overwrite=True)
     return CaseOutcome(outputs + [stem.name + ".json"], warnings)
 
 

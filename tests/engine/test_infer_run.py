@@ -70,7 +70,8 @@ def test_kill_9_mid_write_then_rerun_skips_done_cases_and_matches(tmp_path: Path
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
-    assert not (out / "c1.nii.gz").exists() and not (out / "c1.json").exists()
+    assert not (out / "c1.nii.gz").exists()
+    assert json.loads((out / "c1.json").read_text())["status"] == "running"  # not a proof of completion
     torch.set_num_threads(1)
     assert main([*args, "--output", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -126,6 +127,13 @@ def test_skip_refuse_and_overwrite(tmp_path: Path) -> None:
     redo = infer(_threshold_predictor(threshold=1e9), src, out, overwrite=True)
     assert [c.status for c in redo.cases] == ["ok", "ok"]
     assert not _arrays(out)["a.nii.gz"].any()  # threshold above every voxel: all background
+    # Killed between the mask and the final sidecar: the "running" sidecar of the same
+    # fingerprint marks the mask as this run's own, so it is redone without --overwrite.
+    record = json.loads((out / "a.json").read_text())
+    (out / "a.json").write_text(json.dumps({**record, "status": "running"}))
+    resumed = infer(_threshold_predictor(threshold=1e9), src, out)
+    assert [c.status for c in resumed.cases] == ["ok", "skipped"]
+    assert json.loads((out / "a.json").read_text())["status"] == "done"
     # A changed input is not skipped either.
     F.write_image(src / "b.nii.gz", F.image(seed=7), AFFINE)
     changed = infer(_threshold_predictor(threshold=1e9), src, out)
