@@ -15,7 +15,12 @@ from medgn.engine.checkpoint import load_checkpoint, read_pointer
 
 def _torchrun(out: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(DRIVER), "--out", str(out), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    try:
+        # 150 s: a normal run takes ~15 s; a hang must fail with its output, not stall the suite.
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=150)
+    except subprocess.TimeoutExpired as exc:
+        tail = (exc.stderr or b"")[-3000:]
+        pytest.fail(f"torchrun {' '.join(args) or '(reference)'} hung: {tail!r}")
 
 
 @pytest.mark.slow
