@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +17,16 @@ from medgn.engine.checkpoint import load_checkpoint, read_pointer
 
 def _torchrun(out: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(DRIVER), "--out", str(out), *args]
+    # Own session: on a timeout the whole group (torchrun and both workers) is killed, so no
+    # orphaned worker keeps a core busy. 300 s: a normal run takes ~15 s on an idle 2-core machine.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        # 150 s: a normal run takes ~15 s; a hang must fail with its output, not stall the suite.
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=150)
-    except subprocess.TimeoutExpired as exc:
-        tail = (exc.stderr or b"")[-3000:]
-        pytest.fail(f"torchrun {' '.join(args) or '(reference)'} hung: {tail!r}")
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun {' '.join(args) or '(reference)'} hung: {stderr[-3000:]!r}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 @pytest.mark.slow
