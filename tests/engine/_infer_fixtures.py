@@ -134,7 +134,7 @@ def tiny_model_config() -> dict[str, Any]:
     return {"model": {"features": [4, 8], "num_groups": 2, "deep_supervision": False}}
 
 
-def save_run(run_dir: Path, seed: int = 0, in_channels: int = 1, plan_dict: dict[str, Any] | None = None, poison: str | None = None) -> Path:
+def save_run(run_dir: Path, seed: int = 0, in_channels: int = 1, plan_dict: dict[str, Any] | None = None) -> Path:
     """A run folder with one real (untrained) UNet3D checkpoint marked best; returns run_dir."""
     from medgn.configtools import build
     from medgn.engine.checkpoint import save_checkpoint
