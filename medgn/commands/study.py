@@ -1,0 +1,68 @@
+"""``medgn study norms``: BatchNorm vs GroupNorm (and others) across batch sizes on a dataset."""
+
+from __future__ import annotations
+
+import argparse
+
+from medgn.commands.train import parse_fold
+from medgn.config import load_run_config
+from medgn.engine.study import norm_study
+from medgn.errors import UsageError
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(flag, "expected comma-separated integers", got=text) from None
+    if not values:
+        raise UsageError(flag, "empty list", got=text, expected="e.g. 1,2,4")
+    return values
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("study", help="experiments across settings (norms vs batch size)")
+    studies = parser.add_subparsers(dest="study", metavar="STUDY", required=True)
+    norms = studies.add_parser("norms", help="train each norm at each batch size for the same samples seen")
+    norms.add_argument("--data", required=True, help="dataset folder")
+    norms.add_argument("--out", required=True, help="study folder (study.csv, study.md, study.png, runs/)")
+    norms.add_argument("--norms", default="batch,group,instance,group_torch", help="comma-separated norm names")
+    norms.add_argument("--batch-sizes", default="1,2,4", help="comma-separated batch sizes")
+    norms.add_argument("--iterations", type=int, default=200, help="steps at the smallest batch size; every run sees the same samples")
+    norms.add_argument("--config", help="base run config YAML")
+    norms.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    norms.add_argument("--fold", default="0", help="validation fold (default 0)")
+    norms.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    norms.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    cfg = load_run_config(args.config, args.set)
+    batch_sizes = _ints(args.batch_sizes, "--batch-sizes")
+    names = [n.strip() for n in args.norms.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--norms", "empty list", expected="e.g. batch,group")
+    if args.iterations < 1:
+        raise UsageError("--iterations", "must be positive", got=args.iterations)
+    from medgn.layers import NORMS
+
+    unknown = [n for n in names if n not in NORMS]
+    if unknown:
+        raise UsageError("--norms", f"unknown norm {unknown[0]!r}", expected="one of " + ", ".join(sorted(NORMS)))
+    samples = args.iterations * min(batch_sizes)
+    lcm = 1
+    import math
+
+    for b in batch_sizes:
+        lcm = lcm * b // math.gcd(lcm, b)
+    samples = max(lcm, (samples // lcm) * lcm)  # every batch size divides the samples seen
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = norm_study(cfg, args.data, args.out, names, batch_sizes, samples=samples, fold=parse_fold(args.fold), device=device)
+    print(f"{'norm':<12} {'batch':>5} {'iters':>6} {'val Dice':>9}")
+    for row in rows:
+        dice = row["val_dice_mean"]
+        print(f"{row['norm']:<12} {row['batch_size']:>5} {row['iterations']:>6} {dice if dice is None else round(dice, 4):>9}")
+    print(f"wrote {args.out}/study.csv, study.md and study.png")
+    return 0
