@@ -13,6 +13,7 @@ import importlib
 import logging
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 
 import medgn
@@ -55,6 +56,12 @@ def _report(exc: BaseException, debug: bool) -> None:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
 
 
+def _quiet_third_party() -> None:
+    """Silence MONAI's notices about optional GPU DICOM decoders that medgn does not use."""
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (the console script exits with it)."""
     parser = build_parser()
@@ -63,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     logging.getLogger("medgn").setLevel(logging.INFO)
+    _quiet_third_party()
     try:
         result = args.func(args)
         return EXIT_OK if result is None else int(result)

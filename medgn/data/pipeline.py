@@ -73,7 +73,7 @@ def _deterministic(plan: Mapping[str, Any], limits: Limits, with_label: bool) ->
     steps += [
         CropForegroundd(keys, source_key="image", select_fn=_nonzero, allow_smaller=True),
         NormalizePland("image", plan["normalization"]),
-        Orientationd(keys, axcodes="RAS"),
+        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),  # explicit: RAS world labels
         Spacingd(keys, pixdim=[float(s) for s in plan["target_spacing"]], mode=("bilinear", "nearest")[: len(keys)]),
     ]
     return steps
