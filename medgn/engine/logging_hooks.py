@@ -218,13 +218,15 @@ class ConsoleHook(HookBase):
                              loss="skipped" if step.loss is None else f"{step.loss:.4f}")
 
     def after_epoch(self, trainer: Trainer) -> None:
-        if self.progress is None:
-            return
         rec = trainer.epoch_record
         val = f", val Dice {rec['val_mean']:.4f} (EMA {rec['val_ema']:.4f})" if "val_mean" in rec else ""
         loss = f"{rec['train_loss']:.4f}" if rec.get("train_loss") is not None else "-"
+        line = f"epoch {rec['epoch']}/{trainer.cfg.epochs}: loss {loss}, {rec['epoch_time_s']:.1f} s{val}"
+        if self.progress is None:
+            print(line, flush=True)  # no live bar (--no-progress, logs, CI): one plain line per epoch
+            return
         self.progress.update(self.task, epoch=trainer.state.epoch)
-        self.progress.console.print(f"epoch {rec['epoch']}: loss {loss}, {rec['epoch_time_s']:.1f} s{val}")
+        self.progress.console.print(line)
 
     def close(self) -> None:
         if self.progress is not None:
