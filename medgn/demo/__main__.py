@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medgn.demo", description="Train, infer and evaluate on the MNI152 demo dataset.")
     parser.add_argument("--out", type=Path, default=Path("demo_run"), help="demo folder (replaced)")
     parser.add_argument("--config", type=Path, default=REPO_CONFIG, help="run config (default configs/demo.yaml)")
-    parser.add_argument("--time-budget", default="7m", help="training time budget (default 7m)")
+    parser.add_argument("--time-budget", default="8m", help="training time budget, a safety net on slow machines (default 8m)")
     parser.add_argument("--train-subjects", type=int, default=8)
     parser.add_argument("--test-subjects", type=int, default=3)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
