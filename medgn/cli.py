@@ -57,7 +57,14 @@ def _report(exc: BaseException, debug: bool) -> None:
 
 
 def _quiet_third_party() -> None:
-    """Silence MONAI's notices about optional GPU DICOM decoders that medgn does not use."""
+    """Silence MONAI's notices about optional GPU DICOM decoders that medgn does not use.
+
+    medgn's own records go to log files only: a NullHandler keeps logging's last-resort handler
+    from printing warnings and errors next to the one ``medgn: error:`` line.
+    """
+    medgn_logger = logging.getLogger("medgn")
+    if not any(isinstance(h, logging.NullHandler) for h in medgn_logger.handlers):
+        medgn_logger.addHandler(logging.NullHandler())
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 

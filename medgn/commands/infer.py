@@ -27,7 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medgn.engine.infer import infer
+    from medgn.logs import attach_file_log, current_log_path, fallback_log_path
 
+    if current_log_path() is None:  # per-case tracebacks of a batch run go to the user's log file
+        try:
+            attach_file_log(fallback_log_path())
+        except OSError:
+            pass
     channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
     report = infer(
         args.model,

@@ -186,8 +186,14 @@ def _group_channels(folder: Path, ending: str | None) -> tuple[dict[str, dict[in
         stem = path.name[: -len(ending)] if ending else strip_image_suffix(path.name)
         match = _CHANNEL_RE.match(stem)
         if match:
-            grouped.setdefault(match["case"], {})[int(match["channel"])] = path
+            channel = grouped.setdefault(match["case"], {})
+            if int(match["channel"]) in channel:
+                raise InputDataError(folder, f"two files for one channel: {channel[int(match['channel'])].name}, {path.name}", expected="one file per case and channel (remove or move the other)")
+            channel[int(match["channel"])] = path
         else:
+            twin = next((p for p in plain if strip_image_suffix(p.name) == stem), None)
+            if twin is not None:
+                raise InputDataError(folder, f"two files for case {stem!r}: {twin.name}, {path.name}", expected="one file per case (remove or move the other)")
             plain.append(path)
     return grouped, plain
 

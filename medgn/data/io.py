@@ -25,9 +25,11 @@ from medgn.data.preflight import (
     HeaderInfo,
     Limits,
     _open_nifti,
+    captured_native_stderr,
     detect_format,
     itk_affine,
     itk_geometry,
+    itk_reason,
     read_header,
 )
 from medgn.errors import InputDataError, UsageError
@@ -110,6 +112,7 @@ def _fmt(values: Iterable[float]) -> str:
 def _read_pixels(info: HeaderInfo) -> np.ndarray:
     """The stored voxels as (X, Y, Z); any decoding failure becomes an InputDataError."""
     path = info.path
+    native: list[str] = []
     try:
         if info.format == "nifti":
             import nibabel as nib
@@ -120,16 +123,17 @@ def _read_pixels(info: HeaderInfo) -> np.ndarray:
         else:
             import SimpleITK as sitk
 
-            if info.format == "dicom":
-                reader = sitk.ImageSeriesReader()
-                reader.SetFileNames(info.meta["files"])
-                image = reader.Execute()
-            else:
-                image = sitk.ReadImage(str(path))
+            with captured_native_stderr() as native:
+                if info.format == "dicom":
+                    reader = sitk.ImageSeriesReader()
+                    reader.SetFileNames(info.meta["files"])
+                    image = reader.Execute()
+                else:
+                    image = sitk.ReadImage(str(path))
             zyx = sitk.GetArrayFromImage(image)  # (Z, Y, X), or (1, Z, Y, X) for a squeezed 4D
             array = zyx.reshape(zyx.shape[-3:]).transpose(2, 1, 0)
     except (EOFError, zlib.error, OSError, ValueError, RuntimeError) as exc:
-        text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        text = itk_reason(exc, native) if info.format != "nifti" else (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         raise InputDataError(path, "cannot read the voxel data (truncated or corrupt file?)", got=text[:200]) from None
     if array.shape != info.shape:
         raise InputDataError(path, "voxel data do not match the header", got=f"shape {array.shape}", expected=f"shape {info.shape}")
@@ -180,11 +184,12 @@ def read_volume(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS, *
     if label:
         array = _check_label(info.path, array, label_values)
     else:
-        if array.dtype.kind == "f":
-            bad = int(np.count_nonzero(~np.isfinite(array)))
-            if bad:
-                raise InputDataError(info.path, f"image has {bad} NaN/Inf voxels", expected="finite intensities")
-        array = array.astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):  # overflow becomes Inf, which is counted below
+            array = array.astype(np.float32, copy=False)
+        # Counted after the cast: scl_slope can scale finite stored values beyond float32.
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise InputDataError(info.path, f"image has {bad} NaN/Inf voxels", got=f"shape {array.shape}", expected="finite intensities (check scl_slope/scl_inter and the data)")
     return Volume(array, info.affine, info.path, info.format, dict(info.meta))
 
 

@@ -12,10 +12,14 @@ checked, and every failure is an :class:`~medgn.errors.InputDataError` (exit 3) 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import struct
+import sys
+import tempfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +78,41 @@ class HeaderInfo:
     spacing: tuple[float, float, float]
     affine: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def captured_native_stderr() -> Iterator[list[str]]:
+    """Catch what C++ readers (ITK's MetaIO, GDCM) print straight to file descriptor 2.
+
+    A corrupt file would otherwise put library chatter next to medgn's one-line error. The text is
+    yielded (filled on exit) so that the caller can quote it in the error it raises.
+    """
+    lines: list[str] = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2 (embedded interpreters): nothing to catch
+        yield lines
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read(4096).decode("utf-8", "replace")  # 4 KiB: enough to quote, never a flood
+            lines.extend(line.strip() for line in text.splitlines() if line.strip())
+
+
+def itk_reason(exc: BaseException, native: list[str]) -> str:
+    """A short reason for an ITK failure: what the library printed, else its error line."""
+    if native:
+        return " ".join(native)[:200]
+    text = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line.split("): ", 1)[-1] for line in text if "ERROR" in line]
+    return (errors[0] if errors else text[-1] if text else type(exc).__name__)[:200]
 
 
 def detect_format(path: Path) -> str:
@@ -157,6 +196,25 @@ def _open_nifti(path: Path) -> tuple[Any, bool]:
     return header, compressed
 
 
+def _gunzip_length(path: Path) -> tuple[int, bool]:
+    """Uncompressed size of every gzip member of ``path`` and whether the last member is complete."""
+    total, inflater = 0, zlib.decompressobj(wbits=31)  # 31: gzip wrapper
+    try:
+        with open(path, "rb") as handle:
+            while raw := handle.read(1 << 20):  # 1 MiB of input at a time: bounded memory
+                while raw:
+                    if inflater.eof:
+                        if not raw.strip(b"\0"):
+                            break  # zero padding after the last member
+                        inflater = zlib.decompressobj(wbits=31)
+                    # At most 64 MiB of output per call, so a compression bomb stays small in memory.
+                    total += len(inflater.decompress(raw, 64 << 20))
+                    raw = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
+    except zlib.error:
+        return total, False
+    return total, inflater.eof
+
+
 def _check_gzip_length(path: Path, needed: int, what: str) -> None:
     """Refuse a truncated .nii.gz: the gzip trailer stores the uncompressed size mod 2**32.
 
@@ -168,15 +226,20 @@ def _check_gzip_length(path: Path, needed: int, what: str) -> None:
         isize = struct.unpack("<I", handle.read(4))[0]
     if isize == needed % 2**32:
         return
-    total = 0
-    try:
-        with gzip.open(path, "rb") as stream:
-            while chunk := stream.read(1 << 20):  # 1 MiB: bounded memory
-                total += len(chunk)
-    except (gzip.BadGzipFile, OSError, EOFError, zlib.error):
-        raise InputDataError(path, "file is truncated or corrupt", got=f"gzip stream ends after {total} bytes", expected=f"{needed} bytes for {what}") from None
+    total, complete = _gunzip_length(path)
+    if not complete:
+        raise InputDataError(path, "file is truncated or corrupt", got=f"gzip stream ends after {total} uncompressed bytes", expected=f"{needed} bytes for {what}")
     if total < needed:
         raise InputDataError(path, "file is truncated", got=f"{total} uncompressed bytes", expected=f"{needed} bytes for {what}")
+
+
+def _vox_offset(path: Path, header: Any) -> int:
+    """The raw ``vox_offset``: a finite whole number of bytes after the header (and extensions)."""
+    raw = float(np.asarray(header.structarr["vox_offset"]))
+    minimum = int(header.single_vox_offset)  # 352 (NIfTI-1) or 544 (NIfTI-2): header + extender
+    if not np.isfinite(raw) or raw != int(raw) or raw < minimum:
+        raise InputDataError(path, "invalid voxel data offset in header", got=f"vox_offset={raw}", expected=f"a whole number of bytes >= {minimum}")
+    return int(raw)
 
 
 def _nifti_header(path: Path, limits: Limits) -> HeaderInfo:
@@ -204,9 +267,10 @@ def _nifti_header(path: Path, limits: Limits) -> HeaderInfo:
     try:
         affine = np.asarray(header.get_best_affine(), dtype=np.float64)
     except Exception as exc:  # noqa: BLE001 - NaN quaternions raise inside nibabel
-        raise InputDataError(path, "cannot build the voxel-to-world affine", got=str(exc)) from None
+        quatern = [float(header[k]) for k in ("quatern_b", "quatern_c", "quatern_d")]
+        raise InputDataError(path, f"cannot build the voxel-to-world affine from the qform quaternion ({exc})", got=f"quatern_b/c/d {quatern}", expected="b*b + c*c + d*d <= 1") from None
     spacing = _check_geometry(path, affine)
-    offset = int(header["vox_offset"])
+    offset = _vox_offset(path, header)
     needed = offset + int(np.prod(shape3)) * dtype.itemsize
     if compressed:
         _check_gzip_length(path, needed, f"shape {shape3} {dtype}")
@@ -239,11 +303,12 @@ def _itk_reader(path: Path) -> Any:
         raise InputDataError(path, "file is empty", expected="an image file")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    native: list[str] = []
     try:
-        reader.ReadImageInformation()
+        with captured_native_stderr() as native:
+            reader.ReadImageInformation()
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-        raise InputDataError(path, "cannot read the image header", got=first[:200]) from None
+        raise InputDataError(path, "cannot read the image header", got=itk_reason(exc, native)) from None
     return reader
 
 

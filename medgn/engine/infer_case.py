@@ -14,6 +14,7 @@ last, so a done sidecar whose fingerprint matches proves the case is complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,8 +30,8 @@ import torch
 from medgn.engine.infer_io import input_sha256
 from medgn.engine.predictor import Predictor
 from medgn.engine.sliding_window import WindowSettings, predict_probabilities
-from medgn.errors import InputDataError, UsageError
-from medgn.files import atomic_path, atomic_write_json
+from medgn.errors import InputDataError, MedgnError, UsageError
+from medgn.files import atomic_path, atomic_write_bytes, atomic_write_json
 
 __all__ = ["CaseOutcome", "fingerprint", "mask_suffix", "read_sidecar", "run_case"]
 
@@ -145,10 +146,40 @@ def run_case(
         InputDataError: unreadable input, wrong channels, geometry check failed (exit 3).
         UsageError: an output exists and overwrite is off (exit 2).
     """
-    from medgn.data.io import write_mask
 
     sidecar_path = stem.with_name(stem.name + ".json")
+    previous = sidecar_path.read_bytes() if sidecar_path.is_file() else None
     atomic_write_json(sidecar_path, {**sidecar_base, "status": "running"}, overwrite=True)
+    published: list[str] = []
+    try:
+        return _segment(images, stem, predictor, settings, options, preprocess, invert, sidecar_base, sidecar_path, published)
+    except Exception:
+        # A case that failed before publishing anything leaves what was there before; once an
+        # output is published (or after a kill) "running" stays, so a rerun redoes the case.
+        with contextlib.suppress(OSError, MedgnError):
+            if published:
+                pass
+            elif previous is None:
+                sidecar_path.unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(sidecar_path, previous)
+        raise
+
+
+def _segment(
+    images: tuple[Path, ...],
+    stem: Path,
+    predictor: Predictor,
+    settings: WindowSettings,
+    options: Mapping[str, Any],
+    preprocess: Callable[[list[str]], tuple[torch.Tensor, Any]],
+    invert: Callable[[torch.Tensor, Any], torch.Tensor],
+    sidecar_base: Mapping[str, Any],
+    sidecar_path: Path,
+    published: list[str],
+) -> CaseOutcome:
+    from medgn.data.io import write_mask
+
     times: dict[str, float] = {}
     warnings: list[str] = []
     t0 = time.perf_counter()
@@ -172,6 +203,7 @@ def run_case(
     overwrite = bool(options.get("overwrite"))
     out_mask = stem.with_name(stem.name + mask_suffix(images[0]))
     outputs = [write_mask(mask, reference, out_mask, overwrite=overwrite).name]
+    published.extend(outputs)
     if options.get("save_probabilities"):
         outputs.append(_write_probabilities(probs.numpy(), reference, stem, overwrite).name)
     times["postprocess_write"] = time.perf_counter() - t2
