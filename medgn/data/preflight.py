@@ -233,6 +233,32 @@ def _check_gzip_length(path: Path, needed: int, what: str) -> None:
         raise InputDataError(path, "file is truncated", got=f"{total} uncompressed bytes", expected=f"{needed} bytes for {what}")
 
 
+def _check_xforms(path: Path, header: Any, qcode: int, scode: int) -> None:
+    """Refuse a header that readers would turn into different geometries.
+
+    nibabel takes the sform when ``sform_code > 0``; ITK takes the spacing from pixdim and, unless
+    ``sform_code`` is 1, the qform. So pixdim must match the sform's column lengths and, when both
+    codes are set, the qform must equal the sform.
+    """
+    if scode <= 0:
+        return
+    sform = np.asarray(header.get_sform(), dtype=np.float64)
+    lengths = np.linalg.norm(sform[:3, :3], axis=0)
+    pixdim = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    # 1e-4 relative: far above float32 rounding of one geometry, far below any real disagreement.
+    if np.any(np.abs(lengths - pixdim) > 1e-4 * pixdim):
+        raise InputDataError(path, "voxel spacing in pixdim differs from the sform's (readers would disagree)", got=f"pixdim {pixdim.tolist()}, sform {np.round(lengths, 6).tolist()}", expected="the same spacing")
+    if qcode > 0:
+        try:
+            qform = np.asarray(header.get_qform(), dtype=np.float64)
+        except Exception as exc:  # noqa: BLE001 - an invalid quaternion raises inside nibabel
+            raise InputDataError(path, f"invalid qform quaternion ({exc})", got=f"quatern_b/c/d {[float(header[k]) for k in ('quatern_b', 'quatern_c', 'quatern_d')]}", expected="b*b + c*c + d*d <= 1, or qform_code=0") from None
+        # 1e-3 mm: float32 storage of one geometry in both forms agrees to ~1e-5 mm.
+        diff = float(np.max(np.abs(qform - sform))) if np.all(np.isfinite(qform)) else float("inf")
+        if diff > 1e-3:
+            raise InputDataError(path, "qform and sform disagree (readers would pick different geometries)", got=f"qform_code={qcode}, sform_code={scode}, max difference {diff:.4g}", expected="the same affine within 0.001 mm, or one of the codes 0")
+
+
 def _vox_offset(path: Path, header: Any) -> int:
     """The raw ``vox_offset``: a finite whole number of bytes after the header (and extensions)."""
     raw = float(np.asarray(header.structarr["vox_offset"]))
@@ -270,6 +296,7 @@ def _nifti_header(path: Path, limits: Limits) -> HeaderInfo:
         quatern = [float(header[k]) for k in ("quatern_b", "quatern_c", "quatern_d")]
         raise InputDataError(path, f"cannot build the voxel-to-world affine from the qform quaternion ({exc})", got=f"quatern_b/c/d {quatern}", expected="b*b + c*c + d*d <= 1") from None
     spacing = _check_geometry(path, affine)
+    _check_xforms(path, header, qcode, scode)
     offset = _vox_offset(path, header)
     needed = offset + int(np.prod(shape3)) * dtype.itemsize
     if compressed:

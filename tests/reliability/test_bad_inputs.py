@@ -83,6 +83,8 @@ BAD_IMAGES: list[tuple[str, Callable[[Path, str], Path], int, list[str]]] = [
     ("nan_affine.nii.gz", lambda f, n: patch_nifti_fields(_nifti(f, n), {"srow_y": (0, NAN, 0, 0)}), 3, ["affine", "not finite"]),
     ("no_orientation.nii.gz", lambda f, n: patch_nifti_fields(_nifti(f, n), {"qform_code": 0, "sform_code": 0}), 3, ["no orientation", "sform_code=0"]),
     ("bad_code.nii.gz", lambda f, n: patch_nifti_fields(_nifti(f, n), {"sform_code": 9}), 3, ["orientation code", "sform_code=9"]),
+    ("xforms_differ.nii.gz", lambda f, n: patch_nifti_fields(_nifti(f, n), {"qoffset_x": 0.0}), 3, ["qform and sform disagree"]),
+    ("pixdim_vs_sform.nii.gz", lambda f, n: patch_nifti(_nifti(f, n), "pixdim", (1, 2, 2, 2, 1, 1, 1, 1)), 3, ["pixdim", "sform"]),
     ("bad_offset.nii.gz", lambda f, n: patch_nifti_fields(_nifti(f, n), {"vox_offset": -100}), 3, ["vox_offset"]),
     ("four_d.nii.gz", lambda f, n: _nifti(f, n, np.zeros((*SHAPE, 2), np.float32)), 3, ["expected 3D, got shape (10, 9, 8, 2)"]),
     ("two_d.nii.gz", lambda f, n: _nifti(f, n, np.zeros(SHAPE[:2], np.float32)), 3, ["expected 3D, got shape (10, 9)"]),
