@@ -257,3 +257,40 @@ def test_disk_full_during_a_case_keeps_earlier_outputs(tmp_path: Path, model_run
     assert "c.nii.gz" in now  # the run went on past the failed case
     report = json.loads((out / "report.json").read_text())
     assert {c["case_id"]: (c["status"], c["code"]) for c in report["cases"]} == {"a": ("skipped", None), "b": ("failed", 5), "c": ("ok", None)}
+
+
+def _oom_then(after: BaseException | None) -> object:
+    """A ``_window_logits`` that runs out of memory once, then raises ``after`` (or works)."""
+    from medgn.engine import sliding_window
+
+    original, calls = sliding_window._window_logits, []
+
+    def patched(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if after is not None:
+            raise after
+        return original(*args, **kwargs)
+
+    return patched
+
+
+@pytest.mark.parametrize(("after", "code", "words"), [
+    (None, 0, []),
+    (torch.OutOfMemoryError("CUDA out of memory again"), 5, ["out of memory"]),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"), 1, ["internal error: RuntimeError: cuDNN error"]),
+], ids=["fallback", "oom-twice", "other-error"])
+def test_out_of_memory_falls_back_only_for_out_of_memory(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, after: BaseException | None, code: int, words: list[str]) -> None:
+    from medgn.engine import sliding_window
+
+    scan = write_nifti(tmp_path / "scan.nii.gz", image_array())
+    monkeypatch.setattr(sliding_window, "_window_logits", _oom_then(after))
+    out = tmp_path / "out"
+    result = cli(["infer", "--model", model_run, "--input", scan, "--output", out, "--no-progress"], capsys)
+    if code == 0:
+        assert result.code == 0, result.err
+        sidecar = json.loads((out / "scan.json").read_text())
+        assert "stitching moved to the CPU" in sidecar["warnings"][0]
+    else:
+        assert_clean_failure(result, code, ["case scan"], words, outputs=[out / "scan.nii.gz", out / "scan.json", out])
