@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,15 +103,30 @@ def _mask_name(name: str) -> str:
     return name if name.endswith((".nii.gz", ".nii", ".nrrd", ".mha")) else name + ".nii.gz"
 
 
+@pytest.fixture(scope="module")
+def earlier_outputs(model_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An output folder holding an earlier run's mask and sidecar for case ``earlier``."""
+    from medgn.cli import main
+    from medgn.logs import detach_file_logs
+
+    root = tmp_path_factory.mktemp("earlier")
+    scan = write_nifti(root / "earlier.nii.gz", image_array())
+    assert main(["infer", "--model", str(model_run), "--input", str(scan), "--output", str(root / "out"), "--no-progress"]) == 0
+    detach_file_logs()
+    return root / "out"
+
+
 @pytest.mark.parametrize(("name", "build", "code", "words"), BAD_IMAGES, ids=IDS)
-def test_bad_image_is_refused_by_infer(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str], name: str, build: Callable[[Path, str], Path], code: int, words: list[str]) -> None:
+def test_bad_image_is_refused_by_infer(tmp_path: Path, model_run: Path, earlier_outputs: Path, capsys: pytest.CaptureFixture[str], name: str, build: Callable[[Path, str], Path], code: int, words: list[str]) -> None:
     inputs = tmp_path / "in"
     inputs.mkdir()
     path = build(inputs, name)
     before = {inputs: tree_hashes(inputs)}
-    out = tmp_path / "out"
+    out = Path(shutil.copytree(earlier_outputs, tmp_path / "out"))
+    earlier = {k: v for k, v in tree_hashes(out).items() if k != "report.json"}  # the report is per run
     result = cli(["infer", "--model", model_run, "--input", path, "--output", out, "--no-progress"], capsys)
     assert_clean_failure(result, code, [path], words, outputs=[out / _mask_name(name), out / (name.split(".")[0] + ".json"), out], before=before)
+    assert {k: v for k, v in tree_hashes(out).items() if k != "report.json"} == earlier
 
 
 def test_dicom_two_series_and_missing_slice(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]) -> None:

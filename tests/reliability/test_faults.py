@@ -14,6 +14,7 @@ medgn).
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -37,6 +38,7 @@ from tests.reliability.conftest import (
     run_medgn,
     temp_files,
     tree_hashes,
+    truncate,
     write_nifti,
 )
 
@@ -149,6 +151,13 @@ def test_training_survives_five_interruptions_bit_exact(train_data: Path, tmp_pa
             assert torch.equal(torch.as_tensor(pa[key]), torch.as_tensor(pb[key])), key
     for name, hashes in before.items():
         assert tree_hashes(name) == hashes
+    # A resume against data that went bad is refused before training; the checkpoints stay as they are.
+    bad = Path(shutil.copytree(train_data, tmp_path / "bad"))
+    truncate(bad / "imagesTr" / "c2.nii.gz")
+    finished = tree_hashes(run / "checkpoints")
+    r = _train(bad, run, "--resume", "--set", "train.epochs=3")
+    assert_clean_failure(r, 3, [bad / "imagesTr" / "c2.nii.gz"], ["truncated"])
+    assert tree_hashes(run / "checkpoints") == finished
 
 
 # Losses of the steps in BAD are NaN (the first two are isolated, then K in a row).
