@@ -20,16 +20,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from medgn.data.native import captured_native_stderr, itk_reason
 from medgn.data.preflight import (
     DEFAULT_LIMITS,
     HeaderInfo,
     Limits,
     _open_nifti,
-    captured_native_stderr,
     detect_format,
     itk_affine,
     itk_geometry,
-    itk_reason,
     read_header,
 )
 from medgn.errors import InputDataError, UsageError

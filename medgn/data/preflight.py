@@ -12,20 +12,17 @@ checked, and every failure is an :class:`~medgn.errors.InputDataError` (exit 3) 
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import os
 import struct
-import sys
-import tempfile
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medgn.data.native import captured_native_stderr, itk_reason
 from medgn.errors import InputDataError, ResourceError
 
 # LPS (ITK, DICOM) <-> RAS (NIfTI, medgn) world axes: flip x and y.
@@ -78,41 +75,6 @@ class HeaderInfo:
     spacing: tuple[float, float, float]
     affine: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def captured_native_stderr() -> Iterator[list[str]]:
-    """Catch what C++ readers (ITK's MetaIO, GDCM) print straight to file descriptor 2.
-
-    A corrupt file would otherwise put library chatter next to medgn's one-line error. The text is
-    yielded (filled on exit) so that the caller can quote it in the error it raises.
-    """
-    lines: list[str] = []
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no usable fd 2 (embedded interpreters): nothing to catch
-        yield lines
-        return
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            text = sink.read(4096).decode("utf-8", "replace")  # 4 KiB: enough to quote, never a flood
-            lines.extend(line.strip() for line in text.splitlines() if line.strip())
-
-
-def itk_reason(exc: BaseException, native: list[str]) -> str:
-    """A short reason for an ITK failure: what the library printed, else its error line."""
-    if native:
-        return " ".join(native)[:200]
-    text = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    errors = [line.split("): ", 1)[-1] for line in text if "ERROR" in line]
-    return (errors[0] if errors else text[-1] if text else type(exc).__name__)[:200]
 
 
 def detect_format(path: Path) -> str:

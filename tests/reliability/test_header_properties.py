@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medgn.data.io import Limits, read_volume
-from medgn.data.preflight import captured_native_stderr, itk_affine
+from medgn.data.native import captured_native_stderr
+from medgn.data.preflight import itk_affine
 from medgn.errors import MedgnError
 from tests.reliability.conftest import AFFINE, image_array, patch_nifti_fields, write_nifti
 
