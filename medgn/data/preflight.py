@@ -320,6 +320,9 @@ def _itk_info(path: Path, reader: Any, fmt: str, limits: Limits) -> HeaderInfo:
         raise InputDataError(path, "unsupported data type", got=f"{name}, {reader.GetNumberOfComponents()} components", expected="integer or floating-point scalar voxels (no complex, RGB or vector)")
     dtype = np.dtype(_ITK_DTYPES[name])
     _check_size(path, shape3, dtype.itemsize, limits)
+    if fmt == "nrrd" and not reader.HasMetaDataKey("NRRD_space"):
+        # Without a space field ITK invents an identity orientation: refuse rather than guess.
+        raise InputDataError(path, "no orientation in header", got="no 'space' field", expected="a NRRD with 'space' and 'space directions'")
     ndim = len(size)
     spacing = np.asarray(reader.GetSpacing(), dtype=np.float64)[:3]
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):

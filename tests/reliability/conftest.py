@@ -134,6 +134,20 @@ def patch_nifti_fields(path: Path, fields: dict[str, float | Sequence[float]]) -
     return path
 
 
+def raw_nrrd(path: Path, sizes: Sequence[int], fields: str = "space: left-posterior-superior\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n", data: bytes = bytes(256)) -> Path:
+    """A hand-written float NRRD: the header fields are exactly what is given (no library repairs them)."""
+    header = f"NRRD0004\ntype: float\ndimension: {len(sizes)}\nsizes: {' '.join(map(str, sizes))}\n{fields}encoding: raw\nendian: little\n\n"
+    path.write_bytes(header.encode("ascii") + data)
+    return path
+
+
+def raw_mha(path: Path, sizes: Sequence[int], data: bytes = bytes(256)) -> Path:
+    """A hand-written float MetaImage with the given DimSize."""
+    header = f"ObjectType = Image\nNDims = {len(sizes)}\nDimSize = {' '.join(map(str, sizes))}\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n"
+    path.write_bytes(header.encode("ascii") + data)
+    return path
+
+
 def truncate(path: Path, keep: float = 0.6) -> Path:
     """Cut the file to ``keep`` of its bytes (a download or copy that stopped early)."""
     data = path.read_bytes()
