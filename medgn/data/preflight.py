@@ -158,8 +158,10 @@ def _open_nifti(path: Path) -> tuple[Any, bool]:
     return header, compressed
 
 
-def _gunzip_length(path: Path) -> tuple[int, bool]:
-    """Uncompressed size of every gzip member of ``path`` and whether the last member is complete."""
+def _gunzip_length(path: Path, enough: int) -> tuple[int, bool]:
+    """Uncompressed size of the gzip members of ``path`` (counting stops at ``enough``: a
+    compression bomb costs no more time than the data the header declares) and whether it ended
+    properly or reached ``enough``."""
     total, inflater = 0, zlib.decompressobj(wbits=31)  # 31: gzip wrapper
     try:
         with open(path, "rb") as handle:
@@ -169,8 +171,10 @@ def _gunzip_length(path: Path) -> tuple[int, bool]:
                         if not raw.strip(b"\0"):
                             break  # zero padding after the last member
                         inflater = zlib.decompressobj(wbits=31)
-                    # At most 64 MiB of output per call, so a compression bomb stays small in memory.
-                    total += len(inflater.decompress(raw, 64 << 20))
+                    # At most 1 MiB of output per call, so a compression bomb stays small in memory.
+                    total += len(inflater.decompress(raw, 1 << 20))
+                    if total >= enough:
+                        return total, True
                     raw = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
     except zlib.error:
         return total, False
@@ -188,7 +192,7 @@ def _check_gzip_length(path: Path, needed: int, what: str) -> None:
         isize = struct.unpack("<I", handle.read(4))[0]
     if isize == needed % 2**32:
         return
-    total, complete = _gunzip_length(path)
+    total, complete = _gunzip_length(path, needed)
     if not complete:
         raise InputDataError(path, "file is truncated or corrupt", got=f"gzip stream ends after {total} uncompressed bytes", expected=f"{needed} bytes for {what}")
     if total < needed:

@@ -161,3 +161,21 @@ def test_untouched_fixture_agrees_with_simpleitk(tmp_path: Path) -> None:
     assert shape == volume.shape
     np.testing.assert_allclose(affine, AFFINE, atol=TOL)
     np.testing.assert_allclose(volume.affine, AFFINE, atol=TOL)
+
+
+def test_gzip_bomb_costs_only_the_declared_size(tmp_path: Path) -> None:
+    """A .nii.gz whose stream inflates to 256 MiB for a 3 KB image: read with small memory."""
+    import gzip
+
+    path = write_nifti(tmp_path / "bomb.nii.gz", image_array())
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes()) + bytes(256 << 20), 1))
+    assert path.stat().st_size < 2 << 20  # zeros compress ~1000:1
+    tracemalloc.start()
+    try:
+        with _alarm(HANG_S):
+            volume = read_volume(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(volume.array, image_array())
+    assert peak < PEAK_BYTES, peak
