@@ -232,6 +232,11 @@ def test_train_plan_and_evaluate_refuse_bad_labels_before_work(tmp_path: Path, c
     plan = tmp_path / "plan.json"
     result = cli(["plan", root, "--out", plan], capsys)
     assert_clean_failure(result, 3, [cases["c1"][0]], ["non-integer"], outputs=[plan, plan.with_name("splits.json")], before=before)
+    assert cli(["plan", make_msd(tmp_path / "good", 2), "--out", plan, "--folds", "2"], capsys).code == 0
+    earlier = tree_hashes(tmp_path / "plan.json") | tree_hashes(tmp_path / "splits.json")
+    result = cli(["plan", root, "--out", plan, "--overwrite"], capsys)
+    assert_clean_failure(result, 3, [cases["c1"][0]], ["non-integer"], before=before)
+    assert tree_hashes(tmp_path / "plan.json") | tree_hashes(tmp_path / "splits.json") == earlier
     out = tmp_path / "run"
     result = run_medgn(["train", "--data", root, "--out", out, "--device", "cpu", "--no-progress"])
     assert_clean_failure(result, 3, [root, cases["c1"][0]], ["verification"], before=before)
