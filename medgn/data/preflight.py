@@ -159,9 +159,11 @@ def _open_nifti(path: Path) -> tuple[Any, bool]:
 
 
 def _gunzip_length(path: Path, enough: int) -> tuple[int, bool]:
-    """Uncompressed size of the gzip members of ``path`` (counting stops at ``enough``: a
-    compression bomb costs no more time than the data the header declares) and whether it ended
-    properly or reached ``enough``."""
+    """Uncompressed size of the gzip members of ``path`` and whether the stream is complete.
+
+    Counting stops once ``enough`` bytes are reached (then the stream counts as complete), so a
+    compression bomb costs no more time or memory than the data the header declares.
+    """
     total, inflater = 0, zlib.decompressobj(wbits=31)  # 31: gzip wrapper
     try:
         with open(path, "rb") as handle:

@@ -146,7 +146,6 @@ def run_case(
         InputDataError: unreadable input, wrong channels, geometry check failed (exit 3).
         UsageError: an output exists and overwrite is off (exit 2).
     """
-
     sidecar_path = stem.with_name(stem.name + ".json")
     previous = sidecar_path.read_bytes() if sidecar_path.is_file() else None
     atomic_write_json(sidecar_path, {**sidecar_base, "status": "running"}, overwrite=True)
@@ -156,13 +155,12 @@ def run_case(
     except Exception:
         # A case that failed before publishing anything leaves what was there before; once an
         # output is published (or after a kill) "running" stays, so a rerun redoes the case.
-        with contextlib.suppress(OSError, MedgnError):
-            if published:
-                pass
-            elif previous is None:
-                sidecar_path.unlink(missing_ok=True)
-            else:
-                atomic_write_bytes(sidecar_path, previous)
+        if not published:
+            with contextlib.suppress(OSError, MedgnError):
+                if previous is None:
+                    sidecar_path.unlink(missing_ok=True)
+                else:
+                    atomic_write_bytes(sidecar_path, previous)
         raise
 
 

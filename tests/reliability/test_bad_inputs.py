@@ -358,3 +358,19 @@ def test_refused_output_folder_fails_before_loading_the_model(tmp_path: Path, ca
     assert_clean_failure(result, 2, [str(out)], ["inside the input" if where != "unwritable" else "not writable"], before=before)
     assert not (inputs / "masks").exists()
     assert str(missing_model) not in result.err
+
+
+def test_rerun_on_an_input_that_went_bad_keeps_the_earlier_outputs(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    scan = write_nifti(inputs / "scan.nii.gz", image_array())
+    out = tmp_path / "out"
+    argv = ["infer", "--model", model_run, "--input", scan, "--output", out, "--no-progress"]
+    assert cli(argv, capsys).code == 0
+    earlier = {k: v for k, v in tree_hashes(out).items() if k != "report.json"}
+    truncate(scan)
+    result = cli(argv, capsys)  # another input now: its outputs are not replaced without --overwrite
+    assert_clean_failure(result, 2, ["scan.nii.gz"], ["pass --overwrite"], outputs=[out])
+    result = cli([*argv, "--overwrite"], capsys)  # the case fails before publishing: nothing changes
+    assert_clean_failure(result, 3, [scan], ["truncated"], outputs=[out])
+    assert {k: v for k, v in tree_hashes(out).items() if k != "report.json"} == earlier
