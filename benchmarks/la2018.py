@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         "dice": stats["dice"], "hd95_mm": stats["hd95"], "assd_mm": stats["assd"], "nsd_2mm": stats["nsd"], "iou": stats["iou"],
         "commands": [shlex.join(["medgn", *train]), f"medgn infer --model {run} --input {val / 'images'} --output {pred}", f"medgn evaluate --pred {pred} --ref {val / 'labels'} --out {ev}"],
     }
+    # Paths as a reader of the repository would type them.
+    result["commands"] = [c.replace(f"{REPO}/", "").replace(f"{REPO.parent}/shared", "../shared") for c in result["commands"]]
     stem = args.name or f"la2018_{args.config.stem.replace('la2018_', '')}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
