@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     norms.add_argument("--config", help="base run config YAML")
     norms.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     norms.add_argument("--fold", default="0", help="validation fold (default 0)")
+    norms.add_argument("--lr-scaling", choices=("none", "linear"), default="none", help="scale train.lr with the batch size (linear: lr x batch / smallest batch)")
     norms.add_argument("--device", choices=("cpu", "cuda"), default=None)
     norms.set_defaults(func=run)
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         lcm = lcm * b // math.gcd(lcm, b)
     samples = max(lcm, (samples // lcm) * lcm)  # every batch size divides the samples seen
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = norm_study(cfg, args.data, args.out, names, batch_sizes, samples=samples, fold=parse_fold(args.fold), device=device)
+    rows = norm_study(cfg, args.data, args.out, names, batch_sizes, samples=samples, fold=parse_fold(args.fold), device=device, lr_scaling=args.lr_scaling)
     print(f"{'norm':<12} {'batch':>5} {'iters':>6} {'val Dice':>9}")
     for row in rows:
         dice = row["val_dice_mean"]

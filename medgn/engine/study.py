@@ -29,7 +29,7 @@ from medgn.logs import get_logger
 
 log = get_logger("engine.study")
 
-FIELDS = ("norm", "batch_size", "iterations", "samples_seen", "val_dice_mean", "val_dice_per_class", "train_loss_last", "seconds", "stop_reason")
+FIELDS = ("norm", "batch_size", "iterations", "lr", "samples_seen", "val_dice_mean", "val_dice_per_class", "train_loss_last", "seconds", "stop_reason")
 
 
 def _final_record(run: Path) -> dict[str, Any]:
@@ -50,6 +50,7 @@ def norm_study(
     samples: int,
     fold: int = 0,
     device: str = "cpu",
+    lr_scaling: str = "none",
 ) -> list[dict[str, Any]]:
     """Train and validate every (norm, batch size); returns one row per run and writes the tables.
 
@@ -62,21 +63,27 @@ def norm_study(
         samples: training samples seen by every run.
         fold: validation fold.
         device: "cpu" or "cuda".
+        lr_scaling: "none" keeps ``train.lr`` for every batch size; "linear" multiplies it by
+            batch / smallest batch (the linear scaling rule the Group Normalization paper uses),
+            so a larger batch's fewer steps are not also smaller steps.
     """
     out_dir = Path(out_dir)
     bad = [b for b in batch_sizes if b < 1 or samples % b]
     if bad:
         raise UsageError("--batch-sizes", "every batch size must divide the samples seen", got=bad, expected=f"divisors of {samples}")
+    if lr_scaling not in ("none", "linear"):
+        raise UsageError("--lr-scaling", "unknown rule", got=lr_scaling, expected="none or linear")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for norm in norms:
         for batch in batch_sizes:
             iterations = samples // batch
+            lr = cfg.train.lr * (batch / min(batch_sizes) if lr_scaling == "linear" else 1.0)
             run_cfg = dataclasses.replace(
                 cfg,
                 model=dataclasses.replace(cfg.model, norm=norm),
                 # One epoch of `iterations` steps, validated once at the end; no warmup longer than the run.
-                train=dataclasses.replace(cfg.train, batch_size=batch, epochs=1, iters_per_epoch=iterations, val_every=0, warmup_iters=min(cfg.train.warmup_iters, iterations - 1), early_stopping_patience=0),
+                train=dataclasses.replace(cfg.train, lr=lr, batch_size=batch, epochs=1, iters_per_epoch=iterations, val_every=0, warmup_iters=min(cfg.train.warmup_iters, iterations - 1), early_stopping_patience=0),
             )
             run_dir = out_dir / "runs" / f"{norm}_b{batch}"
             log.info("study: norm %s, batch %d, %d iterations", norm, batch, iterations)
@@ -89,6 +96,7 @@ def norm_study(
                 "norm": norm,
                 "batch_size": batch,
                 "iterations": iterations,
+                "lr": lr,
                 "samples_seen": result.state.samples_seen,
                 "val_dice_mean": record["val_mean"],
                 "val_dice_per_class": [round(float(d), 4) for d in dice],
@@ -96,7 +104,7 @@ def norm_study(
                 "seconds": round(time.monotonic() - start, 1),
                 "stop_reason": result.state.stop_reason,
             })
-    write_study(rows, out_dir, settings={"samples": samples, "fold": fold, "device": device, "config": cfg.to_dict()})
+    write_study(rows, out_dir, settings={"samples": samples, "fold": fold, "device": device, "lr_scaling": lr_scaling, "config": cfg.to_dict()})
     return rows
 
 
@@ -115,7 +123,7 @@ def _markdown(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> str:
     lines = [
         "# Normalisation vs batch size: validation Dice",
         "",
-        f"Same network, seed and data order; {settings['samples']} training samples per run; fold {settings['fold']}; device {settings['device']}.",
+        f"Same network, seed and data order; {settings['samples']} training samples per run; fold {settings['fold']}; device {settings['device']}; learning-rate scaling with batch size: {settings.get('lr_scaling', 'none')}.",
         "BatchNorm is evaluated in eval mode with its running statistics.",
         "",
         "| norm | " + " | ".join(f"batch {b}" for b in batches) + " |",

@@ -16,7 +16,7 @@ def test_norm_study_two_norms_two_batch_sizes(tmp_path: Path) -> None:
     out = tmp_path / "study"
     code = main([
         "study", "norms", "--data", str(data), "--out", str(out), "--norms", "batch,group",
-        "--batch-sizes", "1,2", "--iterations", "4", "--device", "cpu",
+        "--batch-sizes", "1,2", "--iterations", "4", "--device", "cpu", "--lr-scaling", "linear",
         "--set", "model.features=[4,8]", "--set", "plan.patch_size=[16,16,16]", "--set", "plan.n_folds=2",
         "--set", "data.num_workers=0", "--set", "train.amp=off", "--set", "train.optimizer=adamw",
         "--set", "train.checkpoint_every_minutes=0",
@@ -28,6 +28,8 @@ def test_norm_study_two_norms_two_batch_sizes(tmp_path: Path) -> None:
     # Same samples seen by every run: 4 steps at batch 1, 2 steps at batch 2.
     assert [r["iterations"] for r in rows] == ["4", "2", "4", "2"]
     assert all(r["samples_seen"] == "4" for r in rows)
+    # Linear scaling: batch 2 trains at twice the base learning rate (config default 0.01).
+    assert [float(r["lr"]) for r in rows] == [0.01, 0.02, 0.01, 0.02]
     assert all(0.0 <= float(r["val_dice_mean"]) <= 1.0 for r in rows)
     table = (out / "study.md").read_text()
     assert "| batch |" in table and "| group |" in table and "batch 1 | batch 2" in table
