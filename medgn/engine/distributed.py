@@ -9,7 +9,10 @@ sample, so no SyncBatchNorm is needed.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +102,17 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group if one was joined."""
+    """Leave the process group if one was joined.
+
+    gloo's worker threads drop their last references to finished collectives (tensors with Python
+    objects) after the caller's wait returns, and need the GIL for that; the process group's
+    destructor joins those threads while holding the GIL, so destroying the group while a worker
+    thread still waits for the GIL deadlocks (a hang after the last step of a gloo run). A barrier
+    ends every collective, and a short sleep releases the GIL so the workers can finish first.
+    """
     if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(RuntimeError):  # a peer that already failed must not block the exit
+            dist.barrier()
+        gc.collect()  # DDP reducers and buckets left from training
+        time.sleep(0.2)  # GIL released: gloo threads finish releasing finished work
         dist.destroy_process_group()

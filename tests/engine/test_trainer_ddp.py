@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -15,6 +16,20 @@ from test_trainer_resume import DRIVER, _assert_same_training_state
 from medgn.engine.checkpoint import load_checkpoint, read_pointer
 
 
+def _kill_workers(out: Path) -> None:
+    """SIGKILL every process whose command line names the run folder ``out``."""
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(out) in cmdline:
+            with contextlib.suppress(OSError):
+                os.kill(int(proc_dir.name), signal.SIGKILL)
+
+
 def _torchrun(out: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(DRIVER), "--out", str(out), *args]
     # Own session: on a timeout the whole group (torchrun and both workers) is killed, so no
@@ -24,6 +39,7 @@ def _torchrun(out: Path, *args: str) -> subprocess.CompletedProcess:
         stdout, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        _kill_workers(out)  # torchrun starts its workers in their own process groups
         stdout, stderr = proc.communicate()
         pytest.fail(f"torchrun {' '.join(args) or '(reference)'} hung: {stderr[-3000:]!r}")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
