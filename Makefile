@@ -22,8 +22,10 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Python's UTF-8 mode: text I/O in the tests must not depend on the C locale, which native
+# readers loaded during the run may reset to ASCII.
 test: $(STAMP) lint
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=15 tests
+	PYTHONUTF8=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --durations=15 tests
 
 demo: $(STAMP)
 	$(PY) -m medgn.demo --out demo_run

@@ -54,7 +54,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "medgn.demo", "--out", str(out), "--train-subjects", "3", "--test-subjects", "1",
            "--time-budget", "1m", "--set", "train.epochs=2", "--set", "train.iters_per_epoch=3", "--set", "train.val_every=1", "--set", "train.warmup_iters=0",
            "--set", "model.features=[8,16]", "--set", "plan.patch_size=[32,32,32]", "--device", "cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "grey matter    Dice" in proc.stdout and "white matter   Dice" in proc.stdout
     summary = json.loads((out / "evaluation" / "summary.json").read_text())
