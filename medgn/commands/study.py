@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from medgn.commands.train import parse_fold
 from medgn.config import load_run_config
@@ -53,11 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise UsageError("--norms", f"unknown norm {unknown[0]!r}", expected="one of " + ", ".join(sorted(NORMS)))
     samples = args.iterations * min(batch_sizes)
-    lcm = 1
-    import math
-
-    for b in batch_sizes:
-        lcm = lcm * b // math.gcd(lcm, b)
+    lcm = math.lcm(*batch_sizes)
     samples = max(lcm, (samples // lcm) * lcm)  # every batch size divides the samples seen
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = norm_study(cfg, args.data, args.out, names, batch_sizes, samples=samples, fold=parse_fold(args.fold), device=device, lr_scaling=args.lr_scaling)

@@ -208,7 +208,12 @@ def case_item(case: Case) -> dict[str, Any]:
     return item
 
 
-def _dataset(items: list[dict[str, Any]], transform: Any, plan: Mapping[str, Any], cfg: DataConfig) -> Any:
+def cached_dataset(items: list[dict[str, Any]], transform: Any, plan: Mapping[str, Any], cfg: DataConfig) -> Any:
+    """A MONAI dataset caching ``transform``'s deterministic output as ``cfg`` says.
+
+    On disk under ``cfg.cache_dir/prep-<pipeline hash>`` (a changed plan never reads a stale
+    cache), else in memory for ``cfg.cache_rate`` of the cases, else no cache.
+    """
     from monai.data import CacheDataset, Dataset, PersistentDataset
 
     if cfg.cache_dir is not None:
@@ -216,7 +221,8 @@ def _dataset(items: list[dict[str, Any]], transform: Any, plan: Mapping[str, Any
         folder.mkdir(parents=True, exist_ok=True)
         return PersistentDataset(items, transform=transform, cache_dir=folder)
     if cfg.cache_rate > 0:
-        return CacheDataset(items, transform=transform, cache_rate=cfg.cache_rate, num_workers=None, progress=False)
+        # One worker for the cache build: several threads of MONAI transforms fight over 2 cores.
+        return CacheDataset(items, transform=transform, cache_rate=cfg.cache_rate, num_workers=1, progress=False)
     return Dataset(items, transform=transform)
 
 
@@ -234,11 +240,11 @@ def make_train_loader(cases: Sequence[Case], plan: Mapping[str, Any], cfg: DataC
 
     if any(c.label is None for c in cases):
         raise InputDataError("cases", "training cases need labels", got=[c.case_id for c in cases if c.label is None][:10])
-    dataset = _dataset([case_item(c) for c in cases], train_transforms(plan, cfg), plan, cfg)
+    dataset = cached_dataset([case_item(c) for c in cases], train_transforms(plan, cfg), plan, cfg)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size or int(plan["batch_size"]), shuffle=True, num_workers=cfg.num_workers, generator=generator, persistent_workers=cfg.num_workers > 0, drop_last=False)
 
 
 def make_val_data(cases: Sequence[Case], plan: Mapping[str, Any], cfg: DataConfig) -> Any:
     """A dataset of whole preprocessed validation volumes (cached like the training data)."""
-    return _dataset([case_item(c) for c in cases], val_transforms(plan, cfg.limits), plan, cfg)
+    return cached_dataset([case_item(c) for c in cases], val_transforms(plan, cfg.limits), plan, cfg)

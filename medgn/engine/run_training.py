@@ -54,10 +54,6 @@ class TrainResult:
     records: list[dict[str, Any]]
 
 
-def _same_path(a: Path, b: Path) -> bool:
-    return os.path.normpath(a.absolute()) == os.path.normpath(b.absolute())
-
-
 def _inside(child: Path, parent: Path) -> bool:
     child_n = Path(os.path.normpath(child.absolute()))
     parent_n = Path(os.path.normpath(parent.absolute()))
@@ -129,7 +125,7 @@ def train_on_dataset(
     info = ddp.init_distributed(device)  # joins the process group under torchrun
     if device == "cuda" and info.enabled:
         device = f"cuda:{info.local_rank}"
-    if _inside(out_dir, data) or _same_path(out_dir, data):
+    if _inside(out_dir, data):  # also out_dir == data
         raise UsageError(out_dir, "refusing to write the run into the dataset folder", expected="an --out outside the input tree")
     has_checkpoint = (out_dir / "checkpoints").is_dir() and read_pointer(out_dir / "checkpoints") is not None
     if resume and not has_checkpoint:

@@ -22,7 +22,7 @@ from torch import nn
 
 from medgn.data.config import DataConfig
 from medgn.data.datasets import Case
-from medgn.data.pipeline import case_item, train_transforms, val_transforms
+from medgn.data.pipeline import cached_dataset, case_item, make_val_data, train_transforms
 from medgn.engine.sliding_window import WindowSettings, predict_probabilities
 from medgn.errors import InputDataError
 
@@ -37,23 +37,6 @@ def _split_compose(compose: Any) -> tuple[Any, Any]:
     steps = list(compose.transforms)
     first = next((i for i, t in enumerate(steps) if isinstance(t, Randomizable)), len(steps))
     return Compose(steps[:first]), Compose(steps[first:])
-
-
-def _cached_dataset(items: list[dict[str, Any]], transform: Any, cfg: DataConfig, plan: Mapping[str, Any]) -> Any:
-    from monai.data import CacheDataset, Dataset, PersistentDataset
-
-    from medgn.data.pipeline import pipeline_hash
-
-    if cfg.cache_dir is not None:
-        from pathlib import Path
-
-        folder = Path(cfg.cache_dir) / f"prep-{pipeline_hash(plan, cfg.limits)}"
-        folder.mkdir(parents=True, exist_ok=True)
-        return PersistentDataset(items, transform=transform, cache_dir=folder)
-    if cfg.cache_rate > 0:
-        # num_workers=1 in the cache build: several threads of MONAI transforms fight over 2 cores.
-        return CacheDataset(items, transform=transform, cache_rate=cfg.cache_rate, num_workers=1, progress=False)
-    return Dataset(items, transform=transform)
 
 
 def _plain(x: Any) -> torch.Tensor:
@@ -76,7 +59,7 @@ class PatchDataset(torch.utils.data.Dataset):
         self.cases = list(cases)
         one_crop = dataclasses.replace(cfg, samples_per_volume=1)
         self.prep, self.augment = _split_compose(train_transforms(plan, one_crop))
-        self.cache = _cached_dataset([case_item(c) for c in self.cases], self.prep, cfg, plan)
+        self.cache = cached_dataset([case_item(c) for c in self.cases], self.prep, plan, cfg)
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -106,7 +89,7 @@ def make_validator(
     case and never predicted scores 1. ``overlap`` 0.25 halves validation time against 0.5 for a
     negligible difference in a model-selection signal.
     """
-    dataset = _cached_dataset([case_item(c) for c in cases], val_transforms(plan, cfg.limits), cfg, plan)
+    dataset = make_val_data(cases, plan, cfg)
     classes = int(plan["num_classes"])
     settings = WindowSettings(roi_size=tuple(int(p) for p in plan["patch_size"]), overlap=overlap, sw_batch_size=2)
 
