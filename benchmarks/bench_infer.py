@@ -89,8 +89,8 @@ def _segresnet(target_params: int) -> Any:
 def _run_medgn(path: Path, tta: bool, work: Path) -> dict[str, Any]:
     import nibabel as nib
 
-    from medgn.engine.infer import infer
-    from medgn.engine.predictor import Predictor
+    from medgn.infer.predictor import Predictor
+    from medgn.infer.run import infer
 
     spacing = [float(s) for s in nib.load(path).header.get_zooms()[:3]]
     plan = _plan(spacing)

@@ -1,7 +1,7 @@
 """Training speed and memory: medgn GroupNorm vs ``nn.GroupNorm`` vs InstanceNorm, side by side.
 
 For each norm the same 3D U-Net (nnU-Net widths, deep supervision) runs full trainer steps
-(:meth:`medgn.engine.trainer.Trainer.train_step`: bf16 autocast, Dice+CE over the heads, gradient
+(:meth:`medgn.train.trainer.Trainer.train_step`: bf16 autocast, Dice+CE over the heads, gradient
 clipping, SGD Nesterov) on a 128^3 patch at batch 2. Reported: median iterations/s over timed
 windows and peak GPU memory (``torch.cuda.max_memory_allocated``) during the timed steps. CUDA
 only; without a GPU it says so and exits 0, unless ``--device cpu`` asks for a tiny smoke run
@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 from medgn.configtools import build
-from medgn.engine.train_config import TrainConfig
-from medgn.engine.trainer import Trainer
 from medgn.environment import versions
 from medgn.files import atomic_write_json, atomic_write_text
 from medgn.models import UNet3D
+from medgn.train.config import TrainConfig
+from medgn.train.trainer import Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NORMS = ("group", "group_torch", "instance")

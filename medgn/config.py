@@ -1,8 +1,8 @@
 """The run configuration: one YAML file composed of the per-package sections.
 
 A run config has the sections ``model`` (:class:`~medgn.models.config.UNet3DConfig`), ``data``
-(:class:`~medgn.data.config.DataConfig`), ``plan`` (:class:`~medgn.data.plan_config.PlanConfig`)
-and ``train`` (:class:`~medgn.engine.train_config.TrainConfig`). :func:`load_run_config` reads the
+(:class:`~medgn.data.config.DataConfig`), ``plan`` (:class:`~medgn.planning.plan_config.PlanConfig`)
+and ``train`` (:class:`~medgn.train.config.TrainConfig`). :func:`load_run_config` reads the
 YAML, applies ``--set section.key=value`` overrides and validates every key, so a typo fails
 naming the key and the valid choices; :func:`write_resolved_config` saves the fully resolved copy
 (every default spelled out) next to the run's outputs.
@@ -20,10 +20,10 @@ import yaml
 
 from medgn.configtools import apply_overrides, build, config_hash, load_yaml, to_dict
 from medgn.data.config import DataConfig
-from medgn.data.plan_config import PlanConfig
-from medgn.engine.train_config import TrainConfig
 from medgn.files import atomic_write_text
 from medgn.models.config import UNet3DConfig
+from medgn.planning.plan_config import PlanConfig
+from medgn.train.config import TrainConfig
 
 
 @dataclass(frozen=True)

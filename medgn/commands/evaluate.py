@@ -1,6 +1,6 @@
 """``medgn evaluate``: compare predicted label maps with references and write the reports.
 
-A thin wrapper over :func:`medgn.engine.evaluate.evaluate`: parses the folders, labels, regions and
+A thin wrapper over :func:`medgn.evaluate.run.evaluate`: parses the folders, labels, regions and
 tolerance, prints the per-class summary table, lists failed and missing cases on stderr, and exits
 3 when any case failed (missing predictions are an error unless ``--allow-missing``).
 """
@@ -52,8 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medgn.engine.evaluate import evaluate
-    from medgn.engine.evaluate_report import format_table
+    from medgn.evaluate.report import format_table
+    from medgn.evaluate.run import evaluate
 
     regions: dict[str, tuple[int, ...]] = {}
     if args.dataset is not None:

@@ -1,4 +1,4 @@
-"""``medgn infer``: segment scans with trained models; a thin wrapper over :func:`medgn.engine.infer.infer`."""
+"""``medgn infer``: segment scans with trained models; a thin wrapper over :func:`medgn.infer.run.infer`."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medgn.engine.infer import infer
+    from medgn.infer.run import infer
     from medgn.logs import attach_file_log, current_log_path, fallback_log_path
 
     if current_log_path() is None:  # per-case tracebacks of a batch run go to the user's log file

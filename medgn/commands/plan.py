@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 
 from medgn.data.datasets import load_dataset
-from medgn.data.fingerprint import compute_fingerprint
-from medgn.data.plan import DEFAULT_GPU_GB, make_plan
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
-from medgn.data.splits import load_or_create_splits
 from medgn.errors import UsageError
 from medgn.files import atomic_write_json
+from medgn.planning.fingerprint import compute_fingerprint
+from medgn.planning.planner import DEFAULT_GPU_GB, make_plan
+from medgn.planning.splits import load_or_create_splits
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

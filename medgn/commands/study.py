@@ -7,8 +7,8 @@ import math
 
 from medgn.commands.train import parse_fold
 from medgn.config import load_run_config
-from medgn.engine.study import norm_study
 from medgn.errors import UsageError
+from medgn.workflows.study import norm_study
 
 
 def _ints(text: str, flag: str) -> list[int]:

@@ -6,8 +6,8 @@ import argparse
 import re
 
 from medgn.config import load_run_config
-from medgn.engine.run_training import ALL_FOLDS, train_on_dataset
 from medgn.errors import UsageError
+from medgn.workflows.train import ALL_FOLDS, train_on_dataset
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
 

@@ -20,7 +20,7 @@ import pytest
 from test_dockerfiles import DOCKERFILES, _instructions
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "engine"))
+sys.path.insert(0, str(REPO / "tests" / "workflows"))
 from test_run_training import TINY, make_dataset  # noqa: E402
 
 

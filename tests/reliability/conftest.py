@@ -230,7 +230,7 @@ def model_state(in_channels: int = 1, num_classes: int = 2, seed: int = 0) -> di
 
 def save_run(run_dir: Path, **kwargs: int) -> Path:
     """A run folder with one checkpoint marked latest and best; returns ``run_dir``."""
-    from medgn.engine.checkpoint import save_checkpoint
+    from medgn.checkpoint import save_checkpoint
 
     save_checkpoint(model_state(**kwargs), run_dir / "checkpoints", tag="epoch", pointers=("latest", "best"))
     return run_dir

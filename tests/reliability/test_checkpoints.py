@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medgn.engine.checkpoint import FORMAT, FORMAT_VERSION, file_sha256, save_checkpoint
+from medgn.checkpoint import FORMAT, FORMAT_VERSION, file_sha256, save_checkpoint
 from tests.reliability.conftest import (
     assert_clean_failure,
     cli,

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from medgn.engine.checkpoint import file_sha256, load_checkpoint, read_pointer
+from medgn.checkpoint import file_sha256, load_checkpoint, read_pointer
 from medgn.files import LOCK_NAME
 from tests.reliability.conftest import (
     Result,
@@ -54,7 +54,7 @@ TRAIN = [
 # Send signal SIG to this process while the step of iteration AT is computing its loss.
 SIGNAL_IN_STEP = """
 import os
-from medgn.engine import trainer as _t
+from medgn.train import trainer as _t
 _forward = _t.Trainer._forward_loss
 def _patched(self, batch):
     if self.state.iteration == {at}:
@@ -66,7 +66,7 @@ _t.Trainer._forward_loss = _patched
 # SIGKILL inside the save of checkpoint iteration AT: the temporary file is complete, not renamed.
 KILL_IN_SAVE = """
 import os, signal
-from medgn.engine import checkpoint as _c
+from medgn import checkpoint as _c
 _sha = _c.file_sha256
 def _patched(path):
     if ".medgn-tmp-" in str(path) and "-i{at:07d}-" in str(path):
@@ -162,7 +162,7 @@ def test_training_survives_five_interruptions_bit_exact(train_data: Path, tmp_pa
 
 # Losses of the steps in BAD are NaN (the first two are isolated, then K in a row).
 NAN_LOSS = """
-from medgn.engine import trainer as _t
+from medgn.train import trainer as _t
 _forward = _t.Trainer._forward_loss
 def _patched(self, batch):
     loss = _forward(self, batch)
@@ -270,7 +270,7 @@ def test_disk_full_during_a_case_keeps_earlier_outputs(tmp_path: Path, model_run
 
 def _oom_then(after: BaseException | None) -> object:
     """A ``_window_logits`` that runs out of memory once, then raises ``after`` (or works)."""
-    from medgn.engine import sliding_window
+    from medgn.infer import sliding_window
 
     original, calls = sliding_window._window_logits, []
 
@@ -291,7 +291,7 @@ def _oom_then(after: BaseException | None) -> object:
     (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"), 1, ["internal error: RuntimeError: cuDNN error"]),
 ], ids=["fallback", "oom-twice", "other-error"])
 def test_out_of_memory_falls_back_only_for_out_of_memory(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, after: BaseException | None, code: int, words: list[str]) -> None:
-    from medgn.engine import sliding_window
+    from medgn.infer import sliding_window
 
     scan = write_nifti(tmp_path / "scan.nii.gz", image_array())
     monkeypatch.setattr(sliding_window, "_window_logits", _oom_then(after))

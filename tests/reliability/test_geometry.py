@@ -4,7 +4,7 @@ An asymmetric volume in all 48 axis permutations/flips (with anisotropic spacing
 origin) and two oblique orientations, as NIfTI, NRRD and MetaImage, goes through one CLI run; each
 mask must have the input's shape, spacing, origin and direction (and NIfTI qform/sform codes), read
 back from the raw header. The Dice = 1 check of the blob with an identity model lives in
-tests/engine/test_infer_geometry.py; this test covers the CLI path with a real checkpoint.
+tests/infer/test_infer_geometry.py; this test covers the CLI path with a real checkpoint.
 """
 
 from __future__ import annotations

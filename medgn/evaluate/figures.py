@@ -1,0 +1,162 @@
+"""Figures of an evaluation: the Dice/HD95 box plot and contour overlays of the worst cases.
+
+Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend
+switch, no display needed) and saved through :func:`medgn.files.atomic_path`. An overlay shows the
+axial, coronal and sagittal planes through the centre of the reference structure, oriented from the
+affine (world right and anterior/superior point right and up, RAS), with the reference contour in
+green and the prediction contour in red over the image, or over the reference when no image is given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medgn.errors import MedgnError
+from medgn.files import atomic_path
+from medgn.logs import get_logger
+
+if TYPE_CHECKING:
+    from medgn.evaluate.results import EvaluationResult
+
+log = get_logger("engine.evaluate")
+
+# Views as (name, world axis normal to the plane); RAS world axes 0 = R, 1 = A, 2 = S.
+VIEWS: tuple[tuple[str, int], ...] = (("axial", 2), ("coronal", 1), ("sagittal", 0))
+REF_COLOUR = "#00d000"  # green: reference
+PRED_COLOUR = "#ff2020"  # red: prediction
+DPI = 100  # 100 dpi at 12 x 4.2 inches: 1200 x 420 px, readable and small on disk
+
+
+def _save(fig: Any, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    return path
+
+
+def write_boxplot(result: EvaluationResult, path: Path) -> Path:
+    """Box plots of Dice (all rows) and HD95 (finite rows, infinite ones counted) per class."""
+    from matplotlib.figure import Figure
+
+    keys = list(result.summary["per_class"])
+    width = max(6.0, 1.0 + 1.1 * len(keys))  # about an inch per class, at least 6 inches
+    fig = Figure(figsize=(2 * width, 4.2))
+    ax_dice, ax_hd = fig.subplots(1, 2)
+    dice = [[r.metrics.dice for r in result.rows if r.label == k] for k in keys]
+    hd95 = [[r.metrics.hd95 for r in result.rows if r.label == k] for k in keys]
+    finite = [[v for v in vals if math.isfinite(v)] for vals in hd95]
+    positions = list(range(1, len(keys) + 1))
+    if keys:
+        ax_dice.boxplot(dice, positions=positions)
+        ax_hd.boxplot([v if v else [math.nan] for v in finite], positions=positions)
+    ax_dice.set_xticks(positions, keys)
+    ax_hd.set_xticks(positions, [f"{k}\n({len(h) - len(f)} inf)" for k, h, f in zip(keys, hd95, finite)])
+    ax_dice.set_ylim(-0.02, 1.02)  # Dice lives in [0, 1]; a small margin keeps 0 and 1 visible
+    ax_dice.set_title("Dice per class")
+    ax_hd.set_title("HD95 per class (finite cases)")
+    ax_hd.set_ylabel("mm")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _find_image(image_dir: Path, cid: str) -> Path | None:
+    from medgn.evaluate.results import CASE_SUFFIXES
+
+    for stem in (cid, f"{cid}_0000"):  # plain name, or the first channel in nnU-Net naming
+        for suffix in CASE_SUFFIXES:
+            candidate = image_dir / f"{stem}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _plane(volume: np.ndarray, affine: np.ndarray, centre: np.ndarray, world_normal: int) -> tuple[np.ndarray, float]:
+    """The (rows, cols) plane through ``centre`` normal to a world axis, displayed RAS-up/right.
+
+    Returns the 2D array (row 0 at the bottom with ``origin="lower"``) and the display aspect.
+    """
+    from nibabel.orientations import io_orientation
+
+    ornt = io_orientation(affine)  # row i: (world axis of array axis i, +1 / -1)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    normal = int(np.flatnonzero(ornt[:, 0] == world_normal)[0])
+    plane = np.take(volume, int(centre[normal]), axis=normal)
+    axes = [a for a in range(3) if a != normal]
+    axes.sort(key=lambda a: ornt[a, 0])  # horizontal: the lower world axis (R before A before S)
+    for i, axis in enumerate(axes):
+        if ornt[axis, 1] < 0:
+            plane = np.flip(plane, axis=i)
+    return plane.T, float(spacing[axes[1]] / spacing[axes[0]])
+
+
+def _overlay(
+    path: Path, title: str, under: np.ndarray, ref: np.ndarray, pred: np.ndarray, affine: np.ndarray
+) -> Path:
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    centre_mask = ref if ref.any() else pred
+    centre = np.rint(np.argwhere(centre_mask).mean(axis=0)).astype(int)
+    fig = Figure(figsize=(12, 4.2))
+    for ax, (name, normal) in zip(fig.subplots(1, 3), VIEWS):
+        img2d, aspect = _plane(under, affine, centre, normal)
+        ax.imshow(img2d, cmap="gray", origin="lower", aspect=aspect, interpolation="nearest")
+        for mask, colour in ((ref, REF_COLOUR), (pred, PRED_COLOUR)):
+            m2d, _ = _plane(mask.astype(np.float32), affine, centre, normal)
+            if m2d.min() < 0.5 < m2d.max() and min(m2d.shape) >= 2:  # contour needs a crossing
+                ax.contour(m2d, levels=[0.5], colors=colour, linewidths=1.0)
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [Line2D([], [], color=REF_COLOUR, label="reference"), Line2D([], [], color=PRED_COLOUR, label="prediction")]
+    fig.legend(handles=handles, loc="lower center", ncol=2)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def write_overlays(
+    result: EvaluationResult,
+    folder: Path,
+    refs: Mapping[str, Path],
+    preds: Mapping[str, Path],
+    image_dir: Path | None,
+    worst_k: int,
+) -> list[Path]:
+    """Overlay PNGs ``<case>_label-<label>.png`` for the ``worst_k`` worst cases of each label."""
+    from medgn.data.io import geometry_diff, read_volume
+    from medgn.evaluate.metrics import structure_mask
+    from medgn.evaluate.report import worst_cases
+
+    written: list[Path] = []
+    worst = worst_cases(result, worst_k)
+    if not any(worst.values()):
+        return written
+    folder.mkdir(exist_ok=True)
+    for key, cases in worst.items():
+        for cid in cases:
+            try:
+                ref = read_volume(refs[cid], label=True)
+                pred = read_volume(preds[cid], label=True)
+                under = ref.array.astype(np.float32)
+                image_path = _find_image(image_dir, cid) if image_dir is not None else None
+                if image_path is not None:
+                    image = read_volume(image_path)
+                    diffs = geometry_diff(image, ref)
+                    if diffs:
+                        log.warning("%s: image geometry differs from the reference (%s); drawing over the reference", image_path, "; ".join(diffs))
+                    else:
+                        under = image.array
+                m = result.value(cid, key, "dice"), result.value(cid, key, "hd95")
+                title = f"{cid}, label {key}: Dice {m[0]:.3f}, HD95 {m[1]:.2f} mm"
+                ref_mask, pred_mask = structure_mask(ref.array, int(key)), structure_mask(pred.array, int(key))
+                written.append(_overlay(folder / f"{cid}_label-{key}.png", title, under, ref_mask, pred_mask, ref.affine))
+            except MedgnError as exc:
+                log.warning("no overlay for %s, label %s: %s", cid, key, exc.one_line())
+    return written

@@ -1,0 +1,203 @@
+"""The written forms of an evaluation: summary statistics, ``metrics.csv``, ``summary.json``,
+``report.md`` and the plain-text table the command prints.
+
+Infinite distances (one side empty, missing or failed case) keep their meaning in every form: the
+CSV says ``inf``, the JSON says ``null`` with the row's flags and an ``infinite`` list naming the
+metrics, the statistics are over the finite values with the count of infinite ones beside them. All
+files are written atomically through :mod:`medgn.files`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medgn.evaluate.metrics import (
+    FLAG_BOTH_EMPTY,
+    FLAG_FAILED,
+    FLAG_MISSING,
+    FLAG_PRED_EMPTY,
+    FLAG_REF_EMPTY,
+    METRIC_NAMES,
+    summarize,
+)
+from medgn.files import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from medgn.evaluate.results import EvaluationResult, MetricRow
+
+EMPTY_FLAGS: tuple[str, ...] = (FLAG_BOTH_EMPTY, FLAG_REF_EMPTY, FLAG_PRED_EMPTY)
+CSV_COLUMNS: tuple[str, ...] = ("case", "label", *METRIC_NAMES, "flags")
+
+
+def _flag_counts(rows: Sequence[MetricRow]) -> dict[str, int]:
+    return {flag: sum(flag in r.metrics.flags for r in rows) for flag in EMPTY_FLAGS}
+
+
+def _stats(rows: Sequence[MetricRow]) -> dict[str, Any]:
+    out: dict[str, Any] = {name: summarize([r.metrics.value(name) for r in rows]) for name in METRIC_NAMES}
+    out["empty"] = _flag_counts(rows)
+    return out
+
+
+def worst_cases(result: EvaluationResult, k: int) -> dict[str, list[str]]:
+    """Per label, the ``k`` evaluated cases with the lowest Dice (then the largest HD95).
+
+    Missing and failed cases and cases where both maps are empty are left out: there is nothing
+    to draw for them.
+    """
+    skip = {FLAG_MISSING, FLAG_FAILED, FLAG_BOTH_EMPTY}
+    out: dict[str, list[str]] = {}
+    for key in [str(v) for v in result.labels]:
+        rows = [r for r in result.rows if r.label == key and not skip.intersection(r.metrics.flags)]
+        rows.sort(key=lambda r: (r.metrics.dice, -r.metrics.hd95, r.case))
+        out[key] = [r.case for r in rows[:k]]
+    return out
+
+
+def build_summary(result: EvaluationResult, settings: dict[str, Any], *, n_unmatched: int, worst_k: int) -> dict[str, Any]:
+    """Statistics per label and region and over all labels, with counts, failures and settings.
+
+    ``overall`` pools every (case, label) row of the labels (regions would count voxels twice);
+    with the same cases under every label, its mean is the mean of the per-label means.
+    """
+    label_keys = [str(v) for v in result.labels]
+    per_class = {key: _stats([r for r in result.rows if r.label == key]) for key in [*label_keys, *result.regions]}
+    label_rows = [r for r in result.rows if r.label in label_keys]
+    n_cases = len({r.case for r in result.rows}) if result.rows else len(result.failures) + len(result.missing)
+    return {
+        "counts": {
+            "cases": n_cases,
+            "evaluated": n_cases - len(result.failures) - len(result.missing),
+            "missing": len(result.missing),
+            "failed": len(result.failures),
+            "unmatched_predictions": n_unmatched,
+            "empty": _flag_counts(label_rows),
+        },
+        "per_class": per_class,
+        "overall": _stats(label_rows),
+        "missing": list(result.missing),
+        "failures": dict(result.failures),
+        "worst_cases": worst_cases(result, worst_k),
+        "settings": settings,
+        "policy": {
+            "both_empty": "Dice 1, IoU 1, NSD 1, distances 0",
+            "ref_empty_or_pred_empty": "Dice 0, IoU 0, NSD 0, distances infinite",
+            "missing_or_failed": "Dice 0, IoU 0, NSD 0, distances infinite",
+            "statistics": "population std; distances over finite values only, n_inf counts the others",
+        },
+    }
+
+
+def _csv_number(value: float) -> str:
+    return "inf" if math.isinf(value) else repr(float(value))
+
+
+def metrics_csv(rows: Sequence[MetricRow]) -> str:
+    """One line per case and structure; infinite distances written as ``inf``."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        writer.writerow([row.case, row.label, *(_csv_number(row.metrics.value(n)) for n in METRIC_NAMES), ";".join(row.metrics.flags)])
+    return buffer.getvalue()
+
+
+def _json_row(row: MetricRow) -> dict[str, Any]:
+    out = row.as_dict()
+    infinite = [name for name in METRIC_NAMES if math.isinf(out[name])]
+    for name in infinite:
+        out[name] = None  # JSON has no infinity: null, named in "infinite", explained by the flags
+    out["infinite"] = infinite
+    return out
+
+
+def summary_json(result: EvaluationResult) -> dict[str, Any]:
+    """The summary plus every row, ready for strict JSON (no NaN or Infinity)."""
+    return {**result.summary, "cases": [_json_row(r) for r in result.rows]}
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _table_rows(result: EvaluationResult) -> list[list[str]]:
+    tol = result.summary["settings"]["nsd_tolerance_mm"]
+    header = ["class", "n", "Dice mean", "Dice std", "Dice median", "IoU mean", "HD95 mean mm", "HD95 inf",
+              "ASSD mean mm", f"NSD@{tol:g}mm mean", "empty b/r/p"]
+    lines = [header]
+    sections = [*result.summary["per_class"].items(), ("overall", result.summary["overall"])]
+    for key, stats in sections:
+        empty = stats["empty"]
+        lines.append([
+            key, str(stats["dice"]["n"]), _num(stats["dice"]["mean"]), _num(stats["dice"]["std"]),
+            _num(stats["dice"]["median"]), _num(stats["iou"]["mean"]), _num(stats["hd95"]["mean"], 2),
+            str(stats["hd95"]["n_inf"]), _num(stats["assd"]["mean"], 2), _num(stats["nsd"]["mean"]),
+            f"{empty[FLAG_BOTH_EMPTY]}/{empty[FLAG_REF_EMPTY]}/{empty[FLAG_PRED_EMPTY]}",
+        ])
+    return lines
+
+
+def format_table(result: EvaluationResult) -> str:
+    """The per-class summary as an aligned plain-text table (what ``medgn evaluate`` prints)."""
+    lines = _table_rows(result)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def _markdown(lines: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
+    out += ["| " + " | ".join(line) + " |" for line in lines[1:]]
+    return out
+
+
+def report_markdown(result: EvaluationResult, figures: Sequence[Path] = ()) -> str:
+    """A readable report: counts, the per-class table, failures, every case, the figures."""
+    s = result.summary
+    c = s["counts"]
+    text = ["# Evaluation report", ""]
+    text.append(f"Predictions `{s['settings']['pred_dir']}` against references `{s['settings']['ref_dir']}`; "
+                f"surface Dice tolerance {s['settings']['nsd_tolerance_mm']:g} mm.")
+    text.append("")
+    text.append(f"Cases: {c['cases']}, evaluated {c['evaluated']}, missing {c['missing']}, failed {c['failed']}, "
+                f"predictions without reference {c['unmatched_predictions']}. Empty (label rows): "
+                f"both {c['empty'][FLAG_BOTH_EMPTY]}, reference only {c['empty'][FLAG_REF_EMPTY]}, "
+                f"prediction only {c['empty'][FLAG_PRED_EMPTY]}.")
+    text += ["", "## Per class", ""]
+    text += _markdown(_table_rows(result))
+    text += ["", "Both empty: Dice 1, distances 0. One side empty, missing or failed: Dice 0, distances "
+             "infinite; HD95/ASSD means are over finite values and `HD95 inf` counts the others.", ""]
+    if result.failures or result.missing:
+        text += ["## Failed and missing cases", ""]
+        text += [f"- `{cid}` failed: {why}" for cid, why in result.failures.items()]
+        text += [f"- `{cid}`: prediction missing (counted as Dice 0)" for cid in result.missing]
+        text.append("")
+    text += ["## Every case", ""]
+    lines = [list(CSV_COLUMNS)]
+    for row in result.rows:
+        m = row.metrics
+        lines.append([row.case, row.label, _num(m.dice, 4), _num(m.iou, 4), "inf" if math.isinf(m.hd95) else _num(m.hd95, 2),
+                      "inf" if math.isinf(m.assd) else _num(m.assd, 2), _num(m.nsd, 4), ", ".join(m.flags)])
+    text += _markdown(lines)
+    if figures:
+        text += ["", "## Figures", ""]
+        text += [f"![{p.stem}]({p.as_posix()})" for p in figures]
+    return "\n".join(text) + "\n"
+
+
+def write_outputs(result: EvaluationResult, out_dir: Path, figures: Sequence[Path] = ()) -> list[Path]:
+    """Write ``metrics.csv``, ``summary.json`` and ``report.md`` atomically; return their paths.
+
+    Args:
+        result: the evaluation.
+        out_dir: an existing folder.
+        figures: figure paths relative to ``out_dir`` that the report should show.
+    """
+    csv_path = atomic_write_text(out_dir / "metrics.csv", metrics_csv(result.rows))
+    json_path = atomic_write_json(out_dir / "summary.json", summary_json(result))
+    md_path = atomic_write_text(out_dir / "report.md", report_markdown(result, figures))
+    return [csv_path, json_path, md_path]

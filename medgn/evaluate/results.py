@@ -1,0 +1,98 @@
+"""The result types of an evaluation and how prediction/reference files are matched to cases.
+
+This module owns :class:`MetricRow` (one case and one structure), :class:`EvaluationResult` (what
+:func:`medgn.evaluate.run.evaluate` returns), and the case-id rule for file names. The report and
+figure modules read these types; nothing here computes metrics or writes files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medgn.errors import EXIT_INPUT, EXIT_OK, InputDataError, UsageError
+from medgn.evaluate.metrics import METRIC_NAMES, ClassMetrics
+
+CASE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One case and one structure (a label, or a named region of labels)."""
+
+    case: str
+    label: str
+    metrics: ClassMetrics
+
+    def as_dict(self) -> dict[str, Any]:
+        """Case, label, the five metrics (floats, ``inf`` kept) and the flags."""
+        out: dict[str, Any] = {"case": self.case, "label": self.label}
+        out.update({name: self.metrics.value(name) for name in METRIC_NAMES})
+        out["flags"] = list(self.metrics.flags)
+        return out
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate` found.
+
+    Attributes:
+        rows: one row per case and structure, cases in sorted order, labels then regions.
+        summary: statistics per structure and overall, counts, settings, failures (the content of
+            ``summary.json``, with infinite values kept as ``inf`` here).
+        failures: case id -> why it could not be evaluated (unreadable, geometry mismatch).
+        missing: case ids with a reference but no prediction (only with ``allow_missing``).
+        labels: the labels evaluated; regions: the named unions evaluated.
+        out_dir: where the reports were written, or None.
+        files: the files written.
+    """
+
+    rows: list[MetricRow]
+    summary: dict[str, Any]
+    failures: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    labels: tuple[int, ...] = ()
+    regions: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    out_dir: Path | None = None
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """3 when any case failed (missing predictions allowed by the caller do not count)."""
+        return EXIT_INPUT if self.failures else EXIT_OK
+
+    def value(self, case: str, label: str | int, metric: str) -> float:
+        """One number, e.g. ``result.value("case_01", 1, "dice")``."""
+        for row in self.rows:
+            if row.case == case and row.label == str(label):
+                return row.metrics.value(metric)
+        raise KeyError(f"no row for case {case!r}, label {label!r}")
+
+
+def case_id(name: str) -> str | None:
+    """The case id of a file name (suffix removed), or None for files that are not volumes."""
+    lower = name.lower()
+    for suffix in CASE_SUFFIXES:
+        if lower.endswith(suffix) and len(name) > len(suffix) and not name.startswith("."):
+            return name[: -len(suffix)]
+    return None
+
+
+def list_cases(folder: Path) -> dict[str, Path]:
+    """Map case id -> file for every volume in ``folder`` (not recursive).
+
+    Raises:
+        UsageError: the folder does not exist.
+        InputDataError: two files give the same case id (e.g. ``a.nii`` and ``a.nii.gz``).
+    """
+    if not folder.is_dir():
+        raise UsageError(folder, "folder does not exist", expected="a folder of label volumes")
+    cases: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        cid = case_id(path.name)
+        if cid is None or not path.is_file():
+            continue
+        if cid in cases:
+            raise InputDataError(folder, f"two files for case {cid!r}", got=f"{cases[cid].name} and {path.name}", expected="one file per case")
+        cases[cid] = path
+    return cases

@@ -1,0 +1,252 @@
+"""Evaluation of a folder of predicted label maps against a folder of reference label maps.
+
+This module owns :func:`evaluate`, the Python API behind ``medgn evaluate``: it matches cases by
+file name (case id = name without ``.nii.gz``/``.nii``/``.nrrd``/``.mha``), refuses a missing
+prediction unless asked to count it as failed, checks that prediction and reference share their
+geometry (header first, before any voxel is read), computes per-case, per-class metrics
+(:mod:`medgn.evaluate.metrics`) and summarises them. A case whose files are unreadable or whose
+geometry differs is reported as failed and the run goes on; the result then carries exit code 3.
+When an output folder is given, the run holds its lock and writes the reports
+(:mod:`medgn.evaluate.report`) and figures (:mod:`medgn.evaluate.figures`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medgn.errors import InputDataError, MedgnError, UsageError
+from medgn.evaluate.metrics import (
+    FLAG_BOTH_EMPTY,
+    FLAG_FAILED,
+    FLAG_MISSING,
+    ClassMetrics,
+    case_metrics,
+    failed_metrics,
+)
+from medgn.evaluate.results import CASE_SUFFIXES, EvaluationResult, MetricRow, case_id, list_cases  # noqa: F401
+from medgn.files import RunLock, clean_stale_temps
+from medgn.logs import get_logger
+
+OUTPUT_FILES: tuple[str, ...] = ("metrics.csv", "summary.json", "report.md", "boxplot.png")
+
+log = get_logger("evaluate.run")
+
+
+def _check_labels(labels: Sequence[int] | None) -> tuple[int, ...] | None:
+    if labels is None:
+        return None
+    values = tuple(int(v) for v in labels)
+    if not values or any(v <= 0 for v in values) or len(set(values)) != len(values):
+        raise UsageError("labels", "labels must be distinct positive integers", got=list(labels), expected="e.g. 1,2,3 (0 is background)")
+    return values
+
+
+def _check_regions(regions: Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for name, members in (regions or {}).items():
+        try:
+            values = tuple(int(v) for v in members)
+        except (TypeError, ValueError):
+            raise UsageError("regions", f"region {name!r} must list integer labels", got=members) from None
+        if not name.strip() or name.strip().isdigit() or not name.isprintable():
+            raise UsageError("regions", "region names must be printable words, not label numbers", got=name)
+        if not values or any(v <= 0 for v in values):
+            raise UsageError("regions", f"region {name!r} needs positive labels", got=list(members))
+        out[name] = values
+    return out
+
+
+def _check_out_dir(out_dir: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+    resolved = out_dir.resolve()
+    for folder in inputs:
+        src = folder.resolve()
+        if resolved == src or src in resolved.parents:
+            raise UsageError(out_dir, "output folder is inside an input folder", got=str(folder), expected="a folder outside the prediction, reference and image folders")
+    if not overwrite:
+        existing = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
+        if existing:
+            raise UsageError(out_dir, "output folder already holds evaluation results", got=", ".join(existing), expected="a new folder, or overwrite=True (--overwrite)")
+
+
+def _geometry_mismatch(pred_path: Path, ref_path: Path) -> str | None:
+    """The geometry difference between a prediction and its reference, from the headers alone."""
+    from medgn.data.io import geometry_diff, read_header
+
+    pred_h, ref_h = read_header(pred_path), read_header(ref_path)
+    diffs = geometry_diff(pred_h, ref_h)
+    if not diffs:
+        return None
+    return (
+        f"prediction geometry differs from the reference (prediction vs reference: {'; '.join(diffs)}); "
+        f"prediction affine {_fmt_affine(pred_h.affine)} ({pred_path}), reference affine {_fmt_affine(ref_h.affine)} ({ref_path})"
+    )
+
+
+def _fmt_affine(affine: Any) -> str:
+    rows = np.asarray(affine, dtype=np.float64)
+    return "[" + ", ".join("[" + ", ".join(f"{v:.6g}" for v in row) + "]" for row in rows) + "]"
+
+
+def _evaluate_case(
+    pred_path: Path, ref_path: Path, labels: tuple[int, ...] | None, regions: dict[str, tuple[int, ...]], tol: float
+) -> dict[str, ClassMetrics]:
+    from medgn.data.io import read_volume
+
+    mismatch = _geometry_mismatch(pred_path, ref_path)
+    if mismatch:
+        raise InputDataError(pred_path, mismatch, expected="the reference's shape, spacing, origin and direction")
+    pred = read_volume(pred_path, label=True)
+    ref = read_volume(ref_path, label=True)
+    present = labels
+    if present is None:  # every foreground value found in either map
+        present = tuple(int(v) for v in np.union1d(np.unique(pred.array), np.unique(ref.array)) if v > 0)
+    return case_metrics(pred.array, ref.array, ref.spacing, present, regions, tol)
+
+
+def evaluate(
+    pred_dir: str | os.PathLike[str],
+    ref_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    labels: Sequence[int] | None = None,
+    nsd_tolerance_mm: float = 2.0,
+    allow_missing: bool = False,
+    image_dir: str | os.PathLike[str] | None = None,
+    regions: Mapping[str, Sequence[int]] | None = None,
+    worst_k: int = 3,
+    *,
+    overwrite: bool = False,
+) -> EvaluationResult:
+    """Compare predicted label maps with reference label maps, case by case and class by class.
+
+    Args:
+        pred_dir: folder of predictions, one file per case, named like the references.
+        ref_dir: folder of reference label maps; every case here is evaluated.
+        out_dir: where to write ``metrics.csv``, ``summary.json``, ``report.md``, ``boxplot.png``
+            and ``overlays/``; None computes without writing. It is created if needed and locked
+            while the run writes.
+        labels: the foreground labels to evaluate; None means every nonzero value found in any
+            prediction or reference (a label absent from both maps of a case scores as both empty).
+        nsd_tolerance_mm: normalized surface Dice tolerance in mm.
+        allow_missing: count a missing prediction as failed (Dice 0, infinite distances) instead of
+            refusing the run.
+        image_dir: optional folder of images (``<case>.nii.gz`` or ``<case>_0000.nii.gz``) under
+            the overlay contours; without it the reference is drawn underneath.
+        regions: named unions of labels evaluated as one structure, e.g. ``{"whole_tumour": (1, 2, 3, 4)}``.
+        worst_k: how many of the worst cases per label get overlay images.
+        overwrite: replace earlier results in ``out_dir``.
+
+    Returns:
+        The rows, the summary and the failures; ``result.exit_code`` is 3 when any case failed.
+
+    Raises:
+        UsageError: a folder is missing, bad labels, regions or tolerance, output inside an input.
+        InputDataError: no reference cases, or predictions missing without ``allow_missing``.
+        LockedError: another run writes into ``out_dir``.
+    """
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    label_set = _check_labels(labels)
+    region_map = _check_regions(regions)
+    if not (isinstance(nsd_tolerance_mm, (int, float)) and np.isfinite(nsd_tolerance_mm) and nsd_tolerance_mm >= 0):
+        raise UsageError("nsd_tolerance_mm", "tolerance must be a finite number of mm >= 0", got=nsd_tolerance_mm)
+    if worst_k < 0:
+        raise UsageError("worst_k", "must be >= 0", got=worst_k)
+    refs, preds = list_cases(ref_dir), list_cases(pred_dir)
+    if not refs:
+        raise InputDataError(ref_dir, "no reference volumes found", expected=f"files ending in {', '.join(CASE_SUFFIXES)}")
+    missing = sorted(set(refs) - set(preds))
+    if missing and not allow_missing:
+        shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise InputDataError(pred_dir, f"{len(missing)} of {len(refs)} predictions missing: {shown}", expected="a prediction per reference case, or --allow-missing")
+    extra = sorted(set(preds) - set(refs))
+    if extra:
+        log.warning("%d predictions have no reference and are ignored: %s", len(extra), ", ".join(extra[:20]))
+    out_path = Path(out_dir) if out_dir is not None else None
+    images = Path(image_dir) if image_dir is not None else None
+    if images is not None and not images.is_dir():
+        raise UsageError(images, "image folder does not exist", expected="a folder of images named like the references")
+    with contextlib.ExitStack() as stack:
+        if out_path is not None:
+            inputs = [p for p in (pred_dir, ref_dir, images) if p is not None]
+            _check_out_dir(out_path, inputs, overwrite)
+            out_path.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(RunLock(out_path, purpose="evaluate"))
+            _check_out_dir(out_path, inputs, overwrite)  # again under the lock: a run may just have finished
+            clean_stale_temps(out_path)
+        return _run(pred_dir, ref_dir, out_path, images, refs, preds, missing, len(extra), label_set, region_map,
+                    float(nsd_tolerance_mm), allow_missing, worst_k)
+
+
+def _run(
+    pred_dir: Path, ref_dir: Path, out_path: Path | None, images: Path | None, refs: Mapping[str, Path],
+    preds: Mapping[str, Path], missing: list[str], n_extra: int, label_set: tuple[int, ...] | None,
+    region_map: dict[str, tuple[int, ...]], nsd_tolerance_mm: float, allow_missing: bool, worst_k: int,
+) -> EvaluationResult:
+    """Evaluate every case, summarise, and write the outputs (the caller holds the lock)."""
+    from medgn.evaluate.report import build_summary
+
+    per_case: dict[str, dict[str, ClassMetrics]] = {}
+    failures: dict[str, str] = {}
+    for cid, ref_path in refs.items():
+        if cid in missing:
+            continue
+        try:
+            per_case[cid] = _evaluate_case(preds[cid], ref_path, label_set, region_map, nsd_tolerance_mm)
+        except MedgnError as exc:
+            failures[cid] = exc.one_line()
+            log.info("case %s failed: %s", cid, exc.one_line())  # the caller reports it
+    final_labels = label_set
+    if final_labels is None:
+        final_labels = tuple(sorted({int(k) for res in per_case.values() for k in res if k.isdigit()}))
+    rows = _rows(refs, per_case, failures, missing, final_labels, region_map)
+    result = EvaluationResult(rows=rows, summary={}, failures=failures, missing=missing, labels=final_labels, regions=region_map)
+    settings = {
+        "pred_dir": str(pred_dir), "ref_dir": str(ref_dir), "image_dir": str(images) if images else None,
+        "labels": list(final_labels), "regions": {k: list(v) for k, v in region_map.items()},
+        "nsd_tolerance_mm": nsd_tolerance_mm, "allow_missing": allow_missing,
+    }
+    result.summary = build_summary(result, settings, n_unmatched=n_extra, worst_k=worst_k)
+    if out_path is not None:
+        _write(result, out_path, refs, preds, images, worst_k)
+    return result
+
+
+def _rows(
+    refs: Mapping[str, Path],
+    per_case: Mapping[str, Mapping[str, ClassMetrics]],
+    failures: Mapping[str, str],
+    missing: Sequence[str],
+    labels: tuple[int, ...],
+    regions: Mapping[str, tuple[int, ...]],
+) -> list[MetricRow]:
+    keys = [str(v) for v in labels] + list(regions)
+    both_empty = ClassMetrics(dice=1.0, iou=1.0, hd95=0.0, assd=0.0, nsd=1.0, flags=(FLAG_BOTH_EMPTY,))
+    rows = []
+    for cid in refs:
+        for key in keys:
+            if cid in missing:
+                metrics = failed_metrics(FLAG_MISSING)
+            elif cid in failures:
+                metrics = failed_metrics(FLAG_FAILED)
+            else:
+                # A label found only in other cases is absent from both maps of this one.
+                metrics = per_case[cid].get(key, both_empty)
+            rows.append(MetricRow(cid, key, metrics))
+    return rows
+
+
+def _write(
+    result: EvaluationResult, out_dir: Path, refs: Mapping[str, Path], preds: Mapping[str, Path], images: Path | None, worst_k: int
+) -> None:
+    from medgn.evaluate.figures import write_boxplot, write_overlays
+    from medgn.evaluate.report import write_outputs
+
+    result.out_dir = out_dir
+    figures = [write_boxplot(result, out_dir / "boxplot.png")]
+    figures += write_overlays(result, out_dir / "overlays", refs, preds, images, worst_k)
+    result.files = write_outputs(result, out_dir, [f.relative_to(out_dir) for f in figures]) + figures

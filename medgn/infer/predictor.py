@@ -1,0 +1,247 @@
+"""Loading trained models for inference: checkpoint resolution, validation and fold ensembles.
+
+This module owns :class:`Predictor` (the eval-mode networks, the data plan they share, the sha256 of
+every checkpoint and a hash of their configs) and :func:`load_predictor`, which accepts run
+folders, checkpoint folders, pointer files (``best.json``) or checkpoint files. A run folder
+resolves to its best checkpoint, else its final one, else its latest. Checkpoints are loaded with
+``torch.load(..., weights_only=True)`` through :mod:`medgn.checkpoint`; a missing, corrupt or
+code-carrying file, missing keys, an architecture that does not match the weights (listed as
+expected vs found shapes) or non-finite weights raise :class:`~medgn.errors.ModelError` (exit 4)
+naming the file. Several checkpoints are an ensemble (folds) only when their plans agree on
+channels, classes, labels, spacing, normalisation and patch size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medgn.errors import ModelError, UsageError
+
+__all__ = ["ModelSource", "Predictor", "load_predictor", "resolve_model_path", "state_dict_sha256"]
+
+# Plan keys every model of an ensemble must share: the preprocessing and the label mapping are
+# computed once per case, so any difference would silently mix incompatible predictions.
+SHARED_PLAN_KEYS = ("in_channels", "num_classes", "label_values", "target_spacing", "normalization", "patch_size")
+REQUIRED_PLAN_KEYS = ("in_channels", "num_classes", "target_spacing", "patch_size")
+# Pointer preference for a run folder: the best validated weights first.
+POINTER_ORDER = ("best", "final", "latest")
+# Plain file names other tools (or older runs) leave in a checkpoints folder, in preference order.
+PLAIN_NAMES = ("best.pt", "final.pt", "last.pt", "latest.pt")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where one model came from: the checkpoint file and its sha256."""
+
+    path: str
+    sha256: str
+
+
+@dataclass
+class Predictor:
+    """Networks ready for inference with the plan they were trained on.
+
+    Attributes:
+        models: eval-mode networks on ``device``; their softmax outputs are averaged.
+        plan: the data plan (in_channels, num_classes, label_values, target_spacing, patch_size,
+            normalization, network).
+        sources: one :class:`ModelSource` per model.
+        config_hash: sha256 over every model's resolved config and plan.
+        device: where the networks run.
+    """
+
+    models: list[nn.Module]
+    plan: dict[str, Any]
+    sources: list[ModelSource]
+    config_hash: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def label_values(self) -> list[int]:
+        """Raw label value written for class index i (identity when the plan has none)."""
+        values = self.plan.get("label_values")
+        return [int(v) for v in values] if values is not None else list(range(int(self.plan["num_classes"])))
+
+    @property
+    def model_sha256s(self) -> list[str]:
+        """The sha256 of every model, in order."""
+        return [s.sha256 for s in self.sources]
+
+    @classmethod
+    def from_modules(cls, models: Sequence[nn.Module], plan: Mapping[str, Any], *, device: str | torch.device = "cpu", name: str = "module") -> Predictor:
+        """Wrap networks built in Python (no checkpoint file); their sha256 is over the weights.
+
+        Args:
+            models: networks mapping (B, C, *patch) to logits (B, K, *patch).
+            plan: the plan they were trained on (see :class:`Predictor`).
+            device: where they run.
+            name: recorded as the source path.
+        """
+        plan = dict(plan)
+        _check_plan(plan, name)
+        dev = torch.device(device)
+        mods = [m.to(dev).eval() for m in models]
+        sources = [ModelSource(f"{name}[{i}]", state_dict_sha256(m)) for i, m in enumerate(mods)]
+        return cls(mods, plan, sources, _hash_json([{"plan": plan}] * len(mods)), dev)
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """sha256 over a module's state-dict names, dtypes, shapes and bytes (stable across runs)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d tensors cannot be viewed as bytes
+        digest.update(f"{key}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _hash_json(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_plan(plan: Any, where: str | os.PathLike[str]) -> None:
+    if not isinstance(plan, Mapping):
+        raise ModelError(where, "checkpoint has no plan", got=type(plan).__name__, expected="a plan dict under the 'plan' key")
+    missing = [k for k in REQUIRED_PLAN_KEYS if k not in plan]
+    if missing:
+        raise ModelError(where, "plan is missing keys: " + ", ".join(missing), expected="a plan written by medgn plan")
+    values = plan.get("label_values")
+    if values is not None and len(values) != int(plan["num_classes"]):
+        raise ModelError(where, "plan label_values do not match num_classes", got=list(values), expected=f"{plan['num_classes']} values")
+
+
+def resolve_model_path(path: str | os.PathLike[str]) -> Path:
+    """The checkpoint file a run folder, checkpoint folder, pointer or file names.
+
+    Raises:
+        ModelError: nothing usable at ``path`` (the message lists what was looked for).
+    """
+    from medgn.checkpoint import read_pointer
+
+    path = Path(path)
+    if path.is_file():
+        if path.suffix == ".json":
+            record = read_pointer(path.parent, path.stem)
+            if record is None:
+                raise ModelError(path, "checkpoint pointer not found", expected="an existing pointer file")
+            return path.parent / record["file"]
+        return path
+    if not path.exists():
+        raise ModelError(path, "model not found", expected="a run folder, a checkpoints folder or a checkpoint file")
+    folders = [path / "checkpoints", path] if (path / "checkpoints").is_dir() else [path]
+    for folder in folders:
+        for name in POINTER_ORDER:
+            record = read_pointer(folder, name)
+            if record is not None:
+                return folder / record["file"]
+        for name in PLAIN_NAMES:
+            if (folder / name).is_file():
+                return folder / name
+    looked = [str(f / f"{n}.json") for f in folders for n in POINTER_ORDER]
+    raise ModelError(path, "no checkpoint in this folder", expected="one of " + ", ".join(looked + list(PLAIN_NAMES)))
+
+
+def _shape_diff(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> list[str]:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    diffs = [f"{k}: expected {expected[k]}, found {found[k]}" for k in expected if k in found and expected[k] != found[k]]
+    diffs += [f"{k}: missing (expected {expected[k]})" for k in expected if k not in found]
+    diffs += [f"{k}: unexpected (found {found[k]})" for k in found if k not in expected]
+    return diffs
+
+
+def _load_one(path: str | os.PathLike[str], device: torch.device) -> tuple[nn.Module, dict[str, Any], ModelSource, dict[str, Any]]:
+    from medgn.checkpoint import file_sha256, load_checkpoint
+    from medgn.configtools import build
+    from medgn.models.config import UNet3DConfig
+    from medgn.models.registry import build_model
+
+    file = resolve_model_path(path)
+    state = load_checkpoint(file, map_location="cpu")
+    missing = [k for k in ("model", "config", "plan") if k not in state]
+    if missing:
+        raise ModelError(file, "checkpoint is missing keys: " + ", ".join(missing), got=f"keys {sorted(map(str, state))[:8]}", expected="model, config and plan")
+    weights, config, plan = state["model"], state["config"], state["plan"]
+    if not isinstance(weights, Mapping) or not isinstance(config, Mapping):
+        raise ModelError(file, "checkpoint 'model' or 'config' is not a mapping", expected="a state dict and a config dict")
+    _check_plan(plan, file)
+    plan = dict(plan)
+    try:
+        cfg = build(UNet3DConfig, config.get("model", {}), "model")
+    except UsageError as exc:
+        raise ModelError(file, f"checkpoint config does not describe a model ({exc.one_line()})") from exc
+    network = plan.get("network", {}) or {}
+    try:
+        model = build_model(cfg, int(plan["in_channels"]), int(plan["num_classes"]), network.get("strides"), network.get("kernel_sizes"))
+    except (UsageError, ModelError, ValueError, TypeError) as exc:
+        raise ModelError(file, f"cannot build the checkpoint's network ({exc})") from exc
+    diffs = _shape_diff(model, weights)
+    if diffs:
+        shown = "; ".join(diffs[:8]) + (f"; ... {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        raise ModelError(file, f"weights do not fit the architecture ({len(diffs)} differences): {shown}", expected=f"a checkpoint of {cfg.name} with in_channels={plan['in_channels']}, num_classes={plan['num_classes']}")
+    model.load_state_dict(weights, strict=True)
+    model.to(device).eval()
+    return model, plan, ModelSource(str(file), file_sha256(file)), dict(config)
+
+
+def _plan_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in SHARED_PLAN_KEYS if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
+
+
+def load_predictor(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], device: str | torch.device = "cpu") -> Predictor:
+    """Load one model or an ensemble of folds for inference.
+
+    Args:
+        paths: a run folder, checkpoint folder, pointer file or checkpoint file, or several of
+            them (their softmax outputs are averaged).
+        device: where the networks run ("cpu", "cuda", "cuda:1").
+
+    Returns:
+        The :class:`Predictor` with every checkpoint's sha256 recorded.
+
+    Raises:
+        ModelError: a checkpoint is missing, corrupt, unsafe, incomplete, does not fit its
+            architecture, holds NaN/Inf weights, or the plans of several models disagree (exit 4).
+        UsageError: no model given or an unknown device (exit 2).
+    """
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not items:
+        raise UsageError("--model", "no model given", expected="at least one run folder or checkpoint")
+    dev = _device(device)
+    models, sources, records = [], [], []
+    plan0: dict[str, Any] | None = None
+    for item in items:
+        model, plan, source, config = _load_one(item, dev)
+        if plan0 is None:
+            plan0 = plan
+        else:
+            diffs = _plan_diff(plan0, plan)
+            if diffs:
+                raise ModelError(source.path, "models disagree on their plans: " + "; ".join(diffs), expected=f"the plan of {sources[0].path}")
+        models.append(model)
+        sources.append(source)
+        records.append({"config": config, "plan": plan})
+    assert plan0 is not None  # items is non-empty
+    return Predictor(models, plan0, sources, _hash_json(records), dev)
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError("--device", "unknown device", got=str(device), expected="cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device", "CUDA requested but no CUDA device is available", got=str(device), expected="--device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError("--device", "unsupported device", got=str(device), expected="cpu or cuda")
+    return dev

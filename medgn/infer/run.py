@@ -1,0 +1,256 @@
+"""``infer``: segment one scan or a folder of scans, keeping every input's geometry exactly.
+
+This module owns the run: checks that need no model (output folder writable and outside the input
+tree, inputs found, safe and distinct output names, shard), the output-folder lock, removal of
+temporary files an interrupted run left, model loading, and the per-case loop that continues past
+a bad case, skips a case whose sidecar proves the same inputs, models and settings, refuses to
+replace other outputs without ``overwrite``, shows progress with per-case timing and writes
+``report.json`` after every case. The per-case work is :func:`medgn.infer.case.run_case`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medgn.errors import EXIT_BUG, MedgnError, UsageError
+from medgn.files import TEMP_MARK, RunLock, clean_stale_temps
+from medgn.infer.case import (
+    case_inputs,
+    fingerprint,
+    mask_suffix,
+    outputs_exist,
+    read_sidecar,
+    refuse_existing,
+    run_case,
+)
+from medgn.infer.outputs import (
+    CaseResult,
+    InferenceReport,
+    check_output_dir,
+    output_names,
+    parse_shard,
+    select_shard,
+)
+from medgn.infer.predictor import Predictor, load_predictor
+from medgn.infer.sliding_window import WindowSettings
+from medgn.logs import get_logger
+
+__all__ = ["InferenceReport", "infer"]
+
+log = get_logger("engine.infer")
+ModelSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Predictor
+
+
+def _find_cases(input_path: Path, channels: Sequence[str] | None) -> list[Any]:
+    from medgn.data.datasets import Case, find_inputs, is_image_file, strip_image_suffix
+
+    if not channels:
+        return find_inputs(input_path)
+    # --channels a,b: files <case>_a.<ext>, <case>_b.<ext> in a folder, in that channel order.
+    if not input_path.is_dir():
+        raise UsageError("--channels", "channel names need a folder input", got=str(input_path), expected="a folder of <case>_<channel> files")
+    grouped: dict[str, dict[str, Path]] = {}
+    for path in sorted(p for p in input_path.iterdir() if is_image_file(p)):
+        stem = strip_image_suffix(path.name)
+        for ch in channels:
+            if stem.endswith("_" + ch) and len(stem) > len(ch) + 1:
+                grouped.setdefault(stem[: -len(ch) - 1], {})[ch] = path
+    if not grouped:
+        raise UsageError(input_path, "no files named <case>_<channel> for the given channels", got=",".join(channels), expected="e.g. case1_" + channels[0] + ".nii.gz")
+    cases = []
+    for case_id, found in sorted(grouped.items()):
+        missing = [ch for ch in channels if ch not in found]
+        images = tuple(found[ch] for ch in channels if ch in found)
+        cases.append(Case(case_id, images if not missing else images + tuple(input_path / f"{case_id}_{ch} (missing)" for ch in missing)))
+    return cases
+
+
+def _pipeline(plan: dict[str, Any]) -> tuple[Any, Any]:
+    from medgn.data.pipeline import infer_transforms, invert_to_input
+
+    transform = infer_transforms(plan)
+
+    def preprocess(paths: list[str]) -> tuple[torch.Tensor, Any]:
+        data = transform({"image": paths})
+        return data["image"], data
+
+    return preprocess, invert_to_input
+
+
+def _clean_own_temps(output_dir: Path, names: Sequence[str], shard: tuple[int, int] | None) -> list[Path]:
+    """Remove temp files of an interrupted run; a shard removes only its own cases' temps."""
+    if shard is None:
+        return clean_stale_temps(output_dir)
+    removed = []
+    prefixes = tuple(f"-{n}." for n in names) + tuple(f"-{n}_probabilities." for n in names)
+    for path in output_dir.iterdir():
+        # temp names are TEMP_MARK + 12 hex + "-" + final name (see medgn.files.atomic_path)
+        if path.name.startswith(TEMP_MARK) and path.name[len(TEMP_MARK) + 12 :].startswith(prefixes):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _settings(predictor: Predictor, tta: bool, overlap: float, sw_batch_size: int, mirror_axes: Sequence[int]) -> WindowSettings:
+    patch = tuple(int(s) for s in predictor.plan["patch_size"])
+    return WindowSettings(roi_size=patch, overlap=float(overlap), sw_batch_size=int(sw_batch_size), tta=bool(tta), mirror_axes=tuple(int(a) for a in mirror_axes))  # type: ignore[arg-type]
+
+
+def _progress(enabled: bool, total: int) -> Any:
+    if not enabled:
+        return None
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(TextColumn("[bold]infer"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.description}"), console=Console(stderr=True))
+    progress.start()
+    progress.add_task("", total=total)
+    return progress
+
+
+def infer(
+    models: ModelSpec,
+    input_path: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    tta: bool = False,
+    overlap: float = 0.5,
+    save_probabilities: bool = False,
+    largest_component: bool = False,
+    overwrite: bool = False,
+    shard: str | tuple[int, int] | None = None,
+    channels: Sequence[str] | None = None,
+    sw_batch_size: int = 2,
+    mirror_axes: Sequence[int] = (0, 1, 2),
+    threads: int | None = None,
+    progress: bool = False,
+) -> InferenceReport:
+    """Segment every case under ``input_path`` into ``output_dir``.
+
+    Args:
+        models: run folder(s) / checkpoint(s) (several = averaged folds), or a loaded
+            :class:`Predictor`.
+        input_path: an image file, a folder (``_0000``/``_0001`` channels), a dataset folder
+            (its test list) or a DICOM series folder.
+        output_dir: where masks, sidecars and ``report.json`` go; created; never inside the input.
+        device: "cpu" or "cuda[:i]".
+        tta: average over mirrored inputs (all 2**len(mirror_axes) flips).
+        overlap: sliding-window overlap fraction in [0, 1).
+        save_probabilities: also write float16 class probabilities.
+        largest_component: keep only the largest connected component of each class.
+        overwrite: redo cases whose outputs came from other models, settings or inputs.
+        shard: ``"i/n"``: every n-th case (sorted by id) from i; default from RANK/WORLD_SIZE.
+        channels: channel names: a folder's ``<case>_<name>`` files form the channels in this order.
+        sw_batch_size: windows per forward pass.
+        mirror_axes: spatial axes TTA mirrors.
+        threads: CPU threads for inference on the CPU (None keeps torch's setting).
+        progress: show a live progress display on stderr.
+
+    Returns:
+        The per-case report (also written to ``report.json``); ``report.exit_code`` is non-zero
+        when a case failed.
+
+    Raises:
+        UsageError: output folder unwritable or inside the input, colliding case names, bad shard.
+        LockedError: another run holds the output folder (exit 6).
+        ModelError: a model cannot be loaded (exit 4). All raised before any case is processed.
+    """
+    input_path = Path(input_path)
+    if not input_path.exists():
+        raise UsageError(input_path, "input not found", expected="an image file or a folder")
+    out = check_output_dir(output_dir, input_path)
+    shard_pair = parse_shard(shard)
+    cases = {c.case_id: c for c in _find_cases(input_path, channels)}
+    selected = select_shard(list(cases), shard_pair)
+    names = output_names(selected, {cid: mask_suffix(cases[cid].images[0]) for cid in selected})
+    lock = RunLock(out, purpose="infer" if shard_pair is None else f"infer shard {shard_pair[0]}/{shard_pair[1]}")
+    if shard_pair is not None:  # shards share the folder: each locks its own subfolder, cases are disjoint
+        lock = RunLock(_shard_lock_dir(out, shard_pair), purpose=lock.purpose)
+    with lock:
+        removed = _clean_own_temps(out, list(names.values()), shard_pair)
+        if removed:
+            log.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), out)
+        predictor = models if isinstance(models, Predictor) else load_predictor(models, _rank_device(device))
+        return _run_cases(predictor, cases, selected, names, out, shard_pair, tta=tta, overlap=overlap, save_probabilities=save_probabilities, largest_component=largest_component, overwrite=overwrite, sw_batch_size=sw_batch_size, mirror_axes=mirror_axes, threads=threads, progress=progress)
+
+
+def _rank_device(device: str) -> str:
+    """Under torchrun, plain ``cuda`` means this process's GPU, ``cuda:$LOCAL_RANK``."""
+    local = os.environ.get("LOCAL_RANK")
+    return f"cuda:{int(local)}" if device == "cuda" and local is not None and local.isdigit() else device
+
+
+def _shard_lock_dir(out: Path, shard: tuple[int, int]) -> Path:
+    folder = out / f".medgn-shard-{shard[0]}of{shard[1]}"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def _run_cases(predictor: Predictor, cases: dict[str, Any], selected: list[str], names: dict[str, str], out: Path, shard: tuple[int, int] | None, **kw: Any) -> InferenceReport:
+    from medgn.environment import versions
+
+    settings = _settings(predictor, kw["tta"], kw["overlap"], kw["sw_batch_size"], kw["mirror_axes"])
+    recorded = {**asdict(settings), "save_probabilities": bool(kw["save_probabilities"]), "largest_component": bool(kw["largest_component"]), "label_values": predictor.label_values}
+    options = {"overwrite": kw["overwrite"], "save_probabilities": kw["save_probabilities"], "largest_component": kw["largest_component"], "threads": kw["threads"]}
+    preprocess, invert = _pipeline(predictor.plan)
+    report = InferenceReport(out, shard=shard, models=[asdict(s) for s in predictor.sources])
+    env = {"versions": versions(), "device": str(predictor.device), "torch_threads": torch.get_num_threads()}
+    bar = _progress(kw["progress"], len(selected))
+    try:
+        for cid in selected:
+            case, stem = cases[cid], out / names[cid]
+            t0 = time.perf_counter()
+            result = CaseResult(cid, names[cid], "ok")
+            try:
+                inputs = case_inputs(case.images)
+                fp = fingerprint([r["sha256"] for r in inputs], predictor.model_sha256s, predictor.config_hash, recorded)
+                existing = outputs_exist(stem, case.images)
+                sidecar = read_sidecar(stem.with_name(stem.name + ".json"))
+                mask_done = stem.with_name(stem.name + mask_suffix(case.images[0])).is_file()
+                same = sidecar is not None and sidecar.get("fingerprint") == fp
+                # An interrupted run of the same fingerprint left these outputs: ours to replace.
+                resuming = same and sidecar.get("status") == "running"
+                if same and sidecar.get("status") == "done" and mask_done:
+                    result.status, result.message, result.outputs = "skipped", "done earlier with the same inputs, models and settings", list(sidecar.get("outputs", []))
+                elif existing and not (kw["overwrite"] or resuming):
+                    raise refuse_existing(stem, existing)
+                else:
+                    options["overwrite"] = bool(kw["overwrite"] or resuming)
+                    base = {"sidecar_version": 1, "case_id": cid, "inputs": inputs, "fingerprint": fp, "models": report.models, "config_hash": predictor.config_hash, "settings": recorded, "plan": {k: predictor.plan.get(k) for k in ("in_channels", "num_classes", "label_values", "target_spacing", "patch_size")}, **env}
+                    outcome = run_case(case.images, stem, predictor, settings, options, preprocess, invert, base)
+                    result.outputs, result.warnings = outcome.outputs, outcome.warnings
+            except MedgnError as exc:
+                result.status, result.code, result.message = "failed", exc.code, exc.one_line()
+                log.error("case %s failed: %s", cid, exc.one_line())
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - record the bug for this case, continue with the others
+                result.status, result.code, result.message = "failed", EXIT_BUG, f"internal error: {type(exc).__name__}: {exc}"
+                log.error("case %s failed with an internal error:\n%s", cid, traceback.format_exc())
+            result.seconds = round(time.perf_counter() - t0, 4)
+            report.cases.append(result)
+            report.write()
+            log.info("case %s: %s in %.2f s%s", cid, result.status, result.seconds, f" ({result.message})" if result.status == "failed" else "")
+            if bar is not None:
+                bar.update(bar.task_ids[0], advance=1, description=f"{cid}: {result.status} {result.seconds:.1f} s")
+    finally:
+        if bar is not None:
+            bar.stop()
+    report.write()
+    return report

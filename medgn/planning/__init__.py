@@ -1,0 +1,1 @@
+"""Planning: the dataset fingerprint, the planner, the run's plan section and cross-validation splits."""

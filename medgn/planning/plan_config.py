@@ -1,0 +1,70 @@
+"""The ``plan`` section of a run config: how a run adapts the dataset plan, and its split.
+
+``medgn plan`` chooses spacing, patch size and network depth from the data and a GPU memory
+budget. A run config may override the spacing and patch size (the CPU recipes train at a coarser
+spacing on small patches) and chooses the cross-validation split. :func:`apply_plan_config`
+returns the plan the run actually uses, with strides and kernel sizes recomputed for the new patch
+and spacing, so the checkpoint's plan always describes the network that was trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from medgn.planning.planner import strides_and_kernels
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Plan overrides and the cross-validation split of a run.
+
+    Attributes:
+        gpu_memory_gb: memory budget used when the run has to make a plan itself.
+        target_spacing: voxel size in mm (x, y, z) replacing the planned one; null keeps the plan's.
+        patch_size: training patch in voxels replacing the planned one (rounded down to a multiple
+            of the network's total stride); null keeps the plan's.
+        max_stages: at most this many resolution stages (null: as planned).
+        n_folds: folds of the cross-validation split (written once to splits.json).
+        split_seed: seed of the split.
+    """
+
+    # 1..2048 GB: from a small laptop GPU to a multi-GPU node's pooled memory.
+    gpu_memory_gb: float = field(default=24.0, metadata={"min": 1.0, "max": 2048.0})
+    target_spacing: tuple[float, float, float] | None = field(default=None, metadata={"min": 1e-3, "max": 100.0})
+    patch_size: tuple[int, int, int] | None = field(default=None, metadata={"min": 8, "max": 1024})
+    max_stages: int | None = field(default=None, metadata={"min": 2, "max": 8})
+    # 2..20 folds: fewer is not cross-validation, more leaves too few validation cases per fold.
+    n_folds: int = field(default=5, metadata={"min": 2, "max": 20})
+    split_seed: int = field(default=0, metadata={"min": 0})
+
+
+def apply_plan_config(plan: Mapping[str, Any], cfg: PlanConfig, features: tuple[int, ...]) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """The plan a run uses and the matching per-stage feature widths.
+
+    Args:
+        plan: the dataset plan (from ``medgn plan``).
+        cfg: the run's plan section.
+        features: the model section's widths; truncated to the number of stages.
+
+    Returns:
+        (effective plan, effective features). The stage count is the smallest of the plan's, the
+        widths given, and ``max_stages``.
+    """
+    out = copy.deepcopy(dict(plan))
+    spacing = [float(s) for s in (cfg.target_spacing or out["target_spacing"])]
+    patch = [int(p) for p in (cfg.patch_size or out["patch_size"])]
+    strides, kernels = out["network"]["strides"], out["network"]["kernel_sizes"]
+    if cfg.target_spacing is not None or cfg.patch_size is not None:
+        strides, kernels = strides_and_kernels(patch, spacing)
+    stages = min(len(strides), len(features), cfg.max_stages or len(strides))
+    strides, kernels = [list(s) for s in strides[:stages]], [list(k) for k in kernels[:stages]]
+    total = [math.prod(s[a] for s in strides) for a in range(3)]
+    patch = [max(t, (p // t) * t) for p, t in zip(patch, total)]
+    out["target_spacing"] = spacing
+    out["patch_size"] = patch
+    out["network"] = {"strides": strides, "kernel_sizes": kernels, "features": list(features[:stages])}
+    return out, tuple(features[:stages])

@@ -1,0 +1,70 @@
+"""Optimiser, learning-rate schedule and mixed-precision choice built from a :class:`TrainConfig`.
+
+The schedule is a :class:`torch.optim.lr_scheduler.LambdaLR` over optimiser steps: linear warmup,
+then nnU-Net's poly decay ``(1 - t/T) ** 0.9`` or a half-cosine, so its state is two integers and a
+few floats (checkpoint-safe). :func:`resolve_amp` turns ``amp: auto|bf16|fp16|off`` into an
+autocast dtype and whether a gradient scaler is needed on the device at hand.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from medgn.errors import UsageError
+from medgn.train.config import TrainConfig
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum (nnU-Net) or AdamW, as ``cfg.optimizer`` says."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    # foreach=False: one kernel per tensor keeps CPU results independent of tensor grouping.
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``cfg.lr`` at optimiser step ``step`` (0-based)."""
+    total = cfg.total_iters
+    if cfg.warmup_iters and step < cfg.warmup_iters:
+        return (step + 1) / cfg.warmup_iters
+    if cfg.schedule == "constant":
+        return 1.0
+    t = (step - cfg.warmup_iters) / max(1, total - cfg.warmup_iters)
+    t = min(max(t, 0.0), 1.0)
+    if cfg.schedule == "poly":
+        return (1.0 - t) ** cfg.poly_exponent
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step LambdaLR following :func:`lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """Autocast dtype (None = full fp32) and whether a GradScaler is needed.
+
+    ``auto`` is bf16 on a GPU that supports it, fp16 with a scaler on an older GPU, and off on the
+    CPU (CPU autocast is slower than fp32 for 3D convolutions).
+
+    Raises:
+        UsageError: fp16 asked for on the CPU, or bf16 on a GPU without bf16.
+    """
+    if mode == "off":
+        return None, False
+    is_cuda = device.type == "cuda"
+    bf16_ok = (not is_cuda) or torch.cuda.is_bf16_supported()
+    if mode == "auto":
+        if not is_cuda:
+            return None, False
+        return (torch.bfloat16, False) if bf16_ok else (torch.float16, True)
+    if mode == "bf16":
+        if not bf16_ok:
+            raise UsageError("train.amp", "this GPU has no bf16 support", got=mode, expected="fp16, auto or off")
+        return torch.bfloat16, False
+    if not is_cuda:
+        raise UsageError("train.amp", "fp16 mixed precision needs a CUDA device", got=mode, expected="bf16, auto or off on the CPU")
+    return torch.float16, True

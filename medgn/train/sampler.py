@@ -1,0 +1,144 @@
+"""Data order as a pure function of (seed, epoch, position): what makes exact resume possible.
+
+:class:`ResumableSampler` yields the case indices of one epoch from a ``torch.Generator`` seeded by
+``(seed, epoch)``, concatenating fresh permutations until the epoch's sample count is reached,
+sharded by rank for DDP, and starts ``position`` samples in after a resume. With ``with_seeds`` it
+yields ``(case_index, sample_seed)`` pairs whose seed depends only on (seed, global sample index),
+so augmentation randomness never comes from RNG state that workers consume. :class:`ResumableLoader`
+is the batch source the :class:`~medgn.train.trainer.Trainer` calls as ``source(epoch, start)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from medgn.errors import UsageError
+
+# The trainer calls source(epoch, start_micro_batch) and iterates micro-batches from there.
+BatchSource = Callable[[int, int], Iterable[Mapping[str, Any]]]
+
+
+def sample_seed(seed: int, global_index: int) -> int:
+    """A 63-bit seed for one sample, mixing (seed, global sample index) through numpy's SeedSequence."""
+    words = np.random.SeedSequence([seed, global_index]).generate_state(2, dtype=np.uint32)
+    return int((int(words[0]) << 31) ^ int(words[1]))  # < 2**63: fits torch.Generator and int64
+
+
+class ResumableSampler(Sampler):
+    """Indices of one epoch, deterministic in (seed, epoch), resumable at any position.
+
+    Args:
+        num_cases: size of the dataset.
+        samples_per_epoch: samples this rank draws per epoch.
+        seed: run seed.
+        rank: this process's rank.
+        world_size: number of processes; global order is sharded round-robin.
+        with_seeds: yield ``(index, sample_seed)`` pairs instead of bare indices.
+    """
+
+    def __init__(
+        self,
+        num_cases: int,
+        samples_per_epoch: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        with_seeds: bool = False,
+    ) -> None:
+        if num_cases < 1:
+            raise UsageError("data", "no training cases", got=num_cases, expected="at least 1 case")
+        if not 0 <= rank < world_size:
+            raise UsageError("RANK", "rank outside the world size", got=rank, expected=f"0 <= rank < {world_size}")
+        self.num_cases = num_cases
+        self.samples_per_epoch = samples_per_epoch
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.with_seeds = with_seeds
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch and the number of this rank's samples already consumed in it."""
+        self.epoch = epoch
+        self.start = start
+
+    def global_order(self, epoch: int) -> list[int]:
+        """Case indices of the whole epoch across all ranks."""
+        total = self.samples_per_epoch * self.world_size
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # 1_000_003: prime, no epoch/seed aliasing
+        order: list[int] = []
+        while len(order) < total:
+            order.extend(torch.randperm(self.num_cases, generator=gen).tolist())
+        return order[:total]
+
+    def __iter__(self) -> Iterator[Any]:
+        order = self.global_order(self.epoch)
+        base = self.epoch * self.samples_per_epoch * self.world_size
+        for local in range(self.start, self.samples_per_epoch):
+            position = local * self.world_size + self.rank
+            if self.with_seeds:
+                yield order[position], sample_seed(self.seed, base + position)
+            else:
+                yield order[position]
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch - self.start
+
+
+class SeededDataset(Dataset):
+    """Adapter for datasets with MONAI random transforms: reseed them from each sample's seed.
+
+    Keys are the ``(index, sample_seed)`` pairs of a ``ResumableSampler(with_seeds=True)``. Before
+    reading item ``index`` the wrapped dataset's ``transform`` (a MONAI ``Compose`` or any object
+    with ``set_random_state(seed=...)``) is reseeded, so augmentation depends only on (seed, global
+    sample index), in the main process and in every worker alike.
+
+    Args:
+        dataset: a map-style dataset with a ``transform`` attribute (MONAI ``Dataset``/``CacheDataset``).
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        transform = getattr(self.dataset, "transform", None)
+        if hasattr(transform, "set_random_state"):
+            transform.set_random_state(seed=seed % 2**32)  # MONAI seeds are 32-bit
+        return self.dataset[index]
+
+
+class ResumableLoader:
+    """A batch source: ``loader(epoch, start)`` iterates the epoch's micro-batches from ``start``.
+
+    Args:
+        dataset: map-style dataset; receives what the sampler yields.
+        sampler: the resumable sampler (its ``samples_per_epoch`` must be a multiple of batch size).
+        batch_size: samples per micro-batch.
+        **loader_kwargs: passed to :class:`torch.utils.data.DataLoader` (workers, collate_fn, ...).
+    """
+
+    def __init__(self, dataset: Dataset, sampler: ResumableSampler, batch_size: int, **loader_kwargs: Any) -> None:
+        if sampler.samples_per_epoch % batch_size:
+            raise UsageError("train.batch_size", "samples per epoch must be a multiple of the batch size", got=batch_size)
+        self.dataset = dataset
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.loader_kwargs = loader_kwargs
+
+    def __call__(self, epoch: int, start: int) -> Iterable[Mapping[str, Any]]:
+        self.sampler.set_epoch(epoch, start * self.batch_size)
+        # An explicit generator: otherwise each new DataLoader iterator draws its worker base seed
+        # from the global torch RNG, and a resumed run (which creates one mid-epoch) would diverge.
+        kwargs = {"generator": torch.Generator().manual_seed(self.sampler.seed * 1_000_003 + epoch), **self.loader_kwargs}
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True, **kwargs)

@@ -1,0 +1,390 @@
+"""The trainer: one optimiser step at a time, everything else in hooks.
+
+:class:`Trainer` owns the model (wrapped in DDP under torchrun), optimiser, LR schedule, gradient
+scaler and counters. :meth:`Trainer.train_step` runs one step (gradient accumulation, autocast,
+clipping, non-finite skip); :meth:`Trainer.train` loops over iteration-based epochs of a batch
+source ``source(epoch, start_micro_batch)`` whose order is a pure function of (seed, epoch,
+position), calling hooks between steps. :meth:`Trainer.state_dict` is the whole resumable state
+(tensors and JSON-able values), so :meth:`Trainer.resume` continues bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medgn.checkpoint import load_checkpoint, save_checkpoint
+from medgn.configtools import config_hash, to_dict
+from medgn.environment import versions
+from medgn.errors import InputDataError, ResourceError
+from medgn.logs import get_logger
+from medgn.train import distributed as ddp
+from medgn.train.config import TrainConfig
+from medgn.train.losses import DeepSupervisionLoss, DiceCELoss
+from medgn.train.optim import build_optimizer, build_scheduler, resolve_amp
+from medgn.train.rng import capture_rng, restore_rng, seed_everything
+from medgn.train.sampler import BatchSource
+
+log = get_logger("engine.trainer")
+
+
+class HookBase:
+    """A hook does nothing until a method is overridden. ``main_only`` hooks run on rank 0 only."""
+
+    name: str = "hook"
+    main_only: bool = False
+
+    def before_train(self, trainer: Trainer) -> None:
+        """Called once before the first step (after a resume has restored state)."""
+
+    def after_step(self, trainer: Trainer) -> None:
+        """Called after every optimiser step; ``trainer.last_step`` holds its result."""
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        """Called after the last step of an epoch; ``trainer.epoch_record`` may be extended."""
+
+    def after_train(self, trainer: Trainer) -> None:
+        """Called once when training ends normally (epochs done, stop requested, budget spent)."""
+
+    def close(self) -> None:
+        """Release resources (files, signal handlers); called even when training fails."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this hook must carry across a resume (tensors and JSON-able values)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+
+
+
+class NonFiniteLossError(ResourceError):
+    """Too many steps in a row had a non-finite loss or gradient (exit code 5)."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Counters of a run; JSON-able, saved in every checkpoint."""
+
+    epoch: int = 0  # completed epochs = index of the current epoch
+    epoch_iter: int = 0  # steps done in the current epoch
+    iteration: int = 0  # steps done in the whole run
+    samples_seen: int = 0  # over all ranks
+    nonfinite_total: int = 0
+    nonfinite_in_row: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+    epoch_time_s: float = 0.0
+    stop_reason: str = ""
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one :meth:`Trainer.train_step` did."""
+
+    loss: float | None
+    lr: float
+    grad_norm: float | None
+    skipped: bool
+    case_ids: list[str]
+    seconds: float
+
+
+def default_loss(cfg: TrainConfig) -> nn.Module:
+    """Dice + CE over deep-supervision heads, configured from ``cfg``."""
+    head = DiceCELoss(cfg.dice_weight, cfg.ce_weight, batch_dice=cfg.batch_dice, include_background=cfg.dice_include_background)
+    return DeepSupervisionLoss(head, drop_lowest=cfg.ds_drop_lowest)
+
+
+class Trainer:
+    """Train ``model`` on batches from ``source`` under ``cfg``.
+
+    Args:
+        model: the network (unwrapped); moved to ``device`` and wrapped in DDP when distributed.
+        cfg: the training configuration.
+        source: ``source(epoch, start)`` yields micro-batches ``{"image", "label", "case_id"}`` of
+            that epoch from micro-batch ``start`` on (see :class:`~medgn.train.sampler.ResumableLoader`).
+        out_dir: run folder (checkpoints go to ``out_dir/checkpoints``); None writes nothing.
+        device: torch device.
+        hooks: hooks in the order they run.
+        loss_fn: ``loss(outputs, label)``; defaults to :func:`default_loss`.
+        run_config: the resolved run config (all sections, JSON-able) saved as ``config`` in
+            checkpoints; its ``train`` section is replaced by ``cfg``. Inference rebuilds the
+            network from its ``model`` section and the ``plan``.
+        plan: the dataset plan (JSON-able), saved as ``plan`` in checkpoints.
+        dist_info: rank layout; read from the environment when None.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        source: BatchSource,
+        *,
+        out_dir: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        hooks: Sequence[HookBase] = (),
+        loss_fn: nn.Module | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        plan: Mapping[str, Any] | None = None,
+        dist_info: ddp.DistInfo | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dist = dist_info or ddp.init_distributed(self.device.type)
+        seed_everything(cfg.seed + self.dist.rank, deterministic=cfg.deterministic)
+        self.module = model.to(self.device)
+        self.model: nn.Module = self.module
+        if self.dist.enabled:
+            ids = [self.device.index or 0] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
+        self.source = source
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.hooks = [h for h in hooks if self.dist.is_main or not h.main_only]
+        self.loss_fn = loss_fn if loss_fn is not None else default_loss(cfg)
+        self.amp_dtype, use_scaler = resolve_amp(cfg.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
+        self.optimizer = build_optimizer(self.module.parameters(), cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.run_config = {**dict(run_config or {}), "train": to_dict(cfg)}
+        self.plan = dict(plan or {})
+        self.state = TrainState()
+        self.epoch_records: list[dict[str, Any]] = []
+        self.epoch_record: dict[str, Any] = {}
+        self.last_step: StepResult | None = None
+        self.stop_signal: int | None = None
+        self.recent_bad_cases: list[str] = []
+        self._pending: set[str] = set()
+
+    # ---- requests from hooks -------------------------------------------------------------
+    def request_stop(self, reason: str, *, signum: int | None = None) -> None:
+        """Stop after the current step (the final validation and checkpoint still run)."""
+        if not self.state.stop_reason:
+            self.state.stop_reason = reason
+            self.stop_signal = signum
+
+    def request_checkpoint(self, *pointers: str) -> None:
+        """Write a checkpoint after the current step and point ``pointers`` (latest/best/final) at it."""
+        self._pending.update(pointers)
+
+    @property
+    def exit_code(self) -> int:
+        """0 for a normal end, 128 + signal number when a signal stopped the run (130 / 143)."""
+        return 128 + self.stop_signal if self.stop_signal else 0
+
+    # ---- one step ------------------------------------------------------------------------
+    def _forward_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        image = batch["image"].to(self.device, non_blocking=True)
+        label = batch["label"].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            outputs = self.model(image)
+        return self.loss_fn(outputs, label)
+
+    def train_step(self, micro_batches: Sequence[Mapping[str, Any]]) -> StepResult:
+        """One optimiser step over ``micro_batches`` (gradient accumulation); skips non-finite steps.
+
+        Raises:
+            NonFiniteLossError: ``cfg.max_nonfinite_in_row`` skipped steps in a row; names the cases.
+        """
+        start = time.monotonic()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        count = len(micro_batches)
+        case_ids = [str(c) for b in micro_batches for c in b.get("case_id", [])]
+        total = 0.0
+        finite = True
+        for i, batch in enumerate(micro_batches):
+            defer = self.dist.enabled and i < count - 1 and isinstance(self.model, nn.parallel.DistributedDataParallel)
+            with self.model.no_sync() if defer else contextlib.nullcontext():
+                loss = self._forward_loss(batch) / count
+                # Backward is a collective under DDP: every rank must agree to skip it.
+                finite = not ddp.any_flags([not bool(torch.isfinite(loss.detach()))], self.device)[0]
+                if not finite:
+                    break
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += float(loss.detach()) * count
+        grad_norm = None
+        if finite:
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else math.inf
+            grad_norm = float(nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+            if self.scaler:
+                self.scaler.step(self.optimizer)  # the scaler skips the update itself on inf gradients
+                self.scaler.update()
+            elif math.isfinite(grad_norm):
+                self.optimizer.step()
+            else:
+                finite = False
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        with warnings.catch_warnings():
+            # The schedule follows the step counter even when a skipped step had no optimizer.step().
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
+        self._count_nonfinite(finite, case_ids)
+        return StepResult(total / count if finite else None, lr, grad_norm, not finite, case_ids, time.monotonic() - start)
+
+    def _count_nonfinite(self, finite: bool, case_ids: list[str]) -> None:
+        if finite:
+            self.state.nonfinite_in_row = 0
+            self.recent_bad_cases = []
+            return
+        self.state.nonfinite_total += 1
+        self.state.nonfinite_in_row += 1
+        self.recent_bad_cases.extend(case_ids)
+        log.warning("step %d skipped: non-finite loss or gradient (cases %s)", self.state.iteration, case_ids)
+        if self.state.nonfinite_in_row >= self.cfg.max_nonfinite_in_row:
+            raise NonFiniteLossError(
+                "train.max_nonfinite_in_row",
+                f"{self.state.nonfinite_in_row} steps in a row had a non-finite loss or gradient; cases: {', '.join(self.recent_bad_cases) or 'unknown'}",
+                expected="finite images and labels (check these cases), a lower lr, or amp=off",
+            )
+
+    # ---- the loop ------------------------------------------------------------------------
+    def _next_micro_batches(self, iterator: Any) -> list[Mapping[str, Any]]:
+        batches = []
+        for _ in range(self.cfg.grad_accum):
+            try:
+                batches.append(next(iterator))
+            except StopIteration:
+                raise InputDataError(
+                    "train data",
+                    "the batch source ran out before the epoch ended",
+                    got=f"epoch {self.state.epoch} step {self.state.epoch_iter}",
+                    expected=f"{self.cfg.micro_batches_per_epoch} micro-batches per epoch",
+                ) from None
+        return batches
+
+    def _run_hooks(self, stage: str) -> None:
+        for hook in self.hooks:
+            getattr(hook, stage)(self)
+
+    def _flush_requests(self) -> None:
+        wanted = ["stop", *("latest", "best", "final")]
+        local = [bool(self.state.stop_reason)] + [p in self._pending for p in wanted[1:]]
+        agreed = ddp.any_flags(local, self.device)
+        if agreed[0] and not self.state.stop_reason:
+            self.request_stop("stopped by another rank")
+        pointers = [p for p, on in zip(wanted[1:], agreed[1:]) if on]
+        self._pending.clear()
+        if pointers:
+            self.save(pointers, tag="final" if "final" in pointers else "step")
+
+    def _end_epoch(self) -> None:
+        st = self.state
+        st.epoch += 1
+        st.epoch_iter = 0
+        self.epoch_record = {
+            "epoch": st.epoch,
+            "iteration": st.iteration,
+            "train_loss": st.epoch_loss_sum / st.epoch_loss_count if st.epoch_loss_count else None,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "epoch_time_s": st.epoch_time_s,
+            "skipped_total": st.nonfinite_total,
+        }
+        st.epoch_loss_sum, st.epoch_loss_count, st.epoch_time_s = 0.0, 0, 0.0
+        self._run_hooks("after_epoch")
+        self.epoch_records.append(self.epoch_record)
+
+    def train(self) -> TrainState:
+        """Run until ``cfg.epochs`` are done or a hook stops the run; returns the final counters."""
+        cfg, st = self.cfg, self.state
+        try:
+            self._run_hooks("before_train")
+            while st.epoch < cfg.epochs and not st.stop_reason:
+                iterator = iter(self.source(st.epoch, st.epoch_iter * cfg.grad_accum))
+                while not st.stop_reason:
+                    tick = time.monotonic()
+                    batches = self._next_micro_batches(iterator)
+                    result = self.last_step = self.train_step(batches)
+                    st.iteration += 1
+                    st.epoch_iter += 1
+                    st.samples_seen += sum(len(b["image"]) for b in batches) * self.dist.world_size
+                    if result.loss is not None:
+                        st.epoch_loss_sum += result.loss
+                        st.epoch_loss_count += 1
+                    st.epoch_time_s += time.monotonic() - tick
+                    self._run_hooks("after_step")
+                    ended = st.epoch_iter >= cfg.iters_per_epoch
+                    if ended:
+                        self._end_epoch()
+                    self._flush_requests()
+                    if ended:
+                        break
+            if not st.stop_reason:
+                st.stop_reason = "finished"
+            self._run_hooks("after_train")
+            self._flush_requests()
+            log.info("training ended at epoch %d, step %d: %s", st.epoch, st.iteration, st.stop_reason)
+        finally:
+            for hook in self.hooks:
+                hook.close()
+        return st
+
+    # ---- state -------------------------------------------------------------------------
+    def state_dict(self, rng: list[Any] | None = None) -> dict[str, Any]:
+        """The full resumable state (tensors and JSON-able values only)."""
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+            "counters": dataclasses.asdict(self.state),
+            "rng": rng if rng is not None else [capture_rng()],
+            "sampler": {"epoch": self.state.epoch, "position": self.state.epoch_iter * self.cfg.grad_accum, "seed": self.cfg.seed, "world_size": self.dist.world_size},
+            "hooks": {h.name: h.state_dict() for h in self.hooks},
+            "epoch_records": self.epoch_records,
+            "config": self.run_config,
+            "config_sha256": config_hash(self.run_config),
+            "plan": self.plan,
+            "versions": versions(),
+        }
+
+    def save(self, pointers: Sequence[str] = ("latest",), *, tag: str = "step") -> Path | None:
+        """Write a checkpoint (rank 0; every rank contributes its RNG state). Returns its path."""
+        rng = ddp.gather_objects(capture_rng())
+        if not self.dist.is_main or self.out_dir is None:
+            return None
+        return save_checkpoint(self.state_dict(rng), self.out_dir / "checkpoints", tag=tag, pointers=pointers, keep=self.cfg.keep_checkpoints)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (model, optimiser, schedule, scaler, counters, RNG, hooks)."""
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        fields = {f.name for f in dataclasses.fields(TrainState)}
+        self.state = TrainState(**{k: v for k, v in state["counters"].items() if k in fields})
+        self.state.stop_reason = ""
+        saved_world = int(state.get("sampler", {}).get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            log.warning("resuming a %d-process run with %d processes: data order and RNG streams change", saved_world, self.dist.world_size)
+        rngs = state.get("rng") or []
+        if rngs:
+            restore_rng(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
+        hook_states = state.get("hooks", {})
+        for hook in self.hooks:
+            if hook.name in hook_states:
+                hook.load_state_dict(hook_states[hook.name])
+        self.epoch_records = list(state.get("epoch_records", []))
+
+    def resume(self, path: str | Path) -> dict[str, Any]:
+        """Load a checkpoint (file, pointer or run folder) and continue from it; returns it."""
+        state = load_checkpoint(path, map_location=self.device)
+        old = state.get("config", {}).get("train", {})
+        changed = {k: (old.get(k), v) for k, v in to_dict(self.cfg).items() if old.get(k) != v}
+        if changed:
+            log.warning("resuming with changed settings: %s", changed)
+        self.load_state_dict(state)
+        log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.iteration)
+        return state

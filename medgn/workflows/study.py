@@ -1,0 +1,166 @@
+"""The small-batch normalisation study: the same network with each norm at each batch size.
+
+Group Normalization's claim (Wu & He, 2018) is that GN is flat in the batch size while BatchNorm
+degrades as the batch shrinks. :func:`norm_study` trains one run per (norm, batch size) with the
+same config, seed and data order, for the same number of samples seen (fewer steps at larger
+batches), validates each on the same fold in eval mode (BatchNorm with its running statistics, as a
+user would deploy it), and writes ``study.csv``, ``study.md`` and ``study.png`` (validation Dice
+against batch size, one line per norm).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medgn.config import RunConfig
+from medgn.errors import UsageError
+from medgn.files import atomic_path, atomic_write_json, atomic_write_text
+from medgn.logs import get_logger
+from medgn.workflows.train import train_on_dataset
+
+log = get_logger("engine.study")
+
+FIELDS = ("norm", "batch_size", "iterations", "lr", "samples_seen", "val_dice_mean", "val_dice_per_class", "train_loss_last", "seconds", "stop_reason")
+
+
+def _final_record(run: Path) -> dict[str, Any]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    end = next((r for r in reversed(records) if r.get("kind") == "end"), {})
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    last = epochs[-1] if epochs else {}
+    return {"val_dice": end.get("val_dice", last.get("val_dice")), "val_mean": end.get("val_mean", last.get("val_mean")), "train_loss": last.get("train_loss")}
+
+
+def norm_study(
+    cfg: RunConfig,
+    data: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    norms: Sequence[str],
+    batch_sizes: Sequence[int],
+    *,
+    samples: int,
+    fold: int = 0,
+    device: str = "cpu",
+    lr_scaling: str = "none",
+) -> list[dict[str, Any]]:
+    """Train and validate every (norm, batch size); returns one row per run and writes the tables.
+
+    Args:
+        cfg: base run config (its ``model.norm`` and ``train.batch_size`` are replaced per run).
+        data: dataset folder.
+        out_dir: study folder; each run goes to ``runs/<norm>_b<batch>``.
+        norms: norm names (``batch``, ``group``, ``instance``, ``group_torch``, ...).
+        batch_sizes: batch sizes; each must divide ``samples``.
+        samples: training samples seen by every run.
+        fold: validation fold.
+        device: "cpu" or "cuda".
+        lr_scaling: "none" keeps ``train.lr`` for every batch size; "linear" multiplies it by
+            batch / smallest batch (the linear scaling rule the Group Normalization paper uses),
+            so a larger batch's fewer steps are not also smaller steps.
+    """
+    out_dir = Path(out_dir)
+    bad = [b for b in batch_sizes if b < 1 or samples % b]
+    if bad:
+        raise UsageError("--batch-sizes", "every batch size must divide the samples seen", got=bad, expected=f"divisors of {samples}")
+    if lr_scaling not in ("none", "linear"):
+        raise UsageError("--lr-scaling", "unknown rule", got=lr_scaling, expected="none or linear")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for norm in norms:
+        for batch in batch_sizes:
+            iterations = samples // batch
+            lr = cfg.train.lr * (batch / min(batch_sizes) if lr_scaling == "linear" else 1.0)
+            run_cfg = dataclasses.replace(
+                cfg,
+                model=dataclasses.replace(cfg.model, norm=norm),
+                # One epoch of `iterations` steps, validated once at the end; no warmup longer than the run.
+                train=dataclasses.replace(cfg.train, lr=lr, batch_size=batch, epochs=1, iters_per_epoch=iterations, val_every=0, warmup_iters=min(cfg.train.warmup_iters, iterations - 1), early_stopping_patience=0),
+            )
+            run_dir = out_dir / "runs" / f"{norm}_b{batch}"
+            log.info("study: norm %s, batch %d, %d iterations", norm, batch, iterations)
+            print(f"study: norm={norm} batch={batch} iterations={iterations}", flush=True)
+            start = time.monotonic()
+            result = train_on_dataset(run_cfg, data, run_dir, fold=fold, device=device, console=False)
+            record = _final_record(run_dir)
+            dice = record["val_dice"] or []
+            rows.append({
+                "norm": norm,
+                "batch_size": batch,
+                "iterations": iterations,
+                "lr": lr,
+                "samples_seen": result.state.samples_seen,
+                "val_dice_mean": record["val_mean"],
+                "val_dice_per_class": [round(float(d), 4) for d in dice],
+                "train_loss_last": record["train_loss"],
+                "seconds": round(time.monotonic() - start, 1),
+                "stop_reason": result.state.stop_reason,
+            })
+    write_study(rows, out_dir, settings={"samples": samples, "fold": fold, "device": device, "lr_scaling": lr_scaling, "config": cfg.to_dict()})
+    return rows
+
+
+def _csv(rows: Sequence[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=FIELDS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "val_dice_per_class": " ".join(str(d) for d in row["val_dice_per_class"])})
+    return buffer.getvalue()
+
+
+def _markdown(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> str:
+    norms = list(dict.fromkeys(r["norm"] for r in rows))
+    batches = sorted({r["batch_size"] for r in rows})
+    lines = [
+        "# Normalisation vs batch size: validation Dice",
+        "",
+        f"Same network, seed and data order; {settings['samples']} training samples per run; fold {settings['fold']}; device {settings['device']}; learning-rate scaling with batch size: {settings.get('lr_scaling', 'none')}.",
+        "BatchNorm is evaluated in eval mode with its running statistics.",
+        "",
+        "| norm | " + " | ".join(f"batch {b}" for b in batches) + " |",
+        "|---|" + "---|" * len(batches),
+    ]
+    for norm in norms:
+        cells = []
+        for b in batches:
+            row = next((r for r in rows if r["norm"] == norm and r["batch_size"] == b), None)
+            value = row["val_dice_mean"] if row else None
+            cells.append(f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a")
+        lines.append(f"| {norm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_study(rows: Sequence[dict[str, Any]], out_dir: Path, settings: dict[str, Any]) -> None:
+    """Write study.csv, study.json, study.md and study.png (atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    atomic_write_text(out_dir / "study.csv", _csv(rows))
+    atomic_write_json(out_dir / "study.json", {"settings": settings, "rows": list(rows)})
+    atomic_write_text(out_dir / "study.md", _markdown(rows, settings))
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for norm in dict.fromkeys(r["norm"] for r in rows):
+        pts = sorted((r["batch_size"], r["val_dice_mean"]) for r in rows if r["norm"] == norm and r["val_dice_mean"] is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=norm)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("validation Dice (mean over classes)")
+    ax.set_title(f"{settings['samples']} samples per run")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(out_dir / "study.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,194 @@
+"""One training run on a dataset folder: verify, plan, split, build, train, validate, save.
+
+:func:`train_on_dataset` is the Python API behind ``medgn train``. It checks every case first
+(the same check as ``medgn verify``), reads or makes the dataset plan, adapts it with the config's
+``plan`` section, writes the resolved config, the effective plan and the fold split into the run
+folder, builds the network from the ``model`` section, and hands patches, validation and hooks to
+the :class:`~medgn.train.trainer.Trainer`. The run folder is locked while training; ``resume``
+continues from the last checkpoint exactly. Under ``torchrun`` every rank runs this function; rank 0
+writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medgn.checkpoint import read_pointer
+from medgn.config import RunConfig, write_resolved_config
+from medgn.data.datasets import Case, load_dataset
+from medgn.data.verify import verify_dataset
+from medgn.errors import InputDataError, UsageError
+from medgn.files import RunLock, atomic_write_json, clean_stale_temps
+from medgn.logs import attach_file_log, get_logger
+from medgn.planning.plan_config import apply_plan_config
+from medgn.planning.splits import load_or_create_splits
+from medgn.train import distributed as ddp
+from medgn.train.logging_hooks import default_hooks
+from medgn.train.patches import PatchDataset, make_validator
+from medgn.train.rng import seed_everything
+from medgn.train.sampler import ResumableLoader, ResumableSampler
+from medgn.train.trainer import Trainer, TrainState
+
+log = get_logger("engine.run_training")
+
+DATASET_PLAN = "dataset_plan.json"  # the plan of the dataset as `medgn plan` makes it
+RUN_PLAN = "plan.json"  # the plan this run trains with (after the config's overrides)
+ALL_FOLDS = -1  # --fold all: train on every case, no validation split
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run did."""
+
+    out_dir: Path
+    state: TrainState
+    exit_code: int
+    best_dice: float | None
+    records: list[dict[str, Any]]
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    child_n = Path(os.path.normpath(child.absolute()))
+    parent_n = Path(os.path.normpath(parent.absolute()))
+    return child_n == parent_n or parent_n in child_n.parents
+
+
+def _dataset_plan(index: Any, cfg: RunConfig, out_dir: Path, plan_path: Path | None, is_main: bool) -> dict[str, Any]:
+    from medgn.planning.fingerprint import compute_fingerprint
+    from medgn.planning.planner import load_plan, make_plan
+
+    if plan_path is not None:
+        return load_plan(plan_path)
+    stored = out_dir / DATASET_PLAN
+    if stored.exists():
+        return load_plan(stored)
+    log.info("no plan given: fingerprinting %d cases", len(index.cases))
+    plan = make_plan(index, compute_fingerprint(index, cfg.data.limits), gpu_memory_gb=cfg.plan.gpu_memory_gb)
+    if is_main:
+        atomic_write_json(stored, plan)
+    return plan
+
+
+def _fold_cases(index: Any, cfg: RunConfig, out_dir: Path, fold: int) -> tuple[list[Case], list[Case]]:
+    by_id = {c.case_id: c for c in index.cases}
+    if fold == ALL_FOLDS:
+        return list(index.cases), []
+    n_folds = min(cfg.plan.n_folds, len(index.cases))
+    if len(index.cases) < 2:
+        raise InputDataError(index.root, "cross-validation needs at least 2 labelled cases", got=len(index.cases), expected="more cases, or --fold all")
+    if not 0 <= fold < n_folds:
+        raise UsageError("--fold", "fold out of range", got=fold, expected=f"0..{n_folds - 1} or 'all'")
+    splits = load_or_create_splits(out_dir / "splits.json", sorted(by_id), n_folds, cfg.plan.split_seed)
+    return [by_id[i] for i in splits[fold]["train"]], [by_id[i] for i in splits[fold]["val"]]
+
+
+def train_on_dataset(
+    cfg: RunConfig,
+    data: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    fold: int = 0,
+    resume: bool = False,
+    device: str = "cpu",
+    plan_path: str | os.PathLike[str] | None = None,
+    console: bool = True,
+) -> TrainResult:
+    """Train one fold of ``data`` into ``out_dir``.
+
+    Args:
+        cfg: the resolved run config.
+        data: dataset folder (MSD, nnU-Net v2 raw, or images/ + labels/).
+        out_dir: run folder (created); holds config.yaml, plan.json, splits.json, checkpoints/,
+            metrics.jsonl, tensorboard/, progress.png and medgn.log.
+        fold: cross-validation fold, or ``ALL_FOLDS`` to train on every case without validation.
+        resume: continue from the run folder's latest checkpoint.
+        device: "cpu" or "cuda" (under torchrun each rank takes ``cuda:LOCAL_RANK``).
+        plan_path: a plan from ``medgn plan``; default: the run folder's, else one is made.
+        console: live progress display.
+
+    Raises:
+        UsageError: bad options, or an existing run without ``resume``.
+        InputDataError: the dataset fails verification (every problem listed in the log).
+    """
+    data, out_dir = Path(data), Path(out_dir)
+    if device not in ("cpu", "cuda"):
+        raise UsageError("--device", "unknown device", got=device, expected="cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device", "CUDA requested but no CUDA device is available", got="cuda", expected="--device cpu")
+    info = ddp.init_distributed(device)  # joins the process group under torchrun
+    if device == "cuda" and info.enabled:
+        device = f"cuda:{info.local_rank}"
+    if _inside(out_dir, data):  # also out_dir == data
+        raise UsageError(out_dir, "refusing to write the run into the dataset folder", expected="an --out outside the input tree")
+    has_checkpoint = (out_dir / "checkpoints").is_dir() and read_pointer(out_dir / "checkpoints") is not None
+    if resume and not has_checkpoint:
+        raise UsageError(out_dir, "nothing to resume: no checkpoint in the run folder", expected="a run folder with checkpoints/")
+    if not resume and has_checkpoint:
+        raise UsageError(out_dir, "run folder already has checkpoints", expected="--resume to continue it, or a new --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out_dir, purpose="train") if info.is_main else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        if info.is_main:
+            attach_file_log(out_dir / "medgn.log")
+            clean_stale_temps(out_dir)
+        index = load_dataset(data)
+        report = verify_dataset(index, cfg.data.limits)
+        if not report.ok:
+            for problem in report.problems:
+                log.error("verify: %s", problem)
+            first = report.problems[0]
+            raise InputDataError(data, f"dataset failed verification with {len(report.problems)} problem(s); first: {first}", expected="a clean 'medgn verify' (see medgn.log for all problems)")
+        if info.is_main:  # rank 0 plans and splits; the others read what it wrote
+            base_plan = _dataset_plan(index, cfg, out_dir, Path(plan_path) if plan_path else None, True)
+            _fold_cases(index, cfg, out_dir, fold)
+        ddp.barrier()
+        if not info.is_main:
+            base_plan = _dataset_plan(index, cfg, out_dir, Path(plan_path) if plan_path else None, False)
+        plan, features = apply_plan_config(base_plan, cfg.plan, cfg.model.features)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, features=features))
+        if info.is_main:
+            write_resolved_config(cfg, out_dir / "config.yaml")
+            atomic_write_json(out_dir / RUN_PLAN, plan)
+        train_cases, val_cases = _fold_cases(index, cfg, out_dir, fold)
+        log.info("fold %s: %d training and %d validation cases; patch %s at %s mm", fold, len(train_cases), len(val_cases), plan["patch_size"], plan["target_spacing"])
+        return _fit(cfg, plan, train_cases, val_cases, out_dir, device, resume, console, info)
+    finally:
+        if lock is not None:
+            lock.release()
+        ddp.cleanup()
+
+
+def _fit(cfg: RunConfig, plan: dict[str, Any], train_cases: list[Case], val_cases: list[Case], out_dir: Path, device: str, resume: bool, console: bool, info: Any) -> TrainResult:
+    from medgn.models.registry import build_model
+
+    tcfg = cfg.train
+    dataset = PatchDataset(train_cases, plan, cfg.data)
+    sampler = ResumableSampler(len(train_cases), tcfg.micro_batches_per_epoch * tcfg.batch_size, seed=tcfg.seed, rank=info.rank, world_size=info.world_size, with_seeds=True)
+    workers = cfg.data.num_workers
+    loader = ResumableLoader(dataset, sampler, tcfg.batch_size, num_workers=workers, persistent_workers=False)
+    validate = make_validator(val_cases, plan, cfg.data, device) if val_cases else None
+    hooks = default_hooks(tcfg, out_dir, validate=validate, console=console)
+    seed_everything(tcfg.seed + info.rank, deterministic=tcfg.deterministic)  # before weights are drawn
+    network = plan["network"]
+    model = build_model(cfg.model, int(plan["in_channels"]), int(plan["num_classes"]), network["strides"], network["kernel_sizes"])
+    trainer = Trainer(model, tcfg, loader, out_dir=out_dir, device=device, hooks=hooks, run_config=cfg.to_dict(), plan=plan, dist_info=info)
+    if resume:
+        trainer.resume(out_dir / "checkpoints")
+    state = trainer.train()
+    best = None
+    for hook in hooks:
+        if getattr(hook, "name", "") == "validation":
+            best = getattr(hook, "best", None)
+    if info.is_main:
+        summary = {"stop_reason": state.stop_reason, "iteration": state.iteration, "epoch": state.epoch, "best_val_ema_dice": best, "samples_seen": state.samples_seen, "nonfinite_skipped": state.nonfinite_total}
+        atomic_write_json(out_dir / "train_summary.json", json.loads(json.dumps(summary)))
+    return TrainResult(out_dir, state, trainer.exit_code, best, list(trainer.epoch_records))

@@ -1,0 +1,259 @@
+"""Folder runs of ``infer`` / ``medgn infer``: kill -9 and rerun, lock, bad cases, skip/overwrite,
+refusals before model loading, unsafe names, probabilities, largest component, OOM recording."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _infer_fixtures as F
+import numpy as np
+import pytest
+import torch
+
+from medgn.cli import main
+from medgn.files import TEMP_MARK
+from medgn.infer.predictor import Predictor
+from medgn.infer.run import infer
+
+pytest.importorskip("medgn.data.pipeline", reason="medgn.data.pipeline (infer_transforms) not available yet")
+
+DRIVER = Path(__file__).with_name("_infer_kill_driver.py")
+REPO = Path(__file__).resolve().parents[2]
+AFFINE = F.axis_affines()[0]
+
+
+def _folder(root: Path, names: list[str], seed: int = 0) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        F.write_image(root / f"{name}.nii.gz", F.image(seed + i), AFFINE)
+    return root
+
+
+def _threshold_predictor(threshold: float = 0.0) -> Predictor:
+    return Predictor.from_modules([F.ThresholdNet(threshold)], F.plan())
+
+
+def _wait_for(predicate, what: str, child: subprocess.Popen, deadline_s: float = 120.0) -> None:
+    end = time.monotonic() + deadline_s  # a deadline for a hung child, not a timing assertion
+    while not predicate():
+        if child.poll() is not None:
+            raise AssertionError(f"child exited with {child.returncode} before {what}: {child.stderr.read().decode()[-2000:]}")
+        if time.monotonic() > end:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+def _arrays(folder: Path) -> dict[str, np.ndarray]:
+    import nibabel as nib
+
+    return {p.name: np.asanyarray(nib.load(p).dataobj) for p in sorted(folder.glob("*.nii.gz"))}
+
+
+def test_kill_9_mid_write_then_rerun_skips_done_cases_and_matches(tmp_path: Path) -> None:
+    src = _folder(tmp_path / "in", ["c0", "c1", "c2"])
+    run = F.save_run(tmp_path / "run")
+    out, ref_out = tmp_path / "out", tmp_path / "ref"
+    args = ["infer", "--model", str(run), "--input", str(src), "--no-progress"]
+    env = {**os.environ, "HANG_AT": "2", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, str(DRIVER), *args, "--output", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_for(lambda: (out / "c0.json").is_file(), "the first case's sidecar", child)
+        _wait_for(lambda: any(p.name.startswith(TEMP_MARK) and "c1" in p.name for p in out.iterdir()), "the second case's temp file", child)
+        # A second run on the same folder while the first holds it: refused with code 6.
+        assert main([*args, "--output", str(out)]) == 6
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert not (out / "c1.nii.gz").exists()
+    assert json.loads((out / "c1.json").read_text())["status"] == "running"  # not a proof of completion
+    torch.set_num_threads(1)
+    assert main([*args, "--output", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [(c["case_id"], c["status"]) for c in report["cases"]] == [("c0", "skipped"), ("c1", "ok"), ("c2", "ok")]
+    assert not [p for p in out.iterdir() if p.name.startswith(TEMP_MARK)]
+    assert main([*args, "--output", str(ref_out)]) == 0
+    got, want = _arrays(out), _arrays(ref_out)
+    assert list(got) == ["c0.nii.gz", "c1.nii.gz", "c2.nii.gz"] == list(want)
+    for name in want:
+        assert (out / name).read_bytes() == (ref_out / name).read_bytes() or np.array_equal(got[name], want[name])
+        assert got[name].dtype == np.uint8
+
+
+def test_bad_case_is_recorded_and_others_succeed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _folder(tmp_path / "in", ["a", "c"])
+    (src / "b.nii.gz").write_bytes(b"not a nifti at all")
+    report = infer(_threshold_predictor(), src, tmp_path / "out")
+    status = {c.case_id: (c.status, c.code) for c in report.cases}
+    assert status == {"a": ("ok", None), "b": ("failed", 3), "c": ("ok", None)}
+    assert report.exit_code == 3
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["counts"] == {"ok": 2, "skipped": 0, "failed": 1}
+    assert "b.nii.gz" in saved["cases"][1]["message"]
+    assert np.array_equal(_arrays(tmp_path / "out")["a.nii.gz"] == 1, F.blob())
+
+
+def test_refusals_happen_before_the_model_is_loaded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _folder(tmp_path / "in", ["a"])
+    missing_model = str(tmp_path / "no-such-run")  # loading it would be exit 4
+    assert main(["infer", "--model", missing_model, "--input", str(src), "--output", str(src / "out"), "--no-progress"]) == 2
+    assert "inside the input" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["infer", "--model", missing_model, "--input", str(src), "--output", str(blocker / "o"), "--no-progress"]) == 2
+    assert main(["infer", "--model", missing_model, "--input", str(src), "--output", str(tmp_path / "o"), "--no-progress"]) == 4
+    assert not (src / "out").exists()
+
+
+def test_skip_refuse_and_overwrite(tmp_path: Path) -> None:
+    src = _folder(tmp_path / "in", ["a", "b"])
+    out = tmp_path / "out"
+    assert infer(_threshold_predictor(), src, out).exit_code == 0
+    sidecar = json.loads((out / "a.json").read_text())
+    assert sidecar["inputs"][0]["sha256"] and sidecar["models"][0]["sha256"] and sidecar["versions"]["torch"]
+    assert sidecar["settings"]["overlap"] == 0.5 and sidecar["device"] == "cpu" and sidecar["warnings"] == []
+    again = infer(_threshold_predictor(), src, out)
+    assert [c.status for c in again.cases] == ["skipped", "skipped"]
+    # Another model (different weights -> sha256): refused per case without --overwrite.
+    other = infer(_threshold_predictor(threshold=1e9), src, out)
+    assert [(c.status, c.code) for c in other.cases] == [("failed", 2), ("failed", 2)]
+    assert "--overwrite" in other.cases[0].message
+    assert _arrays(out)["a.nii.gz"].any()  # the earlier mask is untouched
+    redo = infer(_threshold_predictor(threshold=1e9), src, out, overwrite=True)
+    assert [c.status for c in redo.cases] == ["ok", "ok"]
+    assert not _arrays(out)["a.nii.gz"].any()  # threshold above every voxel: all background
+    # Killed between the mask and the final sidecar: the "running" sidecar of the same
+    # fingerprint marks the mask as this run's own, so it is redone without --overwrite.
+    record = json.loads((out / "a.json").read_text())
+    (out / "a.json").write_text(json.dumps({**record, "status": "running"}))
+    resumed = infer(_threshold_predictor(threshold=1e9), src, out)
+    assert [c.status for c in resumed.cases] == ["ok", "skipped"]
+    assert json.loads((out / "a.json").read_text())["status"] == "done"
+    # A changed input is not skipped either.
+    F.write_image(src / "b.nii.gz", F.image(seed=7), AFFINE)
+    changed = infer(_threshold_predictor(threshold=1e9), src, out)
+    assert [c.status for c in changed.cases] == ["skipped", "failed"]
+
+
+def test_unsafe_names_stay_inside_the_output(tmp_path: Path) -> None:
+    src = _folder(tmp_path / "in", ["-rf x", "é ü 東京", "a;b $(c)"])
+    out = tmp_path / "out"
+    report = infer(_threshold_predictor(), src, out)
+    assert report.exit_code == 0
+    assert sorted(c.name for c in report.cases) == sorted(["_rf x", "é ü 東京", "a;b $(c)"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+    assert {"_rf x.nii.gz", "é ü 東京.nii.gz", "a;b $(c).nii.gz"} <= {p.name for p in out.iterdir()}
+
+
+def test_probabilities_and_largest_component(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    img = F.image()
+    img[9:11, 9:11, 9:11] = 100.0  # a second, smaller island
+    F.write_image(src / "a.nii.gz", img, AFFINE)
+    report = infer(_threshold_predictor(), src, tmp_path / "out", save_probabilities=True, largest_component=True)
+    assert report.exit_code == 0
+    mask = _arrays(tmp_path / "out")["a.nii.gz"]
+    assert np.array_equal(mask == 1, F.blob())  # the island is gone
+    with np.load(tmp_path / "out" / "a_probabilities.npz") as saved:
+        p, affine = saved["probabilities"], saved["affine"]
+    assert p.shape == (2, 12, 12, 12) and p.dtype == np.float16
+    np.testing.assert_allclose(affine, AFFINE, atol=1e-6)
+    p = p.astype(np.float64).transpose(1, 2, 3, 0)
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=2e-3)  # float16 rounding of two terms
+    assert (p[..., 1] > 0.5)[9:11, 9:11, 9:11].all()  # probabilities are not post-processed
+
+
+def test_out_of_memory_fallback_is_recorded_in_the_sidecar(tmp_path: Path) -> None:
+    class OOMOnce(F.ThresholdNet):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            type(self).calls += 1
+            if type(self).calls == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return super().forward(x)
+
+    src = _folder(tmp_path / "in", ["a"])
+    report = infer(Predictor.from_modules([OOMOnce()], F.plan()), src, tmp_path / "out")
+    assert report.exit_code == 0 and report.cases[0].warnings
+    sidecar = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert "stitching moved to the CPU" in sidecar["warnings"][0]
+    assert np.array_equal(_arrays(tmp_path / "out")["a.nii.gz"] == 1, F.blob())
+
+
+def test_shards_split_a_folder(tmp_path: Path) -> None:
+    src = _folder(tmp_path / "in", ["a", "b", "c"])
+    r0 = infer(_threshold_predictor(), src, tmp_path / "out", shard="0/2")
+    r1 = infer(_threshold_predictor(), src, tmp_path / "out", shard="1/2")
+    assert [c.case_id for c in r0.cases] == ["a", "c"] and [c.case_id for c in r1.cases] == ["b"]
+    assert (tmp_path / "out" / "report-0of2.json").is_file() and (tmp_path / "out" / "report-1of2.json").is_file()
+    assert sorted(_arrays(tmp_path / "out")) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+
+
+def test_channels_by_name(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    F.write_image(src / "p1_t1.nii.gz", F.image(), AFFINE)
+    F.write_image(src / "p1_flair.nii.gz", np.ones((12, 12, 12), np.float32), AFFINE)
+    predictor = Predictor.from_modules([F.ThresholdNet()], F.plan(in_channels=2))
+    report = infer(predictor, src, tmp_path / "out", channels=["t1", "flair"])
+    assert [(c.case_id, c.status) for c in report.cases] == [("p1", "ok")]
+    sidecar = json.loads((tmp_path / "out" / "p1.json").read_text())
+    assert [Path(i["path"]).name for i in sidecar["inputs"]] == ["p1_t1.nii.gz", "p1_flair.nii.gz"]
+
+
+def _train_a_few_steps(run_dir: Path, image: Path, label: Path, plan: dict) -> int:
+    """Train the tiny UNet3D for a few steps on one LA2018 case; save it as the best checkpoint."""
+    from medgn.checkpoint import save_checkpoint
+    from medgn.configtools import build
+    from medgn.data.pipeline import val_transforms
+    from medgn.models.config import UNet3DConfig
+    from medgn.models.registry import build_model
+
+    data = val_transforms(plan)({"image": [str(image)], "label": str(label)})
+    x, y = torch.as_tensor(data["image"]).float(), torch.as_tensor(data["label"]).long()
+    centre = [int(c.float().mean()) for c in torch.nonzero(y[0], as_tuple=True)]
+    starts = [max(0, min(c - p // 2, s - p)) for c, p, s in zip(centre, plan["patch_size"], x.shape[1:])]
+    crop = tuple(slice(a, a + p) for a, p in zip(starts, plan["patch_size"]))
+    xb, yb = x[(slice(None), *crop)][None], y[(0, *crop)][None]
+    config = F.tiny_model_config()
+    torch.manual_seed(0)
+    net = build_model(build(UNet3DConfig, config["model"], "model"), 1, 2, plan["network"]["strides"], plan["network"]["kernel_sizes"])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)  # large steps: a few of them must move the weights
+    steps = 6  # enough to change every weight, few enough for seconds on two cores
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(xb), yb)
+        loss.backward()
+        opt.step()
+    state = {"model": {k: v.detach().clone() for k, v in net.state_dict().items()}, "config": config, "plan": plan, "counters": {"epoch": 1, "iteration": steps}}
+    save_checkpoint(state, run_dir / "checkpoints", tag="epoch", pointers=("latest", "best"))
+    return steps
+
+
+@pytest.mark.data
+def test_la2018_case_keeps_its_geometry(tmp_path: Path, shared_data: Path) -> None:
+    from medgn.data.io import geometry_diff, read_volume
+
+    image = sorted((shared_data / "LA2018" / "imagesTr").glob("*.nii.gz"))[0]
+    label = shared_data / "LA2018" / "labelsTr" / image.name
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / image.name).symlink_to(image)
+    ref = read_volume(image)
+    plan = F.plan(target_spacing=[1.25, 1.25, 1.25])  # half resolution keeps the test fast
+    plan["patch_size"] = [48, 48, 32]
+    _train_a_few_steps(tmp_path / "run", image, label, plan)
+    assert main(["infer", "--model", str(tmp_path / "run"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    mask = read_volume(tmp_path / "out" / image.name, label=True, label_values=[0, 1])
+    assert geometry_diff(ref, mask) == [] and mask.shape == ref.shape
+    assert np.allclose(mask.affine, ref.affine, atol=1e-5)
+    assert (mask.meta["qform_code"], mask.meta["sform_code"]) == (ref.meta["qform_code"], ref.meta["sform_code"])
+    import nibabel as nib
+
+    assert nib.load(tmp_path / "out" / image.name).get_data_dtype() == np.uint8

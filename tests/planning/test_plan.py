@@ -1,0 +1,128 @@
+"""Tests for fingerprint, plan rules, `medgn plan` and k-fold splits."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medgn.cli import main
+from medgn.data.datasets import load_dataset
+from medgn.data.io import read_volume
+from medgn.errors import InputDataError, ResourceError
+from medgn.planning.fingerprint import compute_fingerprint, intensity_stats, ras_spacing_shape
+from medgn.planning.planner import (
+    choose_patch,
+    guess_modality,
+    load_plan,
+    make_plan,
+    plan_for_ct_or_mr,
+    strides_and_kernels,
+    target_spacing,
+)
+from medgn.planning.splits import load_or_create_splits, make_splits
+from tests.data.conftest import make_nifti, make_nnunet, mini_msd
+
+
+def _voxel_estimator(cfg: object, cin: int, cout: int, strides: object, kernels: object, patch: list[int], batch: int, dtype: object) -> int:
+    return int(math.prod(patch) * batch * 1000)  # 1 kB per voxel: easy to reason about in tests
+
+
+def test_target_spacing_median_and_anisotropy() -> None:
+    iso = np.array([[0.6, 0.6, 0.6], [0.7, 0.7, 0.7], [0.625, 0.625, 0.625]])
+    assert target_spacing(iso) == pytest.approx([0.625, 0.625, 0.625])
+    aniso = np.array([[0.8, 0.8, z] for z in (3.0, 4.0, 5.0, 5.0, 6.0, 6.0)])
+    # median z 5.5 / 0.8 > 3: the coarse axis takes its 10th percentile, 3.5.
+    assert target_spacing(aniso) == pytest.approx([0.8, 0.8, 3.5])
+
+
+def test_strides_follow_spacing() -> None:
+    strides, kernels = strides_and_kernels([256, 256, 24], [0.78, 0.78, 6.5])
+    assert strides[:3] == [[1, 1, 1], [2, 2, 1], [2, 2, 1]]  # fine axes pooled first
+    assert kernels[0] == [3, 3, 1] and len(kernels) == len(strides) <= 6
+    assert strides_and_kernels([64, 64, 64], [1.0, 1.0, 1.0])[0] == [[1, 1, 1]] + [[2, 2, 2]] * 4  # 64 -> 4: pooled while >= 8
+
+
+def test_patch_shrinks_then_batch_one() -> None:
+    patch, strides, _, batch, need = choose_patch([100, 100, 100], [1.0, 1.0, 1.0], 1, 2, 2 * 64**3 * 1000, _voxel_estimator)
+    total = [math.prod(s[a] for s in strides) for a in range(3)]
+    assert batch == 2 and need <= 2 * 64**3 * 1000 and all(p % t == 0 for p, t in zip(patch, total))
+    assert math.prod(patch) > 0.5 * 64**3  # shrank to about the budget, not to the minimum
+    patch, _, _, batch, _ = choose_patch([20, 20, 20], [1.0, 1.0, 1.0], 1, 2, 1.5 * 16**3 * 1000, _voxel_estimator)
+    assert batch == 1 and min(patch) == 16 and math.prod(patch) * 1000 <= 1.5 * 16**3 * 1000
+    with pytest.raises(ResourceError):
+        choose_patch([20, 20, 20], [1.0, 1.0, 1.0], 1, 2, 100, _voxel_estimator)
+
+
+@pytest.mark.data
+def test_ct_sample_gets_ct_scheme_mr_gets_zscore(shared_data: Path) -> None:
+    ct = read_volume(shared_data / "samples" / "ct_abdomen_small.nii.gz").array
+    assert guess_modality(ct) == "CT"
+    stats = intensity_stats(ct[ct > -500].ravel())  # body voxels as the foreground stand-in
+    norm = plan_for_ct_or_mr(guess_modality(ct), stats)
+    assert norm["scheme"] == "ct" and norm["clip"][0] < 0 < norm["clip"][1] and norm["std"] > 0
+    mr = read_volume(shared_data / "samples" / "mr_abdomen_small.nii.gz").array
+    assert plan_for_ct_or_mr(guess_modality(mr)) == {"scheme": "zscore"}
+
+
+def test_ras_spacing_follows_orientation(tmp_path: Path) -> None:
+    affine = np.array([[0, 0, 3.0, 0], [-0.5, 0, 0, 0], [0, 0.7, 0, 0], [0, 0, 0, 1]])  # array z -> R, x -> P, y -> S
+    vol = read_volume(make_nifti(tmp_path / "a.nii.gz", np.zeros((4, 5, 6), np.float32), affine))
+    spacing, shape = ras_spacing_shape(vol)
+    assert spacing == pytest.approx([3.0, 0.5, 0.7]) and shape == [6, 4, 5]
+
+
+def test_plan_cli_on_tiny_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_nnunet(tmp_path / "ds", n_cases=3, spacing=(1.0, 1.0, 2.0))
+    out = tmp_path / "plans" / "plan.json"
+    out.parent.mkdir()
+    assert main(["plan", str(root), "--out", str(out), "--folds", "3"]) == 0
+    plan = load_plan(out)
+    assert plan["label_values"] == [0, 1, 2] and plan["num_classes"] == 3 and plan["in_channels"] == 2
+    assert plan["target_spacing"] == [1.0, 1.0, 2.0]
+    assert [n["scheme"] for n in plan["normalization"]] == ["ct", "zscore"]  # channel names CT, T2
+    assert plan["fingerprint"]["label_values_found"] == [0, 1, 2]
+    splits = json.loads((out.parent / "splits.json").read_text())
+    assert sorted(c for f in splits for c in f["val"]) == ["case0", "case1", "case2"]
+    before = out.read_bytes()
+    assert main(["plan", str(root), "--out", str(out)]) == 2  # exists, no --overwrite
+    assert "output exists" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["plan", str(root), "--out", str(root / "plan.json")]) == 2
+    assert not (root / "plan.json").exists()
+
+
+@pytest.mark.data
+def test_la2018_plan_chooses_0625_and_zscore(shared_data: Path, tmp_path: Path) -> None:
+    index = load_dataset(mini_msd(shared_data / "LA2018", tmp_path / "la", 4))
+    plan = make_plan(index, compute_fingerprint(index), gpu_memory_gb=8, estimator=_voxel_estimator)
+    assert plan["target_spacing"] == pytest.approx([0.625, 0.625, 0.625])
+    assert plan["normalization"] == [{"scheme": "zscore"}] and plan["label_values"] == [0, 1]
+    json.dumps(plan, allow_nan=False)  # the plan is plain JSON
+
+
+def test_splits(tmp_path: Path) -> None:
+    ids = [f"c{i}" for i in range(11)]
+    splits = make_splits(ids, 5, seed=3)
+    assert splits == make_splits(list(reversed(ids)), 5, seed=3)
+    assert sorted(c for f in splits for c in f["val"]) == sorted(ids)
+    assert all(set(f["train"]).isdisjoint(f["val"]) and len(f["train"]) + len(f["val"]) == 11 for f in splits)
+    assert splits != make_splits(ids, 5, seed=4)
+    path = tmp_path / "splits.json"
+    assert load_or_create_splits(path, ids, 5, 3) == splits
+    assert load_or_create_splits(path, ids, 5, 99) == splits  # written once, then only read
+    with pytest.raises(InputDataError, match="do not match"):
+        load_or_create_splits(path, ids[:-1])
+
+
+def test_fallback_estimator_grows_with_patch_and_batch() -> None:
+    from medgn.planning.planner import _fallback_estimate, _model_cfg
+
+    strides = [[1, 1, 1]] + [[2, 2, 2]] * 4
+    small = _fallback_estimate(_model_cfg(5), 1, 2, strides, None, [64, 64, 64], 2, None)
+    assert _fallback_estimate(_model_cfg(5), 1, 2, strides, None, [128, 64, 64], 2, None) > 1.9 * small - 2e8
+    assert _fallback_estimate(_model_cfg(5), 1, 2, strides, None, [64, 64, 64], 1, None) < small
+    patch, _, _, batch, need = choose_patch([200, 200, 200], [1.0, 1.0, 1.0], 1, 2, 4e9, _fallback_estimate)
+    assert need <= 4e9 and batch == 2 and max(patch) < 200

@@ -1,0 +1,168 @@
+"""The trainer in-process: learning, outputs, non-finite steps, validation EMA, stopping rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _train_driver import NUM_CASES, SyntheticCases, TinyNet, validate
+
+from medgn.checkpoint import load_checkpoint, read_pointer
+from medgn.configtools import build
+from medgn.errors import UsageError
+from medgn.train.config import TrainConfig
+from medgn.train.hooks import CheckpointHook, EarlyStoppingHook, TimeBudgetHook, ValidationHook
+from medgn.train.logging_hooks import default_hooks
+from medgn.train.optim import lr_factor, resolve_amp
+from medgn.train.rng import seed_everything
+from medgn.train.sampler import ResumableLoader, ResumableSampler
+from medgn.train.trainer import NonFiniteLossError, Trainer
+
+
+def _cfg(**over: object) -> TrainConfig:
+    base = {"epochs": 2, "iters_per_epoch": 3, "batch_size": 2, "lr": 0.05, "amp": "off", "seed": 3,
+            "checkpoint_every_minutes": 0.0, "log_every": 1}
+    return build(TrainConfig, {**base, **over}, "train")
+
+
+def _trainer(cfg: TrainConfig, out: Path | None, hooks: list, nan_cases: tuple[int, ...] = ()) -> Trainer:
+    seed_everything(cfg.seed)
+    sampler = ResumableSampler(NUM_CASES, cfg.micro_batches_per_epoch * cfg.batch_size, seed=cfg.seed, with_seeds=True)
+    loader = ResumableLoader(SyntheticCases(nan_cases), sampler, cfg.batch_size)
+    return Trainer(TinyNet(), cfg, loader, out_dir=out, hooks=hooks)
+
+
+def test_loss_decreases_and_every_output_is_written(tmp_path: Path) -> None:
+    cfg = _cfg(epochs=4, iters_per_epoch=5)
+    trainer = _trainer(cfg, tmp_path, default_hooks(cfg, tmp_path, validate=validate, console=False))
+    state = trainer.train()
+    losses = [r["train_loss"] for r in trainer.epoch_records]
+    assert state.stop_reason == "finished" and state.iteration == 20 and state.samples_seen == 40
+    assert losses[-1] < 0.7 * losses[0], losses
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r["kind"] == "step"] == list(range(1, 21))
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2, 3, 4]
+    assert (tmp_path / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    files = list((tmp_path / "checkpoints").glob("*.pt"))
+    assert files
+    for path in files:
+        ckpt = torch.load(path, weights_only=True)
+        assert set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "counters", "rng", "sampler", "hooks", "config", "plan", "versions"}
+    final = load_checkpoint(tmp_path / "checkpoints" / "final.json")
+    assert final["config"]["train"]["epochs"] == 4 and final["counters"]["iteration"] == 20
+    assert final["hooks"]["validation"]["ema"] is not None
+
+
+def test_gradient_accumulation_equals_the_larger_batch() -> None:
+    batch = next(iter(torch.utils.data.DataLoader(SyntheticCases(), batch_size=2, sampler=[(0, 11), (3, 12)])))
+    halves = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(2)]
+    results = []
+    for micro, accum in (([batch], 1), (halves, 2)):
+        trainer = _trainer(_cfg(grad_accum=accum, clip_grad=0.0, batch_size=2 // accum), None, [])
+        trainer.module.drop.p = 0.0  # no dropout: both runs see the same function
+        trainer.train_step(micro)
+        results.append([p.detach().clone() for p in trainer.module.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # fp32 summation order differs
+
+
+def test_nonfinite_step_is_skipped_without_touching_weights() -> None:
+    trainer = _trainer(_cfg(max_nonfinite_in_row=2), None, [])
+    before = [p.detach().clone() for p in trainer.module.parameters()]
+    bad = {"image": torch.full((2, 1, 8, 8, 8), float("nan")), "label": torch.zeros(2, 1, 8, 8, 8, dtype=torch.int64), "case_id": ["a", "b"]}
+    result = trainer.train_step([bad])
+    assert result.skipped and result.loss is None and trainer.state.nonfinite_total == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.module.parameters()))
+    assert trainer.optimizer.state_dict()["state"] == {}  # no momentum was created
+    good = dict(bad, image=torch.zeros(2, 1, 8, 8, 8))
+    assert not trainer.train_step([good]).skipped and trainer.state.nonfinite_in_row == 0
+    with pytest.raises(NonFiniteLossError):
+        trainer.train_step([bad])
+        trainer.train_step([bad])
+
+
+def test_nonfinite_run_stops_with_case_ids_and_no_nonfinite_checkpoint(tmp_path: Path) -> None:
+    cfg = _cfg(max_nonfinite_in_row=3, checkpoint_every_steps=1)
+    trainer = _trainer(cfg, tmp_path, [CheckpointHook(0.0, 1)], nan_cases=tuple(range(NUM_CASES)))
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.train()
+    assert info.value.code == 5 and "case_00" in str(info.value) and "3 steps in a row" in str(info.value)
+    for path in (tmp_path / "checkpoints").glob("*.pt"):
+        model = torch.load(path, weights_only=True)["model"]
+        assert all(torch.isfinite(t).all() for t in model.values())
+
+
+def test_validation_ema_best_checkpoint_and_early_stopping(tmp_path: Path) -> None:
+    scores = iter([0.2, 0.6, 0.1, 0.1, 0.9, 0.9])
+    cfg = _cfg(epochs=6, iters_per_epoch=1, ema_alpha=0.5)
+    hooks = [ValidationHook(lambda model: [next(scores)], every=1, ema_alpha=0.5), EarlyStoppingHook(2), CheckpointHook(0.0)]
+    trainer = _trainer(cfg, tmp_path, hooks)
+    state = trainer.train()
+    # EMA with alpha 0.5: 0.2, 0.4, 0.25, 0.175 -> best at epoch 2, two worse validations stop at epoch 4.
+    assert [r["val_ema"] for r in trainer.epoch_records] == pytest.approx([0.2, 0.4, 0.25, 0.175])
+    assert state.epoch == 4 and state.stop_reason.startswith("early stopping")
+    assert read_pointer(tmp_path / "checkpoints", "best")["epoch"] == 2
+    assert load_checkpoint(tmp_path / "checkpoints" / "best.json")["hooks"]["validation"]["best"] == pytest.approx(0.4)
+
+
+def test_time_budget_stops_cleanly_with_final_validation_and_checkpoint(tmp_path: Path) -> None:
+    calls = []
+    cfg = _cfg(epochs=50)
+    hooks = [TimeBudgetHook(1e-9), ValidationHook(lambda m: calls.append(1) or [0.5], every=1), CheckpointHook(0.0)]
+    state = _trainer(cfg, tmp_path, hooks).train()
+    assert state.iteration == 1 and state.stop_reason.startswith("time budget")
+    assert calls == [1]  # the final validation ran
+    assert read_pointer(tmp_path / "checkpoints", "final")["iteration"] == 1
+
+
+def test_lr_schedules_follow_their_formulas() -> None:
+    cfg = _cfg(epochs=10, iters_per_epoch=10, warmup_iters=4)
+    assert [lr_factor(s, cfg) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lr_factor(4 + 48, cfg) == pytest.approx(0.5**0.9)
+    cos = _cfg(epochs=10, iters_per_epoch=10, schedule="cosine")
+    assert lr_factor(50, cos) == pytest.approx(0.5) and lr_factor(100, cos) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_config_and_amp_validation() -> None:
+    with pytest.raises(UsageError, match="train.optimiser"):
+        build(TrainConfig, {"optimiser": "sgd"}, "train")
+    with pytest.raises(UsageError, match="warmup_iters"):
+        _cfg(epochs=1, iters_per_epoch=2, warmup_iters=2)
+    assert resolve_amp("auto", torch.device("cpu")) == (None, False)
+    assert resolve_amp("bf16", torch.device("cpu")) == (torch.bfloat16, False)
+    with pytest.raises(UsageError, match="train.amp"):
+        resolve_amp("fp16", torch.device("cpu"))
+
+
+def test_sampler_order_is_a_pure_function_and_shards_cover_it() -> None:
+    full = ResumableSampler(5, 8, seed=4, world_size=1)
+    full.set_epoch(3)
+    order = list(full)
+    again = ResumableSampler(5, 8, seed=4)
+    again.set_epoch(3, start=5)
+    assert list(again) == order[5:] and len(order) == 8
+    shards = [ResumableSampler(5, 4, seed=4, rank=r, world_size=2) for r in range(2)]
+    for s in shards:
+        s.set_epoch(3)
+    assert sorted(list(shards[0]) + list(shards[1])) == sorted(order)
+    seeded = ResumableSampler(5, 8, seed=4, with_seeds=True)
+    seeds = [s for _, s in seeded]
+    assert len(set(seeds)) == 8 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_seeded_dataset_makes_monai_augmentation_a_function_of_the_sample_seed() -> None:
+    from monai.data import Dataset
+    from monai.transforms import Compose, RandFlipd, RandGaussianNoised
+
+    from medgn.train.sampler import SeededDataset
+
+    items = [{"image": torch.arange(8.0).reshape(1, 2, 2, 2)} for _ in range(3)]
+    transform = Compose([RandFlipd(keys="image", prob=0.5, spatial_axis=0), RandGaussianNoised(keys="image", prob=1.0)])
+    data = SeededDataset(Dataset(items, transform))
+    first = data[(1, 12345)]["image"]
+    data[(2, 999)]  # another sample in between must not matter
+    assert torch.equal(torch.as_tensor(data[(1, 12345)]["image"]), torch.as_tensor(first))
+    assert not torch.equal(torch.as_tensor(data[(1, 777)]["image"]), torch.as_tensor(first))

@@ -1,0 +1,189 @@
+"""``medgn train`` end to end: verify, plan, split, train, outputs, exact resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medgn.checkpoint import load_checkpoint, read_pointer
+from medgn.cli import main
+
+TINY = [
+    "--set", "model.features=[4,8]", "--set", "plan.patch_size=[16,16,16]", "--set", "plan.n_folds=2",
+    "--set", "data.num_workers=0", "--set", "train.amp=off", "--set", "train.optimizer=adamw",
+    "--set", "train.lr=0.01", "--set", "train.val_every=1", "--set", "train.log_every=1",
+    "--set", "train.checkpoint_every_minutes=0", "--no-progress", "--device", "cpu",
+]
+
+
+def make_dataset(root: Path, n: int = 4, size: int = 20) -> Path:
+    """An MSD dataset of ``n`` cases: a bright noisy cube (label 1) in a dark noisy volume."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    training = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        label = np.zeros((size, size, size), np.uint8)
+        a = 3 + i % 4
+        label[a : a + 9, 4 : 13, a : a + 8] = 1
+        image = (label * 100 + 50 + rng.normal(0, 10, label.shape)).astype(np.float32)
+        for folder, arr in (("imagesTr", image), ("labelsTr", label)):
+            img = nib.Nifti1Image(arr, affine)
+            img.header.set_qform(affine, code=1)
+            img.header.set_sform(affine, code=1)
+            nib.save(img, root / folder / f"c{i}.nii.gz")
+        training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "tiny", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "cube"},
+        "numTraining": n, "training": training, "test": [],
+    }))
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    code = main(["train", "--data", str(dataset), "--out", str(out), *TINY, "--set", "train.epochs=3", "--set", "train.iters_per_epoch=6"])
+    assert code == 0
+    return out
+
+
+def test_run_folder_has_every_output(trained: Path) -> None:
+    for name in ("config.yaml", "plan.json", "dataset_plan.json", "splits.json", "metrics.jsonl", "progress.png", "medgn.log", "train_summary.json"):
+        assert (trained / name).is_file(), name
+    assert list((trained / "tensorboard").glob("events.out.tfevents.*"))
+    assert not (trained / ".medgn.lock").exists()
+    for pointer in ("latest", "best", "final"):
+        assert read_pointer(trained / "checkpoints", pointer) is not None
+    for path in (trained / "checkpoints").glob("*.pt"):
+        state = torch.load(path, weights_only=True)  # data only: loads without pickle code
+        assert state["plan"]["patch_size"] == [16, 16, 16]
+        assert state["config"]["model"]["features"] == [4, 8]
+
+
+def test_loss_goes_down_and_validation_is_recorded(trained: Path) -> None:
+    epochs = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in line]
+    assert len(epochs) == 3
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert all(len(e["val_dice"]) == 1 for e in epochs)
+
+
+def test_resolved_config_records_overrides(trained: Path) -> None:
+    text = (trained / "config.yaml").read_text()
+    assert "optimizer: adamw" in text and "patch_size: [16, 16, 16]" in text
+
+
+def test_existing_run_needs_resume_and_missing_run_cannot_resume(trained: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--data", str(dataset), "--out", str(trained), *TINY]) == 2
+    assert "already has checkpoints" in capsys.readouterr().err
+    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "new"), "--resume", *TINY]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_config_typo_names_the_key(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--set", "train.learning_rate=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "train.learning_rate: unknown key" in err and "lr" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_dataset_fails_verification_before_training(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = make_dataset(tmp_path / "bad", n=2)
+    (bad / "labelsTr" / "c1.nii.gz").write_bytes(b"not a nifti")
+    out = tmp_path / "r"
+    assert main(["train", "--data", str(bad), "--out", str(out), *TINY]) == 3
+    err = capsys.readouterr().err
+    assert "c1.nii.gz" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "checkpoints").exists()
+
+
+def test_run_inside_dataset_is_refused(dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--data", str(dataset), "--out", str(dataset / "run"), *TINY]) == 2
+    assert not (dataset / "run").exists()
+
+
+DRIVER = """
+import sys
+from medgn.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _train_cmd(dataset: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-c", DRIVER, "train", "--data", str(dataset), "--out", str(out), *TINY,
+            "--set", "train.epochs=2", "--set", "train.iters_per_epoch=5", "--set", "train.checkpoint_every_steps=2",
+            "--set", "train.deterministic=true", "--set", "train.val_every=0", *extra]
+
+
+def _state(run: Path) -> dict:
+    return load_checkpoint(run / "checkpoints" / "final.json")
+
+
+def test_kill_9_mid_epoch_then_resume_is_bit_exact(dataset: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: reductions in a fixed order
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert subprocess.run(_train_cmd(dataset, ref), env=env, capture_output=True, timeout=300).returncode == 0
+    proc = subprocess.Popen(_train_cmd(dataset, run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    # Kill once the step-4 checkpoint exists: the run is then mid-way through epoch 0 (5 steps).
+    while time.monotonic() < deadline and proc.poll() is None:
+        pointer = run / "checkpoints" / "latest.json"
+        if pointer.exists() and "i0000004" in pointer.read_text():
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = subprocess.run(_train_cmd(dataset, run, "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _state(ref), _state(run)
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for key in pa:
+            assert torch.equal(torch.as_tensor(pa[key]), torch.as_tensor(pb[key])), key
+    assert a["counters"]["iteration"] == b["counters"]["iteration"] == 10
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_short_cpu_run_on_four_la2018_cases(shared_data: Path, tmp_path: Path) -> None:
+    la = shared_data / "LA2018"
+    desc = json.loads((la / "dataset.json").read_text())
+    subset = tmp_path / "la4"
+    (subset / "imagesTr").mkdir(parents=True)
+    (subset / "labelsTr").mkdir()
+    cases = desc["training"][:4]
+    for case in cases:
+        for key, folder in (("image", "imagesTr"), ("label", "labelsTr")):
+            name = Path(case[key]).name
+            (subset / folder / name).symlink_to(la / folder / name)
+    (subset / "dataset.json").write_text(json.dumps({**desc, "training": cases, "numTraining": 4, "test": []}))
+    out = tmp_path / "run"
+    args = ["train", "--data", str(subset), "--out", str(out), "--no-progress", "--device", "cpu",
+            "--set", "model.features=[8,16,32]", "--set", "plan.target_spacing=[2.5,2.5,2.5]",
+            "--set", "plan.patch_size=[32,32,16]", "--set", "plan.n_folds=2", "--set", "data.num_workers=0",
+            "--set", "train.optimizer=adamw", "--set", "train.lr=0.003", "--set", "train.epochs=3",
+            "--set", "train.iters_per_epoch=8", "--set", "train.val_every=3", "--set", "train.amp=off"]
+    assert main(args) == 0
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in line]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert (out / "progress.png").stat().st_size > 1000
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert read_pointer(out / "checkpoints", "final") is not None
