@@ -60,6 +60,21 @@ def cuda_devices() -> list[dict[str, Any]]:
     return devices
 
 
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles), so CPU autocast pays off.
+
+    Without these instructions oneDNN emulates bf16 and a 3D U-Net step is slower than in fp32, so
+    ``amp: auto`` stays in fp32 there. ``MEDGN_CPU_BF16=0`` or ``=1`` overrides the detection.
+    """
+    forced = os.environ.get("MEDGN_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name)()) for name in probes if hasattr(torch.cpu, name))
+
+
 def group_norm_backend(device_type: str) -> str:
     """The backend ``medgn.ops.group_norm(..., backend="auto")`` picks for tensors on ``device_type``."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -80,6 +95,7 @@ def describe() -> dict[str, Any]:
         "platform": platform.platform(),
         "executable": sys.executable,
         "cpu_threads": torch.get_num_threads(),
+        "cpu_bf16": cpu_bf16_supported(),
         "cpu_count": os.cpu_count(),
         "cuda": torch.version.cuda,
         "cuda_devices": devices,

@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     norms.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     norms.add_argument("--fold", default="0", help="validation fold (default 0)")
     norms.add_argument("--lr-scaling", choices=("none", "linear"), default="none", help="scale train.lr with the batch size (linear: lr x batch / smallest batch)")
+    norms.add_argument("--seeds", default=None, help="comma-separated training seeds (default: the config's train.seed)")
     norms.add_argument("--device", choices=("cpu", "cuda"), default=None)
     norms.set_defaults(func=run)
 
@@ -50,17 +51,17 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--iterations", "must be positive", got=args.iterations)
     from medgn.layers import NORMS
 
-    unknown = [n for n in names if n not in NORMS]
+    unknown = [n for n in names if n.partition(":")[0] not in NORMS]
     if unknown:
         raise UsageError("--norms", f"unknown norm {unknown[0]!r}", expected="one of " + ", ".join(sorted(NORMS)))
     samples = args.iterations * min(batch_sizes)
     lcm = math.lcm(*batch_sizes)
     samples = max(lcm, (samples // lcm) * lcm)  # every batch size divides the samples seen
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = norm_study(cfg, args.data, args.out, names, batch_sizes, samples=samples, fold=parse_fold(args.fold), device=device, lr_scaling=args.lr_scaling)
-    print(f"{'norm':<12} {'batch':>5} {'iters':>6} {'val Dice':>9}")
+    rows = norm_study(cfg, args.data, args.out, names, batch_sizes, samples=samples, fold=parse_fold(args.fold), device=device, lr_scaling=args.lr_scaling, seeds=_ints(args.seeds, "--seeds") if args.seeds else ())
+    print(f"{'norm':<14} {'seed':>4} {'batch':>5} {'iters':>6} {'val Dice':>9}")
     for row in rows:
         dice = row["val_dice_mean"]
-        print(f"{row['norm']:<12} {row['batch_size']:>5} {row['iterations']:>6} {dice if dice is None else round(dice, 4):>9}")
+        print(f"{row['norm']:<14} {row['seed']:>4} {row['batch_size']:>5} {row['iterations']:>6} {dice if dice is None else round(dice, 4):>9}")
     print(f"wrote {args.out}/study.csv, study.md and study.png")
     return 0

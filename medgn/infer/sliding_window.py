@@ -3,7 +3,7 @@
 This module owns :func:`predict_probabilities`, which turns one preprocessed image (C, X, Y, Z)
 into class probabilities (K, X, Y, Z) on the same grid: MONAI's ``sliding_window_inference`` with a
 Gaussian blend of overlapping windows, several windows per forward, autocast (bf16 where the GPU
-supports it, else fp16) on CUDA, optional mirroring test-time augmentation over any subset of the
+supports it, else fp16) on CUDA and bf16 on CPUs with native bf16 instructions, optional mirroring test-time augmentation over any subset of the
 three spatial axes, and the softmax averaged over every flip and every model. When the GPU runs
 out of memory the same prediction is retried with the stitching buffer on the CPU (windows still
 run on the GPU, one per forward); that fallback happens only for ``torch.OutOfMemoryError`` and is
@@ -20,9 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from medgn.environment import cpu_bf16_supported
 from medgn.errors import ResourceError, UsageError
 
-__all__ = ["WindowSettings", "mirror_flips", "predict_probabilities"]
+__all__ = ["PRECISIONS", "WindowSettings", "mirror_flips", "predict_probabilities"]
+
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class WindowSettings:
         mirror_axes: spatial axes (0, 1, 2) that TTA mirrors; all 2**len combinations are used.
         sigma_scale: Gaussian sigma as a fraction of the window; 0.125 is nnU-Net's and MONAI's
             choice (the window border gets ~1e-3 of the centre's weight).
+        precision: "auto" (bf16 autocast on GPUs with bf16, fp16 on older GPUs, bf16 on CPUs with
+            native bf16 instructions, else fp32), "bf16" or "fp32". Stitching and softmax stay fp32.
     """
 
     roi_size: tuple[int, int, int]
@@ -46,8 +51,11 @@ class WindowSettings:
     tta: bool = False
     mirror_axes: tuple[int, ...] = (0, 1, 2)
     sigma_scale: float = 0.125
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError("--precision", "unknown precision", got=self.precision, expected=" or ".join(PRECISIONS))
         if not 0.0 <= self.overlap < 1.0:
             raise UsageError("--overlap", "overlap out of range", got=self.overlap, expected="a fraction in [0, 1)")
         if self.sw_batch_size < 1:
@@ -70,12 +78,17 @@ def mirror_flips(settings: WindowSettings) -> list[tuple[int, ...]]:
     return [combo for r in range(len(dims) + 1) for combo in itertools.combinations(dims, r)]
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    if device.type != "cuda":
+def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager[None]:
+    """The autocast context a forward pass runs in on ``device`` for ``precision`` (see WindowSettings)."""
+    if precision == "fp32":
         return contextlib.nullcontext()
-    # bf16 keeps fp32's exponent range (no overflow in deep layers); fp16 only on older GPUs.
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    if device.type == "cuda":
+        # bf16 keeps fp32's exponent range (no overflow in deep layers); fp16 only on older GPUs.
+        dtype = torch.bfloat16 if precision == "bf16" or torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if device.type == "cpu" and (precision == "bf16" or cpu_bf16_supported()):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -103,7 +116,7 @@ def _window_logits(
     from monai.inferers import sliding_window_inference
 
     def forward(windows: torch.Tensor) -> torch.Tensor:
-        with _autocast(sw_device):
+        with autocast_for(sw_device, settings.precision):
             out = model(windows)
         if isinstance(out, (list, tuple)):  # deep-supervision models in eval mode: full resolution first
             out = out[0]

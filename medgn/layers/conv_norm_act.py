@@ -47,6 +47,7 @@ class ConvNormAct3d(nn.Module):
         activation: activation name, or ``None``/``"none"`` for no activation.
         weight_std: use a weight-standardized convolution.
         num_groups: groups for group norms; ``None`` applies the group-count rule.
+        group_channels: the rule's channels per group (``None``: the default).
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class ConvNormAct3d(nn.Module):
         activation: str | None = "leaky_relu",
         weight_std: bool = False,
         num_groups: int | None = None,
+        group_channels: int | None = None,
     ) -> None:
         super().__init__()
         kernel = as_triple(kernel_size, "kernel_size")
@@ -75,7 +77,7 @@ class ConvNormAct3d(nn.Module):
             padding=tuple(k // 2 for k in kernel),
             bias=norm == "none",
         )
-        self.norm = make_norm(norm, out_ch, num_groups, activation if self.fused else None)
+        self.norm = make_norm(norm, out_ch, num_groups, activation if self.fused else None, group_channels)
         self.act = nn.Identity() if self.fused else make_activation(activation)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,6 +112,7 @@ class ResidualBlock3d(nn.Module):
         activation: activation name.
         weight_std: weight-standardized convolutions.
         num_groups: groups for group norms; ``None`` applies the rule.
+        group_channels: the rule's channels per group (``None``: the default).
     """
 
     def __init__(
@@ -122,16 +125,18 @@ class ResidualBlock3d(nn.Module):
         activation: str | None = "leaky_relu",
         weight_std: bool = False,
         num_groups: int | None = None,
+        group_channels: int | None = None,
     ) -> None:
         super().__init__()
         strides = as_triple(stride, "stride")
-        self.conv1 = ConvNormAct3d(in_ch, out_ch, kernel_size, strides, norm, activation, weight_std, num_groups)
-        self.conv2 = ConvNormAct3d(out_ch, out_ch, kernel_size, 1, norm, activation, weight_std, num_groups)
+        g = (num_groups, group_channels)
+        self.conv1 = ConvNormAct3d(in_ch, out_ch, kernel_size, strides, norm, activation, weight_std, *g)
+        self.conv2 = ConvNormAct3d(out_ch, out_ch, kernel_size, 1, norm, activation, weight_std, *g)
         self.skip: nn.Module
         if in_ch == out_ch and strides == (1, 1, 1):
             self.skip = nn.Identity()
         else:
-            self.skip = ConvNormAct3d(in_ch, out_ch, 1, strides, norm, None, weight_std, num_groups)
+            self.skip = ConvNormAct3d(in_ch, out_ch, 1, strides, norm, None, weight_std, *g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``act(norm(conv2(conv1(x))) + skip(x))`` for x of shape (N, in_ch, D, H, W)."""

@@ -17,7 +17,7 @@ from torch import nn
 
 from medgn.errors import UsageError
 from medgn.layers.group_norm import GroupNorm
-from medgn.layers.group_rule import num_groups_for
+from medgn.layers.group_rule import resolve_groups
 
 # The paper's default slope for LeakyReLU in nnU-Net-style networks; the fused GroupNorm takes the
 # same value so "group" and "group_torch" compute the same function.
@@ -65,21 +65,9 @@ def make_activation(name: str | None) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
-def _resolve_groups(channels: int, num_groups: int | None) -> int:
-    groups = num_groups_for(channels) if num_groups is None else num_groups
-    if groups < 1 or channels % groups != 0:
-        raise UsageError(
-            "num_groups",
-            f"{channels} channels cannot be split into {groups} equal groups",
-            got=groups,
-            expected=f"a divisor of {channels}, or null for the group-count rule",
-        )
-    return groups
-
-
 def _group(channels: int, num_groups: int | None, activation: str | None) -> nn.Module:
     return GroupNorm(
-        _resolve_groups(channels, num_groups),
+        num_groups,
         channels,
         eps=NORM_EPS,
         activation=activation,
@@ -88,7 +76,7 @@ def _group(channels: int, num_groups: int | None, activation: str | None) -> nn.
 
 
 def _group_torch(channels: int, num_groups: int | None, activation: str | None) -> nn.Module:
-    return nn.GroupNorm(_resolve_groups(channels, num_groups), channels, eps=NORM_EPS)
+    return nn.GroupNorm(num_groups, channels, eps=NORM_EPS)
 
 
 def _layer(channels: int, num_groups: int | None, activation: str | None) -> nn.Module:
@@ -135,23 +123,27 @@ def make_norm(
     channels: int,
     num_groups: int | None = None,
     activation: str | None = None,
+    group_channels: int | None = None,
 ) -> nn.Module:
     """Build a normalization layer for ``channels`` feature maps by name.
 
     Args:
         name: one of ``group``, ``group_torch``, ``batch``, ``instance``, ``layer``, ``none``.
         channels: number of channels C of the (N, C, D, H, W) input.
-        num_groups: groups for ``group``/``group_torch``; ``None`` applies the group-count rule
-            (:func:`~medgn.layers.group_rule.num_groups_for`: 32 groups, at least 16 channels
-            per group at narrow layers).
+        num_groups: groups for ``group``/``group_torch`` (a count that does not divide
+            ``channels`` becomes the largest divisor below it); ``None`` applies the group-count
+            rule (:func:`~medgn.layers.group_rule.resolve_groups`: 32 groups, fewer at narrow
+            layers so each group has ``group_channels`` channels).
         activation: activation name applied after the norm. Fused into the module for norms in
             :data:`FUSING_NORMS`; for the others the result is ``nn.Sequential(norm, act)``.
+        group_channels: the rule's channels per group (default
+            :data:`~medgn.layers.group_rule.DEFAULT_CHANNELS_PER_GROUP`).
 
     Returns:
         The normalization module (with the activation when one was asked for).
 
     Raises:
-        UsageError: unknown norm or activation name, or ``num_groups`` not dividing ``channels``.
+        UsageError: unknown norm or activation name, or ``num_groups`` below 1.
     """
     _check_name("norm", name, NORMS)
     if activation == "none":
@@ -161,6 +153,11 @@ def make_norm(
     if channels < 1:
         raise UsageError("channels", "a norm needs at least one channel", got=channels, expected=">= 1")
     fused = name in FUSING_NORMS
+    if name in ("group", "group_torch"):
+        try:
+            num_groups = resolve_groups(channels, num_groups, group_channels)
+        except ValueError as exc:
+            raise UsageError("num_groups", str(exc), got=num_groups, expected="a positive group count, or null for the rule") from None
     norm = NORMS[name](channels, num_groups, activation if fused else None)
     if activation is None or fused:
         return norm

@@ -32,6 +32,8 @@ class UNet3DConfig:
         weight_std: weight-standardized convolutions.
         memory_format: ``channels_last_3d`` keeps activations in NDHWC order.
         num_groups: groups of every group norm; null applies the group-count rule.
+        group_channels: the group-count rule's channels per group at narrow layers; null is medgn's
+            default (4, from the LA2018 norm study).
         n_conv_per_stage: convolutions per encoder and decoder stage (2 as in nnU-Net).
     """
 
@@ -46,6 +48,8 @@ class UNet3DConfig:
     memory_format: MemoryFormat = "contiguous"
     # 1..512: every group needs at least one channel of the widest (512-channel) layers.
     num_groups: int | None = field(default=None, metadata={"min": 1, "max": 512})
+    # 1..512 channels per group: 1 is InstanceNorm at every layer narrower than 32 x 1 channels.
+    group_channels: int | None = field(default=None, metadata={"min": 1, "max": 512})
     # 1..4: one conv per stage is the smallest U-Net, beyond 4 nnU-Net reports no gain.
     n_conv_per_stage: int = field(default=2, metadata={"min": 1, "max": 4})
 

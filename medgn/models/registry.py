@@ -89,6 +89,7 @@ def _unet(cfg: UNet3DConfig, in_channels: int, out_channels: int, strides: Seque
         weight_std=cfg.weight_std,
         memory_format=cfg.memory_format,
         num_groups=cfg.num_groups,
+        group_channels=cfg.group_channels,
         n_conv_per_stage=cfg.n_conv_per_stage,
     )
 

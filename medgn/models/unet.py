@@ -58,6 +58,7 @@ class UNet3D(nn.Module):
         weight_std: weight-standardized convolutions.
         memory_format: ``contiguous`` or ``channels_last_3d``.
         num_groups: groups of every group norm; ``None`` applies the group-count rule.
+        group_channels: the rule's channels per group at narrow layers (``None``: the default).
         n_conv_per_stage: convolutions per stage (residual encoders: blocks of two).
         pad_input: pad inputs not divisible by the total stride and crop the outputs back,
             instead of refusing them.
@@ -78,6 +79,7 @@ class UNet3D(nn.Module):
         weight_std: bool = False,
         memory_format: str = "contiguous",
         num_groups: int | None = None,
+        group_channels: int | None = None,
         n_conv_per_stage: int = 2,
         pad_input: bool = False,
     ) -> None:
@@ -101,7 +103,7 @@ class UNet3D(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.deep_supervision, self.checkpoint, self.pad_input = deep_supervision, checkpoint, pad_input
         self.memory_format = memory_format
-        common = {"norm": norm, "activation": activation, "weight_std": weight_std, "num_groups": num_groups}
+        common = {"norm": norm, "activation": activation, "weight_std": weight_std, "num_groups": num_groups, "group_channels": group_channels}
 
         self.encoder = nn.ModuleList()
         prev = in_channels

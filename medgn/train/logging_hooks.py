@@ -203,7 +203,7 @@ class ConsoleHook(HookBase):
             TextColumn("{task.fields[mem]}"), TimeRemainingColumn(),
         )
         self.progress.start()
-        self.task = self.progress.add_task("train", total=trainer.cfg.total_iters, completed=trainer.state.iteration,
+        self.task = self.progress.add_task("train", total=trainer.total_iters, completed=trainer.state.iteration,
                                            epoch=trainer.state.epoch, rate="-", loss="-", lr="-", mem="")
 
     def after_step(self, trainer: Trainer) -> None:
@@ -221,7 +221,7 @@ class ConsoleHook(HookBase):
         rec = trainer.epoch_record
         val = f", val Dice {rec['val_mean']:.4f} (EMA {rec['val_ema']:.4f})" if "val_mean" in rec else ""
         loss = f"{rec['train_loss']:.4f}" if rec.get("train_loss") is not None else "-"
-        line = f"epoch {rec['epoch']}/{trainer.cfg.epochs}: loss {loss}, {rec['epoch_time_s']:.1f} s{val}"
+        line = f"epoch {rec['epoch']}, step {rec['iteration']}/{trainer.total_iters}: loss {loss}, {rec['epoch_time_s']:.1f} s{val}"
         if self.progress is None:
             print(line, flush=True)  # no live bar (--no-progress, logs, CI): one plain line per epoch
             return
@@ -240,16 +240,20 @@ def default_hooks(
     *,
     validate: Validator | None = None,
     console: bool = True,
+    started_at: float | None = None,
 ) -> list[HookBase]:
-    """The standard hooks of a run writing into ``out_dir``, in the order they run."""
+    """The standard hooks of a run writing into ``out_dir``, in the order they run.
+
+    ``started_at`` (``time.monotonic()``) is when the run's time budget starts; default: the first step.
+    """
     out_dir = Path(out_dir)
     hooks: list[HookBase] = [SignalHook()]
-    if cfg.time_budget_minutes > 0:
-        hooks.append(TimeBudgetHook(cfg.time_budget_minutes))
     if validate is not None:
         hooks.append(ValidationHook(validate, every=cfg.val_every, ema_alpha=cfg.ema_alpha))
         if cfg.early_stopping_patience:
             hooks.append(EarlyStoppingHook(cfg.early_stopping_patience))
+    if cfg.time_budget_minutes > 0:  # after validation: it re-plans with the first validation's time
+        hooks.append(TimeBudgetHook(cfg, started_at=started_at, validates=validate is not None))
     hooks += [
         CheckpointHook(cfg.checkpoint_every_minutes, cfg.checkpoint_every_steps),
         MetricsHook(out_dir / "metrics.jsonl", every=cfg.log_every),

@@ -9,10 +9,11 @@ autocast dtype and whether a gradient scaler is needed on the device at hand.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
+from medgn.environment import cpu_bf16_supported
 from medgn.errors import UsageError
 from medgn.train.config import TrainConfig
 
@@ -25,9 +26,12 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> t
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of ``cfg.lr`` at optimiser step ``step`` (0-based)."""
-    total = cfg.total_iters
+def lr_factor(step: int, cfg: TrainConfig, total: int | None = None) -> float:
+    """Multiplier of ``cfg.lr`` at optimiser step ``step`` (0-based) of a ``total``-step schedule.
+
+    ``total`` defaults to ``cfg.total_iters``; a time budget can fix another length.
+    """
+    total = cfg.total_iters if total is None else total
     if cfg.warmup_iters and step < cfg.warmup_iters:
         return (step + 1) / cfg.warmup_iters
     if cfg.schedule == "constant":
@@ -39,16 +43,19 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step LambdaLR following :func:`lr_factor`."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: Callable[[], int] | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step LambdaLR following :func:`lr_factor`; ``total()`` gives the schedule's current length."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total() if total else None))
 
 
 def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """Autocast dtype (None = full fp32) and whether a GradScaler is needed.
 
-    ``auto`` is bf16 on a GPU that supports it, fp16 with a scaler on an older GPU, and off on the
-    CPU (CPU autocast is slower than fp32 for 3D convolutions).
+    ``auto`` is bf16 on a GPU that supports it, fp16 with a scaler on an older GPU, bf16 on a CPU
+    with native bf16 instructions (AVX512-BF16/AMX: a 3D U-Net step runs about 2x faster than
+    fp32 there) and fp32 on other CPUs, where bf16 is emulated and slower.
 
     Raises:
         UsageError: fp16 asked for on the CPU, or bf16 on a GPU without bf16.
@@ -56,10 +63,10 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bo
     if mode == "off":
         return None, False
     is_cuda = device.type == "cuda"
-    bf16_ok = (not is_cuda) or torch.cuda.is_bf16_supported()
+    bf16_ok = torch.cuda.is_bf16_supported() if is_cuda else True
     if mode == "auto":
         if not is_cuda:
-            return None, False
+            return (torch.bfloat16, False) if cpu_bf16_supported() else (None, False)
         return (torch.bfloat16, False) if bf16_ok else (torch.float16, True)
     if mode == "bf16":
         if not bf16_ok:

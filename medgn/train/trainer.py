@@ -85,6 +85,7 @@ class TrainState:
     epoch_loss_count: int = 0
     epoch_time_s: float = 0.0
     stop_reason: str = ""
+    planned_iters: int = 0  # the schedule's length when a time budget fixed it; 0 = epochs x iters
 
 
 @dataclasses.dataclass
@@ -153,11 +154,11 @@ class Trainer:
         self.loss_fn = loss_fn if loss_fn is not None else default_loss(cfg)
         self.amp_dtype, use_scaler = resolve_amp(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
+        self.state = TrainState()  # before the scheduler: its length reads state.planned_iters
         self.optimizer = build_optimizer(self.module.parameters(), cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, lambda: self.total_iters)
         self.run_config = {**dict(run_config or {}), "train": to_dict(cfg)}
         self.plan = dict(plan or {})
-        self.state = TrainState()
         self.epoch_records: list[dict[str, Any]] = []
         self.epoch_record: dict[str, Any] = {}
         self.last_step: StepResult | None = None
@@ -175,6 +176,18 @@ class Trainer:
     def request_checkpoint(self, *pointers: str) -> None:
         """Write a checkpoint after the current step and point ``pointers`` (latest/best/final) at it."""
         self._pending.update(pointers)
+
+    @property
+    def total_iters(self) -> int:
+        """Optimiser steps of the whole run: fixed by a time budget, else epochs x iters_per_epoch."""
+        return self.state.planned_iters or self.cfg.total_iters
+
+    def plan_total_iters(self, total: int, reason: str) -> None:
+        """Fix the schedule's length at ``total`` steps (at least one more than done so far)."""
+        total = max(int(total), self.state.iteration + 1)
+        if total != self.state.planned_iters:
+            log.info("schedule set to %d steps (%s)", total, reason)
+        self.state.planned_iters = total
 
     @property
     def exit_code(self) -> int:
@@ -296,11 +309,11 @@ class Trainer:
         self.epoch_records.append(self.epoch_record)
 
     def train(self) -> TrainState:
-        """Run until ``cfg.epochs`` are done or a hook stops the run; returns the final counters."""
+        """Run until :attr:`total_iters` steps are done or a hook stops the run; returns the final counters."""
         cfg, st = self.cfg, self.state
         try:
             self._run_hooks("before_train")
-            while st.epoch < cfg.epochs and not st.stop_reason:
+            while st.iteration < self.total_iters and not st.stop_reason:
                 iterator = iter(self.source(st.epoch, st.epoch_iter * cfg.grad_accum))
                 while not st.stop_reason:
                     tick = time.monotonic()
@@ -318,7 +331,7 @@ class Trainer:
                     if ended:
                         self._end_epoch()
                     self._flush_requests()
-                    if ended:
+                    if ended or st.iteration >= self.total_iters:
                         break
             if not st.stop_reason:
                 st.stop_reason = "finished"

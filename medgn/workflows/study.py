@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import itertools
 import json
 import math
 import os
@@ -25,11 +26,12 @@ from medgn.config import RunConfig
 from medgn.errors import UsageError
 from medgn.files import atomic_path, atomic_write_json, atomic_write_text
 from medgn.logs import get_logger
+from medgn.models.config import UNet3DConfig
 from medgn.workflows.train import train_on_dataset
 
 log = get_logger("engine.study")
 
-FIELDS = ("norm", "batch_size", "iterations", "lr", "samples_seen", "val_dice_mean", "val_dice_per_class", "train_loss_last", "seconds", "stop_reason")
+FIELDS = ("norm", "seed", "batch_size", "iterations", "lr", "samples_seen", "val_dice_mean", "val_dice_per_class", "train_loss_last", "seconds", "stop_reason")
 
 
 def _final_record(run: Path) -> dict[str, Any]:
@@ -51,6 +53,7 @@ def norm_study(
     fold: int = 0,
     device: str = "cpu",
     lr_scaling: str = "none",
+    seeds: Sequence[int] = (),
 ) -> list[dict[str, Any]]:
     """Train and validate every (norm, batch size); returns one row per run and writes the tables.
 
@@ -58,7 +61,9 @@ def norm_study(
         cfg: base run config (its ``model.norm`` and ``train.batch_size`` are replaced per run).
         data: dataset folder.
         out_dir: study folder; each run goes to ``runs/<norm>_b<batch>``.
-        norms: norm names (``batch``, ``group``, ``instance``, ``group_torch``, ...).
+        norms: norm names (``batch``, ``group``, ``instance``, ``group_torch``, ...); a group norm
+            may name its group rule: ``group:cpg4`` (4 channels per group at narrow layers, at
+            most 32 groups) or ``group:g32`` (32 groups, or one per channel when narrower).
         batch_sizes: batch sizes; each must divide ``samples``.
         samples: training samples seen by every run.
         fold: validation fold.
@@ -66,6 +71,7 @@ def norm_study(
         lr_scaling: "none" keeps ``train.lr`` for every batch size; "linear" multiplies it by
             batch / smallest batch (the linear scaling rule the Group Normalization paper uses),
             so a larger batch's fewer steps are not also smaller steps.
+        seeds: training seeds (weights, data order, augmentation); default: the config's.
     """
     out_dir = Path(out_dir)
     bad = [b for b in batch_sizes if b < 1 or samples % b]
@@ -73,39 +79,52 @@ def norm_study(
         raise UsageError("--batch-sizes", "every batch size must divide the samples seen", got=bad, expected=f"divisors of {samples}")
     if lr_scaling not in ("none", "linear"):
         raise UsageError("--lr-scaling", "unknown rule", got=lr_scaling, expected="none or linear")
+    arms = {norm: norm_arm(cfg.model, norm) for norm in norms}  # fails on a bad name before any run
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    for norm in norms:
-        for batch in batch_sizes:
-            iterations = samples // batch
-            lr = cfg.train.lr * (batch / min(batch_sizes) if lr_scaling == "linear" else 1.0)
-            run_cfg = dataclasses.replace(
-                cfg,
-                model=dataclasses.replace(cfg.model, norm=norm),
-                # One epoch of `iterations` steps, validated once at the end; no warmup longer than the run.
-                train=dataclasses.replace(cfg.train, lr=lr, batch_size=batch, epochs=1, iters_per_epoch=iterations, val_every=0, warmup_iters=min(cfg.train.warmup_iters, iterations - 1), early_stopping_patience=0),
-            )
-            run_dir = out_dir / "runs" / f"{norm}_b{batch}"
-            log.info("study: norm %s, batch %d, %d iterations", norm, batch, iterations)
-            print(f"study: norm={norm} batch={batch} iterations={iterations}", flush=True)
-            start = time.monotonic()
-            result = train_on_dataset(run_cfg, data, run_dir, fold=fold, device=device, console=False)
-            record = _final_record(run_dir)
-            dice = record["val_dice"] or []
-            rows.append({
-                "norm": norm,
-                "batch_size": batch,
-                "iterations": iterations,
-                "lr": lr,
-                "samples_seen": result.state.samples_seen,
-                "val_dice_mean": record["val_mean"],
-                "val_dice_per_class": [round(float(d), 4) for d in dice],
-                "train_loss_last": record["train_loss"],
-                "seconds": round(time.monotonic() - start, 1),
-                "stop_reason": result.state.stop_reason,
-            })
-    write_study(rows, out_dir, settings={"samples": samples, "fold": fold, "device": device, "lr_scaling": lr_scaling, "config": cfg.to_dict()})
+    for norm, seed, batch in itertools.product(norms, list(seeds) or [cfg.train.seed], batch_sizes):
+        iterations = samples // batch
+        lr = cfg.train.lr * (batch / min(batch_sizes) if lr_scaling == "linear" else 1.0)
+        run_cfg = dataclasses.replace(
+            cfg,
+            model=arms[norm],
+            # One epoch of `iterations` steps, validated once at the end; no warmup longer than the run.
+            train=dataclasses.replace(cfg.train, lr=lr, batch_size=batch, epochs=1, iters_per_epoch=iterations, val_every=0, warmup_iters=min(cfg.train.warmup_iters, iterations - 1), early_stopping_patience=0, seed=seed, time_budget_minutes=0.0),
+        )
+        run_dir = out_dir / "runs" / f"{norm.replace(':', '_')}_b{batch}_s{seed}"
+        log.info("study: norm %s, seed %d, batch %d, %d iterations", norm, seed, batch, iterations)
+        print(f"study: norm={norm} seed={seed} batch={batch} iterations={iterations}", flush=True)
+        start = time.monotonic()
+        result = train_on_dataset(run_cfg, data, run_dir, fold=fold, device=device, console=False)
+        record = _final_record(run_dir)
+        dice = record["val_dice"] or []
+        rows.append({
+            "norm": norm,
+            "seed": seed,
+            "batch_size": batch,
+            "iterations": iterations,
+            "lr": lr,
+            "samples_seen": result.state.samples_seen,
+            "val_dice_mean": record["val_mean"],
+            "val_dice_per_class": [round(float(d), 4) for d in dice],
+            "train_loss_last": record["train_loss"],
+            "seconds": round(time.monotonic() - start, 1),
+            "stop_reason": result.state.stop_reason,
+        })
+    write_study(rows, out_dir, settings={"samples": samples, "fold": fold, "device": device, "lr_scaling": lr_scaling, "seeds": list(seeds) or [cfg.train.seed], "config": cfg.to_dict()})
     return rows
+
+
+def norm_arm(model: UNet3DConfig, spec: str) -> UNet3DConfig:
+    """The model section of one study arm: ``name`` or ``group:cpgK`` / ``group:gG`` (see norm_study)."""
+    name, _, rule = spec.partition(":")
+    if not rule:
+        return dataclasses.replace(model, norm=name)  # type: ignore[arg-type]
+    if name not in ("group", "group_torch") or not (rule[:3] == "cpg" and rule[3:].isdigit() or rule[:1] == "g" and rule[1:].isdigit()):
+        raise UsageError("--norms", "unknown group rule", got=spec, expected="group:cpgK (K channels per group) or group:gG (G groups)")
+    if rule.startswith("cpg"):
+        return dataclasses.replace(model, norm=name, group_channels=int(rule[3:]), num_groups=None)  # type: ignore[arg-type]
+    return dataclasses.replace(model, norm=name, num_groups=int(rule[1:]), group_channels=None)  # type: ignore[arg-type]
 
 
 def _csv(rows: Sequence[dict[str, Any]]) -> str:
@@ -123,7 +142,7 @@ def _markdown(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> str:
     lines = [
         "# Normalisation vs batch size: validation Dice",
         "",
-        f"Same network, seed and data order; {settings['samples']} training samples per run; fold {settings['fold']}; device {settings['device']}; learning-rate scaling with batch size: {settings.get('lr_scaling', 'none')}.",
+        f"Same network and data order per seed (cells: mean over seeds, then each seed); {settings['samples']} training samples per run; fold {settings['fold']}; device {settings['device']}; learning-rate scaling with batch size: {settings.get('lr_scaling', 'none')}.",
         "BatchNorm is evaluated in eval mode with its running statistics.",
         "",
         "| norm | " + " | ".join(f"batch {b}" for b in batches) + " |",
@@ -132,9 +151,14 @@ def _markdown(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> str:
     for norm in norms:
         cells = []
         for b in batches:
-            row = next((r for r in rows if r["norm"] == norm and r["batch_size"] == b), None)
-            value = row["val_dice_mean"] if row else None
-            cells.append(f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a")
+            values = [r["val_dice_mean"] for r in rows if r["norm"] == norm and r["batch_size"] == b]
+            values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+            if not values:
+                cells.append("n/a")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.4f}")
+            else:  # mean over seeds, then each seed
+                cells.append(f"{sum(values) / len(values):.4f} ({', '.join(f'{v:.3f}' for v in values)})")
         lines.append(f"| {norm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -151,7 +175,11 @@ def write_study(rows: Sequence[dict[str, Any]], out_dir: Path, settings: dict[st
     atomic_write_text(out_dir / "study.md", _markdown(rows, settings))
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for norm in dict.fromkeys(r["norm"] for r in rows):
-        pts = sorted((r["batch_size"], r["val_dice_mean"]) for r in rows if r["norm"] == norm and r["val_dice_mean"] is not None)
+        by_batch: dict[int, list[float]] = {}
+        for r in rows:
+            if r["norm"] == norm and r["val_dice_mean"] is not None:
+                by_batch.setdefault(r["batch_size"], []).append(float(r["val_dice_mean"]))
+        pts = sorted((b, sum(v) / len(v)) for b, v in by_batch.items())
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=norm)
     ax.set_xscale("log", base=2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,7 @@ def train_on_dataset(
         UsageError: bad options, or an existing run without ``resume``.
         InputDataError: the dataset fails verification (every problem listed in the log).
     """
+    started_at = time.monotonic()  # a time budget counts from here: verify, planning and caching included
     data, out_dir = Path(data), Path(out_dir)
     if device not in ("cpu", "cuda"):
         raise UsageError("--device", "unknown device", got=device, expected="cpu or cuda")
@@ -160,14 +162,14 @@ def train_on_dataset(
             atomic_write_json(out_dir / RUN_PLAN, plan)
         train_cases, val_cases = _fold_cases(index, cfg, out_dir, fold)
         log.info("fold %s: %d training and %d validation cases; patch %s at %s mm", fold, len(train_cases), len(val_cases), plan["patch_size"], plan["target_spacing"])
-        return _fit(cfg, plan, train_cases, val_cases, out_dir, device, resume, console, info)
+        return _fit(cfg, plan, train_cases, val_cases, out_dir, device, resume, console, info, started_at)
     finally:
         if lock is not None:
             lock.release()
         ddp.cleanup()
 
 
-def _fit(cfg: RunConfig, plan: dict[str, Any], train_cases: list[Case], val_cases: list[Case], out_dir: Path, device: str, resume: bool, console: bool, info: Any) -> TrainResult:
+def _fit(cfg: RunConfig, plan: dict[str, Any], train_cases: list[Case], val_cases: list[Case], out_dir: Path, device: str, resume: bool, console: bool, info: Any, started_at: float) -> TrainResult:
     from medgn.models.registry import build_model
 
     tcfg = cfg.train
@@ -176,7 +178,7 @@ def _fit(cfg: RunConfig, plan: dict[str, Any], train_cases: list[Case], val_case
     workers = cfg.data.num_workers
     loader = ResumableLoader(dataset, sampler, tcfg.batch_size, num_workers=workers, persistent_workers=False)
     validate = make_validator(val_cases, plan, cfg.data, device) if val_cases else None
-    hooks = default_hooks(tcfg, out_dir, validate=validate, console=console)
+    hooks = default_hooks(tcfg, out_dir, validate=validate, console=console, started_at=started_at)
     seed_everything(tcfg.seed + info.rank, deterministic=tcfg.deterministic)  # before weights are drawn
     network = plan["network"]
     model = build_model(cfg.model, int(plan["in_channels"]), int(plan["num_classes"]), network["strides"], network["kernel_sizes"])
@@ -189,6 +191,6 @@ def _fit(cfg: RunConfig, plan: dict[str, Any], train_cases: list[Case], val_case
         if getattr(hook, "name", "") == "validation":
             best = getattr(hook, "best", None)
     if info.is_main:
-        summary = {"stop_reason": state.stop_reason, "iteration": state.iteration, "epoch": state.epoch, "best_val_ema_dice": best, "samples_seen": state.samples_seen, "nonfinite_skipped": state.nonfinite_total}
+        summary = {"stop_reason": state.stop_reason, "iteration": state.iteration, "planned_iters": state.planned_iters, "seconds": round(time.monotonic() - started_at, 1), "epoch": state.epoch, "best_val_ema_dice": best, "samples_seen": state.samples_seen, "nonfinite_skipped": state.nonfinite_total}
         atomic_write_json(out_dir / "train_summary.json", json.loads(json.dumps(summary)))
     return TrainResult(out_dir, state, trainer.exit_code, best, list(trainer.epoch_records))

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from medgn.errors import UsageError
-from medgn.layers import GroupNorm, fuses_activation, make_activation, make_norm
+from medgn.layers import GroupNorm, convert_norm, fuses_activation, make_activation, make_norm
+from medgn.layers.group_rule import num_groups_for
 
 REFERENCE_ACTS = {
     "relu": F.relu,
@@ -34,11 +35,14 @@ def test_make_norm_builds_each_name(name: str, cls: type) -> None:
     assert type(layer) is cls
 
 
-@pytest.mark.parametrize(("channels", "groups"), [(8, 1), (16, 1), (32, 2), (48, 3), (64, 4), (320, 20), (512, 32), (1024, 32)])
+@pytest.mark.parametrize(("channels", "groups"), [(8, 2), (16, 4), (32, 8), (48, 12), (64, 16), (320, 32), (512, 32), (1024, 32)])
 def test_group_rule_at_narrow_layers(channels: int, groups: int) -> None:
-    # Paper rule: 32 groups, but at least 16 channels per group at narrow layers.
-    assert make_norm("group", channels).num_groups == groups
-    assert make_norm("group_torch", channels).num_groups == groups
+    # 32 groups, but at least 4 channels per group at narrow layers; the default rule is num_groups_for.
+    assert make_norm("group", channels, group_channels=4).num_groups == groups
+    assert make_norm("group_torch", channels, group_channels=4).num_groups == groups
+    assert make_norm("group", channels).num_groups == num_groups_for(channels)
+    # The paper's 16 channels per group turns a 16-channel layer into LayerNorm (G = 1).
+    assert make_norm("group", 16, group_channels=16).num_groups == 1
 
 
 def test_layer_norm_is_one_group_and_explicit_groups_are_kept() -> None:
@@ -55,7 +59,7 @@ def test_group_norm_fuses_activation_and_matches_float64_reference(act: str) -> 
         layer.weight.uniform_(0.5, 1.5)
         layer.bias.uniform_(-0.5, 0.5)
     x = torch.randn(2, 32, 3, 5, 4, dtype=torch.float64)
-    expected = REFERENCE_ACTS[act](F.group_norm(x, 2, layer.weight, layer.bias, 1e-5))
+    expected = REFERENCE_ACTS[act](F.group_norm(x, 8, layer.weight, layer.bias, 1e-5))
     torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
 
 
@@ -91,6 +95,9 @@ def test_unknown_names_list_the_valid_ones(call, valid: str) -> None:
         call()
 
 
-def test_groups_not_dividing_channels_is_a_usage_error() -> None:
-    with pytest.raises(UsageError, match="num_groups.*24 channels cannot be split into 5"):
-        make_norm("group", 24, num_groups=5)
+def test_groups_not_dividing_channels_become_the_largest_divisor_below() -> None:
+    # The same rule as convert_norm: 5 groups of 24 channels is impossible, 4 is the nearest below.
+    assert make_norm("group", 24, num_groups=5).num_groups == 4
+    assert convert_norm(nn.BatchNorm3d(24), to="group", num_groups=5)[0].num_groups == 4
+    with pytest.raises(UsageError, match="num_groups"):
+        make_norm("group", 24, num_groups=0)

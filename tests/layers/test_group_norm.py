@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medgn.layers.group_norm import GroupNorm
-from medgn.layers.group_rule import num_groups_for
+from medgn.layers.group_rule import DEFAULT_CHANNELS_PER_GROUP, num_groups_for, resolve_groups
 
 
 def _trained_reference(groups: int, channels: int) -> nn.GroupNorm:
@@ -84,8 +84,15 @@ def test_bad_arguments_raise_value_error() -> None:
     ],
 )
 def test_group_rule(channels: int, expected: int) -> None:
-    groups = num_groups_for(channels)
+    # The paper's rule (16 channels per group at narrow layers) as a setting of medgn's rule.
+    groups = num_groups_for(channels, min_channels_per_group=16)
     assert groups == expected and channels % groups == 0
+
+
+@pytest.mark.parametrize(("channels", "expected"), [(1, 1), (8, 2), (16, 4), (24, 6), (32, 8), (100, 25), (128, 32), (320, 32)])
+def test_group_rule_default(channels: int, expected: int) -> None:
+    assert DEFAULT_CHANNELS_PER_GROUP == 4  # chosen by the LA2018 study (README, "Group rule")
+    assert num_groups_for(channels) == expected and resolve_groups(channels) == expected
 
 
 def test_group_rule_extremes_and_errors() -> None:

@@ -77,10 +77,11 @@ def test_every_norm_trains_one_step(norm: str, activation: str) -> None:
 
 
 def test_group_rule_at_narrow_layers() -> None:
-    net = UNet3D(1, 2, features=(16, 32, 64, 512))
+    net = UNet3D(1, 2, features=(16, 32, 64, 512), group_channels=4)
     norms = [m for m in net.modules() if isinstance(m, GroupNorm)]
-    assert {(m.num_channels, m.num_groups) for m in norms} == {(16, 1), (32, 2), (64, 4), (512, 32)}
-    assert all(m.num_groups == num_groups_for(m.num_channels) for m in norms)
+    assert {(m.num_channels, m.num_groups) for m in norms} == {(16, 4), (32, 8), (64, 16), (512, 32)}
+    default = [m for m in UNet3D(1, 2, features=(16, 32, 64, 512)).modules() if isinstance(m, GroupNorm)]
+    assert all(m.num_groups == num_groups_for(m.num_channels) for m in default)
     assert all(m.activation == "leaky_relu" for m in norms)  # activation fused everywhere
 
 

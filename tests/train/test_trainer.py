@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from medgn.train.logging_hooks import default_hooks
 from medgn.train.optim import lr_factor, resolve_amp
 from medgn.train.rng import seed_everything
 from medgn.train.sampler import ResumableLoader, ResumableSampler
-from medgn.train.trainer import NonFiniteLossError, Trainer
+from medgn.train.trainer import HookBase, NonFiniteLossError, Trainer
 
 
 def _cfg(**over: object) -> TrainConfig:
@@ -111,7 +112,7 @@ def test_validation_ema_best_checkpoint_and_early_stopping(tmp_path: Path) -> No
 def test_time_budget_stops_cleanly_with_final_validation_and_checkpoint(tmp_path: Path) -> None:
     calls = []
     cfg = _cfg(epochs=50)
-    hooks = [TimeBudgetHook(1e-9), ValidationHook(lambda m: calls.append(1) or [0.5], every=1), CheckpointHook(0.0)]
+    hooks = [TimeBudgetHook(_cfg(epochs=50, time_budget_minutes=1e-9)), ValidationHook(lambda m: calls.append(1) or [0.5], every=1), CheckpointHook(0.0)]
     state = _trainer(cfg, tmp_path, hooks).train()
     assert state.iteration == 1 and state.stop_reason.startswith("time budget")
     assert calls == [1]  # the final validation ran
@@ -131,7 +132,6 @@ def test_config_and_amp_validation() -> None:
         build(TrainConfig, {"optimiser": "sgd"}, "train")
     with pytest.raises(UsageError, match="warmup_iters"):
         _cfg(epochs=1, iters_per_epoch=2, warmup_iters=2)
-    assert resolve_amp("auto", torch.device("cpu")) == (None, False)
     assert resolve_amp("bf16", torch.device("cpu")) == (torch.bfloat16, False)
     with pytest.raises(UsageError, match="train.amp"):
         resolve_amp("fp16", torch.device("cpu"))
@@ -166,3 +166,91 @@ def test_seeded_dataset_makes_monai_augmentation_a_function_of_the_sample_seed()
     data[(2, 999)]  # another sample in between must not matter
     assert torch.equal(torch.as_tensor(data[(1, 12345)]["image"]), torch.as_tensor(first))
     assert not torch.equal(torch.as_tensor(data[(1, 777)]["image"]), torch.as_tensor(first))
+
+
+@pytest.mark.parametrize("avx512_bf16, amx", [(True, False), (False, True), (False, False)])
+def test_amp_auto_on_cpu_is_bf16_only_with_native_bf16(monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool) -> None:
+    monkeypatch.delenv("MEDGN_CPU_BF16", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    expected = (torch.bfloat16, False) if (avx512_bf16 or amx) else (None, False)
+    assert resolve_amp("auto", torch.device("cpu")) == expected
+    assert resolve_amp("off", torch.device("cpu")) == (None, False)
+    monkeypatch.setenv("MEDGN_CPU_BF16", "0")  # the override wins over detection
+    assert resolve_amp("auto", torch.device("cpu")) == (None, False)
+
+
+class _Clock:
+    """A fake monotonic clock: each training step takes ``step_s`` seconds."""
+
+    def __init__(self, step_s: float) -> None:
+        self.now, self.step_s = 1000.0, step_s
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Tick(HookBase):
+    name = "tick"
+
+    def __init__(self, clock: _Clock) -> None:
+        self.clock = clock
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.clock.now += self.clock.step_s
+
+
+class _StopAt(HookBase):
+    name = "stop_at"
+
+    def __init__(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.state.iteration == self.iteration:
+            trainer.request_stop("test stop")
+            trainer.request_checkpoint("latest")
+
+
+def _budget_run(out: Path, clock: _Clock, extra: list, resume: bool = False) -> Trainer:
+    # 1 minute budget, 1 s per step: the schedule must end, annealed, exactly inside the budget.
+    cfg = _cfg(epochs=1000, iters_per_epoch=10, time_budget_minutes=1.0, schedule="cosine", warmup_iters=5, budget_probe_steps=20)
+    budget = TimeBudgetHook(cfg, started_at=clock(), clock=clock)
+    trainer = _trainer(cfg, out, [_Tick(clock), budget, *extra, CheckpointHook(0.0)])
+    if resume:
+        trainer.resume(out / "checkpoints")
+    trainer.train()
+    return trainer
+
+
+def test_budget_schedule_ends_at_the_budget_and_resumes_bit_exact(tmp_path: Path) -> None:
+    full = _budget_run(tmp_path / "full", _Clock(1.0), [])
+    # Planned after steps 3..23 (1 s each): 23 + (60 * 0.98 - 23) s left at 1 s/step = 58 steps.
+    assert full.state.planned_iters == 58 and full.state.iteration == 58
+    assert full.state.stop_reason == "finished"  # the schedule ended before the hard stop at 60 s
+    assert full.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # fully annealed
+    # Stop after the plan, resume in a new process whose steps are 5x slower: the stored plan holds.
+    _budget_run(tmp_path / "part", _Clock(1.0), [_StopAt(30)])
+    resumed = _budget_run(tmp_path / "part", _Clock(0.2), [], resume=True)
+    assert resumed.state.planned_iters == 58 and resumed.state.iteration == 58
+    for name, tensor in full.module.state_dict().items():
+        assert torch.equal(tensor, resumed.module.state_dict()[name]), name
+
+
+def test_budget_schedule_counts_the_validation_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock(1.0)
+    monkeypatch.setattr(time, "monotonic", clock)  # the validation hook times itself with it too
+    cfg = _cfg(epochs=1000, iters_per_epoch=10, time_budget_minutes=2.0, schedule="cosine", budget_probe_steps=20, val_every=3)
+
+    def slow_validate(model: torch.nn.Module) -> list[float]:
+        clock.now += 6.0  # one validation costs 6 steps' time
+        return [0.5]
+
+    hooks = [_Tick(clock), ValidationHook(slow_validate, every=3), TimeBudgetHook(cfg, started_at=clock(), validates=True, clock=clock)]
+    trainer = _trainer(cfg, tmp_path, hooks)
+    trainer.train()
+    # First plan at step 23 ignores validation: 23 + int(120 * 0.98 - 23) = 117 steps. After the first
+    # validation (epoch 3, t = 36 s): left = 117.6 - 36 - 6 = 75.6 s at 1 + 6/30 s per step -> 63.
+    assert trainer.state.planned_iters == 30 + 63
+    assert trainer.state.iteration == 93 and trainer.state.stop_reason == "finished"
+    assert clock.now - 1000.0 <= 120.0  # steps + validations + the final validation fit the budget
