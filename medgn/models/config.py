@@ -33,7 +33,7 @@ class UNet3DConfig:
         memory_format: ``channels_last_3d`` keeps activations in NDHWC order.
         num_groups: groups of every group norm; null applies the group-count rule.
         group_channels: the group-count rule's channels per group at narrow layers; null is medgn's
-            default (4, from the LA2018 norm study).
+            default (1: G = min(32, C), from the LA2018 norm study).
         n_conv_per_stage: convolutions per encoder and decoder stage (2 as in nnU-Net).
     """
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from medgn.checkpoint import read_pointer
@@ -27,6 +28,7 @@ from medgn.data.datasets import Case, load_dataset
 from medgn.data.verify import verify_dataset
 from medgn.errors import InputDataError, UsageError
 from medgn.files import RunLock, atomic_write_json, clean_stale_temps
+from medgn.infer import postprocess
 from medgn.logs import attach_file_log, get_logger
 from medgn.planning.plan_config import apply_plan_config
 from medgn.planning.splits import load_or_create_splits
@@ -177,7 +179,13 @@ def _fit(cfg: RunConfig, plan: dict[str, Any], train_cases: list[Case], val_case
     sampler = ResumableSampler(len(train_cases), tcfg.micro_batches_per_epoch * tcfg.batch_size, seed=tcfg.seed, rank=info.rank, world_size=info.world_size, with_seeds=True)
     workers = cfg.data.num_workers
     loader = ResumableLoader(dataset, sampler, tcfg.batch_size, num_workers=workers, persistent_workers=False)
-    validate = make_validator(val_cases, plan, cfg.data, device) if val_cases else None
+    evidence: dict[int, Any] = {}  # case index -> LCC evidence of the latest validation
+    classes = range(1, int(plan["num_classes"]))
+
+    def collect(i: int, pred: torch.Tensor, ref: torch.Tensor) -> None:
+        evidence[i] = postprocess.lcc_evidence(pred.numpy(), ref.numpy(), classes)
+
+    validate = make_validator(val_cases, plan, cfg.data, device, on_case=collect) if val_cases else None
     hooks = default_hooks(tcfg, out_dir, validate=validate, console=console, started_at=started_at)
     seed_everything(tcfg.seed + info.rank, deterministic=tcfg.deterministic)  # before weights are drawn
     network = plan["network"]
@@ -191,6 +199,22 @@ def _fit(cfg: RunConfig, plan: dict[str, Any], train_cases: list[Case], val_case
         if getattr(hook, "name", "") == "validation":
             best = getattr(hook, "best", None)
     if info.is_main:
+        _choose_postprocessing(out_dir, evidence, dataset, classes)
         summary = {"stop_reason": state.stop_reason, "iteration": state.iteration, "planned_iters": state.planned_iters, "seconds": round(time.monotonic() - started_at, 1), "epoch": state.epoch, "best_val_ema_dice": best, "samples_seen": state.samples_seen, "nonfinite_skipped": state.nonfinite_total}
         atomic_write_json(out_dir / "train_summary.json", json.loads(json.dumps(summary)))
     return TrainResult(out_dir, state, trainer.exit_code, best, list(trainer.epoch_records))
+
+
+def _choose_postprocessing(out_dir: Path, evidence: dict[int, Any], dataset: PatchDataset, classes: range) -> None:
+    """Decide per class whether inference keeps only the largest component; write postprocessing.json.
+
+    With validation cases: from the last validation's held-out predictions (with and without the
+    filter). Trained on every case: from the reference labels' topology.
+    """
+    if evidence:
+        decision = postprocess.decide([evidence[i] for i in sorted(evidence)])
+    else:
+        labels = (dataset.cache[i]["label"] for i in range(len(dataset)))
+        decision = postprocess.decide_from_topology([postprocess.topology_evidence(np.asarray(lab)[0], classes) for lab in labels])
+    atomic_write_json(out_dir / postprocess.FILE, decision.to_dict())
+    log.info("post-processing: %s", decision.describe())

@@ -48,7 +48,7 @@ def test_conv_norm_act_matches_functional_reference(norm: str, with_residual: bo
     assert isinstance(block.norm, GroupNorm) is (norm == "group")
     x = torch.randn(2, 3, 5, 6, 4, dtype=torch.float64)
     r = torch.randn(2, 32, 5, 6, 4, dtype=torch.float64) if with_residual else None
-    torch.testing.assert_close(block(x, residual=r), _reference(block, x, r, groups=8), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(block(x, residual=r), _reference(block, x, r, groups=32), rtol=1e-10, atol=1e-10)
 
 
 def test_state_dict_keys_are_the_same_for_every_norm_with_affine() -> None:
@@ -66,8 +66,8 @@ def test_residual_block_matches_reference(in_ch: int, stride, projected: bool, n
     x = torch.randn(1, in_ch, 4, 6, 6, dtype=torch.float64)
     h = block.conv1(x)
     skip = block.skip(x)
-    if norm == "group":  # 16 channels: the rule gives 4 groups; the fused act is rebuilt below
-        y2 = F.group_norm(block.conv2.conv(h), 4, block.conv2.norm.weight, block.conv2.norm.bias, 1e-5)
+    if norm == "group":  # 16 channels: the rule gives 16 groups; the fused act is rebuilt below
+        y2 = F.group_norm(block.conv2.conv(h), 16, block.conv2.norm.weight, block.conv2.norm.bias, 1e-5)
     else:
         y2 = block.conv2.norm(block.conv2.conv(h))
     expected = F.leaky_relu(y2 + skip, 0.01)

@@ -59,7 +59,7 @@ def test_instance_norm_converted_with_one_channel_per_group_keeps_the_function()
 
 def test_a_norm_given_alone_is_returned_replaced_and_group_torch_target() -> None:
     converted, replaced = convert_norm(nn.BatchNorm3d(16), to="group_torch", num_groups=None)
-    assert type(converted) is nn.GroupNorm and converted.num_groups == 4  # rule: 16 channels, 4 groups
+    assert type(converted) is nn.GroupNorm and converted.num_groups == 16  # rule: 16 channels, 16 groups
     assert replaced[0].name == ""
 
 

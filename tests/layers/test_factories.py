@@ -59,7 +59,7 @@ def test_group_norm_fuses_activation_and_matches_float64_reference(act: str) -> 
         layer.weight.uniform_(0.5, 1.5)
         layer.bias.uniform_(-0.5, 0.5)
     x = torch.randn(2, 32, 3, 5, 4, dtype=torch.float64)
-    expected = REFERENCE_ACTS[act](F.group_norm(x, 8, layer.weight, layer.bias, 1e-5))
+    expected = REFERENCE_ACTS[act](F.group_norm(x, 32, layer.weight, layer.bias, 1e-5))
     torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
 
 

@@ -65,8 +65,12 @@ def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_run_folder_has_every_output(trained: Path) -> None:
-    for name in ("config.yaml", "plan.json", "dataset_plan.json", "splits.json", "metrics.jsonl", "progress.png", "medgn.log", "train_summary.json"):
+    for name in ("config.yaml", "plan.json", "dataset_plan.json", "splits.json", "metrics.jsonl", "progress.png", "medgn.log", "train_summary.json", "postprocessing.json"):
         assert (trained / name).is_file(), name
+    # Post-processing decided from the fold's held-out cases, with the Dice both ways recorded.
+    decision = json.loads((trained / "postprocessing.json").read_text())
+    assert decision["source"] == "cross-validation" and set(decision["lcc"]) == {"1"}
+    assert decision["evidence"]["1"]["cases"] == 2
     assert list((trained / "tensorboard").glob("events.out.tfevents.*"))
     assert not (trained / ".medgn.lock").exists()
     for pointer in ("latest", "best", "final"):
@@ -187,3 +191,9 @@ def test_short_cpu_run_on_four_la2018_cases(shared_data: Path, tmp_path: Path) -
     assert (out / "progress.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert read_pointer(out / "checkpoints", "final") is not None
+    # Trained on every case (no held-out fold): post-processing from the labels' topology. Every
+    # LA2018 atrium is one connected piece, so the largest-component filter is chosen.
+    out_all = tmp_path / "run_all"
+    assert main([*args[:4], str(out_all), *args[5:], "--fold", "all", "--set", "train.epochs=1"]) == 0
+    decision = json.loads((out_all / "postprocessing.json").read_text())
+    assert decision == {"lcc": {"1": True}, "source": "reference topology", "evidence": {"1": {"one_piece": 4, "cases": 4}}}

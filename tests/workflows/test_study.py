@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from test_run_training import make_dataset
 
 from medgn.cli import main
@@ -25,6 +26,7 @@ def test_norm_study_two_norms_two_batch_sizes(tmp_path: Path) -> None:
     with open(out / "study.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["norm"], r["batch_size"]) for r in rows] == [("batch", "1"), ("batch", "2"), ("group", "1"), ("group", "2")]
+    assert {r["seed"] for r in rows} == {"0"}  # the config's seed when --seeds is not given
     # Same samples seen by every run: 4 steps at batch 1, 2 steps at batch 2.
     assert [r["iterations"] for r in rows] == ["4", "2", "4", "2"]
     assert all(r["samples_seen"] == "4" for r in rows)
@@ -39,10 +41,24 @@ def test_norm_study_two_norms_two_batch_sizes(tmp_path: Path) -> None:
     assert len(saved["rows"]) == 4
     # Each run trained the norm it says it did.
     for norm in ("batch", "group"):
-        config = (out / "runs" / f"{norm}_b1" / "config.yaml").read_text()
+        config = (out / "runs" / f"{norm}_b1_s0" / "config.yaml").read_text()
         assert f"norm: {norm}" in config
 
 
 def test_batch_sizes_must_be_integers(tmp_path: Path, capsys) -> None:
     assert main(["study", "norms", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--batch-sizes", "1,x"]) == 2
     assert "--batch-sizes" in capsys.readouterr().err
+
+
+def test_group_rule_arms_set_the_model_section() -> None:
+    from medgn.errors import UsageError
+    from medgn.models.config import UNet3DConfig
+    from medgn.workflows.study import norm_arm
+
+    base = UNet3DConfig(features=(16, 32))
+    assert norm_arm(base, "group:cpg4") == UNet3DConfig(features=(16, 32), norm="group", group_channels=4)
+    assert norm_arm(base, "group_torch:g32") == UNet3DConfig(features=(16, 32), norm="group_torch", num_groups=32)
+    assert norm_arm(base, "instance").norm == "instance"
+    for bad in ("group:cpgx", "batch:g32", "group:h4"):
+        with pytest.raises(UsageError, match="group rule"):
+            norm_arm(base, bad)

@@ -1,0 +1,83 @@
+"""Post-processing chosen from held-out cases: on where it helps, off where it would cut true anatomy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medgn.infer import postprocess
+from medgn.infer.postprocess import PostProcessing
+
+
+def _ball(shape: tuple[int, int, int], centre: tuple[int, int, int], radius: float) -> np.ndarray:
+    grid = np.indices(shape)
+    return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2
+
+
+def _blob_cases(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One organ per case; the prediction adds a spurious blob far from it (LCC removes it)."""
+    cases = []
+    for i in range(n):
+        ref = _ball((24, 24, 24), (8 + i % 3, 10, 10), 5).astype(np.uint8)
+        pred = ref.copy()
+        pred[_ball((24, 24, 24), (20, 20, 20), 2)] = 1
+        cases.append((pred, ref))
+    return cases
+
+
+def _two_part_cases(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """An organ of two separate parts (like kidneys under one label), predicted exactly."""
+    cases = []
+    for i in range(n):
+        ref = (_ball((24, 24, 24), (6, 12, 12), 4 + i % 2) | _ball((24, 24, 24), (18, 12, 12), 3)).astype(np.uint8)
+        cases.append((ref.copy(), ref))
+    return cases
+
+
+def test_largest_component_keeps_the_biggest_piece_only() -> None:
+    mask = _ball((20, 20, 20), (6, 6, 6), 4) | _ball((20, 20, 20), (16, 16, 16), 2)
+    kept = postprocess.largest_component(mask)
+    assert kept.sum() == _ball((20, 20, 20), (6, 6, 6), 4).sum() and not kept[16, 16, 16]
+    assert not postprocess.largest_component(np.zeros((4, 4, 4), bool)).any()
+
+
+def test_a_spurious_blob_turns_the_filter_on_and_apply_removes_it() -> None:
+    cases = _blob_cases(4)
+    decision = postprocess.decide([postprocess.lcc_evidence(p, r, [1]) for p, r in cases])
+    assert decision.lcc == {1: True} and decision.source == "cross-validation"
+    ev = decision.evidence["1"]
+    assert ev["dice_largest_component"] == pytest.approx(1.0) and ev["dice"] < 0.99 and ev["cases"] == 4
+    pred, ref = cases[0]
+    assert np.array_equal(postprocess.apply(pred, decision), ref)
+
+
+def test_a_two_part_organ_keeps_the_filter_off() -> None:
+    cases = _two_part_cases(4)
+    decision = postprocess.decide([postprocess.lcc_evidence(p, r, [1]) for p, r in cases])
+    assert decision.lcc == {1: False}
+    assert decision.evidence["1"]["dice"] == pytest.approx(1.0)
+    assert decision.evidence["1"]["dice_largest_component"] < 0.9  # the smaller part is lost
+    pred, _ = cases[0]
+    assert np.array_equal(postprocess.apply(pred, decision), pred)  # nothing removed
+
+
+def test_classes_are_decided_separately_and_pooled_over_folds() -> None:
+    blob, two = _blob_cases(3), _two_part_cases(3)
+    per_case = []
+    for (pb, rb), (pt, rt) in zip(blob, two):
+        pred = np.where(pt == 1, 2, pb).astype(np.uint8)  # class 1: organ + blob, class 2: two parts
+        ref = np.where(rt == 1, 2, rb).astype(np.uint8)
+        per_case.append(postprocess.lcc_evidence(pred, ref, [1, 2]))
+    fold_a, fold_b = postprocess.decide(per_case[:2]), postprocess.decide(per_case[2:])
+    both = postprocess.pooled([fold_a, fold_b])
+    assert both.lcc == {1: True, 2: False}
+    assert both.evidence["1"]["cases"] == 3
+    assert PostProcessing.from_dict(both.to_dict()) == both
+
+
+def test_reference_topology_decides_without_held_out_cases() -> None:
+    one_piece = [postprocess.topology_evidence(r, [1]) for _, r in _blob_cases(3)]
+    assert postprocess.decide_from_topology(one_piece).lcc == {1: True}
+    mixed = one_piece + [postprocess.topology_evidence(_two_part_cases(1)[0][1], [1])]
+    decision = postprocess.decide_from_topology(mixed)
+    assert decision.lcc == {1: False} and decision.evidence["1"] == {"one_piece": 3, "cases": 4}
