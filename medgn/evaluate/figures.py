@@ -131,6 +131,7 @@ def write_overlays(
 ) -> list[Path]:
     """Overlay PNGs ``<case>_label-<label>.png`` for the ``worst_k`` worst cases of each label."""
     from medgn.data.io import geometry_diff, read_volume
+    from medgn.data.multichannel import read_display_volume
     from medgn.evaluate.metrics import structure_mask
     from medgn.evaluate.report import worst_cases
 
@@ -147,7 +148,7 @@ def write_overlays(
                 under = ref.array.astype(np.float32)
                 image_path = _find_image(image_dir, cid) if image_dir is not None else None
                 if image_path is not None:
-                    image = read_volume(image_path)
+                    image = read_display_volume(image_path)
                     diffs = geometry_diff(image, ref)
                     if diffs:
                         log.warning("%s: image geometry differs from the reference (%s); drawing over the reference", image_path, "; ".join(diffs))

@@ -94,7 +94,10 @@ def largest_component_per_class(mask: np.ndarray, background: int = 0) -> np.nda
 
 def _read_channels(images: tuple[Path, ...], in_channels: int) -> list[Any]:
     from medgn.data.io import geometry_diff, read_volume
+    from medgn.data.multichannel import read_case_images
 
+    if len(images) == 1 and in_channels > 1:  # one 4D file holding every channel (MSD)
+        return read_case_images(images, in_channels)
     if len(images) != in_channels:
         raise InputDataError(images[0], f"case has {len(images)} channel(s)", got=[p.name for p in images], expected=f"{in_channels} channel(s) as the model was trained")
     volumes = [read_volume(p) for p in images]
