@@ -134,6 +134,7 @@ def write_overlays(
     from medgn.data.multichannel import read_display_volume
     from medgn.evaluate.metrics import structure_mask
     from medgn.evaluate.report import worst_cases
+    from medgn.evaluate.run import read_prediction
 
     written: list[Path] = []
     worst = worst_cases(result, worst_k)
@@ -144,7 +145,7 @@ def write_overlays(
         for cid in cases:
             try:
                 ref = read_volume(refs[cid], label=True)
-                pred = read_volume(preds[cid], label=True)
+                pred = read_prediction(preds[cid], ref)
                 under = ref.array.astype(np.float32)
                 image_path = _find_image(image_dir, cid) if image_dir is not None else None
                 if image_path is not None:
