@@ -200,9 +200,19 @@ def _segment(
     t0 = time.perf_counter()
     volumes = _read_channels(images, int(predictor.plan["in_channels"]))
     reference = volumes[0]
-    out_format = options.get("output_format") or default_output_format(images)
-    # A series that cannot carry a SEG fails here, before anything is predicted or written.
-    sources = seg_sources(reference) if out_format in ("dicom-seg", "both") else None
+    requested = options.get("output_format")
+    out_format = requested or default_output_format(images)
+    sources = None
+    if out_format in ("dicom-seg", "both"):
+        try:  # a series that cannot carry a SEG fails here, before anything is predicted or written
+            sources = seg_sources(reference)
+        except InputDataError as exc:
+            if requested:
+                raise
+            # Not asked for explicitly: anonymised series often lack the UIDs; the NIfTI mask is
+            # still exact, so write it and say why there is no SEG.
+            warnings.append(f"no DICOM-SEG written ({exc.one_line()})")
+            out_format = "nifti"
     image, data = preprocess([os.fspath(p) for p in images])
     times["read_preprocess"] = time.perf_counter() - t0
 

@@ -166,14 +166,18 @@ def test_series_without_seg_tags_is_refused_and_nothing_written(tmp_path: Path, 
     series, ras = write_series(tmp_path / "in" / "scan", volume(), "axial", drop=("FrameOfReferenceUID", "StudyInstanceUID"))
     run = save_run(tmp_path / "run", plan_dict=plan(_ras_spacing(ras)))
     out = tmp_path / "out"
-    assert main(["infer", "--model", str(run), "--input", str(series), "--output", str(out), "--no-progress"]) == 3
+    assert main(["infer", "--model", str(run), "--input", str(series), "--output", str(out), "--output-format", "both", "--no-progress"]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lacks tags a DICOM-SEG needs" in err[0] and "StudyInstanceUID" in err[0] and "FrameOfReferenceUID" in err[0]
     assert sorted(p.name for p in out.iterdir() if p.name != "report.json" and not p.name.startswith(".medgn")) == []
     assert json.loads((out / "report.json").read_text())["cases"][0]["status"] == "failed"
-    # The same series to NIfTI alone needs none of those tags.
+    # The same series to NIfTI alone needs none of those tags; by default (no format asked for)
+    # the mask is written and the sidecar says why there is no SEG.
     assert main(["infer", "--model", str(run), "--input", str(series), "--output", str(tmp_path / "nii"), "--output-format", "nifti", "--no-progress"]) == 0
     assert (tmp_path / "nii" / "scan.nii.gz").is_file() and not (tmp_path / "nii" / "scan.seg.dcm").exists()
+    assert main(["infer", "--model", str(run), "--input", str(series), "--output", str(tmp_path / "auto"), "--no-progress"]) == 0
+    assert (tmp_path / "auto" / "scan.nii.gz").is_file() and not (tmp_path / "auto" / "scan.seg.dcm").exists()
+    assert "no DICOM-SEG written" in json.loads((tmp_path / "auto" / "scan.json").read_text())["warnings"][0]
 
 
 def test_dicom_seg_for_a_nifti_input_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
