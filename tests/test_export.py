@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from torch import nn
@@ -17,6 +16,9 @@ from medgn.configtools import build
 from medgn.export import export_module, run_exported
 from medgn.models.config import UNet3DConfig
 from medgn.models.registry import build_model
+
+onnx = pytest.importorskip("onnx", reason="medgn export needs the 'export' extra (onnx, onnxruntime)")
+pytest.importorskip("onnxruntime", reason="medgn export needs the 'export' extra (onnx, onnxruntime)")
 
 # float32 onnxruntime / TorchScript vs PyTorch eager: the same maths with sums reassociated inside
 # convolutions and normalisations, ~1e-6 relative per layer over ~10 layers; 1e-4 (absolute, on
