@@ -21,7 +21,7 @@ from medgn.errors import EXIT_BUG, EXIT_OK, EXIT_USAGE, MedgnError
 from medgn.logs import attach_file_log, current_log_path, fallback_log_path, get_logger
 
 # Subcommands in the order `medgn --help` lists them; each names a module in medgn/commands.
-SUBCOMMANDS: tuple[str, ...] = ("env", "verify", "plan", "train", "infer", "evaluate", "study")
+SUBCOMMANDS: tuple[str, ...] = ("env", "verify", "plan", "train", "infer", "evaluate", "export", "study")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -21,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="redo cases whose outputs came from other models, settings or inputs")
     parser.add_argument("--shard", default=None, metavar="I/N", help="process every N-th case from I (0-based); default from RANK/WORLD_SIZE")
     parser.add_argument("--channels", default=None, metavar="A,B", help="channel names: <case>_A, <case>_B files form the channels in this order")
+    parser.add_argument("--output-format", choices=("nifti", "dicom-seg", "both"), default=None, help="mask format: nifti, dicom-seg (DICOM Segmentation referencing the source series) or both (default: both for a DICOM series, nifti otherwise)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress display")
     parser.set_defaults(func=run)
 
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         channels=channels,
         sw_batch_size=args.sw_batch_size,
         threads=args.threads,
+        output_format=args.output_format,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     counts = report.to_dict()["counts"]

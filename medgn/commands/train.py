@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--time-budget", help="stop cleanly after this long (e.g. 30m, 2h)")
+    parser.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", help="fine-tune: start from this run's weights (heads re-initialised for another class count, the first conv for another channel count)")
+    parser.add_argument("--freeze-encoder-steps", type=int, metavar="N", help="with --init-from: keep the loaded encoder frozen for the first N steps (train.freeze_encoder_steps)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress display (logs only)")
     parser.set_defaults(func=run)
 
@@ -51,9 +53,24 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     if args.time_budget:
         overrides.append(f"train.time_budget_minutes={parse_duration_minutes(args.time_budget)}")
+    if args.freeze_encoder_steps is not None:
+        overrides.append(f"train.freeze_encoder_steps={args.freeze_encoder_steps}")
     cfg = load_run_config(args.config, overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = train_on_dataset(cfg, args.data, args.out, fold=parse_fold(args.fold), resume=args.resume, device=device, plan_path=args.plan, console=not args.no_progress)
+    kwargs = {"fold": parse_fold(args.fold), "resume": args.resume, "device": device, "plan_path": args.plan, "console": not args.no_progress}
+    if args.init_from and not args.resume:
+        from medgn.workflows.finetune import train_from
+
+        result = train_from(cfg, args.data, args.out, args.init_from, **kwargs)
+    elif cfg.train.freeze_encoder_steps and args.resume:
+        from medgn.workflows.finetune import init_from
+
+        freeze = cfg.train.freeze_encoder_steps
+        result = train_on_dataset(cfg, args.data, args.out, init_model=lambda model, run, resume: init_from(model, None, run, freeze, True), **kwargs)
+    else:
+        if cfg.train.freeze_encoder_steps:
+            raise UsageError("train.freeze_encoder_steps", "freezing the encoder needs loaded weights", got=cfg.train.freeze_encoder_steps, expected="--init-from RUN, or 0")
+        result = train_on_dataset(cfg, args.data, args.out, **kwargs)
     best = f", best validation Dice (EMA) {result.best_dice:.4f}" if result.best_dice is not None else ""
     print(f"training stopped ({result.state.stop_reason or 'finished'}) at epoch {result.state.epoch}, step {result.state.iteration}{best}; run folder {result.out_dir}")
     return result.exit_code

@@ -144,8 +144,6 @@ def _load_msd(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIndex
     channels = tuple(str(modality[k]) for k in sorted(modality, key=lambda k: int(k))) if isinstance(modality, dict) and all(str(k).isdigit() for k in modality) else ()
     if "modality" in desc and not channels:
         problems.append("'modality' must map channel numbers to names, e.g. {\"0\": \"CT\"}")
-    if len(channels) > 1:
-        problems.append(f"{len(channels)} channels in one 4D file per case are not supported; store one file per channel in the nnU-Net layout")
     training = desc.get("training", [])
     if not isinstance(training, list):
         problems.append("'training' must be a list")

@@ -63,7 +63,7 @@ def _deterministic(plan: Mapping[str, Any], limits: Limits, with_label: bool) ->
     from monai.transforms import CropForegroundd, MapLabelValued, Orientationd, Spacingd
 
     keys = ["image", "label"] if with_label else ["image"]
-    steps: list[Any] = [LoadCased("image", MedgnReader(limits))]
+    steps: list[Any] = [LoadCased("image", MedgnReader(limits, channels=int(plan.get("in_channels", 1))))]
     if with_label:
         values = [int(v) for v in plan["label_values"]]
         steps += [

@@ -100,9 +100,13 @@ def _check_size(path: Path, shape: tuple[int, ...], itemsize: int, limits: Limit
         raise ResourceError(path, "image is too large", got=f"{voxels * itemsize} bytes", expected=f"<= {limits.max_bytes} bytes")
 
 
-def _squeeze_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+def _squeeze_shape(path: Path, shape: tuple[int, ...], channels: int = 1) -> tuple[int, int, int]:
     if any(d < 1 for d in shape):
         raise InputDataError(path, "header declares a non-positive dimension", got=f"shape {shape}", expected="all sizes >= 1")
+    if channels > 1:  # a 4D multi-channel file (MSD): the 4th axis holds exactly the channels
+        from medgn.data.multichannel import check_channel_axis
+
+        return check_channel_axis(path, shape, channels)
     if len(shape) < 3 or any(d != 1 for d in shape[3:]):
         raise InputDataError(path, f"expected 3D, got shape {shape}", expected="one 3D volume per file (channels as separate files)")
     return (int(shape[0]), int(shape[1]), int(shape[2]))
@@ -236,20 +240,20 @@ def _vox_offset(path: Path, header: Any) -> int:
     return int(raw)
 
 
-def _nifti_header(path: Path, limits: Limits) -> HeaderInfo:
+def _nifti_header(path: Path, limits: Limits, channels: int = 1) -> HeaderInfo:
     header, compressed = _open_nifti(path)
     dims = [int(d) for d in header["dim"]]
     ndim = dims[0]
     if not 1 <= ndim <= 7:
         raise InputDataError(path, "header dim[0] is invalid", got=ndim, expected="1..7")
     shape = tuple(dims[1 : ndim + 1])
-    shape3 = _squeeze_shape(path, shape)
+    shape3 = _squeeze_shape(path, shape, channels)
     try:
         dtype = header.get_data_dtype()
     except Exception as exc:  # noqa: BLE001 - unknown datatype codes raise KeyError/HeaderDataError
         raise InputDataError(path, "unknown NIfTI data type", got=str(exc)) from None
     dtype = _check_dtype(path, dtype)
-    _check_size(path, shape3, dtype.itemsize, limits)
+    _check_size(path, shape3, dtype.itemsize * channels, limits)
     pixdim = np.asarray(header["pixdim"], dtype=np.float64)
     if not np.all(np.isfinite(pixdim[1:4])) or np.any(pixdim[1:4] <= 0):
         raise InputDataError(path, "voxel spacing is not positive and finite", got=f"pixdim {pixdim[1:4].tolist()}", expected="three finite values > 0")
@@ -266,12 +270,12 @@ def _nifti_header(path: Path, limits: Limits) -> HeaderInfo:
     spacing = _check_geometry(path, affine)
     _check_xforms(path, header, qcode, scode)
     offset = _vox_offset(path, header)
-    needed = offset + int(np.prod(shape3)) * dtype.itemsize
+    needed = offset + int(np.prod(shape3)) * channels * dtype.itemsize
     if compressed:
-        _check_gzip_length(path, needed, f"shape {shape3} {dtype}")
+        _check_gzip_length(path, needed, f"shape {shape3} x {channels} channel(s) {dtype}")
     elif path.stat().st_size < needed:
         raise InputDataError(path, "file is truncated", got=f"{path.stat().st_size} bytes", expected=f">= {needed} bytes for shape {shape3} {dtype}")
-    meta = {"nifti_header": header, "qform_code": qcode, "sform_code": scode, "squeezed": len(shape) != 3}
+    meta = {"nifti_header": header, "qform_code": qcode, "sform_code": scode, "squeezed": len(shape) != 3, "channels": channels}
     return HeaderInfo(path, "nifti", shape3, dtype, spacing, affine, meta)
 
 
@@ -390,12 +394,14 @@ def _dicom_header(path: Path, limits: Limits) -> HeaderInfo:
     return HeaderInfo(path, "dicom", shape3, info.dtype, spacing, affine, meta)
 
 
-def read_header(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS) -> HeaderInfo:
+def read_header(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS, *, channels: int = 1) -> HeaderInfo:
     """Validate an image's header without reading its pixels.
 
     Args:
         path: a NIfTI, NRRD or MetaImage file, or a folder holding one DICOM series.
         limits: voxel, byte and per-axis limits checked from the header alone.
+        channels: above 1, a 4D NIfTI whose 4th axis holds exactly this many channels (MSD);
+            ``shape`` stays the 3D grid and ``meta["channels"]`` records the count.
 
     Returns:
         The validated header.
@@ -410,7 +416,9 @@ def read_header(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS) -
         raise InputDataError(path, "file not found", expected="an existing image file or DICOM folder")
     fmt = detect_format(path)
     if fmt == "nifti":
-        return _nifti_header(path, limits)
+        return _nifti_header(path, limits, channels)
+    if channels > 1:
+        raise InputDataError(path, f"a {channels}-channel image in one file must be a 4D NIfTI", got=fmt, expected="a .nii/.nii.gz with the channels on the 4th axis, or one file per channel")
     if fmt == "dicom":
         return _dicom_header(path, limits)
     return _itk_info(path, _itk_reader(path), fmt, limits)

@@ -20,6 +20,7 @@ from monai.data import ImageReader
 from monai.transforms import LoadImage, MapTransform, Transform
 
 from medgn.data.io import Volume, geometry_diff, read_volume
+from medgn.data.multichannel import read_channels
 from medgn.data.preflight import DEFAULT_LIMITS, Limits, detect_format
 from medgn.errors import InputDataError
 
@@ -34,11 +35,12 @@ class MedgnReader(ImageReader):
         limits: header size limits.
         label: read integer labels (checked against ``label_values``).
         label_values: allowed label values, or None.
+        channels: channels the plan expects; a single file is then read as a 4D MSD image.
     """
 
-    def __init__(self, limits: Limits = DEFAULT_LIMITS, label: bool = False, label_values: Sequence[int] | None = None) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, label: bool = False, label_values: Sequence[int] | None = None, channels: int = 1) -> None:
         super().__init__()
-        self.limits, self.label = limits, label
+        self.limits, self.label, self.channels = limits, label, channels
         self.label_values = list(label_values) if label_values is not None else None
 
     def verify_suffix(self, filename: Sequence[os.PathLike[str] | str] | os.PathLike[str] | str) -> bool:
@@ -50,6 +52,8 @@ class MedgnReader(ImageReader):
 
     def read(self, data: Sequence[os.PathLike[str] | str] | os.PathLike[str] | str, **kwargs: Any) -> list[Volume]:
         names = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+        if len(names) == 1 and self.channels > 1 and not self.label:  # one 4D MSD file: C channels
+            return read_channels(names[0], self.channels, self.limits)
         vols = [read_volume(n, self.limits, label=self.label, label_values=self.label_values) for n in names]
         for vol in vols[1:]:
             diffs = geometry_diff(vols[0], vol)

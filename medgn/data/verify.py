@@ -17,6 +17,7 @@ import numpy as np
 
 from medgn.data.datasets import Case, DatasetIndex
 from medgn.data.io import Limits, Volume, geometry_diff, read_volume
+from medgn.data.multichannel import read_channels
 from medgn.data.preflight import DEFAULT_LIMITS
 from medgn.errors import InputDataError, MedgnError
 
@@ -64,15 +65,24 @@ def _read(path: Path, limits: Limits, result: CaseResult, **kwargs: object) -> V
         return None
 
 
+def _channels(case: Case, expected: int, limits: Limits, result: CaseResult) -> list[tuple[int, Path, Volume]]:
+    """(channel, file, volume) of every readable channel: one file each, or one 4D MSD file."""
+    if len(case.images) == 1 and expected > 1:
+        try:
+            return [(c, case.images[0], v) for c, v in enumerate(read_channels(case.images[0], expected, limits))]
+        except MedgnError as exc:
+            result.problems.append(exc.one_line())
+            return []
+    read = [(c, p, _read(p, limits, result)) for c, p in enumerate(case.images)]
+    return [(c, p, v) for c, p, v in read if v is not None]
+
+
 def verify_case(case: Case, index: DatasetIndex, limits: Limits = DEFAULT_LIMITS) -> CaseResult:
     """Check one case; see :func:`verify_dataset`."""
     result = CaseResult(case.case_id)
     label_values = sorted(index.labels.values()) if index.labels else None
     first: Volume | None = None
-    for channel, path in enumerate(case.images):
-        vol = _read(path, limits, result)
-        if vol is None:
-            continue
+    for channel, path, vol in _channels(case, len(index.channel_names), limits, result):
         if float(vol.array.min()) == float(vol.array.max()):
             # Normalisation guards std == 0, so a constant channel is safe but worth a look.
             result.notes.append(f"{path}: constant image (all voxels {float(vol.array.min()):g})")

@@ -131,8 +131,10 @@ def write_overlays(
 ) -> list[Path]:
     """Overlay PNGs ``<case>_label-<label>.png`` for the ``worst_k`` worst cases of each label."""
     from medgn.data.io import geometry_diff, read_volume
+    from medgn.data.multichannel import read_display_volume
     from medgn.evaluate.metrics import structure_mask
     from medgn.evaluate.report import worst_cases
+    from medgn.evaluate.run import read_prediction
 
     written: list[Path] = []
     worst = worst_cases(result, worst_k)
@@ -143,11 +145,11 @@ def write_overlays(
         for cid in cases:
             try:
                 ref = read_volume(refs[cid], label=True)
-                pred = read_volume(preds[cid], label=True)
+                pred = read_prediction(preds[cid], ref)
                 under = ref.array.astype(np.float32)
                 image_path = _find_image(image_dir, cid) if image_dir is not None else None
                 if image_path is not None:
-                    image = read_volume(image_path)
+                    image = read_display_volume(image_path)
                     diffs = geometry_diff(image, ref)
                     if diffs:
                         log.warning("%s: image geometry differs from the reference (%s); drawing over the reference", image_path, "; ".join(diffs))

@@ -14,7 +14,7 @@ from typing import Any
 from medgn.errors import EXIT_INPUT, EXIT_OK, InputDataError, UsageError
 from medgn.evaluate.metrics import METRIC_NAMES, ClassMetrics
 
-CASE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha")
+CASE_SUFFIXES: tuple[str, ...] = (".seg.dcm", ".nii.gz", ".nii", ".nrrd", ".mha")
 
 @dataclass(frozen=True)
 class MetricRow:
@@ -83,7 +83,8 @@ def list_cases(folder: Path) -> dict[str, Path]:
 
     Raises:
         UsageError: the folder does not exist.
-        InputDataError: two files give the same case id (e.g. ``a.nii`` and ``a.nii.gz``).
+        InputDataError: two files give the same case id (e.g. ``a.nii`` and ``a.nii.gz``); a
+            ``<case>.seg.dcm`` next to a mask of the same case is not a clash (the mask is used).
     """
     if not folder.is_dir():
         raise UsageError(folder, "folder does not exist", expected="a folder of label volumes")
@@ -91,6 +92,11 @@ def list_cases(folder: Path) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         cid = case_id(path.name)
         if cid is None or not path.is_file():
+            continue
+        if cid in cases and ".seg.dcm" in (cases[cid].name.lower()[-8:], path.name.lower()[-8:]):
+            # infer writes a DICOM-SEG next to the NIfTI mask of a DICOM series: the mask on the
+            # exact grid is the one to evaluate; a SEG alone is read back onto the reference grid.
+            cases[cid] = cases[cid] if not cases[cid].name.lower().endswith(".seg.dcm") else path
             continue
         if cid in cases:
             raise InputDataError(folder, f"two files for case {cid!r}", got=f"{cases[cid].name} and {path.name}", expected="one file per case")

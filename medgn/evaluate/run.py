@@ -93,16 +93,28 @@ def _fmt_affine(affine: Any) -> str:
     return "[" + ", ".join("[" + ", ".join(f"{v:.6g}" for v in row) + "]" for row in rows) + "]"
 
 
+def read_prediction(pred_path: Path, ref: Any) -> Any:
+    """A prediction as a label volume on the reference grid: a mask file with the reference's
+    geometry (checked from the headers), or a DICOM-SEG whose frames are placed on its voxels."""
+    from medgn.data.io import Volume, read_volume
+
+    if pred_path.name.lower().endswith(".seg.dcm"):
+        from medgn.data.dicom_seg import read_seg_on_grid
+
+        return Volume(read_seg_on_grid(pred_path, ref.shape, ref.affine), ref.affine, pred_path, "dicom-seg")
+    mismatch = _geometry_mismatch(pred_path, ref.path)
+    if mismatch:
+        raise InputDataError(pred_path, mismatch, expected="the reference's shape, spacing, origin and direction")
+    return read_volume(pred_path, label=True)
+
+
 def _evaluate_case(
     pred_path: Path, ref_path: Path, labels: tuple[int, ...] | None, regions: dict[str, tuple[int, ...]], tol: float
 ) -> dict[str, ClassMetrics]:
     from medgn.data.io import read_volume
 
-    mismatch = _geometry_mismatch(pred_path, ref_path)
-    if mismatch:
-        raise InputDataError(pred_path, mismatch, expected="the reference's shape, spacing, origin and direction")
-    pred = read_volume(pred_path, label=True)
     ref = read_volume(ref_path, label=True)
+    pred = read_prediction(pred_path, ref)
     present = labels
     if present is None:  # every foreground value found in either map
         present = tuple(int(v) for v in np.union1d(np.unique(pred.array), np.unique(ref.array)) if v > 0)

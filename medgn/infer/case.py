@@ -36,6 +36,8 @@ from medgn.infer.sliding_window import WindowSettings, predict_probabilities
 __all__ = ["CaseOutcome", "fingerprint", "mask_suffix", "read_sidecar", "run_case"]
 
 SIDECAR_VERSION = 1
+SEG_SUFFIX = ".seg.dcm"  # medgn.data.dicom_seg.SEG_SUFFIX, kept here so naming needs no pydicom
+OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
 # Formats write_mask can reproduce; DICOM inputs get a NIfTI mask with the same geometry.
 _SUFFIX_BY_FORMAT = {"nrrd": ".nrrd", "mha": ".mha", "dicom": ".nii.gz"}
 
@@ -57,6 +59,16 @@ def mask_suffix(first_channel: Path) -> str:
         if name.endswith(suffix):
             return ".mha" if suffix == ".mhd" else suffix
     return ".nii.gz"
+
+
+def default_output_format(images: tuple[Path, ...]) -> str:
+    """The input's family: a DICOM series gets a DICOM-SEG and a NIfTI mask, files a mask like them."""
+    return "both" if images[0].is_dir() else "nifti"
+
+
+def primary_suffix(images: tuple[Path, ...], output_format: str | None) -> str:
+    """Suffix of the file whose presence marks a finished case (the SEG when it is the only output)."""
+    return SEG_SUFFIX if (output_format or default_output_format(images)) == "dicom-seg" else mask_suffix(images[0])
 
 
 def fingerprint(inputs: list[str], models: list[str], config_hash: str, settings: Mapping[str, Any]) -> str:
@@ -94,7 +106,10 @@ def largest_component_per_class(mask: np.ndarray, background: int = 0) -> np.nda
 
 def _read_channels(images: tuple[Path, ...], in_channels: int) -> list[Any]:
     from medgn.data.io import geometry_diff, read_volume
+    from medgn.data.multichannel import read_case_images
 
+    if len(images) == 1 and in_channels > 1:  # one 4D file holding every channel (MSD)
+        return read_case_images(images, in_channels)
     if len(images) != in_channels:
         raise InputDataError(images[0], f"case has {len(images)} channel(s)", got=[p.name for p in images], expected=f"{in_channels} channel(s) as the model was trained")
     volumes = [read_volume(p) for p in images]
@@ -136,7 +151,8 @@ def run_case(
         stem: output path without suffix (``<output_dir>/<safe name>``).
         predictor: the loaded models and plan.
         settings: sliding-window settings.
-        options: ``overwrite``, ``save_probabilities``, ``largest_component``, ``threads``.
+        options: ``overwrite``, ``save_probabilities``, ``largest_component``, ``threads``,
+            ``output_format`` (nifti, dicom-seg, both; None: the input's family).
         preprocess: channel paths -> ((C, *pipeline_shape) image, pipeline data for ``invert``).
         invert: ((K, *pipeline_shape) probabilities, data) -> (K, X, Y, Z) on the input grid.
         sidecar_base: provenance shared by every case (models, settings, versions...), with the
@@ -176,6 +192,7 @@ def _segment(
     sidecar_path: Path,
     published: list[str],
 ) -> CaseOutcome:
+    from medgn.data.dicom_seg import seg_sources, write_dicom_seg
     from medgn.data.io import write_mask
 
     times: dict[str, float] = {}
@@ -183,6 +200,19 @@ def _segment(
     t0 = time.perf_counter()
     volumes = _read_channels(images, int(predictor.plan["in_channels"]))
     reference = volumes[0]
+    requested = options.get("output_format")
+    out_format = requested or default_output_format(images)
+    sources = None
+    if out_format in ("dicom-seg", "both"):
+        try:  # a series that cannot carry a SEG fails here, before anything is predicted or written
+            sources = seg_sources(reference)
+        except InputDataError as exc:
+            if requested:
+                raise
+            # Not asked for explicitly: anonymised series often lack the UIDs; the NIfTI mask is
+            # still exact, so write it and say why there is no SEG.
+            warnings.append(f"no DICOM-SEG written ({exc.one_line()})")
+            out_format = "nifti"
     image, data = preprocess([os.fspath(p) for p in images])
     times["read_preprocess"] = time.perf_counter() - t0
 
@@ -199,9 +229,15 @@ def _segment(
     if options.get("largest_component"):
         mask = largest_component_per_class(mask, background=int(label_values[0]))
     overwrite = bool(options.get("overwrite"))
-    out_mask = stem.with_name(stem.name + mask_suffix(images[0]))
-    outputs = [write_mask(mask, reference, out_mask, overwrite=overwrite).name]
-    published.extend(outputs)
+    outputs: list[str] = []
+    if out_format != "dicom-seg":
+        out_mask = stem.with_name(stem.name + mask_suffix(images[0]))
+        outputs.append(write_mask(mask, reference, out_mask, overwrite=overwrite).name)
+        published.extend(outputs)
+    if sources is not None:
+        names = {int(v): str(k) for k, v in (predictor.plan.get("dataset", {}) or {}).get("labels", {}).items() if isinstance(v, int)}
+        outputs.append(write_dicom_seg(mask, reference, sources, predictor.label_values, names, stem.with_name(stem.name + SEG_SUFFIX), overwrite=overwrite).name)
+        published.append(outputs[-1])
     if options.get("save_probabilities"):
         outputs.append(_write_probabilities(probs.numpy(), reference, stem, overwrite).name)
     times["postprocess_write"] = time.perf_counter() - t2
@@ -226,7 +262,7 @@ def case_inputs(images: tuple[Path, ...]) -> list[dict[str, str]]:
 
 def outputs_exist(stem: Path, images: tuple[Path, ...]) -> list[Path]:
     """Existing files at this case's final output paths (mask, sidecar, probabilities)."""
-    candidates = [stem.with_name(stem.name + s) for s in (mask_suffix(images[0]), ".json", "_probabilities.nii.gz", "_probabilities.npz")]
+    candidates = [stem.with_name(stem.name + s) for s in (mask_suffix(images[0]), SEG_SUFFIX, ".json", "_probabilities.nii.gz", "_probabilities.npz")]
     return [p for p in candidates if p.exists()]
 
 

@@ -23,10 +23,12 @@ import torch
 from medgn.errors import EXIT_BUG, MedgnError, UsageError
 from medgn.files import TEMP_MARK, RunLock, clean_stale_temps
 from medgn.infer.case import (
+    OUTPUT_FORMATS,
     case_inputs,
     fingerprint,
     mask_suffix,
     outputs_exist,
+    primary_suffix,
     read_sidecar,
     refuse_existing,
     run_case,
@@ -140,6 +142,7 @@ def infer(
     mirror_axes: Sequence[int] = (0, 1, 2),
     threads: int | None = None,
     progress: bool = False,
+    output_format: str | None = None,
 ) -> InferenceReport:
     """Segment every case under ``input_path`` into ``output_dir``.
 
@@ -161,6 +164,8 @@ def infer(
         mirror_axes: spatial axes TTA mirrors.
         threads: CPU threads for inference on the CPU (None keeps torch's setting).
         progress: show a live progress display on stderr.
+        output_format: "nifti", "dicom-seg" (a DICOM Segmentation ``<case>.seg.dcm`` referencing
+            the source series) or "both"; None: both for DICOM series, nifti for files.
 
     Returns:
         The per-case report (also written to ``report.json``); ``report.exit_code`` is non-zero
@@ -177,6 +182,7 @@ def infer(
     out = check_output_dir(output_dir, input_path)
     shard_pair = parse_shard(shard)
     cases = {c.case_id: c for c in _find_cases(input_path, channels)}
+    _check_output_format(output_format, cases)
     selected = select_shard(list(cases), shard_pair)
     names = output_names(selected, {cid: mask_suffix(cases[cid].images[0]) for cid in selected})
     lock = RunLock(out, purpose="infer" if shard_pair is None else f"infer shard {shard_pair[0]}/{shard_pair[1]}")
@@ -187,7 +193,17 @@ def infer(
         if removed:
             log.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), out)
         predictor = models if isinstance(models, Predictor) else load_predictor(models, _rank_device(device))
-        return _run_cases(predictor, cases, selected, names, out, shard_pair, tta=tta, overlap=overlap, save_probabilities=save_probabilities, largest_component=largest_component, overwrite=overwrite, sw_batch_size=sw_batch_size, mirror_axes=mirror_axes, threads=threads, progress=progress)
+        return _run_cases(predictor, cases, selected, names, out, shard_pair, output_format=output_format, tta=tta, overlap=overlap, save_probabilities=save_probabilities, largest_component=largest_component, overwrite=overwrite, sw_batch_size=sw_batch_size, mirror_axes=mirror_axes, threads=threads, progress=progress)
+
+
+def _check_output_format(output_format: str | None, cases: dict[str, Any]) -> None:
+    """Refuse an unknown format, or a DICOM-SEG for inputs that are not DICOM series (exit 2)."""
+    if output_format is not None and output_format not in OUTPUT_FORMATS:
+        raise UsageError("--output-format", "unknown output format", got=output_format, expected=" or ".join(OUTPUT_FORMATS))
+    if output_format in ("dicom-seg", "both"):
+        files = [c.case_id for c in cases.values() if not c.images[0].is_dir()]
+        if files:
+            raise UsageError("--output-format", f"a DICOM-SEG needs a DICOM series input; not DICOM: {', '.join(files[:5])}", got=output_format, expected="--output-format nifti for NIfTI/NRRD/MHA inputs")
 
 
 def _rank_device(device: str) -> str:
@@ -207,7 +223,9 @@ def _run_cases(predictor: Predictor, cases: dict[str, Any], selected: list[str],
 
     settings = _settings(predictor, kw["tta"], kw["overlap"], kw["sw_batch_size"], kw["mirror_axes"])
     recorded = {**asdict(settings), "save_probabilities": bool(kw["save_probabilities"]), "largest_component": bool(kw["largest_component"]), "label_values": predictor.label_values}
-    options = {"overwrite": kw["overwrite"], "save_probabilities": kw["save_probabilities"], "largest_component": kw["largest_component"], "threads": kw["threads"]}
+    options = {"overwrite": kw["overwrite"], "save_probabilities": kw["save_probabilities"], "largest_component": kw["largest_component"], "threads": kw["threads"], "output_format": kw["output_format"]}
+    if kw["output_format"] is not None:  # recorded only when chosen: default runs keep their fingerprints
+        recorded["output_format"] = kw["output_format"]
     preprocess, invert = _pipeline(predictor.plan)
     report = InferenceReport(out, shard=shard, models=[asdict(s) for s in predictor.sources])
     env = {"versions": versions(), "device": str(predictor.device), "torch_threads": torch.get_num_threads()}
@@ -222,7 +240,7 @@ def _run_cases(predictor: Predictor, cases: dict[str, Any], selected: list[str],
                 fp = fingerprint([r["sha256"] for r in inputs], predictor.model_sha256s, predictor.config_hash, recorded)
                 existing = outputs_exist(stem, case.images)
                 sidecar = read_sidecar(stem.with_name(stem.name + ".json"))
-                mask_done = stem.with_name(stem.name + mask_suffix(case.images[0])).is_file()
+                mask_done = stem.with_name(stem.name + primary_suffix(case.images, kw["output_format"])).is_file()
                 same = sidecar is not None and sidecar.get("fingerprint") == fp
                 # An interrupted run of the same fingerprint left these outputs: ours to replace.
                 resuming = same and sidecar.get("status") == "running"

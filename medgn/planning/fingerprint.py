@@ -16,6 +16,7 @@ import numpy as np
 
 from medgn.data.datasets import Case, DatasetIndex
 from medgn.data.io import Volume, read_volume
+from medgn.data.multichannel import read_case_images
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
 
 # Foreground voxels sampled per case and channel: nnU-Net's 10,000 gives percentiles stable to
@@ -50,7 +51,7 @@ def intensity_stats(samples: np.ndarray) -> dict[str, float]:
 
 def _case_entry(case: Case, index: DatasetIndex, limits: Limits, rng: np.random.Generator) -> tuple[dict[str, Any], list[np.ndarray]]:
     label_values = sorted(index.labels.values()) if index.labels else None
-    images = [read_volume(p, limits) for p in case.images]
+    images = read_case_images(case.images, len(index.channel_names), limits)
     label = read_volume(case.label, limits, label=True, label_values=label_values) if case.label else None
     spacing, shape = ras_spacing_shape(images[0])
     mask = label.array > 0 if label is not None else np.ones(images[0].shape, bool)

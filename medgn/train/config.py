@@ -74,6 +74,8 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"min": 1})
     seed: int = field(default=0, metadata={"min": 0, "max": 2**31 - 1})
     deterministic: bool = False
+    # Fine-tuning (--init-from): optimiser steps during which the loaded encoder stays frozen.
+    freeze_encoder_steps: int = field(default=0, metadata={"min": 0})
 
     def __post_init__(self) -> None:
         if self.warmup_iters >= self.epochs * self.iters_per_epoch:

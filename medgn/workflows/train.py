@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ log = get_logger("engine.run_training")
 DATASET_PLAN = "dataset_plan.json"  # the plan of the dataset as `medgn plan` makes it
 RUN_PLAN = "plan.json"  # the plan this run trains with (after the config's overrides)
 ALL_FOLDS = -1  # --fold all: train on every case, no validation split
+# (network, run folder, resuming) -> extra hooks; loads initial weights unless resuming (fine-tuning).
+ModelInit = Callable[[torch.nn.Module, Path, bool], Sequence[Any]]
 
 
 @dataclass
@@ -102,6 +105,7 @@ def train_on_dataset(
     device: str = "cpu",
     plan_path: str | os.PathLike[str] | None = None,
     console: bool = True,
+    init_model: ModelInit | None = None,
 ) -> TrainResult:
     """Train one fold of ``data`` into ``out_dir``.
 
@@ -115,6 +119,8 @@ def train_on_dataset(
         device: "cpu" or "cuda" (under torchrun each rank takes ``cuda:LOCAL_RANK``).
         plan_path: a plan from ``medgn plan``; default: the run folder's, else one is made.
         console: live progress display.
+        init_model: called with the freshly built network, the run folder and ``resume`` before
+            training starts; loads initial weights (not on resume) and returns extra hooks.
 
     Raises:
         UsageError: bad options, or an existing run without ``resume``.
@@ -164,14 +170,14 @@ def train_on_dataset(
             atomic_write_json(out_dir / RUN_PLAN, plan)
         train_cases, val_cases = _fold_cases(index, cfg, out_dir, fold)
         log.info("fold %s: %d training and %d validation cases; patch %s at %s mm", fold, len(train_cases), len(val_cases), plan["patch_size"], plan["target_spacing"])
-        return _fit(cfg, plan, train_cases, val_cases, out_dir, device, resume, console, info, started_at)
+        return _fit(cfg, plan, train_cases, val_cases, out_dir, device, resume, console, info, started_at, init_model)
     finally:
         if lock is not None:
             lock.release()
         ddp.cleanup()
 
 
-def _fit(cfg: RunConfig, plan: dict[str, Any], train_cases: list[Case], val_cases: list[Case], out_dir: Path, device: str, resume: bool, console: bool, info: Any, started_at: float) -> TrainResult:
+def _fit(cfg: RunConfig, plan: dict[str, Any], train_cases: list[Case], val_cases: list[Case], out_dir: Path, device: str, resume: bool, console: bool, info: Any, started_at: float, init_model: ModelInit | None = None) -> TrainResult:
     from medgn.models.registry import build_model
 
     tcfg = cfg.train
@@ -190,6 +196,8 @@ def _fit(cfg: RunConfig, plan: dict[str, Any], train_cases: list[Case], val_case
     seed_everything(tcfg.seed + info.rank, deterministic=tcfg.deterministic)  # before weights are drawn
     network = plan["network"]
     model = build_model(cfg.model, int(plan["in_channels"]), int(plan["num_classes"]), network["strides"], network["kernel_sizes"])
+    if init_model is not None:  # on resume it only restores hooks: the checkpoint has the weights
+        hooks = [*hooks, *init_model(model, out_dir, resume)]
     trainer = Trainer(model, tcfg, loader, out_dir=out_dir, device=device, hooks=hooks, run_config=cfg.to_dict(), plan=plan, dist_info=info)
     if resume:
         trainer.resume(out_dir / "checkpoints")

@@ -1,0 +1,222 @@
+"""DICOM Segmentation objects: written for a DICOM series input, read back onto a reference grid.
+
+This module owns :func:`seg_sources` (the source series' slices as pydicom datasets, each placed on
+the input volume's slice index from its ImagePositionPatient, refusing a series that lacks the tags
+a SEG must copy or reference), :func:`write_dicom_seg` (one binary segment per foreground class,
+built with highdicom, frames on the source slices, written atomically and re-read to check that
+every frame lies on the slice it references before it is published) and :func:`read_seg_on_grid`
+(pydicom only: every frame's pixels are mapped through its own position and orientation into the
+voxels of a reference grid, so evaluation needs neither highdicom nor torch). Segment number ``n``
+is class index ``n``; with the consecutive label values medgn datasets declare, that is label ``n``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medgn.errors import InputDataError, UsageError
+
+if TYPE_CHECKING:
+    from medgn.data.io import Volume
+
+__all__ = ["REQUIRED_TAGS", "SEG_SUFFIX", "read_seg_on_grid", "seg_sources", "write_dicom_seg"]
+
+SEG_SUFFIX = ".seg.dcm"
+# What a SEG copies (patient/study), references (series/instance/class) or needs for its frame
+# geometry; a series without one of these cannot be referenced correctly.
+REQUIRED_TAGS = (
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID",
+    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
+)  # fmt: skip
+# A frame position may differ from a slice centre by this many voxels (float rounding of
+# DS values written with 16 characters), never by a real fraction of a slice.
+GRID_TOL_VOXELS = 1e-3
+_LPS = np.diag([-1.0, -1.0, 1.0])  # DICOM LPS <-> RAS: flip x and y
+
+
+def _slice_index(reference: Volume, ipp: Sequence[float]) -> float:
+    """The (fractional) slice index k of a position on the reference grid (RAS affine)."""
+    ras = _LPS @ np.asarray(ipp, dtype=np.float64)
+    ijk = np.linalg.solve(reference.affine[:3, :3], ras - reference.affine[:3, 3])
+    return float(ijk[2]) if abs(ijk[0]) < GRID_TOL_VOXELS and abs(ijk[1]) < GRID_TOL_VOXELS else float("nan")
+
+
+def seg_sources(reference: Volume) -> list[Any]:
+    """The source slices of a DICOM volume as pydicom datasets, ordered by slice index k.
+
+    Raises:
+        InputDataError: a slice lacks a tag in :data:`REQUIRED_TAGS`, or its position is not one
+            of the volume's slices (exit 3). Nothing is written by this check.
+    """
+    import pydicom
+
+    files = reference.meta.get("files") if reference.format == "dicom" else None
+    if not files:
+        raise UsageError(reference.path, "a DICOM-SEG needs a DICOM series input", got=reference.format, expected="a DICOM series folder (use --output-format nifti)")
+    by_k: dict[int, Any] = {}
+    for name in files:
+        ds = pydicom.dcmread(name, stop_before_pixels=True)
+        missing = [tag for tag in REQUIRED_TAGS if not str(getattr(ds, tag, "") or "").strip()]
+        if missing:
+            raise InputDataError(name, f"DICOM slice lacks tags a DICOM-SEG needs: {', '.join(missing)}", expected="a series with study, series, instance and frame-of-reference UIDs and plane geometry (or --output-format nifti)")
+        k = _slice_index(reference, [float(v) for v in ds.ImagePositionPatient])
+        if not np.isfinite(k) or abs(k - round(k)) > GRID_TOL_VOXELS or not 0 <= round(k) < reference.shape[2] or round(k) in by_k:
+            raise InputDataError(name, "slice position is not a slice of the series grid", got=f"ImagePositionPatient {list(map(float, ds.ImagePositionPatient))}", expected=f"one of {reference.shape[2]} slices")
+        by_k[round(k)] = ds
+    return [by_k[k] for k in range(reference.shape[2])]
+
+
+def _descriptions(label_values: Sequence[int], label_names: Mapping[int, str]) -> list[Any]:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    import medgn
+
+    algorithm = hd.AlgorithmIdentificationSequence(name="medgn", version=medgn.__version__, family=codes.cid7162.ArtificialIntelligence)
+    return [
+        hd.seg.SegmentDescription(
+            segment_number=i,
+            segment_label=label_names.get(int(v), f"class {i}")[:64],  # LO: at most 64 characters
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for i, v in enumerate(label_values)
+        if i > 0
+    ]
+
+
+def write_dicom_seg(
+    mask: np.ndarray,
+    reference: Volume,
+    sources: Sequence[Any],
+    label_values: Sequence[int],
+    label_names: Mapping[int, str],
+    out_path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a label mask on a DICOM series' grid as a binary DICOM Segmentation, atomically.
+
+    Args:
+        mask: (X, Y, Z) raw label values on the reference grid (file voxel order).
+        reference: the DICOM input volume.
+        sources: from :func:`seg_sources` (slice k of the grid is ``sources[k]``).
+        label_values: raw label value of class index i; classes 1.. become segments 1..
+        label_names: label value -> name for the segment labels ("class i" when absent).
+        out_path: destination, ``<case>.seg.dcm``.
+        overwrite: replace an existing file.
+
+    Returns:
+        The final path.
+
+    Raises:
+        InputDataError: a frame read back does not lie on the slice it references (nothing written).
+    """
+    import highdicom as hd
+
+    import medgn
+    from medgn.files import atomic_path
+
+    values = np.asarray(label_values, dtype=np.int64)
+    classes = np.searchsorted(values, mask)  # raw label value -> class index (values are sorted)
+    classes = np.where(values[np.clip(classes, 0, len(values) - 1)] == mask, classes, 0)
+    dtype = np.uint8 if len(values) < 256 else np.uint16
+    frames = np.stack([classes[:, :, k].T for k in range(mask.shape[2])]).astype(dtype)  # (Z, rows=Y, cols=X)
+    seg = hd.seg.Segmentation(
+        source_images=list(sources),
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=_descriptions(values.tolist(), label_names),
+        series_instance_uid=hd.UID(),
+        series_number=9001,  # above scanner series numbers, so viewers list it after the source
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="medgn",
+        manufacturer_model_name="medgn",
+        software_versions=medgn.__version__,
+        device_serial_number="none",
+        omit_empty_frames=False,  # every slice of every segment: an empty class still reads back
+    )
+    out_path = Path(out_path)
+    with atomic_path(out_path, overwrite=overwrite) as tmp:
+        seg.save_as(tmp)
+        check = read_seg_on_grid(tmp, reference.shape, reference.affine, expected_sources=sources)
+        written = np.asarray(values[check], dtype=np.int64) if check.size else check
+        if not np.array_equal(written, np.asarray(mask, dtype=np.int64)):
+            raise InputDataError(out_path, "DICOM-SEG read back differs from the mask, nothing written", expected="every frame on the slice it references")
+    return out_path
+
+
+def _frame_geometry(ds: Any, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, str | None]:
+    """(position, row step, column step) in LPS mm, segment number and referenced SOP UID of frame i."""
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    frame = ds.PerFrameFunctionalGroupsSequence[i]
+    orient_seq = getattr(frame, "PlaneOrientationSequence", None) or shared.PlaneOrientationSequence
+    pixel_seq = getattr(frame, "PixelMeasuresSequence", None) or shared.PixelMeasuresSequence
+    iop = np.asarray([float(v) for v in orient_seq[0].ImageOrientationPatient])
+    spacing = [float(v) for v in pixel_seq[0].PixelSpacing]  # (between rows, between columns)
+    ipp = np.asarray([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient])
+    # A SEG with one segment may hold its identification (and derivation) in the shared groups.
+    ident = getattr(frame, "SegmentIdentificationSequence", None) or shared.SegmentIdentificationSequence
+    segment = int(ident[0].ReferencedSegmentNumber)
+    ref_uid = None
+    derivation = getattr(frame, "DerivationImageSequence", None) or getattr(shared, "DerivationImageSequence", None)
+    if derivation:
+        ref_uid = str(derivation[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+    # moving one column steps along the row direction (IOP[:3]), one row along the column direction
+    return ipp, iop[3:] * spacing[0], iop[:3] * spacing[1], segment, ref_uid
+
+
+def read_seg_on_grid(path: str | os.PathLike[str], shape: Sequence[int], affine: np.ndarray, *, expected_sources: Sequence[Any] | None = None) -> np.ndarray:
+    """A binary DICOM-SEG's segments as an (X, Y, Z) int32 label map on a reference voxel grid.
+
+    Every frame's pixel centres are mapped through the frame's own position and orientation into
+    the reference grid (RAS affine); each must land on a voxel centre. Segment number n becomes
+    value n; overlapping segments keep the higher number.
+
+    Args:
+        path: the SEG file.
+        shape: the reference grid's (X, Y, Z).
+        affine: its 4x4 voxel -> RAS affine.
+        expected_sources: when given, each frame's referenced SOP instance must be the source
+            dataset of the slice it lands on (the writer's own check).
+
+    Raises:
+        InputDataError: not a readable binary SEG, or a frame off the grid / on the wrong slice.
+    """
+    import pydicom
+
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path)
+        pixels = np.asarray(ds.pixel_array)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for corrupt files
+        raise InputDataError(path, f"cannot read the DICOM-SEG ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if getattr(ds, "Modality", "") != "SEG" or getattr(ds, "SegmentationType", "") != "BINARY":
+        raise InputDataError(path, "not a binary DICOM Segmentation", got=f"Modality {getattr(ds, 'Modality', None)}, SegmentationType {getattr(ds, 'SegmentationType', None)}", expected="Modality SEG, SegmentationType BINARY")
+    pixels = pixels.reshape(-1, int(ds.Rows), int(ds.Columns))  # (frames, rows, cols)
+    inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    out = np.zeros(tuple(int(s) for s in shape), dtype=np.int32)
+    rr, cc = np.meshgrid(np.arange(pixels.shape[1]), np.arange(pixels.shape[2]), indexing="ij")
+    for i in range(pixels.shape[0]):
+        ipp, row_step, col_step, segment, ref_uid = _frame_geometry(ds, i)
+        lps = ipp + rr[..., None] * row_step + cc[..., None] * col_step  # (rows, cols, 3)
+        ijk = (lps @ _LPS.T) @ inv[:3, :3].T + inv[:3, 3]
+        idx = np.round(ijk).astype(np.int64)
+        if np.max(np.abs(ijk - idx)) > GRID_TOL_VOXELS or idx.min() < 0 or np.any(idx.max(axis=(0, 1)) >= np.asarray(out.shape)):
+            raise InputDataError(path, f"frame {i + 1} does not lie on the reference grid", got=f"ImagePositionPatient {ipp.tolist()}", expected=f"voxel centres of a {tuple(out.shape)} grid")
+        if expected_sources is not None:
+            k = int(idx[0, 0, 2])
+            if len(np.unique(idx[..., 2])) != 1 or ref_uid != str(expected_sources[k].SOPInstanceUID):
+                raise InputDataError(path, f"frame {i + 1} references another slice than the one it lies on", got=ref_uid, expected=str(expected_sources[k].SOPInstanceUID))
+        on = pixels[i] > 0
+        target = out[idx[..., 0][on], idx[..., 1][on], idx[..., 2][on]]
+        out[idx[..., 0][on], idx[..., 1][on], idx[..., 2][on]] = np.maximum(target, segment)
+    return out

@@ -1,0 +1,171 @@
+"""Export a trained network to ONNX or TorchScript for deployment without medgn.
+
+This module owns :func:`export_model` (a run folder or checkpoint -> one file) and
+:func:`export_module` (an ``nn.Module`` -> one file). The network is exported in eval mode on the
+CPU with medgn's GroupNorm on its ``torch`` backend, which is ``F.group_norm`` plus the residual and
+activation as plain ops: the ONNX exporter writes GroupNorm as Reshape + InstanceNormalization +
+Reshape + Mul + Add (standard ops onnxruntime runs at every opset), never medgn's Triton custom op.
+Spatial sizes are dynamic (any multiple of the network's total stride; batch too). TorchScript is
+traced. Either way the file is written atomically and only after the exported model has been run
+once and matched against PyTorch; an operator the exporter does not support, or an existing file
+without ``overwrite``, is a one-line error and nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from medgn.errors import ModelError, UsageError
+from medgn.files import atomic_path
+
+__all__ = ["FORMATS", "OPSET", "export_model", "export_module"]
+
+FORMATS = ("onnx", "torchscript")
+# Opset 18: InstanceNormalization, Resize and ConvTranspose as onnxruntime >= 1.14 runs them; the
+# GroupNorm decomposition needs nothing newer (GroupNormalization-21 is not required).
+OPSET = 18
+# The check run at export time: float32 ONNX vs PyTorch differ by reassociated sums in
+# convolutions and normalisation (~1e-6 relative per layer); 1e-3 absolute on logits of order 1-10
+# catches a wrong graph (errors of order 1) without flagging rounding.
+CHECK_ATOL = 1e-3
+
+
+class _Logits(nn.Module):
+    """The network's full-resolution logits only (deep-supervision outputs dropped)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+
+@contextlib.contextmanager
+def _torch_backend(model: nn.Module) -> Iterator[None]:
+    """Run every medgn GroupNorm on the plain-PyTorch backend while exporting."""
+    saved = [(m, m.backend) for m in model.modules() if hasattr(m, "backend") and isinstance(m.backend, str)]
+    for m, _ in saved:
+        m.backend = "torch"
+    try:
+        yield
+    finally:
+        for m, backend in saved:
+            m.backend = backend
+
+
+def _example(model: nn.Module, in_channels: int, size: Sequence[int] | None) -> torch.Tensor:
+    stride = getattr(model, "total_stride", (1, 1, 1))
+    stride = stride() if callable(stride) else stride
+    # Two strides per axis (at least 16 voxels): every level of the network is at least 2 wide.
+    shape = tuple(size) if size else tuple(max(16, 2 * int(s)) for s in stride)
+    return torch.randn(1, in_channels, *shape, generator=torch.Generator().manual_seed(0))
+
+
+def _unsupported(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def export_module(
+    model: nn.Module,
+    in_channels: int,
+    out: str | os.PathLike[str],
+    *,
+    fmt: str = "onnx",
+    overwrite: bool = False,
+    example_size: Sequence[int] | None = None,
+    where: str | os.PathLike[str] = "model",
+) -> Path:
+    """Export ``model`` (B, C, D, H, W) -> logits (B, K, D, H, W) to ``out``.
+
+    Args:
+        model: the network (moved to the CPU, eval mode).
+        in_channels: C.
+        out: destination file; its folder must exist.
+        fmt: "onnx" or "torchscript".
+        overwrite: replace an existing file.
+        example_size: spatial size of the tracing example (default: twice the total stride, >= 16).
+        where: named in error messages (the checkpoint).
+
+    Returns:
+        The written file.
+
+    Raises:
+        UsageError: unknown format, or ``out`` exists without ``overwrite`` (exit 2).
+        ModelError: the exporter cannot express an operator, or the exported model disagrees
+            with PyTorch (exit 4); nothing is written.
+    """
+    if fmt not in FORMATS:
+        raise UsageError("--format", "unknown export format", got=fmt, expected=" or ".join(FORMATS))
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UsageError(out, "output file exists", expected="another --out, or --overwrite")
+    wrapped = _Logits(model.cpu().eval()).eval()
+    x = _example(model, in_channels, example_size)
+    with _torch_backend(model), torch.no_grad(), atomic_path(out, overwrite=overwrite) as tmp:
+        reference = wrapped(x)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer warnings about shape checks baked in
+                if fmt == "onnx":
+                    _export_onnx(wrapped, x, tmp)
+                else:
+                    torch.jit.save(torch.jit.trace(wrapped, x, check_trace=False), str(tmp))
+        except Exception as exc:  # noqa: BLE001 - the exporters raise many types for unsupported ops
+            raise ModelError(where, f"cannot export to {fmt}: unsupported operator or construct ({_unsupported(exc)})", expected="a network of standard PyTorch ops") from exc
+        got = run_exported(tmp, fmt, x.numpy())
+        err = float(np.max(np.abs(got - reference.numpy())))
+        if not math.isfinite(err) or err > CHECK_ATOL:
+            raise ModelError(where, f"exported {fmt} model disagrees with PyTorch, nothing written", got=f"max |difference| {err:.3g}", expected=f"<= {CHECK_ATOL}")
+    return out
+
+
+def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+    axes = {0: "batch", 2: "depth", 3: "height", 4: "width"}
+    torch.onnx.export(
+        model, (x,), str(path), dynamo=False, opset_version=OPSET, input_names=["image"], output_names=["logits"],
+        dynamic_axes={"image": axes, "logits": axes}, do_constant_folding=True,
+    )  # fmt: skip
+
+
+def run_exported(path: str | os.PathLike[str], fmt: str, x: np.ndarray, *, threads: int | None = None) -> np.ndarray:
+    """Run an exported file on ``x`` (B, C, D, H, W) float32 and return its logits."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return np.asarray(session.run(None, {"image": np.ascontiguousarray(x, dtype=np.float32)})[0])
+    module = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+
+def export_model(model_path: str | os.PathLike[str], out: str | os.PathLike[str], *, fmt: str = "onnx", overwrite: bool = False) -> Path:
+    """Export a run's model (best checkpoint, else final, else latest) to ONNX or TorchScript.
+
+    Raises:
+        UsageError: unknown format, or an existing ``out`` without ``overwrite`` (exit 2).
+        ModelError: the checkpoint cannot be loaded or exported (exit 4).
+    """
+    from medgn.infer.predictor import load_predictor
+
+    if fmt not in FORMATS:
+        raise UsageError("--format", "unknown export format", got=fmt, expected=" or ".join(FORMATS))
+    if Path(out).exists() and not overwrite:
+        raise UsageError(out, "output file exists", expected="another --out, or --overwrite")
+    predictor = load_predictor(model_path, "cpu")
+    return export_module(predictor.models[0], int(predictor.plan["in_channels"]), out, fmt=fmt, overwrite=overwrite, where=predictor.sources[0].path)

@@ -1,0 +1,189 @@
+"""DICOM-SEG output: frames on the source slices they reference, read back by highdicom and pydicom.
+
+Series are built here with pydicom (axial, coronal, oblique, and one stored in reverse slice order:
+file names and instance numbers descending along the slice normal), segmented with the
+intensity-threshold network (class 1 exactly where a voxel is above the background), and the SEG is
+checked against the source files themselves: each frame's ImagePositionPatient must equal the
+position of the slice whose SOP instance it references, and its pixels must equal that slice's
+pixels thresholded, read with highdicom and independently with pydicom.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from _infer_fixtures import ThresholdNet, blob, plan, save_run, write_image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from medgn.cli import main
+from medgn.evaluate.run import evaluate
+from medgn.infer.predictor import Predictor
+from medgn.infer.run import infer
+
+# Pixel spacing (between rows, between columns) and slice step in mm: all different, so a swapped
+# axis changes positions, not only orientations.
+ROW_MM, COL_MM, SLICE_MM = 1.0, 0.8, 1.25
+BLOB, BACKGROUND = 200, 10  # stored values; the threshold network splits them after z-scoring
+
+
+def _rotation(angle_deg: float, axis: tuple[float, float, float]) -> np.ndarray:
+    a = np.asarray(axis) / np.linalg.norm(axis)
+    t = np.deg2rad(angle_deg)
+    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k  # Rodrigues' formula
+
+
+ORIENTATIONS = {  # (row cosine, column cosine) in LPS
+    "axial": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
+    "coronal": ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),
+    "oblique": tuple(tuple(v) for v in _rotation(25.0, (1.0, 0.5, 0.2)).T[:2]),
+    "reversed": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
+}
+
+
+def write_series(folder: Path, volume: np.ndarray, kind: str, *, drop: tuple[str, ...] = ()) -> tuple[Path, np.ndarray]:
+    """Write ``volume`` (X=columns, Y=rows, Z=slices) as a CT series; returns (folder, RAS affine)."""
+    folder.mkdir(parents=True)
+    row, col = (np.asarray(v, dtype=np.float64) for v in ORIENTATIONS[kind])
+    normal = np.cross(row, col)
+    origin = np.array([-20.5, 13.25, 40.0])
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    nz = volume.shape[2]
+    for k in range(nz):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = uid = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality, ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "CT", "Test^Seg", "P1", "19700101", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "1", "A1", ""
+        ds.SeriesNumber, ds.Manufacturer = 3, "test"
+        # The reversed series stores slice k under a descending instance number and file name.
+        ds.InstanceNumber = nz - k if kind == "reversed" else k + 1
+        ds.ImagePositionPatient = [float(v) for v in origin + k * SLICE_MM * normal]
+        ds.ImageOrientationPatient = [float(v) for v in (*row, *col)]
+        ds.PixelSpacing, ds.SliceThickness = [ROW_MM, COL_MM], SLICE_MM
+        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = np.ascontiguousarray(volume[:, :, k].T.astype(np.int16)).tobytes()  # (rows, cols)
+        for tag in drop:
+            delattr(ds, tag)
+        name = f"{(nz - 1 - k) if kind == 'reversed' else k:03d}.dcm"
+        ds.save_as(folder / name, enforce_file_format=True)
+    lps = np.eye(4)
+    lps[:3, :3] = np.stack([row * COL_MM, col * ROW_MM, normal * SLICE_MM], axis=1)
+    lps[:3, 3] = origin
+    return folder, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def volume(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.where(blob(), BLOB, BACKGROUND + rng.integers(0, 5, blob().shape)).astype(np.int16)
+
+
+def _ras_spacing(affine: np.ndarray) -> list[float]:
+    import nibabel as nib
+
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    out = [0.0] * 3
+    for voxel_axis, (world_axis, _) in enumerate(nib.orientations.io_orientation(affine)):
+        out[int(world_axis)] = float(spacing[voxel_axis])
+    return out
+
+
+def _frames_by_source(seg_path: Path) -> list[tuple[str, list[float], int, np.ndarray]]:
+    """(referenced SOP UID, position, segment number, pixels) per frame, read with pydicom only."""
+    ds = pydicom.dcmread(seg_path)
+    pixels = ds.pixel_array.reshape(-1, ds.Rows, ds.Columns)
+    out = []
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    for i, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        uid = str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        pos = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        ident = getattr(frame, "SegmentIdentificationSequence", None) or shared.SegmentIdentificationSequence
+        out.append((uid, pos, int(ident[0].ReferencedSegmentNumber), pixels[i]))
+    return out
+
+
+@pytest.mark.parametrize("kind", list(ORIENTATIONS))
+def test_every_seg_frame_lands_on_the_source_slice_it_claims(kind: str, tmp_path: Path) -> None:
+    import highdicom as hd
+
+    series, ras = write_series(tmp_path / "in" / f"{kind}_scan", volume(), kind)
+    predictor = Predictor.from_modules([ThresholdNet()], {**plan(_ras_spacing(ras)), "dataset": {"labels": {"background": 0, "lesion": 1}}})
+    report = infer(predictor, series, tmp_path / "out")
+    assert report.exit_code == 0
+    seg_path = tmp_path / "out" / f"{kind}_scan.seg.dcm"
+    assert (tmp_path / "out" / f"{kind}_scan.nii.gz").is_file()  # DICOM in: both outputs by default
+    sources = {}
+    for f in sorted(series.iterdir()):
+        ds = pydicom.dcmread(f)
+        sources[str(ds.SOPInstanceUID)] = ([float(v) for v in ds.ImagePositionPatient], ds.pixel_array)
+    frames = _frames_by_source(seg_path)
+    assert len(frames) == len(sources)  # one segment, one frame per source slice
+    for uid, pos, segment, pixels in frames:
+        src_pos, src_pixels = sources[uid]
+        assert segment == 1
+        np.testing.assert_allclose(pos, src_pos, atol=1e-4)
+        np.testing.assert_array_equal(pixels > 0, src_pixels > (BLOB + BACKGROUND) / 2)
+    seg = hd.seg.segread(seg_path)
+    assert seg.SeriesInstanceUID != next(iter(pydicom.dcmread(f) for f in series.iterdir())).SeriesInstanceUID
+    assert seg.FrameOfReferenceUID == pydicom.dcmread(next(series.iterdir())).FrameOfReferenceUID
+    assert seg.get_segment_description(1).SegmentLabel == "lesion"
+    uids = list(sources)
+    by_source = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])  # (n, rows, cols, 1)
+    for i, uid in enumerate(uids):
+        np.testing.assert_array_equal(by_source[i, ..., 0] > 0, sources[uid][1] > (BLOB + BACKGROUND) / 2)
+
+
+def test_evaluate_reads_a_seg_back_onto_the_reference_grid(tmp_path: Path) -> None:
+    series, ras = write_series(tmp_path / "in" / "scan", volume(), "oblique")
+    predictor = Predictor.from_modules([ThresholdNet()], plan(_ras_spacing(ras)))
+    assert infer(predictor, series, tmp_path / "seg", output_format="dicom-seg").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "seg").glob("scan*")) == ["scan.json", "scan.seg.dcm"]
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    write_image(ref / "scan.nii.gz", blob().astype(np.uint8), ras)
+    result = evaluate(tmp_path / "seg", ref, labels=[1])
+    assert result.exit_code == 0 and result.value("scan", 1, "dice") == 1.0
+    shifted = ras.copy()
+    shifted[:3, 3] += 0.4  # a reference on another grid: the SEG frames are not on its voxels
+    write_image(ref / "scan.nii.gz", blob().astype(np.uint8), shifted)
+    failed = evaluate(tmp_path / "seg", ref, labels=[1])
+    assert failed.exit_code == 3 and "does not lie on the reference grid" in str(failed.failures)
+
+
+def test_series_without_seg_tags_is_refused_and_nothing_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    series, ras = write_series(tmp_path / "in" / "scan", volume(), "axial", drop=("FrameOfReferenceUID", "StudyInstanceUID"))
+    run = save_run(tmp_path / "run", plan_dict=plan(_ras_spacing(ras)))
+    out = tmp_path / "out"
+    assert main(["infer", "--model", str(run), "--input", str(series), "--output", str(out), "--output-format", "both", "--no-progress"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lacks tags a DICOM-SEG needs" in err[0] and "StudyInstanceUID" in err[0] and "FrameOfReferenceUID" in err[0]
+    assert sorted(p.name for p in out.iterdir() if p.name != "report.json" and not p.name.startswith(".medgn")) == []
+    assert json.loads((out / "report.json").read_text())["cases"][0]["status"] == "failed"
+    # The same series to NIfTI alone needs none of those tags; by default (no format asked for)
+    # the mask is written and the sidecar says why there is no SEG.
+    assert main(["infer", "--model", str(run), "--input", str(series), "--output", str(tmp_path / "nii"), "--output-format", "nifti", "--no-progress"]) == 0
+    assert (tmp_path / "nii" / "scan.nii.gz").is_file() and not (tmp_path / "nii" / "scan.seg.dcm").exists()
+    assert main(["infer", "--model", str(run), "--input", str(series), "--output", str(tmp_path / "auto"), "--no-progress"]) == 0
+    assert (tmp_path / "auto" / "scan.nii.gz").is_file() and not (tmp_path / "auto" / "scan.seg.dcm").exists()
+    assert "no DICOM-SEG written" in json.loads((tmp_path / "auto" / "scan.json").read_text())["warnings"][0]
+
+
+def test_dicom_seg_for_a_nifti_input_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in").mkdir()
+    image = write_image(tmp_path / "in" / "scan.nii.gz", volume().astype(np.float32), np.diag([0.8, 1.0, 1.25, 1.0]))
+    run = save_run(tmp_path / "run")
+    assert main(["infer", "--model", str(run), "--input", str(image), "--output", str(tmp_path / "out"), "--output-format", "dicom-seg", "--no-progress"]) == 2
+    assert "a DICOM-SEG needs a DICOM series input" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
