@@ -13,7 +13,7 @@ Writes ``benchmarks/results/vs_monai.json`` (and ``.md``): budget, threads, mach
 ``dice_mean``, ``dice_median``, ``dice_min``, ``hd95_mean``, ``steps``, ``infer_seconds_per_scan``.
 
 Usage: ``python benchmarks/vs_monai.py --data ../shared/data/LA2018 --budget 20 --threads 2``
-(``--quick`` trains for 1 minute each, to check the script).
+(``--budget 0.5 --out /tmp/x.json`` checks the script in a few minutes).
 """
 
 from __future__ import annotations
