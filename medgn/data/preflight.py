@@ -6,7 +6,8 @@ no orientation an invented affine) and allocate the declared size before reading
 header is parsed here with nibabel's checks off, ITK formats through ``ReadImageInformation`` (no
 pixels), and DICOM series slice by slice from their tags. Dimensionality, voxel and byte limits,
 spacing, affine, orientation codes, data type and (for gzip) the declared uncompressed size are
-checked, and every failure is an :class:`~medgn.errors.InputDataError` (exit 3) or, for limits, a
+checked (gzip streams to their end: CRC32, length, no trailing data, see
+:mod:`medgn.data.gzipcheck`), and every failure is an :class:`~medgn.errors.InputDataError` (exit 3) or, for limits, a
 :class:`~medgn.errors.ResourceError` (exit 5) naming the file.
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from medgn.data.gzipcheck import check_gzip
 from medgn.data.native import captured_native_stderr, itk_reason
 from medgn.errors import InputDataError, ResourceError
 
@@ -158,49 +160,6 @@ def _open_nifti(path: Path) -> tuple[Any, bool]:
     return header, compressed
 
 
-def _gunzip_length(path: Path, enough: int) -> tuple[int, bool]:
-    """Uncompressed size of the gzip members of ``path`` and whether the stream is complete.
-
-    Counting stops once ``enough`` bytes are reached (then the stream counts as complete), so a
-    compression bomb costs no more time or memory than the data the header declares.
-    """
-    total, inflater = 0, zlib.decompressobj(wbits=31)  # 31: gzip wrapper
-    try:
-        with open(path, "rb") as handle:
-            while raw := handle.read(1 << 20):  # 1 MiB of input at a time: bounded memory
-                while raw:
-                    if inflater.eof:
-                        if not raw.strip(b"\0"):
-                            break  # zero padding after the last member
-                        inflater = zlib.decompressobj(wbits=31)
-                    # At most 1 MiB of output per call, so a compression bomb stays small in memory.
-                    total += len(inflater.decompress(raw, 1 << 20))
-                    if total >= enough:
-                        return total, True
-                    raw = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
-    except zlib.error:
-        return total, False
-    return total, inflater.eof
-
-
-def _check_gzip_length(path: Path, needed: int, what: str) -> None:
-    """Refuse a truncated .nii.gz: the gzip trailer stores the uncompressed size mod 2**32.
-
-    When the trailer disagrees (a truncated file, or a multi-member gzip) the stream is
-    decompressed in 1 MiB chunks and counted, so memory stays small either way.
-    """
-    with open(path, "rb") as handle:
-        handle.seek(-4, os.SEEK_END)
-        isize = struct.unpack("<I", handle.read(4))[0]
-    if isize == needed % 2**32:
-        return
-    total, complete = _gunzip_length(path, needed)
-    if not complete:
-        raise InputDataError(path, "file is truncated or corrupt", got=f"gzip stream ends after {total} uncompressed bytes", expected=f"{needed} bytes for {what}")
-    if total < needed:
-        raise InputDataError(path, "file is truncated", got=f"{total} uncompressed bytes", expected=f"{needed} bytes for {what}")
-
-
 def _check_xforms(path: Path, header: Any, qcode: int, scode: int) -> None:
     """Refuse a header that readers would turn into different geometries.
 
@@ -268,7 +227,7 @@ def _nifti_header(path: Path, limits: Limits) -> HeaderInfo:
     offset = _vox_offset(path, header)
     needed = offset + int(np.prod(shape3)) * dtype.itemsize
     if compressed:
-        _check_gzip_length(path, needed, f"shape {shape3} {dtype}")
+        check_gzip(path, needed, f"shape {shape3} {dtype}")
     elif path.stat().st_size < needed:
         raise InputDataError(path, "file is truncated", got=f"{path.stat().st_size} bytes", expected=f">= {needed} bytes for shape {shape3} {dtype}")
     meta = {"nifti_header": header, "qform_code": qcode, "sform_code": scode, "squeezed": len(shape) != 3}
