@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from medgn.data.detached import detached_data_files
 from medgn.data.gzipcheck import check_gzip
 from medgn.data.native import captured_native_stderr, itk_reason
 from medgn.errors import InputDataError, ResourceError
@@ -360,7 +361,7 @@ def read_header(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS) -
         The validated header.
 
     Raises:
-        InputDataError: unreadable, not 3D, bad spacing/affine/orientation, unsupported type,
+        InputDataError: unreadable, not 3D, a detached data file outside the header's folder, bad spacing/affine/orientation, unsupported type,
             truncated file, several DICOM series or missing slices (exit 3).
         ResourceError: above a size limit (exit 5).
     """
@@ -372,4 +373,5 @@ def read_header(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS) -
         return _nifti_header(path, limits)
     if fmt == "dicom":
         return _dicom_header(path, limits)
+    detached_data_files(path)  # before ITK follows a data file name out of the header's folder
     return _itk_info(path, _itk_reader(path), fmt, limits)
