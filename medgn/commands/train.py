@@ -41,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--time-budget", help="stop cleanly after this long (e.g. 30m, 2h)")
+    parser.add_argument("--max-resampled-voxels", type=int, default=None, help="largest volume once resampled to the plan's spacing (config data.limits.max_resampled_voxels)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress display (logs only)")
     parser.set_defaults(func=run)
 
@@ -51,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     if args.time_budget:
         overrides.append(f"train.time_budget_minutes={parse_duration_minutes(args.time_budget)}")
+    if args.max_resampled_voxels is not None:
+        overrides.append(f"data.limits.max_resampled_voxels={args.max_resampled_voxels}")
     cfg = load_run_config(args.config, overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = train_on_dataset(cfg, args.data, args.out, fold=parse_fold(args.fold), resume=args.resume, device=device, plan_path=args.plan, console=not args.no_progress)

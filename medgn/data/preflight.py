@@ -47,11 +47,19 @@ class Limits:
             limit (1 GiB) passes while a corrupt header cannot make us allocate tens of GiB.
         max_dim: most voxels along one axis; no scanner produces more than a few thousand, so a
             larger value means a corrupt or hostile header.
+        max_resampled_voxels: most voxels of the image once resampled to the plan's spacing (see
+            :mod:`medgn.data.workload`); 512**3 like ``max_voxels``: the pipeline holds a few
+            float32 copies of the resampled image, so the same budget applies after resampling.
+        max_windows: most sliding windows over one resampled image at inference; 50,000 windows
+            of a full-size network take the better part of an hour even on a GPU, so more means a
+            header or plan mistake rather than a real scan.
     """
 
     max_voxels: int = field(default=512**3, metadata={"min": 1})
     max_bytes: int = field(default=2 * 1024**3, metadata={"min": 1})
     max_dim: int = field(default=8192, metadata={"min": 1})
+    max_resampled_voxels: int = field(default=512**3, metadata={"min": 1})
+    max_windows: int = field(default=50_000, metadata={"min": 1})
 
 
 DEFAULT_LIMITS = Limits()

@@ -92,12 +92,13 @@ def largest_component_per_class(mask: np.ndarray, background: int = 0) -> np.nda
     return out
 
 
-def _read_channels(images: tuple[Path, ...], in_channels: int) -> list[Any]:
+def _read_channels(images: tuple[Path, ...], in_channels: int, limits: Any = None) -> list[Any]:
     from medgn.data.io import geometry_diff, read_volume
+    from medgn.data.preflight import DEFAULT_LIMITS
 
     if len(images) != in_channels:
         raise InputDataError(images[0], f"case has {len(images)} channel(s)", got=[p.name for p in images], expected=f"{in_channels} channel(s) as the model was trained")
-    volumes = [read_volume(p) for p in images]
+    volumes = [read_volume(p, limits or DEFAULT_LIMITS) for p in images]
     for vol in volumes[1:]:
         diffs = geometry_diff(volumes[0], vol)
         if diffs:
@@ -136,7 +137,8 @@ def run_case(
         stem: output path without suffix (``<output_dir>/<safe name>``).
         predictor: the loaded models and plan.
         settings: sliding-window settings.
-        options: ``overwrite``, ``save_probabilities``, ``largest_component``, ``threads``.
+        options: ``overwrite``, ``save_probabilities``, ``largest_component``, ``threads``,
+            ``limits`` (header and resampled-size limits; default :data:`DEFAULT_LIMITS`).
         preprocess: channel paths -> ((C, *pipeline_shape) image, pipeline data for ``invert``).
         invert: ((K, *pipeline_shape) probabilities, data) -> (K, X, Y, Z) on the input grid.
         sidecar_base: provenance shared by every case (models, settings, versions...), with the
@@ -144,6 +146,7 @@ def run_case(
 
     Raises:
         InputDataError: unreadable input, wrong channels, geometry check failed (exit 3).
+        ResourceError: above a header limit, or too large once resampled (exit 5).
         UsageError: an output exists and overwrite is off (exit 2).
     """
     sidecar_path = stem.with_name(stem.name + ".json")
@@ -181,23 +184,39 @@ def _segment(
     times: dict[str, float] = {}
     warnings: list[str] = []
     t0 = time.perf_counter()
-    volumes = _read_channels(images, int(predictor.plan["in_channels"]))
+    from medgn.data.preflight import DEFAULT_LIMITS
+    from medgn.data.workload import check_workload
+
+    limits = options.get("limits") or DEFAULT_LIMITS
+    volumes = _read_channels(images, int(predictor.plan["in_channels"]), limits)
     reference = volumes[0]
+    # Before the pipeline resamples: the whole grid at the plan's spacing, and its windows.
+    check_workload(reference.path, reference.shape, reference.affine, predictor.plan["target_spacing"], limits, roi=settings.roi_size, overlap=settings.overlap)
     image, data = preprocess([os.fspath(p) for p in images])
     times["read_preprocess"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    probs = predict_probabilities(predictor.models, torch.as_tensor(image), settings, device=predictor.device, warnings=warnings, threads=options.get("threads"))
-    times["predict"] = time.perf_counter() - t1
-
+    k = int(predictor.plan["num_classes"])
+    blank = all(not np.any(v.array) for v in volumes)
+    if blank:
+        # Every voxel 0: the region the pipeline crops to is empty, so there is nothing to segment.
+        warnings.append(f"{reference.path}: image is blank (every voxel is 0): nothing to segment, the mask is empty")
+        probs = torch.zeros((k, *reference.shape), dtype=torch.float32)
+        probs[0] = 1.0
+        times["predict"] = time.perf_counter() - t1
+    else:
+        probs = predict_probabilities(predictor.models, torch.as_tensor(image), settings, device=predictor.device, warnings=warnings, threads=options.get("threads"))
+        times["predict"] = time.perf_counter() - t1
+        probs = torch.as_tensor(invert(probs, data)).float()  # (K, X, Y, Z) on the input grid
     t2 = time.perf_counter()
-    probs = torch.as_tensor(invert(probs, data)).float()  # (K, X, Y, Z) on the input grid
     if tuple(probs.shape[1:]) != reference.shape:
         raise InputDataError(reference.path, "prediction is not on the input grid after inversion", got=f"shape {tuple(probs.shape[1:])}", expected=f"shape {reference.shape}")
     label_values = np.asarray(predictor.label_values, dtype=np.int64)
     mask = label_values[probs.argmax(dim=0).numpy()]  # (X, Y, Z) raw label values
     if options.get("largest_component"):
         mask = largest_component_per_class(mask, background=int(label_values[0]))
+    if not blank and not np.any(mask != label_values[0]):
+        warnings.append(f"{reference.path}: the mask is empty (no voxel of any class but background)")
     overwrite = bool(options.get("overwrite"))
     out_mask = stem.with_name(stem.name + mask_suffix(images[0]))
     outputs = [write_mask(mask, reference, out_mask, overwrite=overwrite).name]

@@ -73,10 +73,11 @@ def _find_cases(input_path: Path, channels: Sequence[str] | None) -> list[Any]:
     return cases
 
 
-def _pipeline(plan: dict[str, Any]) -> tuple[Any, Any]:
+def _pipeline(plan: dict[str, Any], limits: Any = None) -> tuple[Any, Any]:
     from medgn.data.pipeline import infer_transforms, invert_to_input
+    from medgn.data.preflight import DEFAULT_LIMITS
 
-    transform = infer_transforms(plan)
+    transform = infer_transforms(plan, limits or DEFAULT_LIMITS)
 
     def preprocess(paths: list[str]) -> tuple[torch.Tensor, Any]:
         data = transform({"image": paths})
@@ -140,6 +141,7 @@ def infer(
     mirror_axes: Sequence[int] = (0, 1, 2),
     threads: int | None = None,
     progress: bool = False,
+    limits: Any = None,
 ) -> InferenceReport:
     """Segment every case under ``input_path`` into ``output_dir``.
 
@@ -161,6 +163,8 @@ def infer(
         mirror_axes: spatial axes TTA mirrors.
         threads: CPU threads for inference on the CPU (None keeps torch's setting).
         progress: show a live progress display on stderr.
+        limits: a :class:`~medgn.data.preflight.Limits` for the header and the resampled size
+            (default: ``DEFAULT_LIMITS``).
 
     Returns:
         The per-case report (also written to ``report.json``); ``report.exit_code`` is non-zero
@@ -187,7 +191,7 @@ def infer(
         if removed:
             log.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), out)
         predictor = models if isinstance(models, Predictor) else load_predictor(models, _rank_device(device))
-        return _run_cases(predictor, cases, selected, names, out, shard_pair, tta=tta, overlap=overlap, save_probabilities=save_probabilities, largest_component=largest_component, overwrite=overwrite, sw_batch_size=sw_batch_size, mirror_axes=mirror_axes, threads=threads, progress=progress)
+        return _run_cases(predictor, cases, selected, names, out, shard_pair, tta=tta, overlap=overlap, save_probabilities=save_probabilities, largest_component=largest_component, overwrite=overwrite, sw_batch_size=sw_batch_size, mirror_axes=mirror_axes, threads=threads, progress=progress, limits=limits)
 
 
 def _rank_device(device: str) -> str:
@@ -207,8 +211,8 @@ def _run_cases(predictor: Predictor, cases: dict[str, Any], selected: list[str],
 
     settings = _settings(predictor, kw["tta"], kw["overlap"], kw["sw_batch_size"], kw["mirror_axes"])
     recorded = {**asdict(settings), "save_probabilities": bool(kw["save_probabilities"]), "largest_component": bool(kw["largest_component"]), "label_values": predictor.label_values}
-    options = {"overwrite": kw["overwrite"], "save_probabilities": kw["save_probabilities"], "largest_component": kw["largest_component"], "threads": kw["threads"]}
-    preprocess, invert = _pipeline(predictor.plan)
+    options = {"overwrite": kw["overwrite"], "save_probabilities": kw["save_probabilities"], "largest_component": kw["largest_component"], "threads": kw["threads"], "limits": kw["limits"]}
+    preprocess, invert = _pipeline(predictor.plan, kw["limits"])
     report = InferenceReport(out, shard=shard, models=[asdict(s) for s in predictor.sources])
     env = {"versions": versions(), "device": str(predictor.device), "torch_threads": torch.get_num_threads()}
     bar = _progress(kw["progress"], len(selected))
