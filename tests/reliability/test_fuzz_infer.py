@@ -120,15 +120,11 @@ def _check_example(spec: dict[str, Any], model: Path, capsys: pytest.CaptureFixt
         return result.code, lines[0].split(": ", 3)[-1].split(" (")[0]
 
 
-OUTCOMES: dict[str, int] = {}
-
-
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(spec=volumes())
 def test_infer_gives_a_valid_mask_or_a_clean_refusal(spec: dict[str, Any], model_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, what = _check_example(spec, model_run, capsys)
-    key = f"{code} {what.split(': ', 1)[-1]}" if code else "0 mask written"
-    OUTCOMES[key] = OUTCOMES.get(key, 0) + 1
-    if os.environ.get("MEDGN_FUZZ_REPORT"):
+    if os.environ.get("MEDGN_FUZZ_REPORT"):  # one line per example: the campaign's tally
+        key = f"{code} {what.split(': ', 1)[-1]}" if code else "0 mask written"
         with open(os.environ["MEDGN_FUZZ_REPORT"], "a", encoding="utf-8") as handle:
             handle.write(f"{key}\n")
