@@ -140,7 +140,12 @@ class CheckWorkloadd:
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
         image = data[self.key]
-        meta = getattr(image, "meta", {})
+        meta = getattr(image, "meta", None) or {}
+        affine = getattr(image, "affine", None)
+        if affine is None:
+            affine = meta.get("affine")
+        if affine is None:  # a plain tensor (metadata tracking off): the loaders' header checks stand
+            return data
         path = meta.get("filename_or_obj", self.key)
-        check_workload(path, tuple(image.shape[1:]), np.asarray(image.affine, dtype=np.float64), self.target_spacing, self.limits)
+        check_workload(path, tuple(image.shape[1:]), np.asarray(affine, dtype=np.float64), self.target_spacing, self.limits)
         return data
