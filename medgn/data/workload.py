@@ -113,17 +113,24 @@ def check_workload(
     return new
 
 
-def check_dataset_workload(cases: Sequence[Any], target_spacing: Sequence[float], limits: Limits = DEFAULT_LIMITS) -> None:
-    """Check the first channel of every case (from its header alone) against the resampled limit.
+def check_dataset_workload(cases: Sequence[Any], target_spacing: Sequence[float], limits: Limits = DEFAULT_LIMITS, *, roi: Sequence[int] | None = None, overlap: float = 0.5) -> None:
+    """Check the first channel of every case (from its header alone) against the resampled limits.
+
+    Args:
+        cases: objects with ``images`` (channel paths).
+        target_spacing: the plan's spacing.
+        limits: ``max_resampled_voxels`` and ``max_windows``.
+        roi: the patch size when the cases are predicted with sliding windows (validation).
+        overlap: the sliding-window overlap used then.
 
     Raises:
-        ResourceError: the first case above ``max_resampled_voxels`` (exit 5).
+        ResourceError: the first case above a limit (exit 5).
     """
     from medgn.data.preflight import read_header
 
     for case in cases:
         info = read_header(case.images[0], limits)
-        check_workload(info.path, info.shape, info.affine, target_spacing, limits)
+        check_workload(info.path, info.shape, info.affine, target_spacing, limits, roi=roi, overlap=overlap)
 
 
 class CheckWorkloadd:

@@ -161,7 +161,8 @@ def train_on_dataset(
             atomic_write_json(out_dir / RUN_PLAN, plan)
         train_cases, val_cases = _fold_cases(index, cfg, out_dir, fold)
         # Before any resampling: a case that would explode at the plan's spacing stops the run (exit 5).
-        check_dataset_workload([*train_cases, *val_cases], plan["target_spacing"], cfg.data.limits)
+        check_dataset_workload(train_cases, plan["target_spacing"], cfg.data.limits)
+        check_dataset_workload(val_cases, plan["target_spacing"], cfg.data.limits, roi=plan["patch_size"], overlap=0.25)  # the validator's windows
         log.info("fold %s: %d training and %d validation cases; patch %s at %s mm", fold, len(train_cases), len(val_cases), plan["patch_size"], plan["target_spacing"])
         return _fit(cfg, plan, train_cases, val_cases, out_dir, device, resume, console, info)
     finally:
