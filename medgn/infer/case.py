@@ -233,11 +233,24 @@ def _segment(
 
 
 def case_inputs(images: tuple[Path, ...]) -> list[dict[str, str]]:
-    """Path and sha256 of each channel (hashing refuses missing files as input errors)."""
+    """Path and sha256 of each channel (hashing refuses missing files as input errors).
+
+    A header with detached data files (``.mhd``, ``.nhdr``) is hashed with its data files, so a
+    changed ``.raw`` is a changed input; a data file outside the header's folder is refused here.
+    """
+    from medgn.data.detached import detached_data_files
+
     records = []
     for path in images:
         try:
-            records.append({"path": os.fspath(path), "sha256": input_sha256(path)})
+            digest = input_sha256(path)
+            data_files = detached_data_files(path) if Path(path).is_file() else []
+            if data_files:
+                combined = hashlib.sha256(digest.encode())
+                for file in data_files:
+                    combined.update(input_sha256(file).encode())
+                digest = combined.hexdigest()
+            records.append({"path": os.fspath(path), "sha256": digest})
         except OSError as exc:
             raise InputDataError(path, f"cannot read input ({exc.strerror or exc})", expected="a readable file") from None
     return records

@@ -131,3 +131,15 @@ def test_infer_and_verify_refuse_a_header_pointing_outside(tmp_path: Path, model
     good = _case(tmp_path, "inside", "mha")
     assert cli(["infer", "--model", model_run, "--input", good, "--output", tmp_path / "out_good", "--no-progress"], capsys).code == 0
     assert (tmp_path / "out_good" / "inside.mha").is_file()
+
+
+def test_a_changed_data_file_is_a_changed_input(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The case's input hash covers the detached data: a rerun redoes the case, not skips it."""
+    header = _case(tmp_path, "inside", "nrrd")
+    argv = ["infer", "--model", model_run, "--input", header, "--output", tmp_path / "out", "--no-progress"]
+    assert cli(argv, capsys).code == 0
+    assert "1 skipped" in cli(argv, capsys).out
+    (tmp_path / "scans" / "x.raw").write_bytes(_raw(image_array(seed=5)))
+    result = cli(argv, capsys)  # another input now: its outputs are not replaced without --overwrite
+    assert result.code == 2 and "pass --overwrite" in result.err
+    assert cli([*argv, "--overwrite"], capsys).code == 0
