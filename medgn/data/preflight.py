@@ -369,8 +369,9 @@ def read_header(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS) -
         The validated header.
 
     Raises:
-        InputDataError: unreadable, not 3D, a detached data file outside the header's folder, bad spacing/affine/orientation, unsupported type,
-            truncated file, several DICOM series or missing slices (exit 3).
+        InputDataError: unreadable, not 3D, a detached data file outside the header's folder,
+            bad spacing/affine/orientation, unsupported type, truncated or corrupt (gzip CRC32,
+            length, trailing data) file, several DICOM series or missing slices (exit 3).
         ResourceError: above a size limit (exit 5).
     """
     path = Path(path)
