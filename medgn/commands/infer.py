@@ -5,6 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 
+from medgn.data.preflight import DEFAULT_LIMITS, Limits
+from medgn.errors import UsageError
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    """:class:`Limits` from ``--max-voxels``, ``--max-resampled-voxels`` and ``--max-windows``."""
+    values = {name: getattr(args, name, None) for name in ("max_voxels", "max_resampled_voxels", "max_windows")}
+    bad = {k: v for k, v in values.items() if v is not None and v < 1}
+    if bad:
+        raise UsageError("--" + next(iter(bad)).replace("_", "-"), "limit must be positive", got=next(iter(bad.values())), expected=">= 1")
+    given = {k: v for k, v in values.items() if v is not None}
+    voxels = given.get("max_voxels", DEFAULT_LIMITS.max_voxels)
+    # 8 bytes per voxel: a float64 scan at the voxel limit stays within the byte limit.
+    return Limits(**given, max_bytes=max(DEFAULT_LIMITS.max_bytes, voxels * 8), max_dim=DEFAULT_LIMITS.max_dim)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("infer", help="segment a scan or a folder of scans with trained models")
@@ -22,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--shard", default=None, metavar="I/N", help="process every N-th case from I (0-based); default from RANK/WORLD_SIZE")
     parser.add_argument("--channels", default=None, metavar="A,B", help="channel names: <case>_A, <case>_B files form the channels in this order")
     parser.add_argument("--output-format", choices=("nifti", "dicom-seg", "both"), default=None, help="mask format: nifti, dicom-seg (DICOM Segmentation referencing the source series) or both (default: both for a DICOM series, nifti otherwise)")
+    parser.add_argument("--max-voxels", type=int, default=DEFAULT_LIMITS.max_voxels, help="largest scan accepted, from its header (voxels per channel)")
+    parser.add_argument("--max-resampled-voxels", type=int, default=DEFAULT_LIMITS.max_resampled_voxels, help="largest scan accepted once resampled to the model's spacing (voxels)")
+    parser.add_argument("--max-windows", type=int, default=DEFAULT_LIMITS.max_windows, help="most sliding windows over one resampled scan")
     parser.add_argument("--no-progress", action="store_true", help="no live progress display")
     parser.set_defaults(func=run)
 
@@ -36,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError:
             pass
     channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
+    limits = limits_from_args(args)
     report = infer(
         args.model,
         args.input,
@@ -52,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         output_format=args.output_format,
         progress=not args.no_progress and sys.stderr.isatty(),
+        limits=limits,
     )
     counts = report.to_dict()["counts"]
     print(f"{counts['ok']} segmented, {counts['skipped']} skipped, {counts['failed']} failed -> {report.output_dir}")

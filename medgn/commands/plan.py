@@ -6,8 +6,11 @@ import argparse
 import os
 from pathlib import Path
 
+import numpy as np
+
 from medgn.data.datasets import load_dataset
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
+from medgn.data.workload import check_workload
 from medgn.errors import UsageError
 from medgn.files import atomic_write_json
 from medgn.planning.fingerprint import compute_fingerprint
@@ -23,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the folds and of intensity sampling")
     parser.add_argument("--max-voxels", type=int, default=DEFAULT_LIMITS.max_voxels, help="largest volume accepted (voxels per channel)")
+    parser.add_argument("--max-resampled-voxels", type=int, default=DEFAULT_LIMITS.max_resampled_voxels, help="largest volume once resampled to the planned spacing (voxels)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing plan")
     parser.set_defaults(func=run)
 
@@ -39,10 +43,14 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise UsageError(out, "output exists", expected="a new path, or pass --overwrite")
     index = load_dataset(dataset)
-    limits = Limits(max_voxels=args.max_voxels, max_bytes=max(DEFAULT_LIMITS.max_bytes, args.max_voxels * 8), max_dim=DEFAULT_LIMITS.max_dim)
+    if args.max_voxels < 1 or args.max_resampled_voxels < 1:
+        raise UsageError("--max-voxels/--max-resampled-voxels", "must be positive", got=f"{args.max_voxels}/{args.max_resampled_voxels}")
+    limits = Limits(max_voxels=args.max_voxels, max_bytes=max(DEFAULT_LIMITS.max_bytes, args.max_voxels * 8), max_dim=DEFAULT_LIMITS.max_dim, max_resampled_voxels=args.max_resampled_voxels)
     print(f"{index.name}: fingerprinting {len(index.cases)} cases")
     fingerprint = compute_fingerprint(index, limits, seed=args.seed)
     plan = make_plan(index, fingerprint, gpu_memory_gb=args.gpu_memory)
+    for case, entry in zip(index.cases, fingerprint["cases"]):  # spacing and shape in RAS axes
+        check_workload(case.images[0], entry["shape"], np.diag([*entry["spacing"], 1.0]), plan["target_spacing"], limits)
     atomic_write_json(out, plan, overwrite=args.overwrite)
     splits = load_or_create_splits(out.with_name("splits.json"), [c.case_id for c in index.cases], min(args.folds, len(index.cases)), args.seed) if len(index.cases) >= 2 else []
     norms = ", ".join(n["scheme"] for n in plan["normalization"])

@@ -43,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--time-budget", help="stop cleanly after this long (e.g. 30m, 2h)")
     parser.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", help="fine-tune: start from this run's weights (heads re-initialised for another class count, the first conv for another channel count)")
     parser.add_argument("--freeze-encoder-steps", type=int, metavar="N", help="with --init-from: keep the loaded encoder frozen for the first N steps (train.freeze_encoder_steps)")
+    parser.add_argument("--max-resampled-voxels", type=int, default=None, help="largest volume once resampled to the plan's spacing (config data.limits.max_resampled_voxels)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress display (logs only)")
     parser.set_defaults(func=run)
 
@@ -55,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.time_budget_minutes={parse_duration_minutes(args.time_budget)}")
     if args.freeze_encoder_steps is not None:
         overrides.append(f"train.freeze_encoder_steps={args.freeze_encoder_steps}")
+    if args.max_resampled_voxels is not None:
+        overrides.append(f"data.limits.max_resampled_voxels={args.max_resampled_voxels}")
     cfg = load_run_config(args.config, overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = {"fold": parse_fold(args.fold), "resume": args.resume, "device": device, "plan_path": args.plan, "console": not args.no_progress}

@@ -16,14 +16,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("dataset", help="dataset folder (MSD, nnU-Net v2 raw, or images/ + labels/)")
     parser.add_argument("--max-voxels", type=int, default=DEFAULT_LIMITS.max_voxels, help="largest volume accepted (voxels per channel)")
     parser.add_argument("--max-dim", type=int, default=DEFAULT_LIMITS.max_dim, help="largest size of one axis (voxels)")
+    parser.add_argument("--max-resampled-voxels", type=int, default=DEFAULT_LIMITS.max_resampled_voxels, help="largest volume once resampled to the plan's spacing (checked with --plan)")
+    parser.add_argument("--plan", default=None, help="plan JSON from 'medgn plan': also check each image's size at the plan's spacing")
     parser.add_argument("--test", action="store_true", help="also check the test images")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_voxels < 1 or args.max_dim < 1:
-        raise UsageError("--max-voxels/--max-dim", "must be positive", got=f"{args.max_voxels}/{args.max_dim}")
-    limits = Limits(max_voxels=args.max_voxels, max_bytes=max(DEFAULT_LIMITS.max_bytes, args.max_voxels * 8), max_dim=args.max_dim)
+    if args.max_voxels < 1 or args.max_dim < 1 or args.max_resampled_voxels < 1:
+        raise UsageError("--max-voxels/--max-dim/--max-resampled-voxels", "must be positive", got=f"{args.max_voxels}/{args.max_dim}/{args.max_resampled_voxels}")
+    limits = Limits(max_voxels=args.max_voxels, max_bytes=max(DEFAULT_LIMITS.max_bytes, args.max_voxels * 8), max_dim=args.max_dim, max_resampled_voxels=args.max_resampled_voxels)
+    target_spacing = None
+    if args.plan is not None:
+        from medgn.planning.planner import load_plan
+
+        target_spacing = load_plan(args.plan)["target_spacing"]
     index = load_dataset(args.dataset)
     from rich.console import Console
     from rich.table import Table
@@ -31,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     table = Table(title=f"{index.name} ({index.format}, {len(index.cases)} cases, channels {', '.join(index.channel_names)})")
     for column in ("case", "shape", "spacing (mm)", "labels", "status"):
         table.add_column(column)
-    report = verify_dataset(index, limits, include_test=args.test)
+    report = verify_dataset(index, limits, include_test=args.test, target_spacing=target_spacing)
     for result in report.cases:
         status = "ok" if result.ok else f"{len(result.problems)} problem(s)"
         if result.notes:

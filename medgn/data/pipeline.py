@@ -27,6 +27,7 @@ from medgn.data.config import DataConfig
 from medgn.data.datasets import Case
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
 from medgn.data.reader import LoadCased, MedgnReader, NormalizePland
+from medgn.data.workload import CheckWorkloadd
 from medgn.errors import InputDataError, MedgnError
 
 # Bump when the deterministic transforms change meaning: old caches are then never read.
@@ -37,7 +38,13 @@ INVERT_SLAB_VOXELS = 4_000_000
 
 
 def _nonzero(x: torch.Tensor) -> torch.Tensor:
-    return x != 0
+    """Foreground for the crop: nonzero voxels; a blank image keeps its whole grid.
+
+    Cropping a blank image to its (empty) nonzero region would leave an empty array that no later
+    transform can resample, so an image without a nonzero voxel is not cropped at all.
+    """
+    mask = x != 0
+    return mask if bool(mask.any()) else torch.ones_like(mask)
 
 
 class MedgnCompose(Compose):
@@ -74,6 +81,7 @@ def _deterministic(plan: Mapping[str, Any], limits: Limits, with_label: bool) ->
         CropForegroundd(keys, source_key="image", select_fn=_nonzero, allow_smaller=True),
         NormalizePland("image", plan["normalization"]),
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),  # explicit: RAS world labels
+        CheckWorkloadd("image", plan["target_spacing"], limits),  # before resampling: refuse what would explode
         Spacingd(keys, pixdim=[float(s) for s in plan["target_spacing"]], mode=("bilinear", "nearest")[: len(keys)]),
     ]
     return steps

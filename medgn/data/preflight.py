@@ -6,7 +6,8 @@ no orientation an invented affine) and allocate the declared size before reading
 header is parsed here with nibabel's checks off, ITK formats through ``ReadImageInformation`` (no
 pixels), and DICOM series slice by slice from their tags. Dimensionality, voxel and byte limits,
 spacing, affine, orientation codes, data type and (for gzip) the declared uncompressed size are
-checked, and every failure is an :class:`~medgn.errors.InputDataError` (exit 3) or, for limits, a
+checked (gzip streams to their end: CRC32, length, no trailing data, see
+:mod:`medgn.data.gzipcheck`), and every failure is an :class:`~medgn.errors.InputDataError` (exit 3) or, for limits, a
 :class:`~medgn.errors.ResourceError` (exit 5) naming the file.
 """
 
@@ -22,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from medgn.data.detached import detached_data_files
+from medgn.data.gzipcheck import check_gzip
 from medgn.data.native import captured_native_stderr, itk_reason
 from medgn.errors import InputDataError, ResourceError
 
@@ -44,11 +47,19 @@ class Limits:
             limit (1 GiB) passes while a corrupt header cannot make us allocate tens of GiB.
         max_dim: most voxels along one axis; no scanner produces more than a few thousand, so a
             larger value means a corrupt or hostile header.
+        max_resampled_voxels: most voxels of the image once resampled to the plan's spacing (see
+            :mod:`medgn.data.workload`); 512**3 like ``max_voxels``: the pipeline holds a few
+            float32 copies of the resampled image, so the same budget applies after resampling.
+        max_windows: most sliding windows over one resampled image at inference; 50,000 windows
+            of a full-size network take the better part of an hour even on a GPU, so more means a
+            header or plan mistake rather than a real scan.
     """
 
     max_voxels: int = field(default=512**3, metadata={"min": 1})
     max_bytes: int = field(default=2 * 1024**3, metadata={"min": 1})
     max_dim: int = field(default=8192, metadata={"min": 1})
+    max_resampled_voxels: int = field(default=512**3, metadata={"min": 1})
+    max_windows: int = field(default=50_000, metadata={"min": 1})
 
 
 DEFAULT_LIMITS = Limits()
@@ -162,49 +173,6 @@ def _open_nifti(path: Path) -> tuple[Any, bool]:
     return header, compressed
 
 
-def _gunzip_length(path: Path, enough: int) -> tuple[int, bool]:
-    """Uncompressed size of the gzip members of ``path`` and whether the stream is complete.
-
-    Counting stops once ``enough`` bytes are reached (then the stream counts as complete), so a
-    compression bomb costs no more time or memory than the data the header declares.
-    """
-    total, inflater = 0, zlib.decompressobj(wbits=31)  # 31: gzip wrapper
-    try:
-        with open(path, "rb") as handle:
-            while raw := handle.read(1 << 20):  # 1 MiB of input at a time: bounded memory
-                while raw:
-                    if inflater.eof:
-                        if not raw.strip(b"\0"):
-                            break  # zero padding after the last member
-                        inflater = zlib.decompressobj(wbits=31)
-                    # At most 1 MiB of output per call, so a compression bomb stays small in memory.
-                    total += len(inflater.decompress(raw, 1 << 20))
-                    if total >= enough:
-                        return total, True
-                    raw = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
-    except zlib.error:
-        return total, False
-    return total, inflater.eof
-
-
-def _check_gzip_length(path: Path, needed: int, what: str) -> None:
-    """Refuse a truncated .nii.gz: the gzip trailer stores the uncompressed size mod 2**32.
-
-    When the trailer disagrees (a truncated file, or a multi-member gzip) the stream is
-    decompressed in 1 MiB chunks and counted, so memory stays small either way.
-    """
-    with open(path, "rb") as handle:
-        handle.seek(-4, os.SEEK_END)
-        isize = struct.unpack("<I", handle.read(4))[0]
-    if isize == needed % 2**32:
-        return
-    total, complete = _gunzip_length(path, needed)
-    if not complete:
-        raise InputDataError(path, "file is truncated or corrupt", got=f"gzip stream ends after {total} uncompressed bytes", expected=f"{needed} bytes for {what}")
-    if total < needed:
-        raise InputDataError(path, "file is truncated", got=f"{total} uncompressed bytes", expected=f"{needed} bytes for {what}")
-
-
 def _check_xforms(path: Path, header: Any, qcode: int, scode: int) -> None:
     """Refuse a header that readers would turn into different geometries.
 
@@ -272,7 +240,7 @@ def _nifti_header(path: Path, limits: Limits, channels: int = 1) -> HeaderInfo:
     offset = _vox_offset(path, header)
     needed = offset + int(np.prod(shape3)) * channels * dtype.itemsize
     if compressed:
-        _check_gzip_length(path, needed, f"shape {shape3} x {channels} channel(s) {dtype}")
+        check_gzip(path, needed, f"shape {shape3} x {channels} channel(s) {dtype}")
     elif path.stat().st_size < needed:
         raise InputDataError(path, "file is truncated", got=f"{path.stat().st_size} bytes", expected=f">= {needed} bytes for shape {shape3} {dtype}")
     meta = {"nifti_header": header, "qform_code": qcode, "sform_code": scode, "squeezed": len(shape) != 3, "channels": channels}
@@ -407,8 +375,9 @@ def read_header(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS, *
         The validated header.
 
     Raises:
-        InputDataError: unreadable, not 3D, bad spacing/affine/orientation, unsupported type,
-            truncated file, several DICOM series or missing slices (exit 3).
+        InputDataError: unreadable, not 3D, a detached data file outside the header's folder,
+            bad spacing/affine/orientation, unsupported type, truncated or corrupt (gzip CRC32,
+            length, trailing data) file, several DICOM series or missing slices (exit 3).
         ResourceError: above a size limit (exit 5).
     """
     path = Path(path)
@@ -421,4 +390,5 @@ def read_header(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS, *
         raise InputDataError(path, f"a {channels}-channel image in one file must be a 4D NIfTI", got=fmt, expected="a .nii/.nii.gz with the channels on the 4th axis, or one file per channel")
     if fmt == "dicom":
         return _dicom_header(path, limits)
+    detached_data_files(path)  # before ITK follows a data file name out of the header's folder
     return _itk_info(path, _itk_reader(path), fmt, limits)

@@ -2,14 +2,15 @@
 
 This module owns :func:`verify_dataset` and its :class:`VerifyReport`. For each case it checks that
 the files exist, passes the header preflight, reads the pixels (NaN/Inf voxels, integer labels within
-the declared set) and compares the geometry of every channel and of the label with the first
+the declared set), with a plan's spacing the size each image becomes once resampled, and
+compares the geometry of every channel and of the label with the first
 channel (shape, spacing, origin, direction). It never stops at the first problem: every problem of
 every case is collected with its file, so ``medgn verify`` can list them all at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from medgn.data.datasets import Case, DatasetIndex
 from medgn.data.io import Limits, Volume, geometry_diff, read_volume
 from medgn.data.multichannel import read_channels
 from medgn.data.preflight import DEFAULT_LIMITS
+from medgn.data.workload import check_workload
 from medgn.errors import InputDataError, MedgnError
 
 
@@ -77,7 +79,7 @@ def _channels(case: Case, expected: int, limits: Limits, result: CaseResult) -> 
     return [(c, p, v) for c, p, v in read if v is not None]
 
 
-def verify_case(case: Case, index: DatasetIndex, limits: Limits = DEFAULT_LIMITS) -> CaseResult:
+def verify_case(case: Case, index: DatasetIndex, limits: Limits = DEFAULT_LIMITS, target_spacing: Sequence[float] | None = None) -> CaseResult:
     """Check one case; see :func:`verify_dataset`."""
     result = CaseResult(case.case_id)
     label_values = sorted(index.labels.values()) if index.labels else None
@@ -89,6 +91,11 @@ def verify_case(case: Case, index: DatasetIndex, limits: Limits = DEFAULT_LIMITS
         if first is None:
             first = vol
             result.shape, result.spacing = vol.shape, tuple(round(s, 4) for s in vol.spacing)
+            if target_spacing is not None:
+                try:
+                    check_workload(path, vol.shape, vol.affine, target_spacing, limits)
+                except MedgnError as exc:
+                    result.problems.append(exc.one_line())
         else:
             diffs = geometry_diff(first, vol)
             if diffs:
@@ -105,7 +112,7 @@ def verify_case(case: Case, index: DatasetIndex, limits: Limits = DEFAULT_LIMITS
     return result
 
 
-def verify_dataset(index: DatasetIndex, limits: Limits = DEFAULT_LIMITS, *, progress: Callable[[CaseResult], None] | None = None, include_test: bool = False) -> VerifyReport:
+def verify_dataset(index: DatasetIndex, limits: Limits = DEFAULT_LIMITS, *, progress: Callable[[CaseResult], None] | None = None, include_test: bool = False, target_spacing: Sequence[float] | None = None) -> VerifyReport:
     """Check every case of a dataset and collect all problems.
 
     Args:
@@ -113,13 +120,15 @@ def verify_dataset(index: DatasetIndex, limits: Limits = DEFAULT_LIMITS, *, prog
         limits: size limits for the header preflight.
         progress: called with each case's result as it finishes.
         include_test: also check the test cases (images only).
+        target_spacing: a plan's spacing: each case's size once resampled is checked too
+            (``limits.max_resampled_voxels``); None (no plan) checks the headers' limits only.
 
     Returns:
         The report; ``report.ok`` is False when any case has a problem.
     """
     results = []
     for case in [*index.cases, *(index.test_cases if include_test else [])]:
-        result = verify_case(case, index, limits)
+        result = verify_case(case, index, limits, target_spacing)
         results.append(result)
         if progress is not None:
             progress(result)

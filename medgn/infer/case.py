@@ -104,15 +104,16 @@ def largest_component_per_class(mask: np.ndarray, background: int = 0) -> np.nda
     return out
 
 
-def _read_channels(images: tuple[Path, ...], in_channels: int) -> list[Any]:
+def _read_channels(images: tuple[Path, ...], in_channels: int, limits: Any = None) -> list[Any]:
     from medgn.data.io import geometry_diff, read_volume
     from medgn.data.multichannel import read_case_images
+    from medgn.data.preflight import DEFAULT_LIMITS
 
     if len(images) == 1 and in_channels > 1:  # one 4D file holding every channel (MSD)
         return read_case_images(images, in_channels)
     if len(images) != in_channels:
         raise InputDataError(images[0], f"case has {len(images)} channel(s)", got=[p.name for p in images], expected=f"{in_channels} channel(s) as the model was trained")
-    volumes = [read_volume(p) for p in images]
+    volumes = [read_volume(p, limits or DEFAULT_LIMITS) for p in images]
     for vol in volumes[1:]:
         diffs = geometry_diff(volumes[0], vol)
         if diffs:
@@ -153,6 +154,7 @@ def run_case(
         settings: sliding-window settings.
         options: ``overwrite``, ``save_probabilities``, ``largest_component``, ``threads``,
             ``output_format`` (nifti, dicom-seg, both; None: the input's family).
+            ``limits`` (header and resampled-size limits; default :data:`DEFAULT_LIMITS`).
         preprocess: channel paths -> ((C, *pipeline_shape) image, pipeline data for ``invert``).
         invert: ((K, *pipeline_shape) probabilities, data) -> (K, X, Y, Z) on the input grid.
         sidecar_base: provenance shared by every case (models, settings, versions...), with the
@@ -160,6 +162,7 @@ def run_case(
 
     Raises:
         InputDataError: unreadable input, wrong channels, geometry check failed (exit 3).
+        ResourceError: above a header limit, or too large once resampled (exit 5).
         UsageError: an output exists and overwrite is off (exit 2).
     """
     sidecar_path = stem.with_name(stem.name + ".json")
@@ -198,8 +201,14 @@ def _segment(
     times: dict[str, float] = {}
     warnings: list[str] = []
     t0 = time.perf_counter()
-    volumes = _read_channels(images, int(predictor.plan["in_channels"]))
+    from medgn.data.preflight import DEFAULT_LIMITS
+    from medgn.data.workload import check_workload
+
+    limits = options.get("limits") or DEFAULT_LIMITS
+    volumes = _read_channels(images, int(predictor.plan["in_channels"]), limits)
     reference = volumes[0]
+    # Before the pipeline resamples: the whole grid at the plan's spacing, and its windows.
+    check_workload(reference.path, reference.shape, reference.affine, predictor.plan["target_spacing"], limits, roi=settings.roi_size, overlap=settings.overlap)
     requested = options.get("output_format")
     out_format = requested or default_output_format(images)
     sources = None
@@ -217,17 +226,27 @@ def _segment(
     times["read_preprocess"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    probs = predict_probabilities(predictor.models, torch.as_tensor(image), settings, device=predictor.device, warnings=warnings, threads=options.get("threads"))
-    times["predict"] = time.perf_counter() - t1
-
+    k = int(predictor.plan["num_classes"])
+    blank = all(not np.any(v.array) for v in volumes)
+    if blank:
+        # Every voxel 0: the region the pipeline crops to is empty, so there is nothing to segment.
+        warnings.append(f"{reference.path}: image is blank (every voxel is 0): nothing to segment, the mask is empty")
+        probs = torch.zeros((k, *reference.shape), dtype=torch.float32)
+        probs[0] = 1.0
+        times["predict"] = time.perf_counter() - t1
+    else:
+        probs = predict_probabilities(predictor.models, torch.as_tensor(image), settings, device=predictor.device, warnings=warnings, threads=options.get("threads"))
+        times["predict"] = time.perf_counter() - t1
+        probs = torch.as_tensor(invert(probs, data)).float()  # (K, X, Y, Z) on the input grid
     t2 = time.perf_counter()
-    probs = torch.as_tensor(invert(probs, data)).float()  # (K, X, Y, Z) on the input grid
     if tuple(probs.shape[1:]) != reference.shape:
         raise InputDataError(reference.path, "prediction is not on the input grid after inversion", got=f"shape {tuple(probs.shape[1:])}", expected=f"shape {reference.shape}")
     label_values = np.asarray(predictor.label_values, dtype=np.int64)
     mask = label_values[probs.argmax(dim=0).numpy()]  # (X, Y, Z) raw label values
     if options.get("largest_component"):
         mask = largest_component_per_class(mask, background=int(label_values[0]))
+    if not blank and not np.any(mask != label_values[0]):
+        warnings.append(f"{reference.path}: the mask is empty (no voxel of any class but background)")
     overwrite = bool(options.get("overwrite"))
     outputs: list[str] = []
     if out_format != "dicom-seg":
@@ -250,11 +269,24 @@ def _segment(
 
 
 def case_inputs(images: tuple[Path, ...]) -> list[dict[str, str]]:
-    """Path and sha256 of each channel (hashing refuses missing files as input errors)."""
+    """Path and sha256 of each channel (hashing refuses missing files as input errors).
+
+    A header with detached data files (``.mhd``, ``.nhdr``) is hashed with its data files, so a
+    changed ``.raw`` is a changed input; a data file outside the header's folder is refused here.
+    """
+    from medgn.data.detached import detached_data_files
+
     records = []
     for path in images:
         try:
-            records.append({"path": os.fspath(path), "sha256": input_sha256(path)})
+            digest = input_sha256(path)
+            data_files = detached_data_files(path) if Path(path).is_file() else []
+            if data_files:
+                combined = hashlib.sha256(digest.encode())
+                for file in data_files:
+                    combined.update(input_sha256(file).encode())
+                digest = combined.hexdigest()
+            records.append({"path": os.fspath(path), "sha256": digest})
         except OSError as exc:
             raise InputDataError(path, f"cannot read input ({exc.strerror or exc})", expected="a readable file") from None
     return records

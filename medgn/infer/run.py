@@ -75,10 +75,11 @@ def _find_cases(input_path: Path, channels: Sequence[str] | None) -> list[Any]:
     return cases
 
 
-def _pipeline(plan: dict[str, Any]) -> tuple[Any, Any]:
+def _pipeline(plan: dict[str, Any], limits: Any = None) -> tuple[Any, Any]:
     from medgn.data.pipeline import infer_transforms, invert_to_input
+    from medgn.data.preflight import DEFAULT_LIMITS
 
-    transform = infer_transforms(plan)
+    transform = infer_transforms(plan, limits or DEFAULT_LIMITS)
 
     def preprocess(paths: list[str]) -> tuple[torch.Tensor, Any]:
         data = transform({"image": paths})
@@ -143,6 +144,7 @@ def infer(
     threads: int | None = None,
     progress: bool = False,
     output_format: str | None = None,
+    limits: Any = None,
 ) -> InferenceReport:
     """Segment every case under ``input_path`` into ``output_dir``.
 
@@ -166,6 +168,8 @@ def infer(
         progress: show a live progress display on stderr.
         output_format: "nifti", "dicom-seg" (a DICOM Segmentation ``<case>.seg.dcm`` referencing
             the source series) or "both"; None: both for DICOM series, nifti for files.
+        limits: a :class:`~medgn.data.preflight.Limits` for the header and the resampled size
+            (default: ``DEFAULT_LIMITS``).
 
     Returns:
         The per-case report (also written to ``report.json``); ``report.exit_code`` is non-zero
@@ -193,7 +197,7 @@ def infer(
         if removed:
             log.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), out)
         predictor = models if isinstance(models, Predictor) else load_predictor(models, _rank_device(device))
-        return _run_cases(predictor, cases, selected, names, out, shard_pair, output_format=output_format, tta=tta, overlap=overlap, save_probabilities=save_probabilities, largest_component=largest_component, overwrite=overwrite, sw_batch_size=sw_batch_size, mirror_axes=mirror_axes, threads=threads, progress=progress)
+        return _run_cases(predictor, cases, selected, names, out, shard_pair, output_format=output_format, tta=tta, overlap=overlap, save_probabilities=save_probabilities, largest_component=largest_component, overwrite=overwrite, sw_batch_size=sw_batch_size, mirror_axes=mirror_axes, threads=threads, progress=progress, limits=limits)
 
 
 def _check_output_format(output_format: str | None, cases: dict[str, Any]) -> None:
@@ -223,10 +227,10 @@ def _run_cases(predictor: Predictor, cases: dict[str, Any], selected: list[str],
 
     settings = _settings(predictor, kw["tta"], kw["overlap"], kw["sw_batch_size"], kw["mirror_axes"])
     recorded = {**asdict(settings), "save_probabilities": bool(kw["save_probabilities"]), "largest_component": bool(kw["largest_component"]), "label_values": predictor.label_values}
-    options = {"overwrite": kw["overwrite"], "save_probabilities": kw["save_probabilities"], "largest_component": kw["largest_component"], "threads": kw["threads"], "output_format": kw["output_format"]}
+    options = {"overwrite": kw["overwrite"], "save_probabilities": kw["save_probabilities"], "largest_component": kw["largest_component"], "threads": kw["threads"], "output_format": kw["output_format"], "limits": kw["limits"]}
     if kw["output_format"] is not None:  # recorded only when chosen: default runs keep their fingerprints
         recorded["output_format"] = kw["output_format"]
-    preprocess, invert = _pipeline(predictor.plan)
+    preprocess, invert = _pipeline(predictor.plan, kw["limits"])
     report = InferenceReport(out, shard=shard, models=[asdict(s) for s in predictor.sources])
     env = {"versions": versions(), "device": str(predictor.device), "torch_threads": torch.get_num_threads()}
     bar = _progress(kw["progress"], len(selected))

@@ -27,6 +27,7 @@ from medgn.checkpoint import read_pointer
 from medgn.config import RunConfig, write_resolved_config
 from medgn.data.datasets import Case, load_dataset
 from medgn.data.verify import verify_dataset
+from medgn.data.workload import check_dataset_workload
 from medgn.errors import InputDataError, UsageError
 from medgn.files import RunLock, atomic_write_json, clean_stale_temps
 from medgn.infer import postprocess
@@ -169,6 +170,9 @@ def train_on_dataset(
             write_resolved_config(cfg, out_dir / "config.yaml")
             atomic_write_json(out_dir / RUN_PLAN, plan)
         train_cases, val_cases = _fold_cases(index, cfg, out_dir, fold)
+        # Before any resampling: a case that would explode at the plan's spacing stops the run (exit 5).
+        check_dataset_workload(train_cases, plan["target_spacing"], cfg.data.limits)
+        check_dataset_workload(val_cases, plan["target_spacing"], cfg.data.limits, roi=plan["patch_size"], overlap=0.25)  # the validator's windows
         log.info("fold %s: %d training and %d validation cases; patch %s at %s mm", fold, len(train_cases), len(val_cases), plan["patch_size"], plan["target_spacing"])
         return _fit(cfg, plan, train_cases, val_cases, out_dir, device, resume, console, info, started_at, init_model)
     finally:

@@ -1,0 +1,133 @@
+"""Detached data files of NRRD and MetaImage headers: resolved and kept inside the header's folder.
+
+A MetaImage header (``.mha``/``.mhd``) names its voxel data in ``ElementDataFile`` and a NRRD header
+(``.nrrd``/``.nhdr``) in ``data file`` (or the old ``datafile``): ``LOCAL`` (MetaImage: data follow
+the header), one file name, ``LIST`` followed by one file name per line, or a printf pattern such
+as ``slice%03d.raw 1 40 1``. ITK follows whatever is written there, so a header could make medgn
+read ``../../elsewhere/x.raw`` or ``/some/absolute/path``. This module owns
+:func:`detached_data_files`, which parses the raw header text (no library repairs it), expands lists
+and patterns, resolves every name relative to the header's folder with symlinks followed, and
+refuses (exit 3, naming the header, the field and the file) any that resolves outside that folder,
+is missing, or uses a pattern other than one integer conversion.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from medgn.errors import InputDataError
+
+__all__ = ["MAX_DATA_FILES", "detached_data_files"]
+
+# Header bytes parsed: real headers are a few KiB; 1 MiB leaves room for a LIST of thousands of
+# slice files and bounds what a hostile file costs.
+MAX_HEADER_BYTES = 1 << 20
+# Most data files one header may name (a LIST or a pattern): more slices than any scanner writes
+# (the per-axis limit is 8192), so a larger count means a corrupt or hostile header.
+MAX_DATA_FILES = 65536
+# One printf integer conversion (flags, width, d or i); "%%" is a literal percent sign.
+_INT_CONVERSION = re.compile(r"%[-+ #0]*\d*[di]")
+_NRRD_SUFFIXES = (".nrrd", ".nhdr")
+_META_SUFFIXES = (".mha", ".mhd")
+
+
+def _header_lines(path: Path) -> list[str]:
+    with open(path, "rb") as handle:
+        raw = handle.read(MAX_HEADER_BYTES)
+    return raw.decode("latin-1").splitlines()
+
+
+def _pattern_names(path: Path, field: str, tokens: list[str]) -> list[str] | None:
+    """Names of a ``<format> <min> <max> <step>`` pattern, or None when ``tokens`` is not one."""
+    if len(tokens) < 4:
+        return None
+    try:
+        first, last, step = (int(t) for t in tokens[1:4])
+    except ValueError:
+        return None
+    fmt = tokens[0]
+    if len(_INT_CONVERSION.findall(fmt.replace("%%", ""))) != 1 or fmt.replace("%%", "").count("%") != 1:
+        raise InputDataError(path, f"unsupported data file pattern in '{field}'", got=fmt, expected="exactly one integer conversion such as %03d")
+    if step == 0 or (last - first) * step < 0:
+        raise InputDataError(path, f"invalid data file range in '{field}'", got=f"{first} {last} {step}", expected="min max step with a step towards max")
+    count = (last - first) // step + 1
+    if count > MAX_DATA_FILES:
+        raise InputDataError(path, f"too many data files in '{field}'", got=count, expected=f"<= {MAX_DATA_FILES}")
+    return [fmt % i for i in range(first, last + (1 if step > 0 else -1), step)]
+
+
+def _nrrd_names(path: Path, lines: list[str]) -> tuple[str, list[str], bool]:
+    for index, line in enumerate(lines[1:], start=1):
+        if not line.strip():
+            break  # end of an attached NRRD header: the data follow
+        if line.startswith("#") or ":=" in line or ":" not in line:
+            continue
+        key, value = (part.strip() for part in line.split(":", 1))
+        if key not in ("data file", "datafile"):
+            continue
+        field = key
+        tokens = value.split()
+        if tokens and tokens[0] == "LIST":
+            return field, [name.strip() for name in lines[index + 1 :] if name.strip()], True
+        names = _pattern_names(path, field, tokens)
+        return field, names if names is not None else [value], False
+    return "", [], False
+
+
+def _meta_names(path: Path, lines: list[str]) -> tuple[str, list[str], bool]:
+    for index, line in enumerate(lines):
+        if "=" not in line:
+            continue
+        key, value = (part.strip() for part in line.split("=", 1))
+        if key.lower() != "elementdatafile":
+            continue
+        field = "ElementDataFile"
+        tokens = value.split()
+        if not tokens or tokens[0].upper() == "LOCAL":
+            return field, [], False
+        if tokens[0].upper() == "LIST":
+            # One name per line after the field; each whitespace-separated word is checked too.
+            rest = [name.strip() for name in lines[index + 1 :] if name.strip()]
+            return field, rest + [word for name in rest for word in name.split() if word != name], True
+        names = _pattern_names(path, field, tokens)
+        return field, names if names is not None else [value], False
+    return "", [], False
+
+
+def detached_data_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The data files a NRRD or MetaImage header names, resolved; refused unless inside its folder.
+
+    Args:
+        path: a ``.nrrd``, ``.nhdr``, ``.mha`` or ``.mhd`` header (other files: nothing to check).
+
+    Returns:
+        The resolved data files (empty when the data are inside the header file).
+
+    Raises:
+        InputDataError: a data file resolves outside the header's folder (``..``, an absolute path
+            elsewhere, a symlink leading out), is missing, or the list or pattern is invalid.
+    """
+    path = Path(path)
+    lower = path.name.lower()
+    if lower.endswith(_NRRD_SUFFIXES):
+        field, names, listed = _nrrd_names(path, _header_lines(path))
+    elif lower.endswith(_META_SUFFIXES):
+        field, names, listed = _meta_names(path, _header_lines(path))
+    else:
+        return []
+    if listed and path.stat().st_size > MAX_HEADER_BYTES:  # names beyond what was parsed
+        raise InputDataError(path, f"header with a '{field}' LIST is too large", got=f"{path.stat().st_size} bytes", expected=f"<= {MAX_HEADER_BYTES} bytes")
+    if len(names) > MAX_DATA_FILES:
+        raise InputDataError(path, f"too many data files in '{field}'", got=len(names), expected=f"<= {MAX_DATA_FILES}")
+    folder = path.parent.resolve()
+    resolved = []
+    for name in names:
+        target = (path.parent / name).resolve()  # an absolute name replaces the folder; symlinks followed
+        if target != folder and folder not in target.parents:
+            raise InputDataError(path, f"detached data file leaves the header's folder ('{field}')", got=f"{name} -> {target}", expected=f"a file inside {folder}")
+        if not target.is_file():
+            raise InputDataError(path, f"detached data file not found ('{field}')", got=name, expected=f"an existing file inside {folder}")
+        resolved.append(target)
+    return resolved
