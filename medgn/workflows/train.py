@@ -31,10 +31,11 @@ from medgn.planning.plan_config import apply_plan_config
 from medgn.planning.splits import load_or_create_splits
 from medgn.train import distributed as ddp
 from medgn.train.logging_hooks import default_hooks
-from medgn.train.patches import PatchDataset, make_validator
+from medgn.train.patches import PatchDataset
 from medgn.train.rng import seed_everything
 from medgn.train.sampler import ResumableLoader, ResumableSampler
 from medgn.train.trainer import Trainer, TrainState
+from medgn.train.validation import make_validator
 
 log = get_logger("engine.run_training")
 
