@@ -9,7 +9,6 @@ from pathlib import Path
 from medgn.data.datasets import load_dataset
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
 from medgn.errors import UsageError
-from medgn.files import atomic_write_json
 from medgn.planning.fingerprint import compute_fingerprint
 from medgn.planning.planner import DEFAULT_GPU_GB, make_plan
 from medgn.planning.splits import load_or_create_splits
@@ -43,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{index.name}: fingerprinting {len(index.cases)} cases")
     fingerprint = compute_fingerprint(index, limits, seed=args.seed)
     plan = make_plan(index, fingerprint, gpu_memory_gb=args.gpu_memory)
-    atomic_write_json(out, plan, overwrite=args.overwrite)
+    plan.save(out, overwrite=args.overwrite)
     splits = load_or_create_splits(out.with_name("splits.json"), [c.case_id for c in index.cases], min(args.folds, len(index.cases)), args.seed) if len(index.cases) >= 2 else []
-    norms = ", ".join(n["scheme"] for n in plan["normalization"])
-    print(f"target spacing {plan['target_spacing']} mm, normalisation {norms}, patch {plan['patch_size']}, batch {plan['batch_size']}, {len(plan['network']['strides'])} stages, {len(splits)} folds")
+    norms = ", ".join(n["scheme"] for n in plan.normalization)
+    print(f"target spacing {list(plan.target_spacing)} mm, normalisation {norms}, patch {list(plan.patch_size)}, batch {plan.batch_size}, {len(plan.network.strides or ())} stages, {len(splits)} folds")
     print(f"wrote {out}")
     return 0

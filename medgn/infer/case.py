@@ -181,7 +181,7 @@ def _segment(
     times: dict[str, float] = {}
     warnings: list[str] = []
     t0 = time.perf_counter()
-    volumes = _read_channels(images, int(predictor.plan["in_channels"]))
+    volumes = _read_channels(images, predictor.plan.in_channels)
     reference = volumes[0]
     image, data = preprocess([os.fspath(p) for p in images])
     times["read_preprocess"] = time.perf_counter() - t0

@@ -25,13 +25,10 @@ import torch
 from torch import nn
 
 from medgn.errors import ModelError, UsageError
+from medgn.planning.plan import Plan
 
 __all__ = ["ModelSource", "Predictor", "load_predictor", "resolve_model_path", "state_dict_sha256"]
 
-# Plan keys every model of an ensemble must share: the preprocessing and the label mapping are
-# computed once per case, so any difference would silently mix incompatible predictions.
-SHARED_PLAN_KEYS = ("in_channels", "num_classes", "label_values", "target_spacing", "normalization", "patch_size")
-REQUIRED_PLAN_KEYS = ("in_channels", "num_classes", "target_spacing", "patch_size")
 # Pointer preference for a run folder: the best validated weights first.
 POINTER_ORDER = ("best", "final", "latest")
 # Plain file names other tools (or older runs) leave in a checkpoints folder, in preference order.
@@ -52,15 +49,14 @@ class Predictor:
 
     Attributes:
         models: eval-mode networks on ``device``; their softmax outputs are averaged.
-        plan: the data plan (in_channels, num_classes, label_values, target_spacing, patch_size,
-            normalization, network).
+        plan: the data plan the networks were trained with.
         sources: one :class:`ModelSource` per model.
         config_hash: sha256 over every model's resolved config and plan.
         device: where the networks run.
     """
 
     models: list[nn.Module]
-    plan: dict[str, Any]
+    plan: Plan
     sources: list[ModelSource]
     config_hash: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -68,8 +64,7 @@ class Predictor:
     @property
     def label_values(self) -> list[int]:
         """Raw label value written for class index i (identity when the plan has none)."""
-        values = self.plan.get("label_values")
-        return [int(v) for v in values] if values is not None else list(range(int(self.plan["num_classes"])))
+        return list(self.plan.label_values)
 
     @property
     def model_sha256s(self) -> list[str]:
@@ -77,7 +72,7 @@ class Predictor:
         return [s.sha256 for s in self.sources]
 
     @classmethod
-    def from_modules(cls, models: Sequence[nn.Module], plan: Mapping[str, Any], *, device: str | torch.device = "cpu", name: str = "module") -> Predictor:
+    def from_modules(cls, models: Sequence[nn.Module], plan: Plan | Mapping[str, Any], *, device: str | torch.device = "cpu", name: str = "module") -> Predictor:
         """Wrap networks built in Python (no checkpoint file); their sha256 is over the weights.
 
         Args:
@@ -86,12 +81,12 @@ class Predictor:
             device: where they run.
             name: recorded as the source path.
         """
-        plan = dict(plan)
-        _check_plan(plan, name)
+        typed = Plan.from_dict(plan, name, error=ModelError)
         dev = torch.device(device)
         mods = [m.to(dev).eval() for m in models]
         sources = [ModelSource(f"{name}[{i}]", state_dict_sha256(m)) for i, m in enumerate(mods)]
-        return cls(mods, plan, sources, _hash_json([{"plan": plan}] * len(mods)), dev)
+        raw = typed.to_dict() if isinstance(plan, Plan) else dict(plan)
+        return cls(mods, typed, sources, _hash_json([{"plan": raw}] * len(mods)), dev)
 
 
 def state_dict_sha256(module: nn.Module) -> str:
@@ -107,17 +102,6 @@ def state_dict_sha256(module: nn.Module) -> str:
 def _hash_json(obj: Any) -> str:
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _check_plan(plan: Any, where: str | os.PathLike[str]) -> None:
-    if not isinstance(plan, Mapping):
-        raise ModelError(where, "checkpoint has no plan", got=type(plan).__name__, expected="a plan dict under the 'plan' key")
-    missing = [k for k in REQUIRED_PLAN_KEYS if k not in plan]
-    if missing:
-        raise ModelError(where, "plan is missing keys: " + ", ".join(missing), expected="a plan written by medgn plan")
-    values = plan.get("label_values")
-    if values is not None and len(values) != int(plan["num_classes"]):
-        raise ModelError(where, "plan label_values do not match num_classes", got=list(values), expected=f"{plan['num_classes']} values")
 
 
 def resolve_model_path(path: str | os.PathLike[str]) -> Path:
@@ -160,7 +144,8 @@ def _shape_diff(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> list[s
     return diffs
 
 
-def _load_one(path: str | os.PathLike[str], device: torch.device) -> tuple[nn.Module, dict[str, Any], ModelSource, dict[str, Any]]:
+def _load_one(path: str | os.PathLike[str], device: torch.device) -> tuple[nn.Module, Plan, ModelSource, dict[str, Any]]:
+    """One checkpoint: the eval-mode network, its plan, its source and the record the config hash covers."""
     from medgn.checkpoint import file_sha256, load_checkpoint
     from medgn.configtools import build
     from medgn.models.config import UNet3DConfig
@@ -171,31 +156,31 @@ def _load_one(path: str | os.PathLike[str], device: torch.device) -> tuple[nn.Mo
     missing = [k for k in ("model", "config", "plan") if k not in state]
     if missing:
         raise ModelError(file, "checkpoint is missing keys: " + ", ".join(missing), got=f"keys {sorted(map(str, state))[:8]}", expected="model, config and plan")
-    weights, config, plan = state["model"], state["config"], state["plan"]
+    weights, config, raw_plan = state["model"], state["config"], state["plan"]
     if not isinstance(weights, Mapping) or not isinstance(config, Mapping):
         raise ModelError(file, "checkpoint 'model' or 'config' is not a mapping", expected="a state dict and a config dict")
-    _check_plan(plan, file)
-    plan = dict(plan)
+    plan = Plan.from_dict(raw_plan, file, error=ModelError)
     try:
         cfg = build(UNet3DConfig, config.get("model", {}), "model")
     except UsageError as exc:
         raise ModelError(file, f"checkpoint config does not describe a model ({exc.one_line()})") from exc
-    network = plan.get("network", {}) or {}
     try:
-        model = build_model(cfg, int(plan["in_channels"]), int(plan["num_classes"]), network.get("strides"), network.get("kernel_sizes"))
+        model = build_model(cfg, plan.in_channels, plan.num_classes, plan.network.strides, plan.network.kernel_sizes)
     except (UsageError, ModelError, ValueError, TypeError) as exc:
         raise ModelError(file, f"cannot build the checkpoint's network ({exc})") from exc
     diffs = _shape_diff(model, weights)
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; ... {len(diffs) - 8} more" if len(diffs) > 8 else "")
-        raise ModelError(file, f"weights do not fit the architecture ({len(diffs)} differences): {shown}", expected=f"a checkpoint of {cfg.name} with in_channels={plan['in_channels']}, num_classes={plan['num_classes']}")
+        raise ModelError(file, f"weights do not fit the architecture ({len(diffs)} differences): {shown}", expected=f"a checkpoint of {cfg.name} with in_channels={plan.in_channels}, num_classes={plan.num_classes}")
     model.load_state_dict(weights, strict=True)
     model.to(device).eval()
-    return model, plan, ModelSource(str(file), file_sha256(file)), dict(config)
+    # The config hash covers the plan as stored, so sidecars of earlier runs still match.
+    return model, plan, ModelSource(str(file), file_sha256(file)), {"config": dict(config), "plan": dict(raw_plan)}
 
 
-def _plan_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in SHARED_PLAN_KEYS if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
+def _plan_diff(a: Plan, b: Plan) -> list[str]:
+    sa, sb = a.shared(), b.shared()
+    return [f"{k}: {sa[k]!r} vs {sb[k]!r}" for k in sa if json.dumps(sa[k], sort_keys=True) != json.dumps(sb[k], sort_keys=True)]
 
 
 def load_predictor(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], device: str | torch.device = "cpu") -> Predictor:
@@ -219,9 +204,9 @@ def load_predictor(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[st
         raise UsageError("--model", "no model given", expected="at least one run folder or checkpoint")
     dev = _device(device)
     models, sources, records = [], [], []
-    plan0: dict[str, Any] | None = None
+    plan0: Plan | None = None
     for item in items:
-        model, plan, source, config = _load_one(item, dev)
+        model, plan, source, record = _load_one(item, dev)
         if plan0 is None:
             plan0 = plan
         else:
@@ -230,7 +215,7 @@ def load_predictor(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[st
                 raise ModelError(source.path, "models disagree on their plans: " + "; ".join(diffs), expected=f"the plan of {sources[0].path}")
         models.append(model)
         sources.append(source)
-        records.append({"config": config, "plan": plan})
+        records.append(record)
     assert plan0 is not None  # items is non-empty
     return Predictor(models, plan0, sources, _hash_json(records), dev)
 

@@ -42,10 +42,13 @@ from medgn.infer.outputs import (
 from medgn.infer.predictor import Predictor, load_predictor
 from medgn.infer.sliding_window import WindowSettings
 from medgn.logs import get_logger
+from medgn.planning.plan import Plan
 
 __all__ = ["InferenceReport", "infer"]
 
 log = get_logger("engine.infer")
+# The plan values a sidecar records: enough to tell which preprocessing produced the mask.
+SIDECAR_PLAN_KEYS = ("in_channels", "num_classes", "label_values", "target_spacing", "patch_size")
 ModelSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Predictor
 
 
@@ -73,7 +76,7 @@ def _find_cases(input_path: Path, channels: Sequence[str] | None) -> list[Any]:
     return cases
 
 
-def _pipeline(plan: dict[str, Any]) -> tuple[Any, Any]:
+def _pipeline(plan: Plan) -> tuple[Any, Any]:
     from medgn.data.pipeline import infer_transforms, invert_to_input
 
     transform = infer_transforms(plan)
@@ -100,7 +103,7 @@ def _clean_own_temps(output_dir: Path, names: Sequence[str], shard: tuple[int, i
 
 
 def _settings(predictor: Predictor, tta: bool, overlap: float, sw_batch_size: int, mirror_axes: Sequence[int]) -> WindowSettings:
-    patch = tuple(int(s) for s in predictor.plan["patch_size"])
+    patch = predictor.plan.patch_size
     return WindowSettings(roi_size=patch, overlap=float(overlap), sw_batch_size=int(sw_batch_size), tta=bool(tta), mirror_axes=tuple(int(a) for a in mirror_axes))  # type: ignore[arg-type]
 
 
@@ -232,7 +235,7 @@ def _run_cases(predictor: Predictor, cases: dict[str, Any], selected: list[str],
                     raise refuse_existing(stem, existing)
                 else:
                     options["overwrite"] = bool(kw["overwrite"] or resuming)
-                    base = {"sidecar_version": 1, "case_id": cid, "inputs": inputs, "fingerprint": fp, "models": report.models, "config_hash": predictor.config_hash, "settings": recorded, "plan": {k: predictor.plan.get(k) for k in ("in_channels", "num_classes", "label_values", "target_spacing", "patch_size")}, **env}
+                    base = {"sidecar_version": 1, "case_id": cid, "inputs": inputs, "fingerprint": fp, "models": report.models, "config_hash": predictor.config_hash, "settings": recorded, "plan": {k: v for k, v in predictor.plan.to_dict().items() if k in SIDECAR_PLAN_KEYS}, **env}
                     outcome = run_case(case.images, stem, predictor, settings, options, preprocess, invert, base)
                     result.outputs, result.warnings = outcome.outputs, outcome.warnings
             except MedgnError as exc:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from medgn.data.config import DataConfig
 from medgn.data.datasets import Case
 from medgn.data.pipeline import cached_dataset, case_item, train_transforms
 from medgn.errors import InputDataError
+from medgn.planning.plan import Plan
 
 # MONAI random states take 32-bit seeds; the sampler's seeds are 63-bit.
 _SEED_MOD = 2**32
@@ -49,7 +50,7 @@ class PatchDataset(torch.utils.data.Dataset):
         cfg: data settings; one crop per sample is drawn (the sampler decides how many samples).
     """
 
-    def __init__(self, cases: Sequence[Case], plan: Mapping[str, Any], cfg: DataConfig) -> None:
+    def __init__(self, cases: Sequence[Case], plan: Plan, cfg: DataConfig) -> None:
         missing = [c.case_id for c in cases if c.label is None]
         if missing:
             raise InputDataError("dataset", "training cases need labels", got=missing[:10])

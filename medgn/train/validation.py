@@ -8,7 +8,7 @@ Dice.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from medgn.data.config import DataConfig
 from medgn.data.datasets import Case
 from medgn.data.pipeline import make_val_data
 from medgn.infer.sliding_window import WindowSettings, predict_probabilities
+from medgn.planning.plan import Plan
 
 
 def _plain(x: Any) -> torch.Tensor:
@@ -26,7 +27,7 @@ def _plain(x: Any) -> torch.Tensor:
 
 def make_validator(
     cases: Sequence[Case],
-    plan: Mapping[str, Any],
+    plan: Plan,
     cfg: DataConfig,
     device: str | torch.device,
     *,
@@ -40,9 +41,9 @@ def make_validator(
     negligible difference in a model-selection signal.
     """
     dataset = make_val_data(cases, plan, cfg)
-    classes = int(plan["num_classes"])
+    classes = plan.num_classes
     settings = WindowSettings(
-        roi_size=tuple(int(p) for p in plan["patch_size"]), overlap=overlap, sw_batch_size=2
+        roi_size=plan.patch_size, overlap=overlap, sw_batch_size=2
     )
 
     def validate(model: nn.Module) -> list[float]:

@@ -27,6 +27,7 @@ from medgn.data.verify import verify_dataset
 from medgn.errors import InputDataError, UsageError
 from medgn.files import RunLock, atomic_write_json, clean_stale_temps
 from medgn.logs import attach_file_log, get_logger
+from medgn.planning.plan import Plan
 from medgn.planning.plan_config import apply_plan_config
 from medgn.planning.splits import load_or_create_splits
 from medgn.train import distributed as ddp
@@ -61,19 +62,19 @@ def _inside(child: Path, parent: Path) -> bool:
     return child_n == parent_n or parent_n in child_n.parents
 
 
-def _dataset_plan(index: Any, cfg: RunConfig, out_dir: Path, plan_path: Path | None, is_main: bool) -> dict[str, Any]:
+def _dataset_plan(index: Any, cfg: RunConfig, out_dir: Path, plan_path: Path | None, is_main: bool) -> Plan:
     from medgn.planning.fingerprint import compute_fingerprint
-    from medgn.planning.planner import load_plan, make_plan
+    from medgn.planning.planner import make_plan
 
     if plan_path is not None:
-        return load_plan(plan_path)
+        return Plan.load(plan_path)
     stored = out_dir / DATASET_PLAN
     if stored.exists():
-        return load_plan(stored)
+        return Plan.load(stored)
     log.info("no plan given: fingerprinting %d cases", len(index.cases))
     plan = make_plan(index, compute_fingerprint(index, cfg.data.limits), gpu_memory_gb=cfg.plan.gpu_memory_gb)
     if is_main:
-        atomic_write_json(stored, plan)
+        plan.save(stored)
     return plan
 
 
@@ -158,9 +159,9 @@ def train_on_dataset(
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, features=features))
         if info.is_main:
             write_resolved_config(cfg, out_dir / "config.yaml")
-            atomic_write_json(out_dir / RUN_PLAN, plan)
+            plan.save(out_dir / RUN_PLAN)
         train_cases, val_cases = _fold_cases(index, cfg, out_dir, fold)
-        log.info("fold %s: %d training and %d validation cases; patch %s at %s mm", fold, len(train_cases), len(val_cases), plan["patch_size"], plan["target_spacing"])
+        log.info("fold %s: %d training and %d validation cases; patch %s at %s mm", fold, len(train_cases), len(val_cases), plan.patch_size, plan.target_spacing)
         return _fit(cfg, plan, train_cases, val_cases, out_dir, device, resume, console, info)
     finally:
         if lock is not None:
@@ -168,7 +169,7 @@ def train_on_dataset(
         ddp.cleanup()
 
 
-def _fit(cfg: RunConfig, plan: dict[str, Any], train_cases: list[Case], val_cases: list[Case], out_dir: Path, device: str, resume: bool, console: bool, info: Any) -> TrainResult:
+def _fit(cfg: RunConfig, plan: Plan, train_cases: list[Case], val_cases: list[Case], out_dir: Path, device: str, resume: bool, console: bool, info: Any) -> TrainResult:
     from medgn.models.registry import build_model
 
     tcfg = cfg.train
@@ -179,9 +180,8 @@ def _fit(cfg: RunConfig, plan: dict[str, Any], train_cases: list[Case], val_case
     validate = make_validator(val_cases, plan, cfg.data, device) if val_cases else None
     hooks = default_hooks(tcfg, out_dir, validate=validate, console=console)
     seed_everything(tcfg.seed + info.rank, deterministic=tcfg.deterministic)  # before weights are drawn
-    network = plan["network"]
-    model = build_model(cfg.model, int(plan["in_channels"]), int(plan["num_classes"]), network["strides"], network["kernel_sizes"])
-    trainer = Trainer(model, tcfg, loader, out_dir=out_dir, device=device, hooks=hooks, run_config=cfg.to_dict(), plan=plan, dist_info=info)
+    model = build_model(cfg.model, plan.in_channels, plan.num_classes, plan.network.strides, plan.network.kernel_sizes)
+    trainer = Trainer(model, tcfg, loader, out_dir=out_dir, device=device, hooks=hooks, run_config=cfg.to_dict(), plan=plan.to_dict(), dist_info=info)
     if resume:
         trainer.resume(out_dir / "checkpoints")
     state = trainer.train()
