@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medgn.infer.run import infer
+    from medgn.infer.run import InferSettings, infer
     from medgn.logs import attach_file_log, current_log_path, fallback_log_path
 
     if current_log_path() is None:  # per-case tracebacks of a batch run go to the user's log file
@@ -35,10 +35,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError:
             pass
     channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
-    report = infer(
-        args.model,
-        args.input,
-        args.output,
+    settings = InferSettings.of(
         device=args.device,
         tta=args.tta,
         overlap=args.overlap,
@@ -51,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
+    report = infer(args.model, args.input, args.output, settings)
     counts = report.to_dict()["counts"]
     print(f"{counts['ok']} segmented, {counts['skipped']} skipped, {counts['failed']} failed -> {report.output_dir}")
     for case in report.failed:

@@ -9,6 +9,7 @@ from pathlib import Path
 from medgn.data.datasets import load_dataset
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
 from medgn.errors import UsageError
+from medgn.files import is_inside
 from medgn.planning.fingerprint import compute_fingerprint
 from medgn.planning.planner import DEFAULT_GPU_GB, make_plan
 from medgn.planning.splits import load_or_create_splits
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--gpu-memory", "out of range", got=args.gpu_memory, expected="0.5..4096 GB")
     if not out.parent.absolute().is_dir():
         raise UsageError(out, "output folder does not exist", expected="an existing folder")
-    if dataset in Path(os.path.normpath(out.absolute())).parents:
+    if is_inside(out, dataset):
         raise UsageError(out, "refusing to write into the dataset folder", expected="an output path outside the input tree")
     if out.exists() and not args.overwrite:
         raise UsageError(out, "output exists", expected="a new path, or pass --overwrite")

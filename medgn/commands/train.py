@@ -39,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--plan", help="plan JSON from 'medgn plan' (default: made and stored in the run folder)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--verify", action="store_true", help="check every case again on --resume (always checked on a new run)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--time-budget", help="stop cleanly after this long (e.g. 30m, 2h)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress display (logs only)")
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.time_budget_minutes={parse_duration_minutes(args.time_budget)}")
     cfg = load_run_config(args.config, overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = train_on_dataset(cfg, args.data, args.out, fold=parse_fold(args.fold), resume=args.resume, device=device, plan_path=args.plan, console=not args.no_progress)
+    result = train_on_dataset(cfg, args.data, args.out, fold=parse_fold(args.fold), resume=args.resume, device=device, plan_path=args.plan, console=not args.no_progress, verify=True if args.verify else None)
     best = f", best validation Dice (EMA) {result.best_dice:.4f}" if result.best_dice is not None else ""
     print(f"training stopped ({result.state.stop_reason or 'finished'}) at epoch {result.state.epoch}, step {result.state.iteration}{best}; run folder {result.out_dir}")
     return result.exit_code

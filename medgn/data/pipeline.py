@@ -12,8 +12,6 @@ class indices) is cacheable; random crops with foreground oversampling and augme
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +27,7 @@ from medgn.data.datasets import Case
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
 from medgn.data.reader import LoadCased, MedgnReader, NormalizePland
 from medgn.errors import InputDataError, MedgnError
+from medgn.files import json_sha256
 
 # Bump when the deterministic transforms change meaning: old caches are then never read.
 PIPELINE_VERSION = 1
@@ -69,11 +68,11 @@ def _compose(steps: list[Any]) -> MedgnCompose:
     return MedgnCompose(steps)
 
 
-def _deterministic(plan: Preprocessing, limits: Limits, with_label: bool) -> list[Any]:
+def _deterministic(plan: Preprocessing, limits: Limits, with_label: bool, preloaded: dict[str, Any] | None = None) -> list[Any]:
     from monai.transforms import CropForegroundd, MapLabelValued, Orientationd, Spacingd
 
     keys = ["image", "label"] if with_label else ["image"]
-    steps: list[Any] = [LoadCased("image", MedgnReader(limits))]
+    steps: list[Any] = [LoadCased("image", MedgnReader(limits, preloaded=preloaded))]
     if with_label:
         values = [int(v) for v in plan.label_values]
         steps += [
@@ -143,9 +142,13 @@ def val_transforms(plan: Preprocessing, limits: Limits = DEFAULT_LIMITS) -> Any:
     return _compose([*_deterministic(plan, limits, True), *_finish(True)])
 
 
-def infer_transforms(plan: Preprocessing, limits: Limits = DEFAULT_LIMITS) -> Any:
-    """Inference Compose: "image" only; keep the output dict for :func:`invert_to_input`."""
-    return _compose([*_deterministic(plan, limits, False), *_finish(False)])
+def infer_transforms(plan: Preprocessing, limits: Limits = DEFAULT_LIMITS, preloaded: dict[str, Any] | None = None) -> Any:
+    """Inference Compose: "image" only; keep the output dict for :func:`invert_to_input`.
+
+    ``preloaded``: a dict the caller fills with volumes it has already read (path -> Volume)
+    before each call; the loader takes them from there instead of reading the files again.
+    """
+    return _compose([*_deterministic(plan, limits, False, preloaded), *_finish(False)])
 
 
 def invert_to_input(pred: torch.Tensor, data: Mapping[str, Any], *, mode: str = "bilinear", fill: Sequence[float] | None = None) -> torch.Tensor:
@@ -205,7 +208,7 @@ def pipeline_hash(plan: Preprocessing, limits: Limits = DEFAULT_LIMITS) -> str:
         "label_values": [int(v) for v in plan.label_values],
         "limits": [limits.max_voxels, limits.max_bytes, limits.max_dim],
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return json_sha256(key, compact=False)[:16]
 
 
 def case_item(case: Case) -> dict[str, Any]:

@@ -31,6 +31,8 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mha"}
 SUPPORTED = ".nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or a DICOM series folder"
+# Single-file formats medgn writes masks in (and evaluates): the one list of label-map suffixes.
+MASK_SUFFIXES = (*NIFTI_SUFFIXES, ".nrrd", ".mha")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import ImageReader
-from monai.transforms import LoadImage, MapTransform, Transform
+from monai.transforms import LoadImage, MapTransform
 
 from medgn.data.io import Volume, geometry_diff, read_volume
 from medgn.data.preflight import DEFAULT_LIMITS, Limits, detect_format
@@ -34,12 +34,15 @@ class MedgnReader(ImageReader):
         limits: header size limits.
         label: read integer labels (checked against ``label_values``).
         label_values: allowed label values, or None.
+        preloaded: volumes the caller has already read, by path; a path found here is taken
+            (and removed) instead of being read again, so a command reads each file once.
     """
 
-    def __init__(self, limits: Limits = DEFAULT_LIMITS, label: bool = False, label_values: Sequence[int] | None = None) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, label: bool = False, label_values: Sequence[int] | None = None, preloaded: dict[str, Volume] | None = None) -> None:
         super().__init__()
         self.limits, self.label = limits, label
         self.label_values = list(label_values) if label_values is not None else None
+        self.preloaded = preloaded if preloaded is not None else {}
 
     def verify_suffix(self, filename: Sequence[os.PathLike[str] | str] | os.PathLike[str] | str) -> bool:
         names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
@@ -50,7 +53,7 @@ class MedgnReader(ImageReader):
 
     def read(self, data: Sequence[os.PathLike[str] | str] | os.PathLike[str] | str, **kwargs: Any) -> list[Volume]:
         names = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-        vols = [read_volume(n, self.limits, label=self.label, label_values=self.label_values) for n in names]
+        vols = [self.preloaded.pop(os.fspath(n), None) or read_volume(n, self.limits, label=self.label, label_values=self.label_values) for n in names]
         for vol in vols[1:]:
             diffs = geometry_diff(vols[0], vol)
             if diffs:
@@ -122,10 +125,3 @@ class NormalizePland(MapTransform):
             out = torch.stack([normalize_channel(img[c], n) for c, n in enumerate(self.normalization)])
             d[key] = img.clone().copy_(out) if hasattr(img, "meta") and img.dtype == out.dtype else out
         return d
-
-
-class CastLabel(Transform):
-    """Round (nearest-interpolated) class indices to int64."""
-
-    def __call__(self, data: torch.Tensor) -> torch.Tensor:
-        return torch.round(data).to(torch.int64) if data.is_floating_point() else data.to(torch.int64)

@@ -30,7 +30,7 @@ from medgn.evaluate.metrics import (
     failed_metrics,
 )
 from medgn.evaluate.results import CASE_SUFFIXES, EvaluationResult, MetricRow, case_id, list_cases  # noqa: F401
-from medgn.files import RunLock, clean_stale_temps
+from medgn.files import RunLock, clean_stale_temps, is_inside
 from medgn.logs import get_logger
 
 OUTPUT_FILES: tuple[str, ...] = ("metrics.csv", "summary.json", "report.md", "boxplot.png")
@@ -63,10 +63,8 @@ def _check_regions(regions: Mapping[str, Sequence[int]] | None) -> dict[str, tup
 
 
 def _check_out_dir(out_dir: Path, inputs: Sequence[Path], overwrite: bool) -> None:
-    resolved = out_dir.resolve()
     for folder in inputs:
-        src = folder.resolve()
-        if resolved == src or src in resolved.parents:
+        if is_inside(out_dir, folder):
             raise UsageError(out_dir, "output folder is inside an input folder", got=str(folder), expected="a folder outside the prediction, reference and image folders")
     if not overwrite:
         existing = [name for name in OUTPUT_FILES if (out_dir / name).exists()]

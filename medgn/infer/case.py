@@ -1,8 +1,9 @@
 """One case through inference: read, preprocess, predict, invert, post-process, write, record.
 
 This module owns :func:`run_case` and the per-case provenance sidecar. The input channels are
-read with :func:`medgn.data.io.read_volume` (header preflight, NaN/Inf checks; the first channel is
-the geometry reference), preprocessed with the plan's MONAI pipeline, predicted with
+read once (:func:`read_inputs`: the sha256 that decides skip or refusal, and the bytes that
+:func:`medgn.data.io.read_volume` then decodes with its header preflight and NaN/Inf checks; the
+first channel is the geometry reference), preprocessed with the plan's MONAI pipeline, predicted with
 :func:`medgn.infer.sliding_window.predict_probabilities`, brought back onto exactly the input voxel
 grid with :func:`medgn.data.pipeline.invert_to_input`, turned into raw label values (argmax, the
 plan's ``label_values``, optionally the largest connected component per class) and written with
@@ -15,7 +16,6 @@ last, so a done sidecar whose fingerprint matches proves the case is complete.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -27,17 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from medgn.data.preflight import MASK_SUFFIXES
 from medgn.errors import InputDataError, MedgnError, UsageError
-from medgn.files import atomic_path, atomic_write_bytes, atomic_write_json
-from medgn.infer.outputs import input_sha256
+from medgn.files import atomic_path, atomic_write_bytes, atomic_write_json, json_sha256
 from medgn.infer.predictor import Predictor
 from medgn.infer.sliding_window import WindowSettings, predict_probabilities
 
-__all__ = ["CaseOutcome", "fingerprint", "mask_suffix", "read_sidecar", "run_case"]
+__all__ = ["CaseOutcome", "fingerprint", "mask_suffix", "read_inputs", "read_sidecar", "run_case"]
 
 SIDECAR_VERSION = 1
-# Formats write_mask can reproduce; DICOM inputs get a NIfTI mask with the same geometry.
-_SUFFIX_BY_FORMAT = {"nrrd": ".nrrd", "mha": ".mha", "dicom": ".nii.gz"}
+# The probabilities file every input format gets (NIfTI-1 has no float16; see _write_probabilities).
+PROBABILITIES_SUFFIX = "_probabilities.npz"
 
 
 @dataclass
@@ -53,7 +53,7 @@ def mask_suffix(first_channel: Path) -> str:
     name = first_channel.name.lower()
     if first_channel.is_dir():
         return ".nii.gz"
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+    for suffix in (*MASK_SUFFIXES, ".mhd"):
         if name.endswith(suffix):
             return ".mha" if suffix == ".mhd" else suffix
     return ".nii.gz"
@@ -62,7 +62,7 @@ def mask_suffix(first_channel: Path) -> str:
 def fingerprint(inputs: list[str], models: list[str], config_hash: str, settings: Mapping[str, Any]) -> str:
     """sha256 over what determines a case's output: input and model hashes, config, settings."""
     record = {"inputs": inputs, "models": models, "config_hash": config_hash, "settings": dict(settings)}
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode("utf-8")).hexdigest()
+    return json_sha256(record, compact=False)
 
 
 def read_sidecar(path: Path) -> dict[str, Any] | None:
@@ -92,12 +92,12 @@ def largest_component_per_class(mask: np.ndarray, background: int = 0) -> np.nda
     return out
 
 
-def _read_channels(images: tuple[Path, ...], in_channels: int) -> list[Any]:
+def _read_channels(images: tuple[Path, ...], in_channels: int, reads: list[Any] | None = None) -> list[Any]:
     from medgn.data.io import geometry_diff, read_volume
 
     if len(images) != in_channels:
         raise InputDataError(images[0], f"case has {len(images)} channel(s)", got=[p.name for p in images], expected=f"{in_channels} channel(s) as the model was trained")
-    volumes = [read_volume(p) for p in images]
+    volumes = [read_volume(p, read=r) for p, r in zip(images, reads or [None] * len(images))]
     for vol in volumes[1:]:
         diffs = geometry_diff(volumes[0], vol)
         if diffs:
@@ -111,7 +111,7 @@ def _write_probabilities(probs: np.ndarray, reference: Any, out: Path, overwrite
     NIfTI-1 has no float16 type, so every input format gets the same compressed ``.npz`` with
     ``probabilities`` (K, X, Y, Z) in file voxel order, ``affine`` (RAS) and ``label_values``.
     """
-    path = out.with_name(out.name + "_probabilities.npz")
+    path = out.with_name(out.name + PROBABILITIES_SUFFIX)
     with atomic_path(path, overwrite=overwrite) as tmp:
         with open(tmp, "wb") as handle:
             # float16 halves the file; its 1e-3 resolution is finer than any threshold users apply.
@@ -125,9 +125,10 @@ def run_case(
     predictor: Predictor,
     settings: WindowSettings,
     options: Mapping[str, Any],
-    preprocess: Callable[[list[str]], tuple[torch.Tensor, Any]],
+    preprocess: Callable[[list[str], list[Any]], tuple[torch.Tensor, Any]],
     invert: Callable[[torch.Tensor, Any], torch.Tensor],
     sidecar_base: Mapping[str, Any],
+    reads: list[Any] | None = None,
 ) -> CaseOutcome:
     """Segment one case and write its mask, optional probabilities and sidecar.
 
@@ -137,10 +138,12 @@ def run_case(
         predictor: the loaded models and plan.
         settings: sliding-window settings.
         options: ``overwrite``, ``save_probabilities``, ``largest_component``, ``threads``.
-        preprocess: channel paths -> ((C, *pipeline_shape) image, pipeline data for ``invert``).
+        preprocess: (channel paths, their volumes) -> ((C, *pipeline_shape) image, pipeline
+            data for ``invert``).
         invert: ((K, *pipeline_shape) probabilities, data) -> (K, X, Y, Z) on the input grid.
         sidecar_base: provenance shared by every case (models, settings, versions...), with the
             case's ``inputs`` and ``fingerprint`` already filled in.
+        reads: what :func:`read_inputs` read of each channel (decoded here, not read again).
 
     Raises:
         InputDataError: unreadable input, wrong channels, geometry check failed (exit 3).
@@ -151,7 +154,7 @@ def run_case(
     atomic_write_json(sidecar_path, {**sidecar_base, "status": "running"}, overwrite=True)
     published: list[str] = []
     try:
-        return _segment(images, stem, predictor, settings, options, preprocess, invert, sidecar_base, sidecar_path, published)
+        return _segment(images, stem, predictor, settings, options, preprocess, invert, sidecar_base, sidecar_path, published, reads)
     except Exception:
         # A case that failed before publishing anything leaves what was there before; once an
         # output is published (or after a kill) "running" stays, so a rerun redoes the case.
@@ -170,20 +173,21 @@ def _segment(
     predictor: Predictor,
     settings: WindowSettings,
     options: Mapping[str, Any],
-    preprocess: Callable[[list[str]], tuple[torch.Tensor, Any]],
+    preprocess: Callable[[list[str], list[Any]], tuple[torch.Tensor, Any]],
     invert: Callable[[torch.Tensor, Any], torch.Tensor],
     sidecar_base: Mapping[str, Any],
     sidecar_path: Path,
     published: list[str],
+    reads: list[Any] | None,
 ) -> CaseOutcome:
     from medgn.data.io import write_mask
 
     times: dict[str, float] = {}
     warnings: list[str] = []
     t0 = time.perf_counter()
-    volumes = _read_channels(images, predictor.plan.in_channels)
+    volumes = _read_channels(images, predictor.plan.in_channels, reads)
     reference = volumes[0]
-    image, data = preprocess([os.fspath(p) for p in images])
+    image, data = preprocess([os.fspath(p) for p in images], volumes)  # no second read of the files
     times["read_preprocess"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -213,20 +217,22 @@ def _segment(
     return CaseOutcome(outputs + [stem.name + ".json"], warnings)
 
 
-def case_inputs(images: tuple[Path, ...]) -> list[dict[str, str]]:
-    """Path and sha256 of each channel (hashing refuses missing files as input errors)."""
-    records = []
-    for path in images:
-        try:
-            records.append({"path": os.fspath(path), "sha256": input_sha256(path)})
-        except OSError as exc:
-            raise InputDataError(path, f"cannot read input ({exc.strerror or exc})", expected="a readable file") from None
-    return records
+def read_inputs(images: tuple[Path, ...]) -> tuple[list[Any], list[dict[str, str]]]:
+    """Read every channel's file once: what was read (decoded later, only when the case runs) and
+    each channel's path and sha256, which decide whether the case is done or its outputs are ours.
+
+    Raises:
+        InputDataError: an input cannot be read (exit 3).
+    """
+    from medgn.data.io import input_bytes
+
+    reads = [input_bytes(p) for p in images]
+    return reads, [{"path": os.fspath(p), "sha256": r.sha256} for p, r in zip(images, reads)]
 
 
 def outputs_exist(stem: Path, images: tuple[Path, ...]) -> list[Path]:
-    """Existing files at this case's final output paths (mask, sidecar, probabilities)."""
-    candidates = [stem.with_name(stem.name + s) for s in (mask_suffix(images[0]), ".json", "_probabilities.nii.gz", "_probabilities.npz")]
+    """Existing files at the paths this case's outputs are written to (mask, sidecar, probabilities)."""
+    candidates = [stem.with_name(stem.name + s) for s in (mask_suffix(images[0]), ".json", PROBABILITIES_SUFFIX)]
     return [p for p in candidates if p.exists()]
 
 

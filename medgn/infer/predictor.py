@@ -3,8 +3,10 @@
 This module owns :class:`Predictor` (the eval-mode networks, the data plan they share, the sha256 of
 every checkpoint and a hash of their configs) and :func:`load_predictor`, which accepts run
 folders, checkpoint folders, pointer files (``best.json``) or checkpoint files. A run folder
-resolves to its best checkpoint, else its final one, else its latest. Checkpoints are loaded with
-``torch.load(..., weights_only=True)`` through :mod:`medgn.checkpoint`; a missing, corrupt or
+resolves to its best checkpoint, else its final one, else its latest (the rule lives in
+:func:`medgn.checkpoint.resolve_checkpoint`). Each checkpoint file is read once, hashed and loaded
+with ``torch.load(..., weights_only=True)`` from the same bytes; the plan is checked by
+:meth:`medgn.planning.plan.Plan.from_dict`; a missing, corrupt or
 code-carrying file, missing keys, an architecture that does not match the weights (listed as
 expected vs found shapes) or non-finite weights raise :class:`~medgn.errors.ModelError` (exit 4)
 naming the file. Several checkpoints are an ensemble (folds) only when their plans agree on
@@ -25,14 +27,11 @@ import torch
 from torch import nn
 
 from medgn.errors import ModelError, UsageError
+from medgn.files import json_sha256
 from medgn.planning.plan import Plan
 
 __all__ = ["ModelSource", "Predictor", "load_predictor", "resolve_model_path", "state_dict_sha256"]
 
-# Pointer preference for a run folder: the best validated weights first.
-POINTER_ORDER = ("best", "final", "latest")
-# Plain file names other tools (or older runs) leave in a checkpoints folder, in preference order.
-PLAIN_NAMES = ("best.pt", "final.pt", "last.pt", "latest.pt")
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ class Predictor:
         mods = [m.to(dev).eval() for m in models]
         sources = [ModelSource(f"{name}[{i}]", state_dict_sha256(m)) for i, m in enumerate(mods)]
         raw = typed.to_dict() if isinstance(plan, Plan) else dict(plan)
-        return cls(mods, typed, sources, _hash_json([{"plan": raw}] * len(mods)), dev)
+        return cls(mods, typed, sources, json_sha256([{"plan": raw}] * len(mods)), dev)
 
 
 def state_dict_sha256(module: nn.Module) -> str:
@@ -99,40 +98,18 @@ def state_dict_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _hash_json(obj: Any) -> str:
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def resolve_model_path(path: str | os.PathLike[str]) -> Path:
-    """The checkpoint file a run folder, checkpoint folder, pointer or file names.
+    """The checkpoint file a run folder, checkpoint folder, pointer or file names (best > final > latest).
 
     Raises:
         ModelError: nothing usable at ``path`` (the message lists what was looked for).
     """
-    from medgn.checkpoint import read_pointer
+    from medgn.checkpoint import INFERENCE_ORDER, resolve_checkpoint
 
     path = Path(path)
-    if path.is_file():
-        if path.suffix == ".json":
-            record = read_pointer(path.parent, path.stem)
-            if record is None:
-                raise ModelError(path, "checkpoint pointer not found", expected="an existing pointer file")
-            return path.parent / record["file"]
-        return path
     if not path.exists():
         raise ModelError(path, "model not found", expected="a run folder, a checkpoints folder or a checkpoint file")
-    folders = [path / "checkpoints", path] if (path / "checkpoints").is_dir() else [path]
-    for folder in folders:
-        for name in POINTER_ORDER:
-            record = read_pointer(folder, name)
-            if record is not None:
-                return folder / record["file"]
-        for name in PLAIN_NAMES:
-            if (folder / name).is_file():
-                return folder / name
-    looked = [str(f / f"{n}.json") for f in folders for n in POINTER_ORDER]
-    raise ModelError(path, "no checkpoint in this folder", expected="one of " + ", ".join(looked + list(PLAIN_NAMES)))
+    return resolve_checkpoint(path, INFERENCE_ORDER)[0]
 
 
 def _shape_diff(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> list[str]:
@@ -146,13 +123,13 @@ def _shape_diff(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> list[s
 
 def _load_one(path: str | os.PathLike[str], device: torch.device) -> tuple[nn.Module, Plan, ModelSource, dict[str, Any]]:
     """One checkpoint: the eval-mode network, its plan, its source and the record the config hash covers."""
-    from medgn.checkpoint import file_sha256, load_checkpoint
+    from medgn.checkpoint import INFERENCE_ORDER, read_checkpoint
     from medgn.configtools import build
     from medgn.models.config import UNet3DConfig
     from medgn.models.registry import build_model
 
-    file = resolve_model_path(path)
-    state = load_checkpoint(file, map_location="cpu")
+    resolve_model_path(path)  # a clear error for a missing path or an empty folder
+    state, file, sha256 = read_checkpoint(path, map_location="cpu", prefer=INFERENCE_ORDER)  # one read: hashed and loaded
     missing = [k for k in ("model", "config", "plan") if k not in state]
     if missing:
         raise ModelError(file, "checkpoint is missing keys: " + ", ".join(missing), got=f"keys {sorted(map(str, state))[:8]}", expected="model, config and plan")
@@ -175,7 +152,7 @@ def _load_one(path: str | os.PathLike[str], device: torch.device) -> tuple[nn.Mo
     model.load_state_dict(weights, strict=True)
     model.to(device).eval()
     # The config hash covers the plan as stored, so sidecars of earlier runs still match.
-    return model, plan, ModelSource(str(file), file_sha256(file)), {"config": dict(config), "plan": dict(raw_plan)}
+    return model, plan, ModelSource(str(file), sha256), {"config": dict(config), "plan": dict(raw_plan)}
 
 
 def _plan_diff(a: Plan, b: Plan) -> list[str]:
@@ -217,16 +194,10 @@ def load_predictor(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[st
         sources.append(source)
         records.append(record)
     assert plan0 is not None  # items is non-empty
-    return Predictor(models, plan0, sources, _hash_json(records), dev)
+    return Predictor(models, plan0, sources, json_sha256(records), dev)
 
 
 def _device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise UsageError("--device", "unknown device", got=str(device), expected="cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device", "CUDA requested but no CUDA device is available", got=str(device), expected="--device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError("--device", "unsupported device", got=str(device), expected="cpu or cuda")
-    return dev
+    from medgn.environment import resolve_device
+
+    return resolve_device(device)

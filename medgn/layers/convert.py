@@ -17,7 +17,7 @@ from torch import nn
 
 from medgn.errors import UsageError
 from medgn.layers.group_norm import GroupNorm
-from medgn.layers.group_rule import num_groups_for
+from medgn.layers.group_rule import groups_for_width
 
 # Every layer whose statistics depend on the batch or on one channel only.
 CONVERTIBLE: tuple[type[nn.Module], ...] = (
@@ -47,21 +47,6 @@ class Replacement:
 
     def __str__(self) -> str:
         return f"{self.name or '<model>'}: {self.old} -> {self.new}"
-
-
-def groups_for_width(channels: int, num_groups: int | None) -> int:
-    """Number of groups for a converted layer of ``channels`` channels.
-
-    Args:
-        channels: layer width C.
-        num_groups: the wanted group count G; ``None`` applies the group-count rule. When G does
-            not divide C, the largest divisor of C below G is used, so every group has channels.
-    """
-    if num_groups is None:
-        return num_groups_for(channels)
-    if num_groups < 1:
-        raise UsageError("num_groups", "must be at least 1", got=num_groups, expected=">= 1, or null for the rule")
-    return max(g for g in range(1, min(num_groups, channels) + 1) if channels % g == 0)
 
 
 def _make_group_norm(old: nn.Module, to: str, groups: int) -> nn.Module:

@@ -17,7 +17,7 @@ from torch import nn
 
 from medgn.errors import UsageError
 from medgn.layers.group_norm import GroupNorm
-from medgn.layers.group_rule import num_groups_for
+from medgn.layers.group_rule import groups_for_width
 
 # The paper's default slope for LeakyReLU in nnU-Net-style networks; the fused GroupNorm takes the
 # same value so "group" and "group_torch" compute the same function.
@@ -66,15 +66,7 @@ def make_activation(name: str | None) -> nn.Module:
 
 
 def _resolve_groups(channels: int, num_groups: int | None) -> int:
-    groups = num_groups_for(channels) if num_groups is None else num_groups
-    if groups < 1 or channels % groups != 0:
-        raise UsageError(
-            "num_groups",
-            f"{channels} channels cannot be split into {groups} equal groups",
-            got=groups,
-            expected=f"a divisor of {channels}, or null for the group-count rule",
-        )
-    return groups
+    return groups_for_width(channels, num_groups)  # the same rule as convert_norm
 
 
 def _group(channels: int, num_groups: int | None, activation: str | None) -> nn.Module:

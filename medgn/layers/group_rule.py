@@ -8,7 +8,9 @@ C x spatial) and G = C normalises each channel alone (InstanceNorm).
 
 from __future__ import annotations
 
-__all__ = ["num_groups_for"]
+from medgn.errors import UsageError
+
+__all__ = ["groups_for_width", "num_groups_for"]
 
 
 def num_groups_for(channels: int, max_groups: int = 32, min_channels_per_group: int = 16) -> int:
@@ -42,3 +44,22 @@ def num_groups_for(channels: int, max_groups: int = 32, min_channels_per_group: 
     while channels % groups:
         groups -= 1
     return groups
+
+
+def groups_for_width(channels: int, num_groups: int | None) -> int:
+    """Groups of a GroupNorm layer of ``channels`` channels: the one rule for built and converted models.
+
+    Args:
+        channels: layer width C.
+        num_groups: the wanted group count G; ``None`` applies :func:`num_groups_for`. When G does
+            not divide C, the largest divisor of C below G is used, so every group has channels
+            (the same width-dependent rounding :func:`num_groups_for` applies).
+
+    Raises:
+        UsageError: ``num_groups`` below 1.
+    """
+    if num_groups is None:
+        return num_groups_for(channels)
+    if num_groups < 1:
+        raise UsageError("num_groups", "must be at least 1", got=num_groups, expected=">= 1, or null for the rule")
+    return max(g for g in range(1, min(num_groups, channels) + 1) if channels % g == 0)

@@ -91,6 +91,11 @@ def test_unknown_names_list_the_valid_ones(call, valid: str) -> None:
         call()
 
 
-def test_groups_not_dividing_channels_is_a_usage_error() -> None:
-    with pytest.raises(UsageError, match="num_groups.*24 channels cannot be split into 5"):
-        make_norm("group", 24, num_groups=5)
+def test_groups_not_dividing_channels_round_down_like_convert_norm() -> None:
+    from medgn.layers.convert import convert_norm
+
+    assert make_norm("group", 24, num_groups=5).num_groups == 4  # largest divisor of 24 below 5
+    converted, _ = convert_norm(torch.nn.Sequential(torch.nn.BatchNorm3d(24)), num_groups=5)
+    assert converted[0].num_groups == 4  # the model and the conversion share one rule
+    with pytest.raises(UsageError, match="num_groups"):
+        make_norm("group", 24, num_groups=0)
