@@ -6,40 +6,44 @@ weights_only=True)`` reads it and a crash never leaves half a file at a final na
 a new file name in the checkpoint folder (``e0003-i0000750-step.pt``) with a ``.sha256`` sidecar,
 then small JSON pointers (``latest.json``, ``best.json``, ``final.json``) are replaced atomically
 to name it with its sha256. A crash between any two writes leaves every pointer naming a complete,
-verified file. Weights that are not finite are never written.
+verified file. Weights that are not finite are never written. :func:`resolve_checkpoint` is the
+one rule for what a folder or pointer names (resume: the latest; inference: best > final >
+latest), and :func:`read_checkpoint` reads a file once for both its hash and its contents.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from medgn.errors import ModelError
-from medgn.files import atomic_path, atomic_write_json, atomic_write_text, clean_stale_temps
+from medgn.files import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    clean_stale_temps,
+    file_sha256,
+)
 from medgn.logs import get_logger
 
 FORMAT = "medgn-checkpoint"
 FORMAT_VERSION = 1
 POINTERS = ("latest", "best", "final")
-# Bytes read per chunk while hashing: 8 MiB keeps memory flat for multi-GB files.
-_HASH_CHUNK = 8 << 20
+# Which pointer a folder resolves to: training continues from the latest; inference takes the best
+# validated weights, else the final ones, else the latest.
+RESUME_ORDER = ("latest",)
+INFERENCE_ORDER = ("best", "final", "latest")
+# Plain file names other tools (or older runs) leave in a checkpoints folder, in preference order.
+PLAIN_NAMES = ("best.pt", "final.pt", "last.pt", "latest.pt")
 
 log = get_logger("engine.checkpoint")
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_data_only(obj: Any, key: str = "checkpoint") -> None:
@@ -161,16 +165,31 @@ def prune_checkpoints(folder: str | os.PathLike[str], *, keep: int = 2) -> list[
     return removed
 
 
-def resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, str | None]:
-    """The checkpoint file and expected sha256 for a file, a pointer JSON or a folder (its latest)."""
+def resolve_checkpoint(path: str | os.PathLike[str], prefer: Sequence[str] = RESUME_ORDER) -> tuple[Path, str | None]:
+    """The checkpoint file and expected sha256 for a file, a pointer JSON or a run/checkpoints folder.
+
+    The one resolution rule: a folder (its ``checkpoints/`` first) resolves to the first pointer of
+    ``prefer`` found there (``RESUME_ORDER``: the latest, to continue training;
+    ``INFERENCE_ORDER``: best > final > latest, to predict), then, for inference, to a plain file
+    name other tools leave (``PLAIN_NAMES``).
+
+    Raises:
+        ModelError: a folder without any of them, or a pointer file that does not exist.
+    """
     path = Path(path)
     if path.is_dir():
-        sub = path / "checkpoints"
-        folder = sub if (sub / "latest.json").is_file() else path
-        record = read_pointer(folder, "latest")
-        if record is None:
-            raise ModelError(path, "no checkpoint to resume from", expected=f"{folder / 'latest.json'}")
-        return folder / record["file"], record.get("sha256")
+        folders = [path / "checkpoints", path] if (path / "checkpoints").is_dir() else [path]
+        plain = PLAIN_NAMES if tuple(prefer) != RESUME_ORDER else ()
+        for folder in folders:
+            for name in prefer:
+                record = read_pointer(folder, name)
+                if record is not None:
+                    return folder / record["file"], record.get("sha256")
+            for name in plain:
+                if (folder / name).is_file():
+                    return folder / name, None
+        looked = [str(f / f"{n}.json") for f in folders for n in prefer]
+        raise ModelError(path, "no checkpoint in this folder", expected="one of " + ", ".join(looked + list(plain)))
     if path.suffix == ".json":
         record = read_pointer(path.parent, path.stem)
         if record is None:
@@ -184,7 +203,17 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, str | None]:
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu", verify: bool = True) -> dict[str, Any]:
+    """Load a checkpoint safely; see :func:`read_checkpoint` (which also returns the file and its hash)."""
+    return read_checkpoint(path, map_location=map_location, verify=verify)[0]
+
+
+def read_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu", verify: bool = True, prefer: Sequence[str] = RESUME_ORDER) -> tuple[dict[str, Any], Path, str]:
     """Load a checkpoint safely (``weights_only=True``), checking its recorded sha256.
+
+    The file is read once: the same bytes are hashed and unpickled.
+
+    Returns:
+        (state, the checkpoint file, its sha256).
 
     Args:
         path: a checkpoint file, a pointer (``latest.json``) or a run/checkpoint folder.
@@ -195,15 +224,18 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
         ModelError: missing, truncated, corrupt, hash mismatch, code inside the pickle, or not a
             medgn checkpoint; the message names the file.
     """
-    file, expected = resolve_checkpoint(path)
+    file, expected = resolve_checkpoint(path, prefer)
     if not file.is_file():
         raise ModelError(file, "checkpoint file not found", expected="an existing file")
-    if verify and expected:
-        actual = file_sha256(file)
-        if actual != expected:
-            raise ModelError(file, "checkpoint does not match its recorded sha256 (corrupt or replaced)", got=actual[:16], expected=expected[:16])
     try:
-        state = torch.load(file, map_location=map_location, weights_only=True)
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise ModelError(file, f"cannot read checkpoint ({exc.strerror or exc})") from None
+    actual = hashlib.sha256(raw).hexdigest()
+    if verify and expected and actual != expected:
+        raise ModelError(file, "checkpoint does not match its recorded sha256 (corrupt or replaced)", got=actual[:16], expected=expected[:16])
+    try:
+        state = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ModelError(file, f"cannot load checkpoint safely ({reason})", expected="an intact medgn checkpoint with tensors and plain values only") from exc
@@ -216,4 +248,4 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
     if bad:
         raise ModelError(file, "checkpoint holds non-finite weights", got=", ".join(bad[:5]), expected="finite tensors")
     log.debug("loaded checkpoint %s", file)
-    return state
+    return state, file, actual

@@ -101,3 +101,48 @@ def describe() -> dict[str, Any]:
         "cuda_devices": devices,
         "group_norm_backend": {"cpu": group_norm_backend("cpu"), "cuda": group_norm_backend("cuda") if devices else "no CUDA device"},
     }
+
+
+def local_rank() -> int | None:
+    """torchrun's ``LOCAL_RANK`` (None outside torchrun): the one place medgn reads it.
+
+    Raises:
+        UsageError: the variable is set but not an integer.
+    """
+    from medgn.errors import UsageError
+
+    raw = os.environ.get("LOCAL_RANK")
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise UsageError("LOCAL_RANK", "environment variable is not an integer", got=raw, expected="an integer set by torchrun") from None
+
+
+def resolve_device(device: Any) -> Any:
+    """The torch device for ``cpu``, ``cuda`` or ``cuda:N``: the one device rule of train and infer.
+
+    Plain ``cuda`` under torchrun means this process's GPU, ``cuda:$LOCAL_RANK``. Asking whether
+    CUDA is available does not initialise it.
+
+    Raises:
+        UsageError: an unknown device, or CUDA asked for where there is none (exit 2).
+    """
+    import torch
+
+    from medgn.errors import UsageError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError("--device", "unknown device", got=str(device), expected="cpu, cuda or cuda:N") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError("--device", "unsupported device", got=str(device), expected="cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device", "CUDA requested but no CUDA device is available", got=str(device), expected="--device cpu")
+        rank = local_rank()
+        if dev.index is None and rank is not None:
+            dev = torch.device("cuda", rank)
+    return dev

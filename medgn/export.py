@@ -168,4 +168,4 @@ def export_model(model_path: str | os.PathLike[str], out: str | os.PathLike[str]
     if Path(out).exists() and not overwrite:
         raise UsageError(out, "output file exists", expected="another --out, or --overwrite")
     predictor = load_predictor(model_path, "cpu")
-    return export_module(predictor.models[0], int(predictor.plan["in_channels"]), out, fmt=fmt, overwrite=overwrite, where=predictor.sources[0].path)
+    return export_module(predictor.models[0], predictor.plan.in_channels, out, fmt=fmt, overwrite=overwrite, where=predictor.sources[0].path)

@@ -6,12 +6,15 @@ fsynced and renamed over the final name with ``os.replace``. "The file exists" t
 means "the file is complete"; on any failure the temporary file is removed and an earlier file at the
 final path is left untouched. A full disk becomes a :class:`~medgn.errors.ResourceError` (exit 5)
 naming the file. :class:`RunLock` keeps two runs from writing into one output folder.
+:func:`file_sha256`, :func:`path_sha256` and :func:`json_sha256` are the one implementation of
+hashing a file, an input (a file or a DICOM folder) and a JSON-able record.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import socket
@@ -25,6 +28,10 @@ from medgn.errors import LockedError, ResourceError, UsageError
 
 TEMP_MARK = ".medgn-tmp-"
 LOCK_NAME = ".medgn.lock"
+
+# Files are hashed in 8 MiB chunks: large enough for full disk throughput, small enough to keep
+# memory flat for multi-GB checkpoints and volumes.
+HASH_CHUNK = 8 << 20
 
 # Multi-part suffixes that writers (nibabel, SimpleITK) read the format from: the temporary
 # name must end with the same suffix as the final name.
@@ -41,6 +48,45 @@ def split_suffix(name: str) -> tuple[str, str]:
     if not dot or not stem:
         return name, ""
     return stem, "." + ext
+
+
+def is_inside(child: str | os.PathLike[str], parent: str | os.PathLike[str]) -> bool:
+    """True when ``child`` is ``parent`` or lies under it, after resolving symlinks and ``..``.
+
+    The one rule for "output inside input" (train, infer, evaluate, plan): a link cannot smuggle
+    an output folder into the input tree.
+    """
+    child_r, parent_r = Path(os.path.realpath(child)), Path(os.path.realpath(parent))
+    return child_r == parent_r or parent_r in child_r.parents
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def path_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of an input: a file's bytes, or a folder's files (names and bytes, sorted by name)."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        digest.update(file.name.encode("utf-8") + b"\0")
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def json_sha256(obj: Any, *, compact: bool = True) -> str:
+    """Hex sha256 of a JSON-able record with sorted keys (``compact``: no spaces after separators)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":") if compact else None, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _umask_mode() -> int:

@@ -15,6 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Results must not depend on the host CPU: amp/precision "auto" stays fp32 in the tests (also in
+# their subprocesses). Tests of the bf16 paths ask for bf16 explicitly or patch the detection.
+os.environ.setdefault("MEDGN_CPU_BF16", "0")
 
 import torch  # noqa: E402
 

@@ -140,3 +140,31 @@ def test_clean_stale_temps(tmp_path: Path) -> None:
     removed = files.clean_stale_temps(tmp_path)
     assert [p.name for p in removed] == [f"{files.TEMP_MARK}abc-x.nii.gz"]
     assert (tmp_path / "keep.nii.gz").exists()
+
+
+def test_is_inside_resolves_dots_and_links(tmp_path: Path) -> None:
+    from medgn.files import is_inside
+
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(data / "sub")
+    assert is_inside(data, data) and is_inside(data / "sub" / "out", data)
+    assert is_inside(tmp_path / "link" / "out", data)  # a link into the input tree is inside it
+    assert is_inside(tmp_path / "other" / ".." / "data" / "x", data)
+    assert not is_inside(tmp_path / "data2", data) and not is_inside(tmp_path, data)
+
+
+def test_hashes_are_the_one_implementation(tmp_path: Path) -> None:
+    import hashlib
+
+    from medgn.files import file_sha256, json_sha256, path_sha256
+
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    assert file_sha256(tmp_path / "a.bin") == path_sha256(tmp_path / "a.bin") == hashlib.sha256(b"abc").hexdigest()
+    folder = tmp_path / "series"
+    folder.mkdir()
+    (folder / "2.dcm").write_bytes(b"y")
+    (folder / "1.dcm").write_bytes(b"x")
+    assert path_sha256(folder) == hashlib.sha256(b"1.dcm\0x2.dcm\0y").hexdigest()  # names and bytes, sorted
+    assert json_sha256({"b": 1, "a": [1, 2]}) == hashlib.sha256(b'{"a":[1,2],"b":1}').hexdigest()
+    assert json_sha256({"b": 1}, compact=False) == hashlib.sha256(b'{"b": 1}').hexdigest()

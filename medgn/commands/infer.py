@@ -32,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sw-batch-size", type=int, default=2, help="windows per forward pass (default: 2)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for inference on the CPU")
     parser.add_argument("--save-probabilities", action="store_true", help="also write float16 class probabilities")
-    parser.add_argument("--largest-component", action="store_true", help="keep the largest connected component per class")
+    parser.add_argument("--largest-component", action="store_true", help="keep the largest connected component of every class (same as --postprocess lcc)")
+    parser.add_argument("--postprocess", choices=("auto", "none", "lcc"), default="auto", help="auto: what the model chose from its held-out cases when it was trained (postprocessing.json); none; lcc: largest component of every class")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 autocast where the device computes bf16 natively (GPUs, CPUs with AVX512-BF16/AMX), else fp32")
     parser.add_argument("--overwrite", action="store_true", help="redo cases whose outputs came from other models, settings or inputs")
     parser.add_argument("--shard", default=None, metavar="I/N", help="process every N-th case from I (0-based); default from RANK/WORLD_SIZE")
     parser.add_argument("--channels", default=None, metavar="A,B", help="channel names: <case>_A, <case>_B files form the channels in this order")
@@ -45,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medgn.infer.run import infer
+    from medgn.infer.run import InferSettings, infer
     from medgn.logs import attach_file_log, current_log_path, fallback_log_path
 
     if current_log_path() is None:  # per-case tracebacks of a batch run go to the user's log file
@@ -55,15 +57,14 @@ def run(args: argparse.Namespace) -> int:
             pass
     channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
     limits = limits_from_args(args)
-    report = infer(
-        args.model,
-        args.input,
-        args.output,
+    settings = InferSettings.of(
         device=args.device,
         tta=args.tta,
         overlap=args.overlap,
         save_probabilities=args.save_probabilities,
         largest_component=args.largest_component,
+        postprocess=args.postprocess,
+        precision=args.precision,
         overwrite=args.overwrite,
         shard=args.shard,
         channels=channels,
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress and sys.stderr.isatty(),
         limits=limits,
     )
+    report = infer(args.model, args.input, args.output, settings)
     counts = report.to_dict()["counts"]
     print(f"{counts['ok']} segmented, {counts['skipped']} skipped, {counts['failed']} failed -> {report.output_dir}")
     for case in report.failed:

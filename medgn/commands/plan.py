@@ -12,7 +12,7 @@ from medgn.data.datasets import load_dataset
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
 from medgn.data.workload import check_workload
 from medgn.errors import UsageError
-from medgn.files import atomic_write_json
+from medgn.files import is_inside
 from medgn.planning.fingerprint import compute_fingerprint
 from medgn.planning.planner import DEFAULT_GPU_GB, make_plan
 from medgn.planning.splits import load_or_create_splits
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--gpu-memory", "out of range", got=args.gpu_memory, expected="0.5..4096 GB")
     if not out.parent.absolute().is_dir():
         raise UsageError(out, "output folder does not exist", expected="an existing folder")
-    if dataset in Path(os.path.normpath(out.absolute())).parents:
+    if is_inside(out, dataset):
         raise UsageError(out, "refusing to write into the dataset folder", expected="an output path outside the input tree")
     if out.exists() and not args.overwrite:
         raise UsageError(out, "output exists", expected="a new path, or pass --overwrite")
@@ -50,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
     fingerprint = compute_fingerprint(index, limits, seed=args.seed)
     plan = make_plan(index, fingerprint, gpu_memory_gb=args.gpu_memory)
     for case, entry in zip(index.cases, fingerprint["cases"]):  # spacing and shape in RAS axes
-        check_workload(case.images[0], entry["shape"], np.diag([*entry["spacing"], 1.0]), plan["target_spacing"], limits)
-    atomic_write_json(out, plan, overwrite=args.overwrite)
+        check_workload(case.images[0], entry["shape"], np.diag([*entry["spacing"], 1.0]), plan.target_spacing, limits)
+    plan.save(out, overwrite=args.overwrite)
     splits = load_or_create_splits(out.with_name("splits.json"), [c.case_id for c in index.cases], min(args.folds, len(index.cases)), args.seed) if len(index.cases) >= 2 else []
-    norms = ", ".join(n["scheme"] for n in plan["normalization"])
-    print(f"target spacing {plan['target_spacing']} mm, normalisation {norms}, patch {plan['patch_size']}, batch {plan['batch_size']}, {len(plan['network']['strides'])} stages, {len(splits)} folds")
+    norms = ", ".join(n["scheme"] for n in plan.normalization)
+    print(f"target spacing {list(plan.target_spacing)} mm, normalisation {norms}, patch {list(plan.patch_size)}, batch {plan.batch_size}, {len(plan.network.strides or ())} stages, {len(splits)} folds")
     print(f"wrote {out}")
     return 0

@@ -39,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--plan", help="plan JSON from 'medgn plan' (default: made and stored in the run folder)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--verify", action="store_true", help="check every case again on --resume (always checked on a new run)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--time-budget", help="stop cleanly after this long (e.g. 30m, 2h)")
     parser.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", help="fine-tune: start from this run's weights (heads re-initialised for another class count, the first conv for another channel count)")
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"data.limits.max_resampled_voxels={args.max_resampled_voxels}")
     cfg = load_run_config(args.config, overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs = {"fold": parse_fold(args.fold), "resume": args.resume, "device": device, "plan_path": args.plan, "console": not args.no_progress}
+    kwargs = {"fold": parse_fold(args.fold), "resume": args.resume, "device": device, "plan_path": args.plan, "console": not args.no_progress, "verify": True if args.verify else None}
     if args.init_from and not args.resume:
         from medgn.workflows.finetune import train_from
 

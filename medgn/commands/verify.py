@@ -28,9 +28,9 @@ def run(args: argparse.Namespace) -> int:
     limits = Limits(max_voxels=args.max_voxels, max_bytes=max(DEFAULT_LIMITS.max_bytes, args.max_voxels * 8), max_dim=args.max_dim, max_resampled_voxels=args.max_resampled_voxels)
     target_spacing = None
     if args.plan is not None:
-        from medgn.planning.planner import load_plan
+        from medgn.planning.plan import Plan
 
-        target_spacing = load_plan(args.plan)["target_spacing"]
+        target_spacing = Plan.load(args.plan).target_spacing
     index = load_dataset(args.dataset)
     from rich.console import Console
     from rich.table import Table

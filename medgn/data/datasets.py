@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -306,13 +306,36 @@ def _is_dicom_folder(path: Path) -> bool:
     return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
 
 
-def find_inputs(path: str | os.PathLike[str], channels: int | None = None) -> list[Case]:
+def _named_channels(input_path: Path, channels: Sequence[str]) -> list[Case]:
+    """Cases of a folder whose files are ``<case>_<channel>.<ext>``, channels in the given order."""
+    if not input_path.is_dir():
+        raise UsageError("--channels", "channel names need a folder input", got=str(input_path), expected="a folder of <case>_<channel> files")
+    grouped: dict[str, dict[str, Path]] = {}
+    for path in sorted(p for p in input_path.iterdir() if is_image_file(p)):
+        stem = strip_image_suffix(path.name)
+        for ch in channels:
+            if stem.endswith("_" + ch) and len(stem) > len(ch) + 1:
+                grouped.setdefault(stem[: -len(ch) - 1], {})[ch] = path
+    if not grouped:
+        raise UsageError(input_path, "no files named <case>_<channel> for the given channels", got=",".join(channels), expected="e.g. case1_" + channels[0] + ".nii.gz")
+    cases = []
+    for case_id, found in sorted(grouped.items()):
+        missing = [ch for ch in channels if ch not in found]
+        images = tuple(found[ch] for ch in channels if ch in found)
+        cases.append(Case(case_id, images if not missing else images + tuple(input_path / f"{case_id}_{ch} (missing)" for ch in missing)))
+    return cases
+
+
+def find_inputs(path: str | os.PathLike[str], channels: int | None = None, *, names: Sequence[str] | None = None) -> list[Case]:
     """The cases inference should read from ``path``.
 
     Args:
         path: an image file, a folder of image files (``<case>_0000``, ``_0001``... grouped as
             channels), a dataset folder (its test cases), or a DICOM series folder.
         channels: expected channels per case; cases with another count are refused.
+        names: channel names: a folder's ``<case>_<name>`` files form the channels in this order
+            (``medgn infer --channels``); a missing channel is kept as a missing path so the case
+            fails alone.
 
     Returns:
         Cases without labels, sorted by id.
@@ -322,7 +345,9 @@ def find_inputs(path: str | os.PathLike[str], channels: int | None = None) -> li
         InputDataError: a case with missing or extra channels.
     """
     path = Path(path)
-    if path.is_file():
+    if names:
+        cases = _named_channels(path, names)
+    elif path.is_file():
         cases = [Case(check_case_id(strip_image_suffix(path.name), path), (path,))]
     elif not path.is_dir():
         raise UsageError(path, "input not found", expected="an image file or a folder")
@@ -349,8 +374,3 @@ def find_inputs(path: str | os.PathLike[str], channels: int | None = None) -> li
         if wrong:
             raise InputDataError(path, f"cases with the wrong number of channels: {', '.join(wrong[:10])}", expected=f"{channels} channel(s) per case")
     return sorted(cases, key=lambda c: c.case_id)
-
-
-def all_paths(cases: Iterable[Case]) -> list[Path]:
-    """Every image and label file of ``cases``."""
-    return [p for c in cases for p in (*c.images, *((c.label,) if c.label else ()))]

@@ -11,6 +11,8 @@ to (x, y, z) and whose LPS geometry is converted to RAS.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import os
 import zlib
 from collections.abc import Iterable
@@ -23,6 +25,7 @@ import numpy as np
 from medgn.data.native import captured_native_stderr, itk_reason
 from medgn.data.preflight import (
     DEFAULT_LIMITS,
+    NIFTI_SUFFIXES,
     HeaderInfo,
     Limits,
     _open_nifti,
@@ -32,7 +35,7 @@ from medgn.data.preflight import (
     read_header,
 )
 from medgn.errors import InputDataError, UsageError
-from medgn.files import atomic_path
+from medgn.files import atomic_path, path_sha256
 
 __all__ = ["HeaderInfo", "Limits", "Volume", "geometry_diff", "read_header", "read_volume", "write_mask", "write_volume"]
 
@@ -52,6 +55,7 @@ class Volume:
         format: "nifti", "nrrd", "mha" or "dicom".
         meta: what a writer needs to reproduce the header (NIfTI header and qform/sform codes, or
             ITK origin/spacing/direction in LPS).
+        sha256: the input's sha256 when read with ``digest=True`` or from :func:`input_bytes`.
     """
 
     array: np.ndarray
@@ -59,6 +63,7 @@ class Volume:
     path: Path
     format: str
     meta: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -108,15 +113,22 @@ def _fmt(values: Iterable[float]) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 
-def _read_pixels(info: HeaderInfo) -> np.ndarray:
-    """The stored voxels as (X, Y, Z); any decoding failure becomes an InputDataError."""
+def _read_pixels(info: HeaderInfo, raw: bytes | None = None) -> np.ndarray:
+    """The stored voxels as (X, Y, Z); any decoding failure becomes an InputDataError.
+
+    ``raw`` (NIfTI only): the file's bytes, already read for hashing, decoded from memory.
+    """
     path = info.path
     native: list[str] = []
     try:
         if info.format == "nifti":
             import nibabel as nib
 
-            img = nib.load(str(path))
+            if raw is not None:
+                cls = nib.Nifti2Image if isinstance(info.meta.get("nifti_header"), nib.Nifti2Header) else nib.Nifti1Image
+                img = cls.from_bytes(gzip.decompress(raw) if path.name.lower().endswith(".gz") else raw)
+            else:
+                img = nib.load(str(path))
             array = np.asanyarray(img.dataobj)  # applies scl_slope/inter only when set
             array = array.reshape(array.shape[:3])
         else:
@@ -131,7 +143,7 @@ def _read_pixels(info: HeaderInfo) -> np.ndarray:
                     image = sitk.ReadImage(str(path))
             zyx = sitk.GetArrayFromImage(image)  # (Z, Y, X), or (1, Z, Y, X) for a squeezed 4D
             array = zyx.reshape(zyx.shape[-3:]).transpose(2, 1, 0)
-    except (EOFError, zlib.error, OSError, ValueError, RuntimeError) as exc:
+    except (EOFError, zlib.error, OSError, ValueError, RuntimeError, nib_errors()) as exc:
         text = itk_reason(exc, native) if info.format != "nifti" else (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         raise InputDataError(path, "cannot read the voxel data (truncated or corrupt file?)", got=text[:200]) from None
     if array.shape != info.shape:
@@ -161,7 +173,42 @@ def _check_label(path: Path, array: np.ndarray, label_values: Iterable[int] | No
     return labels
 
 
-def read_volume(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS, *, label: bool = False, label_values: Iterable[int] | None = None) -> Volume:
+def nib_errors() -> type[Exception]:
+    """nibabel's error for undecodable image bytes (read from memory)."""
+    from nibabel.filebasedimages import ImageFileError
+
+    return ImageFileError
+
+
+@dataclass(frozen=True)
+class InputBytes:
+    """An input's sha256 and, for a NIfTI file, its bytes (decoded later without a second read)."""
+
+    path: Path
+    sha256: str
+    data: bytes | None
+
+
+def input_bytes(path: str | os.PathLike[str]) -> InputBytes:
+    """Read an input once for its sha256; a NIfTI file's bytes are kept for :func:`read_volume`.
+
+    Other formats (read by SimpleITK from their files) and DICOM folders are hashed by
+    :func:`medgn.files.path_sha256` and decoded from the files later.
+
+    Raises:
+        InputDataError: the input cannot be read (exit 3).
+    """
+    path = Path(path)
+    try:
+        if path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES):
+            data = path.read_bytes()
+            return InputBytes(path, hashlib.sha256(data).hexdigest(), data)
+        return InputBytes(path, path_sha256(path), None)
+    except OSError as exc:
+        raise InputDataError(path, f"cannot read input ({exc.strerror or exc})", expected="a readable file") from None
+
+
+def read_volume(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS, *, label: bool = False, label_values: Iterable[int] | None = None, digest: bool = False, read: InputBytes | None = None) -> Volume:
     """Read a 3D image or label after validating its header.
 
     Args:
@@ -169,6 +216,10 @@ def read_volume(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS, *
         limits: size limits checked from the header before any pixel is read.
         label: read as a label map: integers (int32), never rounded from floats.
         label_values: when given (labels only), the values the label may contain.
+        digest: also record the input's sha256 (``Volume.sha256``). A NIfTI file is read once:
+            the same bytes are hashed and decoded; other formats are hashed by their files.
+        read: what :func:`input_bytes` already read of this file (its bytes are decoded, not
+            read again; its sha256 is recorded).
 
     Returns:
         The volume: float32 voxels for images, int32 for labels, in file voxel order.
@@ -179,7 +230,12 @@ def read_volume(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS, *
         ResourceError: above a size limit (exit 5).
     """
     info = read_header(path, limits)
-    array = _read_pixels(info)
+    if read is None and digest:
+        read = input_bytes(info.path)
+    raw = read.data if read is not None and info.format == "nifti" else None
+    sha256 = read.sha256 if read is not None else None
+    array = _read_pixels(info, raw)
+    del raw
     if label:
         array = _check_label(info.path, array, label_values)
     else:
@@ -189,7 +245,7 @@ def read_volume(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS, *
         bad = int(np.count_nonzero(~np.isfinite(array)))
         if bad:
             raise InputDataError(info.path, f"image has {bad} NaN/Inf voxels", got=f"shape {array.shape}", expected="finite intensities (check scl_slope/scl_inter and the data)")
-    return Volume(array, info.affine, info.path, info.format, dict(info.meta))
+    return Volume(array, info.affine, info.path, info.format, dict(info.meta), sha256)
 
 
 def _out_format(out_path: Path) -> str:

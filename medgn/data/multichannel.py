@@ -26,21 +26,7 @@ if TYPE_CHECKING:  # io and preflight import this module lazily; no import cycle
     from medgn.data.io import Volume
     from medgn.data.preflight import Limits
 
-__all__ = ["check_channel_axis", "file_channel_count", "read_case_images", "read_channels"]
-
-
-def check_channel_axis(path: Path, shape: tuple[int, ...], channels: int) -> tuple[int, int, int]:
-    """The 3D grid of a header shape whose 4th axis must hold exactly ``channels`` channels.
-
-    Raises:
-        InputDataError: the file is 3D, has another channel count, or more than 4 axes (exit 3).
-    """
-    found = int(shape[3]) if len(shape) >= 4 else 1
-    if len(shape) < 3 or any(d != 1 for d in shape[4:]):
-        raise InputDataError(path, f"expected a 4D image with {channels} channels, got shape {shape}", expected="(X, Y, Z, C) with C on the 4th axis")
-    if found != channels:
-        raise InputDataError(path, f"image has {found} channel(s) on its 4th axis", got=f"shape {shape}", expected=f"{channels} channel(s), one per 'modality' entry of dataset.json (or per model input channel)")
-    return (int(shape[0]), int(shape[1]), int(shape[2]))
+__all__ = ["file_channel_count", "read_case_images", "read_channels"]
 
 
 def file_channel_count(path: str | os.PathLike[str]) -> int:

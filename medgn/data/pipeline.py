@@ -3,20 +3,19 @@
 This module owns :func:`train_transforms`, :func:`val_transforms`, :func:`infer_transforms` (dict
 transforms; keys "image" = list of channel paths, "label" = path), :func:`invert_to_input` (a
 prediction on the pipeline grid resampled back onto exactly the input file's voxel grid),
-:func:`pipeline_hash` (the cache key: a changed plan or pipeline never reads a stale cache) and the
-loaders :func:`make_train_loader` / :func:`make_val_data`. The deterministic part (load, crop to
+:func:`pipeline_hash` (the cache key: a changed plan or pipeline never reads a stale cache) and
+:func:`make_val_data`. The plan arrives as any object with the :class:`Preprocessing` attributes
+(the data layer sits below planning, so it names the fields it reads, not the Plan class). The deterministic part (load, crop to
 the nonzero region, normalise, orient to RAS, resample to the target spacing, map label values to
 class indices) is cacheable; random crops with foreground oversampling and augmentation follow.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -29,12 +28,22 @@ from medgn.data.preflight import DEFAULT_LIMITS, Limits
 from medgn.data.reader import LoadCased, MedgnReader, NormalizePland
 from medgn.data.workload import CheckWorkloadd
 from medgn.errors import InputDataError, MedgnError
+from medgn.files import json_sha256
 
 # Bump when the deterministic transforms change meaning: old caches are then never read.
 PIPELINE_VERSION = 1
 # Input voxels resampled per slab in invert_to_input: bounds the float64 coordinate grid to
 # ~100 MB whatever the scan size.
 INVERT_SLAB_VOXELS = 4_000_000
+
+
+class Preprocessing(Protocol):
+    """What the pipelines read from a plan (:class:`medgn.planning.plan.Plan` has these)."""
+
+    label_values: Sequence[int]
+    normalization: Sequence[Mapping[str, Any]]
+    target_spacing: Sequence[float]
+    patch_size: Sequence[int]
 
 
 def _nonzero(x: torch.Tensor) -> torch.Tensor:
@@ -66,28 +75,28 @@ def _compose(steps: list[Any]) -> MedgnCompose:
     return MedgnCompose(steps)
 
 
-def _deterministic(plan: Mapping[str, Any], limits: Limits, with_label: bool) -> list[Any]:
+def _deterministic(plan: Preprocessing, limits: Limits, with_label: bool, preloaded: dict[str, Any] | None = None) -> list[Any]:
     from monai.transforms import CropForegroundd, MapLabelValued, Orientationd, Spacingd
 
     keys = ["image", "label"] if with_label else ["image"]
-    steps: list[Any] = [LoadCased("image", MedgnReader(limits, channels=int(plan.get("in_channels", 1))))]
+    steps: list[Any] = [LoadCased("image", MedgnReader(limits, channels=int(getattr(plan, "in_channels", 1)), preloaded=preloaded))]
     if with_label:
-        values = [int(v) for v in plan["label_values"]]
+        values = [int(v) for v in plan.label_values]
         steps += [
             LoadCased("label", MedgnReader(limits, label=True, label_values=values), dtype=np.float32),
             MapLabelValued("label", orig_labels=values, target_labels=list(range(len(values)))),
         ]
     steps += [
         CropForegroundd(keys, source_key="image", select_fn=_nonzero, allow_smaller=True),
-        NormalizePland("image", plan["normalization"]),
+        NormalizePland("image", [dict(n) for n in plan.normalization]),
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),  # explicit: RAS world labels
-        CheckWorkloadd("image", plan["target_spacing"], limits),  # before resampling: refuse what would explode
-        Spacingd(keys, pixdim=[float(s) for s in plan["target_spacing"]], mode=("bilinear", "nearest")[: len(keys)]),
+        CheckWorkloadd("image", plan.target_spacing, limits),  # before resampling: refuse what would explode
+        Spacingd(keys, pixdim=[float(s) for s in plan.target_spacing], mode=("bilinear", "nearest")[: len(keys)]),
     ]
     return steps
 
 
-def _augment(plan: Mapping[str, Any], cfg: DataConfig) -> list[Any]:
+def _augment(plan: Preprocessing, cfg: DataConfig) -> list[Any]:
     from monai.transforms import (
         RandAdjustContrastd,
         RandCropByPosNegLabeld,
@@ -102,7 +111,7 @@ def _augment(plan: Mapping[str, Any], cfg: DataConfig) -> list[Any]:
     )
 
     keys = ["image", "label"]
-    patch = [int(p) for p in plan["patch_size"]]
+    patch = [int(p) for p in plan.patch_size]
     angle = math.radians(cfg.rotate_deg)
     pos = cfg.foreground_ratio
     return [
@@ -128,7 +137,7 @@ def _finish(with_label: bool) -> list[Any]:
     return steps
 
 
-def train_transforms(plan: Mapping[str, Any], cfg: DataConfig) -> Any:
+def train_transforms(plan: Preprocessing, cfg: DataConfig) -> Any:
     """Training Compose: deterministic preprocessing, then random patches and augmentation.
 
     Output per sample: "image" (C, *patch) float32, "label" (1, *patch) int64 class indices.
@@ -136,14 +145,18 @@ def train_transforms(plan: Mapping[str, Any], cfg: DataConfig) -> Any:
     return _compose([*_deterministic(plan, cfg.limits, True), *_augment(plan, cfg), *_finish(True)])
 
 
-def val_transforms(plan: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Any:
+def val_transforms(plan: Preprocessing, limits: Limits = DEFAULT_LIMITS) -> Any:
     """Validation Compose: whole preprocessed volumes with labels, no randomness."""
     return _compose([*_deterministic(plan, limits, True), *_finish(True)])
 
 
-def infer_transforms(plan: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Any:
-    """Inference Compose: "image" only; keep the output dict for :func:`invert_to_input`."""
-    return _compose([*_deterministic(plan, limits, False), *_finish(False)])
+def infer_transforms(plan: Preprocessing, limits: Limits = DEFAULT_LIMITS, preloaded: dict[str, Any] | None = None) -> Any:
+    """Inference Compose: "image" only; keep the output dict for :func:`invert_to_input`.
+
+    ``preloaded``: a dict the caller fills with volumes it has already read (path -> Volume)
+    before each call; the loader takes them from there instead of reading the files again.
+    """
+    return _compose([*_deterministic(plan, limits, False, preloaded), *_finish(False)])
 
 
 def invert_to_input(pred: torch.Tensor, data: Mapping[str, Any], *, mode: str = "bilinear", fill: Sequence[float] | None = None) -> torch.Tensor:
@@ -194,16 +207,16 @@ def invert_to_input(pred: torch.Tensor, data: Mapping[str, Any], *, mode: str = 
     return out
 
 
-def pipeline_hash(plan: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> str:
+def pipeline_hash(plan: Preprocessing, limits: Limits = DEFAULT_LIMITS) -> str:
     """Hash of everything that changes the cached (deterministic) preprocessing."""
     key = {
         "pipeline_version": PIPELINE_VERSION,
-        "target_spacing": plan["target_spacing"],
-        "normalization": plan["normalization"],
-        "label_values": plan["label_values"],
+        "target_spacing": [float(s) for s in plan.target_spacing],
+        "normalization": [dict(n) for n in plan.normalization],
+        "label_values": [int(v) for v in plan.label_values],
         "limits": [limits.max_voxels, limits.max_bytes, limits.max_dim],
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return json_sha256(key, compact=False)[:16]
 
 
 def case_item(case: Case) -> dict[str, Any]:
@@ -216,7 +229,7 @@ def case_item(case: Case) -> dict[str, Any]:
     return item
 
 
-def cached_dataset(items: list[dict[str, Any]], transform: Any, plan: Mapping[str, Any], cfg: DataConfig) -> Any:
+def cached_dataset(items: list[dict[str, Any]], transform: Any, plan: Preprocessing, cfg: DataConfig) -> Any:
     """A MONAI dataset caching ``transform``'s deterministic output as ``cfg`` says.
 
     On disk under ``cfg.cache_dir/prep-<pipeline hash>`` (a changed plan never reads a stale
@@ -234,25 +247,6 @@ def cached_dataset(items: list[dict[str, Any]], transform: Any, plan: Mapping[st
     return Dataset(items, transform=transform)
 
 
-def make_train_loader(cases: Sequence[Case], plan: Mapping[str, Any], cfg: DataConfig, seed: int, *, batch_size: int | None = None) -> Any:
-    """A shuffling MONAI DataLoader of augmented patches, reproducible from ``seed``.
-
-    Args:
-        cases: training cases (with labels).
-        plan: the plan dict.
-        cfg: data settings (cache, workers, augmentation).
-        seed: seeds the shuffle and, through MONAI, every worker's transform random state.
-        batch_size: patches per batch (default: the plan's).
-    """
-    from monai.data import DataLoader
-
-    if any(c.label is None for c in cases):
-        raise InputDataError("cases", "training cases need labels", got=[c.case_id for c in cases if c.label is None][:10])
-    dataset = cached_dataset([case_item(c) for c in cases], train_transforms(plan, cfg), plan, cfg)
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size or int(plan["batch_size"]), shuffle=True, num_workers=cfg.num_workers, generator=generator, persistent_workers=cfg.num_workers > 0, drop_last=False)
-
-
-def make_val_data(cases: Sequence[Case], plan: Mapping[str, Any], cfg: DataConfig) -> Any:
+def make_val_data(cases: Sequence[Case], plan: Preprocessing, cfg: DataConfig) -> Any:
     """A dataset of whole preprocessed validation volumes (cached like the training data)."""
     return cached_dataset([case_item(c) for c in cases], val_transforms(plan, cfg.limits), plan, cfg)

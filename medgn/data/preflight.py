@@ -34,6 +34,8 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mha"}
 SUPPORTED = ".nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or a DICOM series folder"
+# Single-file formats medgn writes masks in (and evaluates): the one list of label-map suffixes.
+MASK_SUFFIXES = (*NIFTI_SUFFIXES, ".nrrd", ".mha")
 
 
 @dataclass(frozen=True)
@@ -111,12 +113,24 @@ def _check_size(path: Path, shape: tuple[int, ...], itemsize: int, limits: Limit
         raise ResourceError(path, "image is too large", got=f"{voxels * itemsize} bytes", expected=f"<= {limits.max_bytes} bytes")
 
 
+def check_channel_axis(path: Path, shape: tuple[int, ...], channels: int) -> tuple[int, int, int]:
+    """The 3D grid of a header shape whose 4th axis must hold exactly ``channels`` channels.
+
+    Raises:
+        InputDataError: the file is 3D, has another channel count, or more than 4 axes (exit 3).
+    """
+    found = int(shape[3]) if len(shape) >= 4 else 1
+    if len(shape) < 3 or any(d != 1 for d in shape[4:]):
+        raise InputDataError(path, f"expected a 4D image with {channels} channels, got shape {shape}", expected="(X, Y, Z, C) with C on the 4th axis")
+    if found != channels:
+        raise InputDataError(path, f"image has {found} channel(s) on its 4th axis", got=f"shape {shape}", expected=f"{channels} channel(s), one per 'modality' entry of dataset.json (or per model input channel)")
+    return (int(shape[0]), int(shape[1]), int(shape[2]))
+
+
 def _squeeze_shape(path: Path, shape: tuple[int, ...], channels: int = 1) -> tuple[int, int, int]:
     if any(d < 1 for d in shape):
         raise InputDataError(path, "header declares a non-positive dimension", got=f"shape {shape}", expected="all sizes >= 1")
     if channels > 1:  # a 4D multi-channel file (MSD): the 4th axis holds exactly the channels
-        from medgn.data.multichannel import check_channel_axis
-
         return check_channel_axis(path, shape, channels)
     if len(shape) < 3 or any(d != 1 for d in shape[3:]):
         raise InputDataError(path, f"expected 3D, got shape {shape}", expected="one 3D volume per file (channels as separate files)")

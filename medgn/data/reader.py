@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import ImageReader
-from monai.transforms import LoadImage, MapTransform, Transform
+from monai.transforms import LoadImage, MapTransform
 
 from medgn.data.io import Volume, geometry_diff, read_volume
 from medgn.data.multichannel import read_channels
@@ -36,12 +36,16 @@ class MedgnReader(ImageReader):
         label: read integer labels (checked against ``label_values``).
         label_values: allowed label values, or None.
         channels: channels the plan expects; a single file is then read as a 4D MSD image.
+        preloaded: volumes the caller has already read, by path (a list of channel volumes for a
+            4D file); a path found here is taken (and removed) instead of being read again, so a
+            command reads each file once.
     """
 
-    def __init__(self, limits: Limits = DEFAULT_LIMITS, label: bool = False, label_values: Sequence[int] | None = None, channels: int = 1) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, label: bool = False, label_values: Sequence[int] | None = None, channels: int = 1, preloaded: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.limits, self.label, self.channels = limits, label, channels
         self.label_values = list(label_values) if label_values is not None else None
+        self.preloaded = preloaded if preloaded is not None else {}
 
     def verify_suffix(self, filename: Sequence[os.PathLike[str] | str] | os.PathLike[str] | str) -> bool:
         names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
@@ -53,8 +57,9 @@ class MedgnReader(ImageReader):
     def read(self, data: Sequence[os.PathLike[str] | str] | os.PathLike[str] | str, **kwargs: Any) -> list[Volume]:
         names = [data] if isinstance(data, (str, os.PathLike)) else list(data)
         if len(names) == 1 and self.channels > 1 and not self.label:  # one 4D MSD file: C channels
-            return read_channels(names[0], self.channels, self.limits)
-        vols = [read_volume(n, self.limits, label=self.label, label_values=self.label_values) for n in names]
+            pre = self.preloaded.pop(os.fspath(names[0]), None)
+            return list(pre) if isinstance(pre, list) and len(pre) == self.channels else read_channels(names[0], self.channels, self.limits)
+        vols = [self.preloaded.pop(os.fspath(n), None) or read_volume(n, self.limits, label=self.label, label_values=self.label_values) for n in names]
         for vol in vols[1:]:
             diffs = geometry_diff(vols[0], vol)
             if diffs:
@@ -126,10 +131,3 @@ class NormalizePland(MapTransform):
             out = torch.stack([normalize_channel(img[c], n) for c, n in enumerate(self.normalization)])
             d[key] = img.clone().copy_(out) if hasattr(img, "meta") and img.dtype == out.dtype else out
         return d
-
-
-class CastLabel(Transform):
-    """Round (nearest-interpolated) class indices to int64."""
-
-    def __call__(self, data: torch.Tensor) -> torch.Tensor:
-        return torch.round(data).to(torch.int64) if data.is_floating_point() else data.to(torch.int64)

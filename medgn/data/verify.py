@@ -4,8 +4,10 @@ This module owns :func:`verify_dataset` and its :class:`VerifyReport`. For each 
 the files exist, passes the header preflight, reads the pixels (NaN/Inf voxels, integer labels within
 the declared set), with a plan's spacing the size each image becomes once resampled, and
 compares the geometry of every channel and of the label with the first
-channel (shape, spacing, origin, direction). It never stops at the first problem: every problem of
-every case is collected with its file, so ``medgn verify`` can list them all at once.
+channel (shape, spacing, origin, direction). Given a sampling seed it also takes each case's
+fingerprint statistics (:mod:`medgn.data.case_stats`) from the volumes it holds, so training reads
+every file once for both the check and the fingerprint. It never stops at the first problem: every
+problem of every case is collected with its file, so ``medgn verify`` can list them all at once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medgn.data.case_stats import CaseStats, case_statistics
 from medgn.data.datasets import Case, DatasetIndex
 from medgn.data.io import Limits, Volume, geometry_diff, read_volume
 from medgn.data.multichannel import read_channels
@@ -34,6 +37,7 @@ class CaseResult:
     labels_found: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    stats: CaseStats | None = None
 
     @property
     def ok(self) -> bool:
@@ -58,6 +62,13 @@ class VerifyReport:
         """Every problem of every case, each naming its file."""
         return [p for c in self.cases for p in c.problems]
 
+    @property
+    def stats(self) -> list[CaseStats] | None:
+        """Fingerprint statistics of the training cases, when taken and every case passed."""
+        train_ids = {c.case_id for c in self.index.cases}
+        stats = [c.stats for c in self.cases if c.case_id in train_ids]
+        return None if not self.ok or any(s is None for s in stats) else stats  # type: ignore[return-value]
+
 
 def _read(path: Path, limits: Limits, result: CaseResult, **kwargs: object) -> Volume | None:
     try:
@@ -79,11 +90,12 @@ def _channels(case: Case, expected: int, limits: Limits, result: CaseResult) -> 
     return [(c, p, v) for c, p, v in read if v is not None]
 
 
-def verify_case(case: Case, index: DatasetIndex, limits: Limits = DEFAULT_LIMITS, target_spacing: Sequence[float] | None = None) -> CaseResult:
-    """Check one case; see :func:`verify_dataset`."""
+def verify_case(case: Case, index: DatasetIndex, limits: Limits = DEFAULT_LIMITS, target_spacing: Sequence[float] | None = None, *, rng: np.random.Generator | None = None) -> CaseResult:
+    """Check one case; see :func:`verify_dataset`. With ``rng``, also take its fingerprint statistics."""
     result = CaseResult(case.case_id)
     label_values = sorted(index.labels.values()) if index.labels else None
     first: Volume | None = None
+    kept: list[Volume] = []  # the channels, held only when statistics are taken
     for channel, path, vol in _channels(case, len(index.channel_names), limits, result):
         if float(vol.array.min()) == float(vol.array.max()):
             # Normalisation guards std == 0, so a constant channel is safe but worth a look.
@@ -100,7 +112,10 @@ def verify_case(case: Case, index: DatasetIndex, limits: Limits = DEFAULT_LIMITS
             diffs = geometry_diff(first, vol)
             if diffs:
                 result.problems.append(f"{path}: channel {channel} geometry differs from {first.path}: {'; '.join(diffs)}")
+        if rng is not None:
+            kept.append(vol)
         del vol
+    label = None
     if case.label is not None:
         label = _read(case.label, limits, result, label=True, label_values=label_values)
         if label is not None:
@@ -109,10 +124,12 @@ def verify_case(case: Case, index: DatasetIndex, limits: Limits = DEFAULT_LIMITS
                 diffs = geometry_diff(first, label)
                 if diffs:
                     result.problems.append(f"{case.label}: label geometry differs from image {first.path}: {'; '.join(diffs)}")
+    if rng is not None and result.ok and kept:
+        result.stats = case_statistics(case.case_id, kept, label, rng)
     return result
 
 
-def verify_dataset(index: DatasetIndex, limits: Limits = DEFAULT_LIMITS, *, progress: Callable[[CaseResult], None] | None = None, include_test: bool = False, target_spacing: Sequence[float] | None = None) -> VerifyReport:
+def verify_dataset(index: DatasetIndex, limits: Limits = DEFAULT_LIMITS, *, progress: Callable[[CaseResult], None] | None = None, include_test: bool = False, target_spacing: Sequence[float] | None = None, stats_seed: int | None = None) -> VerifyReport:
     """Check every case of a dataset and collect all problems.
 
     Args:
@@ -122,13 +139,17 @@ def verify_dataset(index: DatasetIndex, limits: Limits = DEFAULT_LIMITS, *, prog
         include_test: also check the test cases (images only).
         target_spacing: a plan's spacing: each case's size once resampled is checked too
             (``limits.max_resampled_voxels``); None (no plan) checks the headers' limits only.
+        stats_seed: when given, also take each training case's fingerprint statistics with this
+            sampling seed (``report.stats``; the same numbers as ``compute_fingerprint(seed=...)``).
 
     Returns:
         The report; ``report.ok`` is False when any case has a problem.
     """
     results = []
-    for case in [*index.cases, *(index.test_cases if include_test else [])]:
-        result = verify_case(case, index, limits, target_spacing)
+    rng = np.random.default_rng(stats_seed) if stats_seed is not None else None
+    cases = [(case, rng) for case in index.cases] + [(case, None) for case in (index.test_cases if include_test else [])]
+    for case, case_rng in cases:
+        result = verify_case(case, index, limits, target_spacing, rng=case_rng)
         results.append(result)
         if progress is not None:
             progress(result)

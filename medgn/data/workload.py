@@ -126,10 +126,14 @@ def check_dataset_workload(cases: Sequence[Any], target_spacing: Sequence[float]
     Raises:
         ResourceError: the first case above a limit (exit 5).
     """
+    from medgn.data.multichannel import file_channel_count
     from medgn.data.preflight import read_header
 
     for case in cases:
-        info = read_header(case.images[0], limits)
+        first = case.images[0]
+        # One 4D MSD file per case holds every channel: its grid is the first three axes.
+        channels = file_channel_count(first) if len(case.images) == 1 else 1
+        info = read_header(first, limits, channels=channels)
         check_workload(info.path, info.shape, info.affine, target_spacing, limits, roi=roi, overlap=overlap)
 
 

@@ -133,8 +133,8 @@ def write_overlays(
     from medgn.data.io import geometry_diff, read_volume
     from medgn.data.multichannel import read_display_volume
     from medgn.evaluate.metrics import structure_mask
+    from medgn.evaluate.predictions import read_prediction
     from medgn.evaluate.report import worst_cases
-    from medgn.evaluate.run import read_prediction
 
     written: list[Path] = []
     worst = worst_cases(result, worst_k)

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medgn.data.preflight import MASK_SUFFIXES
 from medgn.errors import EXIT_INPUT, EXIT_OK, InputDataError, UsageError
 from medgn.evaluate.metrics import METRIC_NAMES, ClassMetrics
 
-CASE_SUFFIXES: tuple[str, ...] = (".seg.dcm", ".nii.gz", ".nii", ".nrrd", ".mha")
+CASE_SUFFIXES: tuple[str, ...] = (".seg.dcm", *MASK_SUFFIXES)  # a DICOM-SEG prediction too
 
 @dataclass(frozen=True)
 class MetricRow:

@@ -16,7 +16,6 @@ import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -29,8 +28,9 @@ from medgn.evaluate.metrics import (
     case_metrics,
     failed_metrics,
 )
+from medgn.evaluate.predictions import read_prediction
 from medgn.evaluate.results import CASE_SUFFIXES, EvaluationResult, MetricRow, case_id, list_cases  # noqa: F401
-from medgn.files import RunLock, clean_stale_temps
+from medgn.files import RunLock, clean_stale_temps, is_inside
 from medgn.logs import get_logger
 
 OUTPUT_FILES: tuple[str, ...] = ("metrics.csv", "summary.json", "report.md", "boxplot.png")
@@ -63,49 +63,13 @@ def _check_regions(regions: Mapping[str, Sequence[int]] | None) -> dict[str, tup
 
 
 def _check_out_dir(out_dir: Path, inputs: Sequence[Path], overwrite: bool) -> None:
-    resolved = out_dir.resolve()
     for folder in inputs:
-        src = folder.resolve()
-        if resolved == src or src in resolved.parents:
+        if is_inside(out_dir, folder):
             raise UsageError(out_dir, "output folder is inside an input folder", got=str(folder), expected="a folder outside the prediction, reference and image folders")
     if not overwrite:
         existing = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
         if existing:
             raise UsageError(out_dir, "output folder already holds evaluation results", got=", ".join(existing), expected="a new folder, or overwrite=True (--overwrite)")
-
-
-def _geometry_mismatch(pred_path: Path, ref_path: Path) -> str | None:
-    """The geometry difference between a prediction and its reference, from the headers alone."""
-    from medgn.data.io import geometry_diff, read_header
-
-    pred_h, ref_h = read_header(pred_path), read_header(ref_path)
-    diffs = geometry_diff(pred_h, ref_h)
-    if not diffs:
-        return None
-    return (
-        f"prediction geometry differs from the reference (prediction vs reference: {'; '.join(diffs)}); "
-        f"prediction affine {_fmt_affine(pred_h.affine)} ({pred_path}), reference affine {_fmt_affine(ref_h.affine)} ({ref_path})"
-    )
-
-
-def _fmt_affine(affine: Any) -> str:
-    rows = np.asarray(affine, dtype=np.float64)
-    return "[" + ", ".join("[" + ", ".join(f"{v:.6g}" for v in row) + "]" for row in rows) + "]"
-
-
-def read_prediction(pred_path: Path, ref: Any) -> Any:
-    """A prediction as a label volume on the reference grid: a mask file with the reference's
-    geometry (checked from the headers), or a DICOM-SEG whose frames are placed on its voxels."""
-    from medgn.data.io import Volume, read_volume
-
-    if pred_path.name.lower().endswith(".seg.dcm"):
-        from medgn.data.dicom_seg import read_seg_on_grid
-
-        return Volume(read_seg_on_grid(pred_path, ref.shape, ref.affine), ref.affine, pred_path, "dicom-seg")
-    mismatch = _geometry_mismatch(pred_path, ref.path)
-    if mismatch:
-        raise InputDataError(pred_path, mismatch, expected="the reference's shape, spacing, origin and direction")
-    return read_volume(pred_path, label=True)
 
 
 def _evaluate_case(

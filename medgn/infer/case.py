@@ -1,11 +1,12 @@
 """One case through inference: read, preprocess, predict, invert, post-process, write, record.
 
 This module owns :func:`run_case` and the per-case provenance sidecar. The input channels are
-read with :func:`medgn.data.io.read_volume` (header preflight, NaN/Inf checks; the first channel is
-the geometry reference), preprocessed with the plan's MONAI pipeline, predicted with
+read once (:func:`read_inputs`: the sha256 that decides skip or refusal, and the bytes that
+:func:`medgn.data.io.read_volume` then decodes with its header preflight and NaN/Inf checks; the
+first channel is the geometry reference), preprocessed with the plan's MONAI pipeline, predicted with
 :func:`medgn.infer.sliding_window.predict_probabilities`, brought back onto exactly the input voxel
 grid with :func:`medgn.data.pipeline.invert_to_input`, turned into raw label values (argmax, the
-plan's ``label_values``, optionally the largest connected component per class) and written with
+plan's ``label_values``, after the chosen post-processing of the class map) and written with
 :func:`medgn.data.io.write_mask`, which checks the geometry before publishing. The sidecar
 ``<case>.json`` is written twice: with ``status: running`` before any output (so a rerun knows
 outputs left by an interrupted run of the same fingerprint are its own) and with ``status: done``
@@ -27,19 +28,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from medgn.data.preflight import MASK_SUFFIXES
 from medgn.errors import InputDataError, MedgnError, UsageError
-from medgn.files import atomic_path, atomic_write_bytes, atomic_write_json
-from medgn.infer.outputs import input_sha256
+from medgn.files import atomic_path, atomic_write_bytes, atomic_write_json, json_sha256, path_sha256
 from medgn.infer.predictor import Predictor
 from medgn.infer.sliding_window import WindowSettings, predict_probabilities
 
-__all__ = ["CaseOutcome", "fingerprint", "mask_suffix", "read_sidecar", "run_case"]
+__all__ = ["CaseOutcome", "fingerprint", "mask_suffix", "read_inputs", "read_sidecar", "run_case"]
 
 SIDECAR_VERSION = 1
 SEG_SUFFIX = ".seg.dcm"  # medgn.data.dicom_seg.SEG_SUFFIX, kept here so naming needs no pydicom
 OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
-# Formats write_mask can reproduce; DICOM inputs get a NIfTI mask with the same geometry.
-_SUFFIX_BY_FORMAT = {"nrrd": ".nrrd", "mha": ".mha", "dicom": ".nii.gz"}
+# The probabilities file every input format gets (NIfTI-1 has no float16; see _write_probabilities).
+PROBABILITIES_SUFFIX = "_probabilities.npz"
 
 
 @dataclass
@@ -55,7 +56,7 @@ def mask_suffix(first_channel: Path) -> str:
     name = first_channel.name.lower()
     if first_channel.is_dir():
         return ".nii.gz"
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+    for suffix in (*MASK_SUFFIXES, ".mhd"):
         if name.endswith(suffix):
             return ".mha" if suffix == ".mhd" else suffix
     return ".nii.gz"
@@ -74,7 +75,7 @@ def primary_suffix(images: tuple[Path, ...], output_format: str | None) -> str:
 def fingerprint(inputs: list[str], models: list[str], config_hash: str, settings: Mapping[str, Any]) -> str:
     """sha256 over what determines a case's output: input and model hashes, config, settings."""
     record = {"inputs": inputs, "models": models, "config_hash": config_hash, "settings": dict(settings)}
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode("utf-8")).hexdigest()
+    return json_sha256(record, compact=False)
 
 
 def read_sidecar(path: Path) -> dict[str, Any] | None:
@@ -86,25 +87,7 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def largest_component_per_class(mask: np.ndarray, background: int = 0) -> np.ndarray:
-    """Keep, for every label value except ``background``, only its largest 26-connected component."""
-    from scipy import ndimage
-
-    out = mask.copy()
-    structure = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity: diagonal neighbours touch
-    for value in np.unique(mask):
-        if value == background:
-            continue
-        components, n = ndimage.label(mask == value, structure=structure)
-        if n <= 1:
-            continue
-        sizes = np.bincount(components.ravel())
-        sizes[0] = 0
-        out[(components != int(np.argmax(sizes))) & (components > 0)] = background
-    return out
-
-
-def _read_channels(images: tuple[Path, ...], in_channels: int, limits: Any = None) -> list[Any]:
+def _read_channels(images: tuple[Path, ...], in_channels: int, limits: Any = None, reads: list[Any] | None = None) -> list[Any]:
     from medgn.data.io import geometry_diff, read_volume
     from medgn.data.multichannel import read_case_images
     from medgn.data.preflight import DEFAULT_LIMITS
@@ -113,7 +96,7 @@ def _read_channels(images: tuple[Path, ...], in_channels: int, limits: Any = Non
         return read_case_images(images, in_channels)
     if len(images) != in_channels:
         raise InputDataError(images[0], f"case has {len(images)} channel(s)", got=[p.name for p in images], expected=f"{in_channels} channel(s) as the model was trained")
-    volumes = [read_volume(p, limits or DEFAULT_LIMITS) for p in images]
+    volumes = [read_volume(p, limits or DEFAULT_LIMITS, read=r) for p, r in zip(images, reads or [None] * len(images))]
     for vol in volumes[1:]:
         diffs = geometry_diff(volumes[0], vol)
         if diffs:
@@ -127,7 +110,7 @@ def _write_probabilities(probs: np.ndarray, reference: Any, out: Path, overwrite
     NIfTI-1 has no float16 type, so every input format gets the same compressed ``.npz`` with
     ``probabilities`` (K, X, Y, Z) in file voxel order, ``affine`` (RAS) and ``label_values``.
     """
-    path = out.with_name(out.name + "_probabilities.npz")
+    path = out.with_name(out.name + PROBABILITIES_SUFFIX)
     with atomic_path(path, overwrite=overwrite) as tmp:
         with open(tmp, "wb") as handle:
             # float16 halves the file; its 1e-3 resolution is finer than any threshold users apply.
@@ -141,9 +124,10 @@ def run_case(
     predictor: Predictor,
     settings: WindowSettings,
     options: Mapping[str, Any],
-    preprocess: Callable[[list[str]], tuple[torch.Tensor, Any]],
+    preprocess: Callable[[list[str], list[Any]], tuple[torch.Tensor, Any]],
     invert: Callable[[torch.Tensor, Any], torch.Tensor],
     sidecar_base: Mapping[str, Any],
+    reads: list[Any] | None = None,
 ) -> CaseOutcome:
     """Segment one case and write its mask, optional probabilities and sidecar.
 
@@ -152,13 +136,16 @@ def run_case(
         stem: output path without suffix (``<output_dir>/<safe name>``).
         predictor: the loaded models and plan.
         settings: sliding-window settings.
-        options: ``overwrite``, ``save_probabilities``, ``largest_component``, ``threads``,
-            ``output_format`` (nifti, dicom-seg, both; None: the input's family).
-            ``limits`` (header and resampled-size limits; default :data:`DEFAULT_LIMITS`).
-        preprocess: channel paths -> ((C, *pipeline_shape) image, pipeline data for ``invert``).
+        options: ``overwrite``, ``save_probabilities``, ``threads``,
+            ``output_format`` (nifti, dicom-seg, both; None: the input's family),
+            ``limits`` (header and resampled-size limits; default :data:`DEFAULT_LIMITS`),
+            ``postprocessing`` (a :class:`~medgn.infer.postprocess.PostProcessing` or None).
+        preprocess: (channel paths, their volumes) -> ((C, *pipeline_shape) image, pipeline
+            data for ``invert``).
         invert: ((K, *pipeline_shape) probabilities, data) -> (K, X, Y, Z) on the input grid.
         sidecar_base: provenance shared by every case (models, settings, versions...), with the
             case's ``inputs`` and ``fingerprint`` already filled in.
+        reads: what :func:`read_inputs` read of each channel (decoded here, not read again).
 
     Raises:
         InputDataError: unreadable input, wrong channels, geometry check failed (exit 3).
@@ -170,7 +157,7 @@ def run_case(
     atomic_write_json(sidecar_path, {**sidecar_base, "status": "running"}, overwrite=True)
     published: list[str] = []
     try:
-        return _segment(images, stem, predictor, settings, options, preprocess, invert, sidecar_base, sidecar_path, published)
+        return _segment(images, stem, predictor, settings, options, preprocess, invert, sidecar_base, sidecar_path, published, reads)
     except Exception:
         # A case that failed before publishing anything leaves what was there before; once an
         # output is published (or after a kill) "running" stays, so a rerun redoes the case.
@@ -189,11 +176,12 @@ def _segment(
     predictor: Predictor,
     settings: WindowSettings,
     options: Mapping[str, Any],
-    preprocess: Callable[[list[str]], tuple[torch.Tensor, Any]],
+    preprocess: Callable[[list[str], list[Any]], tuple[torch.Tensor, Any]],
     invert: Callable[[torch.Tensor, Any], torch.Tensor],
     sidecar_base: Mapping[str, Any],
     sidecar_path: Path,
     published: list[str],
+    reads: list[Any] | None,
 ) -> CaseOutcome:
     from medgn.data.dicom_seg import seg_sources, write_dicom_seg
     from medgn.data.io import write_mask
@@ -205,10 +193,10 @@ def _segment(
     from medgn.data.workload import check_workload
 
     limits = options.get("limits") or DEFAULT_LIMITS
-    volumes = _read_channels(images, int(predictor.plan["in_channels"]), limits)
+    volumes = _read_channels(images, predictor.plan.in_channels, limits, reads)
     reference = volumes[0]
     # Before the pipeline resamples: the whole grid at the plan's spacing, and its windows.
-    check_workload(reference.path, reference.shape, reference.affine, predictor.plan["target_spacing"], limits, roi=settings.roi_size, overlap=settings.overlap)
+    check_workload(reference.path, reference.shape, reference.affine, predictor.plan.target_spacing, limits, roi=settings.roi_size, overlap=settings.overlap)
     requested = options.get("output_format")
     out_format = requested or default_output_format(images)
     sources = None
@@ -222,11 +210,11 @@ def _segment(
             # still exact, so write it and say why there is no SEG.
             warnings.append(f"no DICOM-SEG written ({exc.one_line()})")
             out_format = "nifti"
-    image, data = preprocess([os.fspath(p) for p in images])
+    image, data = preprocess([os.fspath(p) for p in images], volumes)  # no second read of the files
     times["read_preprocess"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    k = int(predictor.plan["num_classes"])
+    k = predictor.plan.num_classes
     blank = all(not np.any(v.array) for v in volumes)
     if blank:
         # Every voxel 0: the region the pipeline crops to is empty, so there is nothing to segment.
@@ -242,9 +230,12 @@ def _segment(
     if tuple(probs.shape[1:]) != reference.shape:
         raise InputDataError(reference.path, "prediction is not on the input grid after inversion", got=f"shape {tuple(probs.shape[1:])}", expected=f"shape {reference.shape}")
     label_values = np.asarray(predictor.label_values, dtype=np.int64)
-    mask = label_values[probs.argmax(dim=0).numpy()]  # (X, Y, Z) raw label values
-    if options.get("largest_component"):
-        mask = largest_component_per_class(mask, background=int(label_values[0]))
+    classes = probs.argmax(dim=0).numpy()  # (X, Y, Z) class indices
+    if options.get("postprocessing") is not None:
+        from medgn.infer.postprocess import apply as apply_postprocessing
+
+        classes = apply_postprocessing(classes, options["postprocessing"])
+    mask = label_values[classes]  # raw label values
     if not blank and not np.any(mask != label_values[0]):
         warnings.append(f"{reference.path}: the mask is empty (no voxel of any class but background)")
     overwrite = bool(options.get("overwrite"))
@@ -254,7 +245,7 @@ def _segment(
         outputs.append(write_mask(mask, reference, out_mask, overwrite=overwrite).name)
         published.extend(outputs)
     if sources is not None:
-        names = {int(v): str(k) for k, v in (predictor.plan.get("dataset", {}) or {}).get("labels", {}).items() if isinstance(v, int)}
+        names = {int(v): str(k) for k, v in (predictor.plan.dataset or {}).get("labels", {}).items() if isinstance(v, int)}
         outputs.append(write_dicom_seg(mask, reference, sources, predictor.label_values, names, stem.with_name(stem.name + SEG_SUFFIX), overwrite=overwrite).name)
         published.append(outputs[-1])
     if options.get("save_probabilities"):
@@ -268,33 +259,38 @@ def _segment(
     return CaseOutcome(outputs + [stem.name + ".json"], warnings)
 
 
-def case_inputs(images: tuple[Path, ...]) -> list[dict[str, str]]:
-    """Path and sha256 of each channel (hashing refuses missing files as input errors).
+def read_inputs(images: tuple[Path, ...]) -> tuple[list[Any], list[dict[str, str]]]:
+    """Read every channel's file once: what was read (decoded later, only when the case runs) and
+    each channel's path and sha256, which decide whether the case is done or its outputs are ours.
 
-    A header with detached data files (``.mhd``, ``.nhdr``) is hashed with its data files, so a
-    changed ``.raw`` is a changed input; a data file outside the header's folder is refused here.
+    Raises:
+        InputDataError: an input cannot be read (exit 3).
+    """
+    from medgn.data.io import input_bytes
+
+    reads = [input_bytes(p) for p in images]
+    return reads, [{"path": os.fspath(p), "sha256": _with_data_files(p, r.sha256)} for p, r in zip(images, reads)]
+
+
+def _with_data_files(path: Path, digest: str) -> str:
+    """The input's sha256, combined with its detached data files' (``.mhd``/``.nhdr`` headers).
+
+    A changed ``.raw`` is then a changed input; a data file outside the header's folder is refused.
     """
     from medgn.data.detached import detached_data_files
 
-    records = []
-    for path in images:
-        try:
-            digest = input_sha256(path)
-            data_files = detached_data_files(path) if Path(path).is_file() else []
-            if data_files:
-                combined = hashlib.sha256(digest.encode())
-                for file in data_files:
-                    combined.update(input_sha256(file).encode())
-                digest = combined.hexdigest()
-            records.append({"path": os.fspath(path), "sha256": digest})
-        except OSError as exc:
-            raise InputDataError(path, f"cannot read input ({exc.strerror or exc})", expected="a readable file") from None
-    return records
+    data_files = detached_data_files(path) if Path(path).is_file() else []
+    if not data_files:
+        return digest
+    combined = hashlib.sha256(digest.encode())
+    for file in data_files:
+        combined.update(path_sha256(file).encode())
+    return combined.hexdigest()
 
 
 def outputs_exist(stem: Path, images: tuple[Path, ...]) -> list[Path]:
-    """Existing files at this case's final output paths (mask, sidecar, probabilities)."""
-    candidates = [stem.with_name(stem.name + s) for s in (mask_suffix(images[0]), SEG_SUFFIX, ".json", "_probabilities.nii.gz", "_probabilities.npz")]
+    """Existing files at the paths this case's outputs are written to (mask, sidecar, probabilities)."""
+    candidates = [stem.with_name(stem.name + s) for s in (mask_suffix(images[0]), SEG_SUFFIX, ".json", PROBABILITIES_SUFFIX)]
     return [p for p in candidates if p.exists()]
 
 

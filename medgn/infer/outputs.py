@@ -10,7 +10,6 @@ refusal to write into the input tree or into an unwritable folder, the ``--shard
 
 from __future__ import annotations
 
-import hashlib
 import os
 import unicodedata
 import uuid
@@ -20,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from medgn.errors import EXIT_OK, UsageError
-from medgn.files import TEMP_MARK, atomic_write_json
+from medgn.files import TEMP_MARK, atomic_write_json, path_sha256
+from medgn.files import is_inside as _inside
 
 __all__ = [
     "CaseResult",
@@ -37,7 +37,6 @@ __all__ = [
 # file-name limit.
 MAX_NAME_BYTES = 200
 # Bytes per read while hashing inputs: 8 MiB keeps memory flat for large scans.
-_HASH_CHUNK = 8 << 20
 REPORT_NAME = "report.json"
 
 
@@ -83,10 +82,6 @@ def output_names(case_ids: Sequence[str], suffixes: Mapping[str, str]) -> dict[s
     if clashes:
         raise UsageError("--input", "case ids collide after making them safe file names: " + "; ".join(clashes[:10]), expected="distinct case ids")
     return names
-
-
-def _inside(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
 
 
 def check_output_dir(output_dir: str | os.PathLike[str], input_path: str | os.PathLike[str]) -> Path:
@@ -156,18 +151,8 @@ def select_shard(case_ids: Sequence[str], shard: tuple[int, int] | None) -> list
     return ordered[index::count]
 
 
-def input_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of an input file, or of a DICOM folder's files (names and bytes, sorted by name)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(file.name.encode("utf-8") + b"\0")
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+# sha256 of an input file, or of a DICOM folder's files (one implementation, in medgn.files).
+input_sha256 = path_sha256
 
 
 @dataclass

@@ -3,8 +3,10 @@
 This module owns :class:`Predictor` (the eval-mode networks, the data plan they share, the sha256 of
 every checkpoint and a hash of their configs) and :func:`load_predictor`, which accepts run
 folders, checkpoint folders, pointer files (``best.json``) or checkpoint files. A run folder
-resolves to its best checkpoint, else its final one, else its latest. Checkpoints are loaded with
-``torch.load(..., weights_only=True)`` through :mod:`medgn.checkpoint`; a missing, corrupt or
+resolves to its best checkpoint, else its final one, else its latest (the rule lives in
+:func:`medgn.checkpoint.resolve_checkpoint`). Each checkpoint file is read once, hashed and loaded
+with ``torch.load(..., weights_only=True)`` from the same bytes; the plan is checked by
+:meth:`medgn.planning.plan.Plan.from_dict`; a missing, corrupt or
 code-carrying file, missing keys, an architecture that does not match the weights (listed as
 expected vs found shapes) or non-finite weights raise :class:`~medgn.errors.ModelError` (exit 4)
 naming the file. Several checkpoints are an ensemble (folds) only when their plans agree on
@@ -25,17 +27,11 @@ import torch
 from torch import nn
 
 from medgn.errors import ModelError, UsageError
+from medgn.files import json_sha256
+from medgn.planning.plan import Plan
 
 __all__ = ["ModelSource", "Predictor", "load_predictor", "resolve_model_path", "state_dict_sha256"]
 
-# Plan keys every model of an ensemble must share: the preprocessing and the label mapping are
-# computed once per case, so any difference would silently mix incompatible predictions.
-SHARED_PLAN_KEYS = ("in_channels", "num_classes", "label_values", "target_spacing", "normalization", "patch_size")
-REQUIRED_PLAN_KEYS = ("in_channels", "num_classes", "target_spacing", "patch_size")
-# Pointer preference for a run folder: the best validated weights first.
-POINTER_ORDER = ("best", "final", "latest")
-# Plain file names other tools (or older runs) leave in a checkpoints folder, in preference order.
-PLAIN_NAMES = ("best.pt", "final.pt", "last.pt", "latest.pt")
 
 
 @dataclass(frozen=True)
@@ -52,15 +48,14 @@ class Predictor:
 
     Attributes:
         models: eval-mode networks on ``device``; their softmax outputs are averaged.
-        plan: the data plan (in_channels, num_classes, label_values, target_spacing, patch_size,
-            normalization, network).
+        plan: the data plan the networks were trained with.
         sources: one :class:`ModelSource` per model.
         config_hash: sha256 over every model's resolved config and plan.
         device: where the networks run.
     """
 
     models: list[nn.Module]
-    plan: dict[str, Any]
+    plan: Plan
     sources: list[ModelSource]
     config_hash: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -68,8 +63,15 @@ class Predictor:
     @property
     def label_values(self) -> list[int]:
         """Raw label value written for class index i (identity when the plan has none)."""
-        values = self.plan.get("label_values")
-        return [int(v) for v in values] if values is not None else list(range(int(self.plan["num_classes"])))
+        return list(self.plan.label_values)
+
+    def run_dirs(self) -> list[Path]:
+        """The run folder of each model (the folder holding its ``checkpoints/``), or the checkpoint's folder."""
+        out = []
+        for source in self.sources:
+            folder = Path(source.path).parent
+            out.append(folder.parent if folder.name == "checkpoints" else folder)
+        return out
 
     @property
     def model_sha256s(self) -> list[str]:
@@ -77,7 +79,7 @@ class Predictor:
         return [s.sha256 for s in self.sources]
 
     @classmethod
-    def from_modules(cls, models: Sequence[nn.Module], plan: Mapping[str, Any], *, device: str | torch.device = "cpu", name: str = "module") -> Predictor:
+    def from_modules(cls, models: Sequence[nn.Module], plan: Plan | Mapping[str, Any], *, device: str | torch.device = "cpu", name: str = "module") -> Predictor:
         """Wrap networks built in Python (no checkpoint file); their sha256 is over the weights.
 
         Args:
@@ -86,12 +88,12 @@ class Predictor:
             device: where they run.
             name: recorded as the source path.
         """
-        plan = dict(plan)
-        _check_plan(plan, name)
+        typed = Plan.from_dict(plan, name, error=ModelError)
         dev = torch.device(device)
         mods = [m.to(dev).eval() for m in models]
         sources = [ModelSource(f"{name}[{i}]", state_dict_sha256(m)) for i, m in enumerate(mods)]
-        return cls(mods, plan, sources, _hash_json([{"plan": plan}] * len(mods)), dev)
+        raw = typed.to_dict() if isinstance(plan, Plan) else dict(plan)
+        return cls(mods, typed, sources, json_sha256([{"plan": raw}] * len(mods)), dev)
 
 
 def state_dict_sha256(module: nn.Module) -> str:
@@ -104,51 +106,18 @@ def state_dict_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _hash_json(obj: Any) -> str:
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _check_plan(plan: Any, where: str | os.PathLike[str]) -> None:
-    if not isinstance(plan, Mapping):
-        raise ModelError(where, "checkpoint has no plan", got=type(plan).__name__, expected="a plan dict under the 'plan' key")
-    missing = [k for k in REQUIRED_PLAN_KEYS if k not in plan]
-    if missing:
-        raise ModelError(where, "plan is missing keys: " + ", ".join(missing), expected="a plan written by medgn plan")
-    values = plan.get("label_values")
-    if values is not None and len(values) != int(plan["num_classes"]):
-        raise ModelError(where, "plan label_values do not match num_classes", got=list(values), expected=f"{plan['num_classes']} values")
-
-
 def resolve_model_path(path: str | os.PathLike[str]) -> Path:
-    """The checkpoint file a run folder, checkpoint folder, pointer or file names.
+    """The checkpoint file a run folder, checkpoint folder, pointer or file names (best > final > latest).
 
     Raises:
         ModelError: nothing usable at ``path`` (the message lists what was looked for).
     """
-    from medgn.checkpoint import read_pointer
+    from medgn.checkpoint import INFERENCE_ORDER, resolve_checkpoint
 
     path = Path(path)
-    if path.is_file():
-        if path.suffix == ".json":
-            record = read_pointer(path.parent, path.stem)
-            if record is None:
-                raise ModelError(path, "checkpoint pointer not found", expected="an existing pointer file")
-            return path.parent / record["file"]
-        return path
     if not path.exists():
         raise ModelError(path, "model not found", expected="a run folder, a checkpoints folder or a checkpoint file")
-    folders = [path / "checkpoints", path] if (path / "checkpoints").is_dir() else [path]
-    for folder in folders:
-        for name in POINTER_ORDER:
-            record = read_pointer(folder, name)
-            if record is not None:
-                return folder / record["file"]
-        for name in PLAIN_NAMES:
-            if (folder / name).is_file():
-                return folder / name
-    looked = [str(f / f"{n}.json") for f in folders for n in POINTER_ORDER]
-    raise ModelError(path, "no checkpoint in this folder", expected="one of " + ", ".join(looked + list(PLAIN_NAMES)))
+    return resolve_checkpoint(path, INFERENCE_ORDER)[0]
 
 
 def _shape_diff(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> list[str]:
@@ -160,42 +129,43 @@ def _shape_diff(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> list[s
     return diffs
 
 
-def _load_one(path: str | os.PathLike[str], device: torch.device) -> tuple[nn.Module, dict[str, Any], ModelSource, dict[str, Any]]:
-    from medgn.checkpoint import file_sha256, load_checkpoint
+def _load_one(path: str | os.PathLike[str], device: torch.device) -> tuple[nn.Module, Plan, ModelSource, dict[str, Any]]:
+    """One checkpoint: the eval-mode network, its plan, its source and the record the config hash covers."""
+    from medgn.checkpoint import INFERENCE_ORDER, read_checkpoint
     from medgn.configtools import build
     from medgn.models.config import UNet3DConfig
     from medgn.models.registry import build_model
 
-    file = resolve_model_path(path)
-    state = load_checkpoint(file, map_location="cpu")
+    resolve_model_path(path)  # a clear error for a missing path or an empty folder
+    state, file, sha256 = read_checkpoint(path, map_location="cpu", prefer=INFERENCE_ORDER)  # one read: hashed and loaded
     missing = [k for k in ("model", "config", "plan") if k not in state]
     if missing:
         raise ModelError(file, "checkpoint is missing keys: " + ", ".join(missing), got=f"keys {sorted(map(str, state))[:8]}", expected="model, config and plan")
-    weights, config, plan = state["model"], state["config"], state["plan"]
+    weights, config, raw_plan = state["model"], state["config"], state["plan"]
     if not isinstance(weights, Mapping) or not isinstance(config, Mapping):
         raise ModelError(file, "checkpoint 'model' or 'config' is not a mapping", expected="a state dict and a config dict")
-    _check_plan(plan, file)
-    plan = dict(plan)
+    plan = Plan.from_dict(raw_plan, file, error=ModelError)
     try:
         cfg = build(UNet3DConfig, config.get("model", {}), "model")
     except UsageError as exc:
         raise ModelError(file, f"checkpoint config does not describe a model ({exc.one_line()})") from exc
-    network = plan.get("network", {}) or {}
     try:
-        model = build_model(cfg, int(plan["in_channels"]), int(plan["num_classes"]), network.get("strides"), network.get("kernel_sizes"))
+        model = build_model(cfg, plan.in_channels, plan.num_classes, plan.network.strides, plan.network.kernel_sizes)
     except (UsageError, ModelError, ValueError, TypeError) as exc:
         raise ModelError(file, f"cannot build the checkpoint's network ({exc})") from exc
     diffs = _shape_diff(model, weights)
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; ... {len(diffs) - 8} more" if len(diffs) > 8 else "")
-        raise ModelError(file, f"weights do not fit the architecture ({len(diffs)} differences): {shown}", expected=f"a checkpoint of {cfg.name} with in_channels={plan['in_channels']}, num_classes={plan['num_classes']}")
+        raise ModelError(file, f"weights do not fit the architecture ({len(diffs)} differences): {shown}", expected=f"a checkpoint of {cfg.name} with in_channels={plan.in_channels}, num_classes={plan.num_classes}")
     model.load_state_dict(weights, strict=True)
     model.to(device).eval()
-    return model, plan, ModelSource(str(file), file_sha256(file)), dict(config)
+    # The config hash covers the plan as stored, so sidecars of earlier runs still match.
+    return model, plan, ModelSource(str(file), sha256), {"config": dict(config), "plan": dict(raw_plan)}
 
 
-def _plan_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in SHARED_PLAN_KEYS if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
+def _plan_diff(a: Plan, b: Plan) -> list[str]:
+    sa, sb = a.shared(), b.shared()
+    return [f"{k}: {sa[k]!r} vs {sb[k]!r}" for k in sa if json.dumps(sa[k], sort_keys=True) != json.dumps(sb[k], sort_keys=True)]
 
 
 def load_predictor(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], device: str | torch.device = "cpu") -> Predictor:
@@ -203,7 +173,8 @@ def load_predictor(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[st
 
     Args:
         paths: a run folder, checkpoint folder, pointer file or checkpoint file, or several of
-            them (their softmax outputs are averaged).
+            them (their softmax outputs are averaged); a folder holding several run folders
+            (``fold_0``, ``fold_1``, ...) is the ensemble of all of them.
         device: where the networks run ("cpu", "cuda", "cuda:1").
 
     Returns:
@@ -214,14 +185,14 @@ def load_predictor(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[st
             architecture, holds NaN/Inf weights, or the plans of several models disagree (exit 4).
         UsageError: no model given or an unknown device (exit 2).
     """
-    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    items = [run for item in ([paths] if isinstance(paths, (str, os.PathLike)) else list(paths)) for run in fold_runs(item)]
     if not items:
         raise UsageError("--model", "no model given", expected="at least one run folder or checkpoint")
     dev = _device(device)
     models, sources, records = [], [], []
-    plan0: dict[str, Any] | None = None
+    plan0: Plan | None = None
     for item in items:
-        model, plan, source, config = _load_one(item, dev)
+        model, plan, source, record = _load_one(item, dev)
         if plan0 is None:
             plan0 = plan
         else:
@@ -230,18 +201,21 @@ def load_predictor(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[st
                 raise ModelError(source.path, "models disagree on their plans: " + "; ".join(diffs), expected=f"the plan of {sources[0].path}")
         models.append(model)
         sources.append(source)
-        records.append({"config": config, "plan": plan})
+        records.append(record)
     assert plan0 is not None  # items is non-empty
-    return Predictor(models, plan0, sources, _hash_json(records), dev)
+    return Predictor(models, plan0, sources, json_sha256(records), dev)
+
+
+def fold_runs(path: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
+    """The run folders inside ``path`` when it is a folder of runs (an ensemble), else ``[path]``."""
+    folder = Path(path)
+    if not folder.is_dir() or (folder / "checkpoints").is_dir() or any(folder.glob("*.pt")) or any(folder.glob("*.json")):
+        return [path]
+    runs = sorted(p for p in folder.iterdir() if p.is_dir() and (p / "checkpoints").is_dir())
+    return list(runs) or [path]
 
 
 def _device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise UsageError("--device", "unknown device", got=str(device), expected="cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device", "CUDA requested but no CUDA device is available", got=str(device), expected="--device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError("--device", "unsupported device", got=str(device), expected="cpu or cuda")
-    return dev
+    from medgn.environment import resolve_device
+
+    return resolve_device(device)

@@ -20,15 +20,17 @@ from typing import Any
 
 import torch
 
+from medgn.data.datasets import find_inputs
 from medgn.errors import EXIT_BUG, MedgnError, UsageError
 from medgn.files import TEMP_MARK, RunLock, clean_stale_temps
+from medgn.infer import postprocess
 from medgn.infer.case import (
     OUTPUT_FORMATS,
-    case_inputs,
     fingerprint,
     mask_suffix,
     outputs_exist,
     primary_suffix,
+    read_inputs,
     read_sidecar,
     refuse_existing,
     run_case,
@@ -41,48 +43,38 @@ from medgn.infer.outputs import (
     parse_shard,
     select_shard,
 )
+from medgn.infer.postprocess import PostProcessing
 from medgn.infer.predictor import Predictor, load_predictor
+from medgn.infer.settings import InferSettings
 from medgn.infer.sliding_window import WindowSettings
 from medgn.logs import get_logger
+from medgn.planning.plan import Plan
 
-__all__ = ["InferenceReport", "infer"]
+__all__ = ["InferSettings", "InferenceReport", "infer"]
 
 log = get_logger("engine.infer")
+# The plan values a sidecar records: enough to tell which preprocessing produced the mask.
+SIDECAR_PLAN_KEYS = ("in_channels", "num_classes", "label_values", "target_spacing", "patch_size")
 ModelSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Predictor
 
 
-def _find_cases(input_path: Path, channels: Sequence[str] | None) -> list[Any]:
-    from medgn.data.datasets import Case, find_inputs, is_image_file, strip_image_suffix
-
-    if not channels:
-        return find_inputs(input_path)
-    # --channels a,b: files <case>_a.<ext>, <case>_b.<ext> in a folder, in that channel order.
-    if not input_path.is_dir():
-        raise UsageError("--channels", "channel names need a folder input", got=str(input_path), expected="a folder of <case>_<channel> files")
-    grouped: dict[str, dict[str, Path]] = {}
-    for path in sorted(p for p in input_path.iterdir() if is_image_file(p)):
-        stem = strip_image_suffix(path.name)
-        for ch in channels:
-            if stem.endswith("_" + ch) and len(stem) > len(ch) + 1:
-                grouped.setdefault(stem[: -len(ch) - 1], {})[ch] = path
-    if not grouped:
-        raise UsageError(input_path, "no files named <case>_<channel> for the given channels", got=",".join(channels), expected="e.g. case1_" + channels[0] + ".nii.gz")
-    cases = []
-    for case_id, found in sorted(grouped.items()):
-        missing = [ch for ch in channels if ch not in found]
-        images = tuple(found[ch] for ch in channels if ch in found)
-        cases.append(Case(case_id, images if not missing else images + tuple(input_path / f"{case_id}_{ch} (missing)" for ch in missing)))
-    return cases
-
-
-def _pipeline(plan: dict[str, Any], limits: Any = None) -> tuple[Any, Any]:
+def _pipeline(plan: Plan, limits: Any = None) -> tuple[Any, Any]:
     from medgn.data.pipeline import infer_transforms, invert_to_input
     from medgn.data.preflight import DEFAULT_LIMITS
 
-    transform = infer_transforms(plan, limits or DEFAULT_LIMITS)
+    preloaded: dict[str, Any] = {}
+    transform = infer_transforms(plan, limits or DEFAULT_LIMITS, preloaded=preloaded)
 
-    def preprocess(paths: list[str]) -> tuple[torch.Tensor, Any]:
-        data = transform({"image": paths})
+    def preprocess(paths: list[str], volumes: list[Any]) -> tuple[torch.Tensor, Any]:
+        # MONAI's loader names files as str(Path(p).expanduser()): key the read volumes the same way.
+        if len(paths) == 1 and len(volumes) > 1:  # one 4D file: its channel volumes under its name
+            preloaded[str(Path(paths[0]).expanduser())] = list(volumes)
+        else:
+            preloaded.update({str(Path(p).expanduser()): v for p, v in zip(paths, volumes)})
+        try:
+            data = transform({"image": paths})
+        finally:
+            preloaded.clear()
         return data["image"], data
 
     return preprocess, invert_to_input
@@ -102,9 +94,9 @@ def _clean_own_temps(output_dir: Path, names: Sequence[str], shard: tuple[int, i
     return removed
 
 
-def _settings(predictor: Predictor, tta: bool, overlap: float, sw_batch_size: int, mirror_axes: Sequence[int]) -> WindowSettings:
-    patch = tuple(int(s) for s in predictor.plan["patch_size"])
-    return WindowSettings(roi_size=patch, overlap=float(overlap), sw_batch_size=int(sw_batch_size), tta=bool(tta), mirror_axes=tuple(int(a) for a in mirror_axes))  # type: ignore[arg-type]
+def _settings(predictor: Predictor, tta: bool, overlap: float, sw_batch_size: int, mirror_axes: Sequence[int], precision: str = "auto") -> WindowSettings:
+    patch = predictor.plan.patch_size
+    return WindowSettings(roi_size=patch, overlap=float(overlap), sw_batch_size=int(sw_batch_size), tta=bool(tta), mirror_axes=tuple(int(a) for a in mirror_axes), precision=precision)  # type: ignore[arg-type]
 
 
 def _progress(enabled: bool, total: int) -> Any:
@@ -130,21 +122,8 @@ def infer(
     models: ModelSpec,
     input_path: str | os.PathLike[str],
     output_dir: str | os.PathLike[str],
-    *,
-    device: str = "cpu",
-    tta: bool = False,
-    overlap: float = 0.5,
-    save_probabilities: bool = False,
-    largest_component: bool = False,
-    overwrite: bool = False,
-    shard: str | tuple[int, int] | None = None,
-    channels: Sequence[str] | None = None,
-    sw_batch_size: int = 2,
-    mirror_axes: Sequence[int] = (0, 1, 2),
-    threads: int | None = None,
-    progress: bool = False,
-    output_format: str | None = None,
-    limits: Any = None,
+    settings: InferSettings | None = None,
+    **changes: Any,
 ) -> InferenceReport:
     """Segment every case under ``input_path`` into ``output_dir``.
 
@@ -154,22 +133,9 @@ def infer(
         input_path: an image file, a folder (``_0000``/``_0001`` channels), a dataset folder
             (its test list) or a DICOM series folder.
         output_dir: where masks, sidecars and ``report.json`` go; created; never inside the input.
-        device: "cpu" or "cuda[:i]".
-        tta: average over mirrored inputs (all 2**len(mirror_axes) flips).
-        overlap: sliding-window overlap fraction in [0, 1).
-        save_probabilities: also write float16 class probabilities.
-        largest_component: keep only the largest connected component of each class.
-        overwrite: redo cases whose outputs came from other models, settings or inputs.
-        shard: ``"i/n"``: every n-th case (sorted by id) from i; default from RANK/WORLD_SIZE.
-        channels: channel names: a folder's ``<case>_<name>`` files form the channels in this order.
-        sw_batch_size: windows per forward pass.
-        mirror_axes: spatial axes TTA mirrors.
-        threads: CPU threads for inference on the CPU (None keeps torch's setting).
-        progress: show a live progress display on stderr.
-        output_format: "nifti", "dicom-seg" (a DICOM Segmentation ``<case>.seg.dcm`` referencing
-            the source series) or "both"; None: both for DICOM series, nifti for files.
-        limits: a :class:`~medgn.data.preflight.Limits` for the header and the resampled size
-            (default: ``DEFAULT_LIMITS``).
+        settings: device, sliding window, outputs, shard, channels (:class:`InferSettings`;
+            defaults when None), recorded as-is in every sidecar.
+        changes: individual settings replacing those of ``settings`` (``overlap=0.25``...).
 
     Returns:
         The per-case report (also written to ``report.json``); ``report.exit_code`` is non-zero
@@ -180,13 +146,14 @@ def infer(
         LockedError: another run holds the output folder (exit 6).
         ModelError: a model cannot be loaded (exit 4). All raised before any case is processed.
     """
+    settings = InferSettings.of(settings, **changes)
     input_path = Path(input_path)
     if not input_path.exists():
         raise UsageError(input_path, "input not found", expected="an image file or a folder")
     out = check_output_dir(output_dir, input_path)
-    shard_pair = parse_shard(shard)
-    cases = {c.case_id: c for c in _find_cases(input_path, channels)}
-    _check_output_format(output_format, cases)
+    shard_pair = parse_shard(settings.shard)
+    cases = {c.case_id: c for c in find_inputs(input_path, names=settings.channels)}
+    _check_output_format(settings.output_format, cases)
     selected = select_shard(list(cases), shard_pair)
     names = output_names(selected, {cid: mask_suffix(cases[cid].images[0]) for cid in selected})
     lock = RunLock(out, purpose="infer" if shard_pair is None else f"infer shard {shard_pair[0]}/{shard_pair[1]}")
@@ -196,8 +163,8 @@ def infer(
         removed = _clean_own_temps(out, list(names.values()), shard_pair)
         if removed:
             log.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), out)
-        predictor = models if isinstance(models, Predictor) else load_predictor(models, _rank_device(device))
-        return _run_cases(predictor, cases, selected, names, out, shard_pair, output_format=output_format, tta=tta, overlap=overlap, save_probabilities=save_probabilities, largest_component=largest_component, overwrite=overwrite, sw_batch_size=sw_batch_size, mirror_axes=mirror_axes, threads=threads, progress=progress, limits=limits)
+        predictor = models if isinstance(models, Predictor) else load_predictor(models, settings.device)
+        return _run_cases(predictor, cases, selected, names, out, shard_pair, settings)
 
 
 def _check_output_format(output_format: str | None, cases: dict[str, Any]) -> None:
@@ -210,10 +177,23 @@ def _check_output_format(output_format: str | None, cases: dict[str, Any]) -> No
             raise UsageError("--output-format", f"a DICOM-SEG needs a DICOM series input; not DICOM: {', '.join(files[:5])}", got=output_format, expected="--output-format nifti for NIfTI/NRRD/MHA inputs")
 
 
-def _rank_device(device: str) -> str:
-    """Under torchrun, plain ``cuda`` means this process's GPU, ``cuda:$LOCAL_RANK``."""
-    local = os.environ.get("LOCAL_RANK")
-    return f"cuda:{int(local)}" if device == "cuda" and local is not None and local.isdigit() else device
+def choose_postprocessing(predictor: Predictor, run: InferSettings) -> PostProcessing | None:
+    """What inference applies to the class map: the models' own decision, or what the user asked.
+
+    ``auto`` pools the ``postprocessing.json`` of every model's run folder (decided when it was
+    trained); a model without one (a bare checkpoint, an older run) means no post-processing.
+    ``lcc`` (or ``largest_component``) keeps the largest component of every class; ``none`` nothing.
+    """
+    classes = range(1, predictor.plan.num_classes)
+    if run.largest_component or run.postprocess == "lcc":
+        return PostProcessing({k: True for k in classes}, "requested (--postprocess lcc)")
+    if run.postprocess == "none":
+        return None
+    decisions = [postprocess.PostProcessing.load(d) for d in predictor.run_dirs()]
+    if not decisions or any(d is None for d in decisions):
+        return None
+    decision = postprocess.pooled([d for d in decisions if d is not None])
+    return decision if any(decision.lcc.values()) else None
 
 
 def _shard_lock_dir(out: Path, shard: tuple[int, int]) -> Path:
@@ -222,40 +202,45 @@ def _shard_lock_dir(out: Path, shard: tuple[int, int]) -> Path:
     return folder
 
 
-def _run_cases(predictor: Predictor, cases: dict[str, Any], selected: list[str], names: dict[str, str], out: Path, shard: tuple[int, int] | None, **kw: Any) -> InferenceReport:
+def _run_cases(predictor: Predictor, cases: dict[str, Any], selected: list[str], names: dict[str, str], out: Path, shard: tuple[int, int] | None, run: InferSettings) -> InferenceReport:
     from medgn.environment import versions
 
-    settings = _settings(predictor, kw["tta"], kw["overlap"], kw["sw_batch_size"], kw["mirror_axes"])
-    recorded = {**asdict(settings), "save_probabilities": bool(kw["save_probabilities"]), "largest_component": bool(kw["largest_component"]), "label_values": predictor.label_values}
-    options = {"overwrite": kw["overwrite"], "save_probabilities": kw["save_probabilities"], "largest_component": kw["largest_component"], "threads": kw["threads"], "output_format": kw["output_format"], "limits": kw["limits"]}
-    if kw["output_format"] is not None:  # recorded only when chosen: default runs keep their fingerprints
-        recorded["output_format"] = kw["output_format"]
-    preprocess, invert = _pipeline(predictor.plan, kw["limits"])
+    settings = _settings(predictor, run.tta, run.overlap, run.sw_batch_size, run.mirror_axes, run.precision)
+    # What determines a mask (the case fingerprint covers it): unchanged since sidecar version 1.
+    recorded = {**asdict(settings), "save_probabilities": run.save_probabilities, "largest_component": run.largest_component, "label_values": predictor.label_values}
+    decision = choose_postprocessing(predictor, run)
+    if decision is not None:  # it changes masks, so the fingerprint covers it
+        recorded["postprocessing"] = decision.to_dict()
+        log.info("post-processing: %s", decision.describe())
+    options = {"overwrite": run.overwrite, "save_probabilities": run.save_probabilities, "postprocessing": decision, "threads": run.threads, "output_format": run.output_format, "limits": run.limits}
+    if run.output_format is not None:  # recorded only when chosen: default runs keep their fingerprints
+        recorded["output_format"] = run.output_format
+    preprocess, invert = _pipeline(predictor.plan, run.limits)
     report = InferenceReport(out, shard=shard, models=[asdict(s) for s in predictor.sources])
     env = {"versions": versions(), "device": str(predictor.device), "torch_threads": torch.get_num_threads()}
-    bar = _progress(kw["progress"], len(selected))
+    bar = _progress(run.progress, len(selected))
     try:
         for cid in selected:
             case, stem = cases[cid], out / names[cid]
             t0 = time.perf_counter()
             result = CaseResult(cid, names[cid], "ok")
             try:
-                inputs = case_inputs(case.images)
+                reads, inputs = read_inputs(case.images)
                 fp = fingerprint([r["sha256"] for r in inputs], predictor.model_sha256s, predictor.config_hash, recorded)
                 existing = outputs_exist(stem, case.images)
                 sidecar = read_sidecar(stem.with_name(stem.name + ".json"))
-                mask_done = stem.with_name(stem.name + primary_suffix(case.images, kw["output_format"])).is_file()
+                mask_done = stem.with_name(stem.name + primary_suffix(case.images, run.output_format)).is_file()
                 same = sidecar is not None and sidecar.get("fingerprint") == fp
                 # An interrupted run of the same fingerprint left these outputs: ours to replace.
                 resuming = same and sidecar.get("status") == "running"
                 if same and sidecar.get("status") == "done" and mask_done:
                     result.status, result.message, result.outputs = "skipped", "done earlier with the same inputs, models and settings", list(sidecar.get("outputs", []))
-                elif existing and not (kw["overwrite"] or resuming):
+                elif existing and not (run.overwrite or resuming):
                     raise refuse_existing(stem, existing)
                 else:
-                    options["overwrite"] = bool(kw["overwrite"] or resuming)
-                    base = {"sidecar_version": 1, "case_id": cid, "inputs": inputs, "fingerprint": fp, "models": report.models, "config_hash": predictor.config_hash, "settings": recorded, "plan": {k: predictor.plan.get(k) for k in ("in_channels", "num_classes", "label_values", "target_spacing", "patch_size")}, **env}
-                    outcome = run_case(case.images, stem, predictor, settings, options, preprocess, invert, base)
+                    options["overwrite"] = bool(run.overwrite or resuming)
+                    base = {"sidecar_version": 1, "case_id": cid, "inputs": inputs, "fingerprint": fp, "models": report.models, "config_hash": predictor.config_hash, "settings": recorded, "infer_settings": run.to_dict(), "plan": {k: v for k, v in predictor.plan.to_dict().items() if k in SIDECAR_PLAN_KEYS}, **env}
+                    outcome = run_case(case.images, stem, predictor, settings, options, preprocess, invert, base, reads)
                     result.outputs, result.warnings = outcome.outputs, outcome.warnings
             except MedgnError as exc:
                 result.status, result.code, result.message = "failed", exc.code, exc.one_line()

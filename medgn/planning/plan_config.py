@@ -9,13 +9,11 @@ and spacing, so the checkpoint's plan always describes the network that was trai
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
-from medgn.planning.planner import strides_and_kernels
+from medgn.planning.plan import NetworkPlan, Plan
+from medgn.planning.planner import DEFAULT_GPU_GB, strides_and_kernels
 
 
 @dataclass(frozen=True)
@@ -33,7 +31,7 @@ class PlanConfig:
     """
 
     # 1..2048 GB: from a small laptop GPU to a multi-GPU node's pooled memory.
-    gpu_memory_gb: float = field(default=24.0, metadata={"min": 1.0, "max": 2048.0})
+    gpu_memory_gb: float = field(default=DEFAULT_GPU_GB, metadata={"min": 1.0, "max": 2048.0})
     target_spacing: tuple[float, float, float] | None = field(default=None, metadata={"min": 1e-3, "max": 100.0})
     patch_size: tuple[int, int, int] | None = field(default=None, metadata={"min": 8, "max": 1024})
     max_stages: int | None = field(default=None, metadata={"min": 2, "max": 8})
@@ -42,7 +40,7 @@ class PlanConfig:
     split_seed: int = field(default=0, metadata={"min": 0})
 
 
-def apply_plan_config(plan: Mapping[str, Any], cfg: PlanConfig, features: tuple[int, ...]) -> tuple[dict[str, Any], tuple[int, ...]]:
+def apply_plan_config(plan: Plan, cfg: PlanConfig, features: tuple[int, ...]) -> tuple[Plan, tuple[int, ...]]:
     """The plan a run uses and the matching per-stage feature widths.
 
     Args:
@@ -54,17 +52,14 @@ def apply_plan_config(plan: Mapping[str, Any], cfg: PlanConfig, features: tuple[
         (effective plan, effective features). The stage count is the smallest of the plan's, the
         widths given, and ``max_stages``.
     """
-    out = copy.deepcopy(dict(plan))
-    spacing = [float(s) for s in (cfg.target_spacing or out["target_spacing"])]
-    patch = [int(p) for p in (cfg.patch_size or out["patch_size"])]
-    strides, kernels = out["network"]["strides"], out["network"]["kernel_sizes"]
-    if cfg.target_spacing is not None or cfg.patch_size is not None:
+    spacing = [float(s) for s in (cfg.target_spacing or plan.target_spacing)]
+    patch = [int(p) for p in (cfg.patch_size or plan.patch_size)]
+    strides, kernels = plan.network.strides, plan.network.kernel_sizes
+    if cfg.target_spacing is not None or cfg.patch_size is not None or strides is None or kernels is None:
         strides, kernels = strides_and_kernels(patch, spacing)
     stages = min(len(strides), len(features), cfg.max_stages or len(strides))
     strides, kernels = [list(s) for s in strides[:stages]], [list(k) for k in kernels[:stages]]
     total = [math.prod(s[a] for s in strides) for a in range(3)]
     patch = [max(t, (p // t) * t) for p, t in zip(patch, total)]
-    out["target_spacing"] = spacing
-    out["patch_size"] = patch
-    out["network"] = {"strides": strides, "kernel_sizes": kernels, "features": list(features[:stages])}
-    return out, tuple(features[:stages])
+    network = NetworkPlan(tuple(map(tuple, strides)), tuple(map(tuple, kernels)), tuple(features[:stages]))
+    return plan.replace(target_spacing=tuple(spacing), patch_size=tuple(patch), network=network), tuple(features[:stages])

@@ -1,8 +1,8 @@
 """Planning: target spacing, normalisation, patch size, network strides and batch size.
 
-This module owns :func:`make_plan` (fingerprint -> plan dict, the JSON contract with the trainer and
-inference; see ``PLAN_VERSION``), the normalisation choice :func:`plan_for_ct_or_mr`, the
-stride/kernel rule :func:`strides_and_kernels` and :func:`load_plan`. Rules follow nnU-Net: median
+This module owns :func:`make_plan` (fingerprint -> :class:`~medgn.planning.plan.Plan`, the
+contract with the trainer and inference), the normalisation choice :func:`plan_for_ct_or_mr` and
+the stride/kernel rule :func:`strides_and_kernels`. Rules follow nnU-Net: median
 spacing with an anisotropy exception, CT clipped to foreground percentiles and z-scored with dataset
 statistics, other modalities z-scored per case over the foreground, and the largest patch (starting
 from the median resampled shape) whose estimated training memory fits the GPU budget.
@@ -10,19 +10,16 @@ from the median resampled shape) whose estimated training memory fits the GPU bu
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medgn.data.datasets import DatasetIndex
 from medgn.errors import InputDataError, ResourceError
+from medgn.planning.plan import PLAN_VERSION, Plan
 
-PLAN_VERSION = 1
 # Anisotropy threshold and coarse-axis percentile from nnU-Net: a ratio above 3 means the median
 # would give the coarse axis far too many interpolated slices for most cases.
 ANISOTROPY_RATIO = 3.0
@@ -31,8 +28,9 @@ COARSE_PERCENTILE = 10
 # only while at least 8 voxels remain, so the bottleneck keeps >= 4.
 MAX_DOWNSAMPLINGS = 5
 MIN_POOL_SIZE = 8
-# Default GPU budget (GB) as in nnU-Net's reference; 85 % of it is planned for, the rest covers
-# the CUDA context and allocator fragmentation the estimate leaves out.
+# Default GPU budget (GB) as in nnU-Net's reference, the one default of `medgn plan` and of a run
+# that plans for itself; 85 % of it is planned for, the rest covers the CUDA context and allocator
+# fragmentation the estimate leaves out.
 DEFAULT_GPU_GB = 8.0
 MEMORY_MARGIN = 0.85
 # Smallest patch edge worth training on (voxels): below this the context is too small to learn.
@@ -70,12 +68,6 @@ def plan_for_ct_or_mr(modality: str, stats: dict[str, float] | None = None) -> d
             raise InputDataError("fingerprint", "CT normalisation needs foreground intensity statistics")
         return {"scheme": "ct", "clip": [stats["p00_5"], stats["p99_5"]], "mean": stats["mean"], "std": max(stats["std"], 1e-8)}
     return {"scheme": "zscore"}
-
-
-def guess_modality(array: np.ndarray) -> str:
-    """ "CT" when intensities look like Hounsfield units (air near -1000), else "MR"."""
-    low = float(np.percentile(array, 0.5))
-    return "CT" if low <= -500.0 else "MR"  # -500 HU: between air (-1000) and fat (-100)
 
 
 def strides_and_kernels(patch: Sequence[int], spacing: Sequence[float]) -> tuple[list[list[int]], list[list[int]]]:
@@ -180,7 +172,7 @@ def _model_cfg(n_stages: int) -> Any:
     return UNet3DConfig(features=_features(n_stages))
 
 
-def make_plan(index: DatasetIndex, fingerprint: dict[str, Any], *, gpu_memory_gb: float = DEFAULT_GPU_GB, estimator: Estimator | None = None) -> dict[str, Any]:
+def make_plan(index: DatasetIndex, fingerprint: dict[str, Any], *, gpu_memory_gb: float = DEFAULT_GPU_GB, estimator: Estimator | None = None) -> Plan:
     """Turn a fingerprint into a plan (the JSON contract with training and inference).
 
     Args:
@@ -191,7 +183,7 @@ def make_plan(index: DatasetIndex, fingerprint: dict[str, Any], *, gpu_memory_gb
             batch_size, dtype) -> bytes``; default: the model's own estimate.
 
     Returns:
-        The plan dict (see ``PLAN_VERSION``); write it with ``medgn.files.atomic_write_json``.
+        The :class:`~medgn.planning.plan.Plan`; write it with ``plan.save(path)``.
     """
     if not fingerprint["cases"]:
         raise InputDataError(index.root, "dataset has no training cases to plan from")
@@ -206,7 +198,7 @@ def make_plan(index: DatasetIndex, fingerprint: dict[str, Any], *, gpu_memory_gb
     norms = [plan_for_ct_or_mr(ch["modality"], ch) for ch in channels]
     budget = gpu_memory_gb * 1e9 * MEMORY_MARGIN
     patch, strides, kernels, batch, need = choose_patch(resampled.tolist(), target, len(channels), len(values), budget, estimator)
-    return {
+    return Plan.from_dict({
         "version": PLAN_VERSION,
         "dataset": {"name": index.name, "format": index.format, "channel_names": list(index.channel_names), "modalities": list(index.modalities), "labels": labels, "regions": index.regions},
         "label_values": values,
@@ -220,26 +212,4 @@ def make_plan(index: DatasetIndex, fingerprint: dict[str, Any], *, gpu_memory_gb
         "memory": {"gpu_memory_gb": gpu_memory_gb, "estimated_training_bytes": need, "estimator": getattr(estimator, "__name__", "custom")},
         "median_resampled_shape": [float(v) for v in resampled],
         "fingerprint": fingerprint,
-    }
-
-
-PLAN_KEYS = ("version", "label_values", "num_classes", "in_channels", "target_spacing", "normalization", "patch_size", "batch_size", "network")
-
-
-def load_plan(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a plan JSON and check its required keys and version."""
-    path = Path(path)
-    try:
-        plan = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputDataError(path, "plan file not found", expected="the output of 'medgn plan'") from None
-    except (OSError, ValueError) as exc:
-        raise InputDataError(path, f"cannot read plan ({exc})") from None
-    missing = [k for k in PLAN_KEYS if not isinstance(plan, dict) or k not in plan]
-    if missing:
-        raise InputDataError(path, f"plan misses keys {missing}", expected=f"keys {list(PLAN_KEYS)}")
-    if plan["version"] != PLAN_VERSION:
-        raise InputDataError(path, "unsupported plan version", got=plan["version"], expected=str(PLAN_VERSION))
-    if len(plan["normalization"]) != plan["in_channels"] or len(plan["label_values"]) != plan["num_classes"]:
-        raise InputDataError(path, "plan is inconsistent", got=f"{len(plan['normalization'])} normalisations for {plan['in_channels']} channels, {len(plan['label_values'])} label values for {plan['num_classes']} classes")
-    return plan
+    }, "plan")

@@ -53,7 +53,9 @@ def _env_int(name: str, default: int) -> int:
 
 def dist_info_from_env() -> DistInfo:
     """Rank layout from torchrun's environment variables."""
-    return DistInfo(rank=_env_int("RANK", 0), world_size=_env_int("WORLD_SIZE", 1), local_rank=_env_int("LOCAL_RANK", 0))
+    from medgn.environment import local_rank
+
+    return DistInfo(rank=_env_int("RANK", 0), world_size=_env_int("WORLD_SIZE", 1), local_rank=local_rank() or 0)
 
 
 def init_distributed(device_type: str) -> DistInfo:

@@ -92,32 +92,6 @@ class ResumableSampler(Sampler):
         return self.samples_per_epoch - self.start
 
 
-class SeededDataset(Dataset):
-    """Adapter for datasets with MONAI random transforms: reseed them from each sample's seed.
-
-    Keys are the ``(index, sample_seed)`` pairs of a ``ResumableSampler(with_seeds=True)``. Before
-    reading item ``index`` the wrapped dataset's ``transform`` (a MONAI ``Compose`` or any object
-    with ``set_random_state(seed=...)``) is reseeded, so augmentation depends only on (seed, global
-    sample index), in the main process and in every worker alike.
-
-    Args:
-        dataset: a map-style dataset with a ``transform`` attribute (MONAI ``Dataset``/``CacheDataset``).
-    """
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        transform = getattr(self.dataset, "transform", None)
-        if hasattr(transform, "set_random_state"):
-            transform.set_random_state(seed=seed % 2**32)  # MONAI seeds are 32-bit
-        return self.dataset[index]
-
-
 class ResumableLoader:
     """A batch source: ``loader(epoch, start)`` iterates the epoch's micro-batches from ``start``.
 

@@ -66,6 +66,20 @@ def load_init_source(path: str | os.PathLike[str]) -> InitSource:
     return InitSource(file, file_sha256(file), dict(weights), dict(state.get("config") or {}), dict(state.get("plan") or {}))
 
 
+def _warm_head(src: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+    """A head for another class count that starts where the source's left off.
+
+    Class 0 (background) keeps the source's row; every new foreground class starts from the mean of
+    the source's foreground rows: a network that separated, say, cube and ball from background
+    then predicts "object" vs background from its first step, instead of from random logits.
+    """
+    out = fresh.detach().clone()
+    out[0] = src[0]
+    if src.shape[0] > 1:
+        out[1:] = src[1:].mean(dim=0, keepdim=True).to(out.dtype)
+    return out
+
+
 def match_weights(model: nn.Module, source: InitSource) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Which source tensors to load into ``model`` and what happens to every layer.
 
@@ -93,7 +107,8 @@ def match_weights(model: nn.Module, source: InitSource) -> tuple[dict[str, torch
         elif key == FIRST_CONV and src.shape[0] == shape[0] and src.shape[2:] == shape[2:]:
             rows.append({**row, "action": "reinitialised", "reason": f"input channels {src.shape[1]} -> {shape[1]}"})
         elif key.startswith(HEAD_PREFIX) and src.shape[1:] == shape[1:]:
-            rows.append({**row, "action": "reinitialised", "reason": f"classes {src.shape[0]} -> {shape[0]}"})
+            load[key] = _warm_head(src, tensor)
+            rows.append({**row, "action": "reinitialised", "reason": f"classes {src.shape[0]} -> {shape[0]}", "init": "background row kept, each new class from the mean of the source's foreground classes"})
         else:
             diffs.append(f"{key}: source {tuple(src.shape)}, target {shape}")
     diffs += [f"{key}: only in the source ({tuple(v.shape)})" for key, v in source.weights.items() if key not in target]
@@ -156,9 +171,10 @@ def init_from(model: nn.Module, source: InitSource | None, out_dir: Path, freeze
     for row in rows:
         log.info("init-from %s: %s%s", row["layer"], row["action"], f" ({row['reason']})" if "reason" in row else "")
     reinit = [r["layer"] for r in rows if r["action"] != "loaded"]
-    report = {"source": str(source.file), "source_sha256": source.sha256, "loaded": len(load), "reinitialised": reinit, "freeze_encoder_steps": freeze_steps, "layers": rows}
+    loaded = sum(r["action"] == "loaded" for r in rows)
+    report = {"source": str(source.file), "source_sha256": source.sha256, "loaded": loaded, "reinitialised": reinit, "freeze_encoder_steps": freeze_steps, "layers": rows}
     atomic_write_json(out_dir / INIT_REPORT, report, overwrite=True)
-    log.info("init-from %s: %d tensors loaded, %d re-initialised", source.file, len(load), len(reinit))
+    log.info("init-from %s: %d tensors loaded, %d re-initialised", source.file, loaded, len(reinit))
     return [FreezeEncoderHook(freeze_steps, trainable=reinit)] if freeze_steps > 0 else []
 
 

@@ -1,8 +1,10 @@
 """One training run on a dataset folder: verify, plan, split, build, train, validate, save.
 
-:func:`train_on_dataset` is the Python API behind ``medgn train``. It checks every case first
-(the same check as ``medgn verify``), reads or makes the dataset plan, adapts it with the config's
-``plan`` section, writes the resolved config, the effective plan and the fold split into the run
+:func:`train_on_dataset` is the Python API behind ``medgn train``. Rank 0 checks every case
+first (the same check as ``medgn verify``; skipped on ``resume`` unless asked), taking the
+fingerprint from that same pass when a plan has to be made, so each volume is read once there and
+once more by the patch cache before the first step. It reads or makes the dataset plan (a typed
+:class:`~medgn.planning.plan.Plan`), adapts it with the config's ``plan`` section, writes the resolved config, the effective plan and the fold split into the run
 folder, builds the network from the ``model`` section, and hands patches, validation and hooks to
 the :class:`~medgn.train.trainer.Trainer`. The run folder is locked while training; ``resume``
 continues from the last checkpoint exactly. Under ``torchrun`` every rank runs this function; rank 0
@@ -28,26 +30,31 @@ from medgn.config import RunConfig, write_resolved_config
 from medgn.data.datasets import Case, load_dataset
 from medgn.data.verify import verify_dataset
 from medgn.data.workload import check_dataset_workload
+from medgn.environment import resolve_device
 from medgn.errors import InputDataError, UsageError
-from medgn.files import RunLock, atomic_write_json, clean_stale_temps
+from medgn.files import RunLock, atomic_write_json, clean_stale_temps, is_inside
 from medgn.infer import postprocess
 from medgn.logs import attach_file_log, get_logger
+from medgn.planning.plan import Plan
 from medgn.planning.plan_config import apply_plan_config
-from medgn.planning.splits import load_or_create_splits
+from medgn.planning.splits import load_or_create_splits, make_splits
 from medgn.train import distributed as ddp
 from medgn.train.logging_hooks import default_hooks
-from medgn.train.patches import PatchDataset, make_validator
+from medgn.train.patches import PatchDataset
 from medgn.train.rng import seed_everything
 from medgn.train.sampler import ResumableLoader, ResumableSampler
 from medgn.train.trainer import Trainer, TrainState
+from medgn.train.validation import make_validator
 
 log = get_logger("engine.run_training")
 
 DATASET_PLAN = "dataset_plan.json"  # the plan of the dataset as `medgn plan` makes it
 RUN_PLAN = "plan.json"  # the plan this run trains with (after the config's overrides)
+SPLITS = "splits.json"  # the cross-validation folds, next to a plan and in every run folder
 ALL_FOLDS = -1  # --fold all: train on every case, no validation split
 # (network, run folder, resuming) -> extra hooks; loads initial weights unless resuming (fine-tuning).
 ModelInit = Callable[[torch.nn.Module, Path, bool], Sequence[Any]]
+FINGERPRINT_SEED = 0  # the intensity sampling of a plan made by training (as `medgn plan`'s default)
 
 
 @dataclass
@@ -61,38 +68,61 @@ class TrainResult:
     records: list[dict[str, Any]]
 
 
-def _inside(child: Path, parent: Path) -> bool:
-    child_n = Path(os.path.normpath(child.absolute()))
-    parent_n = Path(os.path.normpath(parent.absolute()))
-    return child_n == parent_n or parent_n in child_n.parents
+def _verify(index: Any, data: Path, cfg: RunConfig, fingerprint: bool) -> Any:
+    """Check every case (all problems logged); with ``fingerprint`` also take the statistics."""
+    report = verify_dataset(index, cfg.data.limits, stats_seed=FINGERPRINT_SEED if fingerprint else None)
+    if not report.ok:
+        for problem in report.problems:
+            log.error("verify: %s", problem)
+        first = report.problems[0]
+        raise InputDataError(data, f"dataset failed verification with {len(report.problems)} problem(s); first: {first}", expected="a clean 'medgn verify' (see medgn.log for all problems)")
+    return report
 
 
-def _dataset_plan(index: Any, cfg: RunConfig, out_dir: Path, plan_path: Path | None, is_main: bool) -> dict[str, Any]:
-    from medgn.planning.fingerprint import compute_fingerprint
-    from medgn.planning.planner import load_plan, make_plan
+def _dataset_plan(index: Any, cfg: RunConfig, out_dir: Path, plan_path: Path | None, is_main: bool, report: Any = None) -> Plan:
+    from medgn.planning.fingerprint import aggregate_fingerprint, compute_fingerprint
+    from medgn.planning.planner import make_plan
 
     if plan_path is not None:
-        return load_plan(plan_path)
+        return Plan.load(plan_path)
     stored = out_dir / DATASET_PLAN
     if stored.exists():
-        return load_plan(stored)
-    log.info("no plan given: fingerprinting %d cases", len(index.cases))
-    plan = make_plan(index, compute_fingerprint(index, cfg.data.limits), gpu_memory_gb=cfg.plan.gpu_memory_gb)
+        return Plan.load(stored)
+    stats = report.stats if report is not None else None
+    if stats is not None:  # verification already read every case: no second pass
+        fingerprint = aggregate_fingerprint(index, stats)
+    else:
+        log.info("no plan given: fingerprinting %d cases", len(index.cases))
+        fingerprint = compute_fingerprint(index, cfg.data.limits, seed=FINGERPRINT_SEED)
+    plan = make_plan(index, fingerprint, gpu_memory_gb=cfg.plan.gpu_memory_gb)
     if is_main:
-        atomic_write_json(stored, plan)
+        plan.save(stored)
     return plan
 
 
-def _fold_cases(index: Any, cfg: RunConfig, out_dir: Path, fold: int) -> tuple[list[Case], list[Case]]:
+def _fold_cases(index: Any, cfg: RunConfig, out_dir: Path, fold: int, plan_path: Path | None = None) -> tuple[list[Case], list[Case]]:
+    """The fold's (training, validation) cases from the run's splits.json.
+
+    A run without one takes the folds ``medgn plan --folds/--seed`` wrote next to ``plan_path``
+    (checked against the dataset, then copied into the run folder), else makes them from
+    ``plan.n_folds`` and ``plan.split_seed``.
+    """
     by_id = {c.case_id: c for c in index.cases}
     if fold == ALL_FOLDS:
         return list(index.cases), []
     n_folds = min(cfg.plan.n_folds, len(index.cases))
     if len(index.cases) < 2:
         raise InputDataError(index.root, "cross-validation needs at least 2 labelled cases", got=len(index.cases), expected="more cases, or --fold all")
+    run_splits = out_dir / SPLITS
+    planned = plan_path.parent / SPLITS if plan_path is not None else None
+    if run_splits.exists() or (planned is not None and planned.is_file()):
+        splits = load_or_create_splits(run_splits if run_splits.exists() else planned, sorted(by_id))  # type: ignore[arg-type]
+        n_folds = len(splits)
     if not 0 <= fold < n_folds:
         raise UsageError("--fold", "fold out of range", got=fold, expected=f"0..{n_folds - 1} or 'all'")
-    splits = load_or_create_splits(out_dir / "splits.json", sorted(by_id), n_folds, cfg.plan.split_seed)
+    if not run_splits.exists():  # the run folder records the folds it trained on
+        splits = load_or_create_splits(planned, sorted(by_id)) if planned is not None and planned.is_file() else make_splits(sorted(by_id), n_folds, cfg.plan.split_seed)
+        atomic_write_json(run_splits, splits, overwrite=False)
     return [by_id[i] for i in splits[fold]["train"]], [by_id[i] for i in splits[fold]["val"]]
 
 
@@ -107,6 +137,7 @@ def train_on_dataset(
     plan_path: str | os.PathLike[str] | None = None,
     console: bool = True,
     init_model: ModelInit | None = None,
+    verify: bool | None = None,
 ) -> TrainResult:
     """Train one fold of ``data`` into ``out_dir``.
 
@@ -122,6 +153,8 @@ def train_on_dataset(
         console: live progress display.
         init_model: called with the freshly built network, the run folder and ``resume`` before
             training starts; loads initial weights (not on resume) and returns extra hooks.
+        verify: check every case before training (rank 0); default: yes, except on ``resume``
+            (the run was checked when it started).
 
     Raises:
         UsageError: bad options, or an existing run without ``resume``.
@@ -129,14 +162,10 @@ def train_on_dataset(
     """
     started_at = time.monotonic()  # a time budget counts from here: verify, planning and caching included
     data, out_dir = Path(data), Path(out_dir)
-    if device not in ("cpu", "cuda"):
-        raise UsageError("--device", "unknown device", got=device, expected="cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device", "CUDA requested but no CUDA device is available", got="cuda", expected="--device cpu")
-    info = ddp.init_distributed(device)  # joins the process group under torchrun
-    if device == "cuda" and info.enabled:
-        device = f"cuda:{info.local_rank}"
-    if _inside(out_dir, data):  # also out_dir == data
+    dev = resolve_device(device)  # plain cuda under torchrun: this rank's GPU
+    info = ddp.init_distributed(dev.type)  # joins the process group under torchrun
+    device = str(dev)
+    if is_inside(out_dir, data):  # also out_dir == data
         raise UsageError(out_dir, "refusing to write the run into the dataset folder", expected="an --out outside the input tree")
     has_checkpoint = (out_dir / "checkpoints").is_dir() and read_pointer(out_dir / "checkpoints") is not None
     if resume and not has_checkpoint:
@@ -152,28 +181,28 @@ def train_on_dataset(
             attach_file_log(out_dir / "medgn.log")
             clean_stale_temps(out_dir)
         index = load_dataset(data)
-        report = verify_dataset(index, cfg.data.limits)
-        if not report.ok:
-            for problem in report.problems:
-                log.error("verify: %s", problem)
-            first = report.problems[0]
-            raise InputDataError(data, f"dataset failed verification with {len(report.problems)} problem(s); first: {first}", expected="a clean 'medgn verify' (see medgn.log for all problems)")
-        if info.is_main:  # rank 0 plans and splits; the others read what it wrote
-            base_plan = _dataset_plan(index, cfg, out_dir, Path(plan_path) if plan_path else None, True)
-            _fold_cases(index, cfg, out_dir, fold)
+        if info.is_main:  # rank 0 verifies, plans and splits; the others read what it wrote
+            given = Path(plan_path) if plan_path else None
+            needs_plan = given is None and not (out_dir / DATASET_PLAN).exists()
+            report = _verify(index, data, cfg, fingerprint=needs_plan) if (verify if verify is not None else not resume) else None
+            base_plan = _dataset_plan(index, cfg, out_dir, given, True, report)
+            _fold_cases(index, cfg, out_dir, fold, given)
         ddp.barrier()
         if not info.is_main:
             base_plan = _dataset_plan(index, cfg, out_dir, Path(plan_path) if plan_path else None, False)
         plan, features = apply_plan_config(base_plan, cfg.plan, cfg.model.features)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, features=features))
+        # train.deep_supervision switches the extra heads off (both switches must be on to use them);
+        # the resolved config then says what was built, so inference rebuilds the same network.
+        deep = cfg.model.deep_supervision and cfg.train.deep_supervision
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, features=features, deep_supervision=deep))
         if info.is_main:
             write_resolved_config(cfg, out_dir / "config.yaml")
-            atomic_write_json(out_dir / RUN_PLAN, plan)
+            plan.save(out_dir / RUN_PLAN)
         train_cases, val_cases = _fold_cases(index, cfg, out_dir, fold)
         # Before any resampling: a case that would explode at the plan's spacing stops the run (exit 5).
-        check_dataset_workload(train_cases, plan["target_spacing"], cfg.data.limits)
-        check_dataset_workload(val_cases, plan["target_spacing"], cfg.data.limits, roi=plan["patch_size"], overlap=0.25)  # the validator's windows
-        log.info("fold %s: %d training and %d validation cases; patch %s at %s mm", fold, len(train_cases), len(val_cases), plan["patch_size"], plan["target_spacing"])
+        check_dataset_workload(train_cases, plan.target_spacing, cfg.data.limits)
+        check_dataset_workload(val_cases, plan.target_spacing, cfg.data.limits, roi=plan.patch_size, overlap=0.25)  # the validator's windows
+        log.info("fold %s: %d training and %d validation cases; patch %s at %s mm", fold, len(train_cases), len(val_cases), plan.patch_size, plan.target_spacing)
         return _fit(cfg, plan, train_cases, val_cases, out_dir, device, resume, console, info, started_at, init_model)
     finally:
         if lock is not None:
@@ -181,7 +210,7 @@ def train_on_dataset(
         ddp.cleanup()
 
 
-def _fit(cfg: RunConfig, plan: dict[str, Any], train_cases: list[Case], val_cases: list[Case], out_dir: Path, device: str, resume: bool, console: bool, info: Any, started_at: float, init_model: ModelInit | None = None) -> TrainResult:
+def _fit(cfg: RunConfig, plan: Plan, train_cases: list[Case], val_cases: list[Case], out_dir: Path, device: str, resume: bool, console: bool, info: Any, started_at: float, init_model: ModelInit | None = None) -> TrainResult:
     from medgn.models.registry import build_model
 
     tcfg = cfg.train
@@ -190,7 +219,7 @@ def _fit(cfg: RunConfig, plan: dict[str, Any], train_cases: list[Case], val_case
     workers = cfg.data.num_workers
     loader = ResumableLoader(dataset, sampler, tcfg.batch_size, num_workers=workers, persistent_workers=False)
     evidence: dict[int, Any] = {}  # case index -> LCC evidence of the latest validation
-    classes = range(1, int(plan["num_classes"]))
+    classes = range(1, plan.num_classes)
 
     def collect(i: int, pred: torch.Tensor, ref: torch.Tensor) -> None:
         evidence[i] = postprocess.lcc_evidence(pred.numpy(), ref.numpy(), classes)
@@ -198,11 +227,10 @@ def _fit(cfg: RunConfig, plan: dict[str, Any], train_cases: list[Case], val_case
     validate = make_validator(val_cases, plan, cfg.data, device, on_case=collect) if val_cases else None
     hooks = default_hooks(tcfg, out_dir, validate=validate, console=console, started_at=started_at)
     seed_everything(tcfg.seed + info.rank, deterministic=tcfg.deterministic)  # before weights are drawn
-    network = plan["network"]
-    model = build_model(cfg.model, int(plan["in_channels"]), int(plan["num_classes"]), network["strides"], network["kernel_sizes"])
+    model = build_model(cfg.model, plan.in_channels, plan.num_classes, plan.network.strides, plan.network.kernel_sizes)
     if init_model is not None:  # on resume it only restores hooks: the checkpoint has the weights
         hooks = [*hooks, *init_model(model, out_dir, resume)]
-    trainer = Trainer(model, tcfg, loader, out_dir=out_dir, device=device, hooks=hooks, run_config=cfg.to_dict(), plan=plan, dist_info=info)
+    trainer = Trainer(model, tcfg, loader, out_dir=out_dir, device=device, hooks=hooks, run_config=cfg.to_dict(), plan=plan.to_dict(), dist_info=info)
     if resume:
         trainer.resume(out_dir / "checkpoints")
     state = trainer.train()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,11 +15,12 @@ from medgn.data.config import DataConfig
 from medgn.data.datasets import Case
 from medgn.data.io import read_volume, write_mask
 from medgn.data.pipeline import (
+    case_item,
     infer_transforms,
     invert_to_input,
-    make_train_loader,
     make_val_data,
     pipeline_hash,
+    train_transforms,
     val_transforms,
 )
 from medgn.data.reader import normalize_channel
@@ -25,6 +28,11 @@ from medgn.errors import InputDataError
 from tests.data.conftest import make_nifti
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+def _ns(fields: dict[str, Any]) -> SimpleNamespace:
+    """The plan fields a pipeline reads, as attributes (the data layer takes any such object)."""
+    return SimpleNamespace(**{"patch_size": (8, 8, 8), **fields})
 
 
 def _affine(perm: tuple[int, int, int], flips: tuple[int, int, int], spacing: tuple[float, float, float], oblique: float = 0.0) -> np.ndarray:
@@ -62,7 +70,7 @@ def test_round_trip_is_exact_on_input_grid(tmp_path: Path, perm: tuple[int, int,
     ras_spacing = [0.0, 0.0, 0.0]
     for a in range(3):
         ras_spacing[perm[a]] = spacing[a]
-    data = infer_transforms({**PLAN, "target_spacing": ras_spacing})({"image": [str(path)]})
+    data = infer_transforms(_ns({**PLAN, "target_spacing": ras_spacing}))({"image": [str(path)]})
     assert data["image"].shape[1:] != array.shape or perm == (0, 1, 2)  # cropped / reoriented
     back = invert_to_input(data["image"], data, mode="nearest", fill=[0.0])
     assert tuple(back.shape) == (1, *array.shape)
@@ -77,7 +85,7 @@ def test_round_trip_with_resampling_keeps_the_blob(tmp_path: Path, target: tuple
     array = _left_blob((20, 18, 10))
     affine = _affine((0, 1, 2), (-1, 1, 1), (0.9, 0.9, 2.5), oblique)
     path = make_nifti(tmp_path / "in.nii.gz", array, affine)
-    data = infer_transforms({**PLAN, "target_spacing": list(target)})({"image": [str(path)]})
+    data = infer_transforms(_ns({**PLAN, "target_spacing": list(target)}))({"image": [str(path)]})
     onehot = torch.cat([(data["image"] == v).float() for v in (0, 1, 2)])  # an identity "model"
     labels = torch.round(data["image"][0]).clamp(0, 2).long()
     onehot = torch.nn.functional.one_hot(labels, 3).permute(3, 0, 1, 2).float()
@@ -95,14 +103,14 @@ def test_non_contiguous_labels_map_to_class_indices(tmp_path: Path) -> None:
     label[5, 5, 5] = 1
     img_path, lab_path = make_nifti(tmp_path / "i.nii.gz", image), make_nifti(tmp_path / "l.nii.gz", label)
     plan = {"normalization": [{"scheme": "zscore"}], "label_values": [0, 1, 7, 8, 9], "target_spacing": [1.0, 1.0, 1.0]}
-    out = val_transforms(plan)({"image": [str(img_path)], "label": str(lab_path)})
+    out = val_transforms(_ns(plan))({"image": [str(img_path)], "label": str(lab_path)})
     mapped = out["label"]
     assert mapped.dtype == torch.int64 and mapped.shape == (1, 6, 6, 6)
     counts = {v: int((label == v).sum()) for v in (0, 1, 7, 8, 9)}
     assert [int((mapped == k).sum()) for k in range(5)] == [counts[v] for v in (0, 1, 7, 8, 9)]
     assert torch.isfinite(out["image"]).all() and float(out["image"].abs().max()) == 0.0  # constant image -> zeros, no NaN
     with pytest.raises(InputDataError, match="outside the declared set"):
-        val_transforms({**plan, "label_values": [0, 1]})({"image": [str(img_path)], "label": str(lab_path)})
+        val_transforms(_ns({**plan, "label_values": [0, 1]}))({"image": [str(img_path)], "label": str(lab_path)})
 
 
 def test_normalization_against_float64_reference() -> None:
@@ -130,19 +138,21 @@ def _tiny_cases(tmp_path: Path, n: int = 2) -> list[Case]:
 TRAIN_PLAN = {"normalization": [{"scheme": "zscore"}], "label_values": [0, 1], "target_spacing": [1.0, 1.0, 1.0], "patch_size": [8, 8, 8], "batch_size": 2}
 
 
-def test_train_loader_is_seeded_and_shapes_are_right(tmp_path: Path) -> None:
+def test_train_transforms_are_seeded_and_shapes_are_right(tmp_path: Path) -> None:
     cases = _tiny_cases(tmp_path)
     cfg = DataConfig(num_workers=0, cache_rate=0.0, samples_per_volume=2, foreground_ratio=1.0)
 
-    def first(seed: int) -> dict[str, torch.Tensor]:
-        return next(iter(make_train_loader(cases, TRAIN_PLAN, cfg, seed)))
+    def first(seed: int) -> list[dict[str, torch.Tensor]]:
+        transform = train_transforms(_ns(TRAIN_PLAN), cfg)
+        transform.set_random_state(seed=seed)
+        return transform(case_item(cases[0]))
 
     a, b, c = first(5), first(5), first(6)
-    assert a["image"].shape == (4, 1, 8, 8, 8) and a["label"].shape == (4, 1, 8, 8, 8)
-    assert a["label"].dtype == torch.int64 and set(a["label"].unique().tolist()) <= {0, 1}
-    assert torch.isfinite(a["image"]).all()
-    assert all(bool((a["label"][i] == 1).any()) for i in range(4))  # foreground_ratio 1: every crop has foreground
-    assert torch.equal(a["image"], b["image"]) and not torch.equal(a["image"], c["image"])
+    assert len(a) == 2 and a[0]["image"].shape == (1, 8, 8, 8) and a[0]["label"].shape == (1, 8, 8, 8)
+    assert a[0]["label"].dtype == torch.int64 and set(a[0]["label"].unique().tolist()) <= {0, 1}
+    assert all(torch.isfinite(x["image"]).all() for x in a)
+    assert all(bool((x["label"] == 1).any()) for x in a)  # foreground_ratio 1: every crop has foreground
+    assert torch.equal(a[0]["image"], b[0]["image"]) and not torch.equal(a[0]["image"], c[0]["image"])
 
 
 def test_cache_is_keyed_by_plan(tmp_path: Path) -> None:
@@ -150,19 +160,19 @@ def test_cache_is_keyed_by_plan(tmp_path: Path) -> None:
     cases = _tiny_cases(tmp_path / "data", 1)
     cfg = DataConfig(num_workers=0, cache_dir=str(tmp_path / "cache"))
     plan_b = {**TRAIN_PLAN, "target_spacing": [2.0, 2.0, 2.0]}
-    assert pipeline_hash(TRAIN_PLAN) != pipeline_hash(plan_b)
-    first = make_val_data(cases, TRAIN_PLAN, cfg)[0]
-    second = make_val_data(cases, plan_b, cfg)[0]
+    assert pipeline_hash(_ns(TRAIN_PLAN)) != pipeline_hash(_ns(plan_b))
+    first = make_val_data(cases, _ns(TRAIN_PLAN), cfg)[0]
+    second = make_val_data(cases, _ns(plan_b), cfg)[0]
     assert first["image"].shape[1:] == (14, 12, 10) and max(second["image"].shape[1:]) <= 8  # two spacings
     assert len(list((tmp_path / "cache").iterdir())) == 2
-    again = make_val_data(cases, TRAIN_PLAN, dataclasses.replace(cfg))[0]  # read back from the cache
+    again = make_val_data(cases, _ns(TRAIN_PLAN), dataclasses.replace(cfg))[0]  # read back from the cache
     assert torch.equal(again["image"], first["image"])
 
 
 def test_bad_file_error_is_not_swallowed(tmp_path: Path) -> None:
     (tmp_path / "bad.nii.gz").write_bytes(b"\x00" * 10)
     with pytest.raises(InputDataError, match="bad.nii.gz"):
-        infer_transforms({**PLAN, "target_spacing": [1.0, 1.0, 1.0]})({"image": [str(tmp_path / "bad.nii.gz")]})
+        infer_transforms(_ns({**PLAN, "target_spacing": [1.0, 1.0, 1.0]}))({"image": [str(tmp_path / "bad.nii.gz")]})
 
 
 def test_data_config_validation() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from medgn.errors import ModelError, ResourceError
+from medgn.errors import ModelError, ResourceError, UsageError
 from medgn.infer.predictor import Predictor, load_predictor
 from medgn.infer.sliding_window import WindowSettings, mirror_flips, predict_probabilities
 
@@ -195,3 +195,18 @@ def test_injected_modules_get_a_weight_hash() -> None:
     p2 = Predictor.from_modules([F.ThresholdNet(1.0)], F.plan())
     assert p1.model_sha256s != p2.model_sha256s
     assert p1.model_sha256s == Predictor.from_modules([F.ThresholdNet(0.0)], F.plan()).model_sha256s
+
+
+def test_bf16_precision_on_cpu_stays_close_to_fp32() -> None:
+    # bf16 autocast keeps 8 bits of mantissa: probabilities move by ~1e-2 at most on a small net,
+    # and the argmax agrees on nearly every voxel.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(8, 3, 1)).eval()
+    image = torch.randn(1, 20, 18, 16)
+    fp32 = predict_probabilities([net], image, WindowSettings(roi_size=(16, 16, 16), precision="fp32"))
+    bf16 = predict_probabilities([net], image, WindowSettings(roi_size=(16, 16, 16), precision="bf16"))
+    assert not torch.equal(fp32, bf16)  # bf16 really ran
+    assert (fp32 - bf16).abs().max() < 5e-2
+    assert (fp32.argmax(0) == bf16.argmax(0)).float().mean() > 0.97
+    with pytest.raises(UsageError, match="precision"):
+        WindowSettings(roi_size=(16, 16, 16), precision="fp16")

@@ -20,6 +20,7 @@ from medgn.cli import main
 from medgn.files import TEMP_MARK
 from medgn.infer.predictor import Predictor
 from medgn.infer.run import infer
+from medgn.planning.plan import Plan
 
 pytest.importorskip("medgn.data.pipeline", reason="medgn.data.pipeline (infer_transforms) not available yet")
 
@@ -216,7 +217,7 @@ def _train_a_few_steps(run_dir: Path, image: Path, label: Path, plan: dict) -> i
     from medgn.models.config import UNet3DConfig
     from medgn.models.registry import build_model
 
-    data = val_transforms(plan)({"image": [str(image)], "label": str(label)})
+    data = val_transforms(Plan.from_dict(plan))({"image": [str(image)], "label": str(label)})
     x, y = torch.as_tensor(data["image"]).float(), torch.as_tensor(data["label"]).long()
     centre = [int(c.float().mean()) for c in torch.nonzero(y[0], as_tuple=True)]
     starts = [max(0, min(c - p // 2, s - p)) for c, p, s in zip(centre, plan["patch_size"], x.shape[1:])]

@@ -12,12 +12,13 @@ import pytest
 from medgn.cli import main
 from medgn.data.datasets import load_dataset
 from medgn.data.io import read_volume
-from medgn.errors import InputDataError, ResourceError
+from medgn.errors import InputDataError, ModelError, ResourceError
 from medgn.planning.fingerprint import compute_fingerprint, intensity_stats, ras_spacing_shape
+from medgn.planning.plan import SCHEMA_VERSION, Plan
+from medgn.planning.plan_config import PlanConfig
 from medgn.planning.planner import (
+    DEFAULT_GPU_GB,
     choose_patch,
-    guess_modality,
-    load_plan,
     make_plan,
     plan_for_ct_or_mr,
     strides_and_kernels,
@@ -60,12 +61,12 @@ def test_patch_shrinks_then_batch_one() -> None:
 @pytest.mark.data
 def test_ct_sample_gets_ct_scheme_mr_gets_zscore(shared_data: Path) -> None:
     ct = read_volume(shared_data / "samples" / "ct_abdomen_small.nii.gz").array
-    assert guess_modality(ct) == "CT"
     stats = intensity_stats(ct[ct > -500].ravel())  # body voxels as the foreground stand-in
-    norm = plan_for_ct_or_mr(guess_modality(ct), stats)
+    norm = plan_for_ct_or_mr("CT", stats)
     assert norm["scheme"] == "ct" and norm["clip"][0] < 0 < norm["clip"][1] and norm["std"] > 0
     mr = read_volume(shared_data / "samples" / "mr_abdomen_small.nii.gz").array
-    assert plan_for_ct_or_mr(guess_modality(mr)) == {"scheme": "zscore"}
+    assert plan_for_ct_or_mr("MR") == {"scheme": "zscore"}
+    assert float(np.percentile(mr, 0.5)) > -500 > float(np.percentile(ct, 0.5))  # the samples are what they claim
 
 
 def test_ras_spacing_follows_orientation(tmp_path: Path) -> None:
@@ -80,11 +81,12 @@ def test_plan_cli_on_tiny_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[
     out = tmp_path / "plans" / "plan.json"
     out.parent.mkdir()
     assert main(["plan", str(root), "--out", str(out), "--folds", "3"]) == 0
-    plan = load_plan(out)
-    assert plan["label_values"] == [0, 1, 2] and plan["num_classes"] == 3 and plan["in_channels"] == 2
-    assert plan["target_spacing"] == [1.0, 1.0, 2.0]
-    assert [n["scheme"] for n in plan["normalization"]] == ["ct", "zscore"]  # channel names CT, T2
-    assert plan["fingerprint"]["label_values_found"] == [0, 1, 2]
+    plan = Plan.load(out)
+    assert plan.label_values == (0, 1, 2) and plan.num_classes == 3 and plan.in_channels == 2
+    assert plan.target_spacing == (1.0, 1.0, 2.0)
+    assert [n["scheme"] for n in plan.normalization] == ["ct", "zscore"]  # channel names CT, T2
+    assert plan.fingerprint is not None and plan.fingerprint["label_values_found"] == [0, 1, 2]
+    assert json.loads(out.read_text())["schema_version"] == SCHEMA_VERSION
     splits = json.loads((out.parent / "splits.json").read_text())
     assert sorted(c for f in splits for c in f["val"]) == ["case0", "case1", "case2"]
     before = out.read_bytes()
@@ -98,9 +100,9 @@ def test_plan_cli_on_tiny_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_la2018_plan_chooses_0625_and_zscore(shared_data: Path, tmp_path: Path) -> None:
     index = load_dataset(mini_msd(shared_data / "LA2018", tmp_path / "la", 4))
     plan = make_plan(index, compute_fingerprint(index), gpu_memory_gb=8, estimator=_voxel_estimator)
-    assert plan["target_spacing"] == pytest.approx([0.625, 0.625, 0.625])
-    assert plan["normalization"] == [{"scheme": "zscore"}] and plan["label_values"] == [0, 1]
-    json.dumps(plan, allow_nan=False)  # the plan is plain JSON
+    assert plan.target_spacing == pytest.approx([0.625, 0.625, 0.625])
+    assert plan.normalization == ({"scheme": "zscore"},) and plan.label_values == (0, 1)
+    json.dumps(plan.to_dict(), allow_nan=False)  # the plan is plain JSON
 
 
 def test_splits(tmp_path: Path) -> None:
@@ -126,3 +128,66 @@ def test_fallback_estimator_grows_with_patch_and_batch() -> None:
     assert _fallback_estimate(_model_cfg(5), 1, 2, strides, None, [64, 64, 64], 1, None) < small
     patch, _, _, batch, need = choose_patch([200, 200, 200], [1.0, 1.0, 1.0], 1, 2, 4e9, _fallback_estimate)
     assert need <= 4e9 and batch == 2 and max(patch) < 200
+
+
+# A plan as medgn wrote it before schema_version existed (and as old checkpoints hold it).
+OLD_PLAN = {
+    "version": 1,
+    "label_values": [0, 1, 4],
+    "num_classes": 3,
+    "in_channels": 1,
+    "target_spacing": [0.8, 0.8, 2.5],
+    "normalization": [{"scheme": "zscore"}],
+    "patch_size": [64, 64, 32],
+    "batch_size": 2,
+    "network": {"strides": [[1, 1, 1], [2, 2, 1]], "kernel_sizes": [[3, 3, 1], [3, 3, 3]]},
+}
+
+
+def test_plan_file_without_schema_version_is_version_1_and_round_trips(tmp_path: Path) -> None:
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(OLD_PLAN))
+    plan = Plan.load(old)
+    assert plan.schema_version == 1 and plan.label_values == (0, 1, 4) and plan.patch_size == (64, 64, 32)
+    assert plan.network.strides == ((1, 1, 1), (2, 2, 1))
+    new = plan.save(tmp_path / "new.json")
+    written = json.loads(new.read_text())
+    # Same keys and values as before, plus schema_version.
+    assert written == {**OLD_PLAN, "schema_version": 1}
+    assert Plan.load(new) == plan
+    assert Plan.from_dict(plan.to_dict()) == plan  # what a checkpoint stores
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"patch_size": None}, "misses key(s) patch_size"),
+        ({"num_classes": "three"}, "num_classes is not an integer"),
+        ({"target_spacing": [1.0, 1.0]}, "target_spacing is malformed"),
+        ({"label_values": [0, 1]}, "label_values does not match num_classes"),
+        ({"normalization": [{"scheme": "zscore"}] * 2}, "normalization does not match in_channels"),
+        ({"schema_version": 2}, "unsupported plan schema_version"),
+    ],
+)
+def test_bad_plan_names_file_and_key(tmp_path: Path, change: dict, message: str) -> None:
+    data = {k: v for k, v in {**OLD_PLAN, **change}.items() if v is not None}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputDataError) as info:
+        Plan.load(path)
+    assert info.value.code == 3 and message in info.value.one_line() and str(path) in info.value.one_line()
+    with pytest.raises(ModelError) as model_info:  # the same check on a checkpoint's plan: exit 4
+        Plan.from_dict(data, "model.pt", error=ModelError)
+    assert model_info.value.code == 4 and message in model_info.value.one_line()
+
+
+def test_missing_or_unreadable_plan_file_is_input_error(tmp_path: Path) -> None:
+    with pytest.raises(InputDataError, match="plan file not found"):
+        Plan.load(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(InputDataError, match="cannot read plan"):
+        Plan.load(tmp_path / "bad.json")
+
+
+def test_gpu_memory_default_is_one_constant() -> None:
+    assert PlanConfig().gpu_memory_gb == DEFAULT_GPU_GB == 8.0

@@ -153,21 +153,6 @@ def test_sampler_order_is_a_pure_function_and_shards_cover_it() -> None:
     assert len(set(seeds)) == 8 and all(0 <= s < 2**63 for s in seeds)
 
 
-def test_seeded_dataset_makes_monai_augmentation_a_function_of_the_sample_seed() -> None:
-    from monai.data import Dataset
-    from monai.transforms import Compose, RandFlipd, RandGaussianNoised
-
-    from medgn.train.sampler import SeededDataset
-
-    items = [{"image": torch.arange(8.0).reshape(1, 2, 2, 2)} for _ in range(3)]
-    transform = Compose([RandFlipd(keys="image", prob=0.5, spatial_axis=0), RandGaussianNoised(keys="image", prob=1.0)])
-    data = SeededDataset(Dataset(items, transform))
-    first = data[(1, 12345)]["image"]
-    data[(2, 999)]  # another sample in between must not matter
-    assert torch.equal(torch.as_tensor(data[(1, 12345)]["image"]), torch.as_tensor(first))
-    assert not torch.equal(torch.as_tensor(data[(1, 777)]["image"]), torch.as_tensor(first))
-
-
 @pytest.mark.parametrize("avx512_bf16, amx", [(True, False), (False, True), (False, False)])
 def test_amp_auto_on_cpu_is_bf16_only_with_native_bf16(monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool) -> None:
     monkeypatch.delenv("MEDGN_CPU_BF16", raising=False)

@@ -31,9 +31,10 @@ TINY = [
     "--set", "train.lr=0.03", "--set", "train.schedule=constant", "--set", "train.val_every=1",
     "--set", "train.log_every=1", "--set", "train.checkpoint_every_minutes=0", "--no-progress", "--device", "cpu",
 ]  # fmt: skip
-# Validation Dice the runs race to; with these seeds the fine-tuned run gets there at step 12, the
-# run from scratch at step 14 (and the fine-tuned one is ahead at every validation before).
-TARGET_DICE = 0.7
+# Validation Dice the runs race to (both at lr 0.003); with these seeds the fine-tuned run (its head
+# warm-started from the 3-class head) is at 0.91 after 2 steps, the run from scratch reaches 0.85
+# at step 12 (and the fine-tuned one is ahead at every validation before).
+TARGET_DICE = 0.85
 
 
 def make_blobs(root: Path, n: int, merged: bool, seed0: int, size: int = 16) -> Path:
@@ -64,11 +65,11 @@ def make_blobs(root: Path, n: int, merged: bool, seed0: int, size: int = 16) -> 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(a 3-class run trained for 40 steps, the 2-class fine-tuning dataset)."""
+    """(a 3-class run trained for 80 steps, the 2-class fine-tuning dataset)."""
     base = tmp_path_factory.mktemp("finetune")
     pre = make_blobs(base / "data_pre", 6, False, seed0=100)
     run = base / "pretrained"
-    assert main(["train", "--data", str(pre), "--out", str(run), *TINY, "--set", "train.epochs=1", "--set", "train.iters_per_epoch=40"]) == 0
+    assert main(["train", "--data", str(pre), "--out", str(run), *TINY, "--set", "train.epochs=1", "--set", "train.iters_per_epoch=80", "--set", "train.lr=0.01"]) == 0
     return run, make_blobs(base / "data_ft", 4, True, seed0=0)
 
 
@@ -80,7 +81,7 @@ def _dice_curve(run: Path) -> list[tuple[int, float]]:
 @pytest.mark.slow
 def test_fine_tuning_reaches_the_target_dice_in_fewer_steps(pretrained: tuple[Path, Path], tmp_path: Path) -> None:
     run, data = pretrained
-    schedule = ["--set", "train.epochs=8", "--set", "train.iters_per_epoch=2"]
+    schedule = ["--set", "train.epochs=8", "--set", "train.iters_per_epoch=2", "--set", "train.lr=0.003"]
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "ft"), *TINY, *schedule, "--init-from", str(run)]) == 0
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "scratch"), *TINY, *schedule]) == 0
     ft, scratch = _dice_curve(tmp_path / "ft"), _dice_curve(tmp_path / "scratch")
