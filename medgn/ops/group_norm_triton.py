@@ -4,15 +4,48 @@ The kernels live in ``group_norm_kernels.py`` and are imported inside the launch
 this file (and medgn.ops) never imports triton. A tensor reaches the kernels as an (N, C, S) view
 with strides (sn, sc, ss): contiguous gives (C*S, S, 1) and channels_last(_3d) gives (S*C, 1, C), so
 both layouts are read in place; any other layout is copied to contiguous first.
+
+Paths and the bytes each moves, in tensor volumes (one volume = x.numel() * x.element_size();
+"+R" = one more volume when a residual is given; :func:`moved_volumes` returns these numbers):
+
+=========  =====================================================  ==========  ====================
+path       kernels                                                forward     backward
+=========  =====================================================  ==========  ====================
+fused      one program holds whole groups on chip (forward: one   2 (+R)      3 (+R if act, +R if
+           per sample and group block; backward: one per group                 d(residual))
+           block, looping over the samples, dW/dB in registers)
+split      statistics partials (read x), then apply (read x,      3 (+R)      5 (+2R if act, +R if
+           write y); backward: reduce (read x, dy), dx (read x,                d(residual))
+           dy, write dx; dW/dB folded into its last-sample
+           programs)
+chunked    split, launched per chunk of group blocks sized to a   2 (+R) HBM  3 (+R if act, +R if
+           third of L2, so the second pass re-reads the chunk    if the L2   d(residual)) HBM if
+           the first pass just read from L2, not HBM              re-read     the L2 re-read hits;
+                                                                  hits; else  else the split's
+                                                                  3 (+R)
+=========  =====================================================  ==========  ====================
+
+The minimal traffic is 2 volumes forward (read x, write y) and 3 backward (read x and dy, write
+dx). "auto" takes fused when the group block fits on chip (``_FUSED_MAX`` elements forward,
+``_FUSED_BWD_MAX`` backward), else chunked (which is split when the whole tensor fits one chunk).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["alloc_like", "group_norm_backward", "group_norm_forward", "kernel_strides"]
+__all__ = [
+    "alloc_like",
+    "backward_path",
+    "forward_path",
+    "group_norm_backward",
+    "group_norm_forward",
+    "kernel_strides",
+    "moved_volumes",
+]
 
 
 def _channels_last_format(t: torch.Tensor) -> torch.memory_format | None:
@@ -43,56 +76,169 @@ def kernel_strides(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 
 
 _ACT_CODES = {"none": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
-# Elements per tile of the split kernels: 2048 fp32 values are 16 per thread at 4 warps, enough
-# loads in flight to saturate HBM without spilling. The interpreter runs tiles as numpy arrays,
-# where a smaller tile lets the tiny test shapes exercise several splits.
+# Elements per tile of the streaming kernels: 2048 fp32 values are 8 per thread at 8 warps, with
+# three per-lane accumulators 24 registers, so 8 programs fit an SM and enough loads are in flight
+# to saturate HBM. The interpreter runs tiles as numpy arrays, where a smaller tile lets the tiny
+# test shapes exercise several splits.
 _TILE_GPU = 2048
 _TILE_CPU = 512
-# Largest group the fused one-program kernel keeps on chip (1 read + 1 write): 8192 fp32 values
-# are 32 registers per thread at 8 warps.
-_FUSED_MAX = 8192
-# Split-program target: 4 waves of programs per SM hides the tail of the last wave; the CPU
-# interpreter has no SMs, 16 keeps test grids small while giving several splits.
-_WAVES = 4
+# Largest group block the fused kernels keep on chip (1 read + 1 write): 16384 fp32 values are
+# 32 registers per thread at 16 warps (x and its centred copy: ~100 registers, no spill); the
+# backward holds x, dy and dz, so half of that. This covers 16^3 x 4 and 8^3 x 32 channels.
+_FUSED_MAX = 16384
+_FUSED_BWD_MAX = 8192
+# channels_last tiles: up to 128 channels (256 bytes of bf16) of one voxel, made of whole groups,
+# so a 2-8-channel group is read as part of a contiguous run instead of a scattered 4-16 bytes.
+_CL_CHANNELS = 128
+# Software-pipelining depth of the streaming loops (tl.range num_stages): 3 tiles in flight.
+_STAGES = 3
+# Hopper/Ampere: 64 resident warps and 32 resident blocks per SM bound a full wave of programs.
+_SM_WARPS = 64
+_SM_BLOCKS = 32
+# CPU interpreter: no SMs or L2; 16 programs and a 96 KiB "L2" keep test grids small while still
+# giving several splits and several chunks on the test shapes.
 _CPU_PROGRAMS = 16
+_CPU_L2_BYTES = 96 * 1024
 # Upper bound on splits per group: the apply and dx kernels load all partials of a group at once.
 _MAX_SPLITS = 512
+PATHS = ("auto", "fused", "split", "chunked")
 
 
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def _plan(x: torch.Tensor, num_groups: int) -> dict[str, int]:
-    """Tile sizes and split count for x seen as (N, G, C//G, S)."""
-    n, c = x.shape[:2]
-    s = math.prod(x.shape[2:])
-    cpg = c // num_groups
-    if x.is_cuda:
-        tile = _TILE_GPU
-        programs = _WAVES * torch.cuda.get_device_properties(x.device).multi_processor_count
-    else:
-        tile, programs = _TILE_CPU, _CPU_PROGRAMS
-    block_c = min(_next_pow2(cpg), tile)
-    block_s = max(1, min(_next_pow2(s), tile // block_c))
-    want = max(1, min(_MAX_SPLITS, -(-programs // (n * num_groups))))
-    s_per_split = -(-s // want)
-    s_per_split = -(-s_per_split // block_s) * block_s  # whole tiles per split
-    splits = -(-s // s_per_split)
-    return {
-        "S": s,
-        "CPG": cpg,
-        "BLOCK_C": block_c,
-        "BLOCK_S": block_s,
-        "S_PER_SPLIT": s_per_split,
-        "SPLITS": splits,
-        "SPLITS_P2": _next_pow2(splits),
-    }
-
-
 def _warps(block: int) -> int:
     """Warps for a tile of ``block`` elements: about 8 elements per thread, 4 to 16 warps."""
     return max(4, min(16, block // 256))
+
+
+def _pow2_divisor_upto(g: int, limit: int) -> int:
+    """Largest power of two dividing g and at most limit (at least 1)."""
+    d = 1
+    while d * 2 <= limit and g % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def _groups_per_block(x: torch.Tensor, num_groups: int, block_c: int, limit: int) -> int:
+    """GPB: 1 on contiguous inputs; on channels_last as many whole groups as fit ``limit`` lanes."""
+    if not _is_channels_last(x):
+        return 1
+    return _pow2_divisor_upto(num_groups, max(1, limit // block_c))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Tile sizes, split count and launch chunking of one call (see the module docstring)."""
+
+    S: int
+    CPG: int
+    GPB: int
+    BLOCK_C: int
+    BLOCK_S: int
+    S_PER_SPLIT: int
+    SPLITS: int
+    SPLITS_P2: int
+    rows: int  # group blocks: N * G // GPB
+    chunk_rows: int  # group blocks per launch
+    warps: int
+
+
+def _device_limits(x: torch.Tensor) -> tuple[int, int]:
+    """(resident SM slots in warps x SMs, L2 bytes / 3) of x's device; CPU stand-ins otherwise."""
+    if not x.is_cuda:
+        return _CPU_PROGRAMS, _CPU_L2_BYTES
+    props = torch.cuda.get_device_properties(x.device)
+    # A third of L2 for the chunk being re-read: the writes of the second pass also go through L2.
+    return props.multi_processor_count, props.L2_cache_size // 3
+
+
+def _plan(x: torch.Tensor, num_groups: int, chunk_tensors: int, chunked: bool) -> _Plan:
+    """Plan of the split/chunked kernels for x seen as (N, G, C//G, S).
+
+    ``chunk_tensors`` is how many tensors of x's size the second pass re-reads (1 forward, 2-3
+    backward): a chunk of group blocks holds at most a third of L2 of them.
+    """
+    n, c = x.shape[:2]
+    s = math.prod(x.shape[2:])
+    cpg = c // num_groups
+    tile = _TILE_GPU if x.is_cuda else _TILE_CPU
+    block_c = min(_next_pow2(cpg), tile)
+    gpb = _groups_per_block(x, num_groups, block_c, min(_CL_CHANNELS, tile // 16))
+    block_s = max(1, min(_next_pow2(s), tile // (gpb * block_c)))
+    warps = _warps(gpb * block_c * block_s)
+    rows = n * num_groups // gpb
+    sms, l2_bytes = _device_limits(x)
+    # One full wave of resident programs (no partial second wave): per SM, as many programs as
+    # the warp and block limits allow.
+    programs = sms * min(_SM_BLOCKS, _SM_WARPS // warps) if x.is_cuda else sms
+    row_bytes = gpb * cpg * s * x.element_size() * chunk_tensors
+    chunk_rows = max(1, min(rows, l2_bytes // row_bytes)) if chunked else rows
+    want = max(1, min(_MAX_SPLITS, -(-programs // chunk_rows), -(-s // block_s)))
+    s_per_split = -(-s // want)
+    s_per_split = -(-s_per_split // block_s) * block_s  # whole tiles per split
+    splits = -(-s // s_per_split)
+    return _Plan(s, cpg, gpb, block_c, block_s, s_per_split, splits, _next_pow2(splits), rows,
+                 chunk_rows, warps)  # fmt: skip
+
+
+def _fused_block(x: torch.Tensor, num_groups: int, limit: int) -> tuple[int, int, int] | None:
+    """(GPB, BLOCK_C, BLOCK_S) of the fused kernels when a group block fits ``limit``, else None."""
+    cpg = x.shape[1] // num_groups
+    block_c, block_s = _next_pow2(cpg), _next_pow2(math.prod(x.shape[2:]))
+    if block_c * block_s > limit:
+        return None
+    gpb = _groups_per_block(x, num_groups, block_c, min(_CL_CHANNELS, limit // block_s))
+    return gpb, block_c, block_s
+
+
+def forward_path(x: torch.Tensor, num_groups: int, path: str = "auto") -> str:
+    """The concrete forward path ("fused", "split" or "chunked") that ``path`` resolves to."""
+    if path not in PATHS:
+        raise ValueError(f"group_norm_forward: unknown path {path!r}, expected one of {PATHS}")
+    if path != "auto":
+        return path
+    return "fused" if _fused_block(x, num_groups, _FUSED_MAX) else "chunked"
+
+
+def backward_path(x: torch.Tensor, num_groups: int, path: str = "auto") -> str:
+    """The concrete backward path that ``path`` resolves to (see :func:`forward_path`)."""
+    if path not in PATHS:
+        raise ValueError(f"group_norm_backward: unknown path {path!r}, expected one of {PATHS}")
+    if path != "auto":
+        return path
+    return "fused" if _fused_block(x, num_groups, _FUSED_BWD_MAX) else "chunked"
+
+
+def moved_volumes(
+    path: str, direction: str, residual: bool, activation: str, need_dres: bool = True
+) -> float:
+    """Tensor volumes a path moves from/to memory (the module docstring's table).
+
+    For "chunked" this is the HBM traffic when the second pass's re-read hits L2 (what the path
+    is designed for); :func:`moved_volumes` of "split" is its upper bound.
+    """
+    res = 1.0 if residual else 0.0
+    res_act = res if activation != "none" else 0.0
+    dres = res if need_dres else 0.0
+    if direction == "fwd":
+        return {"fused": 2.0, "split": 3.0, "chunked": 2.0}[path] + res
+    if direction == "bwd":
+        return {"fused": 3.0 + res_act, "split": 5.0 + 2 * res_act, "chunked": 3.0 + res_act}[
+            path
+        ] + dres
+    raise ValueError(f"moved_volumes: direction {direction!r}, expected 'fwd' or 'bwd'")
+
+
+def _flags(weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None,
+           activation: str) -> dict[str, int | bool]:  # fmt: skip
+    return {
+        "HAS_W": weight is not None,
+        "HAS_B": bias is not None,
+        "HAS_R": residual is not None,
+        "ACT": _ACT_CODES[activation],
+    }
 
 
 def group_norm_forward(
@@ -109,49 +255,48 @@ def group_norm_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the forward kernels; return (y, mean, rstd) with fp32 (N, G) statistics.
 
-    Arguments are those of ``medgn.ops.group_norm`` (already checked). ``path`` picks "fused"
-    (one program per group, the group on chip), "split" (statistics partials then apply) or
-    "auto" (fused when the group fits in ``_FUSED_MAX`` elements).
+    Arguments are those of ``medgn.ops.group_norm`` (already checked). ``path`` is one of
+    :data:`PATHS` (see the module docstring); "fused" needs the group to fit on chip.
     """
     from medgn.ops import group_norm_kernels as k
 
+    path = forward_path(x, num_groups, path)
     n = x.shape[0]
     y = alloc_like(x)
     x, sxn, sxc, sxs = kernel_strides(x)
     r, srn, src, srs = kernel_strides(residual) if residual is not None else (x, 0, 0, 0)
     mean = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    p = _plan(x, num_groups)
-    flags = {
-        "HAS_W": weight is not None,
-        "HAS_B": bias is not None,
-        "HAS_R": residual is not None,
-        "ACT": _ACT_CODES[activation],
-    }
+    flags = _flags(weight, bias, residual, activation)
     w = weight if weight is not None else x
     b = bias if bias is not None else x
-    fused_c, fused_s = _next_pow2(p["CPG"]), _next_pow2(p["S"])
-    if path == "fused" or (path == "auto" and fused_c * fused_s <= _FUSED_MAX):
-        k._fused_kernel[(n * num_groups,)](
+    s = math.prod(x.shape[2:])
+    count = float((x.shape[1] // num_groups) * s)  # elements per group, as a float (no int32)
+    if path == "fused":
+        gpb, block_c, block_s = _fused_block(x, num_groups, 1 << 62) or (1, 1, 1)
+        k._fused_kernel[(n * num_groups // gpb,)](
             x, y, w, b, r, mean, rstd,
-            p["S"], num_groups, p["CPG"], sxn, sxc, sxs, srn, src, srs, eps, negative_slope,
-            BLOCK_C=fused_c, BLOCK_S=fused_s, num_warps=_warps(fused_c * fused_s), **flags,
+            s, num_groups, x.shape[1] // num_groups, sxn, sxc, sxs, srn, src, srs, count, eps,
+            negative_slope, GPB=gpb, BLOCK_C=block_c, BLOCK_S=block_s,
+            num_warps=_warps(gpb * block_c * block_s), **flags,
         )  # fmt: skip
         return y, mean, rstd
-    grid = (n * num_groups, p["SPLITS"])
-    mean_p = torch.empty((n * num_groups, p["SPLITS"]), dtype=torch.float32, device=x.device)
+    p = _plan(x, num_groups, 1, chunked=path == "chunked")
+    mean_p = torch.empty((n * num_groups, p.SPLITS), dtype=torch.float32, device=x.device)
     m2_p = torch.empty_like(mean_p)
-    warps = _warps(p["BLOCK_C"] * p["BLOCK_S"])
-    k._stats_kernel[grid](
-        x, mean_p, m2_p, p["S"], num_groups, p["CPG"], sxn, sxc, sxs, p["S_PER_SPLIT"],
-        p["SPLITS"], BLOCK_C=p["BLOCK_C"], BLOCK_S=p["BLOCK_S"], num_warps=warps,
-    )  # fmt: skip
-    k._apply_kernel[grid](
-        x, y, w, b, r, mean_p, m2_p, mean, rstd,
-        p["S"], num_groups, p["CPG"], sxn, sxc, sxs, srn, src, srs, p["S_PER_SPLIT"],
-        p["SPLITS"], eps, negative_slope, SPLITS_P2=p["SPLITS_P2"], BLOCK_C=p["BLOCK_C"],
-        BLOCK_S=p["BLOCK_S"], num_warps=warps, **flags,
-    )  # fmt: skip
+    for row0 in range(0, p.rows, p.chunk_rows):
+        grid = (min(p.chunk_rows, p.rows - row0), p.SPLITS)
+        k._stats_kernel[grid](
+            x, mean_p, m2_p, row0, p.S, num_groups, p.CPG, sxn, sxc, sxs, p.S_PER_SPLIT,
+            p.SPLITS, GPB=p.GPB, BLOCK_C=p.BLOCK_C, BLOCK_S=p.BLOCK_S, STAGES=_STAGES,
+            num_warps=p.warps,
+        )  # fmt: skip
+        k._apply_kernel[grid](
+            x, y, w, b, r, mean_p, m2_p, mean, rstd, row0,
+            p.S, num_groups, p.CPG, sxn, sxc, sxs, srn, src, srs, p.S_PER_SPLIT,
+            p.SPLITS, eps, negative_slope, GPB=p.GPB, SPLITS_P2=p.SPLITS_P2, BLOCK_C=p.BLOCK_C,
+            BLOCK_S=p.BLOCK_S, STAGES=_STAGES, num_warps=p.warps, **flags,
+        )  # fmt: skip
     return y, mean, rstd
 
 
@@ -167,15 +312,18 @@ def group_norm_backward(
     activation: str,
     negative_slope: float,
     need_dres: bool,
+    *,
+    path: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the backward kernels; return (dx, dweight, dbias, dresidual).
 
     dweight/dbias are empty (0,) tensors when weight/bias is None, and dresidual is empty unless
-    ``need_dres`` and a residual was given. dweight/dbias are two-stage sums: per (n, c, split)
-    in the reduce kernel, then a fixed-order sum over n and splits, so they are deterministic.
+    ``need_dres`` and a residual was given. dweight/dbias are fixed-order sums inside the kernels
+    (see ``group_norm_kernels_bwd``), so they are deterministic.
     """
-    from medgn.ops import group_norm_kernels as k
+    from medgn.ops import group_norm_kernels_bwd as kb
 
+    path = backward_path(x, num_groups, path)
     n, c = x.shape[:2]
     dx = alloc_like(x)
     x, sxn, sxc, sxs = kernel_strides(x)
@@ -185,33 +333,41 @@ def group_norm_backward(
     has_dr = need_dres and residual is not None
     dres = alloc_like(residual) if has_dr else x.new_empty((0,))
     r, srn, src, srs = kernel_strides(residual) if residual is not None else (x, 0, 0, 0)
-    p = _plan(x, num_groups)
-    grid = (n * num_groups, p["SPLITS"])
-    sdz = torch.empty((n, c, p["SPLITS"]), dtype=torch.float32, device=x.device)
-    sdzx = torch.empty_like(sdz)
-    flags = {
-        "HAS_W": weight is not None,
-        "HAS_B": bias is not None,
-        "HAS_R": residual is not None,
-        "ACT": _ACT_CODES[activation],
-    }
+    flags = _flags(weight, bias, residual, activation)
     w = weight if weight is not None else x
     b = bias if bias is not None else x
-    warps = _warps(p["BLOCK_C"] * p["BLOCK_S"])
-    common = (
-        c, p["S"], num_groups, p["CPG"], sxn, sxc, sxs, srn, src, srs, p["S_PER_SPLIT"],
-        p["SPLITS"], negative_slope,
-    )  # fmt: skip
-    k._bwd_reduce_kernel[grid](
-        x, dy, w, b, r, mean, rstd, sdz, sdzx, *common,
-        BLOCK_C=p["BLOCK_C"], BLOCK_S=p["BLOCK_S"], num_warps=warps, **flags,
-    )  # fmt: skip
-    k._bwd_dx_kernel[grid](
-        x, dy, dx, w, b, r, dres if has_dr else x, mean, rstd, sdz, sdzx, *common,
-        HAS_DR=has_dr, SPLITS_P2=p["SPLITS_P2"], BLOCK_C=p["BLOCK_C"], BLOCK_S=p["BLOCK_S"],
-        num_warps=warps, **flags,
-    )  # fmt: skip
     # Absent gradients are distinct empty tensors: custom-op outputs may not alias each other.
-    dw = sdzx.sum(dim=(0, 2)).to(weight.dtype) if weight is not None else x.new_empty((0,))
-    db = sdz.sum(dim=(0, 2)).to(bias.dtype) if bias is not None else x.new_empty((0,))
+    dw = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
+    db = torch.empty_like(bias) if bias is not None else x.new_empty((0,))
+    s = math.prod(x.shape[2:])
+    cpg = c // num_groups
+    count = float(cpg * s)
+    if path == "fused":
+        gpb, block_c, block_s = _fused_block(x, num_groups, 1 << 62) or (1, 1, 1)
+        kb._bwd_fused_kernel[(num_groups // gpb,)](
+            x, dy, dx, w, b, r, dres if has_dr else x, dw, db, mean, rstd,
+            n, s, num_groups, cpg, sxn, sxc, sxs, srn, src, srs, count, negative_slope,
+            HAS_DR=has_dr, GPB=gpb, BLOCK_C=block_c, BLOCK_S=block_s,
+            num_warps=_warps(gpb * block_c * block_s), **flags,
+        )  # fmt: skip
+        return dx, dw, db, dres
+    reread = 2 + (residual is not None and activation != "none")
+    p = _plan(x, num_groups, reread, chunked=path == "chunked")
+    sdz = torch.empty((n, c, p.SPLITS), dtype=torch.float32, device=x.device)
+    sdzx = torch.empty_like(sdz)
+    common = (
+        c, p.S, num_groups, p.CPG, sxn, sxc, sxs, srn, src, srs, p.S_PER_SPLIT, p.SPLITS,
+    )  # fmt: skip
+    for row0 in range(0, p.rows, p.chunk_rows):
+        grid = (min(p.chunk_rows, p.rows - row0), p.SPLITS)
+        kb._bwd_reduce_kernel[grid](
+            x, dy, w, b, r, mean, rstd, sdz, sdzx, row0, *common, negative_slope,
+            GPB=p.GPB, BLOCK_C=p.BLOCK_C, BLOCK_S=p.BLOCK_S, STAGES=_STAGES,
+            num_warps=p.warps, **flags,
+        )  # fmt: skip
+        kb._bwd_dx_kernel[grid](
+            x, dy, dx, w, b, r, dres if has_dr else x, dw, db, mean, rstd, sdz, sdzx, row0, n,
+            *common, count, negative_slope, HAS_DR=has_dr, GPB=p.GPB, SPLITS_P2=p.SPLITS_P2,
+            BLOCK_C=p.BLOCK_C, BLOCK_S=p.BLOCK_S, STAGES=_STAGES, num_warps=p.warps, **flags,
+        )  # fmt: skip
     return dx, dw, db, dres
