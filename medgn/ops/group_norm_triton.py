@@ -20,9 +20,9 @@ split      statistics partials (read x), then apply (read x,      3 (+R)      5 
            programs)
 chunked    split, launched per chunk of group blocks sized to a   2 (+R) HBM  3 (+R if act, +R if
            third of L2, so the second pass re-reads the chunk    if the L2   d(residual)) HBM if
-           the first pass just read from L2, not HBM              re-read     the L2 re-read hits;
-                                                                  hits; else  else the split's
-                                                                  3 (+R)
+           the first pass just read from L2, not HBM. A block    re-read     the L2 re-read hits;
+           larger than that budget (a channels_last sample,      hits; else  else the split's
+           whose groups interleave) gets the split's traffic     3 (+R)
 =========  =====================================================  ==========  ====================
 
 The minimal traffic is 2 volumes forward (read x, write y) and 3 backward (read x and dy, write
@@ -45,6 +45,7 @@ __all__ = [
     "group_norm_forward",
     "kernel_strides",
     "moved_volumes",
+    "planned_volumes",
 ]
 
 
@@ -165,17 +166,31 @@ def _plan(x: torch.Tensor, num_groups: int, chunk_tensors: int, chunked: bool) -
     cpg = c // num_groups
     tile = _TILE_GPU if x.is_cuda else _TILE_CPU
     block_c = min(_next_pow2(cpg), tile)
-    gpb = _groups_per_block(x, num_groups, block_c, min(_CL_CHANNELS, tile // 16))
-    block_s = max(1, min(_next_pow2(s), tile // (gpb * block_c)))
-    warps = _warps(gpb * block_c * block_s)
-    rows = n * num_groups // gpb
     sms, l2_bytes = _device_limits(x)
-    # One full wave of resident programs (no partial second wave): per SM, as many programs as
-    # the warp and block limits allow.
-    programs = sms * min(_SM_BLOCKS, _SM_WARPS // warps) if x.is_cuda else sms
+    # Every second-pass program reads all partials of its groups (8 bytes x SPLITS per group
+    # forward, per channel backward) from L2 while streaming S / SPLITS voxels of them: capping
+    # SPLITS at sqrt(bytes per group (per channel backward) / 32) keeps those L2 reads under a
+    # quarter of the program's own HBM bytes.
+    per = (1 if chunk_tensors > 1 else cpg) * s * x.element_size()
+    split_cap = max(1, math.isqrt(per // 32))
+    gpb = _groups_per_block(x, num_groups, block_c, min(_CL_CHANNELS, tile // 16))
+    # channels_last blocks keep >= 32 channels (64 bytes of bf16, two sectors) when C has them:
+    # fewer would turn each voxel's read into a partial-sector gather.
+    min_gpb = min(gpb, max(1, 32 // block_c))
+    while True:
+        block_s = max(1, min(_next_pow2(s), tile // (gpb * block_c)))
+        warps = _warps(gpb * block_c * block_s)
+        # One full wave of resident programs (no partial second wave): per SM, as many programs
+        # as the warp and block limits allow.
+        programs = sms * min(_SM_BLOCKS, _SM_WARPS // warps) if x.is_cuda else sms
+        rows = n * num_groups // gpb
+        # Fewer groups per channels_last block when the capped splits cannot fill the wave.
+        if gpb <= min_gpb or rows * min(split_cap, -(-s // block_s)) >= programs:
+            break
+        gpb //= 2
     row_bytes = gpb * cpg * s * x.element_size() * chunk_tensors
     chunk_rows = max(1, min(rows, l2_bytes // row_bytes)) if chunked else rows
-    want = max(1, min(_MAX_SPLITS, -(-programs // chunk_rows), -(-s // block_s)))
+    want = max(1, min(_MAX_SPLITS, split_cap, -(-programs // chunk_rows), -(-s // block_s)))
     s_per_split = -(-s // want)
     s_per_split = -(-s_per_split // block_s) * block_s  # whole tiles per split
     splits = -(-s // s_per_split)
@@ -229,6 +244,34 @@ def moved_volumes(
             path
         ] + dres
     raise ValueError(f"moved_volumes: direction {direction!r}, expected 'fwd' or 'bwd'")
+
+
+def planned_volumes(
+    x: torch.Tensor,
+    num_groups: int,
+    direction: str,
+    residual: bool,
+    activation: str,
+    need_dres: bool = True,
+) -> tuple[str, float]:
+    """(path, tensor volumes moved) of an "auto" call on x: what a benchmark should count.
+
+    A chunked call whose group block is larger than the L2 budget (e.g. a whole channels_last
+    sample, whose groups interleave in memory) cannot be re-read from L2: it moves the split
+    path's volumes.
+    """
+    if direction == "fwd":
+        path = forward_path(x, num_groups)
+        tensors = 1
+    else:
+        path = backward_path(x, num_groups)
+        tensors = 2 + (residual and activation != "none")
+    if path == "chunked":
+        p = _plan(x, num_groups, tensors, chunked=True)
+        row_bytes = p.GPB * p.CPG * p.S * x.element_size() * tensors
+        if row_bytes > _device_limits(x)[1]:
+            return path, moved_volumes("split", direction, residual, activation, need_dres)
+    return path, moved_volumes(path, direction, residual, activation, need_dres)
 
 
 def _flags(weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None,

@@ -21,19 +21,28 @@ from medgn.ops.group_norm_triton import group_norm_backward, group_norm_forward
 # 10 channels per group (not a power of two: masked channel lanes).
 CASES = [
     ((1, 16, 5, 7, 9), 1),
-    ((2, 32, 8, 8, 8), 8),
+    ((2, 32, 6, 6, 6), 8),
     ((2, 8, 6, 10), 8),
     ((3, 12, 7, 5, 3), 6),
     ((2, 20, 4, 5, 6), 2),
 ]
 
 
-@pytest.fixture(params=["fused", "streamed"])
-def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """"fused": the launchers' own choice (fused on these shapes); "streamed": split kernels."""
-    if request.param == "streamed":
+# The streamed kernels are slow in the interpreter (many programs): two activations, one with
+# and one without a derivative that needs the recomputed pre-activation, cover their branches.
+STREAMED_ACTS = ("none", "gelu")
+
+
+def _use_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """ "fused": the launchers' own choice (fused on these shapes); "streamed": split kernels."""
+    if path == "streamed":
         monkeypatch.setattr(launch, "_FUSED_MAX", 0)
         monkeypatch.setattr(launch, "_FUSED_BWD_MAX", 0)
+
+
+@pytest.fixture(params=["fused", "streamed"])
+def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    _use_path(monkeypatch, request.param)
     return request.param
 
 
@@ -77,9 +86,14 @@ def _check_all(inp: dict[str, torch.Tensor], g: int, act: str, use_res: bool) ->
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize(
+    ("act", "path"),
+    [(a, "fused") for a in ACTIVATIONS] + [(a, "streamed") for a in STREAMED_ACTS],
+)
 @pytest.mark.parametrize(("shape", "g"), CASES)
-def test_forward_and_grads_match_reference_fp32(shape, g, act, channels_last, device, kernel_path):
+def test_forward_and_grads_match_reference_fp32(shape, g, act, path, channels_last, device,
+                                                 monkeypatch) -> None:  # fmt: skip
+    _use_path(monkeypatch, path)
     inp = make_inputs(shape, torch.float32, channels_last, device=device)
     _check_all(inp, g, act, use_res=True)
 
@@ -126,7 +140,7 @@ def test_forward_paths_and_saved_statistics(shape, g, channels_last, path, devic
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", ["fused", "split", "chunked"])
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize(("shape", "g"), CASES[1:4])
+@pytest.mark.parametrize(("shape", "g"), CASES[2:])
 def test_backward_paths_match_reference(shape, g, channels_last, path, device) -> None:
     inp = make_inputs(shape, torch.float32, channels_last, seed=9, device=device)
     i64 = {k: v.double().cpu().requires_grad_() for k, v in inp.items()}
