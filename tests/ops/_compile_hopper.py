@@ -76,7 +76,7 @@ for name in ("_bwd_reduce_kernel", "_bwd_dx_kernel", "_bwd_fused_kernel"):
 # a 32^3 volume at 1 channel per group takes the split path like 128^3 does; 8^3 x 320 channels
 # takes the fused path like the deepest level.
 SHAPES = [((2, 32, 32, 32, 32), 32), ((2, 64, 16, 16, 16), 16), ((2, 320, 8, 8, 8), 32), ((1, 16, 5, 7, 9), 8),
-          ((2, 4, 1, 1, 1), 4), ((2, 64, 16, 16, 16), 32)]
+          ((2, 4, 1, 1, 1), 4)]
 CONFIGS = [  # (dtype, activation, residual, affine)
     (torch.float32, "leaky_relu", True, True),
     (torch.bfloat16, "leaky_relu", True, True),
@@ -102,7 +102,10 @@ for shape, groups in SHAPES:
 
 target = GPUTarget("cuda", 90, 32)
 failures = 0
+only = set(sys.argv[1:])  # optional kernel names: compile only those
 for (name, *_), (fn, signature, constexprs, options) in sorted(RECORDED.items(), key=lambda kv: str(kv[0])):
+    if only and name not in only:
+        continue
     label = f"{name} {','.join(v for v in signature.values() if v != 'constexpr')} {constexprs} {options}"
     try:
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target, options=options)
@@ -111,5 +114,6 @@ for (name, *_), (fn, signature, constexprs, options) in sorted(RECORDED.items(),
         print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         continue
     print(f"ok   {label} shared={compiled.metadata.shared} B, cubin {len(compiled.asm['cubin'])} B")
-print(f"{len(RECORDED) - failures} of {len(RECORDED)} kernel variants compiled for sm_90")
+total = sum(1 for key in RECORDED if not only or key[0] in only)
+print(f"{total - failures} of {total} kernel variants compiled for sm_90")
 sys.exit(1 if failures else 0)
