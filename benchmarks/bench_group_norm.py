@@ -12,7 +12,7 @@ with and without a residual, fp32 and bf16, passes "fwd", "bwd" (of a retained g
 Timing: CUDA events around each call with every sample queued on the stream (one synchronisation
 at the end, none per call) and an L2 flush (a write of twice the L2 size) between samples; the
 median is reported. Traffic: ``moved_volumes`` is what medgn's chosen path moves (from
-``medgn.ops.group_norm_triton.planned_volumes``), ``min_volumes`` the minimum any implementation
+``medgn.ops.group_norm_plan.planned_volumes``), ``min_volumes`` the minimum any implementation
 must move (2 forward, 3 backward, +1 each with a residual); ``pct_roofline`` is the minimal bytes
 over the measured time as a percentage of a device-to-device copy measured in the same run.
 Every timed output (y and dx of the last timed call) is checked against the float64 reference.
@@ -174,7 +174,7 @@ def _time_provider(fn: Callable[..., torch.Tensor], inputs: list, leaves: list, 
 
 def measure_config(shape, kind, layout, residual, dtype, act, timer, copy, with_compile):  # noqa: ANN001, ANN201
     """Rows of every provider and pass for one configuration."""
-    from medgn.ops.group_norm_triton import planned_volumes
+    from medgn.ops.group_norm_plan import planned_volumes
 
     device = timer.device
     c = shape[1]
@@ -300,7 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}")
     for r in rows:
         if not r["check_ok"] and r["pass"] == "fwd":
-            print(f"check FAILED: {r['provider']} {r['shape']} {r['layout']} {r['dtype']} "
+            # A bf16 baseline applies the activation to a bf16-rounded pre-activation: where that
+            # rounding flips the sign, leaky_relu's gradient differs by 0.99 x dy.
+            what = (
+                "check FAILED" if r["provider"] == "medgn" else "note: baseline off the reference"
+            )
+            print(f"{what}: {r['provider']} {r['shape']} {r['layout']} {r['dtype']} "
                   f"relative error {r['check_rel_err']:.3g}")  # fmt: skip
     # Exit 1 only when medgn's outputs are wrong; a baseline's error is reported, not fatal.
     return 0 if all(r["check_ok"] for r in rows if r["provider"] == "medgn") else 1

@@ -76,7 +76,11 @@ def measure(norm: str, variant: str, patch: tuple[int, ...], batch: int, device:
         cfg, 1, CLASSES, strides, kernels, patch, batch,
         torch.bfloat16 if amp == "bf16" else torch.float32,
     )  # fmt: skip
-    tcfg = build(TrainConfig, {"amp": amp, "batch_size": batch, "epochs": 1, "iters_per_epoch": 10**6}, "train")
+    tcfg = build(
+        TrainConfig,
+        {"amp": amp, "batch_size": batch, "epochs": 1, "iters_per_epoch": 10**6},
+        "train",
+    )
     trainer = Trainer(model, tcfg, lambda epoch, start: iter(()), device=device)
     if variant == "compile":
         # Compile the forward the trainer calls; parameters and state_dict stay the module's.
@@ -112,12 +116,24 @@ def _write(out: Path, name: str, rows: list[dict[str, Any]]) -> Path:
     tag = "cpu" if name == "cpu" else "cuda"
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
-    fields = ["device", "norm", "variant", "patch", "batch", "it_per_s_median", "peak_mib", "estimate_mib", "error"]
+    fields = [
+        "device",
+        "norm",
+        "variant",
+        "patch",
+        "batch",
+        "it_per_s_median",
+        "peak_mib",
+        "estimate_mib",
+        "error",
+    ]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows({"device": name, **r} for r in rows)
     atomic_write_text(out / f"train_{tag}.csv", buf.getvalue())
-    return atomic_write_json(out / f"train_{tag}.json", {"device": name, "versions": versions(), "rows": rows})
+    return atomic_write_json(
+        out / f"train_{tag}.json", {"device": name, "versions": versions(), "rows": rows}
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     norms, variants = args.norms.split(","), args.variants.split(",")
     for value, allowed, flag in ((norms, NORMS, "--norms"), (variants, VARIANTS, "--variants")):
         if not set(value) <= set(allowed):
-            print(f"medgn: error: {flag}: unknown value (got {','.join(value)}, expected a subset of {','.join(allowed)})")
+            print(
+                f"medgn: error: {flag}: unknown value (got {','.join(value)}, expected a subset of {','.join(allowed)})"
+            )
             return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_train: no CUDA device; nothing measured (use --device cpu for a smoke run)")
@@ -150,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             for norm in norms:
                 try:
-                    row = measure(norm, variant, patch, args.batch, device, timing, args.compile_backend)
+                    row = measure(
+                        norm, variant, patch, args.batch, device, timing, args.compile_backend
+                    )
                 except torch.OutOfMemoryError:
                     row = {"norm": norm, "variant": variant, "patch": "x".join(map(str, patch)), "batch": args.batch,
                            "it_per_s_median": None, "peak_mib": None, "error": "out of memory"}  # fmt: skip
@@ -158,9 +178,18 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 rows.append(row)
                 peak = f"{row['peak_mib']:.0f} MiB" if row.get("peak_mib") is not None else "-"
-                est = f"{row['estimate_mib']:.0f} MiB" if row.get("estimate_mib") is not None else "-"
-                rate = f"{row['it_per_s_median']:.3f} it/s" if row.get("it_per_s_median") is not None else row.get("error")
-                print(f"{norm:12s} {variant:8s} patch {row['patch']} batch {args.batch}: {rate}, peak {peak}, planner estimate {est}", flush=True)
+                est = (
+                    f"{row['estimate_mib']:.0f} MiB" if row.get("estimate_mib") is not None else "-"
+                )
+                rate = (
+                    f"{row['it_per_s_median']:.3f} it/s"
+                    if row.get("it_per_s_median") is not None
+                    else row.get("error")
+                )
+                print(
+                    f"{norm:12s} {variant:8s} patch {row['patch']} batch {args.batch}: {rate}, peak {peak}, planner estimate {est}",
+                    flush=True,
+                )
                 _write(args.out, name, rows)
     print(f"wrote {args.out / ('train_' + ('cuda' if cuda else 'cpu') + '.json')}")
     return 0

@@ -52,6 +52,7 @@ if [[ "$DRY" == "1" ]]; then
     GN_ARGS=(--device cpu) TRAIN_ARGS=(--device cpu --variants eager)
     LA_ARGS=(--config configs/la2018_cpu.yaml --device cpu --set train.epochs=1
              --set train.iters_per_epoch=2 --set train.val_every=1 --set train.batch_size=1
+             --set train.warmup_iters=0
              --set "plan.patch_size=[32,32,32]" --set data.num_workers=0)
     XDIST=()
 else

@@ -22,12 +22,13 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import medgn.ops.group_norm_kernels as kernels  # noqa: E402
 import medgn.ops.group_norm_kernels_bwd as kernels_bwd  # noqa: E402
+import medgn.ops.group_norm_plan as plan  # noqa: E402
 import medgn.ops.group_norm_triton as launch  # noqa: E402
 
 H100_SMS = 132
-launch._TILE_CPU = launch._TILE_GPU  # GPU tile sizes on CPU tensors
-launch._CPU_PROGRAMS = H100_SMS * 8  # and the split counts of an H100 (8 programs of 8 warps/SM)
-launch._CPU_L2_BYTES = 50 * 2**20 // 3  # and its L2 chunking
+plan._TILE_CPU = plan._TILE_GPU  # GPU tile sizes on CPU tensors
+plan._CPU_PROGRAMS = H100_SMS * 8  # and the split counts of an H100 (8 programs of 8 warps/SM)
+plan._CPU_L2_BYTES = 50 * 2**20 // 3  # and its L2 chunking
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32"}
 RECORDED: dict[tuple, tuple] = {}

@@ -8,7 +8,7 @@ import torch
 from _gn_helpers import DEVICES, assert_within_rule, make_inputs, max_err, torch_native
 
 from medgn.ops import group_norm, group_norm_ref
-from medgn.ops.group_norm_triton import backward_path, forward_path
+from medgn.ops.group_norm_plan import backward_path, forward_path
 
 
 def _fwd_bwd(inp: dict[str, torch.Tensor], g: int, act: str) -> tuple[torch.Tensor, ...]:
@@ -23,8 +23,8 @@ def _fwd_bwd(inp: dict[str, torch.Tensor], g: int, act: str) -> tuple[torch.Tens
 @pytest.mark.parametrize("streamed", [False, True])
 def test_two_runs_are_bitwise_identical(device: str, streamed: bool, monkeypatch) -> None:
     if streamed:
-        monkeypatch.setattr("medgn.ops.group_norm_triton._FUSED_MAX", 0)
-        monkeypatch.setattr("medgn.ops.group_norm_triton._FUSED_BWD_MAX", 0)
+        monkeypatch.setattr("medgn.ops.group_norm_plan._FUSED_MAX", 0)
+        monkeypatch.setattr("medgn.ops.group_norm_plan._FUSED_BWD_MAX", 0)
     inp = make_inputs((2, 16, 4, 5, 6), torch.float32, True, seed=5, device=device)
     first, second = _fwd_bwd(inp, 4, "silu"), _fwd_bwd(inp, 4, "silu")
     for a, b in zip(first, second):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from _gn_helpers import DEVICES, assert_within_rule, make_inputs, max_err, torch_native
 
-import medgn.ops.group_norm_triton as launch
+import medgn.ops.group_norm_plan as plan
 from medgn.ops import ACTIVATIONS, group_norm, group_norm_ref
 from medgn.ops.group_norm_triton import group_norm_backward, group_norm_forward
 
@@ -36,8 +36,8 @@ STREAMED_ACTS = ("none", "gelu")
 def _use_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     """ "fused": the launchers' own choice (fused on these shapes); "streamed": split kernels."""
     if path == "streamed":
-        monkeypatch.setattr(launch, "_FUSED_MAX", 0)
-        monkeypatch.setattr(launch, "_FUSED_BWD_MAX", 0)
+        monkeypatch.setattr(plan, "_FUSED_MAX", 0)
+        monkeypatch.setattr(plan, "_FUSED_BWD_MAX", 0)
 
 
 @pytest.fixture(params=["fused", "streamed"])
