@@ -1,31 +1,39 @@
-"""GroupNorm speed on a CUDA GPU: medgn's Triton kernels against PyTorch eager, autocast and compile.
+"""GroupNorm speed: medgn's Triton kernels against PyTorch eager, eager under autocast, and compile.
 
-Providers: ``medgn`` (fused Triton GN + activation), ``eager`` (``F.group_norm`` then a separate
-activation, at the input dtype), ``eager_autocast`` (the same under bf16 autocast with fp32
-parameters: PyTorch runs GroupNorm in fp32, so a bf16 network pays the casts; bf16 rows only) and
-``compile`` (``torch.compile`` of GN + activation). For 3D U-Net levels at batch 2, fp32 and bf16,
-and forward, backward and forward+backward, it reports the median time over CUDA-event-timed
-repetitions after warm-up, the achieved bandwidth (forward counts 2 tensor volumes: read x, write
-y; backward 3: read x and dy, write dx; both 5), that bandwidth as a percentage of a device-to-device
-copy measured in the same run, and medgn's speed-up over each provider. Results go to
-``benchmarks/results/group_norm_<device>.{csv,json}`` with the device name and library versions.
+Providers: ``medgn`` (fused Triton GN + residual + activation), ``eager`` (``F.group_norm``, then
+the residual add and the activation, at the input dtype), ``eager_autocast`` (the same under bf16
+autocast with fp32 parameters: PyTorch runs GroupNorm in fp32, so a bf16 network pays the casts;
+bf16 rows only) and ``compile`` (``torch.compile`` of that GN + residual + activation).
+Configurations: U-Net levels at batch 2 with the model's group rule
+(``medgn.layers.group_rule.num_groups_for``) and with G = 32, contiguous and channels_last_3d,
+with and without a residual, fp32 and bf16, passes "fwd", "bwd" (of a retained graph) and
+"fwd+bwd".
 
-Without CUDA it prints that and exits 0 without measuring. ``--check`` instead runs a small
-correctness smoke of the Triton path against the float64 reference (through Triton's interpreter
-on CPU when there is no GPU) and exits 1 on a mismatch.
+Timing: CUDA events around each call with every sample queued on the stream (one synchronisation
+at the end, none per call) and an L2 flush (a write of twice the L2 size) between samples; the
+median is reported. Traffic: ``moved_volumes`` is what medgn's chosen path moves (from
+``medgn.ops.group_norm_plan.planned_volumes``), ``min_volumes`` the minimum any implementation
+must move (2 forward, 3 backward, +1 each with a residual); ``pct_roofline`` is the minimal bytes
+over the measured time as a percentage of a device-to-device copy measured in the same run.
+Every timed output (y and dx of the last timed call) is checked against the float64 reference.
 
-Usage: ``python benchmarks/bench_group_norm.py [--quick] [--check] [--activation silu]``.
+Without CUDA it says so and exits 0, unless ``--device cpu`` asks for a smoke run (tiny shapes,
+kernels through Triton's interpreter, wall-clock timings that mean nothing) that checks the
+script and its row schema. Results: ``<out>/group_norm_<device>.json`` (default out:
+benchmarks/results), rewritten after every configuration so a timed-out run keeps its rows.
+
+Usage: ``python benchmarks/bench_group_norm.py [--quick] [--device cuda|cpu] [--out DIR]``
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
+import math
 import os
 import re
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,182 +44,271 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # U-Net levels at batch 2 from the 128^3 patch down to the bottleneck (channels 32..320).
 SHAPES = [(2, 32, 128, 128, 128), (2, 64, 64, 64, 64), (2, 128, 32, 32, 32), (2, 256, 16, 16, 16),
           (2, 320, 8, 8, 8)]  # fmt: skip
-QUICK_SHAPES = [SHAPES[0], SHAPES[-1]]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Volumes moved per mode: the minimum traffic the roofline counts (see the module docstring).
-VOLUMES = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
-GROUPS = 32  # the paper's default G; every level above has C divisible by 32
+# Quick mode (the GPU check): the largest and a launch-bound level, bf16, both layouts and both
+# group choices, one residual row: 6 configurations, each compiled once by Inductor.
+QUICK = [  # (shape, groups kind, layout, residual)
+    (SHAPES[0], "rule", "contiguous", False),
+    (SHAPES[0], "rule", "channels_last", False),
+    (SHAPES[0], "g32", "contiguous", False),
+    (SHAPES[0], "rule", "channels_last", True),
+    (SHAPES[3], "rule", "contiguous", False),
+    (SHAPES[3], "g32", "channels_last", False),
+]
+CPU_SHAPES = [(2, 16, 6, 6, 6)]  # smoke run: the interpreter runs ~1 ms per tile op
+PASSES = ("fwd", "bwd", "fwd+bwd")
+PROVIDERS = ("medgn", "eager", "eager_autocast", "compile")
 WARMUP = 5  # compile/autotune and clock ramp-up happen in the first calls
-REPS = 30  # enough repetitions for a stable median of sub-millisecond kernels
+REPS = 30  # enough samples for a stable median of sub-millisecond kernels
 COPY_BYTES = 1 << 30  # 1 GiB: far past L2, so the copy measures HBM bandwidth
+# Reference check of the timed outputs: max |error| / max |reference| per dtype (bf16 output
+# rounding is 2^-8 relative; fp32 sums over 2M-element groups stay far below 1e-4).
+CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-def _median_ms(fn: Callable[[], Any]) -> float:
-    """Median milliseconds of ``fn`` over REPS CUDA-event-timed calls after WARMUP calls."""
-    for _ in range(WARMUP):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(REPS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def _groups(kind: str, channels: int) -> int:
+    """G for a layer: the model's rule, or 32 (the largest divisor of C up to 32)."""
+    from medgn.layers.group_rule import num_groups_for
+
+    return num_groups_for(channels) if kind == "rule" else math.gcd(channels, 32)
 
 
-def copy_bandwidth_gbs() -> float:
-    """Device-to-device copy bandwidth in GB/s (read + write counted)."""
-    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda")
+class Timer:
+    """Median milliseconds of a callable: CUDA events queued with L2 flushes, or wall clock."""
+
+    def __init__(self, device: torch.device, warmup: int, reps: int) -> None:
+        self.device, self.warmup, self.reps = device, warmup, reps
+        self.flush_buf = None
+        if device.type == "cuda":
+            l2 = torch.cuda.get_device_properties(device).L2_cache_size
+            self.flush_buf = torch.empty(2 * l2, dtype=torch.uint8, device=device)
+
+    def median_ms(self, fn: Callable[[], Any]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        if self.device.type != "cuda":
+            times = []
+            for _ in range(self.reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return statistics.median(times)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(self.reps)]  # fmt: skip
+        for start, end in events:  # all queued: no host sync between calls
+            self.flush_buf.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(self.device)
+        return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def copy_gb_s(timer: Timer) -> float:
+    """Copy bandwidth in GB/s (read + write counted) on the timer's device."""
+    nbytes = COPY_BYTES if timer.device.type == "cuda" else 1 << 26
+    src = torch.empty(nbytes, dtype=torch.uint8, device=timer.device)
     dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src))
-    return 2 * COPY_BYTES / (ms * 1e-3) / 1e9
+    return 2 * nbytes / (timer.median_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
 
 
-def _providers(activation: str, dtype: torch.dtype) -> dict[str, Callable[..., torch.Tensor]]:
-    """Forward functions f(x, weight, bias) -> y for each provider available at this dtype."""
+def providers(groups: int, act: str, dtype: torch.dtype, device: torch.device, with_compile: bool):
+    """Forward functions f(x, w, b, r) -> y, by provider name, available at this dtype."""
     import torch.nn.functional as F
 
     from medgn.ops import group_norm
     from medgn.ops.group_norm_ref import apply_activation
 
-    def eager(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return apply_activation(F.group_norm(x, GROUPS, w, b, 1e-5), activation, 0.01)
+    def eager(x, w, b, r):  # noqa: ANN001, ANN202
+        y = F.group_norm(x, groups, w, b, 1e-5)
+        return apply_activation(y + r if r is not None else y, act, 0.01)
 
-    def autocast(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return eager(x, w.float(), b.float())
+    def autocast(x, w, b, r):  # noqa: ANN001, ANN202
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return eager(x, w.float(), b.float(), r)
 
-    def medgn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return group_norm(x, GROUPS, w, b, activation=activation, backend="triton")
+    def medgn(x, w, b, r):  # noqa: ANN001, ANN202
+        return group_norm(x, groups, w, b, activation=act, residual=r, backend="triton")
 
-    out = {"medgn": medgn, "eager": eager, "compile": torch.compile(eager, dynamic=False)}
+    out = {"medgn": medgn, "eager": eager}
     if dtype == torch.bfloat16:
         out["eager_autocast"] = autocast
+    if with_compile:
+        out["compile"] = torch.compile(eager, dynamic=False)
     return out
 
 
-def _time_modes(
-    fn: Callable[..., torch.Tensor],
-    x: torch.Tensor,
-    w: torch.Tensor,
-    b: torch.Tensor,
-    dy: torch.Tensor,
-) -> dict[str, float]:
-    """Median ms of forward, backward (of one retained graph) and forward+backward of ``fn``."""
-    inputs = (x, w, b)
+def _check(y: torch.Tensor, dx: torch.Tensor, inputs: list, dy: torch.Tensor, groups: int,
+           act: str) -> float:  # fmt: skip
+    """Largest error of (y, dx) relative to the float64 reference's max |value|."""
+    from medgn.ops import group_norm_ref
+
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
+    y64 = group_norm_ref(leaves[0], groups, leaves[1], leaves[2], 1e-5, act, leaves[3])
+    (dx64,) = torch.autograd.grad(y64, leaves[0], dy.double())
+    errs = []
+    for got, ref in ((y, y64), (dx, dx64)):
+        errs.append(((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item())
+    return max(errs)
+
+
+def _time_provider(fn: Callable[..., torch.Tensor], inputs: list, leaves: list, dy: torch.Tensor,
+                   timer: Timer) -> tuple[dict[str, float], dict[str, torch.Tensor]]:  # fmt: skip
+    """Median ms per pass of one provider, and its last timed y and dx."""
     y = fn(*inputs)
-    # autograd.grad returns fresh gradients: no accumulation into .grad inflates the timings.
-    return {
-        "fwd": _median_ms(lambda: fn(*inputs)),
-        "bwd": _median_ms(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)),
-        "fwd+bwd": _median_ms(lambda: torch.autograd.grad(fn(*inputs), inputs, dy)),
-    }
+    last: dict[str, torch.Tensor] = {}
+
+    def fwd() -> None:
+        last["y"] = fn(*inputs)
+
+    def bwd() -> None:
+        # autograd.grad returns fresh gradients: no accumulation into .grad in the timing.
+        last["dx"] = torch.autograd.grad(y, leaves, dy.to(y.dtype), retain_graph=True)[0]
+
+    def both() -> None:
+        out = fn(*inputs)
+        last["dx"] = torch.autograd.grad(out, leaves, dy.to(out.dtype))[0]
+
+    return {p: timer.median_ms(f) for p, f in zip(PASSES, (fwd, bwd, both))}, last
 
 
-def measure(shapes: list[tuple[int, ...]], activation: str) -> list[dict[str, Any]]:
-    """Time every provider, dtype, shape and mode; return one row per measurement."""
-    # One compiled graph per (shape, dtype) plus its backward: raise dynamo's recompile limit (8)
-    # so late shapes are not silently run eagerly.
-    torch._dynamo.config.cache_size_limit = 64
-    copy_gbs = copy_bandwidth_gbs()
-    print(f"device-to-device copy: {copy_gbs:.0f} GB/s", flush=True)
+def measure_config(shape, kind, layout, residual, dtype, act, timer, copy, with_compile):  # noqa: ANN001, ANN201
+    """Rows of every provider and pass for one configuration."""
+    from medgn.ops.group_norm_plan import planned_volumes
+
+    device = timer.device
+    c = shape[1]
+    groups = _groups(kind, c)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*s: int) -> torch.Tensor:
+        return torch.randn(*s, generator=gen, device=device).to(dtype)
+
+    fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
+    x = rand(*shape).contiguous(memory_format=fmt).requires_grad_()
+    w, b = rand(c).requires_grad_(), rand(c).requires_grad_()
+    r = rand(*shape).contiguous(memory_format=fmt).requires_grad_() if residual else None
+    dy = rand(*shape).contiguous(memory_format=fmt)
+    inputs = [x, w, b, r]
+    leaves = [t for t in inputs if t is not None]
+    volume = x.numel() * x.element_size()
+    min_vol = {"fwd": 2 + residual, "bwd": 3 + residual}
+    min_vol["fwd+bwd"] = min_vol["fwd"] + min_vol["bwd"]
+    path_f, vol_f = planned_volumes(x, groups, "fwd", residual, act)
+    path_b, vol_b = planned_volumes(x, groups, "bwd", residual, act)
+    moved = {"fwd": vol_f, "bwd": vol_b, "fwd+bwd": vol_f + vol_b}
     rows = []
-    for dname, dtype in DTYPES.items():
-        for shape in shapes:
-            x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
-            w = torch.randn(shape[1], device="cuda", dtype=dtype, requires_grad=True)
-            b = torch.randn(shape[1], device="cuda", dtype=dtype, requires_grad=True)
-            dy = torch.randn_like(x)
-            volume = x.numel() * x.element_size()
-            for name, fn in _providers(activation, dtype).items():
-                for mode, ms in _time_modes(fn, x, w, b, dy).items():
-                    gbs = VOLUMES[mode] * volume / (ms * 1e-3) / 1e9
-                    rows.append({"provider": name, "dtype": dname, "shape": "x".join(map(str, shape)),
-                                 "mode": mode, "median_ms": round(ms, 4), "gb_s": round(gbs, 1),
-                                 "pct_copy": round(100 * gbs / copy_gbs, 1),
-                                 "copy_gb_s": round(copy_gbs, 1)})  # fmt: skip
-                    print(f"{dname} {rows[-1]['shape']:>18} {mode:8} {name:15} {ms:9.3f} ms "
-                          f"{gbs:7.0f} GB/s {rows[-1]['pct_copy']:5.1f} %", flush=True)  # fmt: skip
+    for name, fn in providers(groups, act, dtype, device, with_compile).items():
+        times, last = _time_provider(fn, inputs, leaves, dy, timer)
+        err = _check(last["y"], last["dx"], inputs, dy, groups, act)
+        ok = err <= CHECK_TOL[dtype] * (4 if name == "eager_autocast" else 1)
+        for p, ms in times.items():
+            roof_ms = min_vol[p] * volume / (copy * 1e9) * 1e3
+            rows.append({
+                "device": device.type, "shape": "x".join(map(str, shape)), "groups": groups,
+                "channels_per_group": c // groups, "group_choice": kind, "layout": layout,
+                "residual": residual, "activation": act, "dtype": str(dtype).split(".")[-1],
+                "pass": p, "provider": name, "median_ms": round(ms, 5),
+                "min_volumes": min_vol[p],
+                "moved_volumes": moved[p] if name == "medgn" else None,
+                "path": f"{path_f}/{path_b}" if name == "medgn" else None,
+                "gb_s_min_bytes": round(min_vol[p] * volume / (ms * 1e-3) / 1e9, 2),
+                "pct_roofline": round(100 * roof_ms / ms, 2), "copy_gb_s": round(copy, 1),
+                "check_rel_err": err, "check_ok": ok,
+            })  # fmt: skip
     _add_speedups(rows)
     return rows
 
 
 def _add_speedups(rows: list[dict[str, Any]]) -> None:
-    """Add ``speedup_vs_<provider>`` (other time / medgn time) to each medgn row."""
-    index = {(r["provider"], r["dtype"], r["shape"], r["mode"]): r["median_ms"] for r in rows}
+    """speedup_vs_<provider> = that provider's median / medgn's, on medgn's rows (else None)."""
+    ms = {(r["provider"], r["pass"]): r["median_ms"] for r in rows}
     for r in rows:
-        if r["provider"] != "medgn":
-            continue
         for other in ("eager", "eager_autocast", "compile"):
-            ms = index.get((other, r["dtype"], r["shape"], r["mode"]))
-            if ms is not None:
-                r[f"speedup_vs_{other}"] = round(ms / r["median_ms"], 2)
+            t = ms.get((other, r["pass"]))
+            mine = r["median_ms"] if r["provider"] == "medgn" else None
+            r[f"speedup_vs_{other}"] = float(f"{t / mine:.4g}") if (t and mine) else None
 
 
-def write_results(rows: list[dict[str, Any]], activation: str) -> Path:
-    """Write rows to CSV and JSON (atomic) with the device and versions; return the JSON path."""
-    from medgn.environment import versions
-    from medgn.files import atomic_write_json, atomic_write_text
-
-    device = torch.cuda.get_device_name()
-    stem = "group_norm_" + re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_").lower()
-    fields = sorted({k for r in rows for k in r}, key=lambda k: (k.startswith("speedup"), k))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(RESULTS / f"{stem}.csv", buf.getvalue())
-    meta = {"device": device, "versions": versions(), "activation": activation, "groups": GROUPS,
-            "warmup": WARMUP, "reps": REPS, "statistic": "median", "rows": rows}  # fmt: skip
-    return atomic_write_json(RESULTS / f"{stem}.json", meta)
+def _device_tag(device: torch.device) -> tuple[str, str]:
+    if device.type != "cuda":
+        return "cpu", "cpu"
+    name = torch.cuda.get_device_name(device)
+    return name, re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
 
 
-def check() -> int:
-    """Compare the Triton path (fwd and grads) with the float64 reference on small shapes."""
-    from medgn.ops import ACTIVATIONS, group_norm, group_norm_ref
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    failures = 0
-    for shape, g in (((1, 16, 5, 7, 9), 4), ((2, 8, 6, 10), 8)):
-        for act in ACTIVATIONS:
-            torch.manual_seed(0)
-            x = torch.randn(shape, device=device, requires_grad=True)
-            w = torch.randn(shape[1], device=device, requires_grad=True)
-            r = torch.randn(shape, device=device, requires_grad=True)
-            dy = torch.randn(shape, device=device)
-            y = group_norm(x, g, w, None, activation=act, residual=r, backend="triton")
-            grads = torch.autograd.grad(y, (x, w, r), dy)
-            leaves = [t.detach().double().requires_grad_() for t in (x, w, r)]
-            y64 = group_norm_ref(leaves[0], g, leaves[1], None, 1e-5, act, leaves[2])
-            ref = torch.autograd.grad(y64, leaves, dy.double())
-            # fp32 kernels vs float64: 1e-4 leaves room for sums over ~300 elements per group.
-            err = max((a.double() - b).abs().max().item() for a, b in zip((y, *grads), (y64, *ref)))
-            ok = err < 1e-4
-            failures += not ok
-            print(f"check {shape} G={g} {act:10} max error {err:.2e} {'ok' if ok else 'FAIL'}")
-    return 1 if failures else 0
+def configs(quick: bool, device: torch.device) -> list[tuple]:
+    """(shape, group kind, layout, residual, dtype) to measure."""
+    if device.type != "cuda":
+        base = [
+            (CPU_SHAPES[0], "rule", "contiguous", False),
+            (CPU_SHAPES[0], "g32", "channels_last", True),
+        ]
+        return [(*c, torch.bfloat16) for c in base]
+    if quick:
+        return [(*c, torch.bfloat16) for c in QUICK]
+    return [(s, k, lay, res, dt) for dt in DTYPES.values() for s in SHAPES for k in ("rule", "g32")
+            for lay in ("contiguous", "channels_last") for res in (False, True)]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, then run the check or the GPU measurement."""
+    """Parse arguments, measure, print speed-ups, write the JSON rows."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="largest and smallest shape only")
-    parser.add_argument("--check", action="store_true", help="correctness smoke, no timing")
-    parser.add_argument("--activation", default="silu", help="fused activation (default silu)")
+    parser.add_argument("--quick", action="store_true", help="6 bf16 configurations (GPU check)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--activation", default="leaky_relu", help="fused activation (the model's)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
-    if args.check:
-        if not torch.cuda.is_available():
-            os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-        return check()
-    if not torch.cuda.is_available():
-        print("bench_group_norm: no CUDA device, nothing measured (run it on a GPU machine)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(
+            "bench_group_norm: no CUDA device, nothing measured (use --device cpu for a smoke run)"
+        )
         return 0
-    rows = measure(QUICK_SHAPES if args.quick else SHAPES, args.activation)
-    print(f"wrote {write_results(rows, args.activation)}")
-    return 0
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+    from medgn.environment import versions
+    from medgn.files import atomic_write_json
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    timer = Timer(device, WARMUP if cuda else 1, REPS if cuda else 2)
+    torch._dynamo.config.cache_size_limit = 64  # one graph per configuration; no silent eager
+    copy = copy_gb_s(timer)
+    name, tag = _device_tag(device)
+    print(f"{name}: copy {copy:.0f} GB/s", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"group_norm_{tag}.json"
+    rows: list[dict[str, Any]] = []
+    for shape, kind, layout, residual, dtype in configs(args.quick, device):
+        new = measure_config(
+            shape, kind, layout, residual, dtype, args.activation, timer, copy, cuda
+        )
+        rows += new
+        for r in new:
+            if r["provider"] == "medgn":
+                print(f"{r['shape']:>17} G={r['groups']:<3} {layout:13} res={int(residual)} "
+                      f"{r['dtype']:8} {r['pass']:7} {r['median_ms']:9.4f} ms "
+                      f"{r['pct_roofline']:5.1f}% roof  x{r['speedup_vs_eager']} eager  "
+                      f"x{r['speedup_vs_eager_autocast']} autocast  x{r['speedup_vs_compile']} "
+                      f"compile  [{r['path']}, {r['moved_volumes']} vol, check "
+                      f"{'ok' if r['check_ok'] else 'FAIL'}]", flush=True)  # fmt: skip
+        atomic_write_json(out, {"device": name, "versions": versions(), "activation": args.activation,
+                                "warmup": timer.warmup, "reps": timer.reps, "statistic": "median",
+                                "timing": "cuda events, queued, L2 flush between samples" if cuda
+                                else "wall clock (interpreter smoke run, not a speed figure)",
+                                "rows": rows})  # fmt: skip
+    print(f"wrote {out}")
+    for r in rows:
+        if not r["check_ok"] and r["pass"] == "fwd":
+            # A bf16 baseline applies the activation to a bf16-rounded pre-activation: where that
+            # rounding flips the sign, leaky_relu's gradient differs by 0.99 x dy.
+            what = (
+                "check FAILED" if r["provider"] == "medgn" else "note: baseline off the reference"
+            )
+            print(f"{what}: {r['provider']} {r['shape']} {r['layout']} {r['dtype']} "
+                  f"relative error {r['check_rel_err']:.3g}")  # fmt: skip
+    # Exit 1 only when medgn's outputs are wrong; a baseline's error is reported, not fatal.
+    return 0 if all(r["check_ok"] for r in rows if r["provider"] == "medgn") else 1
 
 
 if __name__ == "__main__":

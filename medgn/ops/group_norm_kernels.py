@@ -1,12 +1,24 @@
-"""Triton kernels of the fused GroupNorm (forward statistics, apply, fused small-group, backward).
+"""Triton kernels of the fused GroupNorm forward: statistics partials, apply, one-pass fused.
 
-Imported only by the launchers in ``group_norm_triton.py`` (this file imports triton at the top).
-Every tensor is addressed as an (N, C, S) view with element strides (sn, sc, ss) and int64
-offsets, so contiguous and channels-last inputs are read in place and tensors past 2^31 elements
-are safe. Loads are cast to float32 before any arithmetic (bf16/fp16 in, fp32 math, input dtype
-out), statistics are centred partials merged with Chan's formula (never E[x^2] - E[x]^2), and
-no kernel uses atomics, so results are bitwise reproducible. Activation codes: 0 none, 1 relu,
-2 leaky_relu, 3 silu, 4 gelu (exact erf form).
+Imported only by the launchers in ``group_norm_triton.py`` (this file imports triton at the top);
+the backward kernels are in ``group_norm_kernels_bwd.py``. Every tensor is addressed as an
+(N, C, S) view with element strides (sn, sc, ss) and int64 offsets, so contiguous and channels-last
+inputs are read in place and tensors past 2^31 elements are safe.
+
+Tiles are 3D, (GPB, BLOCK_C, BLOCK_S): GPB whole groups of BLOCK_C >= CPG channels (or a
+BLOCK_C chunk of one large group) by BLOCK_S voxels. A program owns a "group block" of GPB
+consecutive groups of one sample: on channels_last inputs several groups make the contiguous
+channel run of a voxel, so a tile spans voxels x many channels and per-group sums come from a
+reduction over the tile's channel and voxel axes; contiguous inputs use GPB = 1.
+
+Streaming loops keep per-lane accumulators (one value per tile element) and reduce once after
+the loop, and iterate with ``tl.range(..., num_stages=STAGES)`` so the compiler pipelines loads.
+Statistics are shifted sums per lane (the shift is the lane's value in the first tile, so the
+sums stay centred to within a few standard deviations: no E[x^2] - E[x]^2 cancellation), turned
+into centred (count, mean, M2) per lane and merged with Chan's formula. Loads are cast to float32
+before any arithmetic (bf16/fp16 in, fp32 math, input dtype out); no kernel uses atomics, so
+results are bitwise reproducible. Activation codes: 0 none, 1 relu, 2 leaky_relu, 3 silu, 4 gelu
+(exact erf form).
 """
 
 from __future__ import annotations
@@ -30,34 +42,51 @@ def _act(z, ACT: tl.constexpr, slope):
 
 
 @triton.jit
-def _act_grad(z, ACT: tl.constexpr, slope):
-    """Derivative of the activation at z (float32); ACT must not be 0."""
-    if ACT == 1:
-        g = tl.where(z > 0, 1.0, 0.0)
-    elif ACT == 2:
-        g = tl.where(z > 0, 1.0, slope)
-    elif ACT == 3:
-        s = 1.0 / (1.0 + tl.exp(-z))
-        g = s * (1.0 + z * (1.0 - s))
-    else:
-        g = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        g += z * tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1/sqrt(2*pi): normal pdf
-    return g
+def _block_start(rb, G, CPG, sxn, sxc, GPB: tl.constexpr):
+    """(n, g0, base offset) of group block ``rb`` = n * (G // GPB) + g0 // GPB."""
+    nb = G // GPB
+    n = rb // nb
+    g0 = (rb % nb) * GPB
+    base = n.to(tl.int64) * sxn + (g0 * CPG).to(tl.int64) * sxc
+    return n, g0, base
 
 
 @triton.jit
-def _merge_partials(MEAN_P, M2_P, row, S, CPG, S_PER_SPLIT, SPLITS, eps, SPLITS_P2: tl.constexpr):
-    """Merge a group's (count, mean, M2) partials with Chan's formula; return (mean, rstd)."""
+def _offsets(base, gg, cc, ss, CPG, sxc, sxs):
+    """int64 offsets of a (GPB, BLOCK_C, BLOCK_S) tile: groups gg, channels cc, voxels ss."""
+    ch = gg[:, None, None] * CPG + cc[None, :, None]
+    return base + ch.to(tl.int64) * sxc + ss[None, None, :].to(tl.int64) * sxs
+
+
+@triton.jit
+def _affine(W, B, g0, gg, cc, cm, CPG, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """(gamma, beta) of the tile's channels as (GPB, BLOCK_C) float32 (1 and 0 when absent)."""
+    ch = (g0 + gg[:, None]) * CPG + cc[None, :]
+    m = cm[None, :] & (gg[:, None] >= 0)
+    gamma = tl.full(ch.shape, 1.0, tl.float32)
+    beta = tl.zeros(ch.shape, tl.float32)
+    if HAS_W:
+        gamma = tl.load(W + ch, mask=m, other=1.0).to(tl.float32)
+    if HAS_B:
+        beta = tl.load(B + ch, mask=m, other=0.0).to(tl.float32)
+    return gamma, beta
+
+
+@triton.jit
+def _merge_partials(MEAN_P, M2_P, rows, S, CPG, S_PER_SPLIT, SPLITS, eps, SPLITS_P2: tl.constexpr):
+    """Merge the (count, mean, M2) partials of groups ``rows`` (GPB,) with Chan's formula."""
     k = tl.arange(0, SPLITS_P2)
     km = k < SPLITS
-    mp = tl.load(MEAN_P + row * SPLITS + k, mask=km, other=0.0)  # (SPLITS_P2,) partial means
-    m2p = tl.load(M2_P + row * SPLITS + k, mask=km, other=0.0)  # (SPLITS_P2,) partial M2
+    p = rows[:, None] * SPLITS + k[None, :]  # (GPB, SPLITS_P2)
+    pm = km[None, :] & (rows[:, None] >= 0)
+    mp = tl.load(MEAN_P + p, mask=pm, other=0.0)
+    m2p = tl.load(M2_P + p, mask=pm, other=0.0)
     lo = k * S_PER_SPLIT
     cnt = tl.where(km, (tl.minimum(lo + S_PER_SPLIT, S) - lo).to(tl.float32) * CPG, 0.0)
     total = tl.sum(cnt, 0)
-    mean = tl.sum(cnt * mp, 0) / total
-    d = mp - mean
-    m2 = tl.sum(m2p + cnt * d * d, 0)
+    mean = tl.sum(cnt[None, :] * mp, 1) / total  # (GPB,)
+    d = mp - mean[:, None]
+    m2 = tl.sum(m2p + cnt[None, :] * d * d, 1)
     rstd = 1.0 / tl.sqrt(m2 / total + eps)
     return mean, rstd
 
@@ -67,38 +96,46 @@ def _stats_kernel(
     X,  # input, (N, C, S) view with strides (sxn, sxc, sxs)
     MEAN_P,  # out: fp32 (N*G, SPLITS) partial means
     M2_P,  # out: fp32 (N*G, SPLITS) partial centred sums of squares
+    ROW0,  # first group block of this launch (launches cover L2-sized chunks of blocks)
     S, G, CPG, sxn, sxc, sxs, S_PER_SPLIT, SPLITS,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    GPB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)  # n * G + g
+    rb = ROW0 + tl.program_id(0)
     split = tl.program_id(1)
-    n = row // G
-    g = row % G
-    base = n.to(tl.int64) * sxn + (g * CPG).to(tl.int64) * sxc
+    n, g0, base = _block_start(rb, G, CPG, sxn, sxc, GPB)
+    gg = tl.arange(0, GPB)
     s_lo = split * S_PER_SPLIT
     s_hi = tl.minimum(s_lo + S_PER_SPLIT, S)
-    cnt = 0.0
-    mean = 0.0
-    m2 = 0.0
+    # Per-lane shift: the lane's value in the split's first tile (0 where that tile is masked).
+    c0s = tl.arange(0, BLOCK_C)
+    ss0 = s_lo + tl.arange(0, BLOCK_S)
+    m0 = (c0s < CPG)[None, :, None] & (ss0 < s_hi)[None, None, :]
+    shift = tl.load(X + _offsets(base, gg, c0s, ss0, CPG, sxc, sxs), mask=m0, other=0.0)
+    shift = shift.to(tl.float32)
+    s1 = tl.zeros([GPB, BLOCK_C, BLOCK_S], tl.float32)  # per-lane sum of (x - shift)
+    s2 = tl.zeros([GPB, BLOCK_C, BLOCK_S], tl.float32)  # per-lane sum of (x - shift)^2
+    cnt = tl.zeros([GPB, BLOCK_C, BLOCK_S], tl.float32)  # per-lane element count
     for c0 in range(0, CPG, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         cm = cc < CPG
-        for s0 in range(s_lo, s_hi, BLOCK_S):
+        for s0 in tl.range(s_lo, s_hi, BLOCK_S, num_stages=STAGES):
             ss = s0 + tl.arange(0, BLOCK_S)
-            m = cm[:, None] & (ss < s_hi)[None, :]  # (BLOCK_C, BLOCK_S)
-            off = base + cc[:, None].to(tl.int64) * sxc + ss[None, :].to(tl.int64) * sxs
-            x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
-            t_cnt = tl.sum(tl.sum(m.to(tl.float32), 1), 0)
-            t_mean = tl.sum(tl.sum(x, 1), 0) / t_cnt
-            d = tl.where(m, x - t_mean, 0.0)
-            t_m2 = tl.sum(tl.sum(d * d, 1), 0)
-            new_cnt = cnt + t_cnt
-            delta = t_mean - mean
-            mean += delta * (t_cnt / new_cnt)
-            m2 += t_m2 + delta * delta * (cnt * t_cnt / new_cnt)
-            cnt = new_cnt
-    tl.store(MEAN_P + row * SPLITS + split, mean)
-    tl.store(M2_P + row * SPLITS + split, m2)
+            m = cm[None, :, None] & (ss < s_hi)[None, None, :]
+            x = tl.load(X + _offsets(base, gg, cc, ss, CPG, sxc, sxs), mask=m, other=0.0)
+            d = tl.where(m, x.to(tl.float32) - shift, 0.0)
+            s1 += d
+            s2 += d * d
+            cnt += m.to(tl.float32)
+    # One reduction after the loop: lane (count, mean, M2) -> group, with Chan's formula.
+    lane_mean = shift + s1 / tl.maximum(cnt, 1.0)
+    lane_m2 = s2 - s1 * (s1 / tl.maximum(cnt, 1.0))
+    total = tl.sum(tl.sum(cnt, 2), 1)  # (GPB,)
+    mean = tl.sum(tl.sum(cnt * lane_mean, 2), 1) / total
+    dm = lane_mean - mean[:, None, None]
+    m2 = tl.sum(tl.sum(lane_m2 + cnt * dm * dm, 2), 1)
+    p = (n * G + g0 + gg) * SPLITS + split
+    tl.store(MEAN_P + p, mean)
+    tl.store(M2_P + p, m2)
 
 
 @triton.jit
@@ -108,199 +145,69 @@ def _apply_kernel(
     R,  # residual, strides (srn, src, srs) (ignored unless HAS_R)
     MEAN_P, M2_P,  # fp32 (N*G, SPLITS) partials from _stats_kernel
     MEAN, RSTD,  # out: fp32 (N*G,) statistics saved for backward
-    S, G, CPG, sxn, sxc, sxs, srn, src, srs, S_PER_SPLIT, SPLITS, eps, slope,
+    ROW0, S, G, CPG, sxn, sxc, sxs, srn, src, srs, S_PER_SPLIT, SPLITS, eps, slope,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr,
-    SPLITS_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    GPB: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
+    rb = ROW0 + tl.program_id(0)
     split = tl.program_id(1)
-    n = row // G
-    g = row % G
-    mean, rstd = _merge_partials(MEAN_P, M2_P, row, S, CPG, S_PER_SPLIT, SPLITS, eps, SPLITS_P2)
+    n, g0, base = _block_start(rb, G, CPG, sxn, sxc, GPB)
+    _n, _g0, rbase = _block_start(rb, G, CPG, srn, src, GPB)
+    gg = tl.arange(0, GPB)
+    rows = n * G + g0 + gg
+    mean, rstd = _merge_partials(MEAN_P, M2_P, rows, S, CPG, S_PER_SPLIT, SPLITS, eps, SPLITS_P2)
     if split == 0:
-        tl.store(MEAN + row, mean)
-        tl.store(RSTD + row, rstd)
-    base = n.to(tl.int64) * sxn + (g * CPG).to(tl.int64) * sxc
-    rbase = n.to(tl.int64) * srn + (g * CPG).to(tl.int64) * src
+        tl.store(MEAN + rows, mean)
+        tl.store(RSTD + rows, rstd)
     s_lo = split * S_PER_SPLIT
     s_hi = tl.minimum(s_lo + S_PER_SPLIT, S)
     for c0 in range(0, CPG, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         cm = cc < CPG
-        scale = tl.zeros([BLOCK_C], tl.float32) + rstd
-        if HAS_W:
-            scale *= tl.load(W + g * CPG + cc, mask=cm, other=1.0).to(tl.float32)
-        shift = tl.zeros([BLOCK_C], tl.float32)
-        if HAS_B:
-            shift += tl.load(B + g * CPG + cc, mask=cm, other=0.0).to(tl.float32)
-        for s0 in range(s_lo, s_hi, BLOCK_S):
+        gamma, beta = _affine(W, B, g0, gg, cc, cm, CPG, HAS_W, HAS_B)
+        scale = (gamma * rstd[:, None])[:, :, None]  # (GPB, BLOCK_C, 1)
+        shift = (beta - mean[:, None] * gamma * rstd[:, None])[:, :, None]
+        for s0 in tl.range(s_lo, s_hi, BLOCK_S, num_stages=STAGES):
             ss = s0 + tl.arange(0, BLOCK_S)
-            m = cm[:, None] & (ss < s_hi)[None, :]
-            off = base + cc[:, None].to(tl.int64) * sxc + ss[None, :].to(tl.int64) * sxs
-            x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
-            z = (x - mean) * scale[:, None] + shift[:, None]
+            m = cm[None, :, None] & (ss < s_hi)[None, None, :]
+            off = _offsets(base, gg, cc, ss, CPG, sxc, sxs)
+            z = tl.load(X + off, mask=m, other=0.0).to(tl.float32) * scale + shift
             if HAS_R:
-                roff = rbase + cc[:, None].to(tl.int64) * src + ss[None, :].to(tl.int64) * srs
+                roff = _offsets(rbase, gg, cc, ss, CPG, src, srs)
                 z += tl.load(R + roff, mask=m, other=0.0).to(tl.float32)
             tl.store(Y + off, _act(z, ACT, slope).to(Y.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _fused_kernel(
-    X, Y, W, B, R, MEAN, RSTD,  # as in _apply_kernel; one program holds a whole group on chip
-    S, G, CPG, sxn, sxc, sxs, srn, src, srs, eps, slope,
+    X, Y, W, B, R, MEAN, RSTD,  # as in _apply_kernel; one program holds GPB whole groups on chip
+    S, G, CPG, sxn, sxc, sxs, srn, src, srs, group_count, eps, slope,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    GPB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
-    n = row // G
-    g = row % G
+    # group_count = CPG * S as a host float: no int32 product, and no constexpr-int .to() when
+    # Triton specialises CPG = S = 1.
+    rb = tl.program_id(0)
+    n, g0, base = _block_start(rb, G, CPG, sxn, sxc, GPB)
+    _n, _g0, rbase = _block_start(rb, G, CPG, srn, src, GPB)
+    gg = tl.arange(0, GPB)
     cc = tl.arange(0, BLOCK_C)
     ss = tl.arange(0, BLOCK_S)
     cm = cc < CPG
-    m = cm[:, None] & (ss < S)[None, :]  # (BLOCK_C, BLOCK_S) covers the group
-    off = (
-        n.to(tl.int64) * sxn
-        + (g * CPG + cc[:, None]).to(tl.int64) * sxc
-        + ss[None, :].to(tl.int64) * sxs
-    )
+    m = cm[None, :, None] & (ss < S)[None, None, :]  # (GPB, BLOCK_C, BLOCK_S) covers the groups
+    off = _offsets(base, gg, cc, ss, CPG, sxc, sxs)
     x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
-    cnt = (CPG * S).to(tl.float32)
-    mean = tl.sum(tl.sum(x, 1), 0) / cnt
-    d = tl.where(m, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, 1), 0) / cnt + eps)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
-    scale = tl.zeros([BLOCK_C], tl.float32) + rstd
-    if HAS_W:
-        scale *= tl.load(W + g * CPG + cc, mask=cm, other=1.0).to(tl.float32)
-    z = d * scale[:, None]
-    if HAS_B:
-        z += tl.load(B + g * CPG + cc, mask=cm, other=0.0).to(tl.float32)[:, None]
+    mean = tl.sum(tl.sum(x, 2), 1) / group_count  # (GPB,)
+    d = tl.where(m, x - mean[:, None, None], 0.0)  # exact two-pass centring, in registers
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, 2), 1) / group_count + eps)
+    rows = n * G + g0 + gg
+    tl.store(MEAN + rows, mean)
+    tl.store(RSTD + rows, rstd)
+    gamma, beta = _affine(W, B, g0, gg, cc, cm, CPG, HAS_W, HAS_B)
+    z = d * (gamma * rstd[:, None])[:, :, None] + beta[:, :, None]
     if HAS_R:
-        roff = (
-            n.to(tl.int64) * srn
-            + (g * CPG + cc[:, None]).to(tl.int64) * src
-            + ss[None, :].to(tl.int64) * srs
+        z += tl.load(R + _offsets(rbase, gg, cc, ss, CPG, src, srs), mask=m, other=0.0).to(
+            tl.float32
         )
-        z += tl.load(R + roff, mask=m, other=0.0).to(tl.float32)
     tl.store(Y + off, _act(z, ACT, slope).to(Y.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _bwd_tile(X, DY, R, off, roff, m, mean, rstd, gamma, beta, slope,
-              HAS_R: tl.constexpr, ACT: tl.constexpr):  # fmt: skip
-    """Load one tile and return (xhat, dz): dz = dy * act'(recomputed pre-activation)."""
-    x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
-    dy = tl.load(DY + off, mask=m, other=0.0).to(tl.float32)
-    xhat = (x - mean) * rstd
-    if ACT != 0:
-        z = xhat * gamma[:, None] + beta[:, None]
-        if HAS_R:
-            z += tl.load(R + roff, mask=m, other=0.0).to(tl.float32)
-        dy = dy * _act_grad(z, ACT, slope)
-    return xhat, tl.where(m, dy, 0.0)
-
-
-@triton.jit
-def _bwd_reduce_kernel(
-    X, DY,  # input and upstream gradient, same strides (sxn, sxc, sxs)
-    W, B, R,  # gamma, beta, residual (for the recomputed pre-activation)
-    MEAN, RSTD,  # fp32 (N*G,) saved statistics
-    SDZ, SDZX,  # out: fp32 (N, C, SPLITS) sums of dz and dz * xhat
-    C, S, G, CPG, sxn, sxc, sxs, srn, src, srs, S_PER_SPLIT, SPLITS, slope,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-):  # fmt: skip
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    n = row // G
-    g = row % G
-    mean = tl.load(MEAN + row)
-    rstd = tl.load(RSTD + row)
-    base = n.to(tl.int64) * sxn + (g * CPG).to(tl.int64) * sxc
-    rbase = n.to(tl.int64) * srn + (g * CPG).to(tl.int64) * src
-    s_lo = split * S_PER_SPLIT
-    s_hi = tl.minimum(s_lo + S_PER_SPLIT, S)
-    for c0 in range(0, CPG, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        cm = cc < CPG
-        gamma = tl.full([BLOCK_C], 1.0, tl.float32)
-        if HAS_W:
-            gamma = tl.load(W + g * CPG + cc, mask=cm, other=1.0).to(tl.float32)
-        beta = tl.zeros([BLOCK_C], tl.float32)
-        if HAS_B:
-            beta = tl.load(B + g * CPG + cc, mask=cm, other=0.0).to(tl.float32)
-        acc_dz = tl.zeros([BLOCK_C], tl.float32)
-        acc_dzx = tl.zeros([BLOCK_C], tl.float32)
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            ss = s0 + tl.arange(0, BLOCK_S)
-            m = cm[:, None] & (ss < s_hi)[None, :]
-            off = base + cc[:, None].to(tl.int64) * sxc + ss[None, :].to(tl.int64) * sxs
-            roff = rbase + cc[:, None].to(tl.int64) * src + ss[None, :].to(tl.int64) * srs
-            xhat, dz = _bwd_tile(X, DY, R, off, roff, m, mean, rstd, gamma, beta, slope, HAS_R, ACT)
-            acc_dz += tl.sum(dz, 1)
-            acc_dzx += tl.sum(dz * xhat, 1)
-        p = (n * C + g * CPG + cc).to(tl.int64) * SPLITS + split
-        tl.store(SDZ + p, acc_dz, mask=cm)
-        tl.store(SDZX + p, acc_dzx, mask=cm)
-
-
-@triton.jit
-def _bwd_dx_kernel(
-    X, DY, DX,  # input, upstream gradient, out: dx; same strides (sxn, sxc, sxs)
-    W, B, R, DR,  # gamma, beta, residual (strides srn, src, srs), out: d(residual) (same strides)
-    MEAN, RSTD, SDZ, SDZX,  # saved statistics and the (N, C, SPLITS) sums of _bwd_reduce_kernel
-    C, S, G, CPG, sxn, sxc, sxs, srn, src, srs, S_PER_SPLIT, SPLITS, slope,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr, HAS_DR: tl.constexpr,
-    ACT: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-):  # fmt: skip
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    n = row // G
-    g = row % G
-    mean = tl.load(MEAN + row)
-    rstd = tl.load(RSTD + row)
-    # c1 = mean over the group of dL/dxhat, c2 = mean of dL/dxhat * xhat (dL/dxhat = gamma * dz).
-    k = tl.arange(0, SPLITS_P2)
-    c1 = 0.0
-    c2 = 0.0
-    for c0 in range(0, CPG, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        cm = cc < CPG
-        p = (n * C + g * CPG + cc[:, None]).to(tl.int64) * SPLITS + k[None, :]
-        pm = cm[:, None] & (k < SPLITS)[None, :]
-        sdz = tl.sum(tl.load(SDZ + p, mask=pm, other=0.0), 1)  # (BLOCK_C,)
-        sdzx = tl.sum(tl.load(SDZX + p, mask=pm, other=0.0), 1)
-        if HAS_W:
-            gamma = tl.load(W + g * CPG + cc, mask=cm, other=0.0).to(tl.float32)
-            sdz *= gamma
-            sdzx *= gamma
-        c1 += tl.sum(sdz, 0)
-        c2 += tl.sum(sdzx, 0)
-    cnt = (CPG * S).to(tl.float32)
-    c1 = c1 / cnt
-    c2 = c2 / cnt
-    base = n.to(tl.int64) * sxn + (g * CPG).to(tl.int64) * sxc
-    rbase = n.to(tl.int64) * srn + (g * CPG).to(tl.int64) * src
-    s_lo = split * S_PER_SPLIT
-    s_hi = tl.minimum(s_lo + S_PER_SPLIT, S)
-    for c0 in range(0, CPG, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        cm = cc < CPG
-        gamma = tl.full([BLOCK_C], 1.0, tl.float32)
-        if HAS_W:
-            gamma = tl.load(W + g * CPG + cc, mask=cm, other=1.0).to(tl.float32)
-        beta = tl.zeros([BLOCK_C], tl.float32)
-        if HAS_B:
-            beta = tl.load(B + g * CPG + cc, mask=cm, other=0.0).to(tl.float32)
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            ss = s0 + tl.arange(0, BLOCK_S)
-            m = cm[:, None] & (ss < s_hi)[None, :]
-            off = base + cc[:, None].to(tl.int64) * sxc + ss[None, :].to(tl.int64) * sxs
-            roff = rbase + cc[:, None].to(tl.int64) * src + ss[None, :].to(tl.int64) * srs
-            xhat, dz = _bwd_tile(X, DY, R, off, roff, m, mean, rstd, gamma, beta, slope, HAS_R, ACT)
-            dx = rstd * (gamma[:, None] * dz - c1 - xhat * c2)
-            tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=m)
-            if HAS_DR:
-                tl.store(DR + roff, dz.to(DR.dtype.element_ty), mask=m)

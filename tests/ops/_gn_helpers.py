@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from medgn.ops.group_norm_ref import apply_activation
+
+# Every kernel test runs on CPU tensors (Triton's interpreter) and, marked `gpu`, on CUDA tensors.
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 
 # Extra absolute tolerance per dtype on top of 2 x PyTorch's own error: a few ulps at the output
 # scale (|y| ~ 1-5) plus fp32 sums of ~1e3 terms for dweight/dbias, so a result exactly as good as
@@ -14,9 +18,13 @@ ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 def make_inputs(
-    shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, seed: int = 0
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    channels_last: bool,
+    seed: int = 0,
+    device: str = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """x (mean 1, std 2), weight, bias, residual and dy, deterministic in ``seed``."""
+    """x (mean 1, std 2), weight, bias, residual and dy on ``device``, deterministic in ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     c = shape[1]
     x = torch.randn(shape, generator=gen) * 2 + 1
@@ -27,7 +35,7 @@ def make_inputs(
         "residual": torch.randn(shape, generator=gen),
         "dy": torch.randn(shape, generator=gen),
     }
-    out = {k: v.to(dtype) for k, v in out.items()}
+    out = {k: v.to(device=device, dtype=dtype) for k, v in out.items()}
     if channels_last:
         fmt = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
         for k in ("x", "residual", "dy"):
@@ -52,7 +60,7 @@ def torch_native(
 
 def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest absolute difference to the float64 reference."""
-    return (a.double() - ref.double()).abs().max().item()
+    return (a.detach().double().cpu() - ref.detach().double().cpu()).abs().max().item()
 
 
 def assert_within_rule(

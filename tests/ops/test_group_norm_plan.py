@@ -1,0 +1,76 @@
+"""Launch planning of the GroupNorm kernels on an H100-like device (pure Python, meta tensors)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import medgn.ops.group_norm_plan as plan
+
+H100_SMS, H100_L2 = 132, 50 * 2**20
+
+
+@pytest.fixture
+def h100(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU tensors planned with an H100's tile size, SM count and L2 budget."""
+    monkeypatch.setattr(plan, "_TILE_CPU", plan._TILE_GPU)
+    monkeypatch.setattr(plan, "_CPU_PROGRAMS", H100_SMS * 8)
+    monkeypatch.setattr(plan, "_CPU_L2_BYTES", H100_L2 // 3)
+
+
+def _x(shape: tuple[int, ...], channels_last: bool) -> torch.Tensor:
+    x = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+    return x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    ("shape", "g"),
+    [((2, 32, 128, 128, 128), 32), ((2, 32, 128, 128, 128), 8), ((2, 64, 64, 64, 64), 16),
+     ((2, 128, 32, 32, 32), 32), ((2, 32, 32, 32, 32), 16)],
+)  # fmt: skip
+@pytest.mark.parametrize("tensors", [1, 2])
+def test_plans_cover_every_voxel_within_limits(shape, g, channels_last, tensors, h100) -> None:
+    x = _x(shape, channels_last)
+    p = plan._plan(x, g, tensors, chunked=True)
+    # Splits tile S exactly, in whole tiles, and stay under the partial-read cap.
+    assert p.SPLITS * p.S_PER_SPLIT >= p.S > (p.SPLITS - 1) * p.S_PER_SPLIT
+    assert p.S_PER_SPLIT % p.BLOCK_S == 0 and p.SPLITS <= plan._MAX_SPLITS
+    assert p.SPLITS_P2 >= p.SPLITS and p.SPLITS_P2 & (p.SPLITS_P2 - 1) == 0
+    # A tile is at most 2048 elements; a group block is whole groups of one sample.
+    assert p.GPB * p.BLOCK_C * p.BLOCK_S <= plan._TILE_GPU and g % p.GPB == 0
+    assert p.rows * p.GPB == shape[0] * g
+    # A launch is at most one wave of resident programs (8 programs of 8 warps per SM).
+    assert p.warps == 8 and p.chunk_rows * p.SPLITS <= H100_SMS * 8 * 1.05
+    # A chunk fits the L2 budget unless a single group block is larger than it.
+    row_bytes = p.GPB * p.CPG * p.S * 2 * tensors
+    assert p.chunk_rows == 1 or p.chunk_rows * row_bytes <= H100_L2 // 3
+    if channels_last:  # >= 32 contiguous channels per voxel read (C >= 32 here)
+        assert p.GPB * p.CPG >= 32
+    else:
+        assert p.GPB == 1
+
+
+def test_paths_and_volumes(h100) -> None:
+    # Deep level: fused both ways, the minimal 2 + 3 volumes.
+    assert plan.planned_volumes(_x((2, 320, 8, 8, 8), False), 32, "fwd", False, "none") == (
+        "fused",
+        2,
+    )
+    assert plan.planned_volumes(_x((2, 320, 8, 8, 8), True), 32, "bwd", False, "silu") == (
+        "fused",
+        3,
+    )
+    # 128^3 contiguous: 4 MiB groups fit the L2 budget -> chunked, 2 and 3 volumes from HBM.
+    x = _x((2, 32, 128, 128, 128), False)
+    assert plan.planned_volumes(x, 32, "fwd", False, "none") == ("chunked", 2)
+    assert plan.planned_volumes(x, 32, "bwd", True, "silu") == ("chunked", 5)  # + r read + dres
+    # channels_last 128^3: a block is a whole 128 MiB sample, no L2 re-read -> split's traffic.
+    x = _x((2, 32, 128, 128, 128), True)
+    assert plan.planned_volumes(x, 32, "fwd", True, "none") == ("chunked", 4)
+    assert plan.planned_volumes(x, 32, "bwd", False, "none", need_dres=False) == ("chunked", 5)
+
+
+def test_unknown_path_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown path 'fast'"):
+        plan.forward_path(_x((1, 4, 2, 2, 2), False), 2, "fast")
