@@ -46,7 +46,7 @@ wheelhouse: $(STAMP)
 	PYTHON=$(PY) WHEELHOUSE_PYTHON=$(WHEELHOUSE_PYTHON) bash docker/make_wheelhouse.sh
 
 docker-image: wheelhouse
-	tar -c --exclude=__pycache__ --exclude='*.pyc' $(DOCKER_CONTEXT) | DOCKER_BUILDKIT=0 docker build \
+	tar -c --exclude=__pycache__ --exclude='*.pyc' $(DOCKER_CONTEXT) | DOCKER_BUILDKIT=0 docker build --network none \
 	  -f docker/Dockerfile.cpu --build-arg WHEELHOUSE=1 $(if $(DOCKER_BASE),--build-arg BASE=$(DOCKER_BASE)) \
 	  -t $(DOCKER_IMAGE) -
 

@@ -2,8 +2,9 @@
 # make docker-test: build the CPU image offline and run real scans through `docker run`.
 #
 # 1. a Docker engine: the one DOCKER_HOST (or the default socket) reaches, else a private dockerd
-#    (vfs storage, no bridge, no iptables) started as root under $MEDGN_DOCKER_STATE, installing
-#    Debian's docker.io first when needed; it is stopped on exit.
+#    (no bridge, no iptables; overlay2 storage where an overlay mount works, else vfs) started as
+#    root under $MEDGN_DOCKER_STATE, installing Debian's docker.io first when needed; it is stopped
+#    on exit.
 # 2. a Debian base with python3: $MEDGN_DOCKER_BASE when given, else python:3.11.11-slim-bookworm if
 #    present or pullable, else medgn-base:bookworm made with debootstrap from apt's Debian mirror.
 # 3. docker/wheelhouse pinned to the virtual environment's exact versions (same torch wheel), and
@@ -19,6 +20,7 @@ STATE=${MEDGN_DOCKER_STATE:-/var/tmp/medgn-docker}
 IMAGE=${MEDGN_DOCKER_IMAGE:-medgn:cpu}
 PUBLIC_BASE=python:3.11.11-slim-bookworm
 LOCAL_BASE=medgn-base:bookworm
+BASE_TAR=$STATE/medgn-base-bookworm.tar
 export DOCKER_BUILDKIT=0  # the classic builder ships with every engine; BuildKit may be absent
 
 say() { printf '[docker-test %(%H:%M:%S)T] %s\n' -1 "$*"; }
@@ -49,6 +51,21 @@ debian_mirror() {
     echo "${found:-http://deb.debian.org/debian}"
 }
 
+storage_driver() {
+    # overlay2 shares layers; vfs copies the whole file system into every layer and container (a
+    # 1.5 GB image then costs minutes per `docker run` on a busy disk). Probe an overlay mount where
+    # the engine will keep its data.
+    local probe="$STATE/overlay-probe" driver=vfs
+    mkdir -p "$probe"/{lower,upper,work,merged}
+    if mount -t overlay overlay -o "lowerdir=$probe/lower,upperdir=$probe/upper,workdir=$probe/work" \
+        "$probe/merged" 2>/dev/null; then
+        umount "$probe/merged"
+        driver=overlay2
+    fi
+    rm -rf "$probe"
+    echo "${MEDGN_DOCKER_STORAGE:-$driver}"
+}
+
 apt_install() {
     command -v apt-get >/dev/null || return 1
     DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null \
@@ -68,8 +85,9 @@ if ! engine_answers; then
         fi
         mkdir -p "$STATE/data" "$STATE/exec"
         rm -f "$STATE/docker.sock" "$STATE/dockerd.pid"
-        say "starting dockerd (vfs) on $DOCKER_HOST"
-        dockerd --storage-driver=vfs --iptables=false --ip-masq=false --bridge=none \
+        driver=$(storage_driver)
+        say "starting dockerd ($driver) on $DOCKER_HOST"
+        dockerd --storage-driver="$driver" --iptables=false --ip-masq=false --bridge=none \
             --data-root "$STATE/data" --exec-root "$STATE/exec" --pidfile "$STATE/dockerd.pid" \
             -H "$DOCKER_HOST" >"$STATE/dockerd.log" 2>&1 &
         STARTED_PID=$!
@@ -88,6 +106,10 @@ elif docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then
     BASE=$LOCAL_BASE
 elif timeout 60 docker pull -q "$PUBLIC_BASE" >/dev/null 2>&1; then
     BASE=$PUBLIC_BASE
+elif [[ -s "$BASE_TAR" ]]; then
+    say "importing $LOCAL_BASE from $BASE_TAR"
+    docker import - "$LOCAL_BASE" <"$BASE_TAR" >/dev/null
+    BASE=$LOCAL_BASE
 else
     say "no registry answers: making $LOCAL_BASE with debootstrap"
     [[ $EUID -eq 0 ]] || skip "no base image, and debootstrap needs root"
@@ -98,7 +120,9 @@ else
     debootstrap --variant=minbase --include=python3,python3-venv bookworm "$rootfs" "$mirror" \
         >"$STATE/debootstrap.log" 2>&1 || { tail -n 20 "$STATE/debootstrap.log" >&2; rm -rf "$rootfs"; skip "debootstrap from $mirror failed (log above)"; }
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-    tar -C "$rootfs" -c . | docker import - "$LOCAL_BASE" >/dev/null
+    # Kept as a tar: a new data root or storage driver re-imports it instead of bootstrapping again.
+    tar -C "$rootfs" -cf "$BASE_TAR.part" . && mv "$BASE_TAR.part" "$BASE_TAR"
+    docker import - "$LOCAL_BASE" <"$BASE_TAR" >/dev/null
     rm -rf "$rootfs"
     BASE=$LOCAL_BASE
 fi
@@ -115,7 +139,7 @@ ls docker/wheelhouse/torch-*.whl >/dev/null || { echo "docker-test: the wheelhou
 say "building $IMAGE (offline, from docker/wheelhouse)"
 start=$(date +%s)
 tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md constraints.txt medgn configs docker \
-    | docker build -f docker/Dockerfile.cpu --build-arg BASE="$BASE" --build-arg WHEELHOUSE=1 -t "$IMAGE" - \
+    | docker build --network none -f docker/Dockerfile.cpu --build-arg BASE="$BASE" --build-arg WHEELHOUSE=1 -t "$IMAGE" - \
     >"$STATE/build.log" 2>&1 || { tail -n 40 "$STATE/build.log" >&2; echo "docker-test: the image build failed" >&2; exit 1; }
 say "built $IMAGE in $(($(date +%s) - start)) s, $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1/1e9}')"
 docker image prune -f >/dev/null 2>&1 || true  # the images the rebuild replaced
