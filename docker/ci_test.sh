@@ -137,12 +137,15 @@ mkdir -p "$STATE"
 PYTHON=$PY WHEELHOUSE_PINS=$pins bash docker/make_wheelhouse.sh 2>&1 | grep -v 'is ignored: it is neither' || true
 ls docker/wheelhouse/torch-*.whl >/dev/null || { echo "docker-test: the wheelhouse has no torch" >&2; exit 1; }
 say "building $IMAGE (offline, from docker/wheelhouse)"
+old_id=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 start=$(date +%s)
 tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md constraints.txt medgn configs docker \
     | docker build --network none -f docker/Dockerfile.cpu --build-arg BASE="$BASE" --build-arg WHEELHOUSE=1 -t "$IMAGE" - \
     >"$STATE/build.log" 2>&1 || { tail -n 40 "$STATE/build.log" >&2; echo "docker-test: the image build failed" >&2; exit 1; }
 say "built $IMAGE in $(($(date +%s) - start)) s, $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1/1e9}')"
-docker image prune -f >/dev/null 2>&1 || true  # the images the rebuild replaced
+new_id=$(docker image inspect -f '{{.Id}}' "$IMAGE")
+# The image a rebuild replaced (its layers shared with the new one stay; the build cache stays).
+if [[ -n "$old_id" && "$old_id" != "$new_id" ]]; then docker rmi "$old_id" >/dev/null 2>&1 || true; fi
 
 # ---- 4. tests ----------------------------------------------------------------------------------
 MEDGN_DOCKER_IMAGE=$IMAGE PYTHONUTF8=1 "$PY" -m pytest -p no:cacheprovider -q -m docker \
