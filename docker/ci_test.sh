@@ -16,12 +16,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PY=${MEDGN_PYTHON:-$REPO/.venv/bin/python}
-STATE=${MEDGN_DOCKER_STATE:-/var/tmp/medgn-docker}
+# Engine data, logs and the base tar; per user, so that a non-root run never needs root's folder.
+STATE=${MEDGN_DOCKER_STATE:-/var/tmp/medgn-docker$([[ $EUID -eq 0 ]] || echo "-$EUID")}
 IMAGE=${MEDGN_DOCKER_IMAGE:-medgn:cpu}
 PUBLIC_BASE=python:3.11.11-slim-bookworm
 LOCAL_BASE=medgn-base:bookworm
 BASE_TAR=$STATE/medgn-base-bookworm.tar
 export DOCKER_BUILDKIT=0  # the classic builder ships with every engine; BuildKit may be absent
+mkdir -p "$STATE"
 
 say() { printf '[docker-test %(%H:%M:%S)T] %s\n' -1 "$*"; }
 skip() {
@@ -131,10 +133,14 @@ say "base image $BASE"
 # ---- 3. wheelhouse and image -------------------------------------------------------------------
 [[ -x "$PY" ]] || { echo "docker-test: no virtual environment at $PY (make install)" >&2; exit 1; }
 pins="$STATE/venv-pins.txt"
-mkdir -p "$STATE"
 # The venv's exact versions (medgn itself excluded): the image must run the same torch, numpy, ...
 "$PY" -m pip freeze --disable-pip-version-check 2>/dev/null | grep -viE '^(-e|#)|^medgn[ =@]' >"$pins"
-PYTHON=$PY WHEELHOUSE_PINS=$pins bash docker/make_wheelhouse.sh 2>&1 | grep -v 'is ignored: it is neither' || true
+if ! PYTHON=$PY WHEELHOUSE_PINS=$pins bash docker/make_wheelhouse.sh >"$STATE/wheelhouse.log" 2>&1; then
+    grep -v 'is ignored: it is neither' "$STATE/wheelhouse.log" | tail -n 30 >&2
+    echo "docker-test: make_wheelhouse.sh failed (log above)" >&2
+    exit 1
+fi
+tail -n 1 "$STATE/wheelhouse.log"
 ls docker/wheelhouse/torch-*.whl >/dev/null || { echo "docker-test: the wheelhouse has no torch" >&2; exit 1; }
 say "building $IMAGE (offline, from docker/wheelhouse)"
 old_id=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
