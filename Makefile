@@ -36,6 +36,9 @@ bench: $(STAMP)
 # Docker (docker/README.md). wheelhouse: medgn's wheel and every dependency, pinned by
 # constraints.txt, for the image's Python (WHEELHOUSE_PYTHON), so `docker-image` builds offline.
 WHEELHOUSE_PYTHON ?= 3.11
+# Extra index for the wheelhouse, e.g. https://download.pytorch.org/whl/cpu (PyTorch's CPU wheel)
+# where pip's own configuration does not already find it.
+WHEELHOUSE_INDEX  ?=
 DOCKER_IMAGE      ?= medgn:cpu
 # Empty: the Dockerfile's default base (python:3.11.11-slim-bookworm); any Debian-based image works.
 DOCKER_BASE       ?=
@@ -43,7 +46,8 @@ DOCKER_BASE       ?=
 DOCKER_CONTEXT    := pyproject.toml README.md constraints.txt medgn configs docker
 
 wheelhouse: $(STAMP)
-	PYTHON=$(PY) WHEELHOUSE_PYTHON=$(WHEELHOUSE_PYTHON) bash docker/make_wheelhouse.sh
+	PYTHON=$(PY) WHEELHOUSE_PYTHON=$(WHEELHOUSE_PYTHON) WHEELHOUSE_INDEX=$(WHEELHOUSE_INDEX) \
+	  bash docker/make_wheelhouse.sh
 
 docker-image: wheelhouse
 	tar -c --exclude=__pycache__ --exclude='*.pyc' $(DOCKER_CONTEXT) | DOCKER_BUILDKIT=0 docker build --network none \

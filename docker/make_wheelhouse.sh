@@ -8,6 +8,8 @@
 #   WHEELHOUSE_PYTHON  the image's Python version (default 3.11: Debian bookworm, python:3.11-slim)
 #   WHEELHOUSE_PINS    extra constraints file, e.g. a `pip freeze` of a virtual environment whose
 #                      versions the image must match exactly
+#   WHEELHOUSE_INDEX   an extra index, e.g. https://download.pytorch.org/whl/cpu for PyTorch's CPU
+#                      wheel (PyPI's torch for Linux is the CUDA build, gigabytes larger)
 # Dependencies are pinned by constraints.txt (torch 2.13.0). pip's own configuration decides where
 # they come from (an index, --find-links folders holding PyTorch's CPU wheel, ...).
 set -euo pipefail
@@ -26,6 +28,9 @@ wheel=$(ls "$WHEELHOUSE"/medgn-*.whl)
 constraints=(-c constraints.txt)
 if [[ -n "${WHEELHOUSE_PINS:-}" ]]; then
     constraints+=(-c "$WHEELHOUSE_PINS")
+fi
+if [[ -n "${WHEELHOUSE_INDEX:-}" ]]; then
+    constraints+=(--extra-index-url "$WHEELHOUSE_INDEX")
 fi
 # Binary wheels for x86_64 Linux with glibc up to 2.36 (Debian bookworm); pip needs the tags spelled
 # out when it downloads for another interpreter.
