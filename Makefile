@@ -49,7 +49,10 @@ wheelhouse: $(STAMP)
 	PYTHON=$(PY) WHEELHOUSE_PYTHON=$(WHEELHOUSE_PYTHON) WHEELHOUSE_INDEX=$(WHEELHOUSE_INDEX) \
 	  bash docker/make_wheelhouse.sh
 
-docker-image: wheelhouse
+# No network needed: run `make wheelhouse` first (where the packages are reachable).
+docker-image:
+	@ls docker/wheelhouse/medgn-*.whl docker/wheelhouse/torch-*.whl >/dev/null 2>&1 || \
+	  { echo "docker-image: docker/wheelhouse is empty: run 'make wheelhouse' where PyPI is reachable" >&2; exit 2; }
 	tar -c --exclude=__pycache__ --exclude='*.pyc' $(DOCKER_CONTEXT) | DOCKER_BUILDKIT=0 docker build --network none \
 	  -f docker/Dockerfile.cpu --build-arg WHEELHOUSE=1 $(if $(DOCKER_BASE),--build-arg BASE=$(DOCKER_BASE)) \
 	  -t $(DOCKER_IMAGE) -
