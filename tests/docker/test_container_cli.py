@@ -29,6 +29,8 @@ def _container_env(dockerfile: Path, tmp: Path) -> dict[str, str]:
     env_text = " ".join(arg for word, arg in _instructions(dockerfile) if word == "ENV")
     env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8"}
     for key, value in re.findall(r"(\w+)=(\S+)", env_text):
+        if key == "PATH":  # the image's own folders; the venv's medgn is called by path here
+            continue
         env[key] = str(tmp) + value[len("/tmp") :] if value.startswith("/tmp") else value
     return env
 

@@ -75,10 +75,34 @@ def test_writable_state_under_tmp_and_no_runtime_fetch(dockerfile: Path) -> None
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_base_image_pinned_by_tag(dockerfile: Path) -> None:
-    base = next(arg for word, arg in _instructions(dockerfile) if word == "FROM")
+def test_base_is_a_build_argument_pinned_by_tag(dockerfile: Path) -> None:
+    ins = _instructions(dockerfile)
+    assert ins[0][0] == "ARG" and ins[0][1].startswith("BASE="), "ARG BASE=<image> comes first"
+    base = ins[0][1].removeprefix("BASE=")
     image, _, tag = base.partition(":")
     assert tag and tag != "latest" and re.search(r"\d", tag), base
+    first = next(arg for word, arg in ins if word == "FROM")
+    assert first.split()[0] == "${BASE}"
+    # Every later stage starts from an earlier stage: one base for the whole image.
+    stages = [arg.split() for word, arg in ins if word == "FROM"]
+    names = {parts[2] for parts in stages if len(parts) == 3}
+    assert all(parts[0] in names for parts in stages[1:]), stages
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_offline_install_from_wheelhouse_and_exec_form_entrypoint(dockerfile: Path) -> None:
+    ins = _instructions(dockerfile)
+    run = " ".join(arg for word, arg in ins if word == "RUN")
+    assert "--no-index" in run and "--find-links /build/wheelhouse" in run
+    assert any(word == "ARG" and arg.startswith("WHEELHOUSE=") for word, arg in ins)
+    assert not any(word == "HEALTHCHECK" for word, _ in ins)
+    # Exec form (JSON): medgn is PID 1 and gets docker stop's SIGTERM, no shell in between.
+    for word, arg in ins:
+        if word in ("ENTRYPOINT", "CMD"):
+            assert isinstance(json.loads(arg), list), arg
+    env = " ".join(arg for word, arg in ins if word == "ENV")
+    assert re.search(r"\bPATH=/opt/medgn/bin:", env), "the SIGTERM-aware wrapper comes first on PATH"
+    assert ("docker/entrypoint.py", "/opt/medgn/bin/medgn") in [tuple(arg.split()) for word, arg in ins if word == "COPY"]
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -86,6 +110,8 @@ def test_copied_paths_exist_in_context(dockerfile: Path) -> None:
     for word, arg in _instructions(dockerfile):
         if word != "COPY":
             continue
+        if arg.startswith("--from="):
+            continue  # from an earlier stage, not from the context
         sources = arg.split()[:-1]
         for src in sources:
             if src.startswith("--") or "$" in src:
