@@ -60,6 +60,9 @@ def _docker_args(mounts: dict[Path, str], user: str | None = f"{UID}:{UID}") -> 
             "--security-opt", "no-new-privileges"]
     if user:
         args += ["--user", user]
+    # The same numerics as the venv side: CPU bf16 follows the tests' setting (conftest), not the host.
+    if "MEDGN_CPU_BF16" in os.environ:
+        args += ["-e", f"MEDGN_CPU_BF16={os.environ['MEDGN_CPU_BF16']}"]
     for path, mode in mounts.items():
         args += ["-v", f"{path}:{path}:{mode}"]
     return args
