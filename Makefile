@@ -21,6 +21,7 @@ install: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Python's UTF-8 mode: text I/O in the tests must not depend on the C locale, which native
 # readers loaded during the run may reset to ASCII.

@@ -92,7 +92,16 @@ def main() -> int:
     for precision, layout in SETTINGS:
         key = f"{precision}/{layout}"
         ms, mi = statistics.median(step_s[key]), statistics.median(infer_s[key])
-        rows.append({"precision": precision, "layout": layout, "step_median_s": ms, "step_speedup": base_step / ms, "infer_median_s": mi, "infer_speedup": base_inf / mi})
+        rows.append(
+            {
+                "precision": precision,
+                "layout": layout,
+                "step_median_s": ms,
+                "step_speedup": base_step / ms,
+                "infer_median_s": mi,
+                "infer_speedup": base_inf / mi,
+            }
+        )
         print(f"{key:28s} {ms:8.3f} {base_step / ms:7.2f} {mi:8.3f} {base_inf / mi:7.2f}")
     result = {
         "machine": f"{platform.machine()}, {args.threads} threads, avx512_bf16={cpu_bf16_supported()}",

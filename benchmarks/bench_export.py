@@ -67,7 +67,12 @@ def _time(fn: Any, repeats: int, warmup: int = 2) -> list[float]:
 
 def _stats(ms: list[float]) -> dict[str, float]:
     q = statistics.quantiles(ms, n=4) if len(ms) >= 4 else [min(ms), statistics.median(ms), max(ms)]
-    return {"median_ms": round(statistics.median(ms), 2), "q1_ms": round(q[0], 2), "q3_ms": round(q[2], 2), "runs": len(ms)}
+    return {
+        "median_ms": round(statistics.median(ms), 2),
+        "q1_ms": round(q[0], 2),
+        "q3_ms": round(q[2], 2),
+        "runs": len(ms),
+    }
 
 
 def main() -> int:
@@ -76,7 +81,11 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    cfg = build(UNet3DConfig, {"features": FEATURES, "norm": "group", "activation": "leaky_relu", "deep_supervision": True}, "model")
+    cfg = build(
+        UNet3DConfig,
+        {"features": FEATURES, "norm": "group", "activation": "leaky_relu", "deep_supervision": True},
+        "model",
+    )
     model = build_model(cfg, 1, 2, STRIDES, [[3, 3, 3]] * 4).eval()
     x = torch.randn(1, 1, *WINDOW, generator=torch.Generator().manual_seed(1))
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,7 +135,10 @@ def main() -> int:
     (RESULTS / "export_cpu.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"{'variant':26s} {'median ms':>10s} {'IQR ms':>16s} {'speedup':>8s} {'max |diff|':>11s}")
     for name, row in rows.items():
-        print(f"{name:26s} {row['median_ms']:10.1f} {row['q1_ms']:7.1f}-{row['q3_ms']:<8.1f} {row['speedup_vs_pytorch_fp32']:8.2f} {row['max_abs_diff_vs_pytorch_fp32']:11.2e}")
+        print(
+            f"{name:26s} {row['median_ms']:10.1f} {row['q1_ms']:7.1f}-{row['q3_ms']:<8.1f} "
+            f"{row['speedup_vs_pytorch_fp32']:8.2f} {row['max_abs_diff_vs_pytorch_fp32']:11.2e}"
+        )
     print(f"cpu: {record['cpu']}; usable cores {cores}; results -> {RESULTS / 'export_cpu.json'}")
     return 0
 

@@ -260,9 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print(
-            "bench_group_norm: no CUDA device, nothing measured (use --device cpu for a smoke run)"
-        )
+        print("bench_group_norm: no CUDA device, nothing measured (use --device cpu for a smoke run)")
         return 0
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
@@ -280,9 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out / f"group_norm_{tag}.json"
     rows: list[dict[str, Any]] = []
     for shape, kind, layout, residual, dtype in configs(args.quick, device):
-        new = measure_config(
-            shape, kind, layout, residual, dtype, args.activation, timer, copy, cuda
-        )
+        new = measure_config(shape, kind, layout, residual, dtype, args.activation, timer, copy, cuda)
         rows += new
         for r in new:
             if r["provider"] == "medgn":
@@ -302,9 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         if not r["check_ok"] and r["pass"] == "fwd":
             # A bf16 baseline applies the activation to a bf16-rounded pre-activation: where that
             # rounding flips the sign, leaky_relu's gradient differs by 0.99 x dy.
-            what = (
-                "check FAILED" if r["provider"] == "medgn" else "note: baseline off the reference"
-            )
+            what = "check FAILED" if r["provider"] == "medgn" else "note: baseline off the reference"
             print(f"{what}: {r['provider']} {r['shape']} {r['layout']} {r['dtype']} "
                   f"relative error {r['check_rel_err']:.3g}")  # fmt: skip
     # Exit 1 only when medgn's outputs are wrong; a baseline's error is reported, not fatal.

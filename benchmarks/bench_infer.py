@@ -60,7 +60,10 @@ def _plan(spacing: list[float]) -> dict[str, Any]:
         "normalization": [{"scheme": "zscore"}],
         "patch_size": WINDOW,
         "batch_size": 2,
-        "network": {"strides": [[1, 1, 1]] + [[2, 2, 2]] * (len(FEATURES) - 1), "kernel_sizes": [[3, 3, 3]] * len(FEATURES)},
+        "network": {
+            "strides": [[1, 1, 1]] + [[2, 2, 2]] * (len(FEATURES) - 1),
+            "kernel_sizes": [[3, 3, 3]] * len(FEATURES),
+        },
     }
 
 
@@ -80,7 +83,9 @@ def _segresnet(target_params: int) -> Any:
     from monai.networks.nets import SegResNet
 
     def count(f: int) -> int:
-        return sum(p.numel() for p in SegResNet(spatial_dims=3, in_channels=1, out_channels=2, init_filters=f).parameters())
+        return sum(
+            p.numel() for p in SegResNet(spatial_dims=3, in_channels=1, out_channels=2, init_filters=f).parameters()
+        )
 
     best = min(SEGRESNET_FILTERS, key=lambda f: abs(count(f) - target_params))
     return SegResNet(spatial_dims=3, in_channels=1, out_channels=2, init_filters=best).eval(), best
@@ -99,12 +104,19 @@ def _run_medgn(path: Path, tta: bool, work: Path) -> dict[str, Any]:
     (work / "in").mkdir()
     (work / "in" / path.name).symlink_to(path)
     t0 = time.perf_counter()
-    report = infer(predictor, work / "in", work / "out", tta=tta, overlap=OVERLAP, sw_batch_size=SW_BATCH, threads=THREADS)
+    report = infer(
+        predictor, work / "in", work / "out", tta=tta, overlap=OVERLAP, sw_batch_size=SW_BATCH, threads=THREADS
+    )
     seconds = time.perf_counter() - t0
     if report.exit_code:
         raise RuntimeError(report.to_dict())
     sidecar = json.loads((work / "out" / (path.name.split(".")[0] + ".json")).read_text())
-    return {"seconds": seconds, "predict_seconds": sidecar["seconds"]["predict"], "params": sum(p.numel() for p in model.parameters()), "model": f"UNet3D{FEATURES}"}
+    return {
+        "seconds": seconds,
+        "predict_seconds": sidecar["seconds"]["predict"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "model": f"UNet3D{FEATURES}",
+    }
 
 
 def _run_monai(path: Path, tta: bool, work: Path) -> dict[str, Any]:
@@ -133,7 +145,12 @@ def _run_monai(path: Path, tta: bool, work: Path) -> dict[str, Any]:
     mask = total[0].argmax(0).numpy().astype(np.uint8)
     ref = nib.load(path)
     nib.save(nib.Nifti1Image(mask, ref.affine, ref.header), str(work / "mask.nii.gz"))
-    return {"seconds": time.perf_counter() - t0, "predict_seconds": predict, "params": sum(p.numel() for p in net.parameters()), "model": f"SegResNet(init_filters={filters})"}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "predict_seconds": predict,
+        "params": sum(p.numel() for p in net.parameters()),
+        "model": f"SegResNet(init_filters={filters})",
+    }
 
 
 def _one(method: str, case: str, tta: bool) -> dict[str, Any]:
@@ -144,7 +161,15 @@ def _one(method: str, case: str, tta: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         fn = _run_medgn if method == "medgn" else _run_monai
         row = fn(path, tta, Path(tmp))
-    row.update({"method": method, "case": case, "tta": tta, "shape": list(__import__("nibabel").load(path).shape), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    row.update(
+        {
+            "method": method,
+            "case": case,
+            "tta": tta,
+            "shape": list(__import__("nibabel").load(path).shape),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+    )
     return row
 
 
@@ -166,13 +191,32 @@ def main() -> None:
     for case in cases:
         for tta in ttas:
             for method in ("medgn", "monai"):
-                out = subprocess.run([sys.executable, __file__, "--one", method, case, "1" if tta else "0"], capture_output=True, text=True, env=env, check=False)
+                out = subprocess.run(
+                    [sys.executable, __file__, "--one", method, case, "1" if tta else "0"],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    check=False,
+                )
                 if out.returncode:
                     raise SystemExit(f"{method} {case} tta={tta} failed:\n{out.stderr[-3000:]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
-                print(f"{row['case']:<10} tta={str(row['tta']):<5} {row['method']:<6} {row['model']:<28} params={row['params']:>9,} total={row['seconds']:7.2f} s predict={row['predict_seconds']:7.2f} s peak RSS={row['peak_rss_mib']:7.0f} MiB", flush=True)
-    meta = {"device": "cpu", "threads": THREADS, "window": WINDOW, "overlap": OVERLAP, "sw_batch_size": SW_BATCH, "versions": versions(), "cpu_count": os.cpu_count()}
+                print(
+                    f"{row['case']:<10} tta={str(row['tta']):<5} {row['method']:<6} {row['model']:<28} "
+                    f"params={row['params']:>9,} total={row['seconds']:7.2f} s "
+                    f"predict={row['predict_seconds']:7.2f} s peak RSS={row['peak_rss_mib']:7.0f} MiB",
+                    flush=True,
+                )
+    meta = {
+        "device": "cpu",
+        "threads": THREADS,
+        "window": WINDOW,
+        "overlap": OVERLAP,
+        "sw_batch_size": SW_BATCH,
+        "versions": versions(),
+        "cpu_count": os.cpu_count(),
+    }
     RESULTS.mkdir(exist_ok=True)
     atomic_write_json(RESULTS / "infer_cpu.json", {"meta": meta, "rows": rows})
     buf = io.StringIO()

@@ -51,7 +51,9 @@ CPU_CASES = [
 ]
 # GPU: nnU-Net's default widths at the patch sizes the planner considers, bf16 autocast.
 GPU_FEATURES = (32, 64, 128, 256, 320, 320)
-GPU_CASES = [(norm, ckpt, edge) for norm in ("group", "group_torch") for ckpt in (False, True) for edge in (64, 96, 128)]
+GPU_CASES = [
+    (norm, ckpt, edge) for norm in ("group", "group_torch") for ckpt in (False, True) for edge in (64, 96, 128)
+]
 
 
 def _rss_bytes(field: str) -> int:
@@ -74,7 +76,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
-    net = UNet3D(1, 3, features=tuple(spec["features"]), norm=spec["norm"], checkpoint=spec["checkpoint"]).to(device).train()
+    net = (
+        UNet3D(1, 3, features=tuple(spec["features"]), norm=spec["norm"], checkpoint=spec["checkpoint"])
+        .to(device)
+        .train()
+    )
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
     edge, batch = int(spec["edge"]), int(spec["batch"])
     x = torch.randn(batch, 1, edge, edge, edge, device=device)
@@ -84,7 +90,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             outs = net(x)
-            loss = sum(F.cross_entropy(o.float(), target[:, :: 2**i, :: 2**i, :: 2**i]) / 2**i for i, o in enumerate(outs))
+            loss = sum(
+                F.cross_entropy(o.float(), target[:, :: 2**i, :: 2**i, :: 2**i]) / 2**i for i, o in enumerate(outs)
+            )
         loss.backward()
         opt.step()
 
@@ -111,7 +119,11 @@ def _estimate(spec: dict[str, Any]) -> dict[str, int]:
     edge = int(spec["edge"])
     info = summary(net, (1, edge, edge, edge), int(spec["batch"]), getattr(torch, spec["dtype"]))
     step_bytes = info["activation_bytes"] + info["gradient_bytes"] + info["transient_bytes"]
-    return {"estimate_step_bytes": int(step_bytes), "estimate_total_bytes": int(info["total_bytes"]), "macs": int(info["macs"])}
+    return {
+        "estimate_step_bytes": int(step_bytes),
+        "estimate_total_bytes": int(info["total_bytes"]),
+        "macs": int(info["macs"]),
+    }
 
 
 def main(argv: list[str]) -> int:

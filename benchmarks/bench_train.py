@@ -131,9 +131,7 @@ def _write(out: Path, name: str, rows: list[dict[str, Any]]) -> Path:
     writer.writeheader()
     writer.writerows({"device": name, **r} for r in rows)
     atomic_write_text(out / f"train_{tag}.csv", buf.getvalue())
-    return atomic_write_json(
-        out / f"train_{tag}.json", {"device": name, "versions": versions(), "rows": rows}
-    )
+    return atomic_write_json(out / f"train_{tag}.json", {"device": name, "versions": versions(), "rows": rows})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             for norm in norms:
                 try:
-                    row = measure(
-                        norm, variant, patch, args.batch, device, timing, args.compile_backend
-                    )
+                    row = measure(norm, variant, patch, args.batch, device, timing, args.compile_backend)
                 except torch.OutOfMemoryError:
                     row = {"norm": norm, "variant": variant, "patch": "x".join(map(str, patch)), "batch": args.batch,
                            "it_per_s_median": None, "peak_mib": None, "error": "out of memory"}  # fmt: skip
@@ -178,16 +174,13 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 rows.append(row)
                 peak = f"{row['peak_mib']:.0f} MiB" if row.get("peak_mib") is not None else "-"
-                est = (
-                    f"{row['estimate_mib']:.0f} MiB" if row.get("estimate_mib") is not None else "-"
-                )
+                est = f"{row['estimate_mib']:.0f} MiB" if row.get("estimate_mib") is not None else "-"
                 rate = (
-                    f"{row['it_per_s_median']:.3f} it/s"
-                    if row.get("it_per_s_median") is not None
-                    else row.get("error")
+                    f"{row['it_per_s_median']:.3f} it/s" if row.get("it_per_s_median") is not None else row.get("error")
                 )
                 print(
-                    f"{norm:12s} {variant:8s} patch {row['patch']} batch {args.batch}: {rate}, peak {peak}, planner estimate {est}",
+                    f"{norm:12s} {variant:8s} patch {row['patch']} batch {args.batch}: {rate}, peak {peak}, "
+                    f"planner estimate {est}",
                     flush=True,
                 )
                 _write(args.out, name, rows)

@@ -73,7 +73,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run, val, pred, ev = args.out / "run", args.out / "val", args.out / "pred", args.out / "eval"
     start = time.monotonic()
-    train = ["train", "--config", str(args.config), "--data", str(args.data), "--out", str(run), "--fold", str(args.fold), "--time-budget", args.budget, "--device", args.device, "--no-progress"]
+    train = [
+        "train",
+        "--config",
+        str(args.config),
+        "--data",
+        str(args.data),
+        "--out",
+        str(run),
+        "--fold",
+        str(args.fold),
+        "--time-budget",
+        args.budget,
+        "--device",
+        args.device,
+        "--no-progress",
+    ]
     if (run / "checkpoints" / "final.json").exists():
         print(f"{run} already trained; reusing it")
     else:
@@ -83,9 +98,35 @@ def main(argv: list[str] | None = None) -> int:
     train_s = time.monotonic() - start
     n_val = _link_val_cases(args.data, run, args.fold, val)
     t0 = time.monotonic()
-    _medgn(["infer", "--model", str(run), "--input", str(val / "images"), "--output", str(pred), "--device", args.device, "--no-progress"])
+    _medgn(
+        [
+            "infer",
+            "--model",
+            str(run),
+            "--input",
+            str(val / "images"),
+            "--output",
+            str(pred),
+            "--device",
+            args.device,
+            "--no-progress",
+        ]
+    )
     infer_s = time.monotonic() - t0
-    _medgn(["evaluate", "--pred", str(pred), "--ref", str(val / "labels"), "--out", str(ev), "--images", str(val / "images"), "--overwrite"])
+    _medgn(
+        [
+            "evaluate",
+            "--pred",
+            str(pred),
+            "--ref",
+            str(val / "labels"),
+            "--out",
+            str(ev),
+            "--images",
+            str(val / "images"),
+            "--overwrite",
+        ]
+    )
     summary = json.loads((ev / "summary.json").read_text())
     train_summary = json.loads((run / "train_summary.json").read_text())
     stats = summary["per_class"]["1"]
@@ -98,38 +139,55 @@ def main(argv: list[str] | None = None) -> int:
         "config": str(args.config.relative_to(REPO)) if args.config.is_relative_to(REPO) else str(args.config),
         "budget": args.budget,
         "device": args.device,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores" if args.device == "cpu" else torch.cuda.get_device_name(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        if args.device == "cpu"
+        else torch.cuda.get_device_name(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "train": train_summary,
         "train_minutes": round(train_s / 60, 1),
         "infer_seconds_per_case": round(infer_s / max(n_val, 1), 1),
-        "dice": stats["dice"], "hd95_mm": stats["hd95"], "assd_mm": stats["assd"], "nsd_2mm": stats["nsd"], "iou": stats["iou"],
-        "commands": [shlex.join(["medgn", *train]), f"medgn infer --model {run} --input {val / 'images'} --output {pred}", f"medgn evaluate --pred {pred} --ref {val / 'labels'} --out {ev}"],
+        "dice": stats["dice"],
+        "hd95_mm": stats["hd95"],
+        "assd_mm": stats["assd"],
+        "nsd_2mm": stats["nsd"],
+        "iou": stats["iou"],
+        "commands": [
+            shlex.join(["medgn", *train]),
+            f"medgn infer --model {run} --input {val / 'images'} --output {pred}",
+            f"medgn evaluate --pred {pred} --ref {val / 'labels'} --out {ev}",
+        ],
     }
     # Paths as a reader of the repository would type them.
-    result["commands"] = [c.replace(f"{REPO}/", "").replace(f"{REPO.parent}/shared", "../shared") for c in result["commands"]]
+    result["commands"] = [
+        c.replace(f"{REPO}/", "").replace(f"{REPO.parent}/shared", "../shared") for c in result["commands"]
+    ]
     stem = args.name or f"la2018_{args.config.stem.replace('la2018_', '')}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     fmt = lambda s: f"{s['mean']:.4f} ± {s['std']:.4f} (median {s['median']:.4f})"  # noqa: E731
-    table = "\n".join([
-        f"# LA2018, fold {args.fold} ({n_val} validation cases), {result['config']}, budget {args.budget}",
-        "",
-        f"Machine: {result['machine']}; torch {torch.__version__}. Training: {train_summary['iteration']} steps in {result['train_minutes']} min ({train_summary['stop_reason']}); inference {result['infer_seconds_per_case']} s per case (full-resolution scans, no TTA).",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        f"| Dice | {fmt(stats['dice'])} |",
-        f"| IoU | {fmt(stats['iou'])} |",
-        f"| HD95 (mm) | {fmt(stats['hd95'])} |",
-        f"| ASSD (mm) | {fmt(stats['assd'])} |",
-        f"| NSD @ 2 mm | {fmt(stats['nsd'])} |",
-        "",
-        "Commands:",
-        "",
-        *[f"    {c}" for c in result["commands"]],
-        "",
-    ])
+    table = "\n".join(
+        [
+            f"# LA2018, fold {args.fold} ({n_val} validation cases), {result['config']}, budget {args.budget}",
+            "",
+            f"Machine: {result['machine']}; torch {torch.__version__}. Training: "
+            f"{train_summary['iteration']} steps in {result['train_minutes']} min "
+            f"({train_summary['stop_reason']}); inference {result['infer_seconds_per_case']} s per case "
+            "(full-resolution scans, no TTA).",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            f"| Dice | {fmt(stats['dice'])} |",
+            f"| IoU | {fmt(stats['iou'])} |",
+            f"| HD95 (mm) | {fmt(stats['hd95'])} |",
+            f"| ASSD (mm) | {fmt(stats['assd'])} |",
+            f"| NSD @ 2 mm | {fmt(stats['nsd'])} |",
+            "",
+            "Commands:",
+            "",
+            *[f"    {c}" for c in result["commands"]],
+            "",
+        ]
+    )
     (RESULTS / f"{stem}.md").write_text(table)
     print("\n" + table)
     return 0

@@ -44,7 +44,18 @@ def main() -> None:
         # CPU seconds of this process: unlike wall time, barely affected by other work on the core.
         usage = resource.getrusage(resource.RUSAGE_SELF)
         per_volume = Counter(reads.values())
-        print(json.dumps({"seconds_to_first_step": round(seconds, 2), "cpu_seconds_to_first_step": round(usage.ru_utime + usage.ru_stime, 2), "volumes": len(reads), "reads": sum(reads.values()), "volumes_by_read_count": dict(sorted(per_volume.items()))}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "seconds_to_first_step": round(seconds, 2),
+                    "cpu_seconds_to_first_step": round(usage.ru_utime + usage.ru_stime, 2),
+                    "volumes": len(reads),
+                    "reads": sum(reads.values()),
+                    "volumes_by_read_count": dict(sorted(per_volume.items())),
+                }
+            ),
+            flush=True,
+        )
         os._exit(0)  # the measurement ends at the first step
 
     io._read_pixels = counting
@@ -52,7 +63,21 @@ def main() -> None:
     from medgn.cli import main as cli
 
     with tempfile.TemporaryDirectory() as tmp:
-        cli(["train", "--config", config, "--data", dataset, "--out", str(Path(tmp) / "run"), "--no-progress", "--device", "cpu", *extra])
+        cli(
+            [
+                "train",
+                "--config",
+                config,
+                "--data",
+                dataset,
+                "--out",
+                str(Path(tmp) / "run"),
+                "--no-progress",
+                "--device",
+                "cpu",
+                *extra,
+            ]
+        )
 
 
 if __name__ == "__main__":

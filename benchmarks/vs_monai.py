@@ -99,25 +99,86 @@ def _scores(eval_dir: Path) -> dict[str, float]:
 def run_medgn(args: argparse.Namespace, train_root: Path, val_img: Path, val_lab: Path, work: Path) -> dict[str, Any]:
     run = work / "medgn_run"
     medgn = [sys.executable, "-m", "medgn"]
-    train_s = _run([*medgn, "train", "--config", args.config, "--data", str(train_root), "--out", str(run), "--fold", "all", "--time-budget", f"{args.budget}m", "--device", "cpu", "--no-progress"], args.threads, work / "medgn_train.log")
+    train_s = _run(
+        [
+            *medgn,
+            "train",
+            "--config",
+            args.config,
+            "--data",
+            str(train_root),
+            "--out",
+            str(run),
+            "--fold",
+            "all",
+            "--time-budget",
+            f"{args.budget}m",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        args.threads,
+        work / "medgn_train.log",
+    )
     summary = json.loads((run / "train_summary.json").read_text(encoding="utf-8"))
     pred = work / "medgn_pred"
-    infer_s = _run([*medgn, "infer", "--model", str(run), "--input", str(val_img), "--output", str(pred)], args.threads, work / "medgn_infer.log")
+    infer_s = _run(
+        [*medgn, "infer", "--model", str(run), "--input", str(val_img), "--output", str(pred)],
+        args.threads,
+        work / "medgn_infer.log",
+    )
     n = len(list(val_img.iterdir()))
-    _run([*medgn, "evaluate", "--pred", str(pred), "--ref", str(val_lab), "--out", str(work / "medgn_eval")], args.threads, work / "medgn_eval.log")
-    return {**_scores(work / "medgn_eval"), "steps": summary["iteration"], "train_seconds": round(train_s, 1), "infer_seconds_per_scan": round(infer_s / n, 2)}
+    _run(
+        [*medgn, "evaluate", "--pred", str(pred), "--ref", str(val_lab), "--out", str(work / "medgn_eval")],
+        args.threads,
+        work / "medgn_eval.log",
+    )
+    return {
+        **_scores(work / "medgn_eval"),
+        "steps": summary["iteration"],
+        "train_seconds": round(train_s, 1),
+        "infer_seconds_per_scan": round(infer_s / n, 2),
+    }
 
 
 def run_monai(args: argparse.Namespace, train_root: Path, val_img: Path, val_lab: Path, work: Path) -> dict[str, Any]:
     script = [sys.executable, str(Path(__file__).resolve())]
     model = work / "monai_model.pt"
-    train_s = _run([*script, "--monai-train", str(train_root), "--model-out", str(model), "--budget", str(args.budget)], args.threads, work / "monai_train.log")
+    train_s = _run(
+        [*script, "--monai-train", str(train_root), "--model-out", str(model), "--budget", str(args.budget)],
+        args.threads,
+        work / "monai_train.log",
+    )
     info = json.loads(model.with_suffix(".json").read_text(encoding="utf-8"))
     pred = work / "monai_pred"
-    infer_s = _run([*script, "--monai-infer", str(val_img), "--model-out", str(model), "--pred-out", str(pred)], args.threads, work / "monai_infer.log")
+    infer_s = _run(
+        [*script, "--monai-infer", str(val_img), "--model-out", str(model), "--pred-out", str(pred)],
+        args.threads,
+        work / "monai_infer.log",
+    )
     n = len(list(val_img.iterdir()))
-    _run([sys.executable, "-m", "medgn", "evaluate", "--pred", str(pred), "--ref", str(val_lab), "--out", str(work / "monai_eval")], args.threads, work / "monai_eval.log")
-    return {**_scores(work / "monai_eval"), "steps": info["steps"], "train_seconds": round(train_s, 1), "infer_seconds_per_scan": round(infer_s / n, 2)}
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "medgn",
+            "evaluate",
+            "--pred",
+            str(pred),
+            "--ref",
+            str(val_lab),
+            "--out",
+            str(work / "monai_eval"),
+        ],
+        args.threads,
+        work / "monai_eval.log",
+    )
+    return {
+        **_scores(work / "monai_eval"),
+        "steps": info["steps"],
+        "train_seconds": round(train_s, 1),
+        "infer_seconds_per_scan": round(infer_s / n, 2),
+    }
 
 
 # ---- the plain MONAI pipeline (runs in its own process) ---------------------------------------
@@ -153,12 +214,16 @@ def monai_train(root: Path, model_out: Path, budget_min: float) -> None:
     torch.manual_seed(0)
     meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     items = [{"image": str(root / t["image"]), "label": str(root / t["label"])} for t in meta["training"]]
-    train_tf = T.Compose([
-        *_monai_pre(),
-        T.RandCropByPosNegLabeld(["image", "label"], label_key="label", spatial_size=ROI, pos=1, neg=1, num_samples=2),
-        T.RandFlipd(["image", "label"], prob=0.5, spatial_axis=0),
-        T.RandFlipd(["image", "label"], prob=0.5, spatial_axis=1),
-    ])
+    train_tf = T.Compose(
+        [
+            *_monai_pre(),
+            T.RandCropByPosNegLabeld(
+                ["image", "label"], label_key="label", spatial_size=ROI, pos=1, neg=1, num_samples=2
+            ),
+            T.RandFlipd(["image", "label"], prob=0.5, spatial_axis=0),
+            T.RandFlipd(["image", "label"], prob=0.5, spatial_axis=1),
+        ]
+    )
     ds = CacheDataset(items, train_tf, cache_rate=1.0, num_workers=1, progress=False)
     loader = DataLoader(ds, batch_size=1, shuffle=True, num_workers=0)  # 2 crops per volume: batch 2
     net = _segresnet()
@@ -189,13 +254,15 @@ def monai_infer(images: Path, model_out: Path, pred_out: Path) -> None:
     net = _segresnet()
     net.load_state_dict(torch.load(model_out, weights_only=True))
     net.eval()
-    pre = T.Compose([
-        T.LoadImaged("image"),
-        T.EnsureChannelFirstd("image"),
-        T.Orientationd("image", axcodes="RAS"),
-        T.Spacingd("image", pixdim=SPACING, mode="bilinear"),
-        T.NormalizeIntensityd("image", nonzero=True, channel_wise=True),
-    ])
+    pre = T.Compose(
+        [
+            T.LoadImaged("image"),
+            T.EnsureChannelFirstd("image"),
+            T.Orientationd("image", axcodes="RAS"),
+            T.Spacingd("image", pixdim=SPACING, mode="bilinear"),
+            T.NormalizeIntensityd("image", nonzero=True, channel_wise=True),
+        ]
+    )
     post = T.Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True)
     pred_out.mkdir(parents=True, exist_ok=True)
     for path in sorted(images.iterdir()):
@@ -219,7 +286,9 @@ def main() -> int:
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--work", default="runs/vs_monai")
     parser.add_argument("--out", default=str(RESULTS / "vs_monai.json"))
-    parser.add_argument("--only", choices=("medgn", "monai"), default=None, help="run one side (the other is kept from --out)")
+    parser.add_argument(
+        "--only", choices=("medgn", "monai"), default=None, help="run one side (the other is kept from --out)"
+    )
     parser.add_argument("--monai-train", help=argparse.SUPPRESS)
     parser.add_argument("--monai-infer", help=argparse.SUPPRESS)
     parser.add_argument("--model-out", help=argparse.SUPPRESS)
@@ -254,7 +323,9 @@ def main() -> int:
         print(f"vs_monai: {name}: {result[name]}", flush=True)
     if result.get("medgn") and result.get("monai"):
         result["dice_gain"] = round(result["medgn"]["dice_mean"] - result["monai"]["dice_mean"], 4)
-        result["infer_speedup"] = round(result["monai"]["infer_seconds_per_scan"] / result["medgn"]["infer_seconds_per_scan"], 2)
+        result["infer_speedup"] = round(
+            result["monai"]["infer_seconds_per_scan"] / result["medgn"]["infer_seconds_per_scan"], 2
+        )
     from medgn.files import atomic_write_json
 
     atomic_write_json(out, result)

@@ -118,7 +118,12 @@ def save_checkpoint(
     check_data_only(state)
     bad = nonfinite_tensors({"model": state.get("model"), "optimizer": state.get("optimizer")})
     if bad:
-        raise ModelError(folder, "refusing to save a checkpoint with non-finite weights", got=", ".join(bad[:5]), expected="finite tensors")
+        raise ModelError(
+            folder,
+            "refusing to save a checkpoint with non-finite weights",
+            got=", ".join(bad[:5]),
+            expected="finite tensors",
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     counters = state.get("counters", {})
@@ -145,7 +150,9 @@ def read_pointer(folder: str | os.PathLike[str], name: str = "latest") -> dict[s
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ModelError(path, f"unreadable checkpoint pointer ({exc})", expected="a JSON file written by medgn") from exc
+        raise ModelError(
+            path, f"unreadable checkpoint pointer ({exc})", expected="a JSON file written by medgn"
+        ) from exc
     if not isinstance(record, dict) or not isinstance(record.get("file"), str) or "/" in record["file"]:
         raise ModelError(path, "malformed checkpoint pointer", got=record, expected='{"file": NAME, "sha256": HEX}')
     return record
@@ -198,16 +205,26 @@ def resolve_checkpoint(path: str | os.PathLike[str], prefer: Sequence[str] = RES
     sidecar = path.with_name(path.name + ".sha256")
     expected = None
     if sidecar.is_file():
-        expected = sidecar.read_text(encoding="utf-8").split()[0] if sidecar.read_text(encoding="utf-8").strip() else None
+        expected = (
+            sidecar.read_text(encoding="utf-8").split()[0] if sidecar.read_text(encoding="utf-8").strip() else None
+        )
     return path, expected
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu", verify: bool = True) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu", verify: bool = True
+) -> dict[str, Any]:
     """Load a checkpoint safely; see :func:`read_checkpoint` (which also returns the file and its hash)."""
     return read_checkpoint(path, map_location=map_location, verify=verify)[0]
 
 
-def read_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu", verify: bool = True, prefer: Sequence[str] = RESUME_ORDER) -> tuple[dict[str, Any], Path, str]:
+def read_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    map_location: str | torch.device = "cpu",
+    verify: bool = True,
+    prefer: Sequence[str] = RESUME_ORDER,
+) -> tuple[dict[str, Any], Path, str]:
     """Load a checkpoint safely (``weights_only=True``), checking its recorded sha256.
 
     The file is read once: the same bytes are hashed and unpickled.
@@ -233,17 +250,31 @@ def read_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
         raise ModelError(file, f"cannot read checkpoint ({exc.strerror or exc})") from None
     actual = hashlib.sha256(raw).hexdigest()
     if verify and expected and actual != expected:
-        raise ModelError(file, "checkpoint does not match its recorded sha256 (corrupt or replaced)", got=actual[:16], expected=expected[:16])
+        raise ModelError(
+            file,
+            "checkpoint does not match its recorded sha256 (corrupt or replaced)",
+            got=actual[:16],
+            expected=expected[:16],
+        )
     try:
         state = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ModelError(file, f"cannot load checkpoint safely ({reason})", expected="an intact medgn checkpoint with tensors and plain values only") from exc
+        raise ModelError(
+            file,
+            f"cannot load checkpoint safely ({reason})",
+            expected="an intact medgn checkpoint with tensors and plain values only",
+        ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         got = type(state).__name__ if not isinstance(state, dict) else f"keys {sorted(map(str, state))[:6]}"
         raise ModelError(file, "not a medgn checkpoint", got=got, expected=f"a dict with format={FORMAT!r}")
     if int(state.get("format_version", 0)) > FORMAT_VERSION:
-        raise ModelError(file, "checkpoint written by a newer medgn", got=state.get("format_version"), expected=f"format_version <= {FORMAT_VERSION}")
+        raise ModelError(
+            file,
+            "checkpoint written by a newer medgn",
+            got=state.get("format_version"),
+            expected=f"format_version <= {FORMAT_VERSION}",
+        )
     bad = nonfinite_tensors(state.get("model", {}))
     if bad:
         raise ModelError(file, "checkpoint holds non-finite weights", got=", ".join(bad[:5]), expected="finite tensors")

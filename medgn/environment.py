@@ -99,7 +99,10 @@ def describe() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cuda": torch.version.cuda,
         "cuda_devices": devices,
-        "group_norm_backend": {"cpu": group_norm_backend("cpu"), "cuda": group_norm_backend("cuda") if devices else "no CUDA device"},
+        "group_norm_backend": {
+            "cpu": group_norm_backend("cpu"),
+            "cuda": group_norm_backend("cuda") if devices else "no CUDA device",
+        },
     }
 
 
@@ -117,7 +120,9 @@ def local_rank() -> int | None:
     try:
         return int(raw)
     except ValueError:
-        raise UsageError("LOCAL_RANK", "environment variable is not an integer", got=raw, expected="an integer set by torchrun") from None
+        raise UsageError(
+            "LOCAL_RANK", "environment variable is not an integer", got=raw, expected="an integer set by torchrun"
+        ) from None
 
 
 def resolve_device(device: Any) -> Any:
@@ -141,7 +146,9 @@ def resolve_device(device: Any) -> Any:
         raise UsageError("--device", "unsupported device", got=str(device), expected="cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError("--device", "CUDA requested but no CUDA device is available", got=str(device), expected="--device cpu")
+            raise UsageError(
+                "--device", "CUDA requested but no CUDA device is available", got=str(device), expected="--device cpu"
+            )
         rank = local_rank()
         if dev.index is None and rank is not None:
             dev = torch.device("cuda", rank)

@@ -123,11 +123,20 @@ def export_module(
                 else:
                     torch.jit.save(torch.jit.trace(wrapped, x, check_trace=False), str(tmp))
         except Exception as exc:  # noqa: BLE001 - the exporters raise many types for unsupported ops
-            raise ModelError(where, f"cannot export to {fmt}: unsupported operator or construct ({_unsupported(exc)})", expected="a network of standard PyTorch ops") from exc
+            raise ModelError(
+                where,
+                f"cannot export to {fmt}: unsupported operator or construct ({_unsupported(exc)})",
+                expected="a network of standard PyTorch ops",
+            ) from exc
         got = run_exported(tmp, fmt, x.numpy())
         err = float(np.max(np.abs(got - reference.numpy())))
         if not math.isfinite(err) or err > CHECK_ATOL:
-            raise ModelError(where, f"exported {fmt} model disagrees with PyTorch, nothing written", got=f"max |difference| {err:.3g}", expected=f"<= {CHECK_ATOL}")
+            raise ModelError(
+                where,
+                f"exported {fmt} model disagrees with PyTorch, nothing written",
+                got=f"max |difference| {err:.3g}",
+                expected=f"<= {CHECK_ATOL}",
+            )
     return out
 
 
@@ -154,7 +163,9 @@ def run_exported(path: str | os.PathLike[str], fmt: str, x: np.ndarray, *, threa
         return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
 
 
-def export_model(model_path: str | os.PathLike[str], out: str | os.PathLike[str], *, fmt: str = "onnx", overwrite: bool = False) -> Path:
+def export_model(
+    model_path: str | os.PathLike[str], out: str | os.PathLike[str], *, fmt: str = "onnx", overwrite: bool = False
+) -> Path:
     """Export a run's model (best checkpoint, else final, else latest) to ONNX or TorchScript.
 
     Raises:
@@ -168,4 +179,11 @@ def export_model(model_path: str | os.PathLike[str], out: str | os.PathLike[str]
     if Path(out).exists() and not overwrite:
         raise UsageError(out, "output file exists", expected="another --out, or --overwrite")
     predictor = load_predictor(model_path, "cpu")
-    return export_module(predictor.models[0], predictor.plan.in_channels, out, fmt=fmt, overwrite=overwrite, where=predictor.sources[0].path)
+    return export_module(
+        predictor.models[0],
+        predictor.plan.in_channels,
+        out,
+        fmt=fmt,
+        overwrite=overwrite,
+        where=predictor.sources[0].path,
+    )

@@ -252,7 +252,9 @@ class RunLock:
                     expected=f"wait for it to finish, or remove {self.path} if that process is gone",
                 ) from None
             except OSError as exc:
-                raise UsageError(self.folder, f"cannot create lock file ({exc.strerror})", expected="a writable folder") from exc
+                raise UsageError(
+                    self.folder, f"cannot create lock file ({exc.strerror})", expected="a writable folder"
+                ) from exc
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(info, handle)
             self._held = True

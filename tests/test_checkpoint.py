@@ -19,8 +19,13 @@ from medgn.train.rng import capture_rng, restore_rng
 
 def _state(iteration: int, value: float = 1.0) -> dict:
     model = {"w": torch.full((3, 2), value), "b": torch.zeros(2)}
-    return {"model": model, "optimizer": {"state": {0: {"momentum_buffer": torch.ones(2)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
-            "counters": {"epoch": 0, "iteration": iteration}, "rng": [capture_rng()], "plan": {"spacing": [1.0, 1.0, 2.5]}}
+    return {
+        "model": model,
+        "optimizer": {"state": {0: {"momentum_buffer": torch.ones(2)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        "counters": {"epoch": 0, "iteration": iteration},
+        "rng": [capture_rng()],
+        "plan": {"spacing": [1.0, 1.0, 2.5]},
+    }
 
 
 def test_save_load_roundtrip_with_weights_only(tmp_path: Path) -> None:

@@ -48,9 +48,17 @@ def test_unknown_subcommand_is_usage_error_on_one_line() -> None:
 
 @pytest.mark.parametrize(
     "exc",
-    [UsageError("k", "bad"), InputDataError("f.nii.gz", "bad"), ModelError("m.pt", "bad"), ResourceError("d", "full"), LockedError("o", "busy")],
+    [
+        UsageError("k", "bad"),
+        InputDataError("f.nii.gz", "bad"),
+        ModelError("m.pt", "bad"),
+        ResourceError("d", "full"),
+        LockedError("o", "busy"),
+    ],
 )
-def test_error_category_becomes_exit_code(exc: MedgnError, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_error_category_becomes_exit_code(
+    exc: MedgnError, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     def fake_register(subparsers: argparse._SubParsersAction) -> None:
         p = subparsers.add_parser("boom")
 

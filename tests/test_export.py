@@ -46,7 +46,12 @@ def _model(seed: int = 0) -> nn.Module:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("run")
-    state = {"model": {k: v.clone() for k, v in _model().state_dict().items()}, "config": CONFIG, "plan": PLAN, "counters": {"epoch": 1, "iteration": 1}}
+    state = {
+        "model": {k: v.clone() for k, v in _model().state_dict().items()},
+        "config": CONFIG,
+        "plan": PLAN,
+        "counters": {"epoch": 1, "iteration": 1},
+    }
     save_checkpoint(state, run / "checkpoints", tag="epoch", pointers=("latest", "best"))
     return run
 
@@ -83,7 +88,9 @@ def test_export_matches_pytorch_on_random_inputs_of_several_sizes(fmt: str, run_
 
 @pytest.mark.data
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_matches_pytorch_on_a_real_scan_window(fmt: str, run_dir: Path, tmp_path: Path, shared_data: Path) -> None:
+def test_export_matches_pytorch_on_a_real_scan_window(
+    fmt: str, run_dir: Path, tmp_path: Path, shared_data: Path
+) -> None:
     out = tmp_path / f"model.{fmt}"
     assert main(["export", "--model", str(run_dir), "--format", fmt, "--out", str(out)]) == 0
     x = _la2018_window(shared_data, (48, 48, 32))
@@ -101,7 +108,9 @@ def test_onnx_graph_uses_standard_ops_only(run_dir: Path, tmp_path: Path) -> Non
     assert graph.graph.input[0].type.tensor_type.shape.dim[2].dim_param == "depth"
 
 
-def test_existing_file_without_overwrite_is_refused(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_existing_file_without_overwrite_is_refused(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "model.onnx"
     out.write_bytes(b"keep me")
     assert main(["export", "--model", str(run_dir), "--out", str(out)]) == 2
@@ -120,7 +129,9 @@ class _Unsupported(nn.Module):
         return x * torch.linalg.eigvals(m).real.sum()
 
 
-def test_unsupported_operator_is_a_one_line_error_and_nothing_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unsupported_operator_is_a_one_line_error_and_nothing_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "model.onnx"
     with pytest.raises(Exception) as info:
         export_module(_Unsupported(), 1, out, example_size=(4, 4, 4))

@@ -66,9 +66,7 @@ def graph() -> tuple[dict[str, Path], dict[str, dict[str, int]]]:
         for target, line in imports_of(path):
             while target and target not in modules:
                 target = target.rpartition(".")[0]
-            if (
-                target and target != m and not m.startswith(target + ".")
-            ):  # a package's own __init__
+            if target and target != m and not m.startswith(target + "."):  # a package's own __init__
                 edges[m].setdefault(target, line)
     return modules, edges
 
@@ -149,9 +147,7 @@ def test_imports_follow_the_layer_order() -> None:
             if src in LEAVES:
                 bad.append(f"{modules[m]}:{line}: leaf utility {m} imports {t}")
             elif RANKS[dst] > RANKS[src] or dst in FORBIDDEN.get(src, ()):
-                bad.append(
-                    f"{modules[m]}:{line}: {m} ({src}) imports {t} ({dst}) against the layer order"
-                )
+                bad.append(f"{modules[m]}:{line}: {m} ({src}) imports {t} ({dst}) against the layer order")
     assert not bad, "\n".join(bad)
 
 

@@ -24,7 +24,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'cpu threads':<12} {info['cpu_threads']} (of {info['cpu_count']} cores)")
     if info["cuda_devices"]:
         for dev in info["cuda_devices"]:
-            print(f"{'cuda:' + str(dev['index']):<12} {dev['name']}, {dev['memory_gib']} GiB, sm {dev['capability']}, bf16={dev['bf16']}")
+            print(
+                f"{'cuda:' + str(dev['index']):<12} {dev['name']}, {dev['memory_gib']} GiB, sm "
+                f"{dev['capability']}, bf16={dev['bf16']}"
+            )
     else:
         print(f"{'cuda':<12} no CUDA device")
     print(f"{'groupnorm':<12} cpu: {info['group_norm_backend']['cpu']}; cuda: {info['group_norm_backend']['cuda']}")

@@ -38,15 +38,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pred", required=True, type=Path, metavar="DIR", help="folder of predicted label maps")
     parser.add_argument("--ref", required=True, type=Path, metavar="DIR", help="folder of reference label maps")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if needed)")
-    parser.add_argument("--labels", type=_labels, metavar="1,2,...", help="labels to evaluate (default: every nonzero value found)")
-    parser.add_argument("--region", type=_region, action="append", default=[], metavar="NAME=1,2,...",
-                        help="also evaluate the union of these labels as one structure (repeatable)")
-    parser.add_argument("--dataset", type=Path, metavar="DIR",
-                        help="dataset folder whose dataset.json declares regions (nnU-Net labels with lists) to evaluate too")
-    parser.add_argument("--nsd-tolerance-mm", type=float, default=2.0, metavar="MM", help="surface Dice tolerance in mm (default 2)")
-    parser.add_argument("--allow-missing", action="store_true", help="count a missing prediction as failed (Dice 0) instead of stopping")
+    parser.add_argument(
+        "--labels", type=_labels, metavar="1,2,...", help="labels to evaluate (default: every nonzero value found)"
+    )
+    parser.add_argument(
+        "--region",
+        type=_region,
+        action="append",
+        default=[],
+        metavar="NAME=1,2,...",
+        help="also evaluate the union of these labels as one structure (repeatable)",
+    )
+    parser.add_argument(
+        "--dataset",
+        type=Path,
+        metavar="DIR",
+        help="dataset folder whose dataset.json declares regions (nnU-Net labels with lists) to evaluate too",
+    )
+    parser.add_argument(
+        "--nsd-tolerance-mm", type=float, default=2.0, metavar="MM", help="surface Dice tolerance in mm (default 2)"
+    )
+    parser.add_argument(
+        "--allow-missing", action="store_true", help="count a missing prediction as failed (Dice 0) instead of stopping"
+    )
     parser.add_argument("--images", type=Path, metavar="DIR", help="images to draw the overlay contours on")
-    parser.add_argument("--worst-k", type=int, default=3, metavar="K", help="overlays for the K worst cases per label (default 3)")
+    parser.add_argument(
+        "--worst-k", type=int, default=3, metavar="K", help="overlays for the K worst cases per label (default 3)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
     parser.set_defaults(func=run)
 
@@ -66,14 +84,24 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--region", f"region {name!r} given twice", got=[n for n, _ in args.region])
         regions[name] = members
     result = evaluate(
-        args.pred, args.ref, args.out, labels=args.labels, nsd_tolerance_mm=args.nsd_tolerance_mm,
-        allow_missing=args.allow_missing, image_dir=args.images, regions=regions, worst_k=args.worst_k,
+        args.pred,
+        args.ref,
+        args.out,
+        labels=args.labels,
+        nsd_tolerance_mm=args.nsd_tolerance_mm,
+        allow_missing=args.allow_missing,
+        image_dir=args.images,
+        regions=regions,
+        worst_k=args.worst_k,
         overwrite=args.overwrite,
     )
     print(format_table(result))
     counts = result.summary["counts"]
-    print(f"cases {counts['cases']}: evaluated {counts['evaluated']}, missing {counts['missing']}, failed {counts['failed']}; "
-          f"results in {args.out}")
+    print(
+        f"cases {counts['cases']}: evaluated {counts['evaluated']}, missing {counts['missing']}, failed "
+        f"{counts['failed']}; "
+        f"results in {args.out}"
+    )
     for cid in result.missing:
         print(f"medgn: warning: {cid}: prediction missing, counted as Dice 0", file=sys.stderr)
     for cid, why in result.failures.items():

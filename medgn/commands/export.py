@@ -7,9 +7,18 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("export", help="export a trained model to ONNX or TorchScript")
-    parser.add_argument("--model", required=True, metavar="RUN_DIR_OR_CHECKPOINT", help="run folder (its best checkpoint) or checkpoint")
-    parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="onnx (onnxruntime, standard ops, opset 18) or torchscript (default: onnx)")
-    parser.add_argument("--out", required=True, metavar="FILE", help="file to write (.onnx / .pt); never replaced without --overwrite")
+    parser.add_argument(
+        "--model", required=True, metavar="RUN_DIR_OR_CHECKPOINT", help="run folder (its best checkpoint) or checkpoint"
+    )
+    parser.add_argument(
+        "--format",
+        choices=("onnx", "torchscript"),
+        default="onnx",
+        help="onnx (onnxruntime, standard ops, opset 18) or torchscript (default: onnx)",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="FILE", help="file to write (.onnx / .pt); never replaced without --overwrite"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
     parser.set_defaults(func=run)
 
@@ -18,5 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from medgn.export import export_model
 
     path = export_model(args.model, args.out, fmt=args.format, overwrite=args.overwrite)
-    print(f"exported {args.format} model -> {path} (input 'image' (B, C, D, H, W), D/H/W multiples of the network stride; output 'logits')")
+    print(
+        f"exported {args.format} model -> {path} (input 'image' (B, C, D, H, W), D/H/W multiples of the "
+        "network stride; output 'logits')"
+    )
     return 0

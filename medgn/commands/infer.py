@@ -14,7 +14,12 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
     values = {name: getattr(args, name, None) for name in ("max_voxels", "max_resampled_voxels", "max_windows")}
     bad = {k: v for k, v in values.items() if v is not None and v < 1}
     if bad:
-        raise UsageError("--" + next(iter(bad)).replace("_", "-"), "limit must be positive", got=next(iter(bad.values())), expected=">= 1")
+        raise UsageError(
+            "--" + next(iter(bad)).replace("_", "-"),
+            "limit must be positive",
+            got=next(iter(bad.values())),
+            expected=">= 1",
+        )
     given = {k: v for k, v in values.items() if v is not None}
     voxels = given.get("max_voxels", DEFAULT_LIMITS.max_voxels)
     # 8 bytes per voxel: a float64 scan at the voxel limit stays within the byte limit.
@@ -23,25 +28,86 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("infer", help="segment a scan or a folder of scans with trained models")
-    parser.add_argument("--model", action="append", required=True, metavar="RUN_DIR_OR_CHECKPOINT", help="run folder or checkpoint; repeat to average folds")
-    parser.add_argument("--input", required=True, metavar="PATH", help="image file, folder, dataset folder (test list) or DICOM series folder")
-    parser.add_argument("--output", required=True, metavar="DIR", help="output folder (created; never inside the input)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="run folder or checkpoint; repeat to average folds",
+    )
+    parser.add_argument(
+        "--input",
+        required=True,
+        metavar="PATH",
+        help="image file, folder, dataset folder (test list) or DICOM series folder",
+    )
+    parser.add_argument(
+        "--output", required=True, metavar="DIR", help="output folder (created; never inside the input)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8 flips)")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default: 0.5)")
     parser.add_argument("--sw-batch-size", type=int, default=2, help="windows per forward pass (default: 2)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for inference on the CPU")
     parser.add_argument("--save-probabilities", action="store_true", help="also write float16 class probabilities")
-    parser.add_argument("--largest-component", action="store_true", help="keep the largest connected component of every class (same as --postprocess lcc)")
-    parser.add_argument("--postprocess", choices=("auto", "none", "lcc"), default="auto", help="auto: what the model chose from its held-out cases when it was trained (postprocessing.json); none; lcc: largest component of every class")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 autocast where the device computes bf16 natively (GPUs, CPUs with AVX512-BF16/AMX), else fp32")
-    parser.add_argument("--overwrite", action="store_true", help="redo cases whose outputs came from other models, settings or inputs")
-    parser.add_argument("--shard", default=None, metavar="I/N", help="process every N-th case from I (0-based); default from RANK/WORLD_SIZE")
-    parser.add_argument("--channels", default=None, metavar="A,B", help="channel names: <case>_A, <case>_B files form the channels in this order")
-    parser.add_argument("--output-format", choices=("nifti", "dicom-seg", "both"), default=None, help="mask format: nifti, dicom-seg (DICOM Segmentation referencing the source series) or both (default: both for a DICOM series, nifti otherwise)")
-    parser.add_argument("--max-voxels", type=int, default=DEFAULT_LIMITS.max_voxels, help="largest scan accepted, from its header (voxels per channel)")
-    parser.add_argument("--max-resampled-voxels", type=int, default=DEFAULT_LIMITS.max_resampled_voxels, help="largest scan accepted once resampled to the model's spacing (voxels)")
-    parser.add_argument("--max-windows", type=int, default=DEFAULT_LIMITS.max_windows, help="most sliding windows over one resampled scan")
+    parser.add_argument(
+        "--largest-component",
+        action="store_true",
+        help="keep the largest connected component of every class (same as --postprocess lcc)",
+    )
+    parser.add_argument(
+        "--postprocess",
+        choices=("auto", "none", "lcc"),
+        default="auto",
+        help="auto: what the model chose from its held-out cases when it was trained (postprocessing.json); "
+        "none; lcc: largest component of every class",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="auto: bf16 autocast where the device computes bf16 natively (GPUs, CPUs with AVX512-BF16/AMX), else fp32",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="redo cases whose outputs came from other models, settings or inputs"
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="process every N-th case from I (0-based); default from RANK/WORLD_SIZE",
+    )
+    parser.add_argument(
+        "--channels",
+        default=None,
+        metavar="A,B",
+        help="channel names: <case>_A, <case>_B files form the channels in this order",
+    )
+    parser.add_argument(
+        "--output-format",
+        choices=("nifti", "dicom-seg", "both"),
+        default=None,
+        help="mask format: nifti, dicom-seg (DICOM Segmentation referencing the source series) or both "
+        "(default: both for a DICOM series, nifti otherwise)",
+    )
+    parser.add_argument(
+        "--max-voxels",
+        type=int,
+        default=DEFAULT_LIMITS.max_voxels,
+        help="largest scan accepted, from its header (voxels per channel)",
+    )
+    parser.add_argument(
+        "--max-resampled-voxels",
+        type=int,
+        default=DEFAULT_LIMITS.max_resampled_voxels,
+        help="largest scan accepted once resampled to the model's spacing (voxels)",
+    )
+    parser.add_argument(
+        "--max-windows",
+        type=int,
+        default=DEFAULT_LIMITS.max_windows,
+        help="most sliding windows over one resampled scan",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no live progress display")
     parser.set_defaults(func=run)
 

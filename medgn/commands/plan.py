@@ -19,14 +19,28 @@ from medgn.planning.splits import load_or_create_splits
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("plan", help="measure a dataset and choose spacing, normalisation, patch and network")
+    parser = subparsers.add_parser(
+        "plan", help="measure a dataset and choose spacing, normalisation, patch and network"
+    )
     parser.add_argument("dataset", help="dataset folder (MSD, nnU-Net v2 raw, or images/ + labels/)")
     parser.add_argument("--out", required=True, help="plan JSON to write (splits.json is written next to it)")
-    parser.add_argument("--gpu-memory", type=float, default=DEFAULT_GPU_GB, help=f"training GPU memory budget in GB (default {DEFAULT_GPU_GB:g})")
+    parser.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=DEFAULT_GPU_GB,
+        help=f"training GPU memory budget in GB (default {DEFAULT_GPU_GB:g})",
+    )
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the folds and of intensity sampling")
-    parser.add_argument("--max-voxels", type=int, default=DEFAULT_LIMITS.max_voxels, help="largest volume accepted (voxels per channel)")
-    parser.add_argument("--max-resampled-voxels", type=int, default=DEFAULT_LIMITS.max_resampled_voxels, help="largest volume once resampled to the planned spacing (voxels)")
+    parser.add_argument(
+        "--max-voxels", type=int, default=DEFAULT_LIMITS.max_voxels, help="largest volume accepted (voxels per channel)"
+    )
+    parser.add_argument(
+        "--max-resampled-voxels",
+        type=int,
+        default=DEFAULT_LIMITS.max_resampled_voxels,
+        help="largest volume once resampled to the planned spacing (voxels)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing plan")
     parser.set_defaults(func=run)
 
@@ -39,21 +53,42 @@ def run(args: argparse.Namespace) -> int:
     if not out.parent.absolute().is_dir():
         raise UsageError(out, "output folder does not exist", expected="an existing folder")
     if is_inside(out, dataset):
-        raise UsageError(out, "refusing to write into the dataset folder", expected="an output path outside the input tree")
+        raise UsageError(
+            out, "refusing to write into the dataset folder", expected="an output path outside the input tree"
+        )
     if out.exists() and not args.overwrite:
         raise UsageError(out, "output exists", expected="a new path, or pass --overwrite")
     index = load_dataset(dataset)
     if args.max_voxels < 1 or args.max_resampled_voxels < 1:
-        raise UsageError("--max-voxels/--max-resampled-voxels", "must be positive", got=f"{args.max_voxels}/{args.max_resampled_voxels}")
-    limits = Limits(max_voxels=args.max_voxels, max_bytes=max(DEFAULT_LIMITS.max_bytes, args.max_voxels * 8), max_dim=DEFAULT_LIMITS.max_dim, max_resampled_voxels=args.max_resampled_voxels)
+        raise UsageError(
+            "--max-voxels/--max-resampled-voxels",
+            "must be positive",
+            got=f"{args.max_voxels}/{args.max_resampled_voxels}",
+        )
+    limits = Limits(
+        max_voxels=args.max_voxels,
+        max_bytes=max(DEFAULT_LIMITS.max_bytes, args.max_voxels * 8),
+        max_dim=DEFAULT_LIMITS.max_dim,
+        max_resampled_voxels=args.max_resampled_voxels,
+    )
     print(f"{index.name}: fingerprinting {len(index.cases)} cases")
     fingerprint = compute_fingerprint(index, limits, seed=args.seed)
     plan = make_plan(index, fingerprint, gpu_memory_gb=args.gpu_memory)
     for case, entry in zip(index.cases, fingerprint["cases"]):  # spacing and shape in RAS axes
         check_workload(case.images[0], entry["shape"], np.diag([*entry["spacing"], 1.0]), plan.target_spacing, limits)
     plan.save(out, overwrite=args.overwrite)
-    splits = load_or_create_splits(out.with_name("splits.json"), [c.case_id for c in index.cases], min(args.folds, len(index.cases)), args.seed) if len(index.cases) >= 2 else []
+    splits = (
+        load_or_create_splits(
+            out.with_name("splits.json"), [c.case_id for c in index.cases], min(args.folds, len(index.cases)), args.seed
+        )
+        if len(index.cases) >= 2
+        else []
+    )
     norms = ", ".join(n["scheme"] for n in plan.normalization)
-    print(f"target spacing {list(plan.target_spacing)} mm, normalisation {norms}, patch {list(plan.patch_size)}, batch {plan.batch_size}, {len(plan.network.strides or ())} stages, {len(splits)} folds")
+    print(
+        f"target spacing {list(plan.target_spacing)} mm, normalisation {norms}, patch "
+        f"{list(plan.patch_size)}, batch {plan.batch_size}, {len(plan.network.strides or ())} stages, "
+        f"{len(splits)} folds"
+    )
     print(f"wrote {out}")
     return 0

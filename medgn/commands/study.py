@@ -29,12 +29,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     norms.add_argument("--out", required=True, help="study folder (study.csv, study.md, study.png, runs/)")
     norms.add_argument("--norms", default="batch,group,instance,group_torch", help="comma-separated norm names")
     norms.add_argument("--batch-sizes", default="1,2,4", help="comma-separated batch sizes")
-    norms.add_argument("--iterations", type=int, default=200, help="steps at the smallest batch size; every run sees the same samples")
+    norms.add_argument(
+        "--iterations", type=int, default=200, help="steps at the smallest batch size; every run sees the same samples"
+    )
     norms.add_argument("--config", help="base run config YAML")
     norms.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     norms.add_argument("--fold", default="0", help="validation fold (default 0)")
-    norms.add_argument("--lr-scaling", choices=("none", "linear"), default="none", help="scale train.lr with the batch size (linear: lr x batch / smallest batch)")
-    norms.add_argument("--seeds", default=None, help="comma-separated training seeds (default: the config's train.seed)")
+    norms.add_argument(
+        "--lr-scaling",
+        choices=("none", "linear"),
+        default="none",
+        help="scale train.lr with the batch size (linear: lr x batch / smallest batch)",
+    )
+    norms.add_argument(
+        "--seeds", default=None, help="comma-separated training seeds (default: the config's train.seed)"
+    )
     norms.add_argument("--device", choices=("cpu", "cuda"), default=None)
     norms.set_defaults(func=run)
 
@@ -58,10 +67,24 @@ def run(args: argparse.Namespace) -> int:
     lcm = math.lcm(*batch_sizes)
     samples = max(lcm, (samples // lcm) * lcm)  # every batch size divides the samples seen
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = norm_study(cfg, args.data, args.out, names, batch_sizes, samples=samples, fold=parse_fold(args.fold), device=device, lr_scaling=args.lr_scaling, seeds=_ints(args.seeds, "--seeds") if args.seeds else ())
+    rows = norm_study(
+        cfg,
+        args.data,
+        args.out,
+        names,
+        batch_sizes,
+        samples=samples,
+        fold=parse_fold(args.fold),
+        device=device,
+        lr_scaling=args.lr_scaling,
+        seeds=_ints(args.seeds, "--seeds") if args.seeds else (),
+    )
     print(f"{'norm':<14} {'seed':>4} {'batch':>5} {'iters':>6} {'val Dice':>9}")
     for row in rows:
         dice = row["val_dice_mean"]
-        print(f"{row['norm']:<14} {row['seed']:>4} {row['batch_size']:>5} {row['iterations']:>6} {dice if dice is None else round(dice, 4):>9}")
+        print(
+            f"{row['norm']:<14} {row['seed']:>4} {row['batch_size']:>5} {row['iterations']:>6} "
+            f"{dice if dice is None else round(dice, 4):>9}"
+        )
     print(f"wrote {args.out}/study.csv, study.md and study.png")
     return 0

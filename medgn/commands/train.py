@@ -16,7 +16,9 @@ def parse_duration_minutes(text: str) -> float:
     """'30m', '2h', '90s' or a bare number of minutes -> minutes."""
     match = _DURATION.match(text)
     if not match:
-        raise UsageError("--time-budget", "invalid duration", got=text, expected="a number with unit s, m or h (e.g. 30m)")
+        raise UsageError(
+            "--time-budget", "invalid duration", got=text, expected="a number with unit s, m or h (e.g. 30m)"
+        )
     value, unit = float(match.group(1)), match.group(2) or "m"
     return value * {"s": 1 / 60, "m": 1.0, "h": 60.0}[unit]
 
@@ -37,14 +39,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="run folder to create (checkpoints, logs, plots)")
     parser.add_argument("--fold", default="0", help="cross-validation fold (0-based) or 'all' (default 0)")
     parser.add_argument("--plan", help="plan JSON from 'medgn plan' (default: made and stored in the run folder)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--verify", action="store_true", help="check every case again on --resume (always checked on a new run)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
+    parser.add_argument(
+        "--verify", action="store_true", help="check every case again on --resume (always checked on a new run)"
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu"
+    )
     parser.add_argument("--time-budget", help="stop cleanly after this long (e.g. 30m, 2h)")
-    parser.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", help="fine-tune: start from this run's weights (heads re-initialised for another class count, the first conv for another channel count)")
-    parser.add_argument("--freeze-encoder-steps", type=int, metavar="N", help="with --init-from: keep the loaded encoder frozen for the first N steps (train.freeze_encoder_steps)")
-    parser.add_argument("--max-resampled-voxels", type=int, default=None, help="largest volume once resampled to the plan's spacing (config data.limits.max_resampled_voxels)")
+    parser.add_argument(
+        "--init-from",
+        metavar="RUN_OR_CHECKPOINT",
+        help="fine-tune: start from this run's weights (heads re-initialised for another class count, the "
+        "first conv for another channel count)",
+    )
+    parser.add_argument(
+        "--freeze-encoder-steps",
+        type=int,
+        metavar="N",
+        help="with --init-from: keep the loaded encoder frozen for the first N steps (train.freeze_encoder_steps)",
+    )
+    parser.add_argument(
+        "--max-resampled-voxels",
+        type=int,
+        default=None,
+        help="largest volume once resampled to the plan's spacing (config data.limits.max_resampled_voxels)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no live progress display (logs only)")
     parser.set_defaults(func=run)
 
@@ -61,7 +84,14 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"data.limits.max_resampled_voxels={args.max_resampled_voxels}")
     cfg = load_run_config(args.config, overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs = {"fold": parse_fold(args.fold), "resume": args.resume, "device": device, "plan_path": args.plan, "console": not args.no_progress, "verify": True if args.verify else None}
+    kwargs = {
+        "fold": parse_fold(args.fold),
+        "resume": args.resume,
+        "device": device,
+        "plan_path": args.plan,
+        "console": not args.no_progress,
+        "verify": True if args.verify else None,
+    }
     if args.init_from and not args.resume:
         from medgn.workflows.finetune import train_from
 
@@ -70,11 +100,25 @@ def run(args: argparse.Namespace) -> int:
         from medgn.workflows.finetune import init_from
 
         freeze = cfg.train.freeze_encoder_steps
-        result = train_on_dataset(cfg, args.data, args.out, init_model=lambda model, run, resume: init_from(model, None, run, freeze, True), **kwargs)
+        result = train_on_dataset(
+            cfg,
+            args.data,
+            args.out,
+            init_model=lambda model, run, resume: init_from(model, None, run, freeze, True),
+            **kwargs,
+        )
     else:
         if cfg.train.freeze_encoder_steps:
-            raise UsageError("train.freeze_encoder_steps", "freezing the encoder needs loaded weights", got=cfg.train.freeze_encoder_steps, expected="--init-from RUN, or 0")
+            raise UsageError(
+                "train.freeze_encoder_steps",
+                "freezing the encoder needs loaded weights",
+                got=cfg.train.freeze_encoder_steps,
+                expected="--init-from RUN, or 0",
+            )
         result = train_on_dataset(cfg, args.data, args.out, **kwargs)
     best = f", best validation Dice (EMA) {result.best_dice:.4f}" if result.best_dice is not None else ""
-    print(f"training stopped ({result.state.stop_reason or 'finished'}) at epoch {result.state.epoch}, step {result.state.iteration}{best}; run folder {result.out_dir}")
+    print(
+        f"training stopped ({result.state.stop_reason or 'finished'}) at epoch {result.state.epoch}, step "
+        f"{result.state.iteration}{best}; run folder {result.out_dir}"
+    )
     return result.exit_code

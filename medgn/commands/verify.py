@@ -14,18 +14,36 @@ from medgn.errors import InputDataError, UsageError
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("verify", help="check a dataset's files, headers, labels and geometry")
     parser.add_argument("dataset", help="dataset folder (MSD, nnU-Net v2 raw, or images/ + labels/)")
-    parser.add_argument("--max-voxels", type=int, default=DEFAULT_LIMITS.max_voxels, help="largest volume accepted (voxels per channel)")
+    parser.add_argument(
+        "--max-voxels", type=int, default=DEFAULT_LIMITS.max_voxels, help="largest volume accepted (voxels per channel)"
+    )
     parser.add_argument("--max-dim", type=int, default=DEFAULT_LIMITS.max_dim, help="largest size of one axis (voxels)")
-    parser.add_argument("--max-resampled-voxels", type=int, default=DEFAULT_LIMITS.max_resampled_voxels, help="largest volume once resampled to the plan's spacing (checked with --plan)")
-    parser.add_argument("--plan", default=None, help="plan JSON from 'medgn plan': also check each image's size at the plan's spacing")
+    parser.add_argument(
+        "--max-resampled-voxels",
+        type=int,
+        default=DEFAULT_LIMITS.max_resampled_voxels,
+        help="largest volume once resampled to the plan's spacing (checked with --plan)",
+    )
+    parser.add_argument(
+        "--plan", default=None, help="plan JSON from 'medgn plan': also check each image's size at the plan's spacing"
+    )
     parser.add_argument("--test", action="store_true", help="also check the test images")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.max_voxels < 1 or args.max_dim < 1 or args.max_resampled_voxels < 1:
-        raise UsageError("--max-voxels/--max-dim/--max-resampled-voxels", "must be positive", got=f"{args.max_voxels}/{args.max_dim}/{args.max_resampled_voxels}")
-    limits = Limits(max_voxels=args.max_voxels, max_bytes=max(DEFAULT_LIMITS.max_bytes, args.max_voxels * 8), max_dim=args.max_dim, max_resampled_voxels=args.max_resampled_voxels)
+        raise UsageError(
+            "--max-voxels/--max-dim/--max-resampled-voxels",
+            "must be positive",
+            got=f"{args.max_voxels}/{args.max_dim}/{args.max_resampled_voxels}",
+        )
+    limits = Limits(
+        max_voxels=args.max_voxels,
+        max_bytes=max(DEFAULT_LIMITS.max_bytes, args.max_voxels * 8),
+        max_dim=args.max_dim,
+        max_resampled_voxels=args.max_resampled_voxels,
+    )
     target_spacing = None
     if args.plan is not None:
         from medgn.planning.plan import Plan
@@ -35,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{index.name} ({index.format}, {len(index.cases)} cases, channels {', '.join(index.channel_names)})")
+    table = Table(
+        title=f"{index.name} ({index.format}, {len(index.cases)} cases, channels {', '.join(index.channel_names)})"
+    )
     for column in ("case", "shape", "spacing (mm)", "labels", "status"):
         table.add_column(column)
     report = verify_dataset(index, limits, include_test=args.test, target_spacing=target_spacing)
@@ -43,7 +63,13 @@ def run(args: argparse.Namespace) -> int:
         status = "ok" if result.ok else f"{len(result.problems)} problem(s)"
         if result.notes:
             status += f", {len(result.notes)} note(s)"
-        table.add_row(result.case_id, str(result.shape or "-"), str(result.spacing or "-"), str(result.labels_found or "-"), status)
+        table.add_row(
+            result.case_id,
+            str(result.shape or "-"),
+            str(result.spacing or "-"),
+            str(result.labels_found or "-"),
+            status,
+        )
     Console(file=sys.stdout, width=120).print(table)
     for result in report.cases:
         for note in result.notes:
@@ -53,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"problem: {problem}", file=sys.stderr)
     if problems:
         bad = sum(not r.ok for r in report.cases)
-        raise InputDataError(index.root, f"{len(problems)} problem(s) in {bad} of {len(report.cases)} cases (listed above)", expected="every case readable, finite, with declared labels and matching geometry")
+        raise InputDataError(
+            index.root,
+            f"{len(problems)} problem(s) in {bad} of {len(report.cases)} cases (listed above)",
+            expected="every case readable, finite, with declared labels and matching geometry",
+        )
     print(f"{index.name}: all {len(report.cases)} cases passed")
     return 0

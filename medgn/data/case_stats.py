@@ -34,7 +34,9 @@ def ras_axes(affine: np.ndarray) -> np.ndarray:
     """For each RAS world axis, the array axis that runs along it (after Orientation("RAS"))."""
     import nibabel as nib
 
-    ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))  # (3, 2): world axis, flip per array axis
+    ornt = nib.orientations.io_orientation(
+        np.asarray(affine, dtype=np.float64)
+    )  # (3, 2): world axis, flip per array axis
     order = np.empty(3, dtype=int)
     order[ornt[:, 0].astype(int)] = np.arange(3)
     return order
@@ -46,7 +48,9 @@ def ras_spacing_shape(vol: Volume) -> tuple[list[float], list[int]]:
     return [float(vol.spacing[a]) for a in order], [int(vol.shape[a]) for a in order]
 
 
-def case_statistics(case_id: str, images: Sequence[Volume], label: Volume | None, rng: np.random.Generator) -> CaseStats:
+def case_statistics(
+    case_id: str, images: Sequence[Volume], label: Volume | None, rng: np.random.Generator
+) -> CaseStats:
     """Measure one case from its channel volumes and label.
 
     Args:
@@ -63,5 +67,12 @@ def case_statistics(case_id: str, images: Sequence[Volume], label: Volume | None
     samples = [img.array.ravel()[pick] for img in images]
     values, counts = np.unique(label.array, return_counts=True) if label is not None else (np.zeros(0), np.zeros(0))
     voxel_mm3 = float(np.prod(images[0].spacing))
-    entry = {"case_id": case_id, "spacing": spacing, "shape": shape, "label_voxels": {str(int(v)): int(c) for v, c in zip(values, counts)}, "voxel_mm3": voxel_mm3, "foreground_fraction": float(where.size / mask.size)}
+    entry = {
+        "case_id": case_id,
+        "spacing": spacing,
+        "shape": shape,
+        "label_voxels": {str(int(v)): int(c) for v, c in zip(values, counts)},
+        "voxel_mm3": voxel_mm3,
+        "foreground_fraction": float(where.size / mask.size),
+    }
     return CaseStats(entry, samples)

@@ -63,7 +63,7 @@ class DatasetIndex:
 
 
 def modality_of(channel_name: str) -> str:
-    """"CT" for CT channels, "MR" for MR sequences, else the name as given."""
+    """ "CT" for CT channels, "MR" for MR sequences, else the name as given."""
     upper = channel_name.strip().upper()
     if upper == "CT" or upper.startswith("CT_") or upper.startswith("CT "):
         return "CT"
@@ -84,8 +84,17 @@ def strip_image_suffix(name: str) -> str:
 
 def check_case_id(case_id: str, where: str | os.PathLike[str]) -> str:
     """Refuse case ids that could escape an output folder or are empty."""
-    if not case_id or case_id in (".", "..") or "/" in case_id or "\\" in case_id or "\0" in case_id or case_id.startswith(".."):
-        raise InputDataError(where, "case id is not a plain file name", got=case_id, expected="no path separators and no '..'")
+    if (
+        not case_id
+        or case_id in (".", "..")
+        or "/" in case_id
+        or "\\" in case_id
+        or "\0" in case_id
+        or case_id.startswith("..")
+    ):
+        raise InputDataError(
+            where, "case id is not a plain file name", got=case_id, expected="no path separators and no '..'"
+        )
     return case_id
 
 
@@ -141,9 +150,13 @@ def _load_msd(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIndex
     problems = [f"missing key {key!r}" for key in ("labels", "training", "modality") if key not in desc]
     labels, _ = _labels(desc.get("labels"), True, problems) if "labels" in desc else ({}, {})
     modality = desc.get("modality", {})
-    channels = tuple(str(modality[k]) for k in sorted(modality, key=lambda k: int(k))) if isinstance(modality, dict) and all(str(k).isdigit() for k in modality) else ()
+    channels = (
+        tuple(str(modality[k]) for k in sorted(modality, key=lambda k: int(k)))
+        if isinstance(modality, dict) and all(str(k).isdigit() for k in modality)
+        else ()
+    )
     if "modality" in desc and not channels:
-        problems.append("'modality' must map channel numbers to names, e.g. {\"0\": \"CT\"}")
+        problems.append('\'modality\' must map channel numbers to names, e.g. {"0": "CT"}')
     training = desc.get("training", [])
     if not isinstance(training, list):
         problems.append("'training' must be a list")
@@ -172,7 +185,9 @@ def _load_msd(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIndex
             problems.append(f"test[{i}] is not a path")
     _raise_all(json_path, problems)
     names = channels or ("image",)
-    return DatasetIndex(root, "msd", str(desc.get("name", root.name)), names, tuple(modality_of(c) for c in names), labels, cases, tests)
+    return DatasetIndex(
+        root, "msd", str(desc.get("name", root.name)), names, tuple(modality_of(c) for c in names), labels, cases, tests
+    )
 
 
 def _group_channels(folder: Path, ending: str | None) -> tuple[dict[str, dict[int, Path]], list[Path]]:
@@ -186,25 +201,39 @@ def _group_channels(folder: Path, ending: str | None) -> tuple[dict[str, dict[in
         if match:
             channel = grouped.setdefault(match["case"], {})
             if int(match["channel"]) in channel:
-                raise InputDataError(folder, f"two files for one channel: {channel[int(match['channel'])].name}, {path.name}", expected="one file per case and channel (remove or move the other)")
+                raise InputDataError(
+                    folder,
+                    f"two files for one channel: {channel[int(match['channel'])].name}, {path.name}",
+                    expected="one file per case and channel (remove or move the other)",
+                )
             channel[int(match["channel"])] = path
         else:
             twin = next((p for p in plain if strip_image_suffix(p.name) == stem), None)
             if twin is not None:
-                raise InputDataError(folder, f"two files for case {stem!r}: {twin.name}, {path.name}", expected="one file per case (remove or move the other)")
+                raise InputDataError(
+                    folder,
+                    f"two files for case {stem!r}: {twin.name}, {path.name}",
+                    expected="one file per case (remove or move the other)",
+                )
             plain.append(path)
     return grouped, plain
 
 
 def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIndex:
-    problems = [f"missing key {key!r}" for key in ("channel_names", "labels", "numTraining", "file_ending") if key not in desc]
+    problems = [
+        f"missing key {key!r}" for key in ("channel_names", "labels", "numTraining", "file_ending") if key not in desc
+    ]
     labels, regions = _labels(desc.get("labels"), False, problems) if "labels" in desc else ({}, {})
     if regions and "regions_class_order" not in desc:
         problems.append("labels with regions need 'regions_class_order'")
     if regions:
         regions = {"regions": regions, "order": desc.get("regions_class_order")}
     names_raw = desc.get("channel_names", {})
-    channels = tuple(str(names_raw[k]) for k in sorted(names_raw, key=int)) if isinstance(names_raw, dict) and all(str(k).isdigit() for k in names_raw) else ()
+    channels = (
+        tuple(str(names_raw[k]) for k in sorted(names_raw, key=int))
+        if isinstance(names_raw, dict) and all(str(k).isdigit() for k in names_raw)
+        else ()
+    )
     if "channel_names" in desc and (not channels or sorted(int(k) for k in names_raw) != list(range(len(channels)))):
         problems.append("'channel_names' must map 0..C-1 to names")
     ending = desc.get("file_ending", ".nii.gz")
@@ -226,15 +255,30 @@ def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIn
             if not label.is_file():
                 problems.append(f"label missing for case {case_id}: {label}")
             if not missing:
-                cases.append(Case(check_case_id(case_id, images_dir), tuple(found[c] for c in range(len(channels))), label))
+                cases.append(
+                    Case(check_case_id(case_id, images_dir), tuple(found[c] for c in range(len(channels))), label)
+                )
         if isinstance(desc.get("numTraining"), int) and desc["numTraining"] != len(grouped):
             problems.append(f"numTraining is {desc['numTraining']} but imagesTr holds {len(grouped)} cases")
     _raise_all(json_path, problems)
     tests: list[Case] = []
     if (root / "imagesTs").is_dir():
         grouped, _ = _group_channels(root / "imagesTs", ending)
-        tests = [Case(check_case_id(cid, root / "imagesTs"), tuple(found[c] for c in sorted(found))) for cid, found in sorted(grouped.items())]
-    return DatasetIndex(root, "nnunet", str(desc.get("name", root.name)), channels, tuple(modality_of(c) for c in channels), labels, cases, tests, regions)
+        tests = [
+            Case(check_case_id(cid, root / "imagesTs"), tuple(found[c] for c in sorted(found)))
+            for cid, found in sorted(grouped.items())
+        ]
+    return DatasetIndex(
+        root,
+        "nnunet",
+        str(desc.get("name", root.name)),
+        channels,
+        tuple(modality_of(c) for c in channels),
+        labels,
+        cases,
+        tests,
+        regions,
+    )
 
 
 def _load_folders(root: Path) -> DatasetIndex:
@@ -251,7 +295,9 @@ def _load_folders(root: Path) -> DatasetIndex:
         if case_id not in label_files:
             problems.append(f"label missing for case {case_id} in {root / 'labels'}")
             continue
-        cases.append(Case(check_case_id(case_id, root / "images"), tuple(found[c] for c in sorted(found)), label_files[case_id]))
+        cases.append(
+            Case(check_case_id(case_id, root / "images"), tuple(found[c] for c in sorted(found)), label_files[case_id])
+        )
     for orphan in sorted(set(label_files) - set(grouped)):
         problems.append(f"label without an image: {label_files[orphan].name}")
     if not grouped:
@@ -283,7 +329,9 @@ def load_dataset(root: str | os.PathLike[str]) -> DatasetIndex:
     """
     root = Path(os.path.normpath(Path(root).absolute()))
     if not root.is_dir():
-        raise UsageError(root, "dataset folder not found", expected="a folder with dataset.json, or images/ and labels/")
+        raise UsageError(
+            root, "dataset folder not found", expected="a folder with dataset.json, or images/ and labels/"
+        )
     json_path = root / "dataset.json"
     if json_path.is_file():
         desc = _load_json(json_path)
@@ -294,10 +342,18 @@ def load_dataset(root: str | os.PathLike[str]) -> DatasetIndex:
         labels = desc.get("labels")
         if isinstance(labels, dict) and labels and all(isinstance(v, (int, list)) for v in labels.values()):
             return _load_nnunet(root, desc, json_path)  # nnU-Net style labels: report its missing keys
-        raise InputDataError(json_path, "unrecognised dataset.json", got=f"keys {sorted(desc)}", expected="MSD keys (training, labels, modality) or nnU-Net v2 keys (channel_names, labels, numTraining, file_ending)")
+        raise InputDataError(
+            json_path,
+            "unrecognised dataset.json",
+            got=f"keys {sorted(desc)}",
+            expected="MSD keys (training, labels, modality) or nnU-Net v2 keys (channel_names, labels, "
+            "numTraining, file_ending)",
+        )
     if (root / "images").is_dir() and (root / "labels").is_dir():
         return _load_folders(root)
-    raise UsageError(root, "no dataset found", expected="dataset.json (MSD or nnU-Net v2), or images/ and labels/ folders")
+    raise UsageError(
+        root, "no dataset found", expected="dataset.json (MSD or nnU-Net v2), or images/ and labels/ folders"
+    )
 
 
 def _is_dicom_folder(path: Path) -> bool:
@@ -309,7 +365,12 @@ def _is_dicom_folder(path: Path) -> bool:
 def _named_channels(input_path: Path, channels: Sequence[str]) -> list[Case]:
     """Cases of a folder whose files are ``<case>_<channel>.<ext>``, channels in the given order."""
     if not input_path.is_dir():
-        raise UsageError("--channels", "channel names need a folder input", got=str(input_path), expected="a folder of <case>_<channel> files")
+        raise UsageError(
+            "--channels",
+            "channel names need a folder input",
+            got=str(input_path),
+            expected="a folder of <case>_<channel> files",
+        )
     grouped: dict[str, dict[str, Path]] = {}
     for path in sorted(p for p in input_path.iterdir() if is_image_file(p)):
         stem = strip_image_suffix(path.name)
@@ -317,16 +378,28 @@ def _named_channels(input_path: Path, channels: Sequence[str]) -> list[Case]:
             if stem.endswith("_" + ch) and len(stem) > len(ch) + 1:
                 grouped.setdefault(stem[: -len(ch) - 1], {})[ch] = path
     if not grouped:
-        raise UsageError(input_path, "no files named <case>_<channel> for the given channels", got=",".join(channels), expected="e.g. case1_" + channels[0] + ".nii.gz")
+        raise UsageError(
+            input_path,
+            "no files named <case>_<channel> for the given channels",
+            got=",".join(channels),
+            expected="e.g. case1_" + channels[0] + ".nii.gz",
+        )
     cases = []
     for case_id, found in sorted(grouped.items()):
         missing = [ch for ch in channels if ch not in found]
         images = tuple(found[ch] for ch in channels if ch in found)
-        cases.append(Case(case_id, images if not missing else images + tuple(input_path / f"{case_id}_{ch} (missing)" for ch in missing)))
+        cases.append(
+            Case(
+                case_id,
+                images if not missing else images + tuple(input_path / f"{case_id}_{ch} (missing)" for ch in missing),
+            )
+        )
     return cases
 
 
-def find_inputs(path: str | os.PathLike[str], channels: int | None = None, *, names: Sequence[str] | None = None) -> list[Case]:
+def find_inputs(
+    path: str | os.PathLike[str], channels: int | None = None, *, names: Sequence[str] | None = None
+) -> list[Case]:
     """The cases inference should read from ``path``.
 
     Args:
@@ -359,11 +432,18 @@ def find_inputs(path: str | os.PathLike[str], channels: int | None = None, *, na
     elif any(is_image_file(p) for p in path.iterdir()):
         grouped, plain = _group_channels(path, None)
         if plain and grouped:
-            raise InputDataError(path, "folder mixes files with and without _XXXX channel suffixes", got=[p.name for p in plain[:5]], expected="one naming scheme")
+            raise InputDataError(
+                path,
+                "folder mixes files with and without _XXXX channel suffixes",
+                got=[p.name for p in plain[:5]],
+                expected="one naming scheme",
+            )
         cases = [Case(check_case_id(strip_image_suffix(p.name), path), (p,)) for p in plain]
         for case_id, found in sorted(grouped.items()):
             if sorted(found) != list(range(len(found))):
-                raise InputDataError(path, f"case {case_id} has channels {sorted(found)}", expected="consecutive channels from _0000")
+                raise InputDataError(
+                    path, f"case {case_id} has channels {sorted(found)}", expected="consecutive channels from _0000"
+                )
             cases.append(Case(check_case_id(case_id, path), tuple(found[c] for c in sorted(found))))
     elif _is_dicom_folder(path):
         cases = [Case(check_case_id(path.name, path), (path,))]
@@ -372,5 +452,9 @@ def find_inputs(path: str | os.PathLike[str], channels: int | None = None, *, na
     if channels is not None:
         wrong = [f"{c.case_id} ({len(c.images)})" for c in cases if len(c.images) != channels]
         if wrong:
-            raise InputDataError(path, f"cases with the wrong number of channels: {', '.join(wrong[:10])}", expected=f"{channels} channel(s) per case")
+            raise InputDataError(
+                path,
+                f"cases with the wrong number of channels: {', '.join(wrong[:10])}",
+                expected=f"{channels} channel(s) per case",
+            )
     return sorted(cases, key=lambda c: c.case_id)

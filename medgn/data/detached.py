@@ -49,9 +49,19 @@ def _pattern_names(path: Path, field: str, tokens: list[str]) -> list[str] | Non
         return None
     fmt = tokens[0]
     if len(_INT_CONVERSION.findall(fmt.replace("%%", ""))) != 1 or fmt.replace("%%", "").count("%") != 1:
-        raise InputDataError(path, f"unsupported data file pattern in '{field}'", got=fmt, expected="exactly one integer conversion such as %03d")
+        raise InputDataError(
+            path,
+            f"unsupported data file pattern in '{field}'",
+            got=fmt,
+            expected="exactly one integer conversion such as %03d",
+        )
     if step == 0 or (last - first) * step < 0:
-        raise InputDataError(path, f"invalid data file range in '{field}'", got=f"{first} {last} {step}", expected="min max step with a step towards max")
+        raise InputDataError(
+            path,
+            f"invalid data file range in '{field}'",
+            got=f"{first} {last} {step}",
+            expected="min max step with a step towards max",
+        )
     count = (last - first) // step + 1
     if count > MAX_DATA_FILES:
         raise InputDataError(path, f"too many data files in '{field}'", got=count, expected=f"<= {MAX_DATA_FILES}")
@@ -118,7 +128,12 @@ def detached_data_files(path: str | os.PathLike[str]) -> list[Path]:
     else:
         return []
     if listed and path.stat().st_size > MAX_HEADER_BYTES:  # names beyond what was parsed
-        raise InputDataError(path, f"header with a '{field}' LIST is too large", got=f"{path.stat().st_size} bytes", expected=f"<= {MAX_HEADER_BYTES} bytes")
+        raise InputDataError(
+            path,
+            f"header with a '{field}' LIST is too large",
+            got=f"{path.stat().st_size} bytes",
+            expected=f"<= {MAX_HEADER_BYTES} bytes",
+        )
     if len(names) > MAX_DATA_FILES:
         raise InputDataError(path, f"too many data files in '{field}'", got=len(names), expected=f"<= {MAX_DATA_FILES}")
     folder = path.parent.resolve()
@@ -126,8 +141,18 @@ def detached_data_files(path: str | os.PathLike[str]) -> list[Path]:
     for name in names:
         target = (path.parent / name).resolve()  # an absolute name replaces the folder; symlinks followed
         if target != folder and folder not in target.parents:
-            raise InputDataError(path, f"detached data file leaves the header's folder ('{field}')", got=f"{name} -> {target}", expected=f"a file inside {folder}")
+            raise InputDataError(
+                path,
+                f"detached data file leaves the header's folder ('{field}')",
+                got=f"{name} -> {target}",
+                expected=f"a file inside {folder}",
+            )
         if not target.is_file():
-            raise InputDataError(path, f"detached data file not found ('{field}')", got=name, expected=f"an existing file inside {folder}")
+            raise InputDataError(
+                path,
+                f"detached data file not found ('{field}')",
+                got=name,
+                expected=f"an existing file inside {folder}",
+            )
         resolved.append(target)
     return resolved

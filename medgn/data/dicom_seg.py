@@ -57,16 +57,36 @@ def seg_sources(reference: Volume) -> list[Any]:
 
     files = reference.meta.get("files") if reference.format == "dicom" else None
     if not files:
-        raise UsageError(reference.path, "a DICOM-SEG needs a DICOM series input", got=reference.format, expected="a DICOM series folder (use --output-format nifti)")
+        raise UsageError(
+            reference.path,
+            "a DICOM-SEG needs a DICOM series input",
+            got=reference.format,
+            expected="a DICOM series folder (use --output-format nifti)",
+        )
     by_k: dict[int, Any] = {}
     for name in files:
         ds = pydicom.dcmread(name, stop_before_pixels=True)
         missing = [tag for tag in REQUIRED_TAGS if not str(getattr(ds, tag, "") or "").strip()]
         if missing:
-            raise InputDataError(name, f"DICOM slice lacks tags a DICOM-SEG needs: {', '.join(missing)}", expected="a series with study, series, instance and frame-of-reference UIDs and plane geometry (or --output-format nifti)")
+            raise InputDataError(
+                name,
+                f"DICOM slice lacks tags a DICOM-SEG needs: {', '.join(missing)}",
+                expected="a series with study, series, instance and frame-of-reference UIDs and plane geometry "
+                "(or --output-format nifti)",
+            )
         k = _slice_index(reference, [float(v) for v in ds.ImagePositionPatient])
-        if not np.isfinite(k) or abs(k - round(k)) > GRID_TOL_VOXELS or not 0 <= round(k) < reference.shape[2] or round(k) in by_k:
-            raise InputDataError(name, "slice position is not a slice of the series grid", got=f"ImagePositionPatient {list(map(float, ds.ImagePositionPatient))}", expected=f"one of {reference.shape[2]} slices")
+        if (
+            not np.isfinite(k)
+            or abs(k - round(k)) > GRID_TOL_VOXELS
+            or not 0 <= round(k) < reference.shape[2]
+            or round(k) in by_k
+        ):
+            raise InputDataError(
+                name,
+                "slice position is not a slice of the series grid",
+                got=f"ImagePositionPatient {list(map(float, ds.ImagePositionPatient))}",
+                expected=f"one of {reference.shape[2]} slices",
+            )
         by_k[round(k)] = ds
     return [by_k[k] for k in range(reference.shape[2])]
 
@@ -77,7 +97,9 @@ def _descriptions(label_values: Sequence[int], label_names: Mapping[int, str]) -
 
     import medgn
 
-    algorithm = hd.AlgorithmIdentificationSequence(name="medgn", version=medgn.__version__, family=codes.cid7162.ArtificialIntelligence)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="medgn", version=medgn.__version__, family=codes.cid7162.ArtificialIntelligence
+    )
     return [
         hd.seg.SegmentDescription(
             segment_number=i,
@@ -150,7 +172,11 @@ def write_dicom_seg(
         check = read_seg_on_grid(tmp, reference.shape, reference.affine, expected_sources=sources)
         written = np.asarray(values[check], dtype=np.int64) if check.size else check
         if not np.array_equal(written, np.asarray(mask, dtype=np.int64)):
-            raise InputDataError(out_path, "DICOM-SEG read back differs from the mask, nothing written", expected="every frame on the slice it references")
+            raise InputDataError(
+                out_path,
+                "DICOM-SEG read back differs from the mask, nothing written",
+                expected="every frame on the slice it references",
+            )
     return out_path
 
 
@@ -174,7 +200,13 @@ def _frame_geometry(ds: Any, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return ipp, iop[3:] * spacing[0], iop[:3] * spacing[1], segment, ref_uid
 
 
-def read_seg_on_grid(path: str | os.PathLike[str], shape: Sequence[int], affine: np.ndarray, *, expected_sources: Sequence[Any] | None = None) -> np.ndarray:
+def read_seg_on_grid(
+    path: str | os.PathLike[str],
+    shape: Sequence[int],
+    affine: np.ndarray,
+    *,
+    expected_sources: Sequence[Any] | None = None,
+) -> np.ndarray:
     """A binary DICOM-SEG's segments as an (X, Y, Z) int32 label map on a reference voxel grid.
 
     Every frame's pixel centres are mapped through the frame's own position and orientation into
@@ -200,7 +232,12 @@ def read_seg_on_grid(path: str | os.PathLike[str], shape: Sequence[int], affine:
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for corrupt files
         raise InputDataError(path, f"cannot read the DICOM-SEG ({type(exc).__name__}: {str(exc)[:120]})") from None
     if getattr(ds, "Modality", "") != "SEG" or getattr(ds, "SegmentationType", "") != "BINARY":
-        raise InputDataError(path, "not a binary DICOM Segmentation", got=f"Modality {getattr(ds, 'Modality', None)}, SegmentationType {getattr(ds, 'SegmentationType', None)}", expected="Modality SEG, SegmentationType BINARY")
+        raise InputDataError(
+            path,
+            "not a binary DICOM Segmentation",
+            got=f"Modality {getattr(ds, 'Modality', None)}, SegmentationType {getattr(ds, 'SegmentationType', None)}",
+            expected="Modality SEG, SegmentationType BINARY",
+        )
     pixels = pixels.reshape(-1, int(ds.Rows), int(ds.Columns))  # (frames, rows, cols)
     inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))
     out = np.zeros(tuple(int(s) for s in shape), dtype=np.int32)
@@ -210,12 +247,26 @@ def read_seg_on_grid(path: str | os.PathLike[str], shape: Sequence[int], affine:
         lps = ipp + rr[..., None] * row_step + cc[..., None] * col_step  # (rows, cols, 3)
         ijk = (lps @ _LPS.T) @ inv[:3, :3].T + inv[:3, 3]
         idx = np.round(ijk).astype(np.int64)
-        if np.max(np.abs(ijk - idx)) > GRID_TOL_VOXELS or idx.min() < 0 or np.any(idx.max(axis=(0, 1)) >= np.asarray(out.shape)):
-            raise InputDataError(path, f"frame {i + 1} does not lie on the reference grid", got=f"ImagePositionPatient {ipp.tolist()}", expected=f"voxel centres of a {tuple(out.shape)} grid")
+        if (
+            np.max(np.abs(ijk - idx)) > GRID_TOL_VOXELS
+            or idx.min() < 0
+            or np.any(idx.max(axis=(0, 1)) >= np.asarray(out.shape))
+        ):
+            raise InputDataError(
+                path,
+                f"frame {i + 1} does not lie on the reference grid",
+                got=f"ImagePositionPatient {ipp.tolist()}",
+                expected=f"voxel centres of a {tuple(out.shape)} grid",
+            )
         if expected_sources is not None:
             k = int(idx[0, 0, 2])
             if len(np.unique(idx[..., 2])) != 1 or ref_uid != str(expected_sources[k].SOPInstanceUID):
-                raise InputDataError(path, f"frame {i + 1} references another slice than the one it lies on", got=ref_uid, expected=str(expected_sources[k].SOPInstanceUID))
+                raise InputDataError(
+                    path,
+                    f"frame {i + 1} references another slice than the one it lies on",
+                    got=ref_uid,
+                    expected=str(expected_sources[k].SOPInstanceUID),
+                )
         on = pixels[i] > 0
         target = out[idx[..., 0][on], idx[..., 1][on], idx[..., 2][on]]
         out[idx[..., 0][on], idx[..., 1][on], idx[..., 2][on]] = np.maximum(target, segment)

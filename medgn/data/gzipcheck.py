@@ -36,9 +36,7 @@ def _corrupt(path: Path, total: int, needed: int, what: str, reason: str) -> Inp
     )
 
 
-def check_gzip(
-    path: str | os.PathLike[str], needed: int, what: str, slack: int = SLACK_BYTES
-) -> int:
+def check_gzip(path: str | os.PathLike[str], needed: int, what: str, slack: int = SLACK_BYTES) -> int:
     """Inflate every gzip member of ``path`` to its end and check size, CRC32 and trailer.
 
     Args:

@@ -37,7 +37,16 @@ from medgn.data.preflight import (
 from medgn.errors import InputDataError, UsageError
 from medgn.files import atomic_path, path_sha256
 
-__all__ = ["HeaderInfo", "Limits", "Volume", "geometry_diff", "read_header", "read_volume", "write_mask", "write_volume"]
+__all__ = [
+    "HeaderInfo",
+    "Limits",
+    "Volume",
+    "geometry_diff",
+    "read_header",
+    "read_volume",
+    "write_mask",
+    "write_volume",
+]
 
 # Written geometry must equal the reference within this many mm (and unitless for direction
 # cosines): far below any voxel size, far above float32 header rounding of identical values.
@@ -125,7 +134,9 @@ def _read_pixels(info: HeaderInfo, raw: bytes | None = None) -> np.ndarray:
             import nibabel as nib
 
             if raw is not None:
-                cls = nib.Nifti2Image if isinstance(info.meta.get("nifti_header"), nib.Nifti2Header) else nib.Nifti1Image
+                cls = (
+                    nib.Nifti2Image if isinstance(info.meta.get("nifti_header"), nib.Nifti2Header) else nib.Nifti1Image
+                )
                 img = cls.from_bytes(gzip.decompress(raw) if path.name.lower().endswith(".gz") else raw)
             else:
                 img = nib.load(str(path))
@@ -144,10 +155,16 @@ def _read_pixels(info: HeaderInfo, raw: bytes | None = None) -> np.ndarray:
             zyx = sitk.GetArrayFromImage(image)  # (Z, Y, X), or (1, Z, Y, X) for a squeezed 4D
             array = zyx.reshape(zyx.shape[-3:]).transpose(2, 1, 0)
     except (EOFError, zlib.error, OSError, ValueError, RuntimeError, nib_errors()) as exc:
-        text = itk_reason(exc, native) if info.format != "nifti" else (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        text = (
+            itk_reason(exc, native)
+            if info.format != "nifti"
+            else (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        )
         raise InputDataError(path, "cannot read the voxel data (truncated or corrupt file?)", got=text[:200]) from None
     if array.shape != info.shape:
-        raise InputDataError(path, "voxel data do not match the header", got=f"shape {array.shape}", expected=f"shape {info.shape}")
+        raise InputDataError(
+            path, "voxel data do not match the header", got=f"shape {array.shape}", expected=f"shape {info.shape}"
+        )
     return np.ascontiguousarray(array)
 
 
@@ -159,9 +176,16 @@ def _check_label(path: Path, array: np.ndarray, label_values: Iterable[int] | No
         fractional = array != np.round(array)
         if fractional.any():
             examples = np.unique(array[fractional])[:5].tolist()
-            raise InputDataError(path, f"label has {int(fractional.sum())} non-integer voxels", got=f"values like {examples}", expected="integer label values (is this an image?)")
+            raise InputDataError(
+                path,
+                f"label has {int(fractional.sum())} non-integer voxels",
+                got=f"values like {examples}",
+                expected="integer label values (is this an image?)",
+            )
     if array.size and (array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
-        raise InputDataError(path, "label values out of range", got=f"{array.min()}..{array.max()}", expected="values that fit int32")
+        raise InputDataError(
+            path, "label values out of range", got=f"{array.min()}..{array.max()}", expected="values that fit int32"
+        )
     labels = array.astype(np.int32, copy=False)
     if label_values is not None:
         allowed = sorted({int(v) for v in label_values})
@@ -169,7 +193,12 @@ def _check_label(path: Path, array: np.ndarray, label_values: Iterable[int] | No
         extra = sorted(set(found.tolist()) - set(allowed))
         if extra:
             shown = found.tolist() if found.size <= 20 else found[:20].tolist() + ["..."]
-            raise InputDataError(path, f"label has values outside the declared set: {extra[:20]}", got=f"values {shown}", expected=f"values in {allowed}")
+            raise InputDataError(
+                path,
+                f"label has values outside the declared set: {extra[:20]}",
+                got=f"values {shown}",
+                expected=f"values in {allowed}",
+            )
     return labels
 
 
@@ -208,7 +237,15 @@ def input_bytes(path: str | os.PathLike[str]) -> InputBytes:
         raise InputDataError(path, f"cannot read input ({exc.strerror or exc})", expected="a readable file") from None
 
 
-def read_volume(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS, *, label: bool = False, label_values: Iterable[int] | None = None, digest: bool = False, read: InputBytes | None = None) -> Volume:
+def read_volume(
+    path: str | os.PathLike[str],
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    label: bool = False,
+    label_values: Iterable[int] | None = None,
+    digest: bool = False,
+    read: InputBytes | None = None,
+) -> Volume:
     """Read a 3D image or label after validating its header.
 
     Args:
@@ -244,13 +281,20 @@ def read_volume(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS, *
         # Counted after the cast: scl_slope can scale finite stored values beyond float32.
         bad = int(np.count_nonzero(~np.isfinite(array)))
         if bad:
-            raise InputDataError(info.path, f"image has {bad} NaN/Inf voxels", got=f"shape {array.shape}", expected="finite intensities (check scl_slope/scl_inter and the data)")
+            raise InputDataError(
+                info.path,
+                f"image has {bad} NaN/Inf voxels",
+                got=f"shape {array.shape}",
+                expected="finite intensities (check scl_slope/scl_inter and the data)",
+            )
     return Volume(array, info.affine, info.path, info.format, dict(info.meta), sha256)
 
 
 def _out_format(out_path: Path) -> str:
     if out_path.is_dir():
-        raise UsageError(out_path, "output path is a folder", expected="a file name ending in .nii.gz, .nii, .nrrd or .mha")
+        raise UsageError(
+            out_path, "output path is a folder", expected="a file name ending in .nii.gz, .nii, .nrrd or .mha"
+        )
     fmt = detect_format(out_path)
     if fmt == "dicom":
         raise UsageError(out_path, "cannot write DICOM", expected=".nii.gz, .nii, .nrrd or .mha")
@@ -279,10 +323,19 @@ def _write(array: np.ndarray, reference: Volume, tmp: Path, fmt: str) -> None:
         import SimpleITK as sitk
 
         if array.ndim != 3:
-            raise UsageError(tmp.name, "only NIfTI can hold several channels", got=f"shape {array.shape}", expected="a .nii.gz output")
+            raise UsageError(
+                tmp.name,
+                "only NIfTI can hold several channels",
+                got=f"shape {array.shape}",
+                expected="a .nii.gz output",
+            )
         image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
         if reference.format in ("nrrd", "mha", "dicom"):
-            origin, spacing, direction = reference.meta["origin"], reference.meta["spacing"], reference.meta["direction"]
+            origin, spacing, direction = (
+                reference.meta["origin"],
+                reference.meta["spacing"],
+                reference.meta["direction"],
+            )
         else:
             origin, spacing, direction = itk_geometry(reference.affine)
         image.SetOrigin(tuple(origin))
@@ -296,7 +349,9 @@ def _written_geometry(tmp: Path, fmt: str) -> tuple[tuple[int, ...], np.ndarray]
     if fmt == "nifti":
         header, _ = _open_nifti(tmp)
         ndim = int(header["dim"][0])
-        return tuple(int(d) for d in header["dim"][1 : ndim + 1]), np.asarray(header.get_best_affine(), dtype=np.float64)
+        return tuple(int(d) for d in header["dim"][1 : ndim + 1]), np.asarray(
+            header.get_best_affine(), dtype=np.float64
+        )
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -309,7 +364,12 @@ def _publish(array: np.ndarray, reference: Volume, out_path: str | os.PathLike[s
     out_path = Path(out_path)
     fmt = _out_format(out_path)
     if tuple(array.shape[:3]) != reference.shape:
-        raise UsageError(out_path, "array shape differs from the reference volume", got=f"shape {array.shape}", expected=f"shape {reference.shape} (from {reference.path})")
+        raise UsageError(
+            out_path,
+            "array shape differs from the reference volume",
+            got=f"shape {array.shape}",
+            expected=f"shape {reference.shape} (from {reference.path})",
+        )
     with atomic_path(out_path, overwrite=overwrite) as tmp:
         _write(array, reference, tmp, fmt)
         shape, affine = _written_geometry(tmp, fmt)
@@ -319,15 +379,23 @@ def _publish(array: np.ndarray, reference: Volume, out_path: str | os.PathLike[s
             header, _ = _open_nifti(tmp)
             codes = (int(header["qform_code"]), int(header["sform_code"]))
             if codes != (reference.meta["qform_code"], reference.meta["sform_code"]):
-                diffs.append(f"qform/sform codes {(reference.meta['qform_code'], reference.meta['sform_code'])} vs {codes}")
+                diffs.append(
+                    f"qform/sform codes {(reference.meta['qform_code'], reference.meta['sform_code'])} vs {codes}"
+                )
         if tuple(shape[3:]) != tuple(array.shape[3:]) and not (array.ndim == 3 and all(d == 1 for d in shape[3:])):
             diffs.append(f"channels {array.shape[3:]} vs {shape[3:]}")
         if diffs:
-            raise InputDataError(out_path, "written geometry differs from the input, nothing written: " + "; ".join(diffs), expected=f"the geometry of {reference.path}")
+            raise InputDataError(
+                out_path,
+                "written geometry differs from the input, nothing written: " + "; ".join(diffs),
+                expected=f"the geometry of {reference.path}",
+            )
     return out_path
 
 
-def write_mask(mask: np.ndarray, reference: Volume, out_path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def write_mask(
+    mask: np.ndarray, reference: Volume, out_path: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
     """Write a label mask with exactly the reference's format and geometry, atomically.
 
     Args:
@@ -355,7 +423,14 @@ def write_mask(mask: np.ndarray, reference: Volume, out_path: str | os.PathLike[
     return _publish(mask.astype(dtype), reference, out_path, overwrite)
 
 
-def write_volume(array: np.ndarray, reference: Volume, out_path: str | os.PathLike[str], *, dtype: Any = np.float32, overwrite: bool = False) -> Path:
+def write_volume(
+    array: np.ndarray,
+    reference: Volume,
+    out_path: str | os.PathLike[str],
+    *,
+    dtype: Any = np.float32,
+    overwrite: bool = False,
+) -> Path:
     """Write an image or probability map with the reference's geometry, atomically.
 
     Args:

@@ -67,7 +67,9 @@ def read_channels(path: str | os.PathLike[str], channels: int, limits: Limits | 
     try:
         array = np.asanyarray(nib.load(str(info.path)).dataobj)
     except (EOFError, zlib.error, OSError, ValueError) as exc:
-        raise InputDataError(info.path, "cannot read the voxel data (truncated or corrupt file?)", got=str(exc)[:200]) from None
+        raise InputDataError(
+            info.path, "cannot read the voxel data (truncated or corrupt file?)", got=str(exc)[:200]
+        ) from None
     array = array.reshape((*info.shape, channels))
     volumes = []
     for c in range(channels):
@@ -75,12 +77,19 @@ def read_channels(path: str | os.PathLike[str], channels: int, limits: Limits | 
             channel = np.ascontiguousarray(array[..., c], dtype=np.float32)
         bad = int(np.count_nonzero(~np.isfinite(channel)))
         if bad:
-            raise InputDataError(info.path, f"image channel {c} has {bad} NaN/Inf voxels", got=f"shape {array.shape}", expected="finite intensities")
+            raise InputDataError(
+                info.path,
+                f"image channel {c} has {bad} NaN/Inf voxels",
+                got=f"shape {array.shape}",
+                expected="finite intensities",
+            )
         volumes.append(Volume(channel, info.affine, info.path, "nifti", {**info.meta, "channel": c}))
     return volumes
 
 
-def read_case_images(images: Sequence[str | os.PathLike[str]], channels: int, limits: Limits | None = None) -> list[Volume]:
+def read_case_images(
+    images: Sequence[str | os.PathLike[str]], channels: int, limits: Limits | None = None
+) -> list[Volume]:
     """A case's channels as 3D volumes: one file per channel, or one 4D file holding them all.
 
     Args:
@@ -101,7 +110,12 @@ def read_case_images(images: Sequence[str | os.PathLike[str]], channels: int, li
     if len(images) == 1 and channels > 1:
         return read_channels(images[0], channels, limits)
     if len(images) != channels:
-        raise InputDataError(images[0], f"case has {len(images)} channel(s)", got=[Path(p).name for p in images], expected=f"{channels} channel(s)")
+        raise InputDataError(
+            images[0],
+            f"case has {len(images)} channel(s)",
+            got=[Path(p).name for p in images],
+            expected=f"{channels} channel(s)",
+        )
     return [read_volume(p, limits) for p in images]
 
 

@@ -5,7 +5,8 @@ transforms; keys "image" = list of channel paths, "label" = path), :func:`invert
 prediction on the pipeline grid resampled back onto exactly the input file's voxel grid),
 :func:`pipeline_hash` (the cache key: a changed plan or pipeline never reads a stale cache) and
 :func:`make_val_data`. The plan arrives as any object with the :class:`Preprocessing` attributes
-(the data layer sits below planning, so it names the fields it reads, not the Plan class). The deterministic part (load, crop to
+(the data layer sits below planning, so it names the fields it reads, not the Plan class). The deterministic part
+(load, crop to
 the nonzero region, normalise, orient to RAS, resample to the target spacing, map label values to
 class indices) is cacheable; random crops with foreground oversampling and augmentation follow.
 """
@@ -75,11 +76,15 @@ def _compose(steps: list[Any]) -> MedgnCompose:
     return MedgnCompose(steps)
 
 
-def _deterministic(plan: Preprocessing, limits: Limits, with_label: bool, preloaded: dict[str, Any] | None = None) -> list[Any]:
+def _deterministic(
+    plan: Preprocessing, limits: Limits, with_label: bool, preloaded: dict[str, Any] | None = None
+) -> list[Any]:
     from monai.transforms import CropForegroundd, MapLabelValued, Orientationd, Spacingd
 
     keys = ["image", "label"] if with_label else ["image"]
-    steps: list[Any] = [LoadCased("image", MedgnReader(limits, channels=int(getattr(plan, "in_channels", 1)), preloaded=preloaded))]
+    steps: list[Any] = [
+        LoadCased("image", MedgnReader(limits, channels=int(getattr(plan, "in_channels", 1)), preloaded=preloaded))
+    ]
     if with_label:
         values = [int(v) for v in plan.label_values]
         steps += [
@@ -116,15 +121,41 @@ def _augment(plan: Preprocessing, cfg: DataConfig) -> list[Any]:
     pos = cfg.foreground_ratio
     return [
         SpatialPadd(keys, spatial_size=patch),
-        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=patch, pos=pos, neg=1.0 - pos, num_samples=cfg.samples_per_volume, image_key=None, allow_smaller=False),
-        RandRotated(keys, range_x=angle, range_y=angle, range_z=angle, prob=cfg.prob_rotate, mode=("bilinear", "nearest"), padding_mode="zeros"),
-        RandZoomd(keys, min_zoom=cfg.scale_range[0], max_zoom=cfg.scale_range[1], prob=cfg.prob_scale, mode=("trilinear", "nearest"), keep_size=True),
+        RandCropByPosNegLabeld(
+            keys,
+            label_key="label",
+            spatial_size=patch,
+            pos=pos,
+            neg=1.0 - pos,
+            num_samples=cfg.samples_per_volume,
+            image_key=None,
+            allow_smaller=False,
+        ),
+        RandRotated(
+            keys,
+            range_x=angle,
+            range_y=angle,
+            range_z=angle,
+            prob=cfg.prob_rotate,
+            mode=("bilinear", "nearest"),
+            padding_mode="zeros",
+        ),
+        RandZoomd(
+            keys,
+            min_zoom=cfg.scale_range[0],
+            max_zoom=cfg.scale_range[1],
+            prob=cfg.prob_scale,
+            mode=("trilinear", "nearest"),
+            keep_size=True,
+        ),
         *[RandFlipd(keys, prob=cfg.prob_flip, spatial_axis=a) for a in range(3)],
         RandScaleIntensityd("image", factors=cfg.intensity_scale, prob=cfg.prob_intensity_scale),
         RandShiftIntensityd("image", offsets=cfg.intensity_shift, prob=cfg.prob_intensity_shift),
         RandAdjustContrastd("image", gamma=cfg.gamma_range, prob=cfg.prob_gamma),
         RandGaussianNoised("image", std=cfg.noise_std, prob=cfg.prob_noise),
-        RandGaussianSmoothd("image", sigma_x=cfg.blur_sigma, sigma_y=cfg.blur_sigma, sigma_z=cfg.blur_sigma, prob=cfg.prob_blur),
+        RandGaussianSmoothd(
+            "image", sigma_x=cfg.blur_sigma, sigma_y=cfg.blur_sigma, sigma_z=cfg.blur_sigma, prob=cfg.prob_blur
+        ),
     ]
 
 
@@ -150,7 +181,9 @@ def val_transforms(plan: Preprocessing, limits: Limits = DEFAULT_LIMITS) -> Any:
     return _compose([*_deterministic(plan, limits, True), *_finish(True)])
 
 
-def infer_transforms(plan: Preprocessing, limits: Limits = DEFAULT_LIMITS, preloaded: dict[str, Any] | None = None) -> Any:
+def infer_transforms(
+    plan: Preprocessing, limits: Limits = DEFAULT_LIMITS, preloaded: dict[str, Any] | None = None
+) -> Any:
     """Inference Compose: "image" only; keep the output dict for :func:`invert_to_input`.
 
     ``preloaded``: a dict the caller fills with volumes it has already read (path -> Volume)
@@ -159,7 +192,9 @@ def infer_transforms(plan: Preprocessing, limits: Limits = DEFAULT_LIMITS, prelo
     return _compose([*_deterministic(plan, limits, False, preloaded), *_finish(False)])
 
 
-def invert_to_input(pred: torch.Tensor, data: Mapping[str, Any], *, mode: str = "bilinear", fill: Sequence[float] | None = None) -> torch.Tensor:
+def invert_to_input(
+    pred: torch.Tensor, data: Mapping[str, Any], *, mode: str = "bilinear", fill: Sequence[float] | None = None
+) -> torch.Tensor:
     """Resample a prediction from the pipeline grid back onto the input file's voxel grid.
 
     Every input voxel's centre is mapped through ``inv(pipeline affine) @ input affine`` into the
@@ -178,7 +213,12 @@ def invert_to_input(pred: torch.Tensor, data: Mapping[str, Any], *, mode: str = 
     """
     image = data["image"]
     if tuple(pred.shape[1:]) != tuple(image.shape[1:]):
-        raise InputDataError("prediction", "shape differs from the preprocessed image", got=tuple(pred.shape), expected=f"(K, {tuple(image.shape[1:])})")
+        raise InputDataError(
+            "prediction",
+            "shape differs from the preprocessed image",
+            got=tuple(pred.shape),
+            expected=f"(K, {tuple(image.shape[1:])})",
+        )
     meta = image.meta
     a_pipe = np.asarray(image.affine, dtype=np.float64)
     a_in = np.asarray(meta["original_affine"], dtype=np.float64)
@@ -194,7 +234,9 @@ def invert_to_input(pred: torch.Tensor, data: Mapping[str, Any], *, mode: str = 
     jj, kk = np.meshgrid(np.arange(shape_in[1]), np.arange(shape_in[2]), indexing="ij")
     for start in range(0, shape_in[0], step):
         ii = np.arange(start, min(start + step, shape_in[0]))
-        idx = np.stack(np.broadcast_arrays(ii[:, None, None], jj[None], kk[None]), axis=-1).astype(np.float64)  # (n, Y, Z, 3)
+        idx = np.stack(np.broadcast_arrays(ii[:, None, None], jj[None], kk[None]), axis=-1).astype(
+            np.float64
+        )  # (n, Y, Z, 3)
         p = idx @ m[:3, :3].T + m[:3, 3]  # pipeline voxel coordinates
         # Half a voxel beyond the outer centres is still inside the grid; outside is fill.
         outside = np.any((p < -0.5 - 1e-6) | (p > size - 0.5 + 1e-6), axis=-1)

@@ -105,12 +105,24 @@ def detect_format(path: Path) -> str:
 
 def _check_size(path: Path, shape: tuple[int, ...], itemsize: int, limits: Limits) -> None:
     if any(d > limits.max_dim for d in shape):
-        raise ResourceError(path, "image dimension above the limit", got=f"shape {shape}", expected=f"each axis <= {limits.max_dim} (raise it with --max-dim)")
+        raise ResourceError(
+            path,
+            "image dimension above the limit",
+            got=f"shape {shape}",
+            expected=f"each axis <= {limits.max_dim} (raise it with --max-dim)",
+        )
     voxels = int(np.prod(np.asarray(shape, dtype=np.int64)))
     if voxels > limits.max_voxels:
-        raise ResourceError(path, "image has too many voxels", got=f"shape {shape} = {voxels} voxels", expected=f"<= {limits.max_voxels} (raise it with --max-voxels)")
+        raise ResourceError(
+            path,
+            "image has too many voxels",
+            got=f"shape {shape} = {voxels} voxels",
+            expected=f"<= {limits.max_voxels} (raise it with --max-voxels)",
+        )
     if voxels * itemsize > limits.max_bytes:
-        raise ResourceError(path, "image is too large", got=f"{voxels * itemsize} bytes", expected=f"<= {limits.max_bytes} bytes")
+        raise ResourceError(
+            path, "image is too large", got=f"{voxels * itemsize} bytes", expected=f"<= {limits.max_bytes} bytes"
+        )
 
 
 def check_channel_axis(path: Path, shape: tuple[int, ...], channels: int) -> tuple[int, int, int]:
@@ -121,36 +133,61 @@ def check_channel_axis(path: Path, shape: tuple[int, ...], channels: int) -> tup
     """
     found = int(shape[3]) if len(shape) >= 4 else 1
     if len(shape) < 3 or any(d != 1 for d in shape[4:]):
-        raise InputDataError(path, f"expected a 4D image with {channels} channels, got shape {shape}", expected="(X, Y, Z, C) with C on the 4th axis")
+        raise InputDataError(
+            path,
+            f"expected a 4D image with {channels} channels, got shape {shape}",
+            expected="(X, Y, Z, C) with C on the 4th axis",
+        )
     if found != channels:
-        raise InputDataError(path, f"image has {found} channel(s) on its 4th axis", got=f"shape {shape}", expected=f"{channels} channel(s), one per 'modality' entry of dataset.json (or per model input channel)")
+        raise InputDataError(
+            path,
+            f"image has {found} channel(s) on its 4th axis",
+            got=f"shape {shape}",
+            expected=f"{channels} channel(s), one per 'modality' entry of dataset.json (or per model input channel)",
+        )
     return (int(shape[0]), int(shape[1]), int(shape[2]))
 
 
 def _squeeze_shape(path: Path, shape: tuple[int, ...], channels: int = 1) -> tuple[int, int, int]:
     if any(d < 1 for d in shape):
-        raise InputDataError(path, "header declares a non-positive dimension", got=f"shape {shape}", expected="all sizes >= 1")
+        raise InputDataError(
+            path, "header declares a non-positive dimension", got=f"shape {shape}", expected="all sizes >= 1"
+        )
     if channels > 1:  # a 4D multi-channel file (MSD): the 4th axis holds exactly the channels
         return check_channel_axis(path, shape, channels)
     if len(shape) < 3 or any(d != 1 for d in shape[3:]):
-        raise InputDataError(path, f"expected 3D, got shape {shape}", expected="one 3D volume per file (channels as separate files)")
+        raise InputDataError(
+            path, f"expected 3D, got shape {shape}", expected="one 3D volume per file (channels as separate files)"
+        )
     return (int(shape[0]), int(shape[1]), int(shape[2]))
 
 
 def _check_dtype(path: Path, dtype: np.dtype) -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype.fields is not None or dtype.kind not in "iuf" or dtype.itemsize > 8:
-        raise InputDataError(path, "unsupported data type", got=str(dtype), expected="integer or floating-point scalar voxels (no complex, RGB or bool)")
+        raise InputDataError(
+            path,
+            "unsupported data type",
+            got=str(dtype),
+            expected="integer or floating-point scalar voxels (no complex, RGB or bool)",
+        )
     return dtype
 
 
 def _check_geometry(path: Path, affine: np.ndarray) -> tuple[float, float, float]:
     if not np.all(np.isfinite(affine)):
-        raise InputDataError(path, "voxel-to-world affine is not finite", got=np.round(affine[:3], 4).tolist(), expected="finite numbers")
+        raise InputDataError(
+            path, "voxel-to-world affine is not finite", got=np.round(affine[:3], 4).tolist(), expected="finite numbers"
+        )
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     # 1e-6 relative: a 3x3 block this close to singular has no usable orientation.
     if abs(np.linalg.det(affine[:3, :3])) <= 1e-6 * float(np.prod(spacing)) or np.any(spacing <= 0):
-        raise InputDataError(path, "voxel-to-world affine is singular", got=np.round(affine[:3, :3], 4).tolist(), expected="three independent axes")
+        raise InputDataError(
+            path,
+            "voxel-to-world affine is singular",
+            got=np.round(affine[:3, :3], 4).tolist(),
+            expected="three independent axes",
+        )
     return (float(spacing[0]), float(spacing[1]), float(spacing[2]))
 
 
@@ -168,16 +205,25 @@ def _open_nifti(path: Path) -> tuple[Any, bool]:
             with open(path, "rb") as handle:
                 block = handle.read(540)
     except (gzip.BadGzipFile, OSError, EOFError, zlib.error) as exc:
-        raise InputDataError(path, "cannot read the file as gzip-compressed NIfTI" if compressed else "cannot read the file", got=str(exc), expected="a valid .nii.gz (is it an uncompressed .nii?)" if compressed else None) from None
+        raise InputDataError(
+            path,
+            "cannot read the file as gzip-compressed NIfTI" if compressed else "cannot read the file",
+            got=str(exc),
+            expected="a valid .nii.gz (is it an uncompressed .nii?)" if compressed else None,
+        ) from None
     if len(block) < 348:
-        raise InputDataError(path, "file is too short for a NIfTI header", got=f"{len(block)} bytes", expected=">= 348 bytes")
+        raise InputDataError(
+            path, "file is too short for a NIfTI header", got=f"{len(block)} bytes", expected=">= 348 bytes"
+        )
     sizes = {struct.unpack("<i", block[:4])[0], struct.unpack(">i", block[:4])[0]}
     if 348 in sizes:
         header_cls = nib.Nifti1Header
     elif 540 in sizes:
         header_cls = nib.Nifti2Header
     else:
-        raise InputDataError(path, "not a NIfTI file", got="sizeof_hdr is neither 348 nor 540", expected="a NIfTI-1 or NIfTI-2 header")
+        raise InputDataError(
+            path, "not a NIfTI file", got="sizeof_hdr is neither 348 nor 540", expected="a NIfTI-1 or NIfTI-2 header"
+        )
     try:
         import io
 
@@ -201,16 +247,31 @@ def _check_xforms(path: Path, header: Any, qcode: int, scode: int) -> None:
     pixdim = np.asarray(header["pixdim"][1:4], dtype=np.float64)
     # 1e-4 relative: far above float32 rounding of one geometry, far below any real disagreement.
     if np.any(np.abs(lengths - pixdim) > 1e-4 * pixdim):
-        raise InputDataError(path, "voxel spacing in pixdim differs from the sform's (readers would disagree)", got=f"pixdim {pixdim.tolist()}, sform {np.round(lengths, 6).tolist()}", expected="the same spacing")
+        raise InputDataError(
+            path,
+            "voxel spacing in pixdim differs from the sform's (readers would disagree)",
+            got=f"pixdim {pixdim.tolist()}, sform {np.round(lengths, 6).tolist()}",
+            expected="the same spacing",
+        )
     if qcode > 0:
         try:
             qform = np.asarray(header.get_qform(), dtype=np.float64)
         except Exception as exc:  # noqa: BLE001 - an invalid quaternion raises inside nibabel
-            raise InputDataError(path, f"invalid qform quaternion ({exc})", got=f"quatern_b/c/d {[float(header[k]) for k in ('quatern_b', 'quatern_c', 'quatern_d')]}", expected="b*b + c*c + d*d <= 1, or qform_code=0") from None
+            raise InputDataError(
+                path,
+                f"invalid qform quaternion ({exc})",
+                got=f"quatern_b/c/d {[float(header[k]) for k in ('quatern_b', 'quatern_c', 'quatern_d')]}",
+                expected="b*b + c*c + d*d <= 1, or qform_code=0",
+            ) from None
         # 1e-3 mm: float32 storage of one geometry in both forms agrees to ~1e-5 mm.
         diff = float(np.max(np.abs(qform - sform))) if np.all(np.isfinite(qform)) else float("inf")
         if diff > 1e-3:
-            raise InputDataError(path, "qform and sform disagree (readers would pick different geometries)", got=f"qform_code={qcode}, sform_code={scode}, max difference {diff:.4g}", expected="the same affine within 0.001 mm, or one of the codes 0")
+            raise InputDataError(
+                path,
+                "qform and sform disagree (readers would pick different geometries)",
+                got=f"qform_code={qcode}, sform_code={scode}, max difference {diff:.4g}",
+                expected="the same affine within 0.001 mm, or one of the codes 0",
+            )
 
 
 def _vox_offset(path: Path, header: Any) -> int:
@@ -218,7 +279,12 @@ def _vox_offset(path: Path, header: Any) -> int:
     raw = float(np.asarray(header.structarr["vox_offset"]))
     minimum = int(header.single_vox_offset)  # 352 (NIfTI-1) or 544 (NIfTI-2): header + extender
     if not np.isfinite(raw) or raw != int(raw) or raw < minimum:
-        raise InputDataError(path, "invalid voxel data offset in header", got=f"vox_offset={raw}", expected=f"a whole number of bytes >= {minimum}")
+        raise InputDataError(
+            path,
+            "invalid voxel data offset in header",
+            got=f"vox_offset={raw}",
+            expected=f"a whole number of bytes >= {minimum}",
+        )
     return int(raw)
 
 
@@ -238,17 +304,31 @@ def _nifti_header(path: Path, limits: Limits, channels: int = 1) -> HeaderInfo:
     _check_size(path, shape3, dtype.itemsize * channels, limits)
     pixdim = np.asarray(header["pixdim"], dtype=np.float64)
     if not np.all(np.isfinite(pixdim[1:4])) or np.any(pixdim[1:4] <= 0):
-        raise InputDataError(path, "voxel spacing is not positive and finite", got=f"pixdim {pixdim[1:4].tolist()}", expected="three finite values > 0")
+        raise InputDataError(
+            path,
+            "voxel spacing is not positive and finite",
+            got=f"pixdim {pixdim[1:4].tolist()}",
+            expected="three finite values > 0",
+        )
     qcode, scode = int(header["qform_code"]), int(header["sform_code"])
     if qcode not in range(6) or scode not in range(6):
-        raise InputDataError(path, "invalid orientation code", got=f"qform_code={qcode}, sform_code={scode}", expected="codes 0..5")
+        raise InputDataError(
+            path, "invalid orientation code", got=f"qform_code={qcode}, sform_code={scode}", expected="codes 0..5"
+        )
     if qcode == 0 and scode == 0:
-        raise InputDataError(path, "no orientation in header", got="qform_code=0, sform_code=0", expected="qform_code or sform_code > 0")
+        raise InputDataError(
+            path, "no orientation in header", got="qform_code=0, sform_code=0", expected="qform_code or sform_code > 0"
+        )
     try:
         affine = np.asarray(header.get_best_affine(), dtype=np.float64)
     except Exception as exc:  # noqa: BLE001 - NaN quaternions raise inside nibabel
         quatern = [float(header[k]) for k in ("quatern_b", "quatern_c", "quatern_d")]
-        raise InputDataError(path, f"cannot build the voxel-to-world affine from the qform quaternion ({exc})", got=f"quatern_b/c/d {quatern}", expected="b*b + c*c + d*d <= 1") from None
+        raise InputDataError(
+            path,
+            f"cannot build the voxel-to-world affine from the qform quaternion ({exc})",
+            got=f"quatern_b/c/d {quatern}",
+            expected="b*b + c*c + d*d <= 1",
+        ) from None
     spacing = _check_geometry(path, affine)
     _check_xforms(path, header, qcode, scode)
     offset = _vox_offset(path, header)
@@ -256,8 +336,19 @@ def _nifti_header(path: Path, limits: Limits, channels: int = 1) -> HeaderInfo:
     if compressed:
         check_gzip(path, needed, f"shape {shape3} x {channels} channel(s) {dtype}")
     elif path.stat().st_size < needed:
-        raise InputDataError(path, "file is truncated", got=f"{path.stat().st_size} bytes", expected=f">= {needed} bytes for shape {shape3} {dtype}")
-    meta = {"nifti_header": header, "qform_code": qcode, "sform_code": scode, "squeezed": len(shape) != 3, "channels": channels}
+        raise InputDataError(
+            path,
+            "file is truncated",
+            got=f"{path.stat().st_size} bytes",
+            expected=f">= {needed} bytes for shape {shape3} {dtype}",
+        )
+    meta = {
+        "nifti_header": header,
+        "qform_code": qcode,
+        "sform_code": scode,
+        "squeezed": len(shape) != 3,
+        "channels": channels,
+    }
     return HeaderInfo(path, "nifti", shape3, dtype, spacing, affine, meta)
 
 
@@ -294,11 +385,16 @@ def _itk_reader(path: Path) -> Any:
 
 
 _ITK_DTYPES = {
-    "8-bit unsigned integer": np.uint8, "8-bit signed integer": np.int8,
-    "16-bit unsigned integer": np.uint16, "16-bit signed integer": np.int16,
-    "32-bit unsigned integer": np.uint32, "32-bit signed integer": np.int32,
-    "64-bit unsigned integer": np.uint64, "64-bit signed integer": np.int64,
-    "32-bit float": np.float32, "64-bit float": np.float64,
+    "8-bit unsigned integer": np.uint8,
+    "8-bit signed integer": np.int8,
+    "16-bit unsigned integer": np.uint16,
+    "16-bit signed integer": np.int16,
+    "32-bit unsigned integer": np.uint32,
+    "32-bit signed integer": np.int32,
+    "64-bit unsigned integer": np.uint64,
+    "64-bit signed integer": np.int64,
+    "32-bit float": np.float32,
+    "64-bit float": np.float64,
 }
 
 
@@ -309,21 +405,38 @@ def _itk_info(path: Path, reader: Any, fmt: str, limits: Limits) -> HeaderInfo:
     shape3 = _squeeze_shape(path, size)
     name = sitk.GetPixelIDValueAsString(reader.GetPixelID())
     if reader.GetNumberOfComponents() != 1 or name not in _ITK_DTYPES:
-        raise InputDataError(path, "unsupported data type", got=f"{name}, {reader.GetNumberOfComponents()} components", expected="integer or floating-point scalar voxels (no complex, RGB or vector)")
+        raise InputDataError(
+            path,
+            "unsupported data type",
+            got=f"{name}, {reader.GetNumberOfComponents()} components",
+            expected="integer or floating-point scalar voxels (no complex, RGB or vector)",
+        )
     dtype = np.dtype(_ITK_DTYPES[name])
     _check_size(path, shape3, dtype.itemsize, limits)
     if fmt == "nrrd" and not reader.HasMetaDataKey("NRRD_space"):
         # Without a space field ITK invents an identity orientation: refuse rather than guess.
-        raise InputDataError(path, "no orientation in header", got="no 'space' field", expected="a NRRD with 'space' and 'space directions'")
+        raise InputDataError(
+            path,
+            "no orientation in header",
+            got="no 'space' field",
+            expected="a NRRD with 'space' and 'space directions'",
+        )
     ndim = len(size)
     spacing = np.asarray(reader.GetSpacing(), dtype=np.float64)[:3]
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise InputDataError(path, "voxel spacing is not positive and finite", got=spacing.tolist(), expected="three finite values > 0")
+        raise InputDataError(
+            path, "voxel spacing is not positive and finite", got=spacing.tolist(), expected="three finite values > 0"
+        )
     origin = np.asarray(reader.GetOrigin(), dtype=np.float64)[:3]
     direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(ndim, ndim)[:3, :3]
     affine = itk_affine(origin, spacing, direction)
     _check_geometry(path, affine)
-    meta = {"origin": tuple(origin.tolist()), "spacing": tuple(spacing.tolist()), "direction": tuple(direction.ravel().tolist()), "squeezed": ndim != 3}
+    meta = {
+        "origin": tuple(origin.tolist()),
+        "spacing": tuple(spacing.tolist()),
+        "direction": tuple(direction.ravel().tolist()),
+        "squeezed": ndim != 3,
+    }
     return HeaderInfo(path, fmt, shape3, dtype, tuple(map(float, spacing)), affine, meta)
 
 
@@ -333,10 +446,16 @@ def dicom_series_files(path: Path) -> list[str]:
 
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
     if not series:
-        raise InputDataError(path, "folder holds no DICOM series", expected=f"a DICOM series folder or a file ({SUPPORTED})")
+        raise InputDataError(
+            path, "folder holds no DICOM series", expected=f"a DICOM series folder or a file ({SUPPORTED})"
+        )
     if len(series) > 1:
-        listing = "; ".join(f"{sid} ({len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), sid))} files)" for sid in series)
-        raise InputDataError(path, f"folder holds {len(series)} DICOM series: {listing}", expected="exactly one series per folder")
+        listing = "; ".join(
+            f"{sid} ({len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), sid))} files)" for sid in series
+        )
+        raise InputDataError(
+            path, f"folder holds {len(series)} DICOM series: {listing}", expected="exactly one series per folder"
+        )
     return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
 
 
@@ -366,13 +485,24 @@ def _dicom_header(path: Path, limits: Limits) -> HeaderInfo:
         tolerance = max(0.01 * abs(step), 1e-3)
         if step <= 0 or np.any(np.abs(steps - step) > tolerance):
             gaps = [f"{along[i]:.3f}->{along[i + 1]:.3f} mm" for i in np.flatnonzero(np.abs(steps - step) > tolerance)]
-            raise InputDataError(path, f"DICOM series has missing or uneven slices: {', '.join(gaps[:10])}", got=f"{len(files)} slices", expected=f"uniform slice step {step:.4f} mm")
+            raise InputDataError(
+                path,
+                f"DICOM series has missing or uneven slices: {', '.join(gaps[:10])}",
+                got=f"{len(files)} slices",
+                expected=f"uniform slice step {step:.4f} mm",
+            )
         spacing = (info.spacing[0], info.spacing[1], abs(step))
     else:
         spacing = info.spacing
     origin = np.asarray(positions[int(np.argmin(np.asarray(positions) @ normal))])
     affine = itk_affine(origin, spacing, direction)
-    meta = {"origin": tuple(origin.tolist()), "spacing": spacing, "direction": tuple(direction.ravel().tolist()), "files": files, "squeezed": False}
+    meta = {
+        "origin": tuple(origin.tolist()),
+        "spacing": spacing,
+        "direction": tuple(direction.ravel().tolist()),
+        "files": files,
+        "squeezed": False,
+    }
     return HeaderInfo(path, "dicom", shape3, info.dtype, spacing, affine, meta)
 
 
@@ -401,7 +531,12 @@ def read_header(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS, *
     if fmt == "nifti":
         return _nifti_header(path, limits, channels)
     if channels > 1:
-        raise InputDataError(path, f"a {channels}-channel image in one file must be a 4D NIfTI", got=fmt, expected="a .nii/.nii.gz with the channels on the 4th axis, or one file per channel")
+        raise InputDataError(
+            path,
+            f"a {channels}-channel image in one file must be a 4D NIfTI",
+            got=fmt,
+            expected="a .nii/.nii.gz with the channels on the 4th axis, or one file per channel",
+        )
     if fmt == "dicom":
         return _dicom_header(path, limits)
     detached_data_files(path)  # before ITK follows a data file name out of the header's folder

@@ -41,7 +41,14 @@ class MedgnReader(ImageReader):
             command reads each file once.
     """
 
-    def __init__(self, limits: Limits = DEFAULT_LIMITS, label: bool = False, label_values: Sequence[int] | None = None, channels: int = 1, preloaded: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits = DEFAULT_LIMITS,
+        label: bool = False,
+        label_values: Sequence[int] | None = None,
+        channels: int = 1,
+        preloaded: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.limits, self.label, self.channels = limits, label, channels
         self.label_values = list(label_values) if label_values is not None else None
@@ -58,8 +65,16 @@ class MedgnReader(ImageReader):
         names = [data] if isinstance(data, (str, os.PathLike)) else list(data)
         if len(names) == 1 and self.channels > 1 and not self.label:  # one 4D MSD file: C channels
             pre = self.preloaded.pop(os.fspath(names[0]), None)
-            return list(pre) if isinstance(pre, list) and len(pre) == self.channels else read_channels(names[0], self.channels, self.limits)
-        vols = [self.preloaded.pop(os.fspath(n), None) or read_volume(n, self.limits, label=self.label, label_values=self.label_values) for n in names]
+            return (
+                list(pre)
+                if isinstance(pre, list) and len(pre) == self.channels
+                else read_channels(names[0], self.channels, self.limits)
+            )
+        vols = [
+            self.preloaded.pop(os.fspath(n), None)
+            or read_volume(n, self.limits, label=self.label, label_values=self.label_values)
+            for n in names
+        ]
         for vol in vols[1:]:
             diffs = geometry_diff(vols[0], vol)
             if diffs:
@@ -112,7 +127,9 @@ def normalize_channel(x: torch.Tensor, norm: Mapping[str, Any]) -> torch.Tensor:
         return (x - mean.float()) / max(float(std), STD_EPS)
     if norm["scheme"] == "none":
         return x
-    raise InputDataError("plan.normalization", "unknown normalisation scheme", got=norm["scheme"], expected="ct, zscore or none")
+    raise InputDataError(
+        "plan.normalization", "unknown normalisation scheme", got=norm["scheme"], expected="ct, zscore or none"
+    )
 
 
 class NormalizePland(MapTransform):
@@ -127,7 +144,12 @@ class NormalizePland(MapTransform):
         for key in self.key_iterator(d):
             img = d[key]
             if img.shape[0] != len(self.normalization):
-                raise InputDataError(key, "channel count differs from the plan", got=int(img.shape[0]), expected=f"{len(self.normalization)} channels")
+                raise InputDataError(
+                    key,
+                    "channel count differs from the plan",
+                    got=int(img.shape[0]),
+                    expected=f"{len(self.normalization)} channels",
+                )
             out = torch.stack([normalize_channel(img[c], n) for c, n in enumerate(self.normalization)])
             d[key] = img.clone().copy_(out) if hasattr(img, "meta") and img.dtype == out.dtype else out
         return d

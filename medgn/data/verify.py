@@ -90,7 +90,14 @@ def _channels(case: Case, expected: int, limits: Limits, result: CaseResult) -> 
     return [(c, p, v) for c, p, v in read if v is not None]
 
 
-def verify_case(case: Case, index: DatasetIndex, limits: Limits = DEFAULT_LIMITS, target_spacing: Sequence[float] | None = None, *, rng: np.random.Generator | None = None) -> CaseResult:
+def verify_case(
+    case: Case,
+    index: DatasetIndex,
+    limits: Limits = DEFAULT_LIMITS,
+    target_spacing: Sequence[float] | None = None,
+    *,
+    rng: np.random.Generator | None = None,
+) -> CaseResult:
     """Check one case; see :func:`verify_dataset`. With ``rng``, also take its fingerprint statistics."""
     result = CaseResult(case.case_id)
     label_values = sorted(index.labels.values()) if index.labels else None
@@ -111,7 +118,9 @@ def verify_case(case: Case, index: DatasetIndex, limits: Limits = DEFAULT_LIMITS
         else:
             diffs = geometry_diff(first, vol)
             if diffs:
-                result.problems.append(f"{path}: channel {channel} geometry differs from {first.path}: {'; '.join(diffs)}")
+                result.problems.append(
+                    f"{path}: channel {channel} geometry differs from {first.path}: {'; '.join(diffs)}"
+                )
         if rng is not None:
             kept.append(vol)
         del vol
@@ -123,13 +132,23 @@ def verify_case(case: Case, index: DatasetIndex, limits: Limits = DEFAULT_LIMITS
             if first is not None:
                 diffs = geometry_diff(first, label)
                 if diffs:
-                    result.problems.append(f"{case.label}: label geometry differs from image {first.path}: {'; '.join(diffs)}")
+                    result.problems.append(
+                        f"{case.label}: label geometry differs from image {first.path}: {'; '.join(diffs)}"
+                    )
     if rng is not None and result.ok and kept:
         result.stats = case_statistics(case.case_id, kept, label, rng)
     return result
 
 
-def verify_dataset(index: DatasetIndex, limits: Limits = DEFAULT_LIMITS, *, progress: Callable[[CaseResult], None] | None = None, include_test: bool = False, target_spacing: Sequence[float] | None = None, stats_seed: int | None = None) -> VerifyReport:
+def verify_dataset(
+    index: DatasetIndex,
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    progress: Callable[[CaseResult], None] | None = None,
+    include_test: bool = False,
+    target_spacing: Sequence[float] | None = None,
+    stats_seed: int | None = None,
+) -> VerifyReport:
     """Check every case of a dataset and collect all problems.
 
     Args:
@@ -147,7 +166,9 @@ def verify_dataset(index: DatasetIndex, limits: Limits = DEFAULT_LIMITS, *, prog
     """
     results = []
     rng = np.random.default_rng(stats_seed) if stats_seed is not None else None
-    cases = [(case, rng) for case in index.cases] + [(case, None) for case in (index.test_cases if include_test else [])]
+    cases = [(case, rng) for case in index.cases] + [
+        (case, None) for case in (index.test_cases if include_test else [])
+    ]
     for case, case_rng in cases:
         result = verify_case(case, index, limits, target_spacing, rng=case_rng)
         results.append(result)
@@ -165,6 +186,8 @@ def require_valid(index: DatasetIndex, limits: Limits = DEFAULT_LIMITS) -> Verif
     report = verify_dataset(index, limits)
     problems = report.problems
     if problems:
-        shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more (run 'medgn verify')" if len(problems) > 20 else "")
+        shown = "; ".join(problems[:20]) + (
+            f"; and {len(problems) - 20} more (run 'medgn verify')" if len(problems) > 20 else ""
+        )
         raise InputDataError(index.root, f"{len(problems)} problem(s) in the dataset: {shown}")
     return report

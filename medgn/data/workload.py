@@ -55,7 +55,8 @@ def resampled_shape(shape: Sequence[int], affine: np.ndarray, target_spacing: Se
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     order = _ras_order(affine)
     extent = [float(shape[a]) * float(spacing[a]) for a in order]  # mm along R, A, S
-    return tuple(max(1, math.ceil(e / float(t) * (1 - _ROUND_TOL))) for e, t in zip(extent, target_spacing))  # type: ignore[return-value]
+    sizes = (max(1, math.ceil(e / float(t) * (1 - _ROUND_TOL))) for e, t in zip(extent, target_spacing))
+    return tuple(sizes)  # type: ignore[return-value]
 
 
 def count_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
@@ -105,15 +106,33 @@ def check_workload(
     spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
     source = f"shape {tuple(int(s) for s in shape)} at spacing {_fmt(spacing)} mm"
     if voxels > limits.max_resampled_voxels:
-        raise ResourceError(path, "image would be too large once resampled to the target spacing", got=f"{source} -> {new} = {voxels} voxels at {_fmt(target_spacing)} mm", expected=f"<= {limits.max_resampled_voxels} voxels (raise it with --max-resampled-voxels)")
+        raise ResourceError(
+            path,
+            "image would be too large once resampled to the target spacing",
+            got=f"{source} -> {new} = {voxels} voxels at {_fmt(target_spacing)} mm",
+            expected=f"<= {limits.max_resampled_voxels} voxels (raise it with --max-resampled-voxels)",
+        )
     if roi is not None:
         windows = count_windows(new, roi, overlap)
         if windows > limits.max_windows:
-            raise ResourceError(path, "image needs too many sliding windows once resampled", got=f"{source} -> {new} at {_fmt(target_spacing)} mm = {windows} windows of {tuple(int(r) for r in roi)}", expected=f"<= {limits.max_windows} windows (raise it with --max-windows)")
+            raise ResourceError(
+                path,
+                "image needs too many sliding windows once resampled",
+                got=f"{source} -> {new} at {_fmt(target_spacing)} mm = {windows} windows of "
+                f"{tuple(int(r) for r in roi)}",
+                expected=f"<= {limits.max_windows} windows (raise it with --max-windows)",
+            )
     return new
 
 
-def check_dataset_workload(cases: Sequence[Any], target_spacing: Sequence[float], limits: Limits = DEFAULT_LIMITS, *, roi: Sequence[int] | None = None, overlap: float = 0.5) -> None:
+def check_dataset_workload(
+    cases: Sequence[Any],
+    target_spacing: Sequence[float],
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    roi: Sequence[int] | None = None,
+    overlap: float = 0.5,
+) -> None:
     """Check the first channel of every case (from its header alone) against the resampled limits.
 
     Args:
@@ -158,5 +177,7 @@ class CheckWorkloadd:
         if affine is None:  # a plain tensor (metadata tracking off): the loaders' header checks stand
             return data
         path = meta.get("filename_or_obj", self.key)
-        check_workload(path, tuple(image.shape[1:]), np.asarray(affine, dtype=np.float64), self.target_spacing, self.limits)
+        check_workload(
+            path, tuple(image.shape[1:]), np.asarray(affine, dtype=np.float64), self.target_spacing, self.limits
+        )
         return data

@@ -31,10 +31,14 @@ def _run(args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medgn.demo", description="Train, infer and evaluate on the MNI152 demo dataset.")
+    parser = argparse.ArgumentParser(
+        prog="python -m medgn.demo", description="Train, infer and evaluate on the MNI152 demo dataset."
+    )
     parser.add_argument("--out", type=Path, default=Path("demo_run"), help="demo folder (replaced)")
     parser.add_argument("--config", type=Path, default=REPO_CONFIG, help="run config (default configs/demo.yaml)")
-    parser.add_argument("--time-budget", default="8m", help="training time budget, a safety net on slow machines (default 8m)")
+    parser.add_argument(
+        "--time-budget", default="8m", help="training time budget, a safety net on slow machines (default 8m)"
+    )
     parser.add_argument("--train-subjects", type=int, default=8)
     parser.add_argument("--test-subjects", type=int, default=3)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
@@ -47,12 +51,29 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     dataset, run, pred, evaluation = out / "dataset", out / "run", out / "predictions", out / "evaluation"
-    print(f"building {args.train_subjects} training and {args.test_subjects} test subjects from the MNI152 template (nilearn) in {dataset}", flush=True)
+    print(
+        f"building {args.train_subjects} training and {args.test_subjects} test subjects from the MNI152 "
+        f"template (nilearn) in {dataset}",
+        flush=True,
+    )
     build_demo_dataset(dataset, n_train=args.train_subjects, n_test=args.test_subjects)
 
     _run(["verify", str(dataset)])
     _run(["plan", str(dataset), "--out", str(out / "plan.json"), "--gpu-memory", "8"])
-    train = ["train", "--config", str(args.config), "--data", str(dataset), "--out", str(run), "--plan", str(out / "plan.json"), "--time-budget", args.time_budget, "--no-progress"]
+    train = [
+        "train",
+        "--config",
+        str(args.config),
+        "--data",
+        str(dataset),
+        "--out",
+        str(run),
+        "--plan",
+        str(out / "plan.json"),
+        "--time-budget",
+        args.time_budget,
+        "--no-progress",
+    ]
     if args.device:
         train += ["--device", args.device]
     for item in args.set:
@@ -62,14 +83,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.device:
         infer += ["--device", args.device]
     _run(infer)
-    _run(["evaluate", "--pred", str(pred), "--ref", str(dataset / "labelsTs"), "--out", str(evaluation), "--images", str(dataset / "imagesTs")])
+    _run(
+        [
+            "evaluate",
+            "--pred",
+            str(pred),
+            "--ref",
+            str(dataset / "labelsTs"),
+            "--out",
+            str(evaluation),
+            "--images",
+            str(dataset / "imagesTs"),
+        ]
+    )
 
     summary = json.loads((evaluation / "summary.json").read_text())
     minutes = (time.monotonic() - start) / 60
     print(f"\ndemo finished in {minutes:.1f} min")
     names = {"1": "grey matter", "2": "white matter"}
     for label, stats in summary["per_class"].items():
-        print(f"  {names.get(str(label), 'label ' + str(label)):<14} Dice {stats['dice']['mean']:.3f} (mean of {stats['dice']['n']} held-out subjects)")
+        print(
+            f"  {names.get(str(label), 'label ' + str(label)):<14} Dice {stats['dice']['mean']:.3f} (mean of "
+            f"{stats['dice']['n']} held-out subjects)"
+        )
     print(f"report:        {evaluation / 'report.md'}")
     print(f"box plot:      {evaluation / 'boxplot.png'}")
     print(f"overlays:      {evaluation / 'overlays'}")

@@ -104,7 +104,9 @@ def make_subject(t1: np.ndarray, labels: np.ndarray, seed: int) -> tuple[np.ndar
     return image.astype(np.float32), np.asarray(out["label"][0]).round().astype(np.uint8)
 
 
-def build_demo_dataset(out: str | Path, n_train: int = 6, n_test: int = 2, spacing_mm: float = 3.0, seed: int = 0) -> Path:
+def build_demo_dataset(
+    out: str | Path, n_train: int = 6, n_test: int = 2, spacing_mm: float = 3.0, seed: int = 0
+) -> Path:
     """Write the demo dataset in MSD layout under ``out`` and return its path.
 
     Args:
@@ -115,7 +117,9 @@ def build_demo_dataset(out: str | Path, n_train: int = 6, n_test: int = 2, spaci
         seed: base seed; subject i uses seed + 1000 * i.
     """
     if n_train < 2 or n_test < 1:
-        raise UsageError("n_train/n_test", "too few subjects", got=(n_train, n_test), expected="n_train >= 2, n_test >= 1")
+        raise UsageError(
+            "n_train/n_test", "too few subjects", got=(n_train, n_test), expected="n_train >= 2, n_test >= 1"
+        )
     out = Path(out)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (out / sub).mkdir(parents=True, exist_ok=True)

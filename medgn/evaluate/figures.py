@@ -96,9 +96,7 @@ def _plane(volume: np.ndarray, affine: np.ndarray, centre: np.ndarray, world_nor
     return plane.T, float(spacing[axes[1]] / spacing[axes[0]])
 
 
-def _overlay(
-    path: Path, title: str, under: np.ndarray, ref: np.ndarray, pred: np.ndarray, affine: np.ndarray
-) -> Path:
+def _overlay(path: Path, title: str, under: np.ndarray, ref: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
@@ -115,7 +113,10 @@ def _overlay(
         ax.set_title(name)
         ax.set_xticks([])
         ax.set_yticks([])
-    handles = [Line2D([], [], color=REF_COLOUR, label="reference"), Line2D([], [], color=PRED_COLOUR, label="prediction")]
+    handles = [
+        Line2D([], [], color=REF_COLOUR, label="reference"),
+        Line2D([], [], color=PRED_COLOUR, label="prediction"),
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=2)
     fig.suptitle(title)
     return _save(fig, path)
@@ -152,13 +153,19 @@ def write_overlays(
                     image = read_display_volume(image_path)
                     diffs = geometry_diff(image, ref)
                     if diffs:
-                        log.warning("%s: image geometry differs from the reference (%s); drawing over the reference", image_path, "; ".join(diffs))
+                        log.warning(
+                            "%s: image geometry differs from the reference (%s); drawing over the reference",
+                            image_path,
+                            "; ".join(diffs),
+                        )
                     else:
                         under = image.array
                 m = result.value(cid, key, "dice"), result.value(cid, key, "hd95")
                 title = f"{cid}, label {key}: Dice {m[0]:.3f}, HD95 {m[1]:.2f} mm"
                 ref_mask, pred_mask = structure_mask(ref.array, int(key)), structure_mask(pred.array, int(key))
-                written.append(_overlay(folder / f"{cid}_label-{key}.png", title, under, ref_mask, pred_mask, ref.affine))
+                written.append(
+                    _overlay(folder / f"{cid}_label-{key}.png", title, under, ref_mask, pred_mask, ref.affine)
+                )
             except MedgnError as exc:
                 log.warning("no overlay for %s, label %s: %s", cid, key, exc.one_line())
     return written

@@ -25,7 +25,8 @@ def _geometry_mismatch(pred_path: Path, ref_path: Path) -> str | None:
         return None
     return (
         f"prediction geometry differs from the reference (prediction vs reference: {'; '.join(diffs)}); "
-        f"prediction affine {_fmt_affine(pred_h.affine)} ({pred_path}), reference affine {_fmt_affine(ref_h.affine)} ({ref_path})"
+        f"prediction affine {_fmt_affine(pred_h.affine)} ({pred_path}), reference affine "
+        f"{_fmt_affine(ref_h.affine)} ({ref_path})"
     )
 
 

@@ -59,7 +59,9 @@ def worst_cases(result: EvaluationResult, k: int) -> dict[str, list[str]]:
     return out
 
 
-def build_summary(result: EvaluationResult, settings: dict[str, Any], *, n_unmatched: int, worst_k: int) -> dict[str, Any]:
+def build_summary(
+    result: EvaluationResult, settings: dict[str, Any], *, n_unmatched: int, worst_k: int
+) -> dict[str, Any]:
     """Statistics per label and region and over all labels, with counts, failures and settings.
 
     ``overall`` pools every (case, label) row of the labels (regions would count voxels twice);
@@ -103,7 +105,14 @@ def metrics_csv(rows: Sequence[MetricRow]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for row in rows:
-        writer.writerow([row.case, row.label, *(_csv_number(row.metrics.value(n)) for n in METRIC_NAMES), ";".join(row.metrics.flags)])
+        writer.writerow(
+            [
+                row.case,
+                row.label,
+                *(_csv_number(row.metrics.value(n)) for n in METRIC_NAMES),
+                ";".join(row.metrics.flags),
+            ]
+        )
     return buffer.getvalue()
 
 
@@ -127,18 +136,38 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 def _table_rows(result: EvaluationResult) -> list[list[str]]:
     tol = result.summary["settings"]["nsd_tolerance_mm"]
-    header = ["class", "n", "Dice mean", "Dice std", "Dice median", "IoU mean", "HD95 mean mm", "HD95 inf",
-              "ASSD mean mm", f"NSD@{tol:g}mm mean", "empty b/r/p"]
+    header = [
+        "class",
+        "n",
+        "Dice mean",
+        "Dice std",
+        "Dice median",
+        "IoU mean",
+        "HD95 mean mm",
+        "HD95 inf",
+        "ASSD mean mm",
+        f"NSD@{tol:g}mm mean",
+        "empty b/r/p",
+    ]
     lines = [header]
     sections = [*result.summary["per_class"].items(), ("overall", result.summary["overall"])]
     for key, stats in sections:
         empty = stats["empty"]
-        lines.append([
-            key, str(stats["dice"]["n"]), _num(stats["dice"]["mean"]), _num(stats["dice"]["std"]),
-            _num(stats["dice"]["median"]), _num(stats["iou"]["mean"]), _num(stats["hd95"]["mean"], 2),
-            str(stats["hd95"]["n_inf"]), _num(stats["assd"]["mean"], 2), _num(stats["nsd"]["mean"]),
-            f"{empty[FLAG_BOTH_EMPTY]}/{empty[FLAG_REF_EMPTY]}/{empty[FLAG_PRED_EMPTY]}",
-        ])
+        lines.append(
+            [
+                key,
+                str(stats["dice"]["n"]),
+                _num(stats["dice"]["mean"]),
+                _num(stats["dice"]["std"]),
+                _num(stats["dice"]["median"]),
+                _num(stats["iou"]["mean"]),
+                _num(stats["hd95"]["mean"], 2),
+                str(stats["hd95"]["n_inf"]),
+                _num(stats["assd"]["mean"], 2),
+                _num(stats["nsd"]["mean"]),
+                f"{empty[FLAG_BOTH_EMPTY]}/{empty[FLAG_REF_EMPTY]}/{empty[FLAG_PRED_EMPTY]}",
+            ]
+        )
     return lines
 
 
@@ -160,17 +189,25 @@ def report_markdown(result: EvaluationResult, figures: Sequence[Path] = ()) -> s
     s = result.summary
     c = s["counts"]
     text = ["# Evaluation report", ""]
-    text.append(f"Predictions `{s['settings']['pred_dir']}` against references `{s['settings']['ref_dir']}`; "
-                f"surface Dice tolerance {s['settings']['nsd_tolerance_mm']:g} mm.")
+    text.append(
+        f"Predictions `{s['settings']['pred_dir']}` against references `{s['settings']['ref_dir']}`; "
+        f"surface Dice tolerance {s['settings']['nsd_tolerance_mm']:g} mm."
+    )
     text.append("")
-    text.append(f"Cases: {c['cases']}, evaluated {c['evaluated']}, missing {c['missing']}, failed {c['failed']}, "
-                f"predictions without reference {c['unmatched_predictions']}. Empty (label rows): "
-                f"both {c['empty'][FLAG_BOTH_EMPTY]}, reference only {c['empty'][FLAG_REF_EMPTY]}, "
-                f"prediction only {c['empty'][FLAG_PRED_EMPTY]}.")
+    text.append(
+        f"Cases: {c['cases']}, evaluated {c['evaluated']}, missing {c['missing']}, failed {c['failed']}, "
+        f"predictions without reference {c['unmatched_predictions']}. Empty (label rows): "
+        f"both {c['empty'][FLAG_BOTH_EMPTY]}, reference only {c['empty'][FLAG_REF_EMPTY]}, "
+        f"prediction only {c['empty'][FLAG_PRED_EMPTY]}."
+    )
     text += ["", "## Per class", ""]
     text += _markdown(_table_rows(result))
-    text += ["", "Both empty: Dice 1, distances 0. One side empty, missing or failed: Dice 0, distances "
-             "infinite; HD95/ASSD means are over finite values and `HD95 inf` counts the others.", ""]
+    text += [
+        "",
+        "Both empty: Dice 1, distances 0. One side empty, missing or failed: Dice 0, distances "
+        "infinite; HD95/ASSD means are over finite values and `HD95 inf` counts the others.",
+        "",
+    ]
     if result.failures or result.missing:
         text += ["## Failed and missing cases", ""]
         text += [f"- `{cid}` failed: {why}" for cid, why in result.failures.items()]
@@ -180,8 +217,18 @@ def report_markdown(result: EvaluationResult, figures: Sequence[Path] = ()) -> s
     lines = [list(CSV_COLUMNS)]
     for row in result.rows:
         m = row.metrics
-        lines.append([row.case, row.label, _num(m.dice, 4), _num(m.iou, 4), "inf" if math.isinf(m.hd95) else _num(m.hd95, 2),
-                      "inf" if math.isinf(m.assd) else _num(m.assd, 2), _num(m.nsd, 4), ", ".join(m.flags)])
+        lines.append(
+            [
+                row.case,
+                row.label,
+                _num(m.dice, 4),
+                _num(m.iou, 4),
+                "inf" if math.isinf(m.hd95) else _num(m.hd95, 2),
+                "inf" if math.isinf(m.assd) else _num(m.assd, 2),
+                _num(m.nsd, 4),
+                ", ".join(m.flags),
+            ]
+        )
     text += _markdown(lines)
     if figures:
         text += ["", "## Figures", ""]

@@ -17,6 +17,7 @@ from medgn.evaluate.metrics import METRIC_NAMES, ClassMetrics
 
 CASE_SUFFIXES: tuple[str, ...] = (".seg.dcm", *MASK_SUFFIXES)  # a DICOM-SEG prediction too
 
+
 @dataclass(frozen=True)
 class MetricRow:
     """One case and one structure (a label, or a named region of labels)."""
@@ -100,6 +101,11 @@ def list_cases(folder: Path) -> dict[str, Path]:
             cases[cid] = cases[cid] if not cases[cid].name.lower().endswith(".seg.dcm") else path
             continue
         if cid in cases:
-            raise InputDataError(folder, f"two files for case {cid!r}", got=f"{cases[cid].name} and {path.name}", expected="one file per case")
+            raise InputDataError(
+                folder,
+                f"two files for case {cid!r}",
+                got=f"{cases[cid].name} and {path.name}",
+                expected="one file per case",
+            )
         cases[cid] = path
     return cases

@@ -43,7 +43,12 @@ def _check_labels(labels: Sequence[int] | None) -> tuple[int, ...] | None:
         return None
     values = tuple(int(v) for v in labels)
     if not values or any(v <= 0 for v in values) or len(set(values)) != len(values):
-        raise UsageError("labels", "labels must be distinct positive integers", got=list(labels), expected="e.g. 1,2,3 (0 is background)")
+        raise UsageError(
+            "labels",
+            "labels must be distinct positive integers",
+            got=list(labels),
+            expected="e.g. 1,2,3 (0 is background)",
+        )
     return values
 
 
@@ -65,11 +70,21 @@ def _check_regions(regions: Mapping[str, Sequence[int]] | None) -> dict[str, tup
 def _check_out_dir(out_dir: Path, inputs: Sequence[Path], overwrite: bool) -> None:
     for folder in inputs:
         if is_inside(out_dir, folder):
-            raise UsageError(out_dir, "output folder is inside an input folder", got=str(folder), expected="a folder outside the prediction, reference and image folders")
+            raise UsageError(
+                out_dir,
+                "output folder is inside an input folder",
+                got=str(folder),
+                expected="a folder outside the prediction, reference and image folders",
+            )
     if not overwrite:
         existing = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
         if existing:
-            raise UsageError(out_dir, "output folder already holds evaluation results", got=", ".join(existing), expected="a new folder, or overwrite=True (--overwrite)")
+            raise UsageError(
+                out_dir,
+                "output folder already holds evaluation results",
+                got=", ".join(existing),
+                expected="a new folder, or overwrite=True (--overwrite)",
+            )
 
 
 def _evaluate_case(
@@ -134,11 +149,17 @@ def evaluate(
         raise UsageError("worst_k", "must be >= 0", got=worst_k)
     refs, preds = list_cases(ref_dir), list_cases(pred_dir)
     if not refs:
-        raise InputDataError(ref_dir, "no reference volumes found", expected=f"files ending in {', '.join(CASE_SUFFIXES)}")
+        raise InputDataError(
+            ref_dir, "no reference volumes found", expected=f"files ending in {', '.join(CASE_SUFFIXES)}"
+        )
     missing = sorted(set(refs) - set(preds))
     if missing and not allow_missing:
         shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
-        raise InputDataError(pred_dir, f"{len(missing)} of {len(refs)} predictions missing: {shown}", expected="a prediction per reference case, or --allow-missing")
+        raise InputDataError(
+            pred_dir,
+            f"{len(missing)} of {len(refs)} predictions missing: {shown}",
+            expected="a prediction per reference case, or --allow-missing",
+        )
     extra = sorted(set(preds) - set(refs))
     if extra:
         log.warning("%d predictions have no reference and are ignored: %s", len(extra), ", ".join(extra[:20]))
@@ -154,14 +175,37 @@ def evaluate(
             stack.enter_context(RunLock(out_path, purpose="evaluate"))
             _check_out_dir(out_path, inputs, overwrite)  # again under the lock: a run may just have finished
             clean_stale_temps(out_path)
-        return _run(pred_dir, ref_dir, out_path, images, refs, preds, missing, len(extra), label_set, region_map,
-                    float(nsd_tolerance_mm), allow_missing, worst_k)
+        return _run(
+            pred_dir,
+            ref_dir,
+            out_path,
+            images,
+            refs,
+            preds,
+            missing,
+            len(extra),
+            label_set,
+            region_map,
+            float(nsd_tolerance_mm),
+            allow_missing,
+            worst_k,
+        )
 
 
 def _run(
-    pred_dir: Path, ref_dir: Path, out_path: Path | None, images: Path | None, refs: Mapping[str, Path],
-    preds: Mapping[str, Path], missing: list[str], n_extra: int, label_set: tuple[int, ...] | None,
-    region_map: dict[str, tuple[int, ...]], nsd_tolerance_mm: float, allow_missing: bool, worst_k: int,
+    pred_dir: Path,
+    ref_dir: Path,
+    out_path: Path | None,
+    images: Path | None,
+    refs: Mapping[str, Path],
+    preds: Mapping[str, Path],
+    missing: list[str],
+    n_extra: int,
+    label_set: tuple[int, ...] | None,
+    region_map: dict[str, tuple[int, ...]],
+    nsd_tolerance_mm: float,
+    allow_missing: bool,
+    worst_k: int,
 ) -> EvaluationResult:
     """Evaluate every case, summarise, and write the outputs (the caller holds the lock)."""
     from medgn.evaluate.report import build_summary
@@ -180,11 +224,17 @@ def _run(
     if final_labels is None:
         final_labels = tuple(sorted({int(k) for res in per_case.values() for k in res if k.isdigit()}))
     rows = _rows(refs, per_case, failures, missing, final_labels, region_map)
-    result = EvaluationResult(rows=rows, summary={}, failures=failures, missing=missing, labels=final_labels, regions=region_map)
+    result = EvaluationResult(
+        rows=rows, summary={}, failures=failures, missing=missing, labels=final_labels, regions=region_map
+    )
     settings = {
-        "pred_dir": str(pred_dir), "ref_dir": str(ref_dir), "image_dir": str(images) if images else None,
-        "labels": list(final_labels), "regions": {k: list(v) for k, v in region_map.items()},
-        "nsd_tolerance_mm": nsd_tolerance_mm, "allow_missing": allow_missing,
+        "pred_dir": str(pred_dir),
+        "ref_dir": str(ref_dir),
+        "image_dir": str(images) if images else None,
+        "labels": list(final_labels),
+        "regions": {k: list(v) for k, v in region_map.items()},
+        "nsd_tolerance_mm": nsd_tolerance_mm,
+        "allow_missing": allow_missing,
     }
     result.summary = build_summary(result, settings, n_unmatched=n_extra, worst_k=worst_k)
     if out_path is not None:
@@ -217,7 +267,12 @@ def _rows(
 
 
 def _write(
-    result: EvaluationResult, out_dir: Path, refs: Mapping[str, Path], preds: Mapping[str, Path], images: Path | None, worst_k: int
+    result: EvaluationResult,
+    out_dir: Path,
+    refs: Mapping[str, Path],
+    preds: Mapping[str, Path],
+    images: Path | None,
+    worst_k: int,
 ) -> None:
     from medgn.evaluate.figures import write_boxplot, write_overlays
     from medgn.evaluate.report import write_outputs

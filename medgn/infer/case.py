@@ -87,7 +87,9 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _read_channels(images: tuple[Path, ...], in_channels: int, limits: Any = None, reads: list[Any] | None = None) -> list[Any]:
+def _read_channels(
+    images: tuple[Path, ...], in_channels: int, limits: Any = None, reads: list[Any] | None = None
+) -> list[Any]:
     from medgn.data.io import geometry_diff, read_volume
     from medgn.data.multichannel import read_case_images
     from medgn.data.preflight import DEFAULT_LIMITS
@@ -95,12 +97,21 @@ def _read_channels(images: tuple[Path, ...], in_channels: int, limits: Any = Non
     if len(images) == 1 and in_channels > 1:  # one 4D file holding every channel (MSD)
         return read_case_images(images, in_channels)
     if len(images) != in_channels:
-        raise InputDataError(images[0], f"case has {len(images)} channel(s)", got=[p.name for p in images], expected=f"{in_channels} channel(s) as the model was trained")
+        raise InputDataError(
+            images[0],
+            f"case has {len(images)} channel(s)",
+            got=[p.name for p in images],
+            expected=f"{in_channels} channel(s) as the model was trained",
+        )
     volumes = [read_volume(p, limits or DEFAULT_LIMITS, read=r) for p, r in zip(images, reads or [None] * len(images))]
     for vol in volumes[1:]:
         diffs = geometry_diff(volumes[0], vol)
         if diffs:
-            raise InputDataError(vol.path, "channel geometry differs from the first channel: " + "; ".join(diffs), expected=f"the geometry of {volumes[0].path}")
+            raise InputDataError(
+                vol.path,
+                "channel geometry differs from the first channel: " + "; ".join(diffs),
+                expected=f"the geometry of {volumes[0].path}",
+            )
     return volumes
 
 
@@ -114,7 +125,9 @@ def _write_probabilities(probs: np.ndarray, reference: Any, out: Path, overwrite
     with atomic_path(path, overwrite=overwrite) as tmp:
         with open(tmp, "wb") as handle:
             # float16 halves the file; its 1e-3 resolution is finer than any threshold users apply.
-            np.savez_compressed(handle, probabilities=probs.astype(np.float16), affine=np.asarray(reference.affine, dtype=np.float64))
+            np.savez_compressed(
+                handle, probabilities=probs.astype(np.float16), affine=np.asarray(reference.affine, dtype=np.float64)
+            )
     return path
 
 
@@ -157,7 +170,9 @@ def run_case(
     atomic_write_json(sidecar_path, {**sidecar_base, "status": "running"}, overwrite=True)
     published: list[str] = []
     try:
-        return _segment(images, stem, predictor, settings, options, preprocess, invert, sidecar_base, sidecar_path, published, reads)
+        return _segment(
+            images, stem, predictor, settings, options, preprocess, invert, sidecar_base, sidecar_path, published, reads
+        )
     except Exception:
         # A case that failed before publishing anything leaves what was there before; once an
         # output is published (or after a kill) "running" stays, so a rerun redoes the case.
@@ -196,7 +211,15 @@ def _segment(
     volumes = _read_channels(images, predictor.plan.in_channels, limits, reads)
     reference = volumes[0]
     # Before the pipeline resamples: the whole grid at the plan's spacing, and its windows.
-    check_workload(reference.path, reference.shape, reference.affine, predictor.plan.target_spacing, limits, roi=settings.roi_size, overlap=settings.overlap)
+    check_workload(
+        reference.path,
+        reference.shape,
+        reference.affine,
+        predictor.plan.target_spacing,
+        limits,
+        roi=settings.roi_size,
+        overlap=settings.overlap,
+    )
     requested = options.get("output_format")
     out_format = requested or default_output_format(images)
     sources = None
@@ -223,12 +246,24 @@ def _segment(
         probs[0] = 1.0
         times["predict"] = time.perf_counter() - t1
     else:
-        probs = predict_probabilities(predictor.models, torch.as_tensor(image), settings, device=predictor.device, warnings=warnings, threads=options.get("threads"))
+        probs = predict_probabilities(
+            predictor.models,
+            torch.as_tensor(image),
+            settings,
+            device=predictor.device,
+            warnings=warnings,
+            threads=options.get("threads"),
+        )
         times["predict"] = time.perf_counter() - t1
         probs = torch.as_tensor(invert(probs, data)).float()  # (K, X, Y, Z) on the input grid
     t2 = time.perf_counter()
     if tuple(probs.shape[1:]) != reference.shape:
-        raise InputDataError(reference.path, "prediction is not on the input grid after inversion", got=f"shape {tuple(probs.shape[1:])}", expected=f"shape {reference.shape}")
+        raise InputDataError(
+            reference.path,
+            "prediction is not on the input grid after inversion",
+            got=f"shape {tuple(probs.shape[1:])}",
+            expected=f"shape {reference.shape}",
+        )
     label_values = np.asarray(predictor.label_values, dtype=np.int64)
     classes = probs.argmax(dim=0).numpy()  # (X, Y, Z) class indices
     if options.get("postprocessing") is not None:
@@ -245,8 +280,20 @@ def _segment(
         outputs.append(write_mask(mask, reference, out_mask, overwrite=overwrite).name)
         published.extend(outputs)
     if sources is not None:
-        names = {int(v): str(k) for k, v in (predictor.plan.dataset or {}).get("labels", {}).items() if isinstance(v, int)}
-        outputs.append(write_dicom_seg(mask, reference, sources, predictor.label_values, names, stem.with_name(stem.name + SEG_SUFFIX), overwrite=overwrite).name)
+        names = {
+            int(v): str(k) for k, v in (predictor.plan.dataset or {}).get("labels", {}).items() if isinstance(v, int)
+        }
+        outputs.append(
+            write_dicom_seg(
+                mask,
+                reference,
+                sources,
+                predictor.label_values,
+                names,
+                stem.with_name(stem.name + SEG_SUFFIX),
+                overwrite=overwrite,
+            ).name
+        )
         published.append(outputs[-1])
     if options.get("save_probabilities"):
         outputs.append(_write_probabilities(probs.numpy(), reference, stem, overwrite).name)
@@ -254,7 +301,16 @@ def _segment(
     times["total"] = time.perf_counter() - t0
 
     sidecar = dict(sidecar_base)
-    sidecar.update({"status": "done", "outputs": outputs, "mask": outputs[0], "seconds": {k: round(v, 4) for k, v in times.items()}, "warnings": warnings, "labels_found": sorted(int(v) for v in np.unique(mask))})
+    sidecar.update(
+        {
+            "status": "done",
+            "outputs": outputs,
+            "mask": outputs[0],
+            "seconds": {k: round(v, 4) for k, v in times.items()},
+            "warnings": warnings,
+            "labels_found": sorted(int(v) for v in np.unique(mask)),
+        }
+    )
     atomic_write_json(sidecar_path, sidecar, overwrite=True)
     return CaseOutcome(outputs + [stem.name + ".json"], warnings)
 
@@ -290,11 +346,17 @@ def _with_data_files(path: Path, digest: str) -> str:
 
 def outputs_exist(stem: Path, images: tuple[Path, ...]) -> list[Path]:
     """Existing files at the paths this case's outputs are written to (mask, sidecar, probabilities)."""
-    candidates = [stem.with_name(stem.name + s) for s in (mask_suffix(images[0]), SEG_SUFFIX, ".json", PROBABILITIES_SUFFIX)]
+    candidates = [
+        stem.with_name(stem.name + s) for s in (mask_suffix(images[0]), SEG_SUFFIX, ".json", PROBABILITIES_SUFFIX)
+    ]
     return [p for p in candidates if p.exists()]
 
 
 def refuse_existing(stem: Path, existing: list[Path]) -> UsageError:
     """The per-case error for outputs left by another model, settings or input."""
     names = ", ".join(p.name for p in existing)
-    return UsageError(stem.parent, f"outputs exist from a different model, settings or input: {names}", expected="pass --overwrite to redo them, or another --output")
+    return UsageError(
+        stem.parent,
+        f"outputs exist from a different model, settings or input: {names}",
+        expected="pass --overwrite to redo them, or another --output",
+    )

@@ -73,14 +73,23 @@ def output_names(case_ids: Sequence[str], suffixes: Mapping[str, str]) -> dict[s
     owners: dict[str, str] = {REPORT_NAME: "(the run report)"}
     clashes = []
     for cid, stem in names.items():
-        files = [stem + suffixes.get(cid, ".nii.gz"), stem + ".json", stem + "_probabilities.nii.gz", stem + "_probabilities.npz"]
+        files = [
+            stem + suffixes.get(cid, ".nii.gz"),
+            stem + ".json",
+            stem + "_probabilities.nii.gz",
+            stem + "_probabilities.npz",
+        ]
         for file in files:
             key = file.casefold()
             if key in owners and owners[key] != cid:
                 clashes.append(f"{cid!r} and {owners[key]!r} -> {file}")
             owners.setdefault(key, cid)
     if clashes:
-        raise UsageError("--input", "case ids collide after making them safe file names: " + "; ".join(clashes[:10]), expected="distinct case ids")
+        raise UsageError(
+            "--input",
+            "case ids collide after making them safe file names: " + "; ".join(clashes[:10]),
+            expected="distinct case ids",
+        )
     return names
 
 
@@ -100,9 +109,16 @@ def check_output_dir(output_dir: str | os.PathLike[str], input_path: str | os.Pa
     src = Path(input_path).expanduser().resolve()
     if src.is_dir():
         if _inside(out, src):
-            raise UsageError(output_dir, "output folder is inside the input folder", got=str(out), expected=f"a folder outside {src}")
+            raise UsageError(
+                output_dir, "output folder is inside the input folder", got=str(out), expected=f"a folder outside {src}"
+            )
     elif out == src.parent:
-        raise UsageError(output_dir, "output folder is the input file's folder", got=str(out), expected=f"another folder than {src.parent}")
+        raise UsageError(
+            output_dir,
+            "output folder is the input file's folder",
+            got=str(out),
+            expected=f"another folder than {src.parent}",
+        )
     if out.exists() and not out.is_dir():
         raise UsageError(output_dir, "output path exists and is not a folder", expected="a folder")
     try:
@@ -111,7 +127,9 @@ def check_output_dir(output_dir: str | os.PathLike[str], input_path: str | os.Pa
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise UsageError(output_dir, f"output folder is not writable ({exc.strerror or exc})", expected="a writable folder") from None
+        raise UsageError(
+            output_dir, f"output folder is not writable ({exc.strerror or exc})", expected="a writable folder"
+        ) from None
     return out
 
 
@@ -134,7 +152,9 @@ def parse_shard(shard: str | tuple[int, int] | None, env: Mapping[str, str] | No
             if len(parts) != 2:
                 raise ValueError
         except (ValueError, IndexError):
-            raise UsageError("--shard", "malformed shard", got=shard, expected="i/n with 0 <= i < n, e.g. 0/4") from None
+            raise UsageError(
+                "--shard", "malformed shard", got=shard, expected="i/n with 0 <= i < n, e.g. 0/4"
+            ) from None
     else:
         index, count = int(shard[0]), int(shard[1])
     if count < 1 or not 0 <= index < count:

@@ -82,11 +82,19 @@ class PostProcessing:
     evidence: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"lcc": {str(k): v for k, v in sorted(self.lcc.items())}, "source": self.source, "evidence": self.evidence}
+        return {
+            "lcc": {str(k): v for k, v in sorted(self.lcc.items())},
+            "source": self.source,
+            "evidence": self.evidence,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PostProcessing:
-        return cls({int(k): bool(v) for k, v in dict(data.get("lcc", {})).items()}, str(data.get("source", "none")), dict(data.get("evidence", {})))
+        return cls(
+            {int(k): bool(v) for k, v in dict(data.get("lcc", {})).items()},
+            str(data.get("source", "none")),
+            dict(data.get("evidence", {})),
+        )
 
     @classmethod
     def load(cls, run_dir: Path) -> PostProcessing | None:
@@ -98,7 +106,11 @@ class PostProcessing:
 
     def describe(self) -> str:
         chosen = [str(k) for k, on in sorted(self.lcc.items()) if on]
-        return f"largest component for class(es) {', '.join(chosen)} ({self.source})" if chosen else f"none ({self.source})"
+        return (
+            f"largest component for class(es) {', '.join(chosen)} ({self.source})"
+            if chosen
+            else f"none ({self.source})"
+        )
 
 
 def decide(per_case: Sequence[Mapping[int, tuple[float, float]]]) -> PostProcessing:
@@ -118,7 +130,9 @@ def decide_from_topology(per_case: Sequence[Mapping[int, bool]]) -> PostProcessi
     """Choose the filter for classes that are one piece in every reference label."""
     classes = sorted({k for case in per_case for k in case})
     lcc = {k: all(case.get(k, True) for case in per_case) for k in classes}
-    evidence = {str(k): {"one_piece": sum(case.get(k, True) for case in per_case), "cases": len(per_case)} for k in classes}
+    evidence = {
+        str(k): {"one_piece": sum(case.get(k, True) for case in per_case), "cases": len(per_case)} for k in classes
+    }
     return PostProcessing(lcc, "reference topology", evidence)
 
 
@@ -138,7 +152,10 @@ def pooled(decisions: Sequence[PostProcessing]) -> PostProcessing:
             evidence[str(k)] = {"dice": round(raw, 5), "dice_largest_component": round(filtered, 5), "cases": n}
         return PostProcessing(lcc, "cross-validation", evidence)
     classes = sorted({k for d in decisions for k in d.lcc})
-    return PostProcessing({k: all(d.lcc.get(k, False) for d in decisions) for k in classes}, "+".join(sorted({d.source for d in decisions})))
+    return PostProcessing(
+        {k: all(d.lcc.get(k, False) for d in decisions) for k in classes},
+        "+".join(sorted({d.source for d in decisions})),
+    )
 
 
 def apply(mask: np.ndarray, decision: PostProcessing, background: int = 0) -> np.ndarray:

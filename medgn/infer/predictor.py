@@ -33,7 +33,6 @@ from medgn.planning.plan import Plan
 __all__ = ["ModelSource", "Predictor", "load_predictor", "resolve_model_path", "state_dict_sha256"]
 
 
-
 @dataclass(frozen=True)
 class ModelSource:
     """Where one model came from: the checkpoint file and its sha256."""
@@ -79,7 +78,14 @@ class Predictor:
         return [s.sha256 for s in self.sources]
 
     @classmethod
-    def from_modules(cls, models: Sequence[nn.Module], plan: Plan | Mapping[str, Any], *, device: str | torch.device = "cpu", name: str = "module") -> Predictor:
+    def from_modules(
+        cls,
+        models: Sequence[nn.Module],
+        plan: Plan | Mapping[str, Any],
+        *,
+        device: str | torch.device = "cpu",
+        name: str = "module",
+    ) -> Predictor:
         """Wrap networks built in Python (no checkpoint file); their sha256 is over the weights.
 
         Args:
@@ -123,13 +129,17 @@ def resolve_model_path(path: str | os.PathLike[str]) -> Path:
 def _shape_diff(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> list[str]:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
-    diffs = [f"{k}: expected {expected[k]}, found {found[k]}" for k in expected if k in found and expected[k] != found[k]]
+    diffs = [
+        f"{k}: expected {expected[k]}, found {found[k]}" for k in expected if k in found and expected[k] != found[k]
+    ]
     diffs += [f"{k}: missing (expected {expected[k]})" for k in expected if k not in found]
     diffs += [f"{k}: unexpected (found {found[k]})" for k in found if k not in expected]
     return diffs
 
 
-def _load_one(path: str | os.PathLike[str], device: torch.device) -> tuple[nn.Module, Plan, ModelSource, dict[str, Any]]:
+def _load_one(
+    path: str | os.PathLike[str], device: torch.device
+) -> tuple[nn.Module, Plan, ModelSource, dict[str, Any]]:
     """One checkpoint: the eval-mode network, its plan, its source and the record the config hash covers."""
     from medgn.checkpoint import INFERENCE_ORDER, read_checkpoint
     from medgn.configtools import build
@@ -137,13 +147,22 @@ def _load_one(path: str | os.PathLike[str], device: torch.device) -> tuple[nn.Mo
     from medgn.models.registry import build_model
 
     resolve_model_path(path)  # a clear error for a missing path or an empty folder
-    state, file, sha256 = read_checkpoint(path, map_location="cpu", prefer=INFERENCE_ORDER)  # one read: hashed and loaded
+    state, file, sha256 = read_checkpoint(
+        path, map_location="cpu", prefer=INFERENCE_ORDER
+    )  # one read: hashed and loaded
     missing = [k for k in ("model", "config", "plan") if k not in state]
     if missing:
-        raise ModelError(file, "checkpoint is missing keys: " + ", ".join(missing), got=f"keys {sorted(map(str, state))[:8]}", expected="model, config and plan")
+        raise ModelError(
+            file,
+            "checkpoint is missing keys: " + ", ".join(missing),
+            got=f"keys {sorted(map(str, state))[:8]}",
+            expected="model, config and plan",
+        )
     weights, config, raw_plan = state["model"], state["config"], state["plan"]
     if not isinstance(weights, Mapping) or not isinstance(config, Mapping):
-        raise ModelError(file, "checkpoint 'model' or 'config' is not a mapping", expected="a state dict and a config dict")
+        raise ModelError(
+            file, "checkpoint 'model' or 'config' is not a mapping", expected="a state dict and a config dict"
+        )
     plan = Plan.from_dict(raw_plan, file, error=ModelError)
     try:
         cfg = build(UNet3DConfig, config.get("model", {}), "model")
@@ -156,7 +175,11 @@ def _load_one(path: str | os.PathLike[str], device: torch.device) -> tuple[nn.Mo
     diffs = _shape_diff(model, weights)
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; ... {len(diffs) - 8} more" if len(diffs) > 8 else "")
-        raise ModelError(file, f"weights do not fit the architecture ({len(diffs)} differences): {shown}", expected=f"a checkpoint of {cfg.name} with in_channels={plan.in_channels}, num_classes={plan.num_classes}")
+        raise ModelError(
+            file,
+            f"weights do not fit the architecture ({len(diffs)} differences): {shown}",
+            expected=f"a checkpoint of {cfg.name} with in_channels={plan.in_channels}, num_classes={plan.num_classes}",
+        )
     model.load_state_dict(weights, strict=True)
     model.to(device).eval()
     # The config hash covers the plan as stored, so sidecars of earlier runs still match.
@@ -165,10 +188,16 @@ def _load_one(path: str | os.PathLike[str], device: torch.device) -> tuple[nn.Mo
 
 def _plan_diff(a: Plan, b: Plan) -> list[str]:
     sa, sb = a.shared(), b.shared()
-    return [f"{k}: {sa[k]!r} vs {sb[k]!r}" for k in sa if json.dumps(sa[k], sort_keys=True) != json.dumps(sb[k], sort_keys=True)]
+    return [
+        f"{k}: {sa[k]!r} vs {sb[k]!r}"
+        for k in sa
+        if json.dumps(sa[k], sort_keys=True) != json.dumps(sb[k], sort_keys=True)
+    ]
 
 
-def load_predictor(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], device: str | torch.device = "cpu") -> Predictor:
+def load_predictor(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], device: str | torch.device = "cpu"
+) -> Predictor:
     """Load one model or an ensemble of folds for inference.
 
     Args:
@@ -185,7 +214,9 @@ def load_predictor(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[st
             architecture, holds NaN/Inf weights, or the plans of several models disagree (exit 4).
         UsageError: no model given or an unknown device (exit 2).
     """
-    items = [run for item in ([paths] if isinstance(paths, (str, os.PathLike)) else list(paths)) for run in fold_runs(item)]
+    items = [
+        run for item in ([paths] if isinstance(paths, (str, os.PathLike)) else list(paths)) for run in fold_runs(item)
+    ]
     if not items:
         raise UsageError("--model", "no model given", expected="at least one run folder or checkpoint")
     dev = _device(device)
@@ -198,7 +229,11 @@ def load_predictor(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[st
         else:
             diffs = _plan_diff(plan0, plan)
             if diffs:
-                raise ModelError(source.path, "models disagree on their plans: " + "; ".join(diffs), expected=f"the plan of {sources[0].path}")
+                raise ModelError(
+                    source.path,
+                    "models disagree on their plans: " + "; ".join(diffs),
+                    expected=f"the plan of {sources[0].path}",
+                )
         models.append(model)
         sources.append(source)
         records.append(record)
@@ -209,7 +244,12 @@ def load_predictor(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[st
 def fold_runs(path: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
     """The run folders inside ``path`` when it is a folder of runs (an ensemble), else ``[path]``."""
     folder = Path(path)
-    if not folder.is_dir() or (folder / "checkpoints").is_dir() or any(folder.glob("*.pt")) or any(folder.glob("*.json")):
+    if (
+        not folder.is_dir()
+        or (folder / "checkpoints").is_dir()
+        or any(folder.glob("*.pt"))
+        or any(folder.glob("*.json"))
+    ):
         return [path]
     runs = sorted(p for p in folder.iterdir() if p.is_dir() and (p / "checkpoints").is_dir())
     return list(runs) or [path]

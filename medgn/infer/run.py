@@ -94,9 +94,23 @@ def _clean_own_temps(output_dir: Path, names: Sequence[str], shard: tuple[int, i
     return removed
 
 
-def _settings(predictor: Predictor, tta: bool, overlap: float, sw_batch_size: int, mirror_axes: Sequence[int], precision: str = "auto") -> WindowSettings:
+def _settings(
+    predictor: Predictor,
+    tta: bool,
+    overlap: float,
+    sw_batch_size: int,
+    mirror_axes: Sequence[int],
+    precision: str = "auto",
+) -> WindowSettings:
     patch = predictor.plan.patch_size
-    return WindowSettings(roi_size=patch, overlap=float(overlap), sw_batch_size=int(sw_batch_size), tta=bool(tta), mirror_axes=tuple(int(a) for a in mirror_axes), precision=precision)  # type: ignore[arg-type]
+    return WindowSettings(
+        roi_size=patch,
+        overlap=float(overlap),
+        sw_batch_size=int(sw_batch_size),
+        tta=bool(tta),
+        mirror_axes=tuple(int(a) for a in mirror_axes),
+        precision=precision,
+    )  # type: ignore[arg-type]
 
 
 def _progress(enabled: bool, total: int) -> Any:
@@ -112,7 +126,15 @@ def _progress(enabled: bool, total: int) -> Any:
         TimeRemainingColumn,
     )
 
-    progress = Progress(TextColumn("[bold]infer"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.description}"), console=Console(stderr=True))
+    progress = Progress(
+        TextColumn("[bold]infer"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        console=Console(stderr=True),
+    )
     progress.start()
     progress.add_task("", total=total)
     return progress
@@ -170,11 +192,18 @@ def infer(
 def _check_output_format(output_format: str | None, cases: dict[str, Any]) -> None:
     """Refuse an unknown format, or a DICOM-SEG for inputs that are not DICOM series (exit 2)."""
     if output_format is not None and output_format not in OUTPUT_FORMATS:
-        raise UsageError("--output-format", "unknown output format", got=output_format, expected=" or ".join(OUTPUT_FORMATS))
+        raise UsageError(
+            "--output-format", "unknown output format", got=output_format, expected=" or ".join(OUTPUT_FORMATS)
+        )
     if output_format in ("dicom-seg", "both"):
         files = [c.case_id for c in cases.values() if not c.images[0].is_dir()]
         if files:
-            raise UsageError("--output-format", f"a DICOM-SEG needs a DICOM series input; not DICOM: {', '.join(files[:5])}", got=output_format, expected="--output-format nifti for NIfTI/NRRD/MHA inputs")
+            raise UsageError(
+                "--output-format",
+                f"a DICOM-SEG needs a DICOM series input; not DICOM: {', '.join(files[:5])}",
+                got=output_format,
+                expected="--output-format nifti for NIfTI/NRRD/MHA inputs",
+            )
 
 
 def choose_postprocessing(predictor: Predictor, run: InferSettings) -> PostProcessing | None:
@@ -202,17 +231,37 @@ def _shard_lock_dir(out: Path, shard: tuple[int, int]) -> Path:
     return folder
 
 
-def _run_cases(predictor: Predictor, cases: dict[str, Any], selected: list[str], names: dict[str, str], out: Path, shard: tuple[int, int] | None, run: InferSettings) -> InferenceReport:
+def _run_cases(
+    predictor: Predictor,
+    cases: dict[str, Any],
+    selected: list[str],
+    names: dict[str, str],
+    out: Path,
+    shard: tuple[int, int] | None,
+    run: InferSettings,
+) -> InferenceReport:
     from medgn.environment import versions
 
     settings = _settings(predictor, run.tta, run.overlap, run.sw_batch_size, run.mirror_axes, run.precision)
     # What determines a mask (the case fingerprint covers it): unchanged since sidecar version 1.
-    recorded = {**asdict(settings), "save_probabilities": run.save_probabilities, "largest_component": run.largest_component, "label_values": predictor.label_values}
+    recorded = {
+        **asdict(settings),
+        "save_probabilities": run.save_probabilities,
+        "largest_component": run.largest_component,
+        "label_values": predictor.label_values,
+    }
     decision = choose_postprocessing(predictor, run)
     if decision is not None:  # it changes masks, so the fingerprint covers it
         recorded["postprocessing"] = decision.to_dict()
         log.info("post-processing: %s", decision.describe())
-    options = {"overwrite": run.overwrite, "save_probabilities": run.save_probabilities, "postprocessing": decision, "threads": run.threads, "output_format": run.output_format, "limits": run.limits}
+    options = {
+        "overwrite": run.overwrite,
+        "save_probabilities": run.save_probabilities,
+        "postprocessing": decision,
+        "threads": run.threads,
+        "output_format": run.output_format,
+        "limits": run.limits,
+    }
     if run.output_format is not None:  # recorded only when chosen: default runs keep their fingerprints
         recorded["output_format"] = run.output_format
     preprocess, invert = _pipeline(predictor.plan, run.limits)
@@ -226,7 +275,9 @@ def _run_cases(predictor: Predictor, cases: dict[str, Any], selected: list[str],
             result = CaseResult(cid, names[cid], "ok")
             try:
                 reads, inputs = read_inputs(case.images)
-                fp = fingerprint([r["sha256"] for r in inputs], predictor.model_sha256s, predictor.config_hash, recorded)
+                fp = fingerprint(
+                    [r["sha256"] for r in inputs], predictor.model_sha256s, predictor.config_hash, recorded
+                )
                 existing = outputs_exist(stem, case.images)
                 sidecar = read_sidecar(stem.with_name(stem.name + ".json"))
                 mask_done = stem.with_name(stem.name + primary_suffix(case.images, run.output_format)).is_file()
@@ -234,12 +285,27 @@ def _run_cases(predictor: Predictor, cases: dict[str, Any], selected: list[str],
                 # An interrupted run of the same fingerprint left these outputs: ours to replace.
                 resuming = same and sidecar.get("status") == "running"
                 if same and sidecar.get("status") == "done" and mask_done:
-                    result.status, result.message, result.outputs = "skipped", "done earlier with the same inputs, models and settings", list(sidecar.get("outputs", []))
+                    result.status, result.message, result.outputs = (
+                        "skipped",
+                        "done earlier with the same inputs, models and settings",
+                        list(sidecar.get("outputs", [])),
+                    )
                 elif existing and not (run.overwrite or resuming):
                     raise refuse_existing(stem, existing)
                 else:
                     options["overwrite"] = bool(run.overwrite or resuming)
-                    base = {"sidecar_version": 1, "case_id": cid, "inputs": inputs, "fingerprint": fp, "models": report.models, "config_hash": predictor.config_hash, "settings": recorded, "infer_settings": run.to_dict(), "plan": {k: v for k, v in predictor.plan.to_dict().items() if k in SIDECAR_PLAN_KEYS}, **env}
+                    base = {
+                        "sidecar_version": 1,
+                        "case_id": cid,
+                        "inputs": inputs,
+                        "fingerprint": fp,
+                        "models": report.models,
+                        "config_hash": predictor.config_hash,
+                        "settings": recorded,
+                        "infer_settings": run.to_dict(),
+                        "plan": {k: v for k, v in predictor.plan.to_dict().items() if k in SIDECAR_PLAN_KEYS},
+                        **env,
+                    }
                     outcome = run_case(case.images, stem, predictor, settings, options, preprocess, invert, base, reads)
                     result.outputs, result.warnings = outcome.outputs, outcome.warnings
             except MedgnError as exc:
@@ -248,12 +314,22 @@ def _run_cases(predictor: Predictor, cases: dict[str, Any], selected: list[str],
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:  # noqa: BLE001 - record the bug for this case, continue with the others
-                result.status, result.code, result.message = "failed", EXIT_BUG, f"internal error: {type(exc).__name__}: {exc}"
+                result.status, result.code, result.message = (
+                    "failed",
+                    EXIT_BUG,
+                    f"internal error: {type(exc).__name__}: {exc}",
+                )
                 log.error("case %s failed with an internal error:\n%s", cid, traceback.format_exc())
             result.seconds = round(time.perf_counter() - t0, 4)
             report.cases.append(result)
             report.write()
-            log.info("case %s: %s in %.2f s%s", cid, result.status, result.seconds, f" ({result.message})" if result.status == "failed" else "")
+            log.info(
+                "case %s: %s in %.2f s%s",
+                cid,
+                result.status,
+                result.seconds,
+                f" ({result.message})" if result.status == "failed" else "",
+            )
             if bar is not None:
                 bar.update(bar.task_ids[0], advance=1, description=f"{cid}: {result.status} {result.seconds:.1f} s")
     finally:

@@ -61,7 +61,9 @@ class InferSettings:
 
     def __post_init__(self) -> None:
         if self.postprocess not in POSTPROCESS:
-            raise UsageError("--postprocess", "unknown post-processing", got=self.postprocess, expected=" or ".join(POSTPROCESS))
+            raise UsageError(
+                "--postprocess", "unknown post-processing", got=self.postprocess, expected=" or ".join(POSTPROCESS)
+            )
 
     @classmethod
     def of(cls, base: InferSettings | None = None, **changes: Any) -> InferSettings:

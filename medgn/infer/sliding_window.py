@@ -3,7 +3,8 @@
 This module owns :func:`predict_probabilities`, which turns one preprocessed image (C, X, Y, Z)
 into class probabilities (K, X, Y, Z) on the same grid: MONAI's ``sliding_window_inference`` with a
 Gaussian blend of overlapping windows, several windows per forward, autocast (bf16 where the GPU
-supports it, else fp16) on CUDA and bf16 on CPUs with native bf16 instructions, optional mirroring test-time augmentation over any subset of the
+supports it, else fp16) on CUDA and bf16 on CPUs with native bf16 instructions, optional mirroring test-time
+augmentation over any subset of the
 three spatial axes, and the softmax averaged over every flip and every model. When the GPU runs
 out of memory the same prediction is retried with the stitching buffer on the CPU (windows still
 run on the GPU, one per forward); that fallback happens only for ``torch.OutOfMemoryError`` and is
@@ -59,11 +60,18 @@ class WindowSettings:
         if not 0.0 <= self.overlap < 1.0:
             raise UsageError("--overlap", "overlap out of range", got=self.overlap, expected="a fraction in [0, 1)")
         if self.sw_batch_size < 1:
-            raise UsageError("sw_batch_size", "needs at least one window per forward", got=self.sw_batch_size, expected=">= 1")
+            raise UsageError(
+                "sw_batch_size", "needs at least one window per forward", got=self.sw_batch_size, expected=">= 1"
+            )
         if len(self.roi_size) != 3 or any(int(s) < 1 for s in self.roi_size):
             raise UsageError("patch_size", "window size must be 3 positive integers", got=list(self.roi_size))
         if len(set(self.mirror_axes)) != len(self.mirror_axes) or any(a not in (0, 1, 2) for a in self.mirror_axes):
-            raise UsageError("mirror_axes", "mirror axes must be distinct spatial axes", got=list(self.mirror_axes), expected="a subset of (0, 1, 2)")
+            raise UsageError(
+                "mirror_axes",
+                "mirror axes must be distinct spatial axes",
+                got=list(self.mirror_axes),
+                expected="a subset of (0, 1, 2)",
+            )
 
 
 def mirror_flips(settings: WindowSettings) -> list[tuple[int, ...]]:
@@ -139,7 +147,12 @@ def _window_logits(
 
 def _oom_error(device: str | torch.device, exc: BaseException) -> ResourceError:
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return ResourceError(str(device), "out of memory even with stitching on the CPU and one window per forward", got=first, expected="a smaller patch size or more memory")
+    return ResourceError(
+        str(device),
+        "out of memory even with stitching on the CPU and one window per forward",
+        got=first,
+        expected="a smaller patch size or more memory",
+    )
 
 
 @torch.inference_mode()
@@ -171,7 +184,9 @@ def predict_probabilities(
     if not models:
         raise UsageError("--model", "no model given", expected="at least one checkpoint or run folder")
     if image.ndim != 4:
-        raise UsageError("image", "expected a channel-first 3D image", got=f"shape {tuple(image.shape)}", expected="(C, X, Y, Z)")
+        raise UsageError(
+            "image", "expected a channel-first 3D image", got=f"shape {tuple(image.shape)}", expected="(C, X, Y, Z)"
+        )
     sw_device = torch.device(device)
     # Stitch where the windows run while that fits; the fallback moves the buffer to the CPU.
     stitch_device = sw_device
@@ -193,7 +208,9 @@ def predict_probabilities(
                         torch.cuda.empty_cache()
                     stitch_device, sw_batch_size = torch.device("cpu"), 1
                     if warnings is not None:
-                        warnings.append(f"out of memory on {device}: stitching moved to the CPU with one window per forward")
+                        warnings.append(
+                            f"out of memory on {device}: stitching moved to the CPU with one window per forward"
+                        )
                     try:
                         logits = _window_logits(model, flipped, settings, sw_device, stitch_device, sw_batch_size)
                     except torch.OutOfMemoryError as again:

@@ -31,7 +31,9 @@ def as_triple(value: Size3, name: str) -> tuple[int, int, int]:
     """
     items = (value,) * 3 if isinstance(value, int) else tuple(value)
     if len(items) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in items):
-        raise UsageError(name, "must be a positive int or three positive ints", got=value, expected="e.g. 3 or (1, 3, 3)")
+        raise UsageError(
+            name, "must be a positive int or three positive ints", got=value, expected="e.g. 3 or (1, 3, 3)"
+        )
     return items  # type: ignore[return-value]
 
 

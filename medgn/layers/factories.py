@@ -157,7 +157,9 @@ def make_norm(
         try:
             num_groups = resolve_groups(channels, num_groups, group_channels)
         except ValueError as exc:
-            raise UsageError("num_groups", str(exc), got=num_groups, expected="a positive group count, or null for the rule") from None
+            raise UsageError(
+                "num_groups", str(exc), got=num_groups, expected="a positive group count, or null for the rule"
+            ) from None
     norm = NORMS[name](channels, num_groups, activation if fused else None)
     if activation is None or fused:
         return norm

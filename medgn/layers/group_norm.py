@@ -49,14 +49,10 @@ class GroupNorm(nn.GroupNorm):
     ) -> None:
         act = "none" if activation is None else activation
         if act not in ACTIVATIONS:
-            raise ValueError(
-                f"GroupNorm: unknown activation {activation!r}, expected None or one of {ACTIVATIONS}"
-            )
+            raise ValueError(f"GroupNorm: unknown activation {activation!r}, expected None or one of {ACTIVATIONS}")
         if backend not in BACKENDS:
             raise ValueError(f"GroupNorm: unknown backend {backend!r}, expected one of {BACKENDS}")
-        super().__init__(
-            num_groups, num_channels, eps, affine, device=device, dtype=dtype, bias=bias
-        )
+        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype, bias=bias)
         self.activation = act
         self.negative_slope = float(negative_slope)
         self.backend = backend

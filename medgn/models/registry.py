@@ -51,7 +51,9 @@ def get_model(name: str) -> ModelBuilder:
         UsageError: unknown name (the message lists the registered ones).
     """
     if name not in _REGISTRY:
-        raise UsageError("model.name", "unknown model", got=name, expected="one of " + ", ".join(map(repr, model_names())))
+        raise UsageError(
+            "model.name", "unknown model", got=name, expected="one of " + ", ".join(map(repr, model_names()))
+        )
     return _REGISTRY[name]
 
 
@@ -74,7 +76,13 @@ def build_model(
     return get_model(cfg.name)(cfg, in_channels, out_channels, strides, kernel_sizes)  # type: ignore[arg-type]
 
 
-def _unet(cfg: UNet3DConfig, in_channels: int, out_channels: int, strides: Sequence[Size3] | None, kernel_sizes: Sequence[Size3] | None) -> UNet3D:
+def _unet(
+    cfg: UNet3DConfig,
+    in_channels: int,
+    out_channels: int,
+    strides: Sequence[Size3] | None,
+    kernel_sizes: Sequence[Size3] | None,
+) -> UNet3D:
     return UNet3D(
         in_channels,
         out_channels,
@@ -95,12 +103,24 @@ def _unet(cfg: UNet3DConfig, in_channels: int, out_channels: int, strides: Seque
 
 
 @register_model("unet3d")
-def _build_unet3d(cfg: UNet3DConfig, in_channels: int, out_channels: int, strides: Sequence[Size3] | None, kernel_sizes: Sequence[Size3] | None) -> nn.Module:
+def _build_unet3d(
+    cfg: UNet3DConfig,
+    in_channels: int,
+    out_channels: int,
+    strides: Sequence[Size3] | None,
+    kernel_sizes: Sequence[Size3] | None,
+) -> nn.Module:
     return _unet(cfg, in_channels, out_channels, strides, kernel_sizes)
 
 
 @register_model("unet3d_residual")
-def _build_unet3d_residual(cfg: UNet3DConfig, in_channels: int, out_channels: int, strides: Sequence[Size3] | None, kernel_sizes: Sequence[Size3] | None) -> nn.Module:
+def _build_unet3d_residual(
+    cfg: UNet3DConfig,
+    in_channels: int,
+    out_channels: int,
+    strides: Sequence[Size3] | None,
+    kernel_sizes: Sequence[Size3] | None,
+) -> nn.Module:
     return _unet(dataclasses.replace(cfg, residual=True), in_channels, out_channels, strides, kernel_sizes)
 
 

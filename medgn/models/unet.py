@@ -33,7 +33,9 @@ HE_NEGATIVE_SLOPE = 1e-2
 def _per_stage(value: Sequence[Size3] | None, n: int, default: list[Size3], name: str) -> list[Triple]:
     items = default if value is None else list(value)
     if len(items) != n:
-        raise UsageError(name, f"needs one entry per stage ({n} stages from features)", got=list(items), expected=f"{n} entries")
+        raise UsageError(
+            name, f"needs one entry per stage ({n} stages from features)", got=list(items), expected=f"{n} entries"
+        )
     return [as_triple(v, f"{name}[{i}]") for i, v in enumerate(items)]
 
 
@@ -87,32 +89,59 @@ class UNet3D(nn.Module):
         self.features = tuple(int(f) for f in features)
         n = len(self.features)
         if n < 2 or any(f < 1 for f in self.features):
-            raise UsageError("features", "needs at least two positive stage widths", got=list(features), expected="e.g. (32, 64, 128)")
+            raise UsageError(
+                "features",
+                "needs at least two positive stage widths",
+                got=list(features),
+                expected="e.g. (32, 64, 128)",
+            )
         if in_channels < 1 or out_channels < 1:
             raise UsageError("channels", "in/out channels must be positive", got=(in_channels, out_channels))
         if n_conv_per_stage < 1:
             raise UsageError("n_conv_per_stage", "must be at least 1", got=n_conv_per_stage, expected=">= 1")
         if memory_format not in MEMORY_FORMATS:
-            raise UsageError("memory_format", "unknown memory format", got=memory_format, expected="one of " + ", ".join(map(repr, MEMORY_FORMATS)))
+            raise UsageError(
+                "memory_format",
+                "unknown memory format",
+                got=memory_format,
+                expected="one of " + ", ".join(map(repr, MEMORY_FORMATS)),
+            )
         self.strides = _per_stage(strides, n, [1] + [2] * (n - 1), "strides")
         self.kernel_sizes = _per_stage(kernel_sizes, n, [3] * n, "kernel_sizes")
         if self.strides[0] != (1, 1, 1):
             raise UsageError("strides[0]", "the first stage keeps full resolution", got=self.strides[0], expected="1")
         if any(k % 2 == 0 for ks in self.kernel_sizes for k in ks):
-            raise UsageError("kernel_sizes", "kernels must be odd to keep sizes", got=self.kernel_sizes, expected="odd sizes such as 1 or 3")
+            raise UsageError(
+                "kernel_sizes",
+                "kernels must be odd to keep sizes",
+                got=self.kernel_sizes,
+                expected="odd sizes such as 1 or 3",
+            )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.deep_supervision, self.checkpoint, self.pad_input = deep_supervision, checkpoint, pad_input
         self.memory_format = memory_format
-        common = {"norm": norm, "activation": activation, "weight_std": weight_std, "num_groups": num_groups, "group_channels": group_channels}
+        common = {
+            "norm": norm,
+            "activation": activation,
+            "weight_std": weight_std,
+            "num_groups": num_groups,
+            "group_channels": group_channels,
+        }
 
         self.encoder = nn.ModuleList()
         prev = in_channels
         for s, (width, stride, kernel) in enumerate(zip(self.features, self.strides, self.kernel_sizes)):
             if residual and s > 0:
                 # The stem stays plain (as in ResNet); deeper stages are residual blocks of two convs.
-                blocks = [ResidualBlock3d(prev if b == 0 else width, width, kernel, stride if b == 0 else 1, **common) for b in range(max(1, n_conv_per_stage // 2))]
+                blocks = [
+                    ResidualBlock3d(prev if b == 0 else width, width, kernel, stride if b == 0 else 1, **common)
+                    for b in range(max(1, n_conv_per_stage // 2))
+                ]
             else:
-                blocks = [ConvNormAct3d(prev if c == 0 else width, width, kernel, stride if c == 0 else 1, **common) for c in range(n_conv_per_stage)]
+                blocks = [
+                    ConvNormAct3d(prev if c == 0 else width, width, kernel, stride if c == 0 else 1, **common)
+                    for c in range(n_conv_per_stage)
+                ]
             self.encoder.append(nn.Sequential(*blocks))
             prev = width
 
@@ -123,7 +152,9 @@ class UNet3D(nn.Module):
         for s in range(n - 1, 0, -1):
             low, high, kernel = self.features[s], self.features[s - 1], self.kernel_sizes[s - 1]
             self.upsample.append(nn.ConvTranspose3d(low, high, self.strides[s], stride=self.strides[s], bias=False))
-            convs = [ConvNormAct3d(2 * high if c == 0 else high, high, kernel, 1, **common) for c in range(n_conv_per_stage)]
+            convs = [
+                ConvNormAct3d(2 * high if c == 0 else high, high, kernel, 1, **common) for c in range(n_conv_per_stage)
+            ]
             self.decoder.append(nn.Sequential(*convs))
             self.heads.append(nn.Conv3d(high, out_channels, 1, bias=True))
         self._init_weights()
@@ -154,7 +185,9 @@ class UNet3D(nn.Module):
         if x.dim() != 5:
             raise ModelError("input", "expected a 5D tensor (N, C, D, H, W)", got=tuple(x.shape))
         if x.shape[1] != self.in_channels:
-            raise ModelError("input", "wrong number of input channels", got=int(x.shape[1]), expected=f"{self.in_channels} channels")
+            raise ModelError(
+                "input", "wrong number of input channels", got=int(x.shape[1]), expected=f"{self.in_channels} channels"
+            )
         size = tuple(int(s) for s in x.shape[2:])
         stride = self.total_stride
         if self.pad_input or all(s % t == 0 for s, t in zip(size, stride)):

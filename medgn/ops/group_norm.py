@@ -57,9 +57,7 @@ def _fwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from medgn.ops.group_norm_triton import group_norm_forward
 
-    return group_norm_forward(
-        x, num_groups, weight, bias, eps, activation, residual, negative_slope
-    )
+    return group_norm_forward(x, num_groups, weight, bias, eps, activation, residual, negative_slope)
 
 
 @_fwd_op.register_fake
@@ -164,9 +162,7 @@ def _resolve_backend(x: torch.Tensor, backend: str) -> str:
         return "triton" if ok else "torch"
     if backend == "triton":
         if not _triton_available():
-            raise ValueError(
-                "group_norm: backend='triton' needs the triton package; use backend='torch'"
-            )
+            raise ValueError("group_norm: backend='triton' needs the triton package; use backend='torch'")
         if x.dtype not in _TRITON_DTYPES:
             raise TypeError(
                 f"group_norm: backend='triton' takes float32/bfloat16/float16 input, got {x.dtype}; "
@@ -241,12 +237,8 @@ def group_norm(
     Raises:
         ValueError / TypeError: bad shapes, dtypes, activation or backend (the message says the fix).
     """
-    act = check_group_norm_args(
-        x, num_groups, weight, bias, eps, activation, residual, negative_slope
-    )
+    act = check_group_norm_args(x, num_groups, weight, bias, eps, activation, residual, negative_slope)
     if _resolve_backend(x, backend) == "torch":
         return _group_norm_native(x, num_groups, weight, bias, eps, act, residual, negative_slope)
-    y, _mean, _rstd = _fwd_op(
-        x, weight, bias, residual, num_groups, float(eps), act, float(negative_slope)
-    )
+    y, _mean, _rstd = _fwd_op(x, weight, bias, residual, num_groups, float(eps), act, float(negative_slope))
     return y

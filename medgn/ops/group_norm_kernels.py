@@ -207,7 +207,5 @@ def _fused_kernel(
     gamma, beta = _affine(W, B, g0, gg, cc, cm, CPG, HAS_W, HAS_B)
     z = d * (gamma * rstd[:, None])[:, :, None] + beta[:, :, None]
     if HAS_R:
-        z += tl.load(R + _offsets(rbase, gg, cc, ss, CPG, src, srs), mask=m, other=0.0).to(
-            tl.float32
-        )
+        z += tl.load(R + _offsets(rbase, gg, cc, ss, CPG, src, srs), mask=m, other=0.0).to(tl.float32)
     tl.store(Y + off, _act(z, ACT, slope).to(Y.dtype.element_ty), mask=m)

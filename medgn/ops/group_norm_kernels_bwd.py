@@ -148,9 +148,7 @@ def _bwd_dx_kernel(
             off = _offsets(base, gg, cc, ss, CPG, sxc, sxs)
             roff = _offsets(rbase, gg, cc, ss, CPG, src, srs)
             xhat, dz = _bwd_tile(X, DY, R, off, roff, m, mean, rstd, gamma, beta, slope, HAS_R, ACT)
-            dx = rstd[:, None, None] * (
-                gamma[:, :, None] * dz - c1[:, None, None] - xhat * c2[:, None, None]
-            )
+            dx = rstd[:, None, None] * (gamma[:, :, None] * dz - c1[:, None, None] - xhat * c2[:, None, None])
             tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=m)
             if HAS_DR:
                 tl.store(DR + roff, dz.to(DR.dtype.element_ty), mask=m)
@@ -187,9 +185,7 @@ def _bwd_fused_kernel(
         db += sdz
         c1 = tl.sum(sdz * gamma, 1) / group_count  # (GPB,)
         c2 = tl.sum(sdzx * gamma, 1) / group_count
-        dx = rstd[:, None, None] * (
-            gamma[:, :, None] * dz - c1[:, None, None] - xhat * c2[:, None, None]
-        )
+        dx = rstd[:, None, None] * (gamma[:, :, None] * dz - c1[:, None, None] - xhat * c2[:, None, None])
         tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=m)
         if HAS_DR:
             tl.store(DR + roff, dz.to(DR.dtype.element_ty), mask=m)

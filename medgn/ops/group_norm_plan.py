@@ -196,9 +196,7 @@ def backward_path(x: torch.Tensor, num_groups: int, path: str = "auto") -> str:
     return "fused" if _fused_block(x, num_groups, _FUSED_BWD_MAX) else "chunked"
 
 
-def moved_volumes(
-    path: str, direction: str, residual: bool, activation: str, need_dres: bool = True
-) -> float:
+def moved_volumes(path: str, direction: str, residual: bool, activation: str, need_dres: bool = True) -> float:
     """Tensor volumes a path moves from/to memory (the module docstring's table).
 
     For "chunked" this is the HBM traffic when the second pass's re-read hits L2 (what the path
@@ -210,9 +208,7 @@ def moved_volumes(
     if direction == "fwd":
         return {"fused": 2.0, "split": 3.0, "chunked": 2.0}[path] + res
     if direction == "bwd":
-        return {"fused": 3.0 + res_act, "split": 5.0 + 2 * res_act, "chunked": 3.0 + res_act}[
-            path
-        ] + dres
+        return {"fused": 3.0 + res_act, "split": 5.0 + 2 * res_act, "chunked": 3.0 + res_act}[path] + dres
     raise ValueError(f"moved_volumes: direction {direction!r}, expected 'fwd' or 'bwd'")
 
 

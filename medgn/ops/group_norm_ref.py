@@ -32,18 +32,14 @@ def _check_param(name: str, t: torch.Tensor | None, channels: int) -> None:
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
-        raise TypeError(
-            f"group_norm: {name} must be a tensor of shape ({channels},) or None, got {type(t).__name__}"
-        )
+        raise TypeError(f"group_norm: {name} must be a tensor of shape ({channels},) or None, got {type(t).__name__}")
     if t.dim() != 1 or t.shape[0] != channels:
         raise ValueError(
             f"group_norm: {name} has shape {tuple(t.shape)}, expected ({channels},), one value per "
             "channel of x; build it with the layer's num_channels"
         )
     if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"group_norm: {name} has dtype {t.dtype}, expected one of {SUPPORTED_DTYPES}"
-        )
+        raise TypeError(f"group_norm: {name} has dtype {t.dtype}, expected one of {SUPPORTED_DTYPES}")
 
 
 def check_group_norm_args(
@@ -86,32 +82,22 @@ def check_group_norm_args(
     _check_param("weight", weight, channels)
     _check_param("bias", bias, channels)
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(
-            f"group_norm: eps must be a finite number > 0, got {eps!r} (1e-5 is usual)"
-        )
+        raise ValueError(f"group_norm: eps must be a finite number > 0, got {eps!r} (1e-5 is usual)")
     if not isinstance(negative_slope, (int, float)) or not math.isfinite(negative_slope):
-        raise ValueError(
-            f"group_norm: negative_slope must be a finite number, got {negative_slope!r}"
-        )
+        raise ValueError(f"group_norm: negative_slope must be a finite number, got {negative_slope!r}")
     act = "none" if activation is None else activation
     if act not in ACTIVATIONS:
-        raise ValueError(
-            f"group_norm: unknown activation {activation!r}, expected None or one of {ACTIVATIONS}"
-        )
+        raise ValueError(f"group_norm: unknown activation {activation!r}, expected None or one of {ACTIVATIONS}")
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
-            raise TypeError(
-                f"group_norm: residual must be a tensor or None, got {type(residual).__name__}"
-            )
+            raise TypeError(f"group_norm: residual must be a tensor or None, got {type(residual).__name__}")
         if residual.shape != x.shape:
             raise ValueError(
                 f"group_norm: residual has shape {tuple(residual.shape)}, expected x's shape "
                 f"{tuple(x.shape)}; the residual is added element-wise before the activation"
             )
         if residual.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"group_norm: residual has dtype {residual.dtype}, expected one of {SUPPORTED_DTYPES}"
-            )
+            raise TypeError(f"group_norm: residual has dtype {residual.dtype}, expected one of {SUPPORTED_DTYPES}")
     return act
 
 
@@ -156,9 +142,7 @@ def group_norm_ref(
     Returns:
         y of x's shape and dtype; statistics and arithmetic in float32 (float64 for float64 x).
     """
-    act = check_group_norm_args(
-        x, num_groups, weight, bias, eps, activation, residual, negative_slope
-    )
+    act = check_group_norm_args(x, num_groups, weight, bias, eps, activation, residual, negative_slope)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     n, c = x.shape[:2]
     xg = x.to(compute).reshape(n, num_groups, -1)  # (N, G, C//G * spatial)

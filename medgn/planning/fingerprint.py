@@ -4,7 +4,8 @@ This module owns :func:`compute_fingerprint`, the measurement step before planni
 nnU-Net), and :func:`aggregate_fingerprint`, which sums up per-case statistics
 (:mod:`medgn.data.case_stats`) that verification may already have taken: for every training case
 the voxel spacing and shape in the pipeline's array axes (after reorientation to RAS), sampled
-foreground intensities per channel (foreground = label > 0) and the voxels of each label value. Everything is plain JSON-able numbers, stored in the
+foreground intensities per channel (foreground = label > 0) and the voxels of each label value. Everything is plain
+JSON-able numbers, stored in the
 plan so the plan can be re-derived and audited.
 """
 
@@ -27,7 +28,14 @@ from medgn.data.io import read_volume
 from medgn.data.multichannel import read_case_images
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
 
-__all__ = ["SAMPLES_PER_CASE", "aggregate_fingerprint", "compute_fingerprint", "intensity_stats", "ras_axes", "ras_spacing_shape"]
+__all__ = [
+    "SAMPLES_PER_CASE",
+    "aggregate_fingerprint",
+    "compute_fingerprint",
+    "intensity_stats",
+    "ras_axes",
+    "ras_spacing_shape",
+]
 
 
 def intensity_stats(samples: np.ndarray) -> dict[str, float]:
@@ -36,7 +44,16 @@ def intensity_stats(samples: np.ndarray) -> dict[str, float]:
         return {"mean": 0.0, "std": 1.0, "median": 0.0, "min": 0.0, "max": 0.0, "p00_5": 0.0, "p99_5": 0.0, "count": 0}
     samples = samples.astype(np.float64)
     lo, hi = np.percentile(samples, [0.5, 99.5])  # nnU-Net's CT clipping percentiles
-    return {"mean": float(samples.mean()), "std": float(samples.std()), "median": float(np.median(samples)), "min": float(samples.min()), "max": float(samples.max()), "p00_5": float(lo), "p99_5": float(hi), "count": int(samples.size)}
+    return {
+        "mean": float(samples.mean()),
+        "std": float(samples.std()),
+        "median": float(np.median(samples)),
+        "min": float(samples.min()),
+        "max": float(samples.max()),
+        "p00_5": float(lo),
+        "p99_5": float(hi),
+        "count": int(samples.size),
+    }
 
 
 def _read_case(case: Case, index: DatasetIndex, limits: Limits, rng: np.random.Generator) -> CaseStats:
@@ -46,7 +63,13 @@ def _read_case(case: Case, index: DatasetIndex, limits: Limits, rng: np.random.G
     return case_statistics(case.case_id, images, label, rng)
 
 
-def compute_fingerprint(index: DatasetIndex, limits: Limits = DEFAULT_LIMITS, *, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def compute_fingerprint(
+    index: DatasetIndex,
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Measure a dataset for planning.
 
     Args:
@@ -72,11 +95,16 @@ def aggregate_fingerprint(index: DatasetIndex, stats: Sequence[CaseStats]) -> di
     """The fingerprint from per-case statistics (from :func:`compute_fingerprint`'s own reads, or
     from :func:`medgn.data.verify.verify_dataset` with ``stats_seed``, which reads each file once
     for both)."""
-    cases, per_channel = [s.entry for s in stats], [[s.samples[c] for s in stats] for c in range(len(index.channel_names))]
+    cases, per_channel = (
+        [s.entry for s in stats],
+        [[s.samples[c] for s in stats] for c in range(len(index.channel_names))],
+    )
     spacings = np.asarray([c["spacing"] for c in cases], dtype=np.float64).reshape(-1, 3)
     shapes = np.asarray([c["shape"] for c in cases], dtype=np.float64).reshape(-1, 3)
     found = sorted({int(v) for c in cases for v in c["label_voxels"]})
-    volumes = {str(v): float(np.mean([c["label_voxels"].get(str(v), 0) * c["voxel_mm3"] for c in cases])) for v in found}
+    volumes = {
+        str(v): float(np.mean([c["label_voxels"].get(str(v), 0) * c["voxel_mm3"] for c in cases])) for v in found
+    }
     channels = []
     for c, name in enumerate(index.channel_names):
         channel_stats = intensity_stats(np.concatenate(per_channel[c]) if per_channel[c] else np.zeros(0))

@@ -84,7 +84,9 @@ class Plan:
     schema_version: int = SCHEMA_VERSION
 
     @classmethod
-    def from_dict(cls, data: Any, source: str | os.PathLike[str] = "plan", *, error: type[MedgnError] = InputDataError) -> Plan:
+    def from_dict(
+        cls, data: Any, source: str | os.PathLike[str] = "plan", *, error: type[MedgnError] = InputDataError
+    ) -> Plan:
         """Check a plan dict (a file's JSON or a checkpoint's ``plan``) and build the Plan.
 
         Args:
@@ -100,27 +102,56 @@ class Plan:
         if isinstance(data, Plan):
             return data
         if not isinstance(data, Mapping):
-            raise error(source, "plan is not a JSON object", got=type(data).__name__, expected="a plan written by 'medgn plan'")
+            raise error(
+                source, "plan is not a JSON object", got=type(data).__name__, expected="a plan written by 'medgn plan'"
+            )
         missing = [k for k in REQUIRED_KEYS if k not in data]
         if missing:
-            raise error(source, f"plan misses key(s) {', '.join(missing)}", expected=f"keys {', '.join(REQUIRED_KEYS)} (a plan written by 'medgn plan')")
+            raise error(
+                source,
+                f"plan misses key(s) {', '.join(missing)}",
+                expected=f"keys {', '.join(REQUIRED_KEYS)} (a plan written by 'medgn plan')",
+            )
         schema = _int(data, "schema_version", source, error, default=1)
         if schema != SCHEMA_VERSION:
-            raise error(source, "unsupported plan schema_version", got=schema, expected=f"{SCHEMA_VERSION} (re-run 'medgn plan' with this medgn)")
+            raise error(
+                source,
+                "unsupported plan schema_version",
+                got=schema,
+                expected=f"{SCHEMA_VERSION} (re-run 'medgn plan' with this medgn)",
+            )
         version = _int(data, "version", source, error, default=PLAN_VERSION)
         if version != PLAN_VERSION:
             raise error(source, "unsupported plan version", got=version, expected=str(PLAN_VERSION))
         in_channels = _int(data, "in_channels", source, error, minimum=1)
         num_classes = _int(data, "num_classes", source, error, minimum=2)
         raw_values = data.get("label_values")
-        label_values = tuple(range(num_classes)) if raw_values is None else _ints(raw_values, "label_values", source, error)
+        label_values = (
+            tuple(range(num_classes)) if raw_values is None else _ints(raw_values, "label_values", source, error)
+        )
         if len(label_values) != num_classes:
-            raise error(source, "plan key label_values does not match num_classes", got=list(label_values), expected=f"{num_classes} values")
+            raise error(
+                source,
+                "plan key label_values does not match num_classes",
+                got=list(label_values),
+                expected=f"{num_classes} values",
+            )
         norms = data["normalization"]
-        if not isinstance(norms, Sequence) or isinstance(norms, str) or not all(isinstance(n, Mapping) and "scheme" in n for n in norms):
-            raise error(source, "plan key normalization is malformed", got=norms, expected='one {"scheme": ...} per channel')
+        if (
+            not isinstance(norms, Sequence)
+            or isinstance(norms, str)
+            or not all(isinstance(n, Mapping) and "scheme" in n for n in norms)
+        ):
+            raise error(
+                source, "plan key normalization is malformed", got=norms, expected='one {"scheme": ...} per channel'
+            )
         if len(norms) != in_channels:
-            raise error(source, "plan key normalization does not match in_channels", got=f"{len(norms)} normalisations", expected=f"{in_channels} (one per channel)")
+            raise error(
+                source,
+                "plan key normalization does not match in_channels",
+                got=f"{len(norms)} normalisations",
+                expected=f"{in_channels} (one per channel)",
+            )
         network = data.get("network") or {}
         if not isinstance(network, Mapping):
             raise error(source, "plan key network is malformed", got=network, expected="{strides, kernel_sizes}")
@@ -135,11 +166,15 @@ class Plan:
             network=NetworkPlan(
                 strides=_stages(network.get("strides"), "network.strides", source, error),
                 kernel_sizes=_stages(network.get("kernel_sizes"), "network.kernel_sizes", source, error),
-                features=None if network.get("features") is None else _ints(network["features"], "network.features", source, error),
+                features=None
+                if network.get("features") is None
+                else _ints(network["features"], "network.features", source, error),
             ),
             dataset=data.get("dataset"),
             memory=data.get("memory"),
-            median_resampled_shape=None if data.get("median_resampled_shape") is None else tuple(float(v) for v in data["median_resampled_shape"]),
+            median_resampled_shape=None
+            if data.get("median_resampled_shape") is None
+            else tuple(float(v) for v in data["median_resampled_shape"]),
             fingerprint=data.get("fingerprint"),
             version=version,
             schema_version=schema,
@@ -207,7 +242,15 @@ def _lists(stages: tuple[tuple[int, ...], ...] | None) -> list[list[int]] | None
     return None if stages is None else [list(s) for s in stages]
 
 
-def _int(data: Mapping[str, Any], key: str, source: Any, error: type[MedgnError], *, default: int | None = None, minimum: int | None = None) -> int:
+def _int(
+    data: Mapping[str, Any],
+    key: str,
+    source: Any,
+    error: type[MedgnError],
+    *,
+    default: int | None = None,
+    minimum: int | None = None,
+) -> int:
     value = data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
         raise error(source, f"plan key {key} is not an integer", got=value)

@@ -62,4 +62,6 @@ def apply_plan_config(plan: Plan, cfg: PlanConfig, features: tuple[int, ...]) ->
     total = [math.prod(s[a] for s in strides) for a in range(3)]
     patch = [max(t, (p // t) * t) for p, t in zip(patch, total)]
     network = NetworkPlan(tuple(map(tuple, strides)), tuple(map(tuple, kernels)), tuple(features[:stages]))
-    return plan.replace(target_spacing=tuple(spacing), patch_size=tuple(patch), network=network), tuple(features[:stages])
+    return plan.replace(target_spacing=tuple(spacing), patch_size=tuple(patch), network=network), tuple(
+        features[:stages]
+    )

@@ -66,7 +66,12 @@ def plan_for_ct_or_mr(modality: str, stats: dict[str, float] | None = None) -> d
     if modality.upper() == "CT":
         if stats is None:
             raise InputDataError("fingerprint", "CT normalisation needs foreground intensity statistics")
-        return {"scheme": "ct", "clip": [stats["p00_5"], stats["p99_5"]], "mean": stats["mean"], "std": max(stats["std"], 1e-8)}
+        return {
+            "scheme": "ct",
+            "clip": [stats["p00_5"], stats["p99_5"]],
+            "mean": stats["mean"],
+            "std": max(stats["std"], 1e-8),
+        }
     return {"scheme": "zscore"}
 
 
@@ -99,7 +104,16 @@ def _total_stride(strides: Sequence[Sequence[int]]) -> list[int]:
     return [math.prod(s[a] for s in strides) for a in range(3)]
 
 
-def _fallback_estimate(cfg: Any, in_channels: int, out_channels: int, strides: Any, kernels: Any, patch: Sequence[int], batch: int, dtype: Any) -> int:
+def _fallback_estimate(
+    cfg: Any,
+    in_channels: int,
+    out_channels: int,
+    strides: Any,
+    kernels: Any,
+    patch: Sequence[int],
+    batch: int,
+    dtype: Any,
+) -> int:
     """Rough training memory: ~12 kept activation copies per stage voxel and channel (2 convs, norm,
     activation in encoder and decoder), 2 bytes each (bf16), plus weights with SGD state."""
     features = list(getattr(cfg, "features", (32, 64, 128, 256, 320, 320)))
@@ -137,7 +151,14 @@ def _fit(patch: list[int], spacing: list[float]) -> tuple[list[int], list[list[i
     return fitted, strides, kernels
 
 
-def choose_patch(median_shape: Sequence[float], spacing: Sequence[float], in_channels: int, num_classes: int, budget_bytes: float, estimator: Estimator) -> tuple[list[int], list[list[int]], list[list[int]], int, int]:
+def choose_patch(
+    median_shape: Sequence[float],
+    spacing: Sequence[float],
+    in_channels: int,
+    num_classes: int,
+    budget_bytes: float,
+    estimator: Estimator,
+) -> tuple[list[int], list[list[int]], list[list[int]], int, int]:
     """Largest patch (from the median shape down) and batch (2, else 1) that fit the budget.
 
     Returns:
@@ -161,7 +182,12 @@ def choose_patch(median_shape: Sequence[float], spacing: Sequence[float], in_cha
                 break
             step = _total_stride(strides)[axis]
             patch[axis] = max(MIN_PATCH, patch[axis] - max(step, patch[axis] // 10))
-    raise ResourceError("--gpu-memory", "no patch fits the GPU memory budget", got=f"{budget_bytes / 1e9:.1f} GB", expected=f"more memory (a {MIN_PATCH}^3 patch at batch 1 needs more)")
+    raise ResourceError(
+        "--gpu-memory",
+        "no patch fits the GPU memory budget",
+        got=f"{budget_bytes / 1e9:.1f} GB",
+        expected=f"more memory (a {MIN_PATCH}^3 patch at batch 1 needs more)",
+    )
 
 
 def _model_cfg(n_stages: int) -> Any:
@@ -172,7 +198,13 @@ def _model_cfg(n_stages: int) -> Any:
     return UNet3DConfig(features=_features(n_stages))
 
 
-def make_plan(index: DatasetIndex, fingerprint: dict[str, Any], *, gpu_memory_gb: float = DEFAULT_GPU_GB, estimator: Estimator | None = None) -> Plan:
+def make_plan(
+    index: DatasetIndex,
+    fingerprint: dict[str, Any],
+    *,
+    gpu_memory_gb: float = DEFAULT_GPU_GB,
+    estimator: Estimator | None = None,
+) -> Plan:
     """Turn a fingerprint into a plan (the JSON contract with training and inference).
 
     Args:
@@ -197,19 +229,35 @@ def make_plan(index: DatasetIndex, fingerprint: dict[str, Any], *, gpu_memory_gb
     channels = fingerprint["channels"]
     norms = [plan_for_ct_or_mr(ch["modality"], ch) for ch in channels]
     budget = gpu_memory_gb * 1e9 * MEMORY_MARGIN
-    patch, strides, kernels, batch, need = choose_patch(resampled.tolist(), target, len(channels), len(values), budget, estimator)
-    return Plan.from_dict({
-        "version": PLAN_VERSION,
-        "dataset": {"name": index.name, "format": index.format, "channel_names": list(index.channel_names), "modalities": list(index.modalities), "labels": labels, "regions": index.regions},
-        "label_values": values,
-        "num_classes": len(values),
-        "in_channels": len(channels),
-        "target_spacing": target,
-        "normalization": norms,
-        "patch_size": patch,
-        "batch_size": batch,
-        "network": {"strides": strides, "kernel_sizes": kernels, "features": list(_features(len(strides)))},
-        "memory": {"gpu_memory_gb": gpu_memory_gb, "estimated_training_bytes": need, "estimator": getattr(estimator, "__name__", "custom")},
-        "median_resampled_shape": [float(v) for v in resampled],
-        "fingerprint": fingerprint,
-    }, "plan")
+    patch, strides, kernels, batch, need = choose_patch(
+        resampled.tolist(), target, len(channels), len(values), budget, estimator
+    )
+    return Plan.from_dict(
+        {
+            "version": PLAN_VERSION,
+            "dataset": {
+                "name": index.name,
+                "format": index.format,
+                "channel_names": list(index.channel_names),
+                "modalities": list(index.modalities),
+                "labels": labels,
+                "regions": index.regions,
+            },
+            "label_values": values,
+            "num_classes": len(values),
+            "in_channels": len(channels),
+            "target_spacing": target,
+            "normalization": norms,
+            "patch_size": patch,
+            "batch_size": batch,
+            "network": {"strides": strides, "kernel_sizes": kernels, "features": list(_features(len(strides)))},
+            "memory": {
+                "gpu_memory_gb": gpu_memory_gb,
+                "estimated_training_bytes": need,
+                "estimator": getattr(estimator, "__name__", "custom"),
+            },
+            "median_resampled_shape": [float(v) for v in resampled],
+            "fingerprint": fingerprint,
+        },
+        "plan",
+    )

@@ -33,13 +33,20 @@ def make_splits(case_ids: Sequence[str], n_folds: int = 5, seed: int = 0) -> lis
     if len(set(ids)) != len(ids):
         raise InputDataError("case ids", "duplicate case ids", got=sorted({i for i in ids if ids.count(i) > 1}))
     if not 2 <= n_folds <= len(ids):
-        raise UsageError("n_folds", "invalid number of folds", got=n_folds, expected=f"2..{len(ids)} (the number of cases)")
+        raise UsageError(
+            "n_folds", "invalid number of folds", got=n_folds, expected=f"2..{len(ids)} (the number of cases)"
+        )
     order = np.random.default_rng(seed).permutation(len(ids))
     folds = np.array_split(order, n_folds)
-    return [{"train": sorted(ids[i] for i in order if i not in set(fold.tolist())), "val": sorted(ids[i] for i in fold)} for fold in folds]
+    return [
+        {"train": sorted(ids[i] for i in order if i not in set(fold.tolist())), "val": sorted(ids[i] for i in fold)}
+        for fold in folds
+    ]
 
 
-def load_or_create_splits(path: str | os.PathLike[str], case_ids: Sequence[str], n_folds: int = 5, seed: int = 0) -> list[dict[str, list[str]]]:
+def load_or_create_splits(
+    path: str | os.PathLike[str], case_ids: Sequence[str], n_folds: int = 5, seed: int = 0
+) -> list[dict[str, list[str]]]:
     """Read ``path`` when it exists (checking it covers exactly ``case_ids``), else create it."""
     path = Path(path)
     if path.exists():
@@ -52,7 +59,12 @@ def load_or_create_splits(path: str | os.PathLike[str], case_ids: Sequence[str],
         except (TypeError, KeyError):
             raise InputDataError(path, "splits file is malformed", expected="a list of {train, val} folds") from None
         if val != sorted(case_ids):
-            raise InputDataError(path, "splits do not match the dataset's cases", got=f"{len(val)} cases", expected=f"{len(case_ids)} cases; delete the file to re-split")
+            raise InputDataError(
+                path,
+                "splits do not match the dataset's cases",
+                got=f"{len(val)} cases",
+                expected=f"{len(case_ids)} cases; delete the file to re-split",
+            )
         return splits
     splits = make_splits(case_ids, n_folds, seed)
     atomic_write_json(path, splits, overwrite=False)

@@ -48,7 +48,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise UsageError(name, "environment variable is not an integer", got=raw, expected="an integer set by torchrun") from None
+        raise UsageError(
+            name, "environment variable is not an integer", got=raw, expected="an integer set by torchrun"
+        ) from None
 
 
 def dist_info_from_env() -> DistInfo:

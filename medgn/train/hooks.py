@@ -101,9 +101,21 @@ class ValidationHook(HookBase):
             self.best, self.best_epoch = self.ema, trainer.state.epoch
             trainer.request_checkpoint("best")
         self.last_iteration = trainer.state.iteration
-        result = {"val_dice": dice, "val_mean": mean, "val_ema": self.ema, "val_improved": improved, "val_time_s": time.monotonic() - start}
+        result = {
+            "val_dice": dice,
+            "val_mean": mean,
+            "val_ema": self.ema,
+            "val_improved": improved,
+            "val_time_s": time.monotonic() - start,
+        }
         trainer.epoch_record.update(result)
-        log.info("validation at epoch %d: mean Dice %.4f, EMA %.4f%s", trainer.state.epoch, mean, self.ema, " (best)" if improved else "")
+        log.info(
+            "validation at epoch %d: mean Dice %.4f, EMA %.4f%s",
+            trainer.state.epoch,
+            mean,
+            self.ema,
+            " (best)" if improved else "",
+        )
         return result
 
     def after_epoch(self, trainer: Trainer) -> None:
@@ -115,7 +127,12 @@ class ValidationHook(HookBase):
             self.run(trainer)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": self.ema, "best": self.best, "best_epoch": self.best_epoch, "last_iteration": self.last_iteration}
+        return {
+            "ema": self.ema,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "last_iteration": self.last_iteration,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ema, self.best = state.get("ema"), state.get("best")
@@ -205,7 +222,9 @@ class TimeBudgetHook(HookBase):
         left_s = self.budget_s * (1.0 - self.RESERVE_FRACTION) - self._elapsed() - self.val_s
         total = trainer.state.iteration + max(1, int(left_s / max(per_step, 1e-9)))
         total = int(ddp.gather_objects(total)[0])  # every rank follows rank 0's schedule
-        trainer.plan_total_iters(total, f"{reason}: {self.step_s:.3f} s/step, {self.val_s:.1f} s/validation, {left_s / 60:.1f} min left")
+        trainer.plan_total_iters(
+            total, f"{reason}: {self.step_s:.3f} s/step, {self.val_s:.1f} s/validation, {left_s / 60:.1f} min left"
+        )
 
     def after_step(self, trainer: Trainer) -> None:
         it = trainer.state.iteration

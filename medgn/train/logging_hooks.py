@@ -72,9 +72,17 @@ class MetricsHook(HookBase):
         rate = self.every / max(now - self._tick, 1e-9)  # 1e-9: avoid dividing by zero on a coarse clock
         self._tick = now
         self.records.append(
-            {"kind": "step", "epoch": st.epoch, "iteration": st.iteration, "loss": step.loss, "lr": step.lr,
-             "grad_norm": _finite_or_none(step.grad_norm), "it_per_s": rate, "samples_seen": st.samples_seen,
-             "skipped_total": st.nonfinite_total}
+            {
+                "kind": "step",
+                "epoch": st.epoch,
+                "iteration": st.iteration,
+                "loss": step.loss,
+                "lr": step.lr,
+                "grad_norm": _finite_or_none(step.grad_norm),
+                "it_per_s": rate,
+                "samples_seen": st.samples_seen,
+                "skipped_total": st.nonfinite_total,
+            }
         )
 
     def write(self) -> None:
@@ -87,7 +95,12 @@ class MetricsHook(HookBase):
         self.write()
 
     def after_train(self, trainer: Trainer) -> None:
-        record = {"kind": "end", "epoch": trainer.state.epoch, "iteration": trainer.state.iteration, "reason": trainer.state.stop_reason}
+        record = {
+            "kind": "end",
+            "epoch": trainer.state.epoch,
+            "iteration": trainer.state.iteration,
+            "reason": trainer.state.stop_reason,
+        }
         self.records.append({**record, **{k: v for k, v in trainer.epoch_record.items() if k.startswith("val_")}})
         self.write()
 
@@ -155,7 +168,12 @@ class ProgressPlotHook(HookBase):
         fig = Figure(figsize=(10, 7), dpi=80)  # 800x560 px: readable, small file
         FigureCanvasAgg(fig)
         axes = fig.subplots(2, 2)
-        panels = [("train_loss", "training loss"), ("val_mean", "validation Dice"), ("lr", "learning rate"), ("epoch_time_s", "epoch time (s)")]
+        panels = [
+            ("train_loss", "training loss"),
+            ("val_mean", "validation Dice"),
+            ("lr", "learning rate"),
+            ("epoch_time_s", "epoch time (s)"),
+        ]
         for ax, (key, title) in zip(axes.flat, panels):
             xs = [e for e, r in zip(epochs, records) if r.get(key) is not None]
             ax.plot(xs, [r[key] for r in records if r.get(key) is not None], marker=".", label=title)
@@ -197,14 +215,26 @@ class ConsoleHook(HookBase):
         )
 
         self.progress = Progress(
-            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
             TextColumn("{task.fields[rate]} it/s"),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-            TextColumn("{task.fields[mem]}"), TimeRemainingColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[mem]}"),
+            TimeRemainingColumn(),
         )
         self.progress.start()
-        self.task = self.progress.add_task("train", total=trainer.total_iters, completed=trainer.state.iteration,
-                                           epoch=trainer.state.epoch, rate="-", loss="-", lr="-", mem="")
+        self.task = self.progress.add_task(
+            "train",
+            total=trainer.total_iters,
+            completed=trainer.state.iteration,
+            epoch=trainer.state.epoch,
+            rate="-",
+            loss="-",
+            lr="-",
+            mem="",
+        )
 
     def after_step(self, trainer: Trainer) -> None:
         step = trainer.last_step
@@ -213,15 +243,22 @@ class ConsoleHook(HookBase):
         mem = ""
         if trainer.device.type == "cuda":
             mem = f"GPU {torch.cuda.max_memory_allocated(trainer.device) / 2**30:.1f} GiB"
-        self.progress.update(self.task, completed=trainer.state.iteration, epoch=trainer.state.epoch,
-                             rate=f"{1.0 / max(step.seconds, 1e-9):.2f}", lr=f"{step.lr:.2e}", mem=mem,
-                             loss="skipped" if step.loss is None else f"{step.loss:.4f}")
+        self.progress.update(
+            self.task,
+            completed=trainer.state.iteration,
+            epoch=trainer.state.epoch,
+            rate=f"{1.0 / max(step.seconds, 1e-9):.2f}",
+            lr=f"{step.lr:.2e}",
+            mem=mem,
+            loss="skipped" if step.loss is None else f"{step.loss:.4f}",
+        )
 
     def after_epoch(self, trainer: Trainer) -> None:
         rec = trainer.epoch_record
         val = f", val Dice {rec['val_mean']:.4f} (EMA {rec['val_ema']:.4f})" if "val_mean" in rec else ""
         loss = f"{rec['train_loss']:.4f}" if rec.get("train_loss") is not None else "-"
-        line = f"epoch {rec['epoch']}, step {rec['iteration']}/{trainer.total_iters}: loss {loss}, {rec['epoch_time_s']:.1f} s{val}"
+        step = f"step {rec['iteration']}/{trainer.total_iters}"
+        line = f"epoch {rec['epoch']}, {step}: loss {loss}, {rec['epoch_time_s']:.1f} s{val}"
         if self.progress is None:
             print(line, flush=True)  # no live bar (--no-progress, logs, CI): one plain line per epoch
             return

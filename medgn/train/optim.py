@@ -21,7 +21,9 @@ from medgn.train.config import TrainConfig
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum (nnU-Net) or AdamW, as ``cfg.optimizer`` says."""
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
+        )
     # foreach=False: one kernel per tensor keeps CPU results independent of tensor grouping.
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
 
@@ -73,5 +75,7 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bo
             raise UsageError("train.amp", "this GPU has no bf16 support", got=mode, expected="fp16, auto or off")
         return torch.bfloat16, False
     if not is_cuda:
-        raise UsageError("train.amp", "fp16 mixed precision needs a CUDA device", got=mode, expected="bf16, auto or off on the CPU")
+        raise UsageError(
+            "train.amp", "fp16 mixed precision needs a CUDA device", got=mode, expected="bf16, auto or off on the CPU"
+        )
     return torch.float16, True

@@ -69,4 +69,8 @@ class PatchDataset(torch.utils.data.Dataset):
         out = self.augment(data)
         if isinstance(out, list):  # RandCropByPosNegLabeld returns a list of crops
             out = out[0]
-        return {"image": _plain(out["image"]).float(), "label": _plain(out["label"]).long(), "case_id": self.cases[index].case_id}
+        return {
+            "image": _plain(out["image"]).float(),
+            "label": _plain(out["label"]).long(),
+            "case_id": self.cases[index].case_id,
+        }

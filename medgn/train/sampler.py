@@ -104,7 +104,9 @@ class ResumableLoader:
 
     def __init__(self, dataset: Dataset, sampler: ResumableSampler, batch_size: int, **loader_kwargs: Any) -> None:
         if sampler.samples_per_epoch % batch_size:
-            raise UsageError("train.batch_size", "samples per epoch must be a multiple of the batch size", got=batch_size)
+            raise UsageError(
+                "train.batch_size", "samples per epoch must be a multiple of the batch size", got=batch_size
+            )
         self.dataset = dataset
         self.sampler = sampler
         self.batch_size = batch_size
@@ -114,5 +116,8 @@ class ResumableLoader:
         self.sampler.set_epoch(epoch, start * self.batch_size)
         # An explicit generator: otherwise each new DataLoader iterator draws its worker base seed
         # from the global torch RNG, and a resumed run (which creates one mid-epoch) would diverge.
-        kwargs = {"generator": torch.Generator().manual_seed(self.sampler.seed * 1_000_003 + epoch), **self.loader_kwargs}
+        kwargs = {
+            "generator": torch.Generator().manual_seed(self.sampler.seed * 1_000_003 + epoch),
+            **self.loader_kwargs,
+        }
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True, **kwargs)

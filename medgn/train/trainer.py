@@ -66,7 +66,6 @@ class HookBase:
         """Restore :meth:`state_dict` output."""
 
 
-
 class NonFiniteLossError(ResourceError):
     """Too many steps in a row had a non-finite loss or gradient (exit code 5)."""
 
@@ -102,7 +101,9 @@ class StepResult:
 
 def default_loss(cfg: TrainConfig) -> nn.Module:
     """Dice + CE over deep-supervision heads, configured from ``cfg``."""
-    head = DiceCELoss(cfg.dice_weight, cfg.ce_weight, batch_dice=cfg.batch_dice, include_background=cfg.dice_include_background)
+    head = DiceCELoss(
+        cfg.dice_weight, cfg.ce_weight, batch_dice=cfg.batch_dice, include_background=cfg.dice_include_background
+    )
     return DeepSupervisionLoss(head, drop_lowest=cfg.ds_drop_lowest)
 
 
@@ -198,7 +199,9 @@ class Trainer:
     def _forward_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
         image = batch["image"].to(self.device, non_blocking=True)
         label = batch["label"].to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
             outputs = self.model(image)
         return self.loss_fn(outputs, label)
 
@@ -244,7 +247,9 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
             self.scheduler.step()
         self._count_nonfinite(finite, case_ids)
-        return StepResult(total / count if finite else None, lr, grad_norm, not finite, case_ids, time.monotonic() - start)
+        return StepResult(
+            total / count if finite else None, lr, grad_norm, not finite, case_ids, time.monotonic() - start
+        )
 
     def _count_nonfinite(self, finite: bool, case_ids: list[str]) -> None:
         if finite:
@@ -258,7 +263,8 @@ class Trainer:
         if self.state.nonfinite_in_row >= self.cfg.max_nonfinite_in_row:
             raise NonFiniteLossError(
                 "train.max_nonfinite_in_row",
-                f"{self.state.nonfinite_in_row} steps in a row had a non-finite loss or gradient; cases: {', '.join(self.recent_bad_cases) or 'unknown'}",
+                f"{self.state.nonfinite_in_row} steps in a row had a non-finite loss or gradient; cases: "
+                f"{', '.join(self.recent_bad_cases) or 'unknown'}",
                 expected="finite images and labels (check these cases), a lower lr, or amp=off",
             )
 
@@ -353,7 +359,12 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "counters": dataclasses.asdict(self.state),
             "rng": rng if rng is not None else [capture_rng()],
-            "sampler": {"epoch": self.state.epoch, "position": self.state.epoch_iter * self.cfg.grad_accum, "seed": self.cfg.seed, "world_size": self.dist.world_size},
+            "sampler": {
+                "epoch": self.state.epoch,
+                "position": self.state.epoch_iter * self.cfg.grad_accum,
+                "seed": self.cfg.seed,
+                "world_size": self.dist.world_size,
+            },
             "hooks": {h.name: h.state_dict() for h in self.hooks},
             "epoch_records": self.epoch_records,
             "config": self.run_config,
@@ -367,7 +378,13 @@ class Trainer:
         rng = ddp.gather_objects(capture_rng())
         if not self.dist.is_main or self.out_dir is None:
             return None
-        return save_checkpoint(self.state_dict(rng), self.out_dir / "checkpoints", tag=tag, pointers=pointers, keep=self.cfg.keep_checkpoints)
+        return save_checkpoint(
+            self.state_dict(rng),
+            self.out_dir / "checkpoints",
+            tag=tag,
+            pointers=pointers,
+            keep=self.cfg.keep_checkpoints,
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (model, optimiser, schedule, scaler, counters, RNG, hooks)."""
@@ -381,7 +398,11 @@ class Trainer:
         self.state.stop_reason = ""
         saved_world = int(state.get("sampler", {}).get("world_size", 1))
         if saved_world != self.dist.world_size:
-            log.warning("resuming a %d-process run with %d processes: data order and RNG streams change", saved_world, self.dist.world_size)
+            log.warning(
+                "resuming a %d-process run with %d processes: data order and RNG streams change",
+                saved_world,
+                self.dist.world_size,
+            )
         rngs = state.get("rng") or []
         if rngs:
             restore_rng(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])

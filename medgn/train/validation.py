@@ -44,9 +44,7 @@ def make_validator(
     """
     dataset = make_val_data(cases, plan, cfg)
     classes = plan.num_classes
-    settings = WindowSettings(
-        roi_size=plan.patch_size, overlap=overlap, sw_batch_size=2
-    )
+    settings = WindowSettings(roi_size=plan.patch_size, overlap=overlap, sw_batch_size=2)
 
     def validate(model: nn.Module) -> list[float]:
         inter = torch.zeros(classes, dtype=torch.float64)

@@ -63,7 +63,9 @@ def load_init_source(path: str | os.PathLike[str]) -> InitSource:
     weights = state.get("model")
     if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ModelError(file, "checkpoint has no model weights", expected="a medgn training checkpoint")
-    return InitSource(file, file_sha256(file), dict(weights), dict(state.get("config") or {}), dict(state.get("plan") or {}))
+    return InitSource(
+        file, file_sha256(file), dict(weights), dict(state.get("config") or {}), dict(state.get("plan") or {})
+    )
 
 
 def _warm_head(src: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
@@ -108,13 +110,25 @@ def match_weights(model: nn.Module, source: InitSource) -> tuple[dict[str, torch
             rows.append({**row, "action": "reinitialised", "reason": f"input channels {src.shape[1]} -> {shape[1]}"})
         elif key.startswith(HEAD_PREFIX) and src.shape[1:] == shape[1:]:
             load[key] = _warm_head(src, tensor)
-            rows.append({**row, "action": "reinitialised", "reason": f"classes {src.shape[0]} -> {shape[0]}", "init": "background row kept, each new class from the mean of the source's foreground classes"})
+            rows.append(
+                {
+                    **row,
+                    "action": "reinitialised",
+                    "reason": f"classes {src.shape[0]} -> {shape[0]}",
+                    "init": "background row kept, each new class from the mean of the source's foreground classes",
+                }
+            )
         else:
             diffs.append(f"{key}: source {tuple(src.shape)}, target {shape}")
     diffs += [f"{key}: only in the source ({tuple(v.shape)})" for key, v in source.weights.items() if key not in target]
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; ... {len(diffs) - 8} more" if len(diffs) > 8 else "")
-        raise ArchitectureMismatch(source.file, f"--init-from model has another architecture ({len(diffs)} differences): {shown}", expected="the same model.features, depth and kernels (only the heads' classes and the first conv's channels may differ)")
+        raise ArchitectureMismatch(
+            source.file,
+            f"--init-from model has another architecture ({len(diffs)} differences): {shown}",
+            expected="the same model.features, depth and kernels (only the heads' classes and the first conv's "
+            "channels may differ)",
+        )
     return load, rows
 
 
@@ -130,7 +144,13 @@ def _precheck(cfg: RunConfig, source: InitSource) -> None:
     stages = len(network.get("strides") or cfg.model.features)
     features = tuple(cfg.model.features[:stages]) if cfg.model.features else cfg.model.features
     try:
-        model = build_model(_with_features(cfg, features).model, int(source.plan.get("in_channels", 1)), int(source.plan.get("num_classes", 2)), network.get("strides"), network.get("kernel_sizes"))
+        model = build_model(
+            _with_features(cfg, features).model,
+            int(source.plan.get("in_channels", 1)),
+            int(source.plan.get("num_classes", 2)),
+            network.get("strides"),
+            network.get("kernel_sizes"),
+        )
     except (ValueError, TypeError) as exc:
         raise ModelError(source.file, f"cannot build a network for the source plan ({exc})") from exc
     match_weights(model, source)
@@ -157,7 +177,9 @@ def resume_hooks(out_dir: Path, freeze_steps: int) -> list[Any]:
     return [FreezeEncoderHook(freeze_steps, trainable=reinit)]
 
 
-def init_from(model: nn.Module, source: InitSource | None, out_dir: Path, freeze_steps: int, resume: bool = False) -> list[Any]:
+def init_from(
+    model: nn.Module, source: InitSource | None, out_dir: Path, freeze_steps: int, resume: bool = False
+) -> list[Any]:
     """Load matching weights into ``model``, write ``init_report.json``, return the freeze hook.
 
     On resume nothing is loaded (the checkpoint holds the weights); only the hook is returned.
@@ -172,13 +194,26 @@ def init_from(model: nn.Module, source: InitSource | None, out_dir: Path, freeze
         log.info("init-from %s: %s%s", row["layer"], row["action"], f" ({row['reason']})" if "reason" in row else "")
     reinit = [r["layer"] for r in rows if r["action"] != "loaded"]
     loaded = sum(r["action"] == "loaded" for r in rows)
-    report = {"source": str(source.file), "source_sha256": source.sha256, "loaded": loaded, "reinitialised": reinit, "freeze_encoder_steps": freeze_steps, "layers": rows}
+    report = {
+        "source": str(source.file),
+        "source_sha256": source.sha256,
+        "loaded": loaded,
+        "reinitialised": reinit,
+        "freeze_encoder_steps": freeze_steps,
+        "layers": rows,
+    }
     atomic_write_json(out_dir / INIT_REPORT, report, overwrite=True)
     log.info("init-from %s: %d tensors loaded, %d re-initialised", source.file, loaded, len(reinit))
     return [FreezeEncoderHook(freeze_steps, trainable=reinit)] if freeze_steps > 0 else []
 
 
-def train_from(cfg: RunConfig, data: str | os.PathLike[str], out_dir: str | os.PathLike[str], init_path: str | os.PathLike[str], **kwargs: Any) -> TrainResult:
+def train_from(
+    cfg: RunConfig,
+    data: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    init_path: str | os.PathLike[str],
+    **kwargs: Any,
+) -> TrainResult:
     """:func:`~medgn.workflows.train.train_on_dataset` starting from another run's weights.
 
     Raises:
@@ -191,7 +226,13 @@ def train_from(cfg: RunConfig, data: str | os.PathLike[str], out_dir: str | os.P
     existed = out.exists()
     freeze = cfg.train.freeze_encoder_steps
     try:
-        return train_on_dataset(cfg, data, out, init_model=lambda model, run, resume: init_from(model, source, run, freeze, resume), **kwargs)
+        return train_on_dataset(
+            cfg,
+            data,
+            out,
+            init_model=lambda model, run, resume: init_from(model, source, run, freeze, resume),
+            **kwargs,
+        )
     except ArchitectureMismatch:
         if not existed and out.is_dir():
             shutil.rmtree(out, ignore_errors=True)

@@ -31,7 +31,19 @@ from medgn.workflows.train import train_on_dataset
 
 log = get_logger("engine.study")
 
-FIELDS = ("norm", "seed", "batch_size", "iterations", "lr", "samples_seen", "val_dice_mean", "val_dice_per_class", "train_loss_last", "seconds", "stop_reason")
+FIELDS = (
+    "norm",
+    "seed",
+    "batch_size",
+    "iterations",
+    "lr",
+    "samples_seen",
+    "val_dice_mean",
+    "val_dice_per_class",
+    "train_loss_last",
+    "seconds",
+    "stop_reason",
+)
 
 
 def _final_record(run: Path) -> dict[str, Any]:
@@ -39,7 +51,11 @@ def _final_record(run: Path) -> dict[str, Any]:
     end = next((r for r in reversed(records) if r.get("kind") == "end"), {})
     epochs = [r for r in records if r.get("kind") == "epoch"]
     last = epochs[-1] if epochs else {}
-    return {"val_dice": end.get("val_dice", last.get("val_dice")), "val_mean": end.get("val_mean", last.get("val_mean")), "train_loss": last.get("train_loss")}
+    return {
+        "val_dice": end.get("val_dice", last.get("val_dice")),
+        "val_mean": end.get("val_mean", last.get("val_mean")),
+        "train_loss": last.get("train_loss"),
+    }
 
 
 def norm_study(
@@ -76,7 +92,9 @@ def norm_study(
     out_dir = Path(out_dir)
     bad = [b for b in batch_sizes if b < 1 or samples % b]
     if bad:
-        raise UsageError("--batch-sizes", "every batch size must divide the samples seen", got=bad, expected=f"divisors of {samples}")
+        raise UsageError(
+            "--batch-sizes", "every batch size must divide the samples seen", got=bad, expected=f"divisors of {samples}"
+        )
     if lr_scaling not in ("none", "linear"):
         raise UsageError("--lr-scaling", "unknown rule", got=lr_scaling, expected="none or linear")
     arms = {norm: norm_arm(cfg.model, norm) for norm in norms}  # fails on a bad name before any run
@@ -89,7 +107,18 @@ def norm_study(
             cfg,
             model=arms[norm],
             # One epoch of `iterations` steps, validated once at the end; no warmup longer than the run.
-            train=dataclasses.replace(cfg.train, lr=lr, batch_size=batch, epochs=1, iters_per_epoch=iterations, val_every=0, warmup_iters=min(cfg.train.warmup_iters, iterations - 1), early_stopping_patience=0, seed=seed, time_budget_minutes=0.0),
+            train=dataclasses.replace(
+                cfg.train,
+                lr=lr,
+                batch_size=batch,
+                epochs=1,
+                iters_per_epoch=iterations,
+                val_every=0,
+                warmup_iters=min(cfg.train.warmup_iters, iterations - 1),
+                early_stopping_patience=0,
+                seed=seed,
+                time_budget_minutes=0.0,
+            ),
         )
         run_dir = out_dir / "runs" / f"{norm.replace(':', '_')}_b{batch}_s{seed}"
         log.info("study: norm %s, seed %d, batch %d, %d iterations", norm, seed, batch, iterations)
@@ -98,20 +127,33 @@ def norm_study(
         result = train_on_dataset(run_cfg, data, run_dir, fold=fold, device=device, console=False)
         record = _final_record(run_dir)
         dice = record["val_dice"] or []
-        rows.append({
-            "norm": norm,
-            "seed": seed,
-            "batch_size": batch,
-            "iterations": iterations,
-            "lr": lr,
-            "samples_seen": result.state.samples_seen,
-            "val_dice_mean": record["val_mean"],
-            "val_dice_per_class": [round(float(d), 4) for d in dice],
-            "train_loss_last": record["train_loss"],
-            "seconds": round(time.monotonic() - start, 1),
-            "stop_reason": result.state.stop_reason,
-        })
-    write_study(rows, out_dir, settings={"samples": samples, "fold": fold, "device": device, "lr_scaling": lr_scaling, "seeds": list(seeds) or [cfg.train.seed], "config": cfg.to_dict()})
+        rows.append(
+            {
+                "norm": norm,
+                "seed": seed,
+                "batch_size": batch,
+                "iterations": iterations,
+                "lr": lr,
+                "samples_seen": result.state.samples_seen,
+                "val_dice_mean": record["val_mean"],
+                "val_dice_per_class": [round(float(d), 4) for d in dice],
+                "train_loss_last": record["train_loss"],
+                "seconds": round(time.monotonic() - start, 1),
+                "stop_reason": result.state.stop_reason,
+            }
+        )
+    write_study(
+        rows,
+        out_dir,
+        settings={
+            "samples": samples,
+            "fold": fold,
+            "device": device,
+            "lr_scaling": lr_scaling,
+            "seeds": list(seeds) or [cfg.train.seed],
+            "config": cfg.to_dict(),
+        },
+    )
     return rows
 
 
@@ -120,11 +162,20 @@ def norm_arm(model: UNet3DConfig, spec: str) -> UNet3DConfig:
     name, _, rule = spec.partition(":")
     if not rule:
         return dataclasses.replace(model, norm=name)  # type: ignore[arg-type]
-    if name not in ("group", "group_torch") or not (rule[:3] == "cpg" and rule[3:].isdigit() or rule[:1] == "g" and rule[1:].isdigit()):
-        raise UsageError("--norms", "unknown group rule", got=spec, expected="group:cpgK (K channels per group) or group:gG (G groups)")
+    if name not in ("group", "group_torch") or not (
+        rule[:3] == "cpg" and rule[3:].isdigit() or rule[:1] == "g" and rule[1:].isdigit()
+    ):
+        raise UsageError(
+            "--norms",
+            "unknown group rule",
+            got=spec,
+            expected="group:cpgK (K channels per group) or group:gG (G groups)",
+        )
     if rule.startswith("cpg"):
-        return dataclasses.replace(model, norm=name, group_channels=int(rule[3:]), num_groups=None)  # type: ignore[arg-type]
-    return dataclasses.replace(model, norm=name, num_groups=int(rule[1:]), group_channels=None)  # type: ignore[arg-type]
+        cpg = int(rule[3:])
+        return dataclasses.replace(model, norm=name, group_channels=cpg, num_groups=None)  # type: ignore[arg-type]
+    groups = int(rule[1:])
+    return dataclasses.replace(model, norm=name, num_groups=groups, group_channels=None)  # type: ignore[arg-type]
 
 
 def _csv(rows: Sequence[dict[str, Any]]) -> str:
@@ -142,7 +193,9 @@ def _markdown(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> str:
     lines = [
         "# Normalisation vs batch size: validation Dice",
         "",
-        f"Same network and data order per seed (cells: mean over seeds, then each seed); {settings['samples']} training samples per run; fold {settings['fold']}; device {settings['device']}; learning-rate scaling with batch size: {settings.get('lr_scaling', 'none')}.",
+        "Same network and data order per seed (cells: mean over seeds, then each seed); "
+        f"{settings['samples']} training samples per run; fold {settings['fold']}; device {settings['device']}; "
+        f"learning-rate scaling with batch size: {settings.get('lr_scaling', 'none')}.",
         "BatchNorm is evaluated in eval mode with its running statistics.",
         "",
         "| norm | " + " | ".join(f"batch {b}" for b in batches) + " |",

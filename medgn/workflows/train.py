@@ -4,7 +4,8 @@
 first (the same check as ``medgn verify``; skipped on ``resume`` unless asked), taking the
 fingerprint from that same pass when a plan has to be made, so each volume is read once there and
 once more by the patch cache before the first step. It reads or makes the dataset plan (a typed
-:class:`~medgn.planning.plan.Plan`), adapts it with the config's ``plan`` section, writes the resolved config, the effective plan and the fold split into the run
+:class:`~medgn.planning.plan.Plan`), adapts it with the config's ``plan`` section, writes the resolved config, the
+effective plan and the fold split into the run
 folder, builds the network from the ``model`` section, and hands patches, validation and hooks to
 the :class:`~medgn.train.trainer.Trainer`. The run folder is locked while training; ``resume``
 continues from the last checkpoint exactly. Under ``torchrun`` every rank runs this function; rank 0
@@ -75,11 +76,17 @@ def _verify(index: Any, data: Path, cfg: RunConfig, fingerprint: bool) -> Any:
         for problem in report.problems:
             log.error("verify: %s", problem)
         first = report.problems[0]
-        raise InputDataError(data, f"dataset failed verification with {len(report.problems)} problem(s); first: {first}", expected="a clean 'medgn verify' (see medgn.log for all problems)")
+        raise InputDataError(
+            data,
+            f"dataset failed verification with {len(report.problems)} problem(s); first: {first}",
+            expected="a clean 'medgn verify' (see medgn.log for all problems)",
+        )
     return report
 
 
-def _dataset_plan(index: Any, cfg: RunConfig, out_dir: Path, plan_path: Path | None, is_main: bool, report: Any = None) -> Plan:
+def _dataset_plan(
+    index: Any, cfg: RunConfig, out_dir: Path, plan_path: Path | None, is_main: bool, report: Any = None
+) -> Plan:
     from medgn.planning.fingerprint import aggregate_fingerprint, compute_fingerprint
     from medgn.planning.planner import make_plan
 
@@ -100,7 +107,9 @@ def _dataset_plan(index: Any, cfg: RunConfig, out_dir: Path, plan_path: Path | N
     return plan
 
 
-def _fold_cases(index: Any, cfg: RunConfig, out_dir: Path, fold: int, plan_path: Path | None = None) -> tuple[list[Case], list[Case]]:
+def _fold_cases(
+    index: Any, cfg: RunConfig, out_dir: Path, fold: int, plan_path: Path | None = None
+) -> tuple[list[Case], list[Case]]:
     """The fold's (training, validation) cases from the run's splits.json.
 
     A run without one takes the folds ``medgn plan --folds/--seed`` wrote next to ``plan_path``
@@ -112,16 +121,26 @@ def _fold_cases(index: Any, cfg: RunConfig, out_dir: Path, fold: int, plan_path:
         return list(index.cases), []
     n_folds = min(cfg.plan.n_folds, len(index.cases))
     if len(index.cases) < 2:
-        raise InputDataError(index.root, "cross-validation needs at least 2 labelled cases", got=len(index.cases), expected="more cases, or --fold all")
+        raise InputDataError(
+            index.root,
+            "cross-validation needs at least 2 labelled cases",
+            got=len(index.cases),
+            expected="more cases, or --fold all",
+        )
     run_splits = out_dir / SPLITS
     planned = plan_path.parent / SPLITS if plan_path is not None else None
     if run_splits.exists() or (planned is not None and planned.is_file()):
-        splits = load_or_create_splits(run_splits if run_splits.exists() else planned, sorted(by_id))  # type: ignore[arg-type]
+        source = run_splits if run_splits.exists() else planned
+        splits = load_or_create_splits(source, sorted(by_id))  # type: ignore[arg-type]
         n_folds = len(splits)
     if not 0 <= fold < n_folds:
         raise UsageError("--fold", "fold out of range", got=fold, expected=f"0..{n_folds - 1} or 'all'")
     if not run_splits.exists():  # the run folder records the folds it trained on
-        splits = load_or_create_splits(planned, sorted(by_id)) if planned is not None and planned.is_file() else make_splits(sorted(by_id), n_folds, cfg.plan.split_seed)
+        splits = (
+            load_or_create_splits(planned, sorted(by_id))
+            if planned is not None and planned.is_file()
+            else make_splits(sorted(by_id), n_folds, cfg.plan.split_seed)
+        )
         atomic_write_json(run_splits, splits, overwrite=False)
     return [by_id[i] for i in splits[fold]["train"]], [by_id[i] for i in splits[fold]["val"]]
 
@@ -166,12 +185,18 @@ def train_on_dataset(
     info = ddp.init_distributed(dev.type)  # joins the process group under torchrun
     device = str(dev)
     if is_inside(out_dir, data):  # also out_dir == data
-        raise UsageError(out_dir, "refusing to write the run into the dataset folder", expected="an --out outside the input tree")
+        raise UsageError(
+            out_dir, "refusing to write the run into the dataset folder", expected="an --out outside the input tree"
+        )
     has_checkpoint = (out_dir / "checkpoints").is_dir() and read_pointer(out_dir / "checkpoints") is not None
     if resume and not has_checkpoint:
-        raise UsageError(out_dir, "nothing to resume: no checkpoint in the run folder", expected="a run folder with checkpoints/")
+        raise UsageError(
+            out_dir, "nothing to resume: no checkpoint in the run folder", expected="a run folder with checkpoints/"
+        )
     if not resume and has_checkpoint:
-        raise UsageError(out_dir, "run folder already has checkpoints", expected="--resume to continue it, or a new --out")
+        raise UsageError(
+            out_dir, "run folder already has checkpoints", expected="--resume to continue it, or a new --out"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out_dir, purpose="train") if info.is_main else None
     if lock is not None:
@@ -184,7 +209,11 @@ def train_on_dataset(
         if info.is_main:  # rank 0 verifies, plans and splits; the others read what it wrote
             given = Path(plan_path) if plan_path else None
             needs_plan = given is None and not (out_dir / DATASET_PLAN).exists()
-            report = _verify(index, data, cfg, fingerprint=needs_plan) if (verify if verify is not None else not resume) else None
+            report = (
+                _verify(index, data, cfg, fingerprint=needs_plan)
+                if (verify if verify is not None else not resume)
+                else None
+            )
             base_plan = _dataset_plan(index, cfg, out_dir, given, True, report)
             _fold_cases(index, cfg, out_dir, fold, given)
         ddp.barrier()
@@ -201,8 +230,17 @@ def train_on_dataset(
         train_cases, val_cases = _fold_cases(index, cfg, out_dir, fold)
         # Before any resampling: a case that would explode at the plan's spacing stops the run (exit 5).
         check_dataset_workload(train_cases, plan.target_spacing, cfg.data.limits)
-        check_dataset_workload(val_cases, plan.target_spacing, cfg.data.limits, roi=plan.patch_size, overlap=0.25)  # the validator's windows
-        log.info("fold %s: %d training and %d validation cases; patch %s at %s mm", fold, len(train_cases), len(val_cases), plan.patch_size, plan.target_spacing)
+        check_dataset_workload(
+            val_cases, plan.target_spacing, cfg.data.limits, roi=plan.patch_size, overlap=0.25
+        )  # the validator's windows
+        log.info(
+            "fold %s: %d training and %d validation cases; patch %s at %s mm",
+            fold,
+            len(train_cases),
+            len(val_cases),
+            plan.patch_size,
+            plan.target_spacing,
+        )
         return _fit(cfg, plan, train_cases, val_cases, out_dir, device, resume, console, info, started_at, init_model)
     finally:
         if lock is not None:
@@ -210,12 +248,31 @@ def train_on_dataset(
         ddp.cleanup()
 
 
-def _fit(cfg: RunConfig, plan: Plan, train_cases: list[Case], val_cases: list[Case], out_dir: Path, device: str, resume: bool, console: bool, info: Any, started_at: float, init_model: ModelInit | None = None) -> TrainResult:
+def _fit(
+    cfg: RunConfig,
+    plan: Plan,
+    train_cases: list[Case],
+    val_cases: list[Case],
+    out_dir: Path,
+    device: str,
+    resume: bool,
+    console: bool,
+    info: Any,
+    started_at: float,
+    init_model: ModelInit | None = None,
+) -> TrainResult:
     from medgn.models.registry import build_model
 
     tcfg = cfg.train
     dataset = PatchDataset(train_cases, plan, cfg.data)
-    sampler = ResumableSampler(len(train_cases), tcfg.micro_batches_per_epoch * tcfg.batch_size, seed=tcfg.seed, rank=info.rank, world_size=info.world_size, with_seeds=True)
+    sampler = ResumableSampler(
+        len(train_cases),
+        tcfg.micro_batches_per_epoch * tcfg.batch_size,
+        seed=tcfg.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        with_seeds=True,
+    )
     workers = cfg.data.num_workers
     loader = ResumableLoader(dataset, sampler, tcfg.batch_size, num_workers=workers, persistent_workers=False)
     evidence: dict[int, Any] = {}  # case index -> LCC evidence of the latest validation
@@ -230,7 +287,17 @@ def _fit(cfg: RunConfig, plan: Plan, train_cases: list[Case], val_cases: list[Ca
     model = build_model(cfg.model, plan.in_channels, plan.num_classes, plan.network.strides, plan.network.kernel_sizes)
     if init_model is not None:  # on resume it only restores hooks: the checkpoint has the weights
         hooks = [*hooks, *init_model(model, out_dir, resume)]
-    trainer = Trainer(model, tcfg, loader, out_dir=out_dir, device=device, hooks=hooks, run_config=cfg.to_dict(), plan=plan.to_dict(), dist_info=info)
+    trainer = Trainer(
+        model,
+        tcfg,
+        loader,
+        out_dir=out_dir,
+        device=device,
+        hooks=hooks,
+        run_config=cfg.to_dict(),
+        plan=plan.to_dict(),
+        dist_info=info,
+    )
     if resume:
         trainer.resume(out_dir / "checkpoints")
     state = trainer.train()
@@ -240,7 +307,16 @@ def _fit(cfg: RunConfig, plan: Plan, train_cases: list[Case], val_cases: list[Ca
             best = getattr(hook, "best", None)
     if info.is_main:
         _choose_postprocessing(out_dir, evidence, dataset, classes)
-        summary = {"stop_reason": state.stop_reason, "iteration": state.iteration, "planned_iters": state.planned_iters, "seconds": round(time.monotonic() - started_at, 1), "epoch": state.epoch, "best_val_ema_dice": best, "samples_seen": state.samples_seen, "nonfinite_skipped": state.nonfinite_total}
+        summary = {
+            "stop_reason": state.stop_reason,
+            "iteration": state.iteration,
+            "planned_iters": state.planned_iters,
+            "seconds": round(time.monotonic() - started_at, 1),
+            "epoch": state.epoch,
+            "best_val_ema_dice": best,
+            "samples_seen": state.samples_seen,
+            "nonfinite_skipped": state.nonfinite_total,
+        }
         atomic_write_json(out_dir / "train_summary.json", json.loads(json.dumps(summary)))
     return TrainResult(out_dir, state, trainer.exit_code, best, list(trainer.epoch_records))
 
@@ -255,6 +331,8 @@ def _choose_postprocessing(out_dir: Path, evidence: dict[int, Any], dataset: Pat
         decision = postprocess.decide([evidence[i] for i in sorted(evidence)])
     else:
         labels = (dataset.cache[i]["label"] for i in range(len(dataset)))
-        decision = postprocess.decide_from_topology([postprocess.topology_evidence(np.asarray(lab)[0], classes) for lab in labels])
+        decision = postprocess.decide_from_topology(
+            [postprocess.topology_evidence(np.asarray(lab)[0], classes) for lab in labels]
+        )
     atomic_write_json(out_dir / postprocess.FILE, decision.to_dict())
     log.info("post-processing: %s", decision.describe())

@@ -51,9 +51,7 @@ def test_dry_run_runs_every_step(tmp_path: Path, shared_data: Path) -> None:
     assert '"versions"' in (out / "env.log").read_text(encoding="utf-8")
     assert "skipped" in (out / "pytest_gpu.log").read_text(encoding="utf-8")  # no CUDA here
     gn = json.loads((out / "bench" / "group_norm_cpu.json").read_text(encoding="utf-8"))
-    assert len(gn["rows"]) == 18 and all(
-        r["check_ok"] for r in gn["rows"] if r["provider"] == "medgn"
-    )
+    assert len(gn["rows"]) == 18 and all(r["check_ok"] for r in gn["rows"] if r["provider"] == "medgn")
     train = json.loads((out / "bench" / "train_cpu.json").read_text(encoding="utf-8"))
     assert [r["norm"] for r in train["rows"]] == ["group", "group_torch", "instance"]
     assert (out / "la_smoke").is_dir() and any((out / "la_smoke").iterdir())

@@ -17,10 +17,23 @@ import numpy as np
 import pytest
 
 # Byte offsets of NIfTI-1 header fields (from the NIfTI-1 standard, nifti1.h).
-OFFSETS = {"dim": (40, "<8h"), "datatype": (70, "<h"), "bitpix": (72, "<h"), "pixdim": (76, "<8f"), "qform_code": (252, "<h"), "sform_code": (254, "<h"), "srow_x": (280, "<4f")}
+OFFSETS = {
+    "dim": (40, "<8h"),
+    "datatype": (70, "<h"),
+    "bitpix": (72, "<h"),
+    "pixdim": (76, "<8f"),
+    "qform_code": (252, "<h"),
+    "sform_code": (254, "<h"),
+    "srow_x": (280, "<4f"),
+}
 
 
-def make_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Path:
+def make_nifti(
+    path: Path,
+    array: np.ndarray,
+    affine: np.ndarray | None = None,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> Path:
     """Write ``array`` with ``affine`` (default: diag(spacing)) and qform/sform code 1."""
     if affine is None:
         affine = np.diag([*spacing, 1.0])
@@ -51,18 +64,30 @@ def blob() -> np.ndarray:
     return array
 
 
-def make_nnunet(root: Path, n_cases: int = 2, channels: int = 2, spacing: tuple[float, float, float] = (1.0, 1.0, 2.0)) -> Path:
+def make_nnunet(
+    root: Path, n_cases: int = 2, channels: int = 2, spacing: tuple[float, float, float] = (1.0, 1.0, 2.0)
+) -> Path:
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
     rng = np.random.default_rng(1)
     for i in range(n_cases):
         for c in range(channels):
-            make_nifti(root / "imagesTr" / f"case{i}_{c:04d}.nii.gz", rng.normal(size=(6, 5, 4)).astype(np.float32), spacing=spacing)
+            make_nifti(
+                root / "imagesTr" / f"case{i}_{c:04d}.nii.gz",
+                rng.normal(size=(6, 5, 4)).astype(np.float32),
+                spacing=spacing,
+            )
         label = np.zeros((6, 5, 4), np.uint8)
         label[1:3, 1:3, 1:3] = 2
         label[4, 4, 3] = 1
         make_nifti(root / "labelsTr" / f"case{i}.nii.gz", label, spacing=spacing)
-    desc = {"channel_names": {str(c): ["CT", "T2"][c % 2] for c in range(channels)}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": n_cases, "file_ending": ".nii.gz", "name": "tiny"}
+    desc = {
+        "channel_names": {str(c): ["CT", "T2"][c % 2] for c in range(channels)},
+        "labels": {"background": 0, "a": 1, "b": 2},
+        "numTraining": n_cases,
+        "file_ending": ".nii.gz",
+        "name": "tiny",
+    }
     (root / "dataset.json").write_text(json.dumps(desc))
     return root
 

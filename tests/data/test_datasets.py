@@ -26,7 +26,12 @@ def _verify(root: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
 def test_nnunet_dataset_loads_and_verifies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = make_nnunet(tmp_path / "ds")
     index = load_dataset(root)
-    assert (index.format, index.name, index.channel_names, index.modalities) == ("nnunet", "tiny", ("CT", "T2"), ("CT", "MR"))
+    assert (index.format, index.name, index.channel_names, index.modalities) == (
+        "nnunet",
+        "tiny",
+        ("CT", "T2"),
+        ("CT", "MR"),
+    )
     assert index.labels == {"background": 0, "a": 1, "b": 2}
     assert [c.case_id for c in index.cases] == ["case0", "case1"]
     assert [p.name for p in index.cases[1].images] == ["case1_0000.nii.gz", "case1_0001.nii.gz"]
@@ -58,10 +63,21 @@ def test_msd_layout_and_escaping_paths(tmp_path: Path) -> None:
     (root / "labelsTr").mkdir()
     make_nifti(root / "imagesTr" / "a.nii.gz", np.ones((4, 4, 4), np.float32))
     make_nifti(root / "labelsTr" / "a.nii.gz", np.zeros((4, 4, 4), np.uint8))
-    desc = {"name": "m", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "x"}, "numTraining": 1, "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]}
+    desc = {
+        "name": "m",
+        "modality": {"0": "MRI"},
+        "labels": {"0": "background", "1": "x"},
+        "numTraining": 1,
+        "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}],
+    }
     (root / "dataset.json").write_text(json.dumps(desc))
     index = load_dataset(root)
-    assert (index.format, index.modalities, index.labels, index.cases[0].case_id) == ("msd", ("MR",), {"background": 0, "x": 1}, "a")
+    assert (index.format, index.modalities, index.labels, index.cases[0].case_id) == (
+        "msd",
+        ("MR",),
+        {"background": 0, "x": 1},
+        "a",
+    )
     desc["training"].append({"image": "../../etc/x.nii.gz", "label": "/abs/y.nii.gz"})
     desc["numTraining"] = 2
     (root / "dataset.json").write_text(json.dumps(desc))
@@ -82,7 +98,9 @@ def test_folder_pair_with_odd_names(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("broken", ["label_spacing", "channel_origin", "label_values", "nan"])
-def test_verify_reports_every_problem_with_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], broken: str) -> None:
+def test_verify_reports_every_problem_with_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], broken: str
+) -> None:
     root = make_nnunet(tmp_path / "ds")
     label = root / "labelsTr" / "case1.nii.gz"
     channel = root / "imagesTr" / "case1_0001.nii.gz"
@@ -118,7 +136,10 @@ def test_find_inputs(tmp_path: Path) -> None:
     for name in ("b_0000", "b_0001", "a_0000", "a_0001"):
         make_nifti(folder / f"{name}.nii.gz", np.ones((3, 3, 3), np.float32))
     cases = find_inputs(folder, channels=2)
-    assert [(c.case_id, [p.name for p in c.images]) for c in cases] == [("a", ["a_0000.nii.gz", "a_0001.nii.gz"]), ("b", ["b_0000.nii.gz", "b_0001.nii.gz"])]
+    assert [(c.case_id, [p.name for p in c.images]) for c in cases] == [
+        ("a", ["a_0000.nii.gz", "a_0001.nii.gz"]),
+        ("b", ["b_0000.nii.gz", "b_0001.nii.gz"]),
+    ]
     with pytest.raises(InputDataError, match="wrong number of channels"):
         find_inputs(folder, channels=1)
     single = find_inputs(folder / "a_0000.nii.gz")

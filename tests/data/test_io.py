@@ -81,7 +81,9 @@ def test_real_volume_above_voxel_limit(tmp_path: Path, blob: np.ndarray) -> None
         ("datatype", 1, "data type"),  # binary/bool
     ],
 )
-def test_bad_header_fields(tmp_path: Path, blob: np.ndarray, field: str, value: tuple[float, ...] | float, words: str) -> None:
+def test_bad_header_fields(
+    tmp_path: Path, blob: np.ndarray, field: str, value: tuple[float, ...] | float, words: str
+) -> None:
     path = patch_nifti(make_nifti(tmp_path / "bad.nii.gz", blob), field, value)
     _raises(path, 3, words)
 
@@ -168,14 +170,18 @@ def test_write_mask_reproduces_geometry(tmp_path: Path, blob: np.ndarray, suffix
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".medgn-tmp")] == []
 
 
-def test_write_mask_refuses_wrong_geometry_and_writes_nothing(tmp_path: Path, blob: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_write_mask_refuses_wrong_geometry_and_writes_nothing(
+    tmp_path: Path, blob: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ref = read_volume(make_nifti(tmp_path / "ref.nii.gz", blob, spacing=(0.5, 0.5, 2.0)))
     with pytest.raises(UsageError, match="shape"):
         write_mask(np.zeros((3, 3, 3), np.uint8), ref, tmp_path / "m.nii.gz")
     import medgn.data.io as io_mod
 
     real = io_mod._written_geometry
-    monkeypatch.setattr(io_mod, "_written_geometry", lambda tmp, fmt: (real(tmp, fmt)[0], real(tmp, fmt)[1] @ np.diag([1, 1, 1.001, 1])))
+    monkeypatch.setattr(
+        io_mod, "_written_geometry", lambda tmp, fmt: (real(tmp, fmt)[0], real(tmp, fmt)[1] @ np.diag([1, 1, 1.001, 1]))
+    )
     with pytest.raises(InputDataError, match="spacing"):
         write_mask(np.zeros(blob.shape, np.uint8), ref, tmp_path / "m.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.nii.gz"]
@@ -206,7 +212,17 @@ def _dicom_series(folder: Path, series_uid: str, n: int = 5, skip: int | None = 
             continue
         image = volume[:, :, i]
         position = volume.TransformIndexToPhysicalPoint((0, 0, i))
-        tags = {"0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": series_uid, "0020|0013": str(i + 1), "0020|0032": "\\".join(f"{v:.6f}" for v in position), "0020|0037": "1\\0\\0\\0\\1\\0", "0008|0018": f"{series_uid}.{i + 1}", "0028|0030": "0.75\\0.5", "0018|0050": "2.0"}
+        tags = {
+            "0008|0060": "CT",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+            "0020|000e": series_uid,
+            "0020|0013": str(i + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0008|0018": f"{series_uid}.{i + 1}",
+            "0028|0030": "0.75\\0.5",
+            "0018|0050": "2.0",
+        }
         for key, value in tags.items():
             image.SetMetaData(key, value)
         writer.SetFileName(str(folder / f"{series_uid[-3:]}_{i:03d}.dcm"))
@@ -246,7 +262,13 @@ def test_real_samples_geometry(shared_data: Path) -> None:
         # Voxel (1, 2, 3) through our RAS affine equals ITK's LPS point with x and y negated.
         lps = itk.TransformContinuousIndexToPhysicalPoint((1.0, 2.0, 3.0))
         np.testing.assert_allclose((image.affine @ [1, 2, 3, 1])[:3], (-lps[0], -lps[1], lps[2]), atol=1e-4)
-    assert sorted(np.unique(read_volume(samples / "mr_prostate_phantom_label.nrrd", label=True).array).tolist()) == [0, 1, 7, 8, 9]
+    assert sorted(np.unique(read_volume(samples / "mr_prostate_phantom_label.nrrd", label=True).array).tolist()) == [
+        0,
+        1,
+        7,
+        8,
+        9,
+    ]
     dicom = read_volume(samples / "ct_dicom_series")
     assert dicom.shape == (512, 512, 20) and dicom.spacing == pytest.approx((0.9765625, 0.9765625, 2.0), abs=1e-4)
     assert nib.aff2axcodes(dicom.affine) == ("L", "P", "S") and dicom.array.min() < -500  # Hounsfield units

@@ -124,7 +124,24 @@ def test_4d_dataset_end_to_end_through_the_cli(msd4d: Path, tmp_path: Path, caps
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(test_file, images / "test_case.nii.gz")
-    assert main(["evaluate", "--pred", str(out), "--ref", str(ref), "--out", str(tmp_path / "eval"), "--images", str(images), "--worst-k", "1"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(out),
+                "--ref",
+                str(ref),
+                "--out",
+                str(tmp_path / "eval"),
+                "--images",
+                str(images),
+                "--worst-k",
+                "1",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["counts"]["evaluated"] == 1 and summary["counts"]["failed"] == 0
     assert list((tmp_path / "eval" / "overlays").glob("*.png"))
@@ -148,7 +165,9 @@ def test_4d_label_is_refused_naming_the_file(msd4d: Path, tmp_path: Path, capsys
 
 @pytest.mark.data
 @pytest.mark.parametrize("channels", [1, 3])
-def test_channel_count_disagreeing_with_modality_is_refused(msd4d: Path, tmp_path: Path, channels: int, capsys: pytest.CaptureFixture[str]) -> None:
+def test_channel_count_disagreeing_with_modality_is_refused(
+    msd4d: Path, tmp_path: Path, channels: int, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = shutil.copytree(msd4d, tmp_path / "bad")
     image = sorted((bad / "imagesTr").glob("*.nii.gz"))[0]
     arr = np.asanyarray(nib.load(image).dataobj)
@@ -159,7 +178,9 @@ def test_channel_count_disagreeing_with_modality_is_refused(msd4d: Path, tmp_pat
 
 
 @pytest.mark.data
-def test_4d_file_where_one_channel_is_expected_stays_refused(msd4d: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_4d_file_where_one_channel_is_expected_stays_refused(
+    msd4d: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folders = tmp_path / "plain"
     (folders / "images").mkdir(parents=True)
     (folders / "labels").mkdir()

@@ -35,7 +35,9 @@ def _ns(fields: dict[str, Any]) -> SimpleNamespace:
     return SimpleNamespace(**{"patch_size": (8, 8, 8), **fields})
 
 
-def _affine(perm: tuple[int, int, int], flips: tuple[int, int, int], spacing: tuple[float, float, float], oblique: float = 0.0) -> np.ndarray:
+def _affine(
+    perm: tuple[int, int, int], flips: tuple[int, int, int], spacing: tuple[float, float, float], oblique: float = 0.0
+) -> np.ndarray:
     """Array axis a runs along world axis perm[a] with sign flips[a] and size spacing[a]."""
     affine = np.zeros((4, 4))
     for a in range(3):
@@ -62,7 +64,9 @@ PLAN = {"normalization": [{"scheme": "none"}], "label_values": [0, 1, 2]}
     ("perm", "flips"),
     [((0, 1, 2), (1, 1, 1)), ((0, 1, 2), (-1, -1, 1)), ((2, 0, 1), (1, -1, -1)), ((1, 2, 0), (-1, 1, -1))],
 )
-def test_round_trip_is_exact_on_input_grid(tmp_path: Path, perm: tuple[int, int, int], flips: tuple[int, int, int]) -> None:
+def test_round_trip_is_exact_on_input_grid(
+    tmp_path: Path, perm: tuple[int, int, int], flips: tuple[int, int, int]
+) -> None:
     spacing = (0.8, 1.5, 3.0)
     affine = _affine(perm, flips, spacing)
     array = _left_blob()
@@ -81,7 +85,9 @@ def test_round_trip_is_exact_on_input_grid(tmp_path: Path, perm: tuple[int, int,
 
 
 @pytest.mark.parametrize(("target", "oblique"), [((1.0, 1.0, 1.0), 0.0), ((0.7, 0.7, 2.0), 0.4)])
-def test_round_trip_with_resampling_keeps_the_blob(tmp_path: Path, target: tuple[float, float, float], oblique: float) -> None:
+def test_round_trip_with_resampling_keeps_the_blob(
+    tmp_path: Path, target: tuple[float, float, float], oblique: float
+) -> None:
     array = _left_blob((20, 18, 10))
     affine = _affine((0, 1, 2), (-1, 1, 1), (0.9, 0.9, 2.5), oblique)
     path = make_nifti(tmp_path / "in.nii.gz", array, affine)
@@ -108,7 +114,9 @@ def test_non_contiguous_labels_map_to_class_indices(tmp_path: Path) -> None:
     assert mapped.dtype == torch.int64 and mapped.shape == (1, 6, 6, 6)
     counts = {v: int((label == v).sum()) for v in (0, 1, 7, 8, 9)}
     assert [int((mapped == k).sum()) for k in range(5)] == [counts[v] for v in (0, 1, 7, 8, 9)]
-    assert torch.isfinite(out["image"]).all() and float(out["image"].abs().max()) == 0.0  # constant image -> zeros, no NaN
+    assert (
+        torch.isfinite(out["image"]).all() and float(out["image"].abs().max()) == 0.0
+    )  # constant image -> zeros, no NaN
     with pytest.raises(InputDataError, match="outside the declared set"):
         val_transforms(_ns({**plan, "label_values": [0, 1]}))({"image": [str(img_path)], "label": str(lab_path)})
 
@@ -116,7 +124,9 @@ def test_non_contiguous_labels_map_to_class_indices(tmp_path: Path) -> None:
 def test_normalization_against_float64_reference() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(40.0, 300.0, size=(5, 6, 7))
-    ct = normalize_channel(torch.from_numpy(x.astype(np.float32)), {"scheme": "ct", "clip": [-100.0, 500.0], "mean": 80.0, "std": 120.0})
+    ct = normalize_channel(
+        torch.from_numpy(x.astype(np.float32)), {"scheme": "ct", "clip": [-100.0, 500.0], "mean": 80.0, "std": 120.0}
+    )
     np.testing.assert_allclose(ct.numpy(), (np.clip(x, -100, 500) - 80) / 120, rtol=1e-5, atol=1e-5)
     x[0] = 0.0
     z = normalize_channel(torch.from_numpy(x.astype(np.float32)), {"scheme": "zscore"})
@@ -131,11 +141,23 @@ def _tiny_cases(tmp_path: Path, n: int = 2) -> list[Case]:
         label = np.zeros((14, 12, 10), np.uint8)
         label[3:7, 4:8, 2:6] = 1
         image = (rng.normal(size=label.shape) + 3 * label).astype(np.float32)
-        cases.append(Case(f"c{i}", (make_nifti(tmp_path / f"c{i}_0000.nii.gz", image),), make_nifti(tmp_path / f"c{i}.nii.gz", label)))
+        cases.append(
+            Case(
+                f"c{i}",
+                (make_nifti(tmp_path / f"c{i}_0000.nii.gz", image),),
+                make_nifti(tmp_path / f"c{i}.nii.gz", label),
+            )
+        )
     return cases
 
 
-TRAIN_PLAN = {"normalization": [{"scheme": "zscore"}], "label_values": [0, 1], "target_spacing": [1.0, 1.0, 1.0], "patch_size": [8, 8, 8], "batch_size": 2}
+TRAIN_PLAN = {
+    "normalization": [{"scheme": "zscore"}],
+    "label_values": [0, 1],
+    "target_spacing": [1.0, 1.0, 1.0],
+    "patch_size": [8, 8, 8],
+    "batch_size": 2,
+}
 
 
 def test_train_transforms_are_seeded_and_shapes_are_right(tmp_path: Path) -> None:

@@ -45,15 +45,41 @@ def test_subjects_differ_and_labels_are_tissues(demo_data: Path) -> None:
 def test_same_seed_same_subjects(tmp_path: Path, demo_data: Path) -> None:
     again = build_demo_dataset(tmp_path / "again", n_train=3, n_test=1, spacing_mm=6.0, seed=3)
     for name in ("imagesTr/mni_002.nii.gz", "labelsTs/mni_003.nii.gz"):
-        assert np.array_equal(np.asanyarray(nib.load(demo_data / name).dataobj), np.asanyarray(nib.load(again / name).dataobj))
+        assert np.array_equal(
+            np.asanyarray(nib.load(demo_data / name).dataobj), np.asanyarray(nib.load(again / name).dataobj)
+        )
 
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo_run"
-    cmd = [sys.executable, "-m", "medgn.demo", "--out", str(out), "--train-subjects", "3", "--test-subjects", "1",
-           "--time-budget", "1m", "--set", "train.epochs=2", "--set", "train.iters_per_epoch=3", "--set", "train.val_every=1", "--set", "train.warmup_iters=0",
-           "--set", "model.features=[8,16]", "--set", "plan.patch_size=[32,32,32]", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "medgn.demo",
+        "--out",
+        str(out),
+        "--train-subjects",
+        "3",
+        "--test-subjects",
+        "1",
+        "--time-budget",
+        "1m",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "train.iters_per_epoch=3",
+        "--set",
+        "train.val_every=1",
+        "--set",
+        "train.warmup_iters=0",
+        "--set",
+        "model.features=[8,16]",
+        "--set",
+        "plan.patch_size=[32,32,32]",
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "grey matter    Dice" in proc.stdout and "white matter   Dice" in proc.stdout

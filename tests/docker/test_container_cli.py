@@ -42,7 +42,11 @@ def _read_only(tree: Path) -> None:
 
 
 def _hashes(tree: Path) -> dict[str, str]:
-    return {str(p.relative_to(tree)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tree.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(tree)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(tree.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +55,30 @@ def model_and_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
 
     data = make_dataset(tmp_path_factory.mktemp("container") / "data", n=3, size=16)
     run = data.parent / "model"
-    assert main(["train", "--data", str(data), "--out", str(run), *TINY, "--set", "train.epochs=1", "--set", "train.iters_per_epoch=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                *TINY,
+                "--set",
+                "train.epochs=1",
+                "--set",
+                "train.iters_per_epoch=2",
+            ]
+        )
+        == 0
+    )
     return run, data
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_infer_and_evaluate_with_container_environment(dockerfile: Path, model_and_data: tuple[Path, Path], tmp_path: Path) -> None:
+def test_infer_and_evaluate_with_container_environment(
+    dockerfile: Path, model_and_data: tuple[Path, Path], tmp_path: Path
+) -> None:
     run, data = model_and_data
     container_tmp = tmp_path / "container-tmp"  # the container's --tmpfs /tmp
     container_tmp.mkdir()
@@ -74,12 +96,36 @@ def test_infer_and_evaluate_with_container_environment(dockerfile: Path, model_a
     before = {**_hashes(inputs), **{f"model/{k}": v for k, v in _hashes(weights).items()}}
     out.mkdir()
     medgn = [str(Path(sys.executable).parent / "medgn")]  # ENTRYPOINT ["medgn"]
-    infer = subprocess.run(medgn + ["infer", "--model", str(weights), "--input", str(inputs), "--output", str(out / "masks"), "--device", "cpu", "--no-progress"],
-                           env=env, capture_output=True, text=True, timeout=300, cwd=container_tmp)
+    infer = subprocess.run(
+        medgn
+        + [
+            "infer",
+            "--model",
+            str(weights),
+            "--input",
+            str(inputs),
+            "--output",
+            str(out / "masks"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=container_tmp,
+    )
     assert infer.returncode == 0, infer.stderr[-2000:]
     assert sorted(p.name for p in (out / "masks").glob("*.nii.gz")) == sorted(p.name for p in inputs.glob("*.nii.gz"))
-    evaluate = subprocess.run(medgn + ["evaluate", "--pred", str(out / "masks"), "--ref", str(data / "labelsTr"), "--out", str(out / "eval")],
-                              env=env, capture_output=True, text=True, timeout=300, cwd=container_tmp)
+    evaluate = subprocess.run(
+        medgn + ["evaluate", "--pred", str(out / "masks"), "--ref", str(data / "labelsTr"), "--out", str(out / "eval")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=container_tmp,
+    )
     assert evaluate.returncode == 0, evaluate.stderr[-2000:]
     assert (out / "eval" / "summary.json").is_file()
     after = {**_hashes(inputs), **{f"model/{k}": v for k, v in _hashes(weights).items()}}

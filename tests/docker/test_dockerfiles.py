@@ -102,7 +102,9 @@ def test_offline_install_from_wheelhouse_and_exec_form_entrypoint(dockerfile: Pa
             assert isinstance(json.loads(arg), list), arg
     env = " ".join(arg for word, arg in ins if word == "ENV")
     assert re.search(r"\bPATH=/opt/medgn/bin:", env), "the SIGTERM-aware wrapper comes first on PATH"
-    assert ("docker/entrypoint.py", "/opt/medgn/bin/medgn") in [tuple(arg.split()) for word, arg in ins if word == "COPY"]
+    assert ("docker/entrypoint.py", "/opt/medgn/bin/medgn") in [
+        tuple(arg.split()) for word, arg in ins if word == "COPY"
+    ]
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)

@@ -23,8 +23,14 @@ DATA = REPO.parent / "shared" / "data"
 
 def _wrapper(*args: str, **kwargs: object) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUTF8": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, str(WRAPPER), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, **kwargs)  # type: ignore[call-overload]
+    return subprocess.Popen(
+        [sys.executable, str(WRAPPER), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kwargs,
+    )  # type: ignore[call-overload]
 
 
 def test_passes_arguments_and_exit_codes_through(tmp_path: Path) -> None:

@@ -42,22 +42,52 @@ pytestmark = [
 # A tiny network (two levels, four features) trained for two steps: enough to give non-trivial
 # masks; the point is the same model in both places, not its quality.
 TRAIN = [
-    "--set", "model.features=[4,8]", "--set", "plan.patch_size=[32,32,32]", "--set", "plan.n_folds=2",
-    "--set", "data.num_workers=0", "--set", "train.amp=off", "--set", "train.epochs=1",
-    "--set", "train.iters_per_epoch=2", "--set", "train.val_every=1",
-    "--set", "train.checkpoint_every_minutes=0", "--no-progress", "--device", "cpu",
+    "--set",
+    "model.features=[4,8]",
+    "--set",
+    "plan.patch_size=[32,32,32]",
+    "--set",
+    "plan.n_folds=2",
+    "--set",
+    "data.num_workers=0",
+    "--set",
+    "train.amp=off",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.iters_per_epoch=2",
+    "--set",
+    "train.val_every=1",
+    "--set",
+    "train.checkpoint_every_minutes=0",
+    "--no-progress",
+    "--device",
+    "cpu",
 ]
 INFER = ["--threads", "1", "--no-progress", "--device", "cpu"]
 
 
 def _venv_medgn(args: Sequence[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONUTF8": "1"}
-    return subprocess.run([sys.executable, "-m", "medgn", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "medgn", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def _docker_args(mounts: dict[Path, str], user: str | None = f"{UID}:{UID}") -> list[str]:
-    args = ["docker", "run", "--network", "none", "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
-            "--security-opt", "no-new-privileges"]
+    args = [
+        "docker",
+        "run",
+        "--network",
+        "none",
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+    ]
     if user:
         args += ["--user", user]
     # The same numerics as the venv side: CPU bf16 follows the tests' setting (conftest), not the host.
@@ -68,8 +98,14 @@ def _docker_args(mounts: dict[Path, str], user: str | None = f"{UID}:{UID}") -> 
     return args
 
 
-def _container(args: Sequence[str], mounts: dict[Path, str] | None = None, *, entrypoint: str | None = None,
-               user: str | None = f"{UID}:{UID}", timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def _container(
+    args: Sequence[str],
+    mounts: dict[Path, str] | None = None,
+    *,
+    entrypoint: str | None = None,
+    user: str | None = f"{UID}:{UID}",
+    timeout: float = 600,
+) -> subprocess.CompletedProcess[str]:
     cmd = [*_docker_args(mounts or {}, user), "--rm"]
     if entrypoint:
         cmd += ["--entrypoint", entrypoint]
@@ -126,8 +162,14 @@ def model(work: Path) -> Path:
             nifti.header.set_sform(affine, code=1)
             nib.save(nifti, data / folder / f"cube{i}.nii.gz")
         training.append({"image": f"./imagesTr/cube{i}.nii.gz", "label": f"./labelsTr/cube{i}.nii.gz"})
-    description = {"name": "cubes", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "cube"},
-                   "numTraining": 3, "training": training, "test": []}
+    description = {
+        "name": "cubes",
+        "modality": {"0": "MRI"},
+        "labels": {"0": "background", "1": "cube"},
+        "numTraining": 3,
+        "training": training,
+        "test": [],
+    }
     (data / "dataset.json").write_text(json.dumps(description))
     run = work / "model"
     proc = _venv_medgn(["train", "--data", str(data), "--out", str(run), *TRAIN])
@@ -163,7 +205,9 @@ def masks(work: Path, model: Path, scans: dict[str, Path]) -> dict[str, tuple[Pa
         box_out.mkdir(mode=0o777)
         box_out.chmod(0o777)
         mounts = {model: "ro", source: "ro", box_out: "rw"}
-        proc = _container(["infer", "--model", str(model), "--input", str(source), "--output", str(box_out), *INFER], mounts)
+        proc = _container(
+            ["infer", "--model", str(model), "--input", str(source), "--output", str(box_out), *INFER], mounts
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         result[key] = (venv_out, box_out)
     return result
@@ -175,7 +219,9 @@ def test_image_user_is_10001_by_default() -> None:
 
 
 def test_no_arguments_prints_help() -> None:
-    proc = subprocess.run(["docker", "run", "--rm", "--network", "none", IMAGE], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", IMAGE], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: medgn") and "infer" in proc.stdout
 
@@ -202,7 +248,9 @@ def test_verify_real_dataset_as_in_venv(work: Path, la_cases: list[Path]) -> Non
 
 
 @pytest.mark.parametrize("key", ["folder", "dicom"])
-def test_masks_byte_identical_to_venv_with_input_geometry(key: str, masks: dict[str, tuple[Path, Path]], scans: dict[str, Path]) -> None:
+def test_masks_byte_identical_to_venv_with_input_geometry(
+    key: str, masks: dict[str, tuple[Path, Path]], scans: dict[str, Path]
+) -> None:
     venv_out, box_out = masks[key]
     names = sorted(p.name for p in venv_out.iterdir() if p.suffix in (".gz", ".nrrd"))
     assert names == sorted(p.name for p in box_out.iterdir() if p.suffix in (".gz", ".nrrd"))
@@ -234,7 +282,10 @@ def test_evaluate_as_in_venv(work: Path, masks: dict[str, tuple[Path, Path]], la
     box_out.mkdir(mode=0o777)
     box_out.chmod(0o777)
     venv = _venv_medgn(["evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(venv_out)])
-    box = _container(["evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(box_out)], {pred: "ro", ref: "ro", box_out: "rw"})
+    box = _container(
+        ["evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(box_out)],
+        {pred: "ro", ref: "ro", box_out: "rw"},
+    )
     assert venv.returncode == 0, venv.stderr[-2000:]
     assert box.returncode == 0, box.stderr[-2000:]
     assert (box_out / "metrics.csv").read_text() == (venv_out / "metrics.csv").read_text()
@@ -268,7 +319,9 @@ def test_writes_only_to_output_and_tmp_and_no_network(work: Path, scans: dict[st
     out.mkdir(mode=0o777)
     out.chmod(0o777)
     folder = scans["folder"]
-    proc = _container(["-c", _PROBE, str(out), str(folder)], {folder: "ro", out: "rw"}, entrypoint="/opt/medgn/venv/bin/python")
+    proc = _container(
+        ["-c", _PROBE, str(out), str(folder)], {folder: "ro", out: "rw"}, entrypoint="/opt/medgn/venv/bin/python"
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result[f"{out}/ok"] == "written" and result["/tmp/ok"] == "written"
@@ -277,7 +330,10 @@ def test_writes_only_to_output_and_tmp_and_no_network(work: Path, scans: dict[st
     assert result["interfaces"] == ["lo"]
     assert result["connect"] != "connected"
     # medgn itself refuses an output folder on the read-only image with its one-line error.
-    proc = _container(["infer", "--model", "/nonexistent", "--input", str(folder), "--output", "/opt/medgn/out", *INFER], {folder: "ro"})
+    proc = _container(
+        ["infer", "--model", "/nonexistent", "--input", str(folder), "--output", "/opt/medgn/out", *INFER],
+        {folder: "ro"},
+    )
     assert proc.returncode != 0
     assert proc.stderr.startswith("medgn: error:"), proc.stderr
 
@@ -289,7 +345,16 @@ def test_bad_scan_exits_3_with_one_line_error(work: Path, model: Path) -> None:
     _open_to_all(bad)
     out.mkdir(mode=0o777)
     out.chmod(0o777)
-    args = ["infer", "--model", str(model), "--input", str(bad / "broken.nii.gz"), "--output", str(out / "masks"), *INFER]
+    args = [
+        "infer",
+        "--model",
+        str(model),
+        "--input",
+        str(bad / "broken.nii.gz"),
+        "--output",
+        str(out / "masks"),
+        *INFER,
+    ]
     proc = _container(args, {model: "ro", bad: "ro", out: "rw"})
     assert proc.returncode == 3, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -306,8 +371,21 @@ def test_docker_stop_keeps_finished_masks_and_no_partial_file(work: Path, model:
     out.mkdir(mode=0o777)
     out.chmod(0o777)
     name = f"medgn-stop-{os.getpid()}"
-    cmd = [*_docker_args({model: "ro", scans: "ro", out: "rw"}), "-d", "--name", name, IMAGE,
-           "infer", "--model", str(model), "--input", str(scans), "--output", str(out), *INFER]
+    cmd = [
+        *_docker_args({model: "ro", scans: "ro", out: "rw"}),
+        "-d",
+        "--name",
+        name,
+        IMAGE,
+        "infer",
+        "--model",
+        str(model),
+        "--input",
+        str(scans),
+        "--output",
+        str(out),
+        *INFER,
+    ]
     started = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert started.returncode == 0, started.stderr
     try:
@@ -319,7 +397,11 @@ def test_docker_stop_keeps_finished_masks_and_no_partial_file(work: Path, model:
         stop = subprocess.run(["docker", "stop", "-t", "60", name], capture_output=True, text=True, timeout=120)
         stop_seconds = time.monotonic() - t0
         assert stop.returncode == 0, stop.stderr
-        state = json.loads(subprocess.run(["docker", "inspect", "-f", "{{json .State}}", name], capture_output=True, text=True, check=True).stdout)
+        state = json.loads(
+            subprocess.run(
+                ["docker", "inspect", "-f", "{{json .State}}", name], capture_output=True, text=True, check=True
+            ).stdout
+        )
         logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True).stderr
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=120)

@@ -100,7 +100,11 @@ def test_flipped_affine_prediction_is_refused_for_that_case(folders: tuple[Path,
     result = evaluate(pred_dir, ref_dir)
     assert list(result.failures) == ["c1"]
     message = result.failures["c1"]
-    assert "direction" in message and "prediction affine [[-1.5, 0, 0, 22.5]" in message and "reference affine [[1.5, 0, 0, 0]" in message
+    assert (
+        "direction" in message
+        and "prediction affine [[-1.5, 0, 0, 22.5]" in message
+        and "reference affine [[1.5, 0, 0, 0]" in message
+    )
     assert result.exit_code == 3
     assert result.value("c1", 1, "dice") == 0.0 and result.value("c2", 1, "dice") == pytest.approx(6 / 8)
     assert result.summary["counts"]["failed"] == 1
@@ -111,13 +115,27 @@ def _png_ok(path: Path) -> bool:
     return len(data) > 100 and data.startswith(PNG_SIGNATURE)
 
 
-def test_cli_writes_every_output(folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_writes_every_output(
+    folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     pred_dir, ref_dir = folders
     images = tmp_path / "images"
     images.mkdir()
     _save(images / "c2_0000.nii.gz", np.random.default_rng(0).random((16, 14, 12)).astype(np.float32))
     out = tmp_path / "out"
-    argv = ["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(out), "--images", str(images), "--region", "any=1,2"]
+    argv = [
+        "evaluate",
+        "--pred",
+        str(pred_dir),
+        "--ref",
+        str(ref_dir),
+        "--out",
+        str(out),
+        "--images",
+        str(images),
+        "--region",
+        "any=1,2",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "Dice mean" in printed and "overall" in printed
@@ -220,11 +238,28 @@ def test_cli_reads_regions_from_dataset_json(folders: tuple[Path, Path], tmp_pat
     for ref in ref_dir.glob("*.nii.gz"):
         (dataset / "labelsTr" / ref.name).symlink_to(ref)
         (dataset / "imagesTr" / ref.name.replace(".nii.gz", "_0000.nii.gz")).symlink_to(ref)
-    desc = {"channel_names": {"0": "MR"}, "labels": {"background": 0, "cube": [1], "anything": [1, 2]},
-            "regions_class_order": [1, 2], "numTraining": 3, "file_ending": ".nii.gz"}
+    desc = {
+        "channel_names": {"0": "MR"},
+        "labels": {"background": 0, "cube": [1], "anything": [1, 2]},
+        "regions_class_order": [1, 2],
+        "numTraining": 3,
+        "file_ending": ".nii.gz",
+    }
     (dataset / "dataset.json").write_text(json.dumps(desc))
     out = tmp_path / "out"
-    argv = ["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(out), "--dataset", str(dataset), "--worst-k", "0"]
+    argv = [
+        "evaluate",
+        "--pred",
+        str(pred_dir),
+        "--ref",
+        str(ref_dir),
+        "--out",
+        str(out),
+        "--dataset",
+        str(dataset),
+        "--worst-k",
+        "0",
+    ]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["regions"] == {"cube": [1], "anything": [1, 2]}

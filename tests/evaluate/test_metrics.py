@@ -87,7 +87,12 @@ def test_spheres_at_anisotropic_spacing() -> None:
     assert abs(m.hd95 - (r_pred - r_ref)) <= max(spacing)
     assert abs(m.assd - (r_pred - r_ref)) <= max(spacing)
     tol = (r_pred - r_ref) + max(spacing)
-    assert binary_metrics(_sphere(shape, spacing, centre, r_pred), _sphere(shape, spacing, centre, r_ref), spacing, tol).nsd == 1.0
+    assert (
+        binary_metrics(
+            _sphere(shape, spacing, centre, r_pred), _sphere(shape, spacing, centre, r_ref), spacing, tol
+        ).nsd
+        == 1.0
+    )
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # MONAI's own deprecation inside compute_*
@@ -106,8 +111,12 @@ def test_agrees_with_monai_compute_functions() -> None:
     spacing = [0.7, 1.1, 1.9]
     m = binary_metrics(pred, ref, spacing, nsd_tolerance_mm=1.5)
     p, r = torch.from_numpy(pred)[None, None], torch.from_numpy(ref)[None, None]
-    assert m.hd95 == pytest.approx(compute_hausdorff_distance(p, r, True, percentile=95, spacing=spacing).item(), rel=1e-5)
-    assert m.assd == pytest.approx(compute_average_surface_distance(p, r, True, symmetric=True, spacing=spacing).item(), rel=1e-5)
+    assert m.hd95 == pytest.approx(
+        compute_hausdorff_distance(p, r, True, percentile=95, spacing=spacing).item(), rel=1e-5
+    )
+    assert m.assd == pytest.approx(
+        compute_average_surface_distance(p, r, True, symmetric=True, spacing=spacing).item(), rel=1e-5
+    )
     assert m.nsd == pytest.approx(compute_surface_dice(p, r, [1.5], True, spacing=spacing).item(), abs=1e-6)
     inter = np.sum(pred & ref, dtype=np.float64)
     assert m.dice == pytest.approx(2 * inter / (pred.sum() + ref.sum()), abs=1e-12)
@@ -118,7 +127,14 @@ def test_empty_policy() -> None:
     full = empty.copy()
     full[2:4, 2:4, 2:4] = 1
     both = binary_metrics(empty, empty, (1, 1, 1))
-    assert (both.dice, both.iou, both.hd95, both.assd, both.nsd, both.flags) == (1.0, 1.0, 0.0, 0.0, 1.0, (FLAG_BOTH_EMPTY,))
+    assert (both.dice, both.iou, both.hd95, both.assd, both.nsd, both.flags) == (
+        1.0,
+        1.0,
+        0.0,
+        0.0,
+        1.0,
+        (FLAG_BOTH_EMPTY,),
+    )
     ref_empty = binary_metrics(full, empty, (1, 1, 1))
     assert ref_empty.dice == 0.0 and math.isinf(ref_empty.hd95) and math.isinf(ref_empty.assd)
     assert ref_empty.flags == (FLAG_REF_EMPTY,)
@@ -143,7 +159,16 @@ def test_case_metrics_labels_and_region_union() -> None:
 
 def test_summarize_keeps_infinity_out_of_the_statistics() -> None:
     stats = summarize([1.0, 3.0, math.inf, 2.0])
-    assert stats == {"n": 4, "n_finite": 3, "n_inf": 1, "mean": 2.0, "std": pytest.approx(np.std([1, 3, 2])), "median": 2.0, "min": 1.0, "max": 3.0}
+    assert stats == {
+        "n": 4,
+        "n_finite": 3,
+        "n_inf": 1,
+        "mean": 2.0,
+        "std": pytest.approx(np.std([1, 3, 2])),
+        "median": 2.0,
+        "min": 1.0,
+        "max": 3.0,
+    }
     assert summarize([math.inf])["mean"] is None
     with pytest.raises(ValueError, match="NaN"):
         summarize([float("nan")])

@@ -144,7 +144,18 @@ def save_run(run_dir: Path, seed: int = 0, in_channels: int = 1, plan_dict: dict
     p = plan_dict or plan(in_channels=in_channels)
     config = tiny_model_config()
     torch.manual_seed(seed)
-    net = build_model(build(UNet3DConfig, config["model"], "model"), p["in_channels"], p["num_classes"], p["network"]["strides"], p["network"]["kernel_sizes"])
-    state = {"model": {k: v.clone() for k, v in net.state_dict().items()}, "config": config, "plan": p, "counters": {"epoch": 1, "iteration": 1}}
+    net = build_model(
+        build(UNet3DConfig, config["model"], "model"),
+        p["in_channels"],
+        p["num_classes"],
+        p["network"]["strides"],
+        p["network"]["kernel_sizes"],
+    )
+    state = {
+        "model": {k: v.clone() for k, v in net.state_dict().items()},
+        "config": config,
+        "plan": p,
+        "counters": {"epoch": 1, "iteration": 1},
+    }
     save_checkpoint(state, run_dir / "checkpoints", tag="epoch", pointers=("latest", "best"))
     return run_dir

@@ -62,8 +62,20 @@ def write_series(folder: Path, volume: np.ndarray, kind: str, *, drop: tuple[str
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality, ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "CT", "Test^Seg", "P1", "19700101", "O"
-        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "1", "A1", ""
+        ds.Modality, ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
+            "CT",
+            "Test^Seg",
+            "P1",
+            "19700101",
+            "O",
+        )
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = (
+            "20260101",
+            "120000",
+            "1",
+            "A1",
+            "",
+        )
         ds.SeriesNumber, ds.Manufacturer = 3, "test"
         # The reversed series stores slice k under a descending instance number and file name.
         ds.InstanceNumber = nz - k if kind == "reversed" else k + 1
@@ -119,7 +131,9 @@ def test_every_seg_frame_lands_on_the_source_slice_it_claims(kind: str, tmp_path
     import highdicom as hd
 
     series, ras = write_series(tmp_path / "in" / f"{kind}_scan", volume(), kind)
-    predictor = Predictor.from_modules([ThresholdNet()], {**plan(_ras_spacing(ras)), "dataset": {"labels": {"background": 0, "lesion": 1}}})
+    predictor = Predictor.from_modules(
+        [ThresholdNet()], {**plan(_ras_spacing(ras)), "dataset": {"labels": {"background": 0, "lesion": 1}}}
+    )
     report = infer(predictor, series, tmp_path / "out")
     assert report.exit_code == 0
     seg_path = tmp_path / "out" / f"{kind}_scan.seg.dcm"
@@ -140,7 +154,9 @@ def test_every_seg_frame_lands_on_the_source_slice_it_claims(kind: str, tmp_path
     assert seg.FrameOfReferenceUID == pydicom.dcmread(next(series.iterdir())).FrameOfReferenceUID
     assert seg.get_segment_description(1).SegmentLabel == "lesion"
     uids = list(sources)
-    by_source = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])  # (n, rows, cols, 1)
+    by_source = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=[1]
+    )  # (n, rows, cols, 1)
     for i, uid in enumerate(uids):
         np.testing.assert_array_equal(by_source[i, ..., 0] > 0, sources[uid][1] > (BLOB + BACKGROUND) / 2)
 
@@ -162,20 +178,66 @@ def test_evaluate_reads_a_seg_back_onto_the_reference_grid(tmp_path: Path) -> No
     assert failed.exit_code == 3 and "does not lie on the reference grid" in str(failed.failures)
 
 
-def test_series_without_seg_tags_is_refused_and_nothing_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    series, ras = write_series(tmp_path / "in" / "scan", volume(), "axial", drop=("FrameOfReferenceUID", "StudyInstanceUID"))
+def test_series_without_seg_tags_is_refused_and_nothing_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    series, ras = write_series(
+        tmp_path / "in" / "scan", volume(), "axial", drop=("FrameOfReferenceUID", "StudyInstanceUID")
+    )
     run = save_run(tmp_path / "run", plan_dict=plan(_ras_spacing(ras)))
     out = tmp_path / "out"
-    assert main(["infer", "--model", str(run), "--input", str(series), "--output", str(out), "--output-format", "both", "--no-progress"]) == 3
+    assert (
+        main(
+            [
+                "infer",
+                "--model",
+                str(run),
+                "--input",
+                str(series),
+                "--output",
+                str(out),
+                "--output-format",
+                "both",
+                "--no-progress",
+            ]
+        )
+        == 3
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "lacks tags a DICOM-SEG needs" in err[0] and "StudyInstanceUID" in err[0] and "FrameOfReferenceUID" in err[0]
+    assert (
+        len(err) == 1
+        and "lacks tags a DICOM-SEG needs" in err[0]
+        and "StudyInstanceUID" in err[0]
+        and "FrameOfReferenceUID" in err[0]
+    )
     assert sorted(p.name for p in out.iterdir() if p.name != "report.json" and not p.name.startswith(".medgn")) == []
     assert json.loads((out / "report.json").read_text())["cases"][0]["status"] == "failed"
     # The same series to NIfTI alone needs none of those tags; by default (no format asked for)
     # the mask is written and the sidecar says why there is no SEG.
-    assert main(["infer", "--model", str(run), "--input", str(series), "--output", str(tmp_path / "nii"), "--output-format", "nifti", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "infer",
+                "--model",
+                str(run),
+                "--input",
+                str(series),
+                "--output",
+                str(tmp_path / "nii"),
+                "--output-format",
+                "nifti",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "nii" / "scan.nii.gz").is_file() and not (tmp_path / "nii" / "scan.seg.dcm").exists()
-    assert main(["infer", "--model", str(run), "--input", str(series), "--output", str(tmp_path / "auto"), "--no-progress"]) == 0
+    assert (
+        main(
+            ["infer", "--model", str(run), "--input", str(series), "--output", str(tmp_path / "auto"), "--no-progress"]
+        )
+        == 0
+    )
     assert (tmp_path / "auto" / "scan.nii.gz").is_file() and not (tmp_path / "auto" / "scan.seg.dcm").exists()
     assert "no DICOM-SEG written" in json.loads((tmp_path / "auto" / "scan.json").read_text())["warnings"][0]
 
@@ -184,6 +246,22 @@ def test_dicom_seg_for_a_nifti_input_is_a_usage_error(tmp_path: Path, capsys: py
     (tmp_path / "in").mkdir()
     image = write_image(tmp_path / "in" / "scan.nii.gz", volume().astype(np.float32), np.diag([0.8, 1.0, 1.25, 1.0]))
     run = save_run(tmp_path / "run")
-    assert main(["infer", "--model", str(run), "--input", str(image), "--output", str(tmp_path / "out"), "--output-format", "dicom-seg", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "infer",
+                "--model",
+                str(run),
+                "--input",
+                str(image),
+                "--output",
+                str(tmp_path / "out"),
+                "--output-format",
+                "dicom-seg",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "a DICOM-SEG needs a DICOM series input" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -20,7 +20,9 @@ from medgn.infer.run import infer
 pytest.importorskip("medgn.data.pipeline", reason="medgn.data.pipeline (infer_transforms) not available yet")
 
 SUFFIXES = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
-AFFINES = [(f"axis{i:02d}", a) for i, a in enumerate(F.axis_affines())] + [(f"oblique{i}", a) for i, a in enumerate(F.oblique_affines())]
+AFFINES = [(f"axis{i:02d}", a) for i, a in enumerate(F.axis_affines())] + [
+    (f"oblique{i}", a) for i, a in enumerate(F.oblique_affines())
+]
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -161,7 +161,16 @@ def _bad_file(tmp_path: Path, kind: str) -> Path:
     return ckpt
 
 
-@pytest.mark.parametrize("kind,words", [("truncated", "cannot load"), ("code", "cannot load"), ("missing_plan", "missing keys: plan"), ("classes", "expected (3,"), ("nan", "non-finite")])
+@pytest.mark.parametrize(
+    "kind,words",
+    [
+        ("truncated", "cannot load"),
+        ("code", "cannot load"),
+        ("missing_plan", "missing keys: plan"),
+        ("classes", "expected (3,"),
+        ("nan", "non-finite"),
+    ],
+)
 def test_bad_checkpoints_are_model_errors_naming_the_file(tmp_path: Path, kind: str, words: str) -> None:
     ckpt = _bad_file(tmp_path, kind)
     with pytest.raises(ModelError) as info:

@@ -30,7 +30,9 @@ def read_counts(monkeypatch: pytest.MonkeyPatch) -> Counter:
     return counts
 
 
-def test_infer_reads_each_input_and_checkpoint_once(tmp_path: Path, read_counts: Counter, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_infer_reads_each_input_and_checkpoint_once(
+    tmp_path: Path, read_counts: Counter, monkeypatch: pytest.MonkeyPatch
+) -> None:
     read_bytes, opened = Path.read_bytes, Counter()
 
     def counting_read_bytes(self: Path) -> bytes:
@@ -52,7 +54,10 @@ def test_infer_reads_each_input_and_checkpoint_once(tmp_path: Path, read_counts:
 
     monkeypatch.setattr(medgn.checkpoint.torch, "load", counting_load)
     monkeypatch.setattr(medgn.checkpoint, "file_sha256", lambda p: hashes.update([str(p)]) or "")
-    assert main(["infer", "--model", str(run), "--input", str(src), "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert (
+        main(["infer", "--model", str(run), "--input", str(src), "--output", str(tmp_path / "out"), "--no-progress"])
+        == 0
+    )
     assert read_counts == Counter({"case0.nii.gz": 1, "case1.nii.gz": 1})
     # The file bytes are read once per input (hashed, then decoded from memory) and per checkpoint.
     assert opened["case0.nii.gz"] == opened["case1.nii.gz"] == 1
@@ -66,7 +71,10 @@ def test_infer_reads_each_input_and_checkpoint_once(tmp_path: Path, read_counts:
     assert sidecar["models"][0]["sha256"] == best["sha256"]
     # A second run skips both cases from their hashes: nothing is decoded.
     read_counts.clear()
-    assert main(["infer", "--model", str(run), "--input", str(src), "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert (
+        main(["infer", "--model", str(run), "--input", str(src), "--output", str(tmp_path / "out"), "--no-progress"])
+        == 0
+    )
     assert read_counts == Counter()
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [c["status"] for c in report["cases"]] == ["skipped", "skipped"]

@@ -44,7 +44,9 @@ def _wait_for(predicate, what: str, child: subprocess.Popen, deadline_s: float =
     end = time.monotonic() + deadline_s  # a deadline for a hung child, not a timing assertion
     while not predicate():
         if child.poll() is not None:
-            raise AssertionError(f"child exited with {child.returncode} before {what}: {child.stderr.read().decode()[-2000:]}")
+            raise AssertionError(
+                f"child exited with {child.returncode} before {what}: {child.stderr.read().decode()[-2000:]}"
+            )
         if time.monotonic() > end:
             raise AssertionError(f"gave up waiting for {what}")
         time.sleep(0.05)
@@ -62,10 +64,19 @@ def test_kill_9_mid_write_then_rerun_skips_done_cases_and_matches(tmp_path: Path
     out, ref_out = tmp_path / "out", tmp_path / "ref"
     args = ["infer", "--model", str(run), "--input", str(src), "--no-progress"]
     env = {**os.environ, "HANG_AT": "2", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.Popen([sys.executable, str(DRIVER), *args, "--output", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, str(DRIVER), *args, "--output", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         _wait_for(lambda: (out / "c0.json").is_file(), "the first case's sidecar", child)
-        _wait_for(lambda: any(p.name.startswith(TEMP_MARK) and "c1" in p.name for p in out.iterdir()), "the second case's temp file", child)
+        _wait_for(
+            lambda: any(p.name.startswith(TEMP_MARK) and "c1" in p.name for p in out.iterdir()),
+            "the second case's temp file",
+            child,
+        )
         # A second run on the same folder while the first holds it: refused with code 6.
         assert main([*args, "--output", str(out)]) == 6
     finally:
@@ -102,12 +113,21 @@ def test_bad_case_is_recorded_and_others_succeed(tmp_path: Path, capsys: pytest.
 def test_refusals_happen_before_the_model_is_loaded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = _folder(tmp_path / "in", ["a"])
     missing_model = str(tmp_path / "no-such-run")  # loading it would be exit 4
-    assert main(["infer", "--model", missing_model, "--input", str(src), "--output", str(src / "out"), "--no-progress"]) == 2
+    assert (
+        main(["infer", "--model", missing_model, "--input", str(src), "--output", str(src / "out"), "--no-progress"])
+        == 2
+    )
     assert "inside the input" in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert main(["infer", "--model", missing_model, "--input", str(src), "--output", str(blocker / "o"), "--no-progress"]) == 2
-    assert main(["infer", "--model", missing_model, "--input", str(src), "--output", str(tmp_path / "o"), "--no-progress"]) == 4
+    assert (
+        main(["infer", "--model", missing_model, "--input", str(src), "--output", str(blocker / "o"), "--no-progress"])
+        == 2
+    )
+    assert (
+        main(["infer", "--model", missing_model, "--input", str(src), "--output", str(tmp_path / "o"), "--no-progress"])
+        == 4
+    )
     assert not (src / "out").exists()
 
 
@@ -225,7 +245,9 @@ def _train_a_few_steps(run_dir: Path, image: Path, label: Path, plan: dict) -> i
     xb, yb = x[(slice(None), *crop)][None], y[(0, *crop)][None]
     config = F.tiny_model_config()
     torch.manual_seed(0)
-    net = build_model(build(UNet3DConfig, config["model"], "model"), 1, 2, plan["network"]["strides"], plan["network"]["kernel_sizes"])
+    net = build_model(
+        build(UNet3DConfig, config["model"], "model"), 1, 2, plan["network"]["strides"], plan["network"]["kernel_sizes"]
+    )
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)  # large steps: a few of them must move the weights
     steps = 6  # enough to change every weight, few enough for seconds on two cores
     for _ in range(steps):
@@ -233,7 +255,12 @@ def _train_a_few_steps(run_dir: Path, image: Path, label: Path, plan: dict) -> i
         loss = torch.nn.functional.cross_entropy(net(xb), yb)
         loss.backward()
         opt.step()
-    state = {"model": {k: v.detach().clone() for k, v in net.state_dict().items()}, "config": config, "plan": plan, "counters": {"epoch": 1, "iteration": steps}}
+    state = {
+        "model": {k: v.detach().clone() for k, v in net.state_dict().items()},
+        "config": config,
+        "plan": plan,
+        "counters": {"epoch": 1, "iteration": steps},
+    }
     save_checkpoint(state, run_dir / "checkpoints", tag="epoch", pointers=("latest", "best"))
     return steps
 
@@ -250,7 +277,21 @@ def test_la2018_case_keeps_its_geometry(tmp_path: Path, shared_data: Path) -> No
     plan = F.plan(target_spacing=[1.25, 1.25, 1.25])  # half resolution keeps the test fast
     plan["patch_size"] = [48, 48, 32]
     _train_a_few_steps(tmp_path / "run", image, label, plan)
-    assert main(["infer", "--model", str(tmp_path / "run"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "infer",
+                "--model",
+                str(tmp_path / "run"),
+                "--input",
+                str(tmp_path / "in"),
+                "--output",
+                str(tmp_path / "out"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     mask = read_volume(tmp_path / "out" / image.name, label=True, label_values=[0, 1])
     assert geometry_diff(ref, mask) == [] and mask.shape == ref.shape
     assert np.allclose(mask.affine, ref.affine, atol=1e-5)

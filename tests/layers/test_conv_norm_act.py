@@ -80,7 +80,9 @@ def test_weight_standardized_conv_matches_reference() -> None:
     torch.manual_seed(3)
     conv = WSConv3d(3, 5, 3, padding=1, bias=True).double()
     w = conv.weight.detach().flatten(1)
-    w_std = ((w - w.mean(1, keepdim=True)) / torch.sqrt(w.var(1, unbiased=False, keepdim=True) + 1e-5)).view_as(conv.weight)
+    w_std = ((w - w.mean(1, keepdim=True)) / torch.sqrt(w.var(1, unbiased=False, keepdim=True) + 1e-5)).view_as(
+        conv.weight
+    )
     std = standardize_weight(conv.weight)
     torch.testing.assert_close(std.flatten(1).mean(1), torch.zeros(5, dtype=torch.float64), atol=1e-12, rtol=0)
     x = torch.randn(1, 3, 4, 5, 6, dtype=torch.float64)
@@ -90,7 +92,9 @@ def test_weight_standardized_conv_matches_reference() -> None:
     assert sorted(block.state_dict()) == ["conv.weight", "norm.bias", "norm.weight"]
 
 
-@pytest.mark.parametrize(("kwargs", "key"), [({"kernel_size": (3, 3)}, "kernel_size"), ({"stride": 0}, "stride"), ({"norm": "bn"}, "norm")])
+@pytest.mark.parametrize(
+    ("kwargs", "key"), [({"kernel_size": (3, 3)}, "kernel_size"), ({"stride": 0}, "stride"), ({"norm": "bn"}, "norm")]
+)
 def test_bad_block_arguments_are_usage_errors(kwargs: dict, key: str) -> None:
     with pytest.raises(UsageError, match=key):
         ConvNormAct3d(2, 16, **kwargs)

@@ -66,7 +66,9 @@ def test_a_norm_given_alone_is_returned_replaced_and_group_torch_target() -> Non
 @pytest.mark.parametrize("norm", ["batch", "instance"])
 def test_monai_segresnet(norm: str) -> None:
     torch.manual_seed(2)
-    model = monai_nets.SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=2, norm=norm, blocks_down=(1, 2), blocks_up=(1,))
+    model = monai_nets.SegResNet(
+        spatial_dims=3, init_filters=8, in_channels=1, out_channels=2, norm=norm, blocks_down=(1, 2), blocks_up=(1,)
+    )
     before = _count(model, CONVERTIBLE)
     assert before > 0
     model, replaced = convert_norm(model, num_groups=4)
@@ -78,7 +80,9 @@ def test_monai_segresnet(norm: str) -> None:
 @pytest.mark.parametrize("norm", ["batch", "instance"])
 def test_monai_unet(norm: str) -> None:
     torch.manual_seed(3)
-    model = monai_nets.UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1, norm=norm)
+    model = monai_nets.UNet(
+        spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1, norm=norm
+    )
     before = _count(model, CONVERTIBLE)
     model, replaced = convert_norm(model, num_groups=32)
     assert len(replaced) == before > 0 and _count(model, CONVERTIBLE) == 0
@@ -88,7 +92,9 @@ def test_monai_unet(norm: str) -> None:
     assert out.shape == (2, 2, 16, 16, 16) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize(("width", "wanted", "groups"), [(64, 32, 32), (48, 32, 24), (10, 32, 10), (7, 4, 1), (320, 32, 32)])
+@pytest.mark.parametrize(
+    ("width", "wanted", "groups"), [(64, 32, 32), (48, 32, 24), (10, 32, 10), (7, 4, 1), (320, 32, 32)]
+)
 def test_groups_for_width(width: int, wanted: int, groups: int) -> None:
     assert groups_for_width(width, wanted) == groups
 

@@ -35,7 +35,9 @@ def test_make_norm_builds_each_name(name: str, cls: type) -> None:
     assert type(layer) is cls
 
 
-@pytest.mark.parametrize(("channels", "groups"), [(8, 2), (16, 4), (32, 8), (48, 12), (64, 16), (320, 32), (512, 32), (1024, 32)])
+@pytest.mark.parametrize(
+    ("channels", "groups"), [(8, 2), (16, 4), (32, 8), (48, 12), (64, 16), (320, 32), (512, 32), (1024, 32)]
+)
 def test_group_rule_at_narrow_layers(channels: int, groups: int) -> None:
     # 32 groups, but at least 4 channels per group at narrow layers; the default rule is num_groups_for.
     assert make_norm("group", channels, group_channels=4).num_groups == groups

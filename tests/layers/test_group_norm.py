@@ -89,7 +89,9 @@ def test_group_rule(channels: int, expected: int) -> None:
     assert groups == expected and channels % groups == 0
 
 
-@pytest.mark.parametrize(("channels", "expected"), [(1, 1), (8, 8), (16, 16), (24, 24), (48, 24), (100, 25), (128, 32), (320, 32)])
+@pytest.mark.parametrize(
+    ("channels", "expected"), [(1, 1), (8, 8), (16, 16), (24, 24), (48, 24), (100, 25), (128, 32), (320, 32)]
+)
 def test_group_rule_default(channels: int, expected: int) -> None:
     assert DEFAULT_CHANNELS_PER_GROUP == 1  # chosen by the LA2018 study (README, "Group rule")
     assert num_groups_for(channels) == expected and resolve_groups(channels) == expected

@@ -12,7 +12,9 @@ from medgn.models import UNet3D, UNet3DConfig, build_model, get_model, model_nam
 
 
 def test_build_model_from_a_yaml_like_mapping() -> None:
-    cfg = build(UNet3DConfig, {"features": [4, 8, 16], "norm": "group_torch", "deep_supervision": False}, prefix="model")
+    cfg = build(
+        UNet3DConfig, {"features": [4, 8, 16], "norm": "group_torch", "deep_supervision": False}, prefix="model"
+    )
     assert cfg.features == (4, 8, 16)
     net = build_model(cfg, 2, 4, strides=[1, (1, 2, 2), 2], kernel_sizes=[(1, 3, 3), 3, 3])
     assert isinstance(net, UNet3D) and net.total_stride == (2, 4, 4)

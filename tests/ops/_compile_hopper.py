@@ -62,7 +62,12 @@ class Recorder:
                 else:
                     raise TypeError(f"{self.fn.__name__}: cannot type argument {name}={value!r}")
             options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
-            key = (self.fn.__name__, tuple(signature.items()), tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
+            key = (
+                self.fn.__name__,
+                tuple(signature.items()),
+                tuple(sorted(constexprs.items())),
+                tuple(sorted(options.items())),
+            )
             RECORDED[key] = (self.fn, signature, constexprs, options)
 
         return record
@@ -76,8 +81,13 @@ for name in ("_bwd_reduce_kernel", "_bwd_dx_kernel", "_bwd_fused_kernel"):
 # Shapes with the tile sizes of the U-Net levels (the spatial size only changes runtime integers):
 # a 32^3 volume at 1 channel per group takes the split path like 128^3 does; 8^3 x 320 channels
 # takes the fused path like the deepest level.
-SHAPES = [((2, 32, 32, 32, 32), 32), ((2, 64, 16, 16, 16), 16), ((2, 320, 8, 8, 8), 32), ((1, 16, 5, 7, 9), 8),
-          ((2, 4, 1, 1, 1), 4)]
+SHAPES = [
+    ((2, 32, 32, 32, 32), 32),
+    ((2, 64, 16, 16, 16), 16),
+    ((2, 320, 8, 8, 8), 32),
+    ((1, 16, 5, 7, 9), 8),
+    ((2, 4, 1, 1, 1), 4),
+]
 CONFIGS = [  # (dtype, activation, residual, affine)
     (torch.float32, "leaky_relu", True, True),
     (torch.bfloat16, "leaky_relu", True, True),
@@ -103,7 +113,9 @@ for shape, groups in SHAPES:
                 y, mean, rstd = launch.group_norm_forward(x, groups, w, b, 1e-5, act, r, 0.01, path=path)
             dy = torch.randn(shape).to(dtype).contiguous(memory_format=layout)
             for path in ("auto", "split"):
-                launch.group_norm_backward(dy, x, w, b, r, mean.fill_(0), rstd.fill_(1), groups, act, 0.01, with_res, path=path)
+                launch.group_norm_backward(
+                    dy, x, w, b, r, mean.fill_(0), rstd.fill_(1), groups, act, 0.01, with_res, path=path
+                )
 
 target = GPUTarget("cuda", 90, 32)
 failures = 0
@@ -113,7 +125,9 @@ for (name, *_), (fn, signature, constexprs, options) in sorted(RECORDED.items(),
         continue
     label = f"{name} {','.join(v for v in signature.values() if v != 'constexpr')} {constexprs} {options}"
     try:
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target, options=options)
+        compiled = triton.compile(
+            ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target, options=options
+        )
     except Exception as exc:  # noqa: BLE001 - report every failing variant
         failures += 1
         print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

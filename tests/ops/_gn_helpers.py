@@ -63,9 +63,7 @@ def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return (a.detach().double().cpu() - ref.detach().double().cpu()).abs().max().item()
 
 
-def assert_within_rule(
-    name: str, got: torch.Tensor, native: torch.Tensor, ref: torch.Tensor
-) -> None:
+def assert_within_rule(name: str, got: torch.Tensor, native: torch.Tensor, ref: torch.Tensor) -> None:
     """Kernel error <= 2 x PyTorch's own error at the same dtype + ATOL[dtype]."""
     err, base = max_err(got, ref), max_err(native, ref)
     bound = 2 * base + ATOL[got.dtype]

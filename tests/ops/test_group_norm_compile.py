@@ -28,6 +28,13 @@ def test_every_kernel_variant_compiles_for_sm90() -> None:
     match = re.search(r"(\d+) of (\d+) kernel variants compiled for sm_90", proc.stdout)
     assert match and match.group(1) == match.group(2) and int(match.group(2)) >= 50
     # Both forward paths and both backward paths were exercised.
-    kernels = ("_fused_kernel", "_stats_kernel", "_apply_kernel", "_bwd_reduce_kernel", "_bwd_dx_kernel", "_bwd_fused_kernel")
+    kernels = (
+        "_fused_kernel",
+        "_stats_kernel",
+        "_apply_kernel",
+        "_bwd_reduce_kernel",
+        "_bwd_dx_kernel",
+        "_bwd_fused_kernel",
+    )
     for kernel in kernels:
         assert f"ok   {kernel} " in proc.stdout

@@ -47,9 +47,7 @@ def test_opcheck_of_registered_ops(device: str) -> None:
     inp = make_inputs((1, 8, 3, 4, 5), torch.float32, False, seed=7, device=device)
     args = [inp[k].requires_grad_() for k in ("x", "weight", "bias", "residual")]
     torch.library.opcheck(torch.ops.medgn.group_norm_fwd.default, (*args, 4, 1e-5, "silu", 0.01))
-    y, mean, rstd = torch.ops.medgn.group_norm_fwd(
-        *[a.detach() for a in args], 4, 1e-5, "silu", 0.01
-    )
+    y, mean, rstd = torch.ops.medgn.group_norm_fwd(*[a.detach() for a in args], 4, 1e-5, "silu", 0.01)
     bwd_args = (inp["dy"], *[a.detach() for a in args], mean, rstd, 4, "silu", 0.01, True)
     torch.library.opcheck(torch.ops.medgn.group_norm_bwd.default, bwd_args)
 
@@ -114,9 +112,7 @@ GPU_SHAPES = [((2, 32, 32, 32, 32), 32), ((2, 64, 16, 16, 16), 16), ((2, 320, 8,
 def test_unet_shapes_on_gpu(shape, g, channels_last, dtype) -> None:
     inp = make_inputs(shape, dtype, channels_last, seed=11, device="cuda")
     got = _fwd_bwd(inp, g, "leaky_relu")
-    leaves = {
-        k: inp[k].double().cpu().requires_grad_() for k in ("x", "weight", "bias", "residual")
-    }
+    leaves = {k: inp[k].double().cpu().requires_grad_() for k in ("x", "weight", "bias", "residual")}
     y64 = group_norm_ref(leaves["x"], g, leaves["weight"], leaves["bias"], 1e-5, "leaky_relu",
                          leaves["residual"])  # fmt: skip
     y64.backward(inp["dy"].double().cpu())

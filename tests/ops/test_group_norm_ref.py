@@ -46,7 +46,9 @@ def test_reference_keeps_variance_at_large_mean() -> None:
 @pytest.mark.parametrize("activation", ["none", "relu", "leaky_relu", "silu", "gelu"])
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_torch_backend_matches_float64_reference(activation: str, with_residual: bool, dtype: torch.dtype, tol: float) -> None:
+def test_torch_backend_matches_float64_reference(
+    activation: str, with_residual: bool, dtype: torch.dtype, tol: float
+) -> None:
     # The CPU path uses ATen's fused kernel; the float64 reference is the specification.
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 8, 3, 4, 5, generator=gen) * 3 + 1).to(dtype).requires_grad_()
@@ -57,7 +59,14 @@ def test_torch_backend_matches_float64_reference(activation: str, with_residual:
     assert y.dtype == dtype
     inputs = [x, w, b] + ([r] if r is not None else [])
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
-    y_ref = group_norm_ref(ref_inputs[0], 4, ref_inputs[1], ref_inputs[2], activation=activation, residual=ref_inputs[3] if r is not None else None)
+    y_ref = group_norm_ref(
+        ref_inputs[0],
+        4,
+        ref_inputs[1],
+        ref_inputs[2],
+        activation=activation,
+        residual=ref_inputs[3] if r is not None else None,
+    )
     torch.testing.assert_close(y.double(), y_ref, atol=tol, rtol=tol)
     dy = torch.randn(y.shape, generator=gen)
     grads = torch.autograd.grad(y, inputs, dy.to(dtype))

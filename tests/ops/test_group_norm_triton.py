@@ -48,9 +48,7 @@ def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 
 def _run(inp: dict[str, torch.Tensor], g: int, act: str, use_res: bool, backend: str):
     """Forward + backward; return (y, dx, dweight, dbias, dresidual)."""
-    leaves = {
-        k: inp[k].detach().clone().requires_grad_() for k in ("x", "weight", "bias", "residual")
-    }
+    leaves = {k: inp[k].detach().clone().requires_grad_() for k in ("x", "weight", "bias", "residual")}
     x, w, b = leaves["x"], leaves["weight"], leaves["bias"]
     r = leaves["residual"] if use_res else None
     if backend == "ref":
@@ -63,9 +61,7 @@ def _run(inp: dict[str, torch.Tensor], g: int, act: str, use_res: bool, backend:
 
 
 def _native_grads(inp: dict[str, torch.Tensor], g: int, act: str, use_res: bool):
-    leaves = {
-        k: inp[k].detach().clone().requires_grad_() for k in ("x", "weight", "bias", "residual")
-    }
+    leaves = {k: inp[k].detach().clone().requires_grad_() for k in ("x", "weight", "bias", "residual")}
     r = leaves["residual"] if use_res else None
     y = torch_native(leaves["x"], g, leaves["weight"], leaves["bias"], act, r)
     y.backward(inp["dy"])
@@ -146,14 +142,13 @@ def test_backward_paths_match_reference(shape, g, channels_last, path, device) -
     i64 = {k: v.double().cpu().requires_grad_() for k, v in inp.items()}
     y64 = group_norm_ref(i64["x"], g, i64["weight"], i64["bias"], 1e-5, "silu", i64["residual"])
     y64.backward(i64["dy"])
-    _y, mean, rstd = group_norm_forward(
-        inp["x"], g, inp["weight"], inp["bias"], 1e-5, "silu", inp["residual"], 0.01
-    )
+    _y, mean, rstd = group_norm_forward(inp["x"], g, inp["weight"], inp["bias"], 1e-5, "silu", inp["residual"], 0.01)
     got = group_norm_backward(
         inp["dy"], inp["x"], inp["weight"], inp["bias"], inp["residual"], mean, rstd, g, "silu",
         0.01, True, path=path,
     )  # fmt: skip
-    for name, a, k in zip(("dx", "dweight", "dbias", "dresidual"), got, ("x", "weight", "bias", "residual")):  # fmt: skip
+    names, keys = ("dx", "dweight", "dbias", "dresidual"), ("x", "weight", "bias", "residual")
+    for name, a, k in zip(names, got, keys):
         # fp32 sums over <= 1e3 terms of O(1) values: 1e-4 absolute leaves 10x margin.
         assert max_err(a, i64[k].grad) < 1e-4, name
     assert got[0].stride() == inp["x"].stride()

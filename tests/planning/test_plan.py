@@ -28,7 +28,9 @@ from medgn.planning.splits import load_or_create_splits, make_splits
 from tests.data.conftest import make_nifti, make_nnunet, mini_msd
 
 
-def _voxel_estimator(cfg: object, cin: int, cout: int, strides: object, kernels: object, patch: list[int], batch: int, dtype: object) -> int:
+def _voxel_estimator(
+    cfg: object, cin: int, cout: int, strides: object, kernels: object, patch: list[int], batch: int, dtype: object
+) -> int:
     return int(math.prod(patch) * batch * 1000)  # 1 kB per voxel: easy to reason about in tests
 
 
@@ -44,11 +46,15 @@ def test_strides_follow_spacing() -> None:
     strides, kernels = strides_and_kernels([256, 256, 24], [0.78, 0.78, 6.5])
     assert strides[:3] == [[1, 1, 1], [2, 2, 1], [2, 2, 1]]  # fine axes pooled first
     assert kernels[0] == [3, 3, 1] and len(kernels) == len(strides) <= 6
-    assert strides_and_kernels([64, 64, 64], [1.0, 1.0, 1.0])[0] == [[1, 1, 1]] + [[2, 2, 2]] * 4  # 64 -> 4: pooled while >= 8
+    assert (
+        strides_and_kernels([64, 64, 64], [1.0, 1.0, 1.0])[0] == [[1, 1, 1]] + [[2, 2, 2]] * 4
+    )  # 64 -> 4: pooled while >= 8
 
 
 def test_patch_shrinks_then_batch_one() -> None:
-    patch, strides, _, batch, need = choose_patch([100, 100, 100], [1.0, 1.0, 1.0], 1, 2, 2 * 64**3 * 1000, _voxel_estimator)
+    patch, strides, _, batch, need = choose_patch(
+        [100, 100, 100], [1.0, 1.0, 1.0], 1, 2, 2 * 64**3 * 1000, _voxel_estimator
+    )
     total = [math.prod(s[a] for s in strides) for a in range(3)]
     assert batch == 2 and need <= 2 * 64**3 * 1000 and all(p % t == 0 for p, t in zip(patch, total))
     assert math.prod(patch) > 0.5 * 64**3  # shrank to about the budget, not to the minimum

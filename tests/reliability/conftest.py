@@ -134,16 +134,27 @@ def patch_nifti_fields(path: Path, fields: dict[str, float | Sequence[float]]) -
     return path
 
 
-def raw_nrrd(path: Path, sizes: Sequence[int], fields: str = "space: left-posterior-superior\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n", data: bytes = bytes(256)) -> Path:
+def raw_nrrd(
+    path: Path,
+    sizes: Sequence[int],
+    fields: str = "space: left-posterior-superior\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n",
+    data: bytes = bytes(256),
+) -> Path:
     """A hand-written float NRRD: the header fields are exactly what is given (no library repairs them)."""
-    header = f"NRRD0004\ntype: float\ndimension: {len(sizes)}\nsizes: {' '.join(map(str, sizes))}\n{fields}encoding: raw\nendian: little\n\n"
+    header = (
+        f"NRRD0004\ntype: float\ndimension: {len(sizes)}\nsizes: "
+        f"{' '.join(map(str, sizes))}\n{fields}encoding: raw\nendian: little\n\n"
+    )
     path.write_bytes(header.encode("ascii") + data)
     return path
 
 
 def raw_mha(path: Path, sizes: Sequence[int], data: bytes = bytes(256)) -> Path:
     """A hand-written float MetaImage with the given DimSize."""
-    header = f"ObjectType = Image\nNDims = {len(sizes)}\nDimSize = {' '.join(map(str, sizes))}\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n"
+    header = (
+        f"ObjectType = Image\nNDims = {len(sizes)}\nDimSize = {' '.join(map(str, sizes))}\nElementType = "
+        "MET_FLOAT\nElementDataFile = LOCAL\n"
+    )
     path.write_bytes(header.encode("ascii") + data)
     return path
 
@@ -155,7 +166,14 @@ def truncate(path: Path, keep: float = 0.6) -> Path:
     return path
 
 
-def dicom_series(folder: Path, array: np.ndarray, *, series_uid: str = "1.2.826.0.1.3680043.2.1125.1", skip: Iterable[int] = (), spacing: float = 2.0) -> Path:
+def dicom_series(
+    folder: Path,
+    array: np.ndarray,
+    *,
+    series_uid: str = "1.2.826.0.1.3680043.2.1125.1",
+    skip: Iterable[int] = (),
+    spacing: float = 2.0,
+) -> Path:
     """Write ``array`` (X, Y, Z) as a DICOM series, one file per z slice, leaving out ``skip``."""
     folder.mkdir(parents=True, exist_ok=True)
     skipped = set(skip)
@@ -193,7 +211,14 @@ def make_msd(root: Path, n: int = 2, shape: tuple[int, ...] = SHAPE) -> Path:
         write_nifti(root / "imagesTr" / f"c{i}.nii.gz", image_array(i, shape))
         write_nifti(root / "labelsTr" / f"c{i}.nii.gz", label_array(shape))
         training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
-    desc = {"name": "tiny", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "block"}, "numTraining": n, "training": training, "test": []}
+    desc = {
+        "name": "tiny",
+        "modality": {"0": "MRI"},
+        "labels": {"0": "background", "1": "block"},
+        "numTraining": n,
+        "training": training,
+        "test": [],
+    }
     (root / "dataset.json").write_text(json.dumps(desc))
     return root
 
@@ -224,8 +249,19 @@ def model_state(in_channels: int = 1, num_classes: int = 2, seed: int = 0) -> di
     plan = tiny_plan(in_channels, num_classes)
     config = {"model": {"features": [4, 8], "num_groups": 2, "deep_supervision": False}}
     torch.manual_seed(seed)
-    net = build_model(build(UNet3DConfig, config["model"], "model"), in_channels, num_classes, plan["network"]["strides"], plan["network"]["kernel_sizes"])
-    return {"model": {k: v.clone() for k, v in net.state_dict().items()}, "config": config, "plan": plan, "counters": {"epoch": 1, "iteration": 1}}
+    net = build_model(
+        build(UNet3DConfig, config["model"], "model"),
+        in_channels,
+        num_classes,
+        plan["network"]["strides"],
+        plan["network"]["kernel_sizes"],
+    )
+    return {
+        "model": {k: v.clone() for k, v in net.state_dict().items()},
+        "config": config,
+        "plan": plan,
+        "counters": {"epoch": 1, "iteration": 1},
+    }
 
 
 def save_run(run_dir: Path, **kwargs: int) -> Path:
@@ -240,7 +276,10 @@ def tree_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root`` (or of ``root`` itself), by relative path."""
     root = Path(root)
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return {str(p.relative_to(root.parent if root.is_file() else root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    return {
+        str(p.relative_to(root.parent if root.is_file() else root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in files
+    }
 
 
 def temp_files(root: Path) -> list[Path]:
@@ -295,7 +334,9 @@ def child_env(pre: str = "", **extra: str) -> dict[str, str]:
 
 def run_medgn(argv: Sequence[str], *, pre: str = "", timeout: float = 240, **env: str) -> Result:
     """Run ``medgn`` in a subprocess (``pre``: Python run first, e.g. a monkeypatch)."""
-    proc = subprocess.run(medgn_cmd(argv), env=child_env(pre, **env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.run(
+        medgn_cmd(argv), env=child_env(pre, **env), capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 

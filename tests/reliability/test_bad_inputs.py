@@ -77,30 +77,117 @@ BAD_IMAGES: list[tuple[str, Callable[[Path, str], Path], int, list[str]]] = [
     ("cut_nii.nii", lambda f, n: truncate(_nifti(f, n)), 3, ["truncated"]),
     ("cut_nrrd.nrrd", lambda f, n: truncate(write_itk(f / n, image_array())), 3, ["truncated or corrupt"]),
     ("cut_mha.mha", lambda f, n: truncate(write_itk(f / n, image_array())), 3, ["truncated or corrupt"]),
-    ("huge.nii.gz", lambda f, n: patch_nifti(_nifti(f, n), "dim", (3, 30000, 30000, 30000, 1, 1, 1, 1)), 5, ["above the limit", "30000"]),
-    ("many.nii.gz", lambda f, n: patch_nifti(_nifti(f, n), "dim", (3, 4000, 4000, 4000, 1, 1, 1, 1)), 5, ["too many voxels"]),
+    (
+        "huge.nii.gz",
+        lambda f, n: patch_nifti(_nifti(f, n), "dim", (3, 30000, 30000, 30000, 1, 1, 1, 1)),
+        5,
+        ["above the limit", "30000"],
+    ),
+    (
+        "many.nii.gz",
+        lambda f, n: patch_nifti(_nifti(f, n), "dim", (3, 4000, 4000, 4000, 1, 1, 1, 1)),
+        5,
+        ["too many voxels"],
+    ),
     ("huge_nrrd.nrrd", lambda f, n: raw_nrrd(f / n, (30000, 30000, 30000)), 5, ["above the limit"]),
     ("huge_mha.mha", lambda f, n: raw_mha(f / n, (4000, 4000, 4000)), 5, ["too many voxels"]),
     ("no_space.nrrd", lambda f, n: raw_nrrd(f / n, (4, 4, 4), fields=""), 3, ["no orientation", "'space' field"]),
-    ("flat_nrrd.nrrd", lambda f, n: raw_nrrd(f / n, (4, 4, 4), fields="space: left-posterior-superior\nspace directions: (0,0,0) (0,1,0) (0,0,1)\n"), 3, ["spacing"]),
-    ("zero_spacing.nii.gz", lambda f, n: patch_nifti(_nifti(f, n), "pixdim", (1, 0, 1.25, 2, 1, 1, 1, 1)), 3, ["spacing", "pixdim"]),
-    ("neg_spacing.nii.gz", lambda f, n: patch_nifti(_nifti(f, n), "pixdim", (1, -1.5, 1.25, 2, 1, 1, 1, 1)), 3, ["spacing", "-1.5"]),
-    ("nan_spacing.nii.gz", lambda f, n: patch_nifti(_nifti(f, n), "pixdim", (1, NAN, 1.25, 2, 1, 1, 1, 1)), 3, ["spacing", "nan"]),
-    ("singular.nii.gz", lambda f, n: patch_nifti_fields(_nifti(f, n), {"srow_x": (0, 0, 0, 0), "qform_code": 0}), 3, ["singular"]),
-    ("nan_affine.nii.gz", lambda f, n: patch_nifti_fields(_nifti(f, n), {"srow_y": (0, NAN, 0, 0)}), 3, ["affine", "not finite"]),
-    ("no_orientation.nii.gz", lambda f, n: patch_nifti_fields(_nifti(f, n), {"qform_code": 0, "sform_code": 0}), 3, ["no orientation", "sform_code=0"]),
-    ("bad_code.nii.gz", lambda f, n: patch_nifti_fields(_nifti(f, n), {"sform_code": 9}), 3, ["orientation code", "sform_code=9"]),
-    ("xforms_differ.nii.gz", lambda f, n: patch_nifti_fields(_nifti(f, n), {"qoffset_x": 0.0}), 3, ["qform and sform disagree"]),
-    ("pixdim_vs_sform.nii.gz", lambda f, n: patch_nifti(_nifti(f, n), "pixdim", (1, 2, 2, 2, 1, 1, 1, 1)), 3, ["pixdim", "sform"]),
+    (
+        "flat_nrrd.nrrd",
+        lambda f, n: raw_nrrd(
+            f / n, (4, 4, 4), fields="space: left-posterior-superior\nspace directions: (0,0,0) (0,1,0) (0,0,1)\n"
+        ),
+        3,
+        ["spacing"],
+    ),
+    (
+        "zero_spacing.nii.gz",
+        lambda f, n: patch_nifti(_nifti(f, n), "pixdim", (1, 0, 1.25, 2, 1, 1, 1, 1)),
+        3,
+        ["spacing", "pixdim"],
+    ),
+    (
+        "neg_spacing.nii.gz",
+        lambda f, n: patch_nifti(_nifti(f, n), "pixdim", (1, -1.5, 1.25, 2, 1, 1, 1, 1)),
+        3,
+        ["spacing", "-1.5"],
+    ),
+    (
+        "nan_spacing.nii.gz",
+        lambda f, n: patch_nifti(_nifti(f, n), "pixdim", (1, NAN, 1.25, 2, 1, 1, 1, 1)),
+        3,
+        ["spacing", "nan"],
+    ),
+    (
+        "singular.nii.gz",
+        lambda f, n: patch_nifti_fields(_nifti(f, n), {"srow_x": (0, 0, 0, 0), "qform_code": 0}),
+        3,
+        ["singular"],
+    ),
+    (
+        "nan_affine.nii.gz",
+        lambda f, n: patch_nifti_fields(_nifti(f, n), {"srow_y": (0, NAN, 0, 0)}),
+        3,
+        ["affine", "not finite"],
+    ),
+    (
+        "no_orientation.nii.gz",
+        lambda f, n: patch_nifti_fields(_nifti(f, n), {"qform_code": 0, "sform_code": 0}),
+        3,
+        ["no orientation", "sform_code=0"],
+    ),
+    (
+        "bad_code.nii.gz",
+        lambda f, n: patch_nifti_fields(_nifti(f, n), {"sform_code": 9}),
+        3,
+        ["orientation code", "sform_code=9"],
+    ),
+    (
+        "xforms_differ.nii.gz",
+        lambda f, n: patch_nifti_fields(_nifti(f, n), {"qoffset_x": 0.0}),
+        3,
+        ["qform and sform disagree"],
+    ),
+    (
+        "pixdim_vs_sform.nii.gz",
+        lambda f, n: patch_nifti(_nifti(f, n), "pixdim", (1, 2, 2, 2, 1, 1, 1, 1)),
+        3,
+        ["pixdim", "sform"],
+    ),
     ("bad_offset.nii.gz", lambda f, n: patch_nifti_fields(_nifti(f, n), {"vox_offset": -100}), 3, ["vox_offset"]),
-    ("four_d.nii.gz", lambda f, n: _nifti(f, n, np.zeros((*SHAPE, 2), np.float32)), 3, ["expected 3D, got shape (10, 9, 8, 2)"]),
+    (
+        "four_d.nii.gz",
+        lambda f, n: _nifti(f, n, np.zeros((*SHAPE, 2), np.float32)),
+        3,
+        ["expected 3D, got shape (10, 9, 8, 2)"],
+    ),
     ("two_d.nii.gz", lambda f, n: _nifti(f, n, np.zeros(SHAPE[:2], np.float32)), 3, ["expected 3D, got shape (10, 9)"]),
-    ("five_d.nii.gz", lambda f, n: _nifti(f, n, np.zeros((*SHAPE, 1, 2), np.float32)), 3, ["expected 3D, got shape (10, 9, 8, 1, 2)"]),
-    ("complex.nii.gz", lambda f, n: _nifti(f, n, np.zeros(SHAPE, np.complex64)), 3, ["unsupported data type", "complex"]),
+    (
+        "five_d.nii.gz",
+        lambda f, n: _nifti(f, n, np.zeros((*SHAPE, 1, 2), np.float32)),
+        3,
+        ["expected 3D, got shape (10, 9, 8, 1, 2)"],
+    ),
+    (
+        "complex.nii.gz",
+        lambda f, n: _nifti(f, n, np.zeros(SHAPE, np.complex64)),
+        3,
+        ["unsupported data type", "complex"],
+    ),
     ("rgb.nii.gz", lambda f, n: _nifti(f, n, _rgb()), 3, ["unsupported data type"]),
-    ("bool.nii.gz", lambda f, n: patch_nifti_fields(_nifti(f, n, label_array()), {"datatype": 1, "bitpix": 1}), 3, ["unsupported data type"]),
+    (
+        "bool.nii.gz",
+        lambda f, n: patch_nifti_fields(_nifti(f, n, label_array()), {"datatype": 1, "bitpix": 1}),
+        3,
+        ["unsupported data type"],
+    ),
     ("nan_voxels.nii.gz", lambda f, n: _nifti(f, n, _with_nan()), 3, ["2 NaN/Inf voxels"]),
-    ("overflow.nii.gz", lambda f, n: patch_nifti_fields(_nifti(f, n), {"scl_slope": 1e38}), 3, ["NaN/Inf voxels", "scl_slope"]),
+    (
+        "overflow.nii.gz",
+        lambda f, n: patch_nifti_fields(_nifti(f, n), {"scl_slope": 1e38}),
+        3,
+        ["NaN/Inf voxels", "scl_slope"],
+    ),
 ]
 IDS = [name for name, *_ in BAD_IMAGES]
 
@@ -117,13 +204,25 @@ def earlier_outputs(model_run: Path, tmp_path_factory: pytest.TempPathFactory) -
 
     root = tmp_path_factory.mktemp("earlier")
     scan = write_nifti(root / "earlier.nii.gz", image_array())
-    assert main(["infer", "--model", str(model_run), "--input", str(scan), "--output", str(root / "out"), "--no-progress"]) == 0
+    assert (
+        main(["infer", "--model", str(model_run), "--input", str(scan), "--output", str(root / "out"), "--no-progress"])
+        == 0
+    )
     detach_file_logs()
     return root / "out"
 
 
 @pytest.mark.parametrize(("name", "build", "code", "words"), BAD_IMAGES, ids=IDS)
-def test_bad_image_is_refused_by_infer(tmp_path: Path, model_run: Path, earlier_outputs: Path, capsys: pytest.CaptureFixture[str], name: str, build: Callable[[Path, str], Path], code: int, words: list[str]) -> None:
+def test_bad_image_is_refused_by_infer(
+    tmp_path: Path,
+    model_run: Path,
+    earlier_outputs: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    build: Callable[[Path, str], Path],
+    code: int,
+    words: list[str],
+) -> None:
     inputs = tmp_path / "in"
     inputs.mkdir()
     path = build(inputs, name)
@@ -131,21 +230,42 @@ def test_bad_image_is_refused_by_infer(tmp_path: Path, model_run: Path, earlier_
     out = Path(shutil.copytree(earlier_outputs, tmp_path / "out"))
     earlier = {k: v for k, v in tree_hashes(out).items() if k != "report.json"}  # the report is per run
     result = cli(["infer", "--model", model_run, "--input", path, "--output", out, "--no-progress"], capsys)
-    assert_clean_failure(result, code, [path], words, outputs=[out / _mask_name(name), out / (name.split(".")[0] + ".json"), out], before=before)
+    assert_clean_failure(
+        result,
+        code,
+        [path],
+        words,
+        outputs=[out / _mask_name(name), out / (name.split(".")[0] + ".json"), out],
+        before=before,
+    )
     assert {k: v for k, v in tree_hashes(out).items() if k != "report.json"} == earlier
 
 
-def test_dicom_two_series_and_missing_slice(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dicom_two_series_and_missing_slice(
+    tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     two = dicom_series(tmp_path / "two", image_array())
     dicom_series(two, image_array(), series_uid="1.2.826.0.1.3680043.2.1125.2")
     gap = dicom_series(tmp_path / "gap", image_array(), skip=[3])
-    for folder, words in ((two, ["2 DICOM series", "1125.1 (8 files)", "1125.2 (8 files)"]), (gap, ["missing", "4.000->8.000 mm"])):
+    for folder, words in (
+        (two, ["2 DICOM series", "1125.1 (8 files)", "1125.2 (8 files)"]),
+        (gap, ["missing", "4.000->8.000 mm"]),
+    ):
         before = {folder: tree_hashes(folder)}
         out = tmp_path / f"out_{folder.name}"
         result = cli(["infer", "--model", model_run, "--input", folder, "--output", out, "--no-progress"], capsys)
-        assert_clean_failure(result, 3, [folder], words, outputs=[out / f"{folder.name}.nii.gz", out / f"{folder.name}.json", out], before=before)
+        assert_clean_failure(
+            result,
+            3,
+            [folder],
+            words,
+            outputs=[out / f"{folder.name}.nii.gz", out / f"{folder.name}.json", out],
+            before=before,
+        )
     ok = dicom_series(tmp_path / "ok", image_array())
-    result = cli(["infer", "--model", model_run, "--input", ok, "--output", tmp_path / "out_ok", "--no-progress"], capsys)
+    result = cli(
+        ["infer", "--model", model_run, "--input", ok, "--output", tmp_path / "out_ok", "--no-progress"], capsys
+    )
     assert result.code == 0, result.err
     assert (tmp_path / "out_ok" / "ok.nii.gz").is_file()
 
@@ -159,14 +279,20 @@ def test_all_bad_images_in_one_folder_through_a_real_process(tmp_path: Path, mod
     before = {inputs: tree_hashes(inputs)}
     out = tmp_path / "out"
     result = run_medgn(["infer", "--model", model_run, "--input", inputs, "--output", out, "--no-progress"])
-    assert_clean_failure(result, 5, paths, [], outputs=[out / _mask_name(p.name) for p in paths], before=before, error_lines=len(paths))
+    assert_clean_failure(
+        result, 5, paths, [], outputs=[out / _mask_name(p.name) for p in paths], before=before, error_lines=len(paths)
+    )
     assert (out / good.name).is_file() and (out / "good.json").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["counts"] == {"ok": 1, "skipped": 0, "failed": len(paths)}
-    assert {c["case_id"]: c["code"] for c in report["cases"] if c["status"] == "failed"} == {n.split(".")[0]: code for n, _, code, _ in BAD_IMAGES}
+    assert {c["case_id"]: c["code"] for c in report["cases"] if c["status"] == "failed"} == {
+        n.split(".")[0]: code for n, _, code, _ in BAD_IMAGES
+    }
 
 
-def test_two_files_for_one_case_are_refused_not_skipped(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_two_files_for_one_case_are_refused_not_skipped(
+    tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for names in (["a.nii.gz", "a.nrrd"], ["b_0000.nii.gz", "b_0000.mha"]):
         inputs = tmp_path / names[0].split(".")[0]
         inputs.mkdir()
@@ -178,12 +304,27 @@ def test_two_files_for_one_case_are_refused_not_skipped(tmp_path: Path, model_ru
         assert not list(out.glob("*.nii.gz")) if out.exists() else True
 
 
-def test_constant_image_is_handled_without_nan(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_constant_image_is_handled_without_nan(
+    tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A constant image normalises to zeros (documented safe handling): a finite, all-one-class mask."""
     import nibabel as nib
 
     path = write_nifti(tmp_path / "const.nii.gz", np.full(SHAPE, 7.0, np.float32))
-    result = cli(["infer", "--model", model_run, "--input", path, "--output", tmp_path / "out", "--save-probabilities", "--no-progress"], capsys)
+    result = cli(
+        [
+            "infer",
+            "--model",
+            model_run,
+            "--input",
+            path,
+            "--output",
+            tmp_path / "out",
+            "--save-probabilities",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert result.code == 0, result.err
     mask = np.asanyarray(nib.load(tmp_path / "out" / "const.nii.gz").dataobj)
     assert mask.shape == SHAPE and len(np.unique(mask)) == 1  # one input value -> one class everywhere
@@ -201,7 +342,10 @@ def _broken_labels(root: Path) -> dict[str, tuple[Path, list[str]]]:
     direction[0, 0] = -1.5
     cases = {
         "c1": (write_nifti(labels / "c1.nii.gz", image_array()), ["non-integer", "is this an image?"]),
-        "c2": (write_nifti(labels / "c2.nii.gz", label_array() * 3), ["outside the declared set: [3]", "expected values in [0, 1]"]),
+        "c2": (
+            write_nifti(labels / "c2.nii.gz", label_array() * 3),
+            ["outside the declared set: [3]", "expected values in [0, 1]"],
+        ),
         "c3": (write_nifti(labels / "c3.nii.gz", label_array((10, 9, 7))), ["shape (10, 9, 8) vs (10, 9, 7)"]),
         "c4": (write_nifti(labels / "c4.nii.gz", label_array(), spacing), ["spacing (1.5, 1.25, 2) vs (1.6, 1.25, 2)"]),
         "c5": (write_nifti(labels / "c5.nii.gz", label_array(), origin), ["origin (-7, 3.5, 11) vs (-7, 4.5, 11)"]),
@@ -225,13 +369,17 @@ def test_verify_lists_every_bad_label_and_geometry_mismatch(tmp_path: Path, caps
         assert all(w in line for w in words), (line, words)
 
 
-def test_train_plan_and_evaluate_refuse_bad_labels_before_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_plan_and_evaluate_refuse_bad_labels_before_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = tmp_path / "ds"
     cases = _broken_labels(root)
     before = {root: tree_hashes(root)}
     plan = tmp_path / "plan.json"
     result = cli(["plan", root, "--out", plan], capsys)
-    assert_clean_failure(result, 3, [cases["c1"][0]], ["non-integer"], outputs=[plan, plan.with_name("splits.json")], before=before)
+    assert_clean_failure(
+        result, 3, [cases["c1"][0]], ["non-integer"], outputs=[plan, plan.with_name("splits.json")], before=before
+    )
     assert cli(["plan", make_msd(tmp_path / "good", 2), "--out", plan, "--folds", "2"], capsys).code == 0
     earlier = tree_hashes(tmp_path / "plan.json") | tree_hashes(tmp_path / "splits.json")
     result = cli(["plan", root, "--out", plan, "--overwrite"], capsys)
@@ -259,12 +407,20 @@ def test_dataset_json_problems_are_all_listed(tmp_path: Path, capsys: pytest.Cap
     (root / "labelsTr" / "c2.nii.gz").unlink()
     before = {root: tree_hashes(root)}
     result = cli(["verify", root], capsys)
-    text = assert_clean_failure(result, 3, [root / "dataset.json"], ["missing key 'modality'", "consecutive", "[0, 1, 3]", "numTraining is 5"], before=before)
+    text = assert_clean_failure(
+        result,
+        3,
+        [root / "dataset.json"],
+        ["missing key 'modality'", "consecutive", "[0, 1, 3]", "numTraining is 5"],
+        before=before,
+    )
     for missing in ("imagesTr/c9.nii.gz", "labelsTr/c9.nii.gz", "labelsTr/c2.nii.gz"):
         assert str(root / missing) in text, missing
     (root / "dataset.json").write_text(json.dumps({"name": "x"}))
     result = cli(["verify", root], capsys)
-    assert_clean_failure(result, 3, [root / "dataset.json"], ["unrecognised dataset.json", "training, labels, modality"])
+    assert_clean_failure(
+        result, 3, [root / "dataset.json"], ["unrecognised dataset.json", "training, labels, modality"]
+    )
 
 
 def _nnunet(root: Path, cases: int = 3) -> Path:
@@ -274,12 +430,20 @@ def _nnunet(root: Path, cases: int = 3) -> Path:
         for c in range(2):
             write_nifti(root / "imagesTr" / f"case{i}_{c:04d}.nii.gz", image_array(i + c))
         write_nifti(root / "labelsTr" / f"case{i}.nii.gz", label_array())
-    desc = {"channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "a": 1}, "numTraining": cases, "file_ending": ".nii.gz", "name": "nn"}
+    desc = {
+        "channel_names": {"0": "T1", "1": "T2"},
+        "labels": {"background": 0, "a": 1},
+        "numTraining": cases,
+        "file_ending": ".nii.gz",
+        "name": "nn",
+    }
     (root / "dataset.json").write_text(json.dumps(desc))
     return root
 
 
-def test_missing_channel_and_channels_with_different_geometry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_channel_and_channels_with_different_geometry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = _nnunet(tmp_path / "nn")
     (root / "imagesTr" / "case1_0001.nii.gz").unlink()
     result = cli(["verify", root], capsys)
@@ -302,7 +466,9 @@ def test_real_volume_above_max_voxels(tmp_path: Path, capsys: pytest.CaptureFixt
     assert_clean_failure(result, 3, [root], ["4 problem(s) in 2 of 2 cases"])  # image and label of each case
     assert "too many voxels" in result.err and "raise it with --max-voxels" in result.err
     result = cli(["plan", root, "--out", tmp_path / "plan.json", "--max-voxels", "100"], capsys)
-    assert_clean_failure(result, 5, [root / "imagesTr" / "c0.nii.gz"], ["too many voxels"], outputs=[tmp_path / "plan.json"])
+    assert_clean_failure(
+        result, 5, [root / "imagesTr" / "c0.nii.gz"], ["too many voxels"], outputs=[tmp_path / "plan.json"]
+    )
 
 
 ODD_NAMES = ["with space", "ünï-cødé", "-leading", "semi;colon$(x)&`y`'q'\"", "star*?[a]"]
@@ -323,7 +489,9 @@ def test_odd_file_names_are_processed_literally_inside_the_output(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in put", "out dir"]  # nothing beside them
 
 
-def test_case_ids_that_try_to_leave_the_output_folder(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_case_ids_that_try_to_leave_the_output_folder(
+    tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A dataset's test list naming ``../../x`` is refused; nothing is written anywhere."""
     root = make_msd(tmp_path / "a" / "b" / "ds", 1)
     write_nifti(tmp_path / "a" / "x.nii.gz", image_array())
@@ -333,13 +501,17 @@ def test_case_ids_that_try_to_leave_the_output_folder(tmp_path: Path, model_run:
     out = tmp_path / "out"
     snapshot = tree_hashes(tmp_path)
     result = cli(["infer", "--model", model_run, "--input", root, "--output", out, "--no-progress"], capsys)
-    assert_clean_failure(result, 3, [root / "dataset.json", "'../../x.nii.gz'"], ["leaves the dataset folder"], outputs=[out])
+    assert_clean_failure(
+        result, 3, [root / "dataset.json", "'../../x.nii.gz'"], ["leaves the dataset folder"], outputs=[out]
+    )
     assert {k: v for k, v in tree_hashes(tmp_path).items() if not k.startswith("out/")} == snapshot
     assert not list(out.glob("*.nii.gz")) if out.exists() else True
 
 
 @pytest.mark.parametrize("where", ["equal", "inside", "unwritable"])
-def test_refused_output_folder_fails_before_loading_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str) -> None:
+def test_refused_output_folder_fails_before_loading_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
     inputs = tmp_path / "in"
     inputs.mkdir()
     write_nifti(inputs / "a.nii.gz", image_array())
@@ -352,15 +524,21 @@ def test_refused_output_folder_fails_before_loading_the_model(tmp_path: Path, ca
     before = {inputs: tree_hashes(inputs)}
     missing_model = tmp_path / "no-such-model"  # loading it would fail with code 4
     try:
-        result: Result = cli(["infer", "--model", missing_model, "--input", inputs, "--output", out, "--no-progress"], capsys)
+        result: Result = cli(
+            ["infer", "--model", missing_model, "--input", inputs, "--output", out, "--no-progress"], capsys
+        )
     finally:
         os.chmod(tmp_path / "ro", 0o700) if where == "unwritable" else None
-    assert_clean_failure(result, 2, [str(out)], ["inside the input" if where != "unwritable" else "not writable"], before=before)
+    assert_clean_failure(
+        result, 2, [str(out)], ["inside the input" if where != "unwritable" else "not writable"], before=before
+    )
     assert not (inputs / "masks").exists()
     assert str(missing_model) not in result.err
 
 
-def test_rerun_on_an_input_that_went_bad_keeps_the_earlier_outputs(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rerun_on_an_input_that_went_bad_keeps_the_earlier_outputs(
+    tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     inputs = tmp_path / "in"
     inputs.mkdir()
     scan = write_nifti(inputs / "scan.nii.gz", image_array())

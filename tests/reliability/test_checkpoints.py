@@ -67,7 +67,14 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path: Path, scan: Path, force_
     env = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"} if force_no_weights_only else {}
     out = tmp_path / "out"
     result = run_medgn(["infer", "--model", run, "--input", scan, "--output", out, "--no-progress"], **env)
-    assert_clean_failure(result, 4, ["e0001-i0000001-epoch.pt"], ["cannot load checkpoint safely"], outputs=[out / "scan.nii.gz", out / "scan.json", out], before=before)
+    assert_clean_failure(
+        result,
+        4,
+        ["e0001-i0000001-epoch.pt"],
+        ["cannot load checkpoint safely"],
+        outputs=[out / "scan.nii.gz", out / "scan.json", out],
+        before=before,
+    )
     assert not marker.exists(), "the checkpoint's code ran"
 
 
@@ -99,12 +106,17 @@ def _mismatched(root: Path, key: str) -> Path:
     return save_checkpoint(state, root / "checkpoints", pointers=("latest", "best"))
 
 
-@pytest.mark.parametrize(("key", "words"), [
-    ("classes", ["heads.0.weight: expected (3, 4, 1, 1, 1), found (2, 4, 1, 1, 1)", "num_classes=3"]),
-    ("channels", ["encoder.0.0.conv.weight: expected (4, 2, 3, 3, 3), found (4, 1, 3, 3, 3)", "in_channels=2"]),
-    ("nan", ["non-finite weights"]),
-])
-def test_weights_that_do_not_fit_are_refused_with_a_diff(tmp_path: Path, scan: Path, capsys: pytest.CaptureFixture[str], key: str, words: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("key", "words"),
+    [
+        ("classes", ["heads.0.weight: expected (3, 4, 1, 1, 1), found (2, 4, 1, 1, 1)", "num_classes=3"]),
+        ("channels", ["encoder.0.0.conv.weight: expected (4, 2, 3, 3, 3), found (4, 1, 3, 3, 3)", "in_channels=2"]),
+        ("nan", ["non-finite weights"]),
+    ],
+)
+def test_weights_that_do_not_fit_are_refused_with_a_diff(
+    tmp_path: Path, scan: Path, capsys: pytest.CaptureFixture[str], key: str, words: list[str]
+) -> None:
     path = _mismatched(tmp_path / "run", key)
     before = {path.parent: tree_hashes(path.parent)}
     out = tmp_path / "out"
@@ -112,8 +124,12 @@ def test_weights_that_do_not_fit_are_refused_with_a_diff(tmp_path: Path, scan: P
     assert_clean_failure(result, 4, [path], words, outputs=[out / "scan.nii.gz", out], before=before)
 
 
-def test_model_for_two_channels_on_a_one_channel_scan(tmp_path: Path, scan: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_model_for_two_channels_on_a_one_channel_scan(
+    tmp_path: Path, scan: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     save_checkpoint(model_state(in_channels=2), tmp_path / "run" / "checkpoints", pointers=("latest", "best"))
     out = tmp_path / "out"
     result = cli(["infer", "--model", tmp_path / "run", "--input", scan, "--output", out, "--no-progress"], capsys)
-    assert_clean_failure(result, 3, [scan], ["1 channel(s)", "expected 2 channel(s)"], outputs=[out / "scan.nii.gz", out / "scan.json"])
+    assert_clean_failure(
+        result, 3, [scan], ["1 channel(s)", "expected 2 channel(s)"], outputs=[out / "scan.nii.gz", out / "scan.json"]
+    )

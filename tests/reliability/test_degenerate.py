@@ -50,7 +50,10 @@ OK_CASES: dict[str, tuple[np.ndarray, np.ndarray, str]] = {
     "anisotropic": (_noise((30, 30, 3)), _affine((0.1, 0.1, 10.0)), ".nii.gz"),
     "large_spacing": (_noise((4, 4, 4)), _affine((20.0, 20.0, 20.0)), ".nii.gz"),
     "negative": (_noise((10, 9, 8), "float32", -3000.0, -1000.0), AFFINE, ".nii.gz"),
-    **{f"type_{t}": (_noise((6, 5, 4), t, 0, 120), AFFINE, ".nii.gz") for t in ("uint8", "int8", "int16", "uint16", "int32", "uint32", "float32", "float64")},
+    **{
+        f"type_{t}": (_noise((6, 5, 4), t, 0, 120), AFFINE, ".nii.gz")
+        for t in ("uint8", "int8", "int16", "uint16", "int32", "uint32", "float32", "float64")
+    },
     "type_int16_range": (np.linspace(-32768, 32767, 120).reshape(6, 5, 4).astype(np.int16), AFFINE, ".nii.gz"),
     "type_int64_nrrd": (_noise((6, 5, 4), "int64", -5, 5), AFFINE, ".nrrd"),
     "type_uint64_mha": (_noise((6, 5, 4), "uint64", 0, 9), AFFINE, ".mha"),
@@ -87,14 +90,28 @@ def degenerate_run(model_run: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from medgn.cli import main
     from medgn.logs import detach_file_logs
 
-    code = main(["infer", "--model", str(model_run), "--input", str(inputs), "--output", str(root / "out"), "--no-progress", "--save-probabilities"])
+    code = main(
+        [
+            "infer",
+            "--model",
+            str(model_run),
+            "--input",
+            str(inputs),
+            "--output",
+            str(root / "out"),
+            "--no-progress",
+            "--save-probabilities",
+        ]
+    )
     detach_file_logs()
     report = json.loads((root / "out" / "report.json").read_text())
     return inputs, root / "out", {"exit": code, **{c["case_id"]: c["code"] or 0 for c in report["cases"]}}
 
 
 @pytest.mark.parametrize("name", sorted(OK_CASES))
-def test_degenerate_volume_gives_a_mask_with_the_input_geometry(degenerate_run: tuple[Path, Path, dict[str, int]], name: str) -> None:
+def test_degenerate_volume_gives_a_mask_with_the_input_geometry(
+    degenerate_run: tuple[Path, Path, dict[str, int]], name: str
+) -> None:
     inputs, out, codes = degenerate_run
     suffix = OK_CASES[name][2]
     assert codes[name] == 0, json.loads((out / "report.json").read_text())

@@ -20,8 +20,16 @@ from medgn.data.io import read_volume
 from medgn.errors import MedgnError
 from tests.reliability.conftest import SHAPE, assert_clean_failure, cli, image_array, tree_hashes
 
-META = "ObjectType = Image\nNDims = 3\nDimSize = {x} {y} {z}\nElementSpacing = 1.5 1.25 2\nOffset = 0 0 0\nTransformMatrix = 1 0 0 0 1 0 0 0 1\nElementType = MET_FLOAT\nElementByteOrderMSB = False\nElementDataFile = {data}\n"
-NRRD = "NRRD0004\ntype: float\ndimension: 3\nsizes: {x} {y} {z}\nspace: left-posterior-superior\nspace directions: (1.5,0,0) (0,1.25,0) (0,0,2)\nspace origin: (0,0,0)\nencoding: raw\nendian: little\n{key}: {data}\n"
+META = (
+    "ObjectType = Image\nNDims = 3\nDimSize = {x} {y} {z}\nElementSpacing = 1.5 1.25 2\nOffset = 0 0 "
+    "0\nTransformMatrix = 1 0 0 0 1 0 0 0 1\nElementType = MET_FLOAT\nElementByteOrderMSB = "
+    "False\nElementDataFile = {data}\n"
+)
+NRRD = (
+    "NRRD0004\ntype: float\ndimension: 3\nsizes: {x} {y} {z}\nspace: left-posterior-superior\nspace "
+    "directions: (1.5,0,0) (0,1.25,0) (0,0,2)\nspace origin: (0,0,0)\nencoding: raw\nendian: little\n{key}: "
+    "{data}\n"
+)
 
 
 def _raw(array: np.ndarray) -> bytes:
@@ -40,7 +48,11 @@ def _slices(folder: Path, array: np.ndarray, pattern: str) -> list[str]:
 
 def _header(folder: Path, name: str, data: str, *, key: str = "data file", extra: str = "") -> Path:
     x, y, z = SHAPE
-    text = (NRRD.format(x=x, y=y, z=z, key=key, data=data) if name.endswith((".nhdr", ".nrrd")) else META.format(x=x, y=y, z=z, data=data)) + extra
+    text = (
+        NRRD.format(x=x, y=y, z=z, key=key, data=data)
+        if name.endswith((".nhdr", ".nrrd"))
+        else META.format(x=x, y=y, z=z, data=data)
+    ) + extra
     (folder / name).write_text(text, encoding="ascii")
     return folder / name
 
@@ -54,7 +66,12 @@ def _case(tmp_path: Path, kind: str, fmt: str) -> Path:
     name = kind + (".nhdr" if fmt == "nrrd" else ".mhd")
     key = "datafile" if kind == "dotdot" and fmt == "nrrd" else "data file"  # the old spelling too
     if kind in ("inside", "dotdot", "absolute", "symlink"):
-        target = {"inside": scans / "x.raw", "dotdot": elsewhere / "x.raw", "absolute": elsewhere / "abs.raw", "symlink": elsewhere / "linked.raw"}[kind]
+        target = {
+            "inside": scans / "x.raw",
+            "dotdot": elsewhere / "x.raw",
+            "absolute": elsewhere / "abs.raw",
+            "symlink": elsewhere / "linked.raw",
+        }[kind]
         target.write_bytes(_raw(array))
         data = {"inside": "x.raw", "dotdot": "../elsewhere/x.raw", "absolute": str(target), "symlink": "link.raw"}[kind]
         if kind == "symlink":
@@ -113,12 +130,24 @@ def test_missing_data_file_is_named(tmp_path: Path) -> None:
         read_volume(header)
 
 
-def test_infer_and_verify_refuse_a_header_pointing_outside(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_infer_and_verify_refuse_a_header_pointing_outside(
+    tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     header = _case(tmp_path, "dotdot", "mha")
-    before = {tmp_path / "scans": tree_hashes(tmp_path / "scans"), tmp_path / "elsewhere": tree_hashes(tmp_path / "elsewhere")}
+    before = {
+        tmp_path / "scans": tree_hashes(tmp_path / "scans"),
+        tmp_path / "elsewhere": tree_hashes(tmp_path / "elsewhere"),
+    }
     out = tmp_path / "out"
     result = cli(["infer", "--model", model_run, "--input", header, "--output", out, "--no-progress"], capsys)
-    assert_clean_failure(result, 3, [header], ["leaves the header's folder", "../elsewhere/x.raw"], outputs=[out / "dotdot.mha", out / "dotdot.json", out], before=before)
+    assert_clean_failure(
+        result,
+        3,
+        [header],
+        ["leaves the header's folder", "../elsewhere/x.raw"],
+        outputs=[out / "dotdot.mha", out / "dotdot.json", out],
+        before=before,
+    )
     ds = tmp_path / "ds"
     (ds / "images").mkdir(parents=True)
     (ds / "labels").mkdir()
@@ -129,11 +158,18 @@ def test_infer_and_verify_refuse_a_header_pointing_outside(tmp_path: Path, model
     assert_clean_failure(result, 3, [ds], ["problem(s)"])
     assert "leaves the header's folder" in result.err and str(ds / "images" / "a.mhd") in result.err
     good = _case(tmp_path, "inside", "mha")
-    assert cli(["infer", "--model", model_run, "--input", good, "--output", tmp_path / "out_good", "--no-progress"], capsys).code == 0
+    assert (
+        cli(
+            ["infer", "--model", model_run, "--input", good, "--output", tmp_path / "out_good", "--no-progress"], capsys
+        ).code
+        == 0
+    )
     assert (tmp_path / "out_good" / "inside.mha").is_file()
 
 
-def test_a_changed_data_file_is_a_changed_input(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_changed_data_file_is_a_changed_input(
+    tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The case's input hash covers the detached data: a rerun redoes the case, not skips it."""
     header = _case(tmp_path, "inside", "nrrd")
     argv = ["infer", "--model", model_run, "--input", header, "--output", tmp_path / "out", "--no-progress"]

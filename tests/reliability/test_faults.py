@@ -43,12 +43,37 @@ from tests.reliability.conftest import (
 )
 
 TRAIN = [
-    "--set", "model.features=[4,8]", "--set", "plan.patch_size=[16,16,16]", "--set", "plan.n_folds=2",
-    "--set", "data.num_workers=0", "--set", "train.amp=off", "--set", "train.optimizer=adamw",
-    "--set", "train.lr=0.01", "--set", "train.val_every=0", "--set", "train.log_every=1",
-    "--set", "train.checkpoint_every_minutes=0", "--set", "train.checkpoint_every_steps=2",
-    "--set", "train.epochs=2", "--set", "train.iters_per_epoch=5", "--set", "train.deterministic=true",
-    "--no-progress", "--device", "cpu",
+    "--set",
+    "model.features=[4,8]",
+    "--set",
+    "plan.patch_size=[16,16,16]",
+    "--set",
+    "plan.n_folds=2",
+    "--set",
+    "data.num_workers=0",
+    "--set",
+    "train.amp=off",
+    "--set",
+    "train.optimizer=adamw",
+    "--set",
+    "train.lr=0.01",
+    "--set",
+    "train.val_every=0",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.checkpoint_every_minutes=0",
+    "--set",
+    "train.checkpoint_every_steps=2",
+    "--set",
+    "train.epochs=2",
+    "--set",
+    "train.iters_per_epoch=5",
+    "--set",
+    "train.deterministic=true",
+    "--no-progress",
+    "--device",
+    "cpu",
 ]
 
 # Send signal SIG to this process while the step of iteration AT is computing its loss.
@@ -173,7 +198,15 @@ _t.Trainer._forward_loss = _patched
 
 def test_non_finite_losses_are_skipped_counted_then_stop_with_case_ids(train_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    r = _train(train_data, run, "--set", "train.max_nonfinite_in_row=3", "--set", "train.amp=bf16", pre=NAN_LOSS.format(bad={1, 3, 5, 6, 7}))
+    r = _train(
+        train_data,
+        run,
+        "--set",
+        "train.max_nonfinite_in_row=3",
+        "--set",
+        "train.amp=bf16",
+        pre=NAN_LOSS.format(bad={1, 3, 5, 6, 7}),
+    )
     text = assert_clean_failure(r, 5, ["train.max_nonfinite_in_row"], ["3 steps in a row", "cases: c"])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = {rec["iteration"]: rec for rec in records if rec.get("kind") == "step"}
@@ -215,13 +248,25 @@ def _three_scans(folder: Path) -> Path:
     return folder
 
 
-def test_two_runs_on_one_folder_then_kill_and_rerun(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_two_runs_on_one_folder_then_kill_and_rerun(
+    tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     inputs = _three_scans(tmp_path / "in")
     before = {inputs: tree_hashes(inputs)}
-    assert cli(["infer", "--model", model_run, "--input", inputs, "--output", tmp_path / "ref", "--no-progress"], capsys).code == 0
+    assert (
+        cli(
+            ["infer", "--model", model_run, "--input", inputs, "--output", tmp_path / "ref", "--no-progress"], capsys
+        ).code
+        == 0
+    )
     out, marker = tmp_path / "out", tmp_path / "frozen"
     argv = ["infer", "--model", model_run, "--input", inputs, "--output", out, "--no-progress"]
-    first = subprocess.Popen(medgn_cmd(argv), env=child_env(FREEZE_IN_WRITE.format(n=2, marker=str(marker))), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = subprocess.Popen(
+        medgn_cmd(argv),
+        env=child_env(FREEZE_IN_WRITE.format(n=2, marker=str(marker))),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 180  # a deadline for a hung child, not a timing assertion
         while not marker.exists():
@@ -248,7 +293,9 @@ def test_two_runs_on_one_folder_then_kill_and_rerun(tmp_path: Path, model_run: P
     assert tree_hashes(inputs) == before[inputs]
 
 
-def test_disk_full_during_a_case_keeps_earlier_outputs(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_disk_full_during_a_case_keeps_earlier_outputs(
+    tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     inputs = _three_scans(tmp_path / "in")
     (inputs / "b.nii.gz").rename(tmp_path / "b.nii.gz")
     (inputs / "c.nii.gz").rename(tmp_path / "c.nii.gz")
@@ -260,12 +307,23 @@ def test_disk_full_during_a_case_keeps_earlier_outputs(tmp_path: Path, model_run
         (tmp_path / name).rename(inputs / name)
     before = {inputs: tree_hashes(inputs)}
     result = run_medgn(argv, pre=DISK_FULL.format(needle="-b.nii.gz"))
-    assert_clean_failure(result, 5, [str(out / "b.nii.gz")], ["no space left on device"], outputs=[out / "b.nii.gz", out / "b.json", out], before=before)
+    assert_clean_failure(
+        result,
+        5,
+        [str(out / "b.nii.gz")],
+        ["no space left on device"],
+        outputs=[out / "b.nii.gz", out / "b.json", out],
+        before=before,
+    )
     now = tree_hashes(out)
     assert {k: now[k] for k in earlier} == earlier  # a's mask and sidecar byte-identical
     assert "c.nii.gz" in now  # the run went on past the failed case
     report = json.loads((out / "report.json").read_text())
-    assert {c["case_id"]: (c["status"], c["code"]) for c in report["cases"]} == {"a": ("skipped", None), "b": ("failed", 5), "c": ("ok", None)}
+    assert {c["case_id"]: (c["status"], c["code"]) for c in report["cases"]} == {
+        "a": ("skipped", None),
+        "b": ("failed", 5),
+        "c": ("ok", None),
+    }
 
 
 def _oom_then(after: BaseException | None) -> object:
@@ -285,12 +343,24 @@ def _oom_then(after: BaseException | None) -> object:
     return patched
 
 
-@pytest.mark.parametrize(("after", "code", "words"), [
-    (None, 0, []),
-    (torch.OutOfMemoryError("CUDA out of memory again"), 5, ["out of memory"]),
-    (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"), 1, ["internal error: RuntimeError: cuDNN error"]),
-], ids=["fallback", "oom-twice", "other-error"])
-def test_out_of_memory_falls_back_only_for_out_of_memory(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, after: BaseException | None, code: int, words: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("after", "code", "words"),
+    [
+        (None, 0, []),
+        (torch.OutOfMemoryError("CUDA out of memory again"), 5, ["out of memory"]),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"), 1, ["internal error: RuntimeError: cuDNN error"]),
+    ],
+    ids=["fallback", "oom-twice", "other-error"],
+)
+def test_out_of_memory_falls_back_only_for_out_of_memory(
+    tmp_path: Path,
+    model_run: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    after: BaseException | None,
+    code: int,
+    words: list[str],
+) -> None:
     from medgn.infer import sliding_window
 
     scan = write_nifti(tmp_path / "scan.nii.gz", image_array())

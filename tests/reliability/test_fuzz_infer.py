@@ -33,7 +33,9 @@ EXAMPLES = int(os.environ.get("MEDGN_FUZZ_EXAMPLES", "25"))
 MAX_RESAMPLED = 300_000
 DTYPES = ["uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64"]
 SUFFIXES = [".nii.gz", ".nii", ".nrrd", ".mha"]
-AXIS_MAPS = [(perm, signs) for perm in itertools.permutations(range(3)) for signs in itertools.product((1, -1), repeat=3)]
+AXIS_MAPS = [
+    (perm, signs) for perm in itertools.permutations(range(3)) for signs in itertools.product((1, -1), repeat=3)
+]
 
 
 @st.composite
@@ -58,7 +60,17 @@ def volumes(draw: st.DrawFn) -> dict[str, Any]:
     pattern = draw(st.sampled_from(["zeros", "constant", "one_voxel", "noise"]))
     low = draw(st.sampled_from([-1e6, -3000.0, -1.0, 0.0, 1.0, 1000.0]))
     high = low + draw(st.sampled_from([0.0, 1e-3, 1.0, 255.0, 4000.0, 1e6]))
-    return {"shape": shape, "affine": affine, "dtype": dtype, "pattern": pattern, "low": low, "high": high, "suffix": draw(st.sampled_from(SUFFIXES)), "channels": draw(st.sampled_from([1, 1, 1, 2])), "seed": draw(st.integers(0, 2**16))}
+    return {
+        "shape": shape,
+        "affine": affine,
+        "dtype": dtype,
+        "pattern": pattern,
+        "low": low,
+        "high": high,
+        "suffix": draw(st.sampled_from(SUFFIXES)),
+        "channels": draw(st.sampled_from([1, 1, 1, 2])),
+        "seed": draw(st.integers(0, 2**16)),
+    }
 
 
 def _array(spec: dict[str, Any]) -> np.ndarray:
@@ -79,7 +91,11 @@ def _array(spec: dict[str, Any]) -> np.ndarray:
         values = rng.uniform(low, high, size=shape)
     if dtype.kind in "iu":
         values = np.clip(np.round(values), info.min, info.max)
-        return values.astype(np.float64).astype(dtype) if dtype.itemsize < 8 else np.asarray([int(v) for v in values.ravel()], dtype=dtype).reshape(shape)
+        return (
+            values.astype(np.float64).astype(dtype)
+            if dtype.itemsize < 8
+            else np.asarray([int(v) for v in values.ravel()], dtype=dtype).reshape(shape)
+        )
     return values.astype(dtype)
 
 
@@ -105,7 +121,21 @@ def _check_example(spec: dict[str, Any], model: Path, capsys: pytest.CaptureFixt
         paths = [_write(inputs / n, array, spec["affine"]) for n in names]
         target = paths[0] if spec["channels"] == 1 else inputs
         out = root / "out"
-        result = cli(["infer", "--model", model, "--input", target, "--output", out, "--no-progress", "--max-resampled-voxels", str(MAX_RESAMPLED)], capsys)
+        result = cli(
+            [
+                "infer",
+                "--model",
+                model,
+                "--input",
+                target,
+                "--output",
+                out,
+                "--no-progress",
+                "--max-resampled-voxels",
+                str(MAX_RESAMPLED),
+            ],
+            capsys,
+        )
         assert "Traceback" not in result.err and "internal error" not in result.err, result.err
         if result.code == 0:
             mask_name = "case" if spec["channels"] > 1 else paths[0].name.split(".")[0]
@@ -120,9 +150,15 @@ def _check_example(spec: dict[str, Any], model: Path, capsys: pytest.CaptureFixt
         return result.code, lines[0].split(": ", 3)[-1].split(" (")[0]
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(spec=volumes())
-def test_infer_gives_a_valid_mask_or_a_clean_refusal(spec: dict[str, Any], model_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_infer_gives_a_valid_mask_or_a_clean_refusal(
+    spec: dict[str, Any], model_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, what = _check_example(spec, model_run, capsys)
     if os.environ.get("MEDGN_FUZZ_REPORT"):  # one line per example: the campaign's tally
         key = f"{code} {what.split(': ', 1)[-1]}" if code else "0 mask written"

@@ -43,7 +43,9 @@ def _affines() -> list[np.ndarray]:
     return out
 
 
-def test_masks_keep_the_geometry_of_every_orientation_and_format(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_masks_keep_the_geometry_of_every_orientation_and_format(
+    tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     inputs = tmp_path / "in"
     inputs.mkdir()
     names = []

@@ -92,9 +92,7 @@ def test_check_gzip_reports_the_inflated_size(tmp_path: Path) -> None:
         check_gzip(path, 1001, "1001 bytes")
 
 
-def test_verify_refuses_a_corrupted_nii_gz(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_verify_refuses_a_corrupted_nii_gz(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The issue's case: a CRC-corrupted image used to pass ``medgn verify``."""
     root = make_msd(tmp_path / "ds", 2)
     image = root / "imagesTr" / "c1.nii.gz"

@@ -43,7 +43,9 @@ TOL = 1e-4
 SPECIAL = [0.0, -0.0, -1.5, float("nan"), float("inf"), float("-inf"), 1e-30, 1e30]
 floats = st.one_of(st.sampled_from(SPECIAL), st.floats(-50, 50, allow_nan=False, width=32))
 spacings = st.one_of(st.sampled_from(SPECIAL), st.floats(0.0625, 5, width=32))
-quaternions = st.one_of(st.sampled_from([0.0, 1.0, -1.0, 1.5, float("nan"), float("inf")]), st.floats(-0.75, 0.75, width=32))
+quaternions = st.one_of(
+    st.sampled_from([0.0, 1.0, -1.0, 1.5, float("nan"), float("inf")]), st.floats(-0.75, 0.75, width=32)
+)
 codes = st.integers(-2, 8)
 sizes = st.one_of(st.sampled_from([0, -1, 1, 5, 10, 20, 4097, 30000, 32767]), st.integers(1, 12))
 DATATYPES = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2304, 9999, -1]
@@ -66,7 +68,14 @@ def header_patches(draw: st.DrawFn) -> dict[str, Any]:
     """A random subset of raw header fields with adversarial values."""
     patches: dict[str, Any] = {}
     if draw(st.booleans()):
-        patches["pixdim"] = (draw(st.sampled_from([1.0, -1.0, 0.0, 0.5, float("nan")])), *[draw(spacings) for _ in range(3)], 1.0, 1.0, 1.0, 1.0)
+        patches["pixdim"] = (
+            draw(st.sampled_from([1.0, -1.0, 0.0, 0.5, float("nan")])),
+            *[draw(spacings) for _ in range(3)],
+            1.0,
+            1.0,
+            1.0,
+            1.0,
+        )
     for code in ("qform_code", "sform_code"):
         if draw(st.booleans()):
             patches[code] = draw(codes)
@@ -137,7 +146,18 @@ def test_header_fields_read_identically_or_refused(tmp_path: Path, patches: dict
         message = exc.one_line()
         assert exc.code in (3, 5), message
         assert message.startswith(str(path)), message
-        fields = {("quatern" if k.startswith("quatern") else "qoffset" if k.startswith("qoffset") else "srow" if k.startswith("srow") else k) for k in patches}
+        fields = {
+            (
+                "quatern"
+                if k.startswith("quatern")
+                else "qoffset"
+                if k.startswith("qoffset")
+                else "srow"
+                if k.startswith("srow")
+                else k
+            )
+            for k in patches
+        }
         words = {w for f in fields for w in FIELD_WORDS[f]}
         assert any(w in message.lower() for w in words), (patches, message)
         return
@@ -180,7 +200,11 @@ def test_gzip_bomb_is_refused_with_small_memory_and_time(tmp_path: Path) -> None
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert info.value.code == 3 and str(path) in str(info.value) and "beyond the size the header declares" in str(info.value)
+    assert (
+        info.value.code == 3
+        and str(path) in str(info.value)
+        and "beyond the size the header declares" in str(info.value)
+    )
     assert peak < PEAK_BYTES, peak
     # Inflation stops at the declared 3 KB + 64 KiB: far below the ~1 s that 256 MiB would take.
     assert time.perf_counter() - start < 0.5

@@ -56,13 +56,22 @@ def fifty(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_peak_rss_does_not_grow_with_the_number_of_cases(fifty: Path, model_run: Path, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-c", PEAKS, str(model_run), str(fifty), str(tmp_path / "out")], env=child_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAKS, str(model_run), str(fifty), str(tmp_path / "out")],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     peaks = result["peaks"]
     assert result["exit"] == 0 and len(peaks) == 50
     growth = peaks[49] - peaks[9]
-    print(f"peak RSS after 10 cases {peaks[9] / 1024:.1f} MiB, after 50 {peaks[49] / 1024:.1f} MiB, growth {growth / 1024:.2f} MiB")
+    print(
+        f"peak RSS after 10 cases {peaks[9] / 1024:.1f} MiB, after 50 {peaks[49] / 1024:.1f} MiB, growth "
+        f"{growth / 1024:.2f} MiB"
+    )
     assert growth < GROWTH_BOUND, peaks
 
 
@@ -70,13 +79,24 @@ def _masks(folder: Path) -> dict[str, np.ndarray]:
     return {p.name: read_volume(p, label=True).array for p in sorted(folder.glob("case*.nii.gz"))}
 
 
-def test_two_shards_in_parallel_equal_one_unsharded_run(model_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_two_shards_in_parallel_equal_one_unsharded_run(
+    model_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     inputs = _cases(tmp_path / "in", 10)
     # One CPU thread everywhere: the same kernels, so equal masks are expected bit for bit.
     argv = ["infer", "--model", model_run, "--input", inputs, "--no-progress", "--threads", "1"]
     assert cli([*argv, "--output", tmp_path / "single"], capsys).code == 0
     shared = tmp_path / "sharded"
-    procs = [subprocess.Popen(medgn_cmd([*argv, "--output", shared, "--shard", f"{i}/2"]), env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            medgn_cmd([*argv, "--output", shared, "--shard", f"{i}/2"]),
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err

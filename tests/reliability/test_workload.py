@@ -47,7 +47,15 @@ def test_resampled_shape_follows_ras_axes_and_spacing() -> None:
     assert resampled_shape((3, 3, 3), _diag(1.5), (0.5, 0.5, 0.5)) == (9, 9, 9)  # no extra voxel from rounding
 
 
-@pytest.mark.parametrize(("shape", "roi", "overlap"), [((8, 8, 8), (8, 8, 8), 0.5), ((3, 40, 17), (8, 8, 8), 0.5), ((100, 9, 64), (16, 8, 32), 0.25), ((33, 33, 33), (8, 8, 8), 0.0)])
+@pytest.mark.parametrize(
+    ("shape", "roi", "overlap"),
+    [
+        ((8, 8, 8), (8, 8, 8), 0.5),
+        ((3, 40, 17), (8, 8, 8), 0.5),
+        ((100, 9, 64), (16, 8, 32), 0.25),
+        ((33, 33, 33), (8, 8, 8), 0.0),
+    ],
+)
 def test_window_count_equals_monai(shape: tuple[int, int, int], roi: tuple[int, int, int], overlap: float) -> None:
     from monai.data.utils import dense_patch_slices
     from monai.inferers.utils import _get_scan_interval
@@ -57,21 +65,34 @@ def test_window_count_equals_monai(shape: tuple[int, int, int], roi: tuple[int, 
     assert count_windows(shape, roi, overlap) == expected
 
 
-def test_infer_refuses_a_scan_that_explodes_when_resampled(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_infer_refuses_a_scan_that_explodes_when_resampled(
+    tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     inputs = tmp_path / "in"
     inputs.mkdir()
-    scan = write_nifti(inputs / "coarse.nii.gz", np.random.default_rng(0).normal(size=(20, 20, 20)).astype(np.float32), _diag(50.0))
+    scan = write_nifti(
+        inputs / "coarse.nii.gz", np.random.default_rng(0).normal(size=(20, 20, 20)).astype(np.float32), _diag(50.0)
+    )
     before = {inputs: tree_hashes(inputs)}
     out = tmp_path / "out"
     start = time.perf_counter()
     result = cli(["infer", "--model", model_run, "--input", scan, "--output", out, "--no-progress"], capsys)
     elapsed = time.perf_counter() - start
-    words = ["too large once resampled", "(50, 50, 50) mm", "(667, 800, 500) = 266800000 voxels", "--max-resampled-voxels"]
-    assert_clean_failure(result, 5, [scan], words, outputs=[out / "coarse.nii.gz", out / "coarse.json", out], before=before)
+    words = [
+        "too large once resampled",
+        "(50, 50, 50) mm",
+        "(667, 800, 500) = 266800000 voxels",
+        "--max-resampled-voxels",
+    ]
+    assert_clean_failure(
+        result, 5, [scan], words, outputs=[out / "coarse.nii.gz", out / "coarse.json", out], before=before
+    )
     assert elapsed < 5.0, elapsed  # refused from the grid's size: nothing resampled (minutes otherwise)
 
 
-def test_the_flags_set_the_resampled_and_window_limits(tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_flags_set_the_resampled_and_window_limits(
+    tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "in").mkdir()
     scan = write_nifti(tmp_path / "in" / "s.nii.gz", image_array(), _diag(3.0))  # -> (20, 22, 12)
     argv = ["infer", "--model", model_run, "--input", scan, "--no-progress"]
@@ -99,16 +120,42 @@ def test_verify_plan_and_train_refuse_it_too(tmp_path: Path, capsys: pytest.Capt
     assert cli(["verify", root], capsys).code == 0  # without a plan: the headers' limits only
     result = cli(["verify", root, "--plan", plan_path, "--max-resampled-voxels", "1000000"], capsys)
     assert_clean_failure(result, 3, [root], ["1 problem(s) in 1 of 2 cases"])
-    assert str(image) in result.err and "(200, 216, 120) = 5184000 voxels" in result.err and "--max-resampled-voxels" in result.err
+    assert (
+        str(image) in result.err
+        and "(200, 216, 120) = 5184000 voxels" in result.err
+        and "--max-resampled-voxels" in result.err
+    )
     assert cli(["verify", root, "--plan", plan_path], capsys).code == 0
     out = tmp_path / "plan_out.json"
     result = cli(["plan", root, "--out", out, "--max-resampled-voxels", "1000"], capsys)
-    assert_clean_failure(result, 5, [root / "imagesTr"], ["too large once resampled", "--max-resampled-voxels"], outputs=[out])
-    result = run_medgn(["train", "--data", root, "--out", tmp_path / "run", "--plan", plan_path, "--fold", "all", "--device", "cpu", "--no-progress", "--max-resampled-voxels", "1000000"])
+    assert_clean_failure(
+        result, 5, [root / "imagesTr"], ["too large once resampled", "--max-resampled-voxels"], outputs=[out]
+    )
+    result = run_medgn(
+        [
+            "train",
+            "--data",
+            root,
+            "--out",
+            tmp_path / "run",
+            "--plan",
+            plan_path,
+            "--fold",
+            "all",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--max-resampled-voxels",
+            "1000000",
+        ]
+    )
     assert_clean_failure(result, 5, [image], ["(200, 216, 120)", "--max-resampled-voxels"])
     assert not (tmp_path / "run" / "checkpoints").exists()
     # --max-resampled-voxels is the config key data.limits.max_resampled_voxels (also in YAML).
-    assert load_run_config(None, ["data.limits.max_resampled_voxels=1000000"]).data.limits.max_resampled_voxels == 1_000_000
+    assert (
+        load_run_config(None, ["data.limits.max_resampled_voxels=1000000"]).data.limits.max_resampled_voxels
+        == 1_000_000
+    )
 
 
 def test_the_pipeline_checks_before_resampling(tmp_path: Path) -> None:

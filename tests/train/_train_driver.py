@@ -139,14 +139,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one thread: CPU reductions in a fixed order, bit-exact reruns
-    cfg = build(TrainConfig, {
-        "epochs": args.epochs, "iters_per_epoch": args.iters, "batch_size": 2, "lr": 0.05, "amp": "off",
-        "checkpoint_every_steps": args.ckpt_steps, "checkpoint_every_minutes": 0.0, "deterministic": True,
-        "seed": 7, "log_every": 2, "max_nonfinite_in_row": args.max_nonfinite, "warmup_iters": 2, "keep_checkpoints": args.keep,
-    }, "train")
+    cfg = build(
+        TrainConfig,
+        {
+            "epochs": args.epochs,
+            "iters_per_epoch": args.iters,
+            "batch_size": 2,
+            "lr": 0.05,
+            "amp": "off",
+            "checkpoint_every_steps": args.ckpt_steps,
+            "checkpoint_every_minutes": 0.0,
+            "deterministic": True,
+            "seed": 7,
+            "log_every": 2,
+            "max_nonfinite_in_row": args.max_nonfinite,
+            "warmup_iters": 2,
+            "keep_checkpoints": args.keep,
+        },
+        "train",
+    )
     info = ddp.dist_info_from_env()
-    sampler = ResumableSampler(NUM_CASES, cfg.micro_batches_per_epoch * cfg.batch_size, seed=cfg.seed,
-                               rank=info.rank, world_size=info.world_size, with_seeds=True)
+    sampler = ResumableSampler(
+        NUM_CASES,
+        cfg.micro_batches_per_epoch * cfg.batch_size,
+        seed=cfg.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        with_seeds=True,
+    )
     loader = ResumableLoader(SyntheticCases(args.nan_cases), sampler, cfg.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

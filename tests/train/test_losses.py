@@ -69,7 +69,9 @@ def test_perfect_prediction_has_near_zero_loss() -> None:
     assert float(DiceCELoss()(logits, label)) < 1e-6
 
 
-@pytest.mark.parametrize(("heads", "expected"), [(1, [1.0]), (2, [1.0, 0.0]), (3, [2 / 3, 1 / 3, 0.0]), (4, [4 / 7, 2 / 7, 1 / 7, 0.0])])
+@pytest.mark.parametrize(
+    ("heads", "expected"), [(1, [1.0]), (2, [1.0, 0.0]), (3, [2 / 3, 1 / 3, 0.0]), (4, [4 / 7, 2 / 7, 1 / 7, 0.0])]
+)
 def test_deep_supervision_weights_halve_and_normalise(heads: int, expected: list[float]) -> None:
     assert deep_supervision_weights(heads) == pytest.approx(expected)
     assert sum(deep_supervision_weights(heads, drop_lowest=False)) == pytest.approx(1.0)
@@ -87,7 +89,11 @@ def test_downsample_label_is_nearest_voxel_centre() -> None:
 def test_deep_supervision_loss_is_the_weighted_sum() -> None:
     gen = torch.Generator().manual_seed(2)
     label = torch.randint(0, 2, (1, 1, 4, 4, 4), generator=gen)
-    heads = [torch.randn(1, 2, 4, 4, 4, generator=gen), torch.randn(1, 2, 2, 2, 2, generator=gen), torch.randn(1, 2, 1, 1, 1, generator=gen)]
+    heads = [
+        torch.randn(1, 2, 4, 4, 4, generator=gen),
+        torch.randn(1, 2, 2, 2, 2, generator=gen),
+        torch.randn(1, 2, 1, 1, 1, generator=gen),
+    ]
     base = DiceCELoss()
     expected = 2 / 3 * base(heads[0], label) + 1 / 3 * base(heads[1], label[:, :, 1::2, 1::2, 1::2])
     got = DeepSupervisionLoss(base)(heads, label)

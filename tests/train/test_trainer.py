@@ -23,8 +23,16 @@ from medgn.train.trainer import HookBase, NonFiniteLossError, Trainer
 
 
 def _cfg(**over: object) -> TrainConfig:
-    base = {"epochs": 2, "iters_per_epoch": 3, "batch_size": 2, "lr": 0.05, "amp": "off", "seed": 3,
-            "checkpoint_every_minutes": 0.0, "log_every": 1}
+    base = {
+        "epochs": 2,
+        "iters_per_epoch": 3,
+        "batch_size": 2,
+        "lr": 0.05,
+        "amp": "off",
+        "seed": 3,
+        "checkpoint_every_minutes": 0.0,
+        "log_every": 1,
+    }
     return build(TrainConfig, {**base, **over}, "train")
 
 
@@ -51,7 +59,19 @@ def test_loss_decreases_and_every_output_is_written(tmp_path: Path) -> None:
     assert files
     for path in files:
         ckpt = torch.load(path, weights_only=True)
-        assert set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "counters", "rng", "sampler", "hooks", "config", "plan", "versions"}
+        assert set(ckpt) >= {
+            "model",
+            "optimizer",
+            "scheduler",
+            "scaler",
+            "counters",
+            "rng",
+            "sampler",
+            "hooks",
+            "config",
+            "plan",
+            "versions",
+        }
     final = load_checkpoint(tmp_path / "checkpoints" / "final.json")
     assert final["config"]["train"]["epochs"] == 4 and final["counters"]["iteration"] == 20
     assert final["hooks"]["validation"]["ema"] is not None
@@ -73,7 +93,11 @@ def test_gradient_accumulation_equals_the_larger_batch() -> None:
 def test_nonfinite_step_is_skipped_without_touching_weights() -> None:
     trainer = _trainer(_cfg(max_nonfinite_in_row=2), None, [])
     before = [p.detach().clone() for p in trainer.module.parameters()]
-    bad = {"image": torch.full((2, 1, 8, 8, 8), float("nan")), "label": torch.zeros(2, 1, 8, 8, 8, dtype=torch.int64), "case_id": ["a", "b"]}
+    bad = {
+        "image": torch.full((2, 1, 8, 8, 8), float("nan")),
+        "label": torch.zeros(2, 1, 8, 8, 8, dtype=torch.int64),
+        "case_id": ["a", "b"],
+    }
     result = trainer.train_step([bad])
     assert result.skipped and result.loss is None and trainer.state.nonfinite_total == 1
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.module.parameters()))
@@ -99,7 +123,11 @@ def test_nonfinite_run_stops_with_case_ids_and_no_nonfinite_checkpoint(tmp_path:
 def test_validation_ema_best_checkpoint_and_early_stopping(tmp_path: Path) -> None:
     scores = iter([0.2, 0.6, 0.1, 0.1, 0.9, 0.9])
     cfg = _cfg(epochs=6, iters_per_epoch=1, ema_alpha=0.5)
-    hooks = [ValidationHook(lambda model: [next(scores)], every=1, ema_alpha=0.5), EarlyStoppingHook(2), CheckpointHook(0.0)]
+    hooks = [
+        ValidationHook(lambda model: [next(scores)], every=1, ema_alpha=0.5),
+        EarlyStoppingHook(2),
+        CheckpointHook(0.0),
+    ]
     trainer = _trainer(cfg, tmp_path, hooks)
     state = trainer.train()
     # EMA with alpha 0.5: 0.2, 0.4, 0.25, 0.175 -> best at epoch 2, two worse validations stop at epoch 4.
@@ -112,7 +140,11 @@ def test_validation_ema_best_checkpoint_and_early_stopping(tmp_path: Path) -> No
 def test_time_budget_stops_cleanly_with_final_validation_and_checkpoint(tmp_path: Path) -> None:
     calls = []
     cfg = _cfg(epochs=50)
-    hooks = [TimeBudgetHook(_cfg(epochs=50, time_budget_minutes=1e-9)), ValidationHook(lambda m: calls.append(1) or [0.5], every=1), CheckpointHook(0.0)]
+    hooks = [
+        TimeBudgetHook(_cfg(epochs=50, time_budget_minutes=1e-9)),
+        ValidationHook(lambda m: calls.append(1) or [0.5], every=1),
+        CheckpointHook(0.0),
+    ]
     state = _trainer(cfg, tmp_path, hooks).train()
     assert state.iteration == 1 and state.stop_reason.startswith("time budget")
     assert calls == [1]  # the final validation ran
@@ -154,7 +186,9 @@ def test_sampler_order_is_a_pure_function_and_shards_cover_it() -> None:
 
 
 @pytest.mark.parametrize("avx512_bf16, amx", [(True, False), (False, True), (False, False)])
-def test_amp_auto_on_cpu_is_bf16_only_with_native_bf16(monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool) -> None:
+def test_amp_auto_on_cpu_is_bf16_only_with_native_bf16(
+    monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool
+) -> None:
     monkeypatch.delenv("MEDGN_CPU_BF16", raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
@@ -199,7 +233,14 @@ class _StopAt(HookBase):
 
 def _budget_run(out: Path, clock: _Clock, extra: list, resume: bool = False) -> Trainer:
     # 1 minute budget, 1 s per step: the schedule must end, annealed, exactly inside the budget.
-    cfg = _cfg(epochs=1000, iters_per_epoch=10, time_budget_minutes=1.0, schedule="cosine", warmup_iters=5, budget_probe_steps=20)
+    cfg = _cfg(
+        epochs=1000,
+        iters_per_epoch=10,
+        time_budget_minutes=1.0,
+        schedule="cosine",
+        warmup_iters=5,
+        budget_probe_steps=20,
+    )
     budget = TimeBudgetHook(cfg, started_at=clock(), clock=clock)
     trainer = _trainer(cfg, out, [_Tick(clock), budget, *extra, CheckpointHook(0.0)])
     if resume:
@@ -225,13 +266,19 @@ def test_budget_schedule_ends_at_the_budget_and_resumes_bit_exact(tmp_path: Path
 def test_budget_schedule_counts_the_validation_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock(1.0)
     monkeypatch.setattr(time, "monotonic", clock)  # the validation hook times itself with it too
-    cfg = _cfg(epochs=1000, iters_per_epoch=10, time_budget_minutes=2.0, schedule="cosine", budget_probe_steps=20, val_every=3)
+    cfg = _cfg(
+        epochs=1000, iters_per_epoch=10, time_budget_minutes=2.0, schedule="cosine", budget_probe_steps=20, val_every=3
+    )
 
     def slow_validate(model: torch.nn.Module) -> list[float]:
         clock.now += 6.0  # one validation costs 6 steps' time
         return [0.5]
 
-    hooks = [_Tick(clock), ValidationHook(slow_validate, every=3), TimeBudgetHook(cfg, started_at=clock(), validates=True, clock=clock)]
+    hooks = [
+        _Tick(clock),
+        ValidationHook(slow_validate, every=3),
+        TimeBudgetHook(cfg, started_at=clock(), validates=True, clock=clock),
+    ]
     trainer = _trainer(cfg, tmp_path, hooks)
     trainer.train()
     # First plan at step 23 ignores validation: 23 + int(120 * 0.98 - 23) = 117 steps. After the first

@@ -31,7 +31,18 @@ def _kill_workers(out: Path) -> None:
 
 
 def _torchrun(out: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(DRIVER), "--out", str(out), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(DRIVER),
+        "--out",
+        str(out),
+        *args,
+    ]
     # Own session: on a timeout the whole group (torchrun and both workers) is killed, so no
     # orphaned worker keeps a core busy. 300 s: a normal run takes ~15 s on an idle 2-core machine.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -22,7 +22,9 @@ DRIVER = Path(__file__).with_name("_train_driver.py")
 
 
 def _run(out: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(DRIVER), "--out", str(out), *args], capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, str(DRIVER), "--out", str(out), *args], capture_output=True, text=True, timeout=240
+    )
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,18 @@ def make_blobs(root: Path, n: int, merged: bool, seed0: int, size: int = 16) -> 
             nib.save(img, root / folder / f"c{i}.nii.gz")
         training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
     labels = {"0": "background", "1": "object"} if merged else {"0": "background", "1": "cube", "2": "ball"}
-    (root / "dataset.json").write_text(json.dumps({"name": "blobs", "modality": {"0": "MRI"}, "labels": labels, "numTraining": n, "training": training, "test": []}))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "blobs",
+                "modality": {"0": "MRI"},
+                "labels": labels,
+                "numTraining": n,
+                "training": training,
+                "test": [],
+            }
+        )
+    )
     return root
 
 
@@ -69,7 +80,25 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("finetune")
     pre = make_blobs(base / "data_pre", 6, False, seed0=100)
     run = base / "pretrained"
-    assert main(["train", "--data", str(pre), "--out", str(run), *TINY, "--set", "train.epochs=1", "--set", "train.iters_per_epoch=80", "--set", "train.lr=0.01"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(pre),
+                "--out",
+                str(run),
+                *TINY,
+                "--set",
+                "train.epochs=1",
+                "--set",
+                "train.iters_per_epoch=80",
+                "--set",
+                "train.lr=0.01",
+            ]
+        )
+        == 0
+    )
     return run, make_blobs(base / "data_ft", 4, True, seed0=0)
 
 
@@ -82,7 +111,10 @@ def _dice_curve(run: Path) -> list[tuple[int, float]]:
 def test_fine_tuning_reaches_the_target_dice_in_fewer_steps(pretrained: tuple[Path, Path], tmp_path: Path) -> None:
     run, data = pretrained
     schedule = ["--set", "train.epochs=8", "--set", "train.iters_per_epoch=2", "--set", "train.lr=0.003"]
-    assert main(["train", "--data", str(data), "--out", str(tmp_path / "ft"), *TINY, *schedule, "--init-from", str(run)]) == 0
+    assert (
+        main(["train", "--data", str(data), "--out", str(tmp_path / "ft"), *TINY, *schedule, "--init-from", str(run)])
+        == 0
+    )
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "scratch"), *TINY, *schedule]) == 0
     ft, scratch = _dice_curve(tmp_path / "ft"), _dice_curve(tmp_path / "scratch")
 
@@ -102,7 +134,27 @@ def test_fine_tuning_reaches_the_target_dice_in_fewer_steps(pretrained: tuple[Pa
 def test_frozen_encoder_keeps_the_loaded_weights(pretrained: tuple[Path, Path], tmp_path: Path) -> None:
     run, data = pretrained
     out = tmp_path / "frozen"
-    assert main(["train", "--data", str(data), "--out", str(out), *TINY, "--set", "train.epochs=1", "--set", "train.iters_per_epoch=2", "--init-from", str(run), "--freeze-encoder-steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                *TINY,
+                "--set",
+                "train.epochs=1",
+                "--set",
+                "train.iters_per_epoch=2",
+                "--init-from",
+                str(run),
+                "--freeze-encoder-steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     source = load_init_source(run).weights
     final = load_checkpoint(out / "checkpoints" / "final.json")["model"]
     encoder = [k for k in final if k.startswith("encoder.")]
@@ -111,20 +163,52 @@ def test_frozen_encoder_keeps_the_loaded_weights(pretrained: tuple[Path, Path], 
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["freeze_encoder_steps"] == 2
 
 
-def test_other_architecture_is_refused_with_the_shapes_and_nothing_written(pretrained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_other_architecture_is_refused_with_the_shapes_and_nothing_written(
+    pretrained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run, data = pretrained
     out = tmp_path / "wide"
-    assert main(["train", "--data", str(data), "--out", str(out), *TINY, "--set", "model.features=[8,16]", "--init-from", str(run)]) == 4
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                *TINY,
+                "--set",
+                "model.features=[8,16]",
+                "--init-from",
+                str(run),
+            ]
+        )
+        == 4
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "another architecture" in err[0] and "encoder.0.0.conv.weight: source (4, 1, 3, 3, 3), target (8, 1, 3, 3, 3)" in err[0]
+    assert (
+        len(err) == 1
+        and "another architecture" in err[0]
+        and "encoder.0.0.conv.weight: source (4, 1, 3, 3, 3), target (8, 1, 3, 3, 3)" in err[0]
+    )
     assert not out.exists()
 
 
 def test_first_conv_is_reinitialised_for_another_channel_count(pretrained: tuple[Path, Path]) -> None:
     run, _ = pretrained
     source = load_init_source(run)
-    net = build_model(build(UNet3DConfig, {"features": [4, 8]}, "model"), 2, 2, source.plan["network"]["strides"], source.plan["network"]["kernel_sizes"])
+    net = build_model(
+        build(UNet3DConfig, {"features": [4, 8]}, "model"),
+        2,
+        2,
+        source.plan["network"]["strides"],
+        source.plan["network"]["kernel_sizes"],
+    )
     load, rows = match_weights(net, source)
     actions = {r["layer"]: r.get("reason", r["action"]) for r in rows}
-    assert actions["encoder.0.0.conv.weight"] == "input channels 1 -> 2" and actions["heads.0.weight"] == "classes 3 -> 2"
-    assert "encoder.0.0.conv.weight" not in load and torch.equal(load["encoder.0.1.conv.weight"], source.weights["encoder.0.1.conv.weight"])
+    assert (
+        actions["encoder.0.0.conv.weight"] == "input channels 1 -> 2" and actions["heads.0.weight"] == "classes 3 -> 2"
+    )
+    assert "encoder.0.0.conv.weight" not in load and torch.equal(
+        load["encoder.0.1.conv.weight"], source.weights["encoder.0.1.conv.weight"]
+    )

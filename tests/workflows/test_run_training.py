@@ -19,10 +19,29 @@ from medgn.checkpoint import load_checkpoint, read_pointer
 from medgn.cli import main
 
 TINY = [
-    "--set", "model.features=[4,8]", "--set", "plan.patch_size=[16,16,16]", "--set", "plan.n_folds=2",
-    "--set", "data.num_workers=0", "--set", "train.amp=off", "--set", "train.optimizer=adamw",
-    "--set", "train.lr=0.01", "--set", "train.val_every=1", "--set", "train.log_every=1",
-    "--set", "train.checkpoint_every_minutes=0", "--no-progress", "--device", "cpu",
+    "--set",
+    "model.features=[4,8]",
+    "--set",
+    "plan.patch_size=[16,16,16]",
+    "--set",
+    "plan.n_folds=2",
+    "--set",
+    "data.num_workers=0",
+    "--set",
+    "train.amp=off",
+    "--set",
+    "train.optimizer=adamw",
+    "--set",
+    "train.lr=0.01",
+    "--set",
+    "train.val_every=1",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.checkpoint_every_minutes=0",
+    "--no-progress",
+    "--device",
+    "cpu",
 ]
 
 
@@ -36,7 +55,7 @@ def make_dataset(root: Path, n: int = 4, size: int = 20) -> Path:
         rng = np.random.default_rng(i)
         label = np.zeros((size, size, size), np.uint8)
         a = 3 + i % 4
-        label[a : a + 9, 4 : 13, a : a + 8] = 1
+        label[a : a + 9, 4:13, a : a + 8] = 1
         image = (label * 100 + 50 + rng.normal(0, 10, label.shape)).astype(np.float32)
         for folder, arr in (("imagesTr", image), ("labelsTr", label)):
             img = nib.Nifti1Image(arr, affine)
@@ -44,10 +63,18 @@ def make_dataset(root: Path, n: int = 4, size: int = 20) -> Path:
             img.header.set_sform(affine, code=1)
             nib.save(img, root / folder / f"c{i}.nii.gz")
         training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
-    (root / "dataset.json").write_text(json.dumps({
-        "name": "tiny", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "cube"},
-        "numTraining": n, "training": training, "test": [],
-    }))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "tiny",
+                "modality": {"0": "MRI"},
+                "labels": {"0": "background", "1": "cube"},
+                "numTraining": n,
+                "training": training,
+                "test": [],
+            }
+        )
+    )
     return root
 
 
@@ -59,13 +86,36 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run"
-    code = main(["train", "--data", str(dataset), "--out", str(out), *TINY, "--set", "train.epochs=3", "--set", "train.iters_per_epoch=6"])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(dataset),
+            "--out",
+            str(out),
+            *TINY,
+            "--set",
+            "train.epochs=3",
+            "--set",
+            "train.iters_per_epoch=6",
+        ]
+    )
     assert code == 0
     return out
 
 
 def test_run_folder_has_every_output(trained: Path) -> None:
-    for name in ("config.yaml", "plan.json", "dataset_plan.json", "splits.json", "metrics.jsonl", "progress.png", "medgn.log", "train_summary.json", "postprocessing.json"):
+    for name in (
+        "config.yaml",
+        "plan.json",
+        "dataset_plan.json",
+        "splits.json",
+        "metrics.jsonl",
+        "progress.png",
+        "medgn.log",
+        "train_summary.json",
+        "postprocessing.json",
+    ):
         assert (trained / name).is_file(), name
     # Post-processing decided from the fold's held-out cases, with the Dice both ways recorded.
     decision = json.loads((trained / "postprocessing.json").read_text())
@@ -82,7 +132,9 @@ def test_run_folder_has_every_output(trained: Path) -> None:
 
 
 def test_loss_goes_down_and_validation_is_recorded(trained: Path) -> None:
-    epochs = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in line]
+    epochs = [
+        json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in line
+    ]
     assert len(epochs) == 3
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     assert all(len(e["val_dice"]) == 1 for e in epochs)
@@ -93,7 +145,9 @@ def test_resolved_config_records_overrides(trained: Path) -> None:
     assert "optimizer: adamw" in text and "patch_size: [16, 16, 16]" in text
 
 
-def test_existing_run_needs_resume_and_missing_run_cannot_resume(trained: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_existing_run_needs_resume_and_missing_run_cannot_resume(
+    trained: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["train", "--data", str(dataset), "--out", str(trained), *TINY]) == 2
     assert "already has checkpoints" in capsys.readouterr().err
     assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "new"), "--resume", *TINY]) == 2
@@ -101,13 +155,17 @@ def test_existing_run_needs_resume_and_missing_run_cannot_resume(trained: Path, 
 
 
 def test_config_typo_names_the_key(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--set", "train.learning_rate=0.1"]) == 2
+    assert (
+        main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--set", "train.learning_rate=0.1"]) == 2
+    )
     err = capsys.readouterr().err
     assert "train.learning_rate: unknown key" in err and "lr" in err
     assert not (tmp_path / "r").exists()
 
 
-def test_bad_dataset_fails_verification_before_training(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_dataset_fails_verification_before_training(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = make_dataset(tmp_path / "bad", n=2)
     (bad / "labelsTr" / "c1.nii.gz").write_bytes(b"not a nifti")
     out = tmp_path / "r"
@@ -130,9 +188,28 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _train_cmd(dataset: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-c", DRIVER, "train", "--data", str(dataset), "--out", str(out), *TINY,
-            "--set", "train.epochs=2", "--set", "train.iters_per_epoch=5", "--set", "train.checkpoint_every_steps=2",
-            "--set", "train.deterministic=true", "--set", "train.val_every=0", *extra]
+    return [
+        sys.executable,
+        "-c",
+        DRIVER,
+        "train",
+        "--data",
+        str(dataset),
+        "--out",
+        str(out),
+        *TINY,
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "train.iters_per_epoch=5",
+        "--set",
+        "train.checkpoint_every_steps=2",
+        "--set",
+        "train.deterministic=true",
+        "--set",
+        "train.val_every=0",
+        *extra,
+    ]
 
 
 def _state(run: Path) -> dict:
@@ -180,13 +257,42 @@ def test_short_cpu_run_on_four_la2018_cases(shared_data: Path, tmp_path: Path) -
             (subset / folder / name).symlink_to(la / folder / name)
     (subset / "dataset.json").write_text(json.dumps({**desc, "training": cases, "numTraining": 4, "test": []}))
     out = tmp_path / "run"
-    args = ["train", "--data", str(subset), "--out", str(out), "--no-progress", "--device", "cpu",
-            "--set", "model.features=[8,16,32]", "--set", "plan.target_spacing=[2.5,2.5,2.5]",
-            "--set", "plan.patch_size=[32,32,16]", "--set", "plan.n_folds=2", "--set", "data.num_workers=0",
-            "--set", "train.optimizer=adamw", "--set", "train.lr=0.003", "--set", "train.epochs=3",
-            "--set", "train.iters_per_epoch=8", "--set", "train.val_every=3", "--set", "train.amp=off"]
+    args = [
+        "train",
+        "--data",
+        str(subset),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--set",
+        "model.features=[8,16,32]",
+        "--set",
+        "plan.target_spacing=[2.5,2.5,2.5]",
+        "--set",
+        "plan.patch_size=[32,32,16]",
+        "--set",
+        "plan.n_folds=2",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "train.optimizer=adamw",
+        "--set",
+        "train.lr=0.003",
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "train.iters_per_epoch=8",
+        "--set",
+        "train.val_every=3",
+        "--set",
+        "train.amp=off",
+    ]
     assert main(args) == 0
-    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in line]
+    epochs = [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in line
+    ]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     assert (out / "progress.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
@@ -196,4 +302,8 @@ def test_short_cpu_run_on_four_la2018_cases(shared_data: Path, tmp_path: Path) -
     out_all = tmp_path / "run_all"
     assert main([*args[:4], str(out_all), *args[5:], "--fold", "all", "--set", "train.epochs=1"]) == 0
     decision = json.loads((out_all / "postprocessing.json").read_text())
-    assert decision == {"lcc": {"1": True}, "source": "reference topology", "evidence": {"1": {"one_piece": 4, "cases": 4}}}
+    assert decision == {
+        "lcc": {"1": True},
+        "source": "reference topology",
+        "evidence": {"1": {"one_piece": 4, "cases": 4}},
+    }

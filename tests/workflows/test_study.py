@@ -15,17 +15,49 @@ from medgn.cli import main
 def test_norm_study_two_norms_two_batch_sizes(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", n=4, size=16)
     out = tmp_path / "study"
-    code = main([
-        "study", "norms", "--data", str(data), "--out", str(out), "--norms", "batch,group",
-        "--batch-sizes", "1,2", "--iterations", "4", "--device", "cpu", "--lr-scaling", "linear",
-        "--set", "model.features=[4,8]", "--set", "plan.patch_size=[16,16,16]", "--set", "plan.n_folds=2",
-        "--set", "data.num_workers=0", "--set", "train.amp=off", "--set", "train.optimizer=adamw",
-        "--set", "train.checkpoint_every_minutes=0",
-    ])
+    code = main(
+        [
+            "study",
+            "norms",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--norms",
+            "batch,group",
+            "--batch-sizes",
+            "1,2",
+            "--iterations",
+            "4",
+            "--device",
+            "cpu",
+            "--lr-scaling",
+            "linear",
+            "--set",
+            "model.features=[4,8]",
+            "--set",
+            "plan.patch_size=[16,16,16]",
+            "--set",
+            "plan.n_folds=2",
+            "--set",
+            "data.num_workers=0",
+            "--set",
+            "train.amp=off",
+            "--set",
+            "train.optimizer=adamw",
+            "--set",
+            "train.checkpoint_every_minutes=0",
+        ]
+    )
     assert code == 0
     with open(out / "study.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [(r["norm"], r["batch_size"]) for r in rows] == [("batch", "1"), ("batch", "2"), ("group", "1"), ("group", "2")]
+    assert [(r["norm"], r["batch_size"]) for r in rows] == [
+        ("batch", "1"),
+        ("batch", "2"),
+        ("group", "1"),
+        ("group", "2"),
+    ]
     assert {r["seed"] for r in rows} == {"0"}  # the config's seed when --seeds is not given
     # Same samples seen by every run: 4 steps at batch 1, 2 steps at batch 2.
     assert [r["iterations"] for r in rows] == ["4", "2", "4", "2"]

@@ -42,7 +42,9 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> tuple[Counter, list[Counter]]:
     return counts, at_first_step
 
 
-def test_at_most_two_reads_per_volume_before_the_first_step(tmp_path: Path, reads: tuple[Counter, list[Counter]]) -> None:
+def test_at_most_two_reads_per_volume_before_the_first_step(
+    tmp_path: Path, reads: tuple[Counter, list[Counter]]
+) -> None:
     data = make_dataset(tmp_path / "tiny")
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), *ONE_STEP]) == 0
     (snapshot,) = reads[1]
@@ -53,7 +55,9 @@ def test_at_most_two_reads_per_volume_before_the_first_step(tmp_path: Path, read
     assert plan["fingerprint"]["num_cases"] == 4 and plan["schema_version"] == 1
 
 
-def test_resume_does_not_verify_again_unless_asked(tmp_path: Path, reads: tuple[Counter, list[Counter]], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_does_not_verify_again_unless_asked(
+    tmp_path: Path, reads: tuple[Counter, list[Counter]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = make_dataset(tmp_path / "tiny")
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), "--out", str(out), *ONE_STEP]) == 0
@@ -84,7 +88,23 @@ def test_training_uses_the_folds_medgn_plan_wrote(tmp_path: Path) -> None:
     planned = json.loads((plans / "splits.json").read_text())
     assert len(planned) == 4  # the run config says plan.n_folds=2: the plan's folds win
     out = tmp_path / "run"
-    assert main(["train", "--data", str(data), "--out", str(out), "--plan", str(plans / "plan.json"), "--fold", "3", *ONE_STEP]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--plan",
+                str(plans / "plan.json"),
+                "--fold",
+                "3",
+                *ONE_STEP,
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "splits.json").read_text()) == planned
     log = (out / "medgn.log").read_text()
     assert "fold 3: 3 training and 1 validation cases" in log
@@ -97,7 +117,23 @@ def test_train_deep_supervision_switches_the_heads_off(tmp_path: Path) -> None:
     runs = {}
     for flag in ("true", "false"):
         out = tmp_path / f"run_{flag}"
-        assert main(["train", "--data", str(data), "--out", str(out), *ONE_STEP, "--set", "model.deep_supervision=true", "--set", f"train.deep_supervision={flag}"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(out),
+                    *ONE_STEP,
+                    "--set",
+                    "model.deep_supervision=true",
+                    "--set",
+                    f"train.deep_supervision={flag}",
+                ]
+            )
+            == 0
+        )
         state = torch.load(next((out / "checkpoints").glob("*.pt")), weights_only=True)
         runs[flag] = state["config"]["model"]["deep_supervision"]
     # The network was built (and is rebuilt for inference) from this config: heads on only when both say so.
