@@ -41,8 +41,8 @@ def test_cpu_smoke_rows_follow_the_schema(tmp_path: Path) -> None:
         else:
             assert r["moved_volumes"] is None and r["speedup_vs_eager"] is None
     medgn = {(r["layout"], r["pass"]): r for r in rows if r["provider"] == "medgn"}
-    # G from the group rule (16 channels -> 1 group) and G = gcd(16, 32) = 16.
-    assert medgn["contiguous", "fwd"]["groups"] == 1 and medgn["channels_last", "fwd"]["groups"] == 16
+    # G from the group rule (16 channels -> min(32, 16) = 16 groups) and G = gcd(16, 32) = 16.
+    assert medgn["contiguous", "fwd"]["groups"] == 16 and medgn["channels_last", "fwd"]["groups"] == 16
     # Fused paths: 2 / 3 volumes without a residual; with one (and leaky_relu) 3 / 5.
     assert [medgn["contiguous", p]["moved_volumes"] for p in ("fwd", "bwd", "fwd+bwd")] == [2, 3, 5]
     assert [medgn["channels_last", p]["moved_volumes"] for p in ("fwd", "bwd", "fwd+bwd")] == [

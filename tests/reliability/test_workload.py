@@ -163,7 +163,9 @@ def test_the_pipeline_checks_before_resampling(tmp_path: Path) -> None:
 
     scan = write_nifti(tmp_path / "a.nii.gz", image_array(), _diag(30.0))
     label = write_nifti(tmp_path / "l.nii.gz", label_array(), _diag(30.0))
-    transform = val_transforms(tiny_plan(), Limits(max_resampled_voxels=1_000_000))
+    from medgn.planning.plan import Plan
+
+    transform = val_transforms(Plan.from_dict(tiny_plan()), Limits(max_resampled_voxels=1_000_000))
     with pytest.raises(MedgnError) as info:
         transform({"image": [str(scan)], "label": str(label)})
     assert info.value.code == 5 and str(scan) in str(info.value)
