@@ -46,7 +46,7 @@ from medgn.infer.outputs import (
 from medgn.infer.postprocess import PostProcessing
 from medgn.infer.predictor import Predictor, load_predictor
 from medgn.infer.settings import InferSettings
-from medgn.infer.sliding_window import WindowSettings
+from medgn.infer.sliding_window import WindowSettings, resolve_precision
 from medgn.logs import get_logger
 from medgn.planning.plan import Plan
 
@@ -109,7 +109,7 @@ def _settings(
         sw_batch_size=int(sw_batch_size),
         tta=bool(tta),
         mirror_axes=tuple(int(a) for a in mirror_axes),
-        precision=precision,
+        precision=resolve_precision(predictor.device, precision),  # recorded as computed
     )  # type: ignore[arg-type]
 
 

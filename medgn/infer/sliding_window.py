@@ -86,6 +86,18 @@ def mirror_flips(settings: WindowSettings) -> list[tuple[int, ...]]:
     return [combo for r in range(len(dims) + 1) for combo in itertools.combinations(dims, r)]
 
 
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """What ``precision`` means on ``device``: "bf16", "fp32", or "auto" for fp16 on a GPU without bf16.
+
+    Recorded in sidecars, so a mask says which arithmetic made it.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "auto"
+    return "bf16" if device.type == "cpu" and cpu_bf16_supported() else "fp32"
+
+
 def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager[None]:
     """The autocast context a forward pass runs in on ``device`` for ``precision`` (see WindowSettings)."""
     if precision == "fp32":

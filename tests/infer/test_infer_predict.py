@@ -219,3 +219,14 @@ def test_bf16_precision_on_cpu_stays_close_to_fp32() -> None:
     assert (fp32.argmax(0) == bf16.argmax(0)).float().mean() > 0.97
     with pytest.raises(UsageError, match="precision"):
         WindowSettings(roi_size=(16, 16, 16), precision="fp16")
+
+
+def test_auto_precision_is_recorded_as_what_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medgn.infer.sliding_window import resolve_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("MEDGN_CPU_BF16", "1")
+    assert resolve_precision(cpu, "auto") == "bf16"
+    monkeypatch.setenv("MEDGN_CPU_BF16", "0")
+    assert resolve_precision(cpu, "auto") == "fp32"
+    assert resolve_precision(cpu, "bf16") == "bf16" and resolve_precision(cpu, "fp32") == "fp32"
