@@ -20,7 +20,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PostProcessing", "apply", "decide", "largest_component", "lcc_evidence", "topology_evidence"]
+__all__ = [
+    "PostProcessing",
+    "apply",
+    "decide",
+    "decide_from_topology",
+    "largest_component",
+    "lcc_evidence",
+    "pooled",
+    "topology_evidence",
+]
 
 FILE = "postprocessing.json"
 # A reference class counts as one piece when its largest 26-connected component holds this share of
@@ -113,17 +122,23 @@ class PostProcessing:
         )
 
 
+def _from_means(means: Mapping[int, tuple[float, float, int]]) -> PostProcessing:
+    """The decision from per-class (mean Dice raw, mean Dice filtered, cases): on when it helps."""
+    lcc = {k: filtered > raw + MIN_GAIN for k, (raw, filtered, _) in means.items()}
+    evidence = {
+        str(k): {"dice": round(raw, 5), "dice_largest_component": round(filtered, 5), "cases": n}
+        for k, (raw, filtered, n) in means.items()
+    }
+    return PostProcessing(lcc, "cross-validation", evidence)
+
+
 def decide(per_case: Sequence[Mapping[int, tuple[float, float]]]) -> PostProcessing:
     """Choose the filter per class from held-out cases: on when it raises the mean Dice."""
-    classes = sorted({k for case in per_case for k in case})
-    lcc, evidence = {}, {}
-    for k in classes:
+    means = {}
+    for k in sorted({k for case in per_case for k in case}):
         pairs = [case[k] for case in per_case if k in case]
-        raw = float(np.mean([p[0] for p in pairs]))
-        filtered = float(np.mean([p[1] for p in pairs]))
-        lcc[k] = filtered > raw + MIN_GAIN
-        evidence[str(k)] = {"dice": round(raw, 5), "dice_largest_component": round(filtered, 5), "cases": len(pairs)}
-    return PostProcessing(lcc, "cross-validation", evidence)
+        means[k] = (float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs])), len(pairs))
+    return _from_means(means)
 
 
 def decide_from_topology(per_case: Sequence[Mapping[int, bool]]) -> PostProcessing:
@@ -141,16 +156,14 @@ def pooled(decisions: Sequence[PostProcessing]) -> PostProcessing:
     if not decisions:
         return PostProcessing()
     if all(d.source == "cross-validation" for d in decisions):
-        classes = sorted({k for d in decisions for k in d.lcc})
-        lcc, evidence = {}, {}
-        for k in classes:
+        means = {}
+        for k in sorted({k for d in decisions for k in d.lcc}):
             rows = [d.evidence[str(k)] for d in decisions if str(k) in d.evidence]
             n = sum(int(r["cases"]) for r in rows)
             raw = sum(r["dice"] * r["cases"] for r in rows) / max(n, 1)
             filtered = sum(r["dice_largest_component"] * r["cases"] for r in rows) / max(n, 1)
-            lcc[k] = filtered > raw + MIN_GAIN
-            evidence[str(k)] = {"dice": round(raw, 5), "dice_largest_component": round(filtered, 5), "cases": n}
-        return PostProcessing(lcc, "cross-validation", evidence)
+            means[k] = (raw, filtered, n)
+        return _from_means(means)
     classes = sorted({k for d in decisions for k in d.lcc})
     return PostProcessing(
         {k: all(d.lcc.get(k, False) for d in decisions) for k in classes},
