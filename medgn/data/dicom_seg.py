@@ -7,7 +7,9 @@ built with highdicom, frames on the source slices, written atomically and re-rea
 every frame lies on the slice it references before it is published) and :func:`read_seg_on_grid`
 (pydicom only: every frame's pixels are mapped through its own position and orientation into the
 voxels of a reference grid, so evaluation needs neither highdicom nor torch). Segment number ``n``
-is class index ``n``; with the consecutive label values medgn datasets declare, that is label ``n``.
+is class index ``n`` (DICOM numbers segments 1, 2, ...); each segment's Tracking ID records the raw
+label value it stands for (``label value 7``), so a dataset with label values 0, 1, 7 reads back as
+0, 1, 7. A SEG from elsewhere, without such Tracking IDs, reads back as segment numbers.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["REQUIRED_TAGS", "SEG_SUFFIX", "read_seg_on_grid", "seg_sources", "write_dicom_seg"]
 
 SEG_SUFFIX = ".seg.dcm"
+# Tracking ID of a segment medgn writes: the raw label value the segment stands for.
+_TRACKING_PREFIX = "label value "
 # What a SEG copies (patient/study), references (series/instance/class) or needs for its frame
 # geometry; a series without one of these cannot be referenced correctly.
 REQUIRED_TAGS = (
@@ -108,6 +112,8 @@ def _descriptions(label_values: Sequence[int], label_names: Mapping[int, str]) -
             segmented_property_type=codes.SCT.Tissue,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
+            tracking_id=f"{_TRACKING_PREFIX}{int(v)}",
+            tracking_uid=hd.UID(),
         )
         for i, v in enumerate(label_values)
         if i > 0
@@ -170,8 +176,7 @@ def write_dicom_seg(
     with atomic_path(out_path, overwrite=overwrite) as tmp:
         seg.save_as(tmp)
         check = read_seg_on_grid(tmp, reference.shape, reference.affine, expected_sources=sources)
-        written = np.asarray(values[check], dtype=np.int64) if check.size else check
-        if not np.array_equal(written, np.asarray(mask, dtype=np.int64)):
+        if not np.array_equal(check.astype(np.int64), np.asarray(mask, dtype=np.int64)):
             raise InputDataError(
                 out_path,
                 "DICOM-SEG read back differs from the mask, nothing written",
@@ -211,7 +216,8 @@ def read_seg_on_grid(
 
     Every frame's pixel centres are mapped through the frame's own position and orientation into
     the reference grid (RAS affine); each must land on a voxel centre. Segment number n becomes
-    value n; overlapping segments keep the higher number.
+    the label value its Tracking ID records (medgn's SEGs), else value n; where segments overlap the
+    higher value wins.
 
     Args:
         path: the SEG file.
@@ -239,6 +245,7 @@ def read_seg_on_grid(
             expected="Modality SEG, SegmentationType BINARY",
         )
     pixels = pixels.reshape(-1, int(ds.Rows), int(ds.Columns))  # (frames, rows, cols)
+    values = _segment_values(ds)
     inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))
     out = np.zeros(tuple(int(s) for s in shape), dtype=np.int32)
     rr, cc = np.meshgrid(np.arange(pixels.shape[1]), np.arange(pixels.shape[2]), indexing="ij")
@@ -269,5 +276,22 @@ def read_seg_on_grid(
                 )
         on = pixels[i] > 0
         target = out[idx[..., 0][on], idx[..., 1][on], idx[..., 2][on]]
-        out[idx[..., 0][on], idx[..., 1][on], idx[..., 2][on]] = np.maximum(target, segment)
+        out[idx[..., 0][on], idx[..., 1][on], idx[..., 2][on]] = np.maximum(target, values.get(segment, segment))
     return out
+
+
+def _segment_values(ds: Any) -> dict[int, int]:
+    """Segment number -> label value, from the Tracking IDs medgn writes (others keep their number)."""
+    values: dict[int, int] = {}
+    for item in getattr(ds, "SegmentSequence", None) or []:
+        tracking = str(getattr(item, "TrackingID", "") or "")
+        number = getattr(item, "SegmentNumber", None)
+        if number is None or not tracking.startswith(_TRACKING_PREFIX):
+            continue
+        try:
+            value = int(tracking[len(_TRACKING_PREFIX) :])
+        except ValueError:
+            continue
+        if 0 < value <= np.iinfo(np.int32).max:
+            values[int(number)] = value
+    return values

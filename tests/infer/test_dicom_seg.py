@@ -265,3 +265,36 @@ def test_dicom_seg_for_a_nifti_input_is_a_usage_error(tmp_path: Path, capsys: py
     )
     assert "a DICOM-SEG needs a DICOM series input" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_non_consecutive_label_values_read_back_as_themselves(tmp_path: Path) -> None:
+    """Segments are numbered 1, 2, ...; the Tracking ID carries the label value (0, 1, 7 -> 1, 7)."""
+    from medgn.data.dicom_seg import read_seg_on_grid, seg_sources, write_dicom_seg
+    from medgn.data.io import read_volume
+
+    series, _ = write_series(tmp_path / "in" / "scan", volume(), "oblique")
+    reference = read_volume(series)
+    mask = np.zeros(reference.shape, dtype=np.int64)
+    inside = blob()
+    mask[inside] = 7
+    low_y = np.zeros_like(inside)
+    low_y[:, :5] = True
+    mask[inside & low_y] = 1  # both values present
+    assert set(np.unique(mask).tolist()) == {0, 1, 7}
+    out = write_dicom_seg(
+        mask, reference, seg_sources(reference), [0, 1, 7], {1: "vessel", 7: "tumour"}, tmp_path / "scan.seg.dcm"
+    )
+    ds = pydicom.dcmread(out)
+    assert [int(s.SegmentNumber) for s in ds.SegmentSequence] == [1, 2]
+    assert [str(s.TrackingID) for s in ds.SegmentSequence] == ["label value 1", "label value 7"]
+    assert [str(s.SegmentLabel) for s in ds.SegmentSequence] == ["vessel", "tumour"]
+    back = read_seg_on_grid(out, reference.shape, reference.affine)
+    assert set(np.unique(back).tolist()) == {0, 1, 7}
+    np.testing.assert_array_equal(back, mask)
+    # A SEG from elsewhere (no medgn Tracking IDs) reads back as its segment numbers.
+    for item in ds.SegmentSequence:
+        del item.TrackingID
+        del item.TrackingUID
+    ds.save_as(tmp_path / "foreign.seg.dcm")
+    foreign = read_seg_on_grid(tmp_path / "foreign.seg.dcm", reference.shape, reference.affine)
+    np.testing.assert_array_equal(foreign, np.where(mask == 7, 2, mask))
