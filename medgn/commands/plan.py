@@ -10,7 +10,7 @@ import numpy as np
 
 from medgn.data.datasets import load_dataset
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
-from medgn.data.workload import check_workload
+from medgn.data.workload import VALIDATION_OVERLAP, check_workload
 from medgn.errors import UsageError
 from medgn.files import is_inside
 from medgn.planning.fingerprint import compute_fingerprint
@@ -41,6 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_LIMITS.max_resampled_voxels,
         help="largest volume once resampled to the planned spacing (voxels)",
     )
+    parser.add_argument(
+        "--max-windows",
+        type=int,
+        default=DEFAULT_LIMITS.max_windows,
+        help="most sliding windows of the planned patch over one resampled volume",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing plan")
     parser.set_defaults(func=run)
 
@@ -59,23 +65,33 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise UsageError(out, "output exists", expected="a new path, or pass --overwrite")
     index = load_dataset(dataset)
-    if args.max_voxels < 1 or args.max_resampled_voxels < 1:
+    if args.max_voxels < 1 or args.max_resampled_voxels < 1 or args.max_windows < 1:
         raise UsageError(
-            "--max-voxels/--max-resampled-voxels",
+            "--max-voxels/--max-resampled-voxels/--max-windows",
             "must be positive",
-            got=f"{args.max_voxels}/{args.max_resampled_voxels}",
+            got=f"{args.max_voxels}/{args.max_resampled_voxels}/{args.max_windows}",
         )
     limits = Limits(
         max_voxels=args.max_voxels,
         max_bytes=max(DEFAULT_LIMITS.max_bytes, args.max_voxels * 8),
         max_dim=DEFAULT_LIMITS.max_dim,
         max_resampled_voxels=args.max_resampled_voxels,
+        max_windows=args.max_windows,
     )
     print(f"{index.name}: fingerprinting {len(index.cases)} cases")
     fingerprint = compute_fingerprint(index, limits, seed=args.seed)
     plan = make_plan(index, fingerprint, gpu_memory_gb=args.gpu_memory)
     for case, entry in zip(index.cases, fingerprint["cases"]):  # spacing and shape in RAS axes
-        check_workload(case.images[0], entry["shape"], np.diag([*entry["spacing"], 1.0]), plan.target_spacing, limits)
+        # The windows of the planned patch at the validator's overlap: what training will predict.
+        check_workload(
+            case.images[0],
+            entry["shape"],
+            np.diag([*entry["spacing"], 1.0]),
+            plan.target_spacing,
+            limits,
+            roi=plan.patch_size,
+            overlap=VALIDATION_OVERLAP,
+        )
     plan.save(out, overwrite=args.overwrite)
     splits = (
         load_or_create_splits(

@@ -23,11 +23,20 @@ import numpy as np
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
 from medgn.errors import ResourceError
 
-__all__ = ["CheckWorkloadd", "check_dataset_workload", "check_workload", "count_windows", "resampled_shape"]
+__all__ = [
+    "VALIDATION_OVERLAP",
+    "CheckWorkloadd",
+    "check_dataset_workload",
+    "check_workload",
+    "count_windows",
+    "resampled_shape",
+]
 
 # Relative tolerance before rounding a resampled size up: float spacings like 1.5 / 0.5 give
 # 2.9999999 or 3.0000001; neither should add a voxel.
 _ROUND_TOL = 1e-6
+# Sliding-window overlap of training's validation (medgn.train.validation): plan and train count its windows.
+VALIDATION_OVERLAP = 0.25
 
 
 def _ras_order(affine: np.ndarray) -> np.ndarray:

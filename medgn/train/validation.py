@@ -17,6 +17,7 @@ from torch import nn
 from medgn.data.config import DataConfig
 from medgn.data.datasets import Case
 from medgn.data.pipeline import make_val_data
+from medgn.data.workload import VALIDATION_OVERLAP
 from medgn.infer.sliding_window import WindowSettings, predict_probabilities
 from medgn.planning.plan import Plan
 
@@ -31,7 +32,7 @@ def make_validator(
     cfg: DataConfig,
     device: str | torch.device,
     *,
-    overlap: float = 0.25,
+    overlap: float = VALIDATION_OVERLAP,
     on_case: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> Callable[[nn.Module], list[float]]:
     """Validation callable: Dice per foreground class over ``cases`` (sliding window, no TTA).

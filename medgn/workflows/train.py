@@ -30,7 +30,7 @@ from medgn.checkpoint import read_pointer
 from medgn.config import RunConfig, write_resolved_config
 from medgn.data.datasets import Case, load_dataset
 from medgn.data.verify import verify_dataset
-from medgn.data.workload import check_dataset_workload
+from medgn.data.workload import VALIDATION_OVERLAP, check_dataset_workload
 from medgn.environment import resolve_device
 from medgn.errors import InputDataError, UsageError
 from medgn.files import RunLock, atomic_write_json, clean_stale_temps, is_inside
@@ -231,7 +231,7 @@ def train_on_dataset(
         # Before any resampling: a case that would explode at the plan's spacing stops the run (exit 5).
         check_dataset_workload(train_cases, plan.target_spacing, cfg.data.limits)
         check_dataset_workload(
-            val_cases, plan.target_spacing, cfg.data.limits, roi=plan.patch_size, overlap=0.25
+            val_cases, plan.target_spacing, cfg.data.limits, roi=plan.patch_size, overlap=VALIDATION_OVERLAP
         )  # the validator's windows
         log.info(
             "fold %s: %d training and %d validation cases; patch %s at %s mm",

@@ -131,6 +131,10 @@ def test_verify_plan_and_train_refuse_it_too(tmp_path: Path, capsys: pytest.Capt
     assert_clean_failure(
         result, 5, [root / "imagesTr"], ["too large once resampled", "--max-resampled-voxels"], outputs=[out]
     )
+    # The windows of the planned patch over the coarse case are counted too (--max-windows).
+    result = cli(["plan", root, "--out", out, "--max-windows", "1"], capsys)
+    assert_clean_failure(result, 5, [root / "imagesTr"], ["too many sliding windows", "--max-windows"], outputs=[out])
+    assert cli(["plan", root, "--out", out], capsys).code == 0 and out.is_file()
     result = run_medgn(
         [
             "train",
