@@ -173,8 +173,12 @@ class TimeBudgetHook(HookBase):
         steps left = (budget - elapsed - reserve) / (s + v / (val_every * iters_per_epoch))
 
     with ``s`` the measured seconds per step and ``v`` the seconds of one validation. ``v`` is
-    unknown until the first validation: the total is fixed again, once, right after it. The reserve
-    is :attr:`RESERVE_FRACTION` of the budget plus one validation (the final one). The total goes
+    unknown until the first validation: the total is fixed again, once, right after it, with ``s``
+    measured over every step since the probe. A run without validation (``--fold all``) fixes it
+    again once :attr:`REFINE_FRACTION` of the planned steps have run, from the rate over all of them
+    (the first steps run slower or faster than the steady state: caches filling, the allocator
+    growing, checkpoint writes). The reserve is :attr:`RESERVE_FRACTION` of the budget plus one
+    validation (the final one). The total goes
     into the trainer's counters, so checkpoints carry it and a resumed run follows the same
     schedule bit for bit. Under DDP every rank takes rank 0's total.
     """
@@ -185,6 +189,9 @@ class TimeBudgetHook(HookBase):
     # Checkpoint writes and epoch-end bookkeeping outside the timed steps: ~1 % measured on the CPU
     # recipe; 2 % leaves room for a slower second half without overrunning the budget.
     RESERVE_FRACTION = 0.02
+    # Without validation, the total is fixed again after this fraction of the first plan's remaining
+    # steps: late enough for a steady rate, early enough that the schedule barely changes shape.
+    REFINE_FRACTION = 0.25
 
     def __init__(
         self,
@@ -206,7 +213,8 @@ class TimeBudgetHook(HookBase):
         self._probe_iter = 0
         self.step_s: float | None = None
         self.val_s = 0.0
-        self.phase = 0  # 0: not planned, 1: planned from the step rate, 2: re-planned with a validation
+        self._refine_at = 0
+        self.phase = 0  # 0: not planned, 1: planned from the step rate, 2: re-planned (once, final)
 
     def before_train(self, trainer: Trainer) -> None:
         if self._start is None:
@@ -216,7 +224,7 @@ class TimeBudgetHook(HookBase):
         now = self.clock()
         return now - (self._start if self._start is not None else now)
 
-    def _plan(self, trainer: Trainer, reason: str) -> None:
+    def _plan(self, trainer: Trainer, reason: str) -> int:
         assert self.step_s is not None
         per_step = self.step_s + (self.val_s / self.steps_per_validation if self.steps_per_validation else 0.0)
         left_s = self.budget_s * (1.0 - self.RESERVE_FRACTION) - self._elapsed() - self.val_s
@@ -225,6 +233,13 @@ class TimeBudgetHook(HookBase):
         trainer.plan_total_iters(
             total, f"{reason}: {self.step_s:.3f} s/step, {self.val_s:.1f} s/validation, {left_s / 60:.1f} min left"
         )
+        return total
+
+    def _rate_since_probe(self, now: float, iteration: int, excluded_s: float = 0.0) -> float | None:
+        """Seconds per step over every step since the probe began (None after a resume: not timed)."""
+        if self._probe_start is None or iteration <= self._probe_iter:
+            return None
+        return max(now - self._probe_start - excluded_s, 1e-9) / (iteration - self._probe_iter)
 
     def after_step(self, trainer: Trainer) -> None:
         it = trainer.state.iteration
@@ -234,7 +249,14 @@ class TimeBudgetHook(HookBase):
             elif self._probe_start is not None and it >= self._probe_iter + self.probe_steps:
                 self.step_s = (self.clock() - self._probe_start) / (it - self._probe_iter)
                 self.phase = 1
-                self._plan(trainer, f"time budget {self.budget_s / 60:g} min")
+                total = self._plan(trainer, f"time budget {self.budget_s / 60:g} min")
+                self._refine_at = it + max(self.probe_steps, int((total - it) * self.REFINE_FRACTION))
+        elif self.fit and self.phase == 1 and not self.steps_per_validation and it >= self._refine_at > 0:
+            rate = self._rate_since_probe(self.clock(), it)
+            self.phase = 2
+            if rate is not None:
+                self.step_s = rate
+                self._plan(trainer, f"step rate over {it - self._probe_iter} steps")
         if self.budget_s > 0 and self._elapsed() >= self.budget_s:
             trainer.request_stop(f"time budget of {self.budget_s / 60:g} min spent")
 
@@ -246,6 +268,9 @@ class TimeBudgetHook(HookBase):
         self.val_s = float(ddp.gather_objects(float(measured) if measured is not None else 0.0)[0])
         if self.phase == 1:  # planned before the first validation: plan again with its time
             self.phase = 2
+            rate = self._rate_since_probe(self.clock(), trainer.state.iteration, excluded_s=self.val_s)
+            if rate is not None:
+                self.step_s = rate
             self._plan(trainer, "first validation measured")
 
     def state_dict(self) -> dict[str, Any]:

@@ -263,6 +263,33 @@ def test_budget_schedule_ends_at_the_budget_and_resumes_bit_exact(tmp_path: Path
         assert torch.equal(tensor, resumed.module.state_dict()[name]), name
 
 
+class _SlowStart(HookBase):
+    """Steps take 2 s up to step 30, then 1 s: a start-up slower than the steady state."""
+
+    name = "slow_start"
+
+    def __init__(self, clock: _Clock) -> None:
+        self.clock = clock
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.clock.now += 2.0 if trainer.state.iteration <= 30 else 1.0
+
+
+def test_budget_schedule_is_refined_from_the_steady_step_rate(tmp_path: Path) -> None:
+    clock = _Clock(0.0)
+    cfg = _cfg(epochs=1000, iters_per_epoch=10, time_budget_minutes=2.0, schedule="cosine", budget_probe_steps=20)
+    budget = TimeBudgetHook(cfg, started_at=clock(), clock=clock)
+    trainer = _trainer(cfg, tmp_path, [_SlowStart(clock), budget])
+    trainer.train()
+    # Probe (steps 3..23, 2 s each): 23 + int((117.6 - 46) / 2) = 58 steps, which would end at 88 s.
+    # Refined at step 23 + max(20, int(35 * 0.25)) = 43 (t = 73 s) from (73 - 6) / 40 = 1.675 s/step:
+    # 43 + int((117.6 - 73) / 1.675) = 69 steps, ending at 99 s.
+    assert budget.phase == 2 and budget.step_s == pytest.approx(1.675)
+    assert trainer.state.planned_iters == 69 and trainer.state.iteration == 69
+    assert trainer.state.stop_reason == "finished" and clock.now - 1000.0 == pytest.approx(99.0)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_budget_schedule_counts_the_validation_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock(1.0)
     monkeypatch.setattr(time, "monotonic", clock)  # the validation hook times itself with it too
