@@ -43,7 +43,7 @@ INFERENCE_ORDER = ("best", "final", "latest")
 # Plain file names other tools (or older runs) leave in a checkpoints folder, in preference order.
 PLAIN_NAMES = ("best.pt", "final.pt", "last.pt", "latest.pt")
 
-log = get_logger("engine.checkpoint")
+log = get_logger(__name__)
 
 
 def check_data_only(obj: Any, key: str = "checkpoint") -> None:

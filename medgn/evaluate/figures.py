@@ -23,7 +23,7 @@ from medgn.logs import get_logger
 if TYPE_CHECKING:
     from medgn.evaluate.results import EvaluationResult
 
-log = get_logger("engine.evaluate")
+log = get_logger(__name__)
 
 # Views as (name, world axis normal to the plane); RAS world axes 0 = R, 1 = A, 2 = S.
 VIEWS: tuple[tuple[str, int], ...] = (("axial", 2), ("coronal", 1), ("sagittal", 0))

@@ -52,7 +52,7 @@ from medgn.planning.plan import Plan
 
 __all__ = ["InferSettings", "InferenceReport", "infer"]
 
-log = get_logger("engine.infer")
+log = get_logger(__name__)
 # The plan values a sidecar records: enough to tell which preprocessing produced the mask.
 SIDECAR_PLAN_KEYS = ("in_channels", "num_classes", "label_values", "target_spacing", "patch_size")
 ModelSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Predictor

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from medgn.logs import get_logger
 from medgn.train.trainer import HookBase, Trainer
 
-log = get_logger("engine.freeze")
+log = get_logger(__name__)
 
 
 class FreezeEncoderHook(HookBase):

@@ -27,7 +27,7 @@ from medgn.train.config import TrainConfig
 from medgn.train.rng import preserve_rng
 from medgn.train.trainer import HookBase, Trainer
 
-log = get_logger("engine.hooks")
+log = get_logger(__name__)
 
 # validate(model) -> Dice per foreground class; the model is in eval mode, gradients are off.
 Validator = Callable[[nn.Module], Sequence[float]]

@@ -34,7 +34,7 @@ from medgn.train.optim import build_optimizer, build_scheduler, resolve_amp
 from medgn.train.rng import capture_rng, restore_rng, seed_everything
 from medgn.train.sampler import BatchSource
 
-log = get_logger("engine.trainer")
+log = get_logger(__name__)
 
 
 class HookBase:

@@ -27,7 +27,7 @@ from medgn.files import atomic_write_json
 from medgn.logs import get_logger
 from medgn.workflows.train import TrainResult, train_on_dataset
 
-log = get_logger("engine.finetune")
+log = get_logger(__name__)
 
 INIT_REPORT = "init_report.json"
 FIRST_CONV = "encoder.0.0.conv.weight"  # (features[0], in_channels, k, k, k): channels on dim 1

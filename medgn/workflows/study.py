@@ -29,7 +29,7 @@ from medgn.logs import get_logger
 from medgn.models.config import UNet3DConfig
 from medgn.workflows.train import train_on_dataset
 
-log = get_logger("engine.study")
+log = get_logger(__name__)
 
 FIELDS = (
     "norm",

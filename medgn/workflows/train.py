@@ -47,7 +47,7 @@ from medgn.train.sampler import ResumableLoader, ResumableSampler
 from medgn.train.trainer import Trainer, TrainState
 from medgn.train.validation import make_validator
 
-log = get_logger("engine.run_training")
+log = get_logger(__name__)
 
 DATASET_PLAN = "dataset_plan.json"  # the plan of the dataset as `medgn plan` makes it
 RUN_PLAN = "plan.json"  # the plan this run trains with (after the config's overrides)
