@@ -14,25 +14,27 @@ class indices) is cacheable; random crops with foreground oversampling and augme
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import Compose
+from monai.transforms import Compose, MapTransform
 
 from medgn.data.config import DataConfig
 from medgn.data.datasets import Case
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
 from medgn.data.reader import LoadCased, MedgnReader, NormalizePland
-from medgn.data.workload import CheckWorkloadd
+from medgn.data.workload import check_workload
 from medgn.errors import InputDataError, MedgnError
 from medgn.files import json_sha256
 
 # Bump when the deterministic transforms change meaning: old caches are then never read.
-PIPELINE_VERSION = 1
+# 2: the on-disk cache holds volumes after resampling (version 1 cached them before the workload
+# check, without their affine, so a second epoch resampled them as if the voxels were 1 mm).
+PIPELINE_VERSION = 2
 # Input voxels resampled per slab in invert_to_input: bounds the float64 coordinate grid to
 # ~100 MB whatever the scan size.
 INVERT_SLAB_VOXELS = 4_000_000
@@ -55,6 +57,38 @@ def _nonzero(x: torch.Tensor) -> torch.Tensor:
     """
     mask = x != 0
     return mask if bool(mask.any()) else torch.ones_like(mask)
+
+
+class CheckWorkloadd(MapTransform):
+    """Pipeline step before ``Spacingd``: the image's resampled size within the limits.
+
+    A MONAI transform, so a persistent cache stores what follows the resampling, not the volume
+    before it (the cache keeps no affine: resampling a cached volume would assume 1 mm voxels).
+
+    Args:
+        key: the image key (a channel-first MetaTensor already reoriented and cropped).
+        target_spacing: the plan's spacing.
+        limits: ``max_resampled_voxels``.
+
+    Raises:
+        RuntimeError: the image carries no affine (resampling it would be wrong; a medgn bug).
+    """
+
+    def __init__(self, key: str, target_spacing: Sequence[float], limits: Limits = DEFAULT_LIMITS) -> None:
+        super().__init__([key])
+        self.key, self.target_spacing, self.limits = key, [float(s) for s in target_spacing], limits
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
+        image = data[self.key]
+        affine = getattr(image, "affine", None)
+        if affine is None:
+            raise RuntimeError(f"{self.key}: no affine before resampling (got {type(image).__name__})")
+        meta = getattr(image, "meta", None) or {}
+        path = meta.get("filename_or_obj", self.key)
+        check_workload(
+            path, tuple(image.shape[1:]), np.asarray(affine, dtype=np.float64), self.target_spacing, self.limits
+        )
+        return data
 
 
 class MedgnCompose(Compose):

@@ -7,15 +7,15 @@ becomes 533^3 = 151 M voxels. The header limits (:class:`~medgn.data.preflight.L
 in the pipeline's axes), :func:`count_windows` (sliding windows over that grid, as MONAI places
 them), :func:`check_workload` (code 5 naming the file, its spacing, the size it would become and
 the flag that raises the limit), :func:`check_dataset_workload` (every case of a dataset, from the
-headers alone) and :class:`CheckWorkloadd`, the same check inside the MONAI pipeline right before
-``Spacingd``.
+headers alone); :class:`medgn.data.pipeline.CheckWorkloadd` runs the same check inside the MONAI
+pipeline right before ``Spacingd``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,6 @@ from medgn.errors import ResourceError
 
 __all__ = [
     "VALIDATION_OVERLAP",
-    "CheckWorkloadd",
     "check_dataset_workload",
     "check_workload",
     "count_windows",
@@ -163,30 +162,3 @@ def check_dataset_workload(
         channels = file_channel_count(first) if len(case.images) == 1 else 1
         info = read_header(first, limits, channels=channels)
         check_workload(info.path, info.shape, info.affine, target_spacing, limits, roi=roi, overlap=overlap)
-
-
-class CheckWorkloadd:
-    """Pipeline step before ``Spacingd``: the image's resampled size within the limits.
-
-    Args:
-        key: the image key (a channel-first MetaTensor already reoriented and cropped).
-        target_spacing: the plan's spacing.
-        limits: ``max_resampled_voxels``.
-    """
-
-    def __init__(self, key: str, target_spacing: Sequence[float], limits: Limits = DEFAULT_LIMITS) -> None:
-        self.key, self.target_spacing, self.limits = key, [float(s) for s in target_spacing], limits
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
-        image = data[self.key]
-        meta = getattr(image, "meta", None) or {}
-        affine = getattr(image, "affine", None)
-        if affine is None:
-            affine = meta.get("affine")
-        if affine is None:  # a plain tensor (metadata tracking off): the loaders' header checks stand
-            return data
-        path = meta.get("filename_or_obj", self.key)
-        check_workload(
-            path, tuple(image.shape[1:]), np.asarray(affine, dtype=np.float64), self.target_spacing, self.limits
-        )
-        return data

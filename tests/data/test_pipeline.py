@@ -207,3 +207,43 @@ def test_data_config_validation() -> None:
         build(DataConfig, {"foreground_ratio": 1.5}, "data")
     with pytest.raises(UsageError, match="low <= high"):
         build(DataConfig, {"gamma_range": [1.5, 0.7]}, "data")
+
+
+@pytest.mark.parametrize("spacing", [(2.0, 2.0, 2.0), (0.7, 1.3, 2.5)])
+def test_disk_cache_reads_back_what_it_computed_at_any_spacing(tmp_path: Path, spacing: tuple) -> None:
+    """A second epoch from the on-disk cache sees the same resampled volume as the first.
+
+    The cache keeps no affine: whatever is cached must already be resampled, or a second read would
+    resample again as if the voxels were 1 mm (version 1 did).
+    """
+    from medgn.train.patches import PatchDataset
+
+    (tmp_path / "data").mkdir()
+    cases = []
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        label = np.zeros((14, 12, 10), np.uint8)
+        label[3:9, 4:9, 2:7] = 1
+        image = (rng.normal(size=label.shape) + 3 * label).astype(np.float32)
+        cases.append(
+            Case(
+                f"c{i}",
+                (make_nifti(tmp_path / "data" / f"c{i}_0000.nii.gz", image, spacing=spacing),),
+                make_nifti(tmp_path / "data" / f"c{i}.nii.gz", label, spacing=spacing),
+            )
+        )
+    plan = _ns({**TRAIN_PLAN, "target_spacing": [1.0, 1.0, 1.0], "patch_size": [8, 8, 8]})
+    in_memory = make_val_data(cases, plan, DataConfig(num_workers=0, cache_rate=1.0))[0]
+    expected = tuple(in_memory["image"].shape[1:])
+    assert expected[0] > 14 or expected[2] > 10  # the volume really is resampled
+    cfg = DataConfig(num_workers=0, cache_dir=str(tmp_path / "cache"))
+    val = make_val_data(cases, plan, cfg)
+    for _ in range(2):  # computed, then read back from the cache
+        again = val[0]
+        assert tuple(again["image"].shape[1:]) == expected and tuple(again["label"].shape[1:]) == expected
+        np.testing.assert_allclose(np.asarray(again["image"]), np.asarray(in_memory["image"]), atol=1e-6)
+    patches = PatchDataset(cases, plan, cfg)
+    first, second = patches[(1, 7)], patches[(1, 7)]  # the second read comes from the disk cache
+    assert first["image"].shape == (1, 8, 8, 8)
+    assert torch.equal(first["image"], second["image"]) and torch.equal(first["label"], second["label"])
+    assert tuple(patches.cache[1]["image"].shape[1:]) == expected
