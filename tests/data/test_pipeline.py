@@ -134,7 +134,7 @@ def test_normalization_against_float64_reference() -> None:
     np.testing.assert_allclose(z.numpy(), (x - fg.mean()) / fg.std(), rtol=1e-4, atol=1e-4)
 
 
-def _tiny_cases(tmp_path: Path, n: int = 2) -> list[Case]:
+def _tiny_cases(tmp_path: Path, n: int = 2, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> list[Case]:
     rng = np.random.default_rng(0)
     cases = []
     for i in range(n):
@@ -144,8 +144,8 @@ def _tiny_cases(tmp_path: Path, n: int = 2) -> list[Case]:
         cases.append(
             Case(
                 f"c{i}",
-                (make_nifti(tmp_path / f"c{i}_0000.nii.gz", image),),
-                make_nifti(tmp_path / f"c{i}.nii.gz", label),
+                (make_nifti(tmp_path / f"c{i}_0000.nii.gz", image, spacing=spacing),),
+                make_nifti(tmp_path / f"c{i}.nii.gz", label, spacing=spacing),
             )
         )
     return cases
@@ -219,19 +219,7 @@ def test_disk_cache_reads_back_what_it_computed_at_any_spacing(tmp_path: Path, s
     from medgn.train.patches import PatchDataset
 
     (tmp_path / "data").mkdir()
-    cases = []
-    rng = np.random.default_rng(1)
-    for i in range(2):
-        label = np.zeros((14, 12, 10), np.uint8)
-        label[3:9, 4:9, 2:7] = 1
-        image = (rng.normal(size=label.shape) + 3 * label).astype(np.float32)
-        cases.append(
-            Case(
-                f"c{i}",
-                (make_nifti(tmp_path / "data" / f"c{i}_0000.nii.gz", image, spacing=spacing),),
-                make_nifti(tmp_path / "data" / f"c{i}.nii.gz", label, spacing=spacing),
-            )
-        )
+    cases = _tiny_cases(tmp_path / "data", 2, spacing=spacing)
     plan = _ns({**TRAIN_PLAN, "target_spacing": [1.0, 1.0, 1.0], "patch_size": [8, 8, 8]})
     in_memory = make_val_data(cases, plan, DataConfig(num_workers=0, cache_rate=1.0))[0]
     expected = tuple(in_memory["image"].shape[1:])
