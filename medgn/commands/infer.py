@@ -5,25 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medgn.data.preflight import DEFAULT_LIMITS, Limits
-from medgn.errors import UsageError
-
-
-def limits_from_args(args: argparse.Namespace) -> Limits:
-    """:class:`Limits` from ``--max-voxels``, ``--max-resampled-voxels`` and ``--max-windows``."""
-    values = {name: getattr(args, name, None) for name in ("max_voxels", "max_resampled_voxels", "max_windows")}
-    bad = {k: v for k, v in values.items() if v is not None and v < 1}
-    if bad:
-        raise UsageError(
-            "--" + next(iter(bad)).replace("_", "-"),
-            "limit must be positive",
-            got=next(iter(bad.values())),
-            expected=">= 1",
-        )
-    given = {k: v for k, v in values.items() if v is not None}
-    voxels = given.get("max_voxels", DEFAULT_LIMITS.max_voxels)
-    # 8 bytes per voxel: a float64 scan at the voxel limit stays within the byte limit.
-    return Limits(**given, max_bytes=max(DEFAULT_LIMITS.max_bytes, voxels * 8), max_dim=DEFAULT_LIMITS.max_dim)
+from medgn.commands import limits_from_args
+from medgn.data.preflight import DEFAULT_LIMITS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

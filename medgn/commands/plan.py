@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from medgn.commands import limits_from_args
 from medgn.data.datasets import load_dataset
-from medgn.data.preflight import DEFAULT_LIMITS, Limits
+from medgn.data.preflight import DEFAULT_LIMITS
 from medgn.data.workload import VALIDATION_OVERLAP, check_workload
 from medgn.errors import UsageError
 from medgn.files import is_inside
@@ -65,19 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise UsageError(out, "output exists", expected="a new path, or pass --overwrite")
     index = load_dataset(dataset)
-    if args.max_voxels < 1 or args.max_resampled_voxels < 1 or args.max_windows < 1:
-        raise UsageError(
-            "--max-voxels/--max-resampled-voxels/--max-windows",
-            "must be positive",
-            got=f"{args.max_voxels}/{args.max_resampled_voxels}/{args.max_windows}",
-        )
-    limits = Limits(
-        max_voxels=args.max_voxels,
-        max_bytes=max(DEFAULT_LIMITS.max_bytes, args.max_voxels * 8),
-        max_dim=DEFAULT_LIMITS.max_dim,
-        max_resampled_voxels=args.max_resampled_voxels,
-        max_windows=args.max_windows,
-    )
+    limits = limits_from_args(args)
     print(f"{index.name}: fingerprinting {len(index.cases)} cases")
     fingerprint = compute_fingerprint(index, limits, seed=args.seed)
     plan = make_plan(index, fingerprint, gpu_memory_gb=args.gpu_memory)

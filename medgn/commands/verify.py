@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from medgn.commands import limits_from_args
 from medgn.data.datasets import load_dataset
-from medgn.data.preflight import DEFAULT_LIMITS, Limits
+from medgn.data.preflight import DEFAULT_LIMITS
 from medgn.data.verify import verify_dataset
-from medgn.errors import InputDataError, UsageError
+from medgn.errors import InputDataError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,18 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_voxels < 1 or args.max_dim < 1 or args.max_resampled_voxels < 1:
-        raise UsageError(
-            "--max-voxels/--max-dim/--max-resampled-voxels",
-            "must be positive",
-            got=f"{args.max_voxels}/{args.max_dim}/{args.max_resampled_voxels}",
-        )
-    limits = Limits(
-        max_voxels=args.max_voxels,
-        max_bytes=max(DEFAULT_LIMITS.max_bytes, args.max_voxels * 8),
-        max_dim=args.max_dim,
-        max_resampled_voxels=args.max_resampled_voxels,
-    )
+    limits = limits_from_args(args)
     target_spacing = None
     if args.plan is not None:
         from medgn.planning.plan import Plan

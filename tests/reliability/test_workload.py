@@ -134,6 +134,9 @@ def test_verify_plan_and_train_refuse_it_too(tmp_path: Path, capsys: pytest.Capt
     # The windows of the planned patch over the coarse case are counted too (--max-windows).
     result = cli(["plan", root, "--out", out, "--max-windows", "1"], capsys)
     assert_clean_failure(result, 5, [root / "imagesTr"], ["too many sliding windows", "--max-windows"], outputs=[out])
+    for command in (["plan", root, "--out", out, "--max-windows", "0"], ["verify", root, "--max-dim", "0"]):
+        result = cli(command, capsys)  # the shared reading of the limit flags names the bad one
+        assert_clean_failure(result, 2, [], [f"{command[-2]}: limit must be positive"], outputs=[out])
     assert cli(["plan", root, "--out", out], capsys).code == 0 and out.is_file()
     result = run_medgn(
         [
