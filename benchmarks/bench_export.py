@@ -1,7 +1,7 @@
 """CPU speed of an exported model: onnxruntime against PyTorch eager in float32 and bfloat16.
 
-The LA2018 CPU recipe's network (4-stage UNet3D, 16..128 channels, GroupNorm, untrained: speed
-only) is exported with ``medgn.export`` and run on one 64x48x32 window (the recipe's patch, batch 1)
+Version 0.1's LA2018 CPU network (4-stage UNet3D, 16..128 channels, GroupNorm, untrained: speed
+only) is exported with ``medgn.export`` and run on one 64x48x32 window (that recipe's patch, batch 1)
 by onnxruntime (fp32), PyTorch eager fp32 and PyTorch eager under CPU bf16 autocast, each with 2
 intra-op threads. Every variant is warmed up, then timed ``--repeats`` times; the median and the
 interquartile range in milliseconds are reported with the largest difference from PyTorch fp32
@@ -38,7 +38,8 @@ from medgn.models.registry import build_model  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 # Two threads: the CPU budget of the machines medgn's CPU figures are compared on.
 THREADS = 2
-# configs/la2018_cpu.yaml: its network and its patch (a window sliding inference runs many times).
+# Version 0.1's configs/la2018_cpu.yaml: its network and its patch (a window sliding inference runs many
+# times); the figures in the README and export_cpu.json were measured on it.
 FEATURES = [16, 32, 64, 128]
 WINDOW = (64, 48, 32)
 STRIDES = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
