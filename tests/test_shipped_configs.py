@@ -29,7 +29,8 @@ def test_shipped_config_loads(path: Path) -> None:
 def test_cpu_recipe_uses_light_augmentation_and_small_patches() -> None:
     """The screen in benchmarks/results/la2018_cpu_screen.md chose these; the docs quote them."""
     cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "la2018_cpu.yaml")
-    assert tuple(cfg.plan.patch_size) == (64, 64, 40)
+    assert tuple(cfg.plan.patch_size) == (64, 64, 32)
+    assert tuple(cfg.plan.target_spacing) == (1.5, 1.5, 1.5)
     assert (cfg.data.prob_rotate, cfg.data.prob_scale, cfg.data.prob_noise, cfg.data.prob_blur) == (0, 0, 0, 0)
     assert cfg.data.prob_flip > 0 and cfg.data.prob_gamma > 0
     assert cfg.train.amp == "auto" and cfg.train.batch_size == 2
