@@ -32,7 +32,12 @@ from medgn.train.losses import DeepSupervisionLoss, DiceCELoss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = [("fp32", "contiguous"), ("fp32", "channels_last_3d"), ("bf16", "contiguous"), ("bf16", "channels_last_3d")]
-SCAN = (100, 80, 44)  # a typical LA2018 scan (200 x 160 x 88 at 0.625 mm) at 1.25 mm
+SCAN_MM = (125.0, 100.0, 55.0)  # a typical LA2018 scan: 200 x 160 x 88 voxels of 0.625 mm
+
+
+def scan_shape(spacing: Any) -> tuple[int, ...]:
+    """The typical scan at the config's spacing (voxels per axis)."""
+    return tuple(max(1, round(mm / float(s))) for mm, s in zip(SCAN_MM, spacing, strict=True))
 
 
 def _autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -62,7 +67,7 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((2, 1, *patch), generator=gen)
     y = (torch.rand((2, 1, *patch), generator=gen) > 0.7).long()
-    scan = torch.randn((1, *SCAN), generator=gen)
+    scan = torch.randn((1, *scan_shape(cfg.plan.target_spacing)), generator=gen)
     windows = {p: WindowSettings(roi_size=patch, overlap=0.25, sw_batch_size=2, precision=p) for p in ("fp32", "bf16")}
     step_s: dict[str, list[float]] = {f"{p}/{m}": [] for p, m in SETTINGS}
     infer_s: dict[str, list[float]] = {f"{p}/{m}": [] for p, m in SETTINGS}
@@ -109,7 +114,7 @@ def main() -> int:
         "config": args.config,
         "patch": list(patch),
         "batch": 2,
-        "scan_shape": list(SCAN),
+        "scan_shape": list(scan_shape(cfg.plan.target_spacing)),
         "rounds": args.rounds,
         "rows": rows,
     }
