@@ -67,7 +67,8 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((2, 1, *patch), generator=gen)
     y = (torch.rand((2, 1, *patch), generator=gen) > 0.7).long()
-    scan = torch.randn((1, *scan_shape(cfg.plan.target_spacing)), generator=gen)
+    scan_size = scan_shape(cfg.plan.target_spacing)
+    scan = torch.randn((1, *scan_size), generator=gen)
     windows = {p: WindowSettings(roi_size=patch, overlap=0.25, sw_batch_size=2, precision=p) for p in ("fp32", "bf16")}
     step_s: dict[str, list[float]] = {f"{p}/{m}": [] for p, m in SETTINGS}
     infer_s: dict[str, list[float]] = {f"{p}/{m}": [] for p, m in SETTINGS}
@@ -114,7 +115,7 @@ def main() -> int:
         "config": args.config,
         "patch": list(patch),
         "batch": 2,
-        "scan_shape": list(scan_shape(cfg.plan.target_spacing)),
+        "scan_shape": list(scan_size),
         "rounds": args.rounds,
         "rows": rows,
     }
