@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CHECK = ROOT / "benchmarks" / "gpu_check.sh"
 STAGE = ROOT / "benchmarks" / "stage_gpu_data.sh"
-STEPS = ("env", "pytest_gpu", "bench_gn", "bench_train", "la_smoke")
+STEPS = ("env", "pytest_gpu", "bench_gn", "bench_train", "la_smoke", "infer")
 
 
 def _env() -> dict[str, str]:
@@ -55,3 +55,5 @@ def test_dry_run_runs_every_step(tmp_path: Path, shared_data: Path) -> None:
     train = json.loads((out / "bench" / "train_cpu.json").read_text(encoding="utf-8"))
     assert [r["norm"] for r in train["rows"]] == ["group", "group_torch", "instance"]
     assert (out / "la_smoke").is_dir() and any((out / "la_smoke").iterdir())
+    masks = sorted(p.name for p in (out / "infer").glob("*.nii.gz"))
+    assert masks == sorted(p.name for p in (data / "imagesTr").iterdir())  # one mask per staged scan
