@@ -7,6 +7,8 @@ keyword-only arguments choose the fused activation and the backend of ``medgn.op
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -14,6 +16,10 @@ from medgn.ops.group_norm import BACKENDS, group_norm
 from medgn.ops.group_norm_ref import ACTIVATIONS
 
 __all__ = ["GroupNorm"]
+
+# nn.GroupNorm takes the keyword ``bias`` from torch 2.12 on; on 2.10 and 2.11 the layer builds
+# the bias itself and drops it when bias=False, as the newer torch does.
+_BASE_TAKES_BIAS = "bias" in inspect.signature(nn.GroupNorm.__init__).parameters
 
 
 class GroupNorm(nn.GroupNorm):
@@ -52,7 +58,12 @@ class GroupNorm(nn.GroupNorm):
             raise ValueError(f"GroupNorm: unknown activation {activation!r}, expected None or one of {ACTIVATIONS}")
         if backend not in BACKENDS:
             raise ValueError(f"GroupNorm: unknown backend {backend!r}, expected one of {BACKENDS}")
-        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype, bias=bias)
+        if _BASE_TAKES_BIAS:
+            super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype, bias=bias)
+        else:
+            super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+            if affine and not bias:
+                self.register_parameter("bias", None)
         self.activation = act
         self.negative_slope = float(negative_slope)
         self.backend = backend

@@ -30,6 +30,26 @@ def test_same_parameters_init_and_state_dict_keys() -> None:
     assert no_affine.weight is None and list(no_affine.state_dict()) == []
 
 
+@pytest.mark.parametrize("base_takes_bias", [True, False])
+def test_builds_on_torch_without_the_bias_keyword(monkeypatch: pytest.MonkeyPatch, base_takes_bias: bool) -> None:
+    """torch 2.10/2.11's nn.GroupNorm has no ``bias`` keyword: the layer must still build."""
+    import medgn.layers.group_norm as module
+
+    original = nn.GroupNorm.__init__
+
+    def old_init(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None):  # noqa: ANN001, ANN202
+        original(self, num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+
+    if not base_takes_bias:
+        monkeypatch.setattr(nn.GroupNorm, "__init__", old_init)
+    monkeypatch.setattr(module, "_BASE_TAKES_BIAS", base_takes_bias)
+    with_bias, without = GroupNorm(4, 16, activation="relu"), GroupNorm(4, 16, bias=False)
+    assert list(with_bias.state_dict()) == ["weight", "bias"] and torch.equal(with_bias.bias, torch.zeros(16))
+    assert without.bias is None and list(without.state_dict()) == ["weight"]
+    x = torch.randn(2, 16, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(without(x), F.group_norm(x, 4, without.weight, None), rtol=1e-5, atol=1e-5)
+
+
 def test_extra_repr_names_activation_and_backend() -> None:
     text = repr(GroupNorm(2, 8, activation="leaky_relu", negative_slope=0.2, backend="torch"))
     assert "GroupNorm(2, 8, eps=1e-05" in text and "activation=leaky_relu" in text
