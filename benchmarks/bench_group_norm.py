@@ -61,8 +61,12 @@ PROVIDERS = ("medgn", "eager", "eager_autocast", "compile")
 WARMUP = 5  # compile/autotune and clock ramp-up happen in the first calls
 REPS = 30  # enough samples for a stable median of sub-millisecond kernels
 COPY_BYTES = 1 << 30  # 1 GiB: far past L2, so the copy measures HBM bandwidth
-# Reference check of the timed outputs: max |error| / max |reference| per dtype (bf16 output
-# rounding is 2^-8 relative; fp32 sums over 2M-element groups stay far below 1e-4).
+# Reference check of the timed outputs: ||error|| / ||reference|| (L2 over the tensor) per dtype
+# (bf16 output rounding is at most 2^-8 relative; fp32 sums over 2M-element groups stay far below
+# 1e-4). Not the max error: over 10^8 elements a few pre-activations lie within fp32 rounding of
+# leaky_relu's kink, where fp32 and float64 disagree on the sign; their gradient then differs by
+# 0.99 x dy, a max-norm error of 0.1-0.5 for any correct implementation (seen on an H200). A wrong
+# group, tile or split still moves the L2 error far past these tolerances.
 CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
@@ -140,7 +144,7 @@ def providers(groups: int, act: str, dtype: torch.dtype, device: torch.device, w
 
 def _check(y: torch.Tensor, dx: torch.Tensor, inputs: list, dy: torch.Tensor, groups: int,
            act: str) -> float:  # fmt: skip
-    """Largest error of (y, dx) relative to the float64 reference's max |value|."""
+    """The larger of y's and dx's L2 error relative to the float64 reference's L2 norm."""
     from medgn.ops import group_norm_ref
 
     leaves = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
@@ -148,7 +152,9 @@ def _check(y: torch.Tensor, dx: torch.Tensor, inputs: list, dy: torch.Tensor, gr
     (dx64,) = torch.autograd.grad(y64, leaves[0], dy.double())
     errs = []
     for got, ref in ((y, y64), (dx, dx64)):
-        errs.append(((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item())
+        errs.append(
+            (torch.linalg.vector_norm(got.double() - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-12)).item()
+        )
     return max(errs)
 
 
@@ -289,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"compile  [{r['path']}, {r['moved_volumes']} vol, check "
                       f"{'ok' if r['check_ok'] else 'FAIL'}]", flush=True)  # fmt: skip
         atomic_write_json(out, {"device": name, "versions": versions(), "activation": args.activation,
+                                "check": "L2 error of y and dx relative to float64",
                                 "warmup": timer.warmup, "reps": timer.reps, "statistic": "median",
                                 "timing": "cuda events, queued, L2 flush between samples" if cuda
                                 else "wall clock (interpreter smoke run, not a speed figure)",
@@ -296,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}")
     for r in rows:
         if not r["check_ok"] and r["pass"] == "fwd":
-            # A bf16 baseline applies the activation to a bf16-rounded pre-activation: where that
-            # rounding flips the sign, leaky_relu's gradient differs by 0.99 x dy.
+            # A bf16 baseline (eager) computes the statistics and the output in bf16.
             what = "check FAILED" if r["provider"] == "medgn" else "note: baseline off the reference"
             print(f"{what}: {r['provider']} {r['shape']} {r['layout']} {r['dtype']} "
                   f"relative error {r['check_rel_err']:.3g}")  # fmt: skip

@@ -23,7 +23,12 @@ chunked    split, launched per chunk of group blocks sized to a   2 (+R) HBM  3 
 
 The minimal traffic is 2 volumes forward (read x, write y) and 3 backward (read x and dy, write
 dx). "auto" takes fused when the group block fits on chip (``_FUSED_MAX`` elements forward,
-``_FUSED_BWD_MAX`` backward), else chunked (which is split when the whole tensor fits one chunk).
+``_FUSED_BWD_MAX`` backward), else split. Chunked is only taken when asked for: on an H200 (torch
+2.11, Triton 3.6) every launch cost about 35 us of host time, and a chunk of a third of L2 (20 MB)
+saves only about 5 us of HBM traffic, so the chunked loop was launch-bound: 2x32x128^3 bf16
+forward took 1.17 ms in 26 launches, backward 2.64 ms in 64 (``benchmarks/results/
+group_norm_h200.md``). Split makes the same call in 2 launches each way, and when the tensor fits
+in one chunk it is the chunked path anyway.
 """
 
 from __future__ import annotations
@@ -160,7 +165,9 @@ def _plan(x: torch.Tensor, num_groups: int, chunk_tensors: int, chunked: bool) -
         gpb //= 2
     row_bytes = gpb * cpg * s * x.element_size() * chunk_tensors
     chunk_rows = max(1, min(rows, l2_bytes // row_bytes)) if chunked else rows
-    want = max(1, min(_MAX_SPLITS, split_cap, -(-programs // chunk_rows), -(-s // block_s)))
+    # Splits per group block: at most one full wave in all (floor, not ceil: every program streams
+    # S / SPLITS voxels, so a partial second wave of even a few programs doubles the pass).
+    want = max(1, min(_MAX_SPLITS, split_cap, programs // chunk_rows, -(-s // block_s)))
     s_per_split = -(-s // want)
     s_per_split = -(-s_per_split // block_s) * block_s  # whole tiles per split
     splits = -(-s // s_per_split)
@@ -184,7 +191,7 @@ def forward_path(x: torch.Tensor, num_groups: int, path: str = "auto") -> str:
         raise ValueError(f"group_norm_forward: unknown path {path!r}, expected one of {PATHS}")
     if path != "auto":
         return path
-    return "fused" if _fused_block(x, num_groups, _FUSED_MAX) else "chunked"
+    return "fused" if _fused_block(x, num_groups, _FUSED_MAX) else "split"
 
 
 def backward_path(x: torch.Tensor, num_groups: int, path: str = "auto") -> str:
@@ -193,7 +200,7 @@ def backward_path(x: torch.Tensor, num_groups: int, path: str = "auto") -> str:
         raise ValueError(f"group_norm_backward: unknown path {path!r}, expected one of {PATHS}")
     if path != "auto":
         return path
-    return "fused" if _fused_block(x, num_groups, _FUSED_BWD_MAX) else "chunked"
+    return "fused" if _fused_block(x, num_groups, _FUSED_BWD_MAX) else "split"
 
 
 def moved_volumes(path: str, direction: str, residual: bool, activation: str, need_dres: bool = True) -> float:
@@ -222,9 +229,9 @@ def planned_volumes(
 ) -> tuple[str, float]:
     """(path, tensor volumes moved) of an "auto" call on x: what a benchmark should count.
 
-    A chunked call whose group block is larger than the L2 budget (e.g. a whole channels_last
-    sample, whose groups interleave in memory) cannot be re-read from L2: it moves the split
-    path's volumes.
+    The second pass of a split or chunked call re-reads from L2 only when one launch's group
+    blocks fit the L2 budget (a third of L2): a split call on a small tensor, a chunked call
+    whose group block is not larger than the budget. Otherwise it moves the split path's volumes.
     """
     if direction == "fwd":
         path = forward_path(x, num_groups)
@@ -232,9 +239,9 @@ def planned_volumes(
     else:
         path = backward_path(x, num_groups)
         tensors = 2 + (residual and activation != "none")
-    if path == "chunked":
-        p = _plan(x, num_groups, tensors, chunked=True)
-        row_bytes = p.GPB * p.CPG * p.S * x.element_size() * tensors
-        if row_bytes > _device_limits(x)[1]:
-            return path, moved_volumes("split", direction, residual, activation, need_dres)
+    if path != "fused":
+        p = _plan(x, num_groups, tensors, chunked=path == "chunked")
+        launch_bytes = p.chunk_rows * p.GPB * p.CPG * p.S * x.element_size() * tensors
+        hits = "chunked" if launch_bytes <= _device_limits(x)[1] else "split"
+        return path, moved_volumes(hits, direction, residual, activation, need_dres)
     return path, moved_volumes(path, direction, residual, activation, need_dres)

@@ -57,3 +57,25 @@ def test_cpu_smoke_rows_follow_the_schema(tmp_path: Path) -> None:
 def test_without_cuda_it_says_so_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert _load().main([]) == 0
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_check_tolerates_kink_flips_but_not_a_wrong_group() -> None:
+    """The timed-output check: a few leaky_relu sign flips (fp32 vs float64 rounding at the kink,
+    over 10^8 elements on a GPU) pass; a group normalised with the wrong statistics fails."""
+    from medgn.ops import group_norm_ref
+
+    bench = _load()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 32, 32, 32, generator=gen).requires_grad_()
+    w, b = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
+    dy = torch.randn(x.shape, generator=gen)
+    y = group_norm_ref(x, 2, w, b, 1e-5, "leaky_relu")
+    (dx,) = torch.autograd.grad(y, x, dy)
+    y, dx = y.detach(), dx.detach()
+    assert bench._check(y, dx, [x, w, b, None], dy, 2, "leaky_relu") < 1e-5
+    flipped = dx.clone().flatten()
+    flipped[:3] += 0.99 * dy.flatten()[:3] * w[0].abs()  # three kink flips in channel 0 (rstd ~ 1)
+    assert bench._check(y, flipped.view_as(dx), [x, w, b, None], dy, 2, "leaky_relu") < 1e-2
+    wrong = y.clone()
+    wrong[:, 2:] = group_norm_ref(x.detach()[:, 2:] + 0.5, 1, w[2:], b[2:], 1e-5, "leaky_relu") * 1.2
+    assert bench._check(wrong, dx, [x, w, b, None], dy, 2, "leaky_relu") > 0.05

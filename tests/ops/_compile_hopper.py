@@ -117,6 +117,32 @@ for shape, groups in SHAPES:
                     dy, x, w, b, r, mean.fill_(0), rstd.fill_(1), groups, act, 0.01, with_res, path=path
                 )
 
+# MEDGN_REGISTERS=1: also report registers per thread and spills (ptxas -v on the PTX), which
+# bound how many programs are resident per SM (65536 registers / (32 x warps x programs)).
+REGISTERS = os.environ.get("MEDGN_REGISTERS") == "1"
+
+
+def _registers(ptx: str) -> str:
+    import re
+    import subprocess
+    import tempfile
+
+    import triton.backends.nvidia as nvidia
+
+    # Triton's bundled ptxas; the newer one (shipped for Blackwell) reads the newest PTX versions.
+    bin_dir = os.path.join(os.path.dirname(nvidia.__file__), "bin")
+    ptxas = next(p for p in (os.path.join(bin_dir, n) for n in ("ptxas-blackwell", "ptxas")) if os.path.exists(p))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        proc = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                              text=True)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores", out)
+    return f", {regs.group(1) if regs else '?'} regs, {spill.group(1) if spill else '?'} B spilled"
+
+
 target = GPUTarget("cuda", 90, 32)
 failures = 0
 only = set(sys.argv[1:])  # optional kernel names: compile only those
@@ -132,7 +158,8 @@ for (name, *_), (fn, signature, constexprs, options) in sorted(RECORDED.items(),
         failures += 1
         print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         continue
-    print(f"ok   {label} shared={compiled.metadata.shared} B, cubin {len(compiled.asm['cubin'])} B")
+    regs = _registers(compiled.asm["ptx"]) if REGISTERS else ""
+    print(f"ok   {label} shared={compiled.metadata.shared} B, cubin {len(compiled.asm['cubin'])} B{regs}")
 total = sum(1 for key in RECORDED if not only or key[0] in only)
 print(f"{total - failures} of {total} kernel variants compiled for sm_90")
 sys.exit(1 if failures else 0)

@@ -99,8 +99,8 @@ def test_cuda_graph_capture_replays_forward_and_backward() -> None:
     assert torch.equal(y_g, y_e) and torch.equal(dx_g, dx_e)
 
 
-# U-Net levels at batch 2 with 1-16 channels per group: on a GPU these take the chunked split
-# path (32^3) and the fused path (16^3, 8^3); the CPU interpreter would take minutes on them.
+# U-Net levels at batch 2 with 1-16 channels per group: on a GPU these take the split path
+# (32^3) and the fused path (16^3, 8^3); the CPU interpreter would take minutes on them.
 GPU_SHAPES = [((2, 32, 32, 32, 32), 32), ((2, 64, 16, 16, 16), 16), ((2, 320, 8, 8, 8), 20),
               ((2, 16, 24, 20, 28), 4)]  # fmt: skip
 
@@ -129,5 +129,5 @@ def test_paths_chosen_for_unet_levels() -> None:
     assert forward_path(torch.empty(2, 320, 8, 8, 8), 20) == "fused"
     assert backward_path(torch.empty(2, 320, 8, 8, 8), 20) == "fused"
     assert forward_path(torch.empty(2, 64, 16, 16, 16), 16) == "fused"
-    assert backward_path(torch.empty(2, 64, 16, 16, 16), 16) == "chunked"
-    assert forward_path(torch.empty(2, 32, 32, 32, 32), 32) == "chunked"
+    assert backward_path(torch.empty(2, 64, 16, 16, 16), 16) == "split"
+    assert forward_path(torch.empty(2, 32, 32, 32, 32), 32) == "split"

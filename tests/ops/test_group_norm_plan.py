@@ -61,14 +61,28 @@ def test_paths_and_volumes(h100) -> None:
         "fused",
         3,
     )
-    # 128^3 contiguous: 4 MiB groups fit the L2 budget -> chunked, 2 and 3 volumes from HBM.
+    # 128^3: "auto" streams with split (2 launches each way), whose 256 MiB re-read misses L2.
+    for channels_last in (False, True):
+        x = _x((2, 32, 128, 128, 128), channels_last)
+        assert plan.planned_volumes(x, 32, "fwd", False, "none") == ("split", 3)
+        assert plan.planned_volumes(x, 32, "fwd", True, "none") == ("split", 4)
+        assert plan.planned_volumes(x, 32, "bwd", True, "silu") == ("split", 8)  # + r twice + dres
+        assert plan.planned_volumes(x, 32, "bwd", False, "none", need_dres=False) == ("split", 5)
+    # 32^3 x 32 channels: 4 MiB, inside the L2 budget -> the re-read hits, 2 and 3 volumes.
+    x = _x((2, 32, 32, 32, 32), False)
+    assert plan.planned_volumes(x, 32, "fwd", False, "none") == ("split", 2)
+    assert plan.planned_volumes(x, 32, "bwd", False, "none", need_dres=False) == ("split", 3)
+
+
+def test_auto_takes_two_launches_each_way_on_large_tensors(h100) -> None:
+    """Chunking a 2x32x128^3 tensor into L2-sized launches took 26 launches forward and 64
+    backward, launch-bound on an H200: "auto" makes one launch per pass instead."""
     x = _x((2, 32, 128, 128, 128), False)
-    assert plan.planned_volumes(x, 32, "fwd", False, "none") == ("chunked", 2)
-    assert plan.planned_volumes(x, 32, "bwd", True, "silu") == ("chunked", 5)  # + r read + dres
-    # channels_last 128^3: a block is a whole 128 MiB sample, no L2 re-read -> split's traffic.
-    x = _x((2, 32, 128, 128, 128), True)
-    assert plan.planned_volumes(x, 32, "fwd", True, "none") == ("chunked", 4)
-    assert plan.planned_volumes(x, 32, "bwd", False, "none", need_dres=False) == ("chunked", 5)
+    assert plan.forward_path(x, 32) == plan.backward_path(x, 32) == "split"
+    chunked, split = plan._plan(x, 32, 1, chunked=True), plan._plan(x, 32, 1, chunked=False)
+    assert -(-chunked.rows // chunked.chunk_rows) >= 13 and split.chunk_rows == split.rows == 64
+    # One wave, no partial second one: 64 groups x 16 splits = 1024 programs of 1056 slots.
+    assert split.SPLITS == 16 and split.rows * split.SPLITS <= H100_SMS * 8
 
 
 def test_unknown_path_is_refused() -> None:
