@@ -149,7 +149,8 @@ only = set(sys.argv[1:])  # optional kernel names: compile only those
 for (name, *_), (fn, signature, constexprs, options) in sorted(RECORDED.items(), key=lambda kv: str(kv[0])):
     if only and name not in only:
         continue
-    label = f"{name} {next(iter(signature.values()))} {','.join(v for v in signature.values() if v != 'constexpr')} {constexprs} {options}"
+    types = ",".join(v for v in signature.values() if v != "constexpr")
+    label = f"{name} {types} {constexprs} {options}"
     try:
         compiled = triton.compile(
             ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target, options=options
