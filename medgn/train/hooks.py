@@ -177,8 +177,13 @@ class TimeBudgetHook(HookBase):
     measured over every step since the probe. A run without validation (``--fold all``) fixes it
     again once :attr:`REFINE_FRACTION` of the planned steps have run, from the rate over all of them
     (the first steps run slower or faster than the steady state: caches filling, the allocator
-    growing, checkpoint writes). The reserve is :attr:`RESERVE_FRACTION` of the budget plus one
-    validation (the final one). The total goes
+    growing, checkpoint writes). After that the total is refitted again halfway through what is
+    left, and again halfway through the rest, for as long as half of what is left is at least
+    ``budget_probe_steps`` steps. Each refit uses the rate of the steps since the previous one
+    (wall-clock, validations taken out and counted at their own measured cost), so a run whose
+    speed drifts (thermal limits, a busy machine, a slow start that the first estimate still
+    averaged in) ends within a few steps of the budget instead of minutes short of it. The reserve
+    is :attr:`RESERVE_FRACTION` of the budget plus one validation (the final one). The total goes
     into the trainer's counters, so checkpoints carry it and a resumed run follows the same
     schedule bit for bit. Under DDP every rank takes rank 0's total.
     """
@@ -214,7 +219,14 @@ class TimeBudgetHook(HookBase):
         self.step_s: float | None = None
         self.val_s = 0.0
         self._refine_at = 0
-        self.phase = 0  # 0: not planned, 1: planned from the step rate, 2: re-planned (once, final)
+        self.phase = 0  # 0: not planned, 1: planned from the step rate, 2: re-planned (then refits)
+        # Late refits: the window of steps since the last plan (start time, iteration, seconds of
+        # validation inside it) and the iteration of the next refit (0: none left).
+        self._win: tuple[float, int] | None = None
+        self._win_val_s = 0.0
+        self._win_vals = 0
+        self._next_refit = 0
+        self.refits = 0
 
     def before_train(self, trainer: Trainer) -> None:
         if self._start is None:
@@ -228,11 +240,17 @@ class TimeBudgetHook(HookBase):
         assert self.step_s is not None
         per_step = self.step_s + (self.val_s / self.steps_per_validation if self.steps_per_validation else 0.0)
         left_s = self.budget_s * (1.0 - self.RESERVE_FRACTION) - self._elapsed() - self.val_s
-        total = trainer.state.iteration + max(1, int(left_s / max(per_step, 1e-9)))
+        it = trainer.state.iteration
+        total = it + max(1, int(left_s / max(per_step, 1e-9)))
         total = int(ddp.gather_objects(total)[0])  # every rank follows rank 0's schedule
         trainer.plan_total_iters(
             total, f"{reason}: {self.step_s:.3f} s/step, {self.val_s:.1f} s/validation, {left_s / 60:.1f} min left"
         )
+        # The next late refit: halfway through what is left, while that half is a probe's worth of
+        # steps (the same iteration on every rank: it depends on the shared total only).
+        half = (trainer.total_iters - it) // 2
+        self._next_refit = it + half if self.phase == 2 and half >= self.probe_steps else 0
+        self._win, self._win_val_s, self._win_vals = (self.clock(), it), 0.0, 0
         return total
 
     def _rate_since_probe(self, now: float, iteration: int, excluded_s: float = 0.0) -> float | None:
@@ -257,10 +275,22 @@ class TimeBudgetHook(HookBase):
             if rate is not None:
                 self.step_s = rate
                 self._plan(trainer, f"step rate over {it - self._probe_iter} steps")
+        elif self.fit and self.phase == 2 and it >= self._next_refit > 0 and self._win is not None:
+            t0, i0 = self._win
+            self.step_s = max(self.clock() - t0 - self._win_val_s, 1e-9) / max(it - i0, 1)
+            if self._win_vals:
+                self.val_s = self._win_val_s / self._win_vals
+            self.refits += 1
+            self._plan(trainer, f"refit {self.refits}, step rate over the last {it - i0} steps")
         if self.budget_s > 0 and self._elapsed() >= self.budget_s:
             trainer.request_stop(f"time budget of {self.budget_s / 60:g} min spent")
 
     def after_epoch(self, trainer: Trainer) -> None:
+        if self.fit and self.phase == 2 and self._win is not None:
+            measured = trainer.epoch_record.get("val_time_s")
+            if measured is not None:  # out of the refit window's step time, into the validation cost
+                self._win_val_s += float(measured)
+                self._win_vals += 1
         # The same epoch on every rank (a config rule), so every rank joins the gather.
         if not self.fit or not self.first_val_epoch or trainer.state.epoch != self.first_val_epoch or self.phase == 2:
             return

@@ -290,6 +290,35 @@ def test_budget_schedule_is_refined_from_the_steady_step_rate(tmp_path: Path) ->
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+class _Drift(HookBase):
+    """Steps take 1 s up to step 60, then ``after`` s: a machine that gets slower or faster."""
+
+    name = "drift"
+
+    def __init__(self, clock: _Clock, after: float) -> None:
+        self.clock, self.after = clock, after
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.clock.now += 1.0 if trainer.state.iteration <= 60 else self.after
+
+
+@pytest.mark.parametrize("after", [1.5, 0.5])
+def test_budget_schedule_follows_a_drifting_step_rate_to_the_end(tmp_path: Path, after: float) -> None:
+    """One refit from the average rate either overruns the budget (slower: the hard stop cuts the
+    schedule before it anneals) or ends minutes early (faster); refits from the recent rate end
+    the schedule, annealed, within a few steps of the budget."""
+    clock = _Clock(0.0)
+    cfg = _cfg(epochs=1000, iters_per_epoch=10, time_budget_minutes=5.0, schedule="cosine", budget_probe_steps=10)
+    budget = TimeBudgetHook(cfg, started_at=clock(), clock=clock)
+    trainer = _trainer(cfg, tmp_path, [_Drift(clock, after), budget])
+    trainer.train()
+    elapsed = clock.now - 1000.0
+    assert budget.refits >= 2 and budget.step_s == pytest.approx(after)
+    assert trainer.state.stop_reason == "finished" and trainer.state.iteration == trainer.state.planned_iters
+    assert 300 * 0.98 - 3 * after <= elapsed <= 300 * 0.98  # within 3 steps of the usable budget
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_budget_schedule_counts_the_validation_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock(1.0)
     monkeypatch.setattr(time, "monotonic", clock)  # the validation hook times itself with it too
