@@ -122,7 +122,7 @@ class _Plan:
 
 
 def _device_limits(x: torch.Tensor) -> tuple[int, int]:
-    """(resident SM slots in warps x SMs, L2 bytes / 3) of x's device; CPU stand-ins otherwise."""
+    """(SM count, L2 bytes / 3) of x's device; CPU stand-ins (programs, "L2" budget) otherwise."""
     if not x.is_cuda:
         return _CPU_PROGRAMS, _CPU_L2_BYTES
     props = torch.cuda.get_device_properties(x.device)
@@ -164,7 +164,8 @@ def _plan(x: torch.Tensor, num_groups: int, chunk_tensors: int, chunked: bool) -
             break
         gpb //= 2
     row_bytes = gpb * cpg * s * x.element_size() * chunk_tensors
-    chunk_rows = max(1, min(rows, l2_bytes // row_bytes)) if chunked else rows
+    # At least 1: an empty batch (N = 0) has no rows and must launch nothing, not divide by 0.
+    chunk_rows = max(1, min(rows, l2_bytes // row_bytes) if chunked else rows)
     # Splits per group block: at most one full wave in all (floor, not ceil: every program streams
     # S / SPLITS voxels, so a partial second wave of even a few programs doubles the pass).
     want = max(1, min(_MAX_SPLITS, split_cap, programs // chunk_rows, -(-s // block_s)))

@@ -87,8 +87,11 @@ def group_norm_forward(
     """
     from medgn.ops import group_norm_kernels as k
 
-    path = forward_path(x, num_groups, path)
     n = x.shape[0]
+    if x.numel() == 0:  # an empty batch or volume: nothing to launch
+        stats = torch.zeros((n, num_groups), dtype=torch.float32, device=x.device)
+        return alloc_like(x), stats, torch.ones_like(stats)
+    path = forward_path(x, num_groups, path)
     y = alloc_like(x)
     x, sxn, sxc, sxs = kernel_strides(x)
     r, srn, src, srs = kernel_strides(residual) if residual is not None else (x, 0, 0, 0)
@@ -150,8 +153,13 @@ def group_norm_backward(
     """
     from medgn.ops import group_norm_kernels_bwd as kb
 
-    path = backward_path(x, num_groups, path)
     n, c = x.shape[:2]
+    if x.numel() == 0:  # an empty batch or volume: no gradient flows, dW and dB are 0
+        dw = torch.zeros_like(weight) if weight is not None else x.new_empty((0,))
+        db = torch.zeros_like(bias) if bias is not None else x.new_empty((0,))
+        dres = alloc_like(residual) if need_dres and residual is not None else x.new_empty((0,))
+        return alloc_like(x), dw, db, dres
+    path = backward_path(x, num_groups, path)
     dx = alloc_like(x)
     x, sxn, sxc, sxs = kernel_strides(x)
     # The kernels read dy with x's strides: give dy x's memory format (a no-op when it has it).

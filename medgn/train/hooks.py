@@ -184,8 +184,10 @@ class TimeBudgetHook(HookBase):
     speed drifts (thermal limits, a busy machine, a slow start that the first estimate still
     averaged in) ends within a few steps of the budget instead of minutes short of it. The reserve
     is :attr:`RESERVE_FRACTION` of the budget plus one validation (the final one). The total goes
-    into the trainer's counters, so checkpoints carry it and a resumed run follows the same
-    schedule bit for bit. Under DDP every rank takes rank 0's total.
+    into the trainer's counters with the step where it last changed, from which the decay
+    continues (no jump in the learning rate), so checkpoints carry it and a resumed run follows
+    the same schedule bit for bit; a resumed run does not refit. Under DDP every rank takes rank
+    0's total.
     """
 
     name = "time_budget"

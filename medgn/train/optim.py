@@ -28,28 +28,54 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> t
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
 
 
-def lr_factor(step: int, cfg: TrainConfig, total: int | None = None) -> float:
+def schedule_progress(step: int, cfg: TrainConfig, total: int, anchor: tuple[int, float] = (0, 0.0)) -> float:
+    """How far the decay is at optimiser step ``step``, in [0, 1].
+
+    Without an anchor the decay runs linearly from the end of warmup to ``total``. When a time
+    budget changes the length mid-run, the trainer anchors the schedule at the step of the change:
+    ``anchor = (step, progress there)``, and the rest of the decay runs linearly from that
+    progress to 1 at the new ``total``. The learning rate then stays continuous instead of jumping
+    to where a schedule of the new length would have been.
+    """
+    a_step, a_t = anchor
+    if a_step > 0 and a_step >= cfg.warmup_iters:
+        t = a_t + (1.0 - a_t) * (step - a_step) / max(1, total - a_step)
+    else:
+        t = (step - cfg.warmup_iters) / max(1, total - cfg.warmup_iters)
+    return min(max(t, 0.0), 1.0)
+
+
+def lr_factor(step: int, cfg: TrainConfig, total: int | None = None, anchor: tuple[int, float] = (0, 0.0)) -> float:
     """Multiplier of ``cfg.lr`` at optimiser step ``step`` (0-based) of a ``total``-step schedule.
 
-    ``total`` defaults to ``cfg.total_iters``; a time budget can fix another length.
+    ``total`` defaults to ``cfg.total_iters``; a time budget can fix another length, anchored at
+    the step where it changed (see :func:`schedule_progress`).
     """
     total = cfg.total_iters if total is None else total
     if cfg.warmup_iters and step < cfg.warmup_iters:
         return (step + 1) / cfg.warmup_iters
     if cfg.schedule == "constant":
         return 1.0
-    t = (step - cfg.warmup_iters) / max(1, total - cfg.warmup_iters)
-    t = min(max(t, 0.0), 1.0)
+    t = schedule_progress(step, cfg, total, anchor)
     if cfg.schedule == "poly":
         return (1.0 - t) ** cfg.poly_exponent
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: Callable[[], int] | None = None
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    total: Callable[[], int] | None = None,
+    anchor: Callable[[], tuple[int, float]] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step LambdaLR following :func:`lr_factor`; ``total()`` gives the schedule's current length."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total() if total else None))
+    """A per-step LambdaLR following :func:`lr_factor`.
+
+    ``total()`` gives the schedule's current length and ``anchor()`` where it last changed.
+    """
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(step, cfg, total() if total else None, anchor() if anchor else (0, 0.0)),
+    )
 
 
 def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:

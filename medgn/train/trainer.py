@@ -30,7 +30,7 @@ from medgn.logs import get_logger
 from medgn.train import distributed as ddp
 from medgn.train.config import TrainConfig
 from medgn.train.losses import DeepSupervisionLoss, DiceCELoss
-from medgn.train.optim import build_optimizer, build_scheduler, resolve_amp
+from medgn.train.optim import build_optimizer, build_scheduler, resolve_amp, schedule_progress
 from medgn.train.rng import capture_rng, restore_rng, seed_everything
 from medgn.train.sampler import BatchSource
 
@@ -85,6 +85,9 @@ class TrainState:
     epoch_time_s: float = 0.0
     stop_reason: str = ""
     planned_iters: int = 0  # the schedule's length when a time budget fixed it; 0 = epochs x iters
+    # Where the schedule's length last changed, and the decay's progress there (optim.schedule_progress).
+    schedule_anchor_iter: int = 0
+    schedule_anchor_progress: float = 0.0
 
 
 @dataclasses.dataclass
@@ -157,7 +160,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         self.state = TrainState()  # before the scheduler: its length reads state.planned_iters
         self.optimizer = build_optimizer(self.module.parameters(), cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg, lambda: self.total_iters)
+        self.scheduler = build_scheduler(self.optimizer, cfg, lambda: self.total_iters, lambda: self._anchor)
         self.run_config = {**dict(run_config or {}), "train": to_dict(cfg)}
         self.plan = dict(plan or {})
         self.epoch_records: list[dict[str, Any]] = []
@@ -183,11 +186,23 @@ class Trainer:
         """Optimiser steps of the whole run: fixed by a time budget, else epochs x iters_per_epoch."""
         return self.state.planned_iters or self.cfg.total_iters
 
+    @property
+    def _anchor(self) -> tuple[int, float]:
+        return self.state.schedule_anchor_iter, self.state.schedule_anchor_progress
+
     def plan_total_iters(self, total: int, reason: str) -> None:
-        """Fix the schedule's length at ``total`` steps (at least one more than done so far)."""
+        """Fix the schedule's length at ``total`` steps (at least one more than done so far).
+
+        The decay continues from where it is now (an anchor at this step), so the learning rate
+        does not jump when a time budget refits the length mid-run.
+        """
         total = max(int(total), self.state.iteration + 1)
-        if total != self.state.planned_iters:
+        if total != self.total_iters:
             log.info("schedule set to %d steps (%s)", total, reason)
+            it = self.state.iteration
+            if it > 0 and it >= self.cfg.warmup_iters:
+                progress = schedule_progress(it, self.cfg, self.total_iters, self._anchor)
+                self.state.schedule_anchor_iter, self.state.schedule_anchor_progress = it, progress
         self.state.planned_iters = total
 
     @property

@@ -3,7 +3,7 @@
 Every test takes the device as a parameter: "cpu" runs the kernels through Triton's interpreter,
 "cuda" (marked `gpu`, skipped without a GPU) runs the same checks on the GPU. The ``kernel_path``
 fixture runs the autograd tests once on the fused one-program kernels and once with the fused
-limits set to 0, so the chunked split kernels (statistics + apply, reduce + dx) run instead.
+limits set to 0, so the streaming split kernels (statistics + apply, reduce + dx) run instead.
 """
 
 from __future__ import annotations
@@ -179,3 +179,18 @@ def test_single_element_groups_compile(device: str) -> None:
         y, mean, _ = group_norm_forward(x, 4, None, None, 1e-5, "none", None, 0.01, path=path)
         assert max_err(mean, x.reshape(2, 4)) == 0.0
         assert max_err(y, torch.zeros_like(x)) == 0.0  # x - mean is exactly 0
+
+
+@pytest.mark.parametrize("shape", [(0, 32, 4, 4, 4), (2, 32, 0, 4, 4)])
+def test_empty_batch_or_volume_launches_nothing(shape, kernel_path) -> None:
+    """An empty batch (N = 0) or volume gives an empty output and zero dW/dB, like PyTorch."""
+    from medgn.ops import group_norm
+
+    x = torch.randn(shape, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    b = torch.randn(32, requires_grad=True)
+    y = group_norm(x, 8, w, b, activation="relu", backend="triton")
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros(32)) and torch.equal(b.grad, torch.zeros(32))

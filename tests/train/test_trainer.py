@@ -302,6 +302,16 @@ class _Drift(HookBase):
         self.clock.now += 1.0 if trainer.state.iteration <= 60 else self.after
 
 
+class _LrLog(HookBase):
+    name = "lr_log"
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.lrs.append(trainer.optimizer.param_groups[0]["lr"])  # the next step's rate
+
+
 @pytest.mark.parametrize("after", [1.5, 0.5])
 def test_budget_schedule_follows_a_drifting_step_rate_to_the_end(tmp_path: Path, after: float) -> None:
     """One refit from the average rate either overruns the budget (slower: the hard stop cuts the
@@ -309,11 +319,15 @@ def test_budget_schedule_follows_a_drifting_step_rate_to_the_end(tmp_path: Path,
     the schedule, annealed, within a few steps of the budget."""
     clock = _Clock(0.0)
     cfg = _cfg(epochs=1000, iters_per_epoch=10, time_budget_minutes=5.0, schedule="cosine", budget_probe_steps=10)
-    budget = TimeBudgetHook(cfg, started_at=clock(), clock=clock)
-    trainer = _trainer(cfg, tmp_path, [_Drift(clock, after), budget])
+    budget, lr_log = TimeBudgetHook(cfg, started_at=clock(), clock=clock), _LrLog()
+    trainer = _trainer(cfg, tmp_path, [_Drift(clock, after), budget, lr_log])
     trainer.train()
     elapsed = clock.now - 1000.0
     assert budget.refits >= 2 and budget.step_s == pytest.approx(after)
+    # Every refit continues the decay from where it was: the learning rate never rises, and no
+    # step changes it by more than a few times the mean decrement.
+    drops = [a - b for a, b in zip(lr_log.lrs, lr_log.lrs[1:])]
+    assert min(drops) >= -1e-12 and max(drops) <= 5 * cfg.lr / len(drops)
     assert trainer.state.stop_reason == "finished" and trainer.state.iteration == trainer.state.planned_iters
     assert 300 * 0.98 - 3 * after <= elapsed <= 300 * 0.98  # within 3 steps of the usable budget
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
