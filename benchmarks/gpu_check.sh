@@ -57,7 +57,7 @@ if [[ "$DRY" == "1" ]]; then
              --set train.iters_per_epoch=2 --set train.val_every=1 --set train.batch_size=1
              --set train.warmup_iters=0
              --set "plan.patch_size=[32,32,32]" --set data.num_workers=0)
-    XDIST=()
+    PYTEST_OPTS=()
 else
     T_ENV=20 T_TEST=150 T_GN=80 T_TRAIN=70 T_LA=130 T_INF=50 BUDGET=80s INFER_DEVICE=cuda
     GN_ARGS=(--device cuda --quick) TRAIN_ARGS=(--device cuda --quick)
@@ -66,9 +66,9 @@ else
     # First-time Triton compilation dominates the GPU tests (about 160 tests took over 110 s on
     # 8 workers of an H200 machine): spread it over 12 workers if xdist is installed (16 cores
     # there), and cap each test so one hang cannot take the step's whole budget.
-    XDIST=()
-    "$PYTHON" -c "import xdist" 2>/dev/null && XDIST=(-n 12)
-    "$PYTHON" -c "import pytest_timeout" 2>/dev/null && XDIST+=(--timeout 90)
+    PYTEST_OPTS=()
+    "$PYTHON" -c "import xdist" 2>/dev/null && PYTEST_OPTS=(-n 12)
+    "$PYTHON" -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS+=(--timeout 90)
 fi
 
 env_report() {
@@ -88,7 +88,7 @@ PY
 run env "$T_ENV" bash -c "$(declare -f env_report); PYTHON='$PYTHON' env_report"
 # -v with --tb=short: every test's outcome is in the log as it happens, so a step cut by its
 # timeout still names the tests that failed (the junit file is written only at the end).
-run pytest_gpu "$T_TEST" "$PYTHON" -m pytest -p no:cacheprovider -v --tb=short -rfE -m gpu "${XDIST[@]}" \
+run pytest_gpu "$T_TEST" "$PYTHON" -m pytest -p no:cacheprovider -v --tb=short -rfE -m gpu "${PYTEST_OPTS[@]}" \
     --junitxml="$OUTDIR/pytest_gpu.xml" tests/ops tests/benchmarks
 run bench_gn "$T_GN" "$PYTHON" benchmarks/bench_group_norm.py "${GN_ARGS[@]}" --out "$OUTDIR/bench"
 run bench_train "$T_TRAIN" "$PYTHON" benchmarks/bench_train.py "${TRAIN_ARGS[@]}" --out "$OUTDIR/bench"

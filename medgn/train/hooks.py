@@ -216,8 +216,7 @@ class TimeBudgetHook(HookBase):
         self.validates = validates
         self.first_val_epoch = cfg.val_every if validates and cfg.val_every else 0
         self._start = started_at
-        self._probe_start: float | None = None
-        self._probe_iter = 0
+        self._probe: tuple[float, int] | None = None  # (time, iteration) where the probe began
         self.step_s: float | None = None
         self.val_s = 0.0
         self._refine_at = 0
@@ -255,35 +254,38 @@ class TimeBudgetHook(HookBase):
         self._win, self._win_val_s, self._win_vals = (self.clock(), it), 0.0, 0
         return total
 
-    def _rate_since_probe(self, now: float, iteration: int, excluded_s: float = 0.0) -> float | None:
-        """Seconds per step over every step since the probe began (None after a resume: not timed)."""
-        if self._probe_start is None or iteration <= self._probe_iter:
+    @staticmethod
+    def _rate(origin: tuple[float, int] | None, now: float, iteration: int, excluded_s: float = 0.0) -> float | None:
+        """Seconds per step since ``origin`` = (time, iteration), ``excluded_s`` taken out.
+
+        None without an origin (after a resume: not timed) or without a step since it.
+        """
+        if origin is None or iteration <= origin[1]:
             return None
-        return max(now - self._probe_start - excluded_s, 1e-9) / (iteration - self._probe_iter)
+        return max(now - origin[0] - excluded_s, 1e-9) / (iteration - origin[1])
 
     def after_step(self, trainer: Trainer) -> None:
         it = trainer.state.iteration
         if self.fit and self.phase == 0 and not trainer.state.planned_iters:
             if it == self.SKIP_STEPS:
-                self._probe_start, self._probe_iter = self.clock(), it
-            elif self._probe_start is not None and it >= self._probe_iter + self.probe_steps:
-                self.step_s = (self.clock() - self._probe_start) / (it - self._probe_iter)
+                self._probe = (self.clock(), it)
+            elif self._probe is not None and it >= self._probe[1] + self.probe_steps:
+                self.step_s = self._rate(self._probe, self.clock(), it)
                 self.phase = 1
                 total = self._plan(trainer, f"time budget {self.budget_s / 60:g} min")
                 self._refine_at = it + max(self.probe_steps, int((total - it) * self.REFINE_FRACTION))
         elif self.fit and self.phase == 1 and not self.steps_per_validation and it >= self._refine_at > 0:
-            rate = self._rate_since_probe(self.clock(), it)
+            rate = self._rate(self._probe, self.clock(), it)
             self.phase = 2
-            if rate is not None:
+            if rate is not None:  # a probe origin exists
                 self.step_s = rate
-                self._plan(trainer, f"step rate over {it - self._probe_iter} steps")
+                self._plan(trainer, f"step rate over {it - self._probe[1]} steps")  # type: ignore[index]
         elif self.fit and self.phase == 2 and it >= self._next_refit > 0 and self._win is not None:
-            t0, i0 = self._win
-            self.step_s = max(self.clock() - t0 - self._win_val_s, 1e-9) / max(it - i0, 1)
+            self.step_s = self._rate(self._win, self.clock(), it, self._win_val_s)
             if self._win_vals:
                 self.val_s = self._win_val_s / self._win_vals
             self.refits += 1
-            self._plan(trainer, f"refit {self.refits}, step rate over the last {it - i0} steps")
+            self._plan(trainer, f"refit {self.refits}, step rate over the last {it - self._win[1]} steps")
         if self.budget_s > 0 and self._elapsed() >= self.budget_s:
             trainer.request_stop(f"time budget of {self.budget_s / 60:g} min spent")
 
@@ -300,7 +302,7 @@ class TimeBudgetHook(HookBase):
         self.val_s = float(ddp.gather_objects(float(measured) if measured is not None else 0.0)[0])
         if self.phase == 1:  # planned before the first validation: plan again with its time
             self.phase = 2
-            rate = self._rate_since_probe(self.clock(), trainer.state.iteration, excluded_s=self.val_s)
+            rate = self._rate(self._probe, self.clock(), trainer.state.iteration, excluded_s=self.val_s)
             if rate is not None:
                 self.step_s = rate
             self._plan(trainer, "first validation measured")

@@ -199,10 +199,9 @@ class Trainer:
         total = max(int(total), self.state.iteration + 1)
         if total != self.total_iters:
             log.info("schedule set to %d steps (%s)", total, reason)
-            it = self.state.iteration
-            if it > 0 and it >= self.cfg.warmup_iters:
-                progress = schedule_progress(it, self.cfg, self.total_iters, self._anchor)
-                self.state.schedule_anchor_iter, self.state.schedule_anchor_progress = it, progress
+            it = self.state.iteration  # an anchor inside warmup is ignored (schedule_progress)
+            progress = schedule_progress(it, self.cfg, self.total_iters, self._anchor)
+            self.state.schedule_anchor_iter, self.state.schedule_anchor_progress = it, progress
         self.state.planned_iters = total
 
     @property
