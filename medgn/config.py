@@ -1,11 +1,13 @@
 """The run configuration: one YAML file composed of the per-package sections.
 
 A run config has the sections ``model`` (:class:`~medgn.models.config.UNet3DConfig`), ``data``
-(:class:`~medgn.data.config.DataConfig`), ``plan`` (:class:`~medgn.planning.plan_config.PlanConfig`)
-and ``train`` (:class:`~medgn.train.config.TrainConfig`). :func:`load_run_config` reads the
-YAML, applies ``--set section.key=value`` overrides and validates every key, so a typo fails
-naming the key and the valid choices; :func:`write_resolved_config` saves the fully resolved copy
-(every default spelled out) next to the run's outputs.
+(:class:`~medgn.data.config.DataConfig`), ``plan`` (:class:`~medgn.planning.plan_config.PlanConfig`),
+``train`` (:class:`~medgn.train.config.TrainConfig`) and ``infer``
+(:class:`~medgn.infer.config.InferConfig`, the defaults ``medgn infer`` uses for the model).
+:func:`load_run_config` reads the YAML, applies ``--set section.key=value`` overrides and
+validates every key, so a typo fails naming the key and the valid choices;
+:func:`write_resolved_config` saves the fully resolved copy (every default spelled out) next to the
+run's outputs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import yaml
 from medgn.configtools import apply_overrides, build, config_hash, load_yaml, to_dict
 from medgn.data.config import DataConfig
 from medgn.files import atomic_write_text
+from medgn.infer.config import InferConfig
 from medgn.models.config import UNet3DConfig
 from medgn.planning.plan_config import PlanConfig
 from medgn.train.config import TrainConfig
@@ -34,6 +37,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-able)."""

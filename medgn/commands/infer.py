@@ -9,6 +9,13 @@ from medgn.commands import limits_from_args
 from medgn.data.preflight import DEFAULT_LIMITS
 
 
+def _axes(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or any(p not in ("0", "1", "2") for p in parts) or len(set(parts)) != len(parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of distinct axes from 0, 1, 2 (e.g. 0,1)")
+    return tuple(int(p) for p in parts)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("infer", help="segment a scan or a folder of scans with trained models")
     parser.add_argument(
@@ -28,7 +35,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--output", required=True, metavar="DIR", help="output folder (created; never inside the input)"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8 flips)")
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mirroring test-time augmentation over every subset of the mirror axes (8 flips for 3 axes); "
+        "default: what the model was trained to use (its config's infer.tta)",
+    )
+    parser.add_argument(
+        "--mirror-axes",
+        type=_axes,
+        default=None,
+        metavar="A,B",
+        help="spatial axes test-time augmentation flips, e.g. 0,1 (4 flips); default: the model's infer.mirror_axes",
+    )
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default: 0.5)")
     parser.add_argument("--sw-batch-size", type=int, default=2, help="windows per forward pass (default: 2)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for inference on the CPU")
@@ -109,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     settings = InferSettings.of(
         device=args.device,
         tta=args.tta,
+        mirror_axes=args.mirror_axes,
         overlap=args.overlap,
         save_probabilities=args.save_probabilities,
         largest_component=args.largest_component,

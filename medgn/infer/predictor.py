@@ -28,9 +28,17 @@ from torch import nn
 
 from medgn.errors import ModelError, UsageError
 from medgn.files import json_sha256
+from medgn.infer.config import InferConfig
 from medgn.planning.plan import Plan
 
-__all__ = ["ModelSource", "Predictor", "load_predictor", "resolve_model_path", "state_dict_sha256"]
+__all__ = [
+    "ModelSource",
+    "Predictor",
+    "load_predictor",
+    "merge_infer_defaults",
+    "resolve_model_path",
+    "state_dict_sha256",
+]
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,8 @@ class Predictor:
         sources: one :class:`ModelSource` per model.
         config_hash: sha256 over every model's resolved config and plan.
         device: where the networks run.
+        defaults: the inference defaults the models carry (their configs' ``infer`` sections,
+            merged by :func:`merge_infer_defaults`).
     """
 
     models: list[nn.Module]
@@ -58,6 +68,7 @@ class Predictor:
     sources: list[ModelSource]
     config_hash: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    defaults: InferConfig = field(default_factory=InferConfig)
 
     @property
     def label_values(self) -> list[int]:
@@ -137,6 +148,19 @@ def _shape_diff(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> list[s
     return diffs
 
 
+def merge_infer_defaults(defaults: Sequence[InferConfig]) -> InferConfig:
+    """One set of inference defaults for an ensemble.
+
+    Test-time mirroring is on when any model asks for it, over the axes every model that asks for
+    it mirrors (a flip one of them was not trained for would hurt that model's share).
+    """
+    wanting = [d for d in defaults if d.tta]
+    if not wanting:
+        return InferConfig()
+    common = [a for a in wanting[0].mirror_axes if all(a in d.mirror_axes for d in wanting[1:])]
+    return InferConfig(tta=True, mirror_axes=tuple(common)) if common else InferConfig()
+
+
 def _load_one(
     path: str | os.PathLike[str], device: torch.device
 ) -> tuple[nn.Module, Plan, ModelSource, dict[str, Any]]:
@@ -184,6 +208,16 @@ def _load_one(
     model.to(device).eval()
     # The config hash covers the plan as stored, so sidecars of earlier runs still match.
     return model, plan, ModelSource(str(file), sha256), {"config": dict(config), "plan": dict(raw_plan)}
+
+
+def _infer_defaults(config: Mapping[str, Any], file: str) -> InferConfig:
+    """A checkpoint's ``infer`` section (absent in checkpoints from before it existed: the defaults)."""
+    from medgn.configtools import build
+
+    try:
+        return build(InferConfig, config.get("infer", {}), "infer")
+    except UsageError as exc:
+        raise ModelError(file, f"checkpoint config has bad inference defaults ({exc.one_line()})") from exc
 
 
 def _plan_diff(a: Plan, b: Plan) -> list[str]:
@@ -238,7 +272,8 @@ def load_predictor(
         sources.append(source)
         records.append(record)
     assert plan0 is not None  # items is non-empty
-    return Predictor(models, plan0, sources, json_sha256(records), dev)
+    defaults = merge_infer_defaults([_infer_defaults(r["config"], s.path) for r, s in zip(records, sources)])
+    return Predictor(models, plan0, sources, json_sha256(records), dev, defaults)
 
 
 def fold_runs(path: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:

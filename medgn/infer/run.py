@@ -242,7 +242,9 @@ def _run_cases(
 ) -> InferenceReport:
     from medgn.environment import versions
 
-    settings = _settings(predictor, run.tta, run.overlap, run.sw_batch_size, run.mirror_axes, run.precision)
+    tta = predictor.defaults.tta if run.tta is None else run.tta
+    axes = predictor.defaults.mirror_axes if run.mirror_axes is None else run.mirror_axes
+    settings = _settings(predictor, tta, run.overlap, run.sw_batch_size, axes, run.precision)
     # What determines a mask (the case fingerprint covers it): unchanged since sidecar version 1.
     recorded = {
         **asdict(settings),

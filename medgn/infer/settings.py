@@ -22,10 +22,11 @@ class InferSettings:
 
     Attributes:
         device: "cpu" or "cuda[:i]" (plain "cuda" under torchrun: ``cuda:$LOCAL_RANK``).
-        tta: average over mirrored inputs (all 2**len(mirror_axes) flips).
+        tta: average over mirrored inputs (all 2**len(mirror_axes) flips); None: what the models
+            carry (their configs' ``infer.tta``).
         overlap: sliding-window overlap fraction in [0, 1); 0.5 is nnU-Net's default.
         sw_batch_size: windows per forward pass (2: fits a 24 GB GPU at the largest planned patch).
-        mirror_axes: spatial axes TTA mirrors.
+        mirror_axes: spatial axes TTA mirrors; None: the models' ``infer.mirror_axes``.
         save_probabilities: also write float16 class probabilities.
         largest_component: keep only the largest connected component of each class (the same as
             ``postprocess="lcc"``).
@@ -43,10 +44,10 @@ class InferSettings:
     """
 
     device: str = "cpu"
-    tta: bool = False
+    tta: bool | None = None
     overlap: float = 0.5
     sw_batch_size: int = 2
-    mirror_axes: tuple[int, ...] = (0, 1, 2)
+    mirror_axes: tuple[int, ...] | None = None
     save_probabilities: bool = False
     largest_component: bool = False
     overwrite: bool = False
@@ -72,7 +73,7 @@ class InferSettings:
         unknown = sorted(set(changes) - known)
         if unknown:
             raise UsageError("infer", f"unknown setting(s) {', '.join(unknown)}", expected=", ".join(sorted(known)))
-        if "mirror_axes" in changes:
+        if changes.get("mirror_axes") is not None:
             changes["mirror_axes"] = tuple(int(a) for a in changes["mirror_axes"])
         if changes.get("channels") is not None:
             changes["channels"] = tuple(str(c) for c in changes["channels"])

@@ -134,8 +134,18 @@ def tiny_model_config() -> dict[str, Any]:
     return {"model": {"features": [4, 8], "num_groups": 2, "deep_supervision": False}}
 
 
-def save_run(run_dir: Path, seed: int = 0, in_channels: int = 1, plan_dict: dict[str, Any] | None = None) -> Path:
-    """A run folder with one real (untrained) UNet3D checkpoint marked best; returns run_dir."""
+def save_run(
+    run_dir: Path,
+    seed: int = 0,
+    in_channels: int = 1,
+    plan_dict: dict[str, Any] | None = None,
+    infer: Any = None,
+) -> Path:
+    """A run folder with one real (untrained) UNet3D checkpoint marked best; returns run_dir.
+
+    ``infer``: the config's ``infer`` section (inference defaults); None leaves it out, as in
+    checkpoints from before it existed.
+    """
     from medgn.checkpoint import save_checkpoint
     from medgn.configtools import build
     from medgn.models.config import UNet3DConfig
@@ -143,6 +153,8 @@ def save_run(run_dir: Path, seed: int = 0, in_channels: int = 1, plan_dict: dict
 
     p = plan_dict or plan(in_channels=in_channels)
     config = tiny_model_config()
+    if infer is not None:
+        config["infer"] = infer
     torch.manual_seed(seed)
     net = build_model(
         build(UNet3DConfig, config["model"], "model"),
