@@ -265,21 +265,27 @@ def invert_to_input(
     out = torch.empty((k, *shape_in), dtype=torch.float32)
     plane = shape_in[1] * shape_in[2]
     step = max(1, INVERT_SLAB_VOXELS // max(plane, 1))
-    jj, kk = np.meshgrid(np.arange(shape_in[1]), np.arange(shape_in[2]), indexing="ij")
+    # The map is affine, so a voxel's pipeline coordinates are i * m[:, 0] plus a term of (j, k)
+    # that every slab shares: computed once, in float64, with torch's threaded element-wise ops.
+    mt = torch.from_numpy(m[:3]).to(torch.float64)  # (3, 4)
+    jj = torch.arange(shape_in[1], dtype=torch.float64)[:, None, None]
+    kk = torch.arange(shape_in[2], dtype=torch.float64)[None, :, None]
+    in_plane = jj * mt[:, 1] + kk * mt[:, 2] + mt[:, 3]  # (Y, Z, 3)
+    size_t = torch.from_numpy(size)
+    lo, hi = -0.5 - 1e-6, size_t - 0.5 + 1e-6  # half a voxel beyond the outer centres is still inside
+    # Normalised grid_sample coordinates: 2 p / (size - 1) - 1, and 0 along an axis of one voxel.
+    scale = torch.where(size_t > 1, 2.0 / (size_t - 1).clamp(min=1), torch.zeros(3, dtype=torch.float64))
+    shift = torch.where(size_t > 1, -torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
     for start in range(0, shape_in[0], step):
-        ii = np.arange(start, min(start + step, shape_in[0]))
-        idx = np.stack(np.broadcast_arrays(ii[:, None, None], jj[None], kk[None]), axis=-1).astype(
-            np.float64
-        )  # (n, Y, Z, 3)
-        p = idx @ m[:3, :3].T + m[:3, 3]  # pipeline voxel coordinates
-        # Half a voxel beyond the outer centres is still inside the grid; outside is fill.
-        outside = np.any((p < -0.5 - 1e-6) | (p > size - 0.5 + 1e-6), axis=-1)
-        norm = np.where(size > 1, 2.0 * p / np.maximum(size - 1, 1) - 1.0, 0.0)
-        grid = torch.from_numpy(norm[..., ::-1].copy()).float()[None]  # grid_sample wants (z, y, x) order
+        stop = min(start + step, shape_in[0])
+        ii = torch.arange(start, stop, dtype=torch.float64)[:, None, None, None]
+        p = ii * mt[:, 0] + in_plane  # (n, Y, Z, 3) pipeline voxel coordinates
+        outside = ((p < lo) | (p > hi)).any(dim=-1)
+        grid = (p * scale + shift).flip(-1).float()[None]  # grid_sample wants (z, y, x) order
         sampled = F.grid_sample(src, grid, mode=mode, padding_mode="border", align_corners=True)[0]  # (K, n, Y, Z)
-        mask = torch.from_numpy(outside)
-        sampled[:, mask] = fill_t[:, None]
-        out[:, ii[0] : ii[-1] + 1] = sampled
+        if bool(outside.any()):
+            sampled[:, outside] = fill_t[:, None]
+        out[:, start:stop] = sampled
     return out
 
 

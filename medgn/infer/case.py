@@ -87,6 +87,23 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def class_indices(probs: torch.Tensor) -> np.ndarray:
+    """The class of every voxel of (K, X, Y, Z) scores: the first maximum, as ``argmax(dim=0)``.
+
+    One pass per class over contiguous planes instead of torch's strided reduction over the class
+    axis (about 10x slower on a CPU for the few classes of a segmentation); uint8 indices up to 256
+    classes.
+    """
+    k = int(probs.shape[0])
+    best = probs[0].clone()
+    index = torch.zeros(probs.shape[1:], dtype=torch.uint8 if k <= 256 else torch.int64)
+    for c in range(1, k):
+        better = probs[c] > best  # strictly greater: a tie keeps the lower class, as argmax does
+        index.masked_fill_(better, c)
+        torch.maximum(best, probs[c], out=best)
+    return index.numpy()
+
+
 def _read_channels(
     images: tuple[Path, ...], in_channels: int, limits: Any = None, reads: list[Any] | None = None
 ) -> list[Any]:
@@ -255,7 +272,9 @@ def _segment(
             threads=options.get("threads"),
         )
         times["predict"] = time.perf_counter() - t1
+        t_inv = time.perf_counter()
         probs = torch.as_tensor(invert(probs, data)).float()  # (K, X, Y, Z) on the input grid
+        times["invert"] = time.perf_counter() - t_inv
     t2 = time.perf_counter()
     if tuple(probs.shape[1:]) != reference.shape:
         raise InputDataError(
@@ -265,7 +284,7 @@ def _segment(
             expected=f"shape {reference.shape}",
         )
     label_values = np.asarray(predictor.label_values, dtype=np.int64)
-    classes = probs.argmax(dim=0).numpy()  # (X, Y, Z) class indices
+    classes = class_indices(probs)  # (X, Y, Z) class indices
     if options.get("postprocessing") is not None:
         from medgn.infer.postprocess import apply as apply_postprocessing
 
@@ -308,7 +327,7 @@ def _segment(
             "mask": outputs[0],
             "seconds": {k: round(v, 4) for k, v in times.items()},
             "warnings": warnings,
-            "labels_found": sorted(int(v) for v in np.unique(mask)),
+            "labels_found": [int(label_values[c]) for c in np.flatnonzero(np.bincount(classes.ravel(), minlength=k))],
         }
     )
     atomic_write_json(sidecar_path, sidecar, overwrite=True)

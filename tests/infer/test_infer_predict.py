@@ -7,6 +7,7 @@ import pickle
 from pathlib import Path
 
 import _infer_fixtures as F
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -230,3 +231,15 @@ def test_auto_precision_is_recorded_as_what_runs(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("MEDGN_CPU_BF16", "0")
     assert resolve_precision(cpu, "auto") == "fp32"
     assert resolve_precision(cpu, "bf16") == "bf16" and resolve_precision(cpu, "fp32") == "fp32"
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 300])
+def test_class_indices_match_argmax_with_ties(k: int) -> None:
+    from medgn.infer.case import class_indices
+
+    g = torch.Generator().manual_seed(k)
+    # Scores on a coarse grid of values, so many voxels tie between classes.
+    probs = torch.randint(0, 4, (k, 9, 7, 5), generator=g).float() / 4
+    got = class_indices(probs)
+    assert got.dtype == (np.uint8 if k <= 256 else np.int64) and got.shape == (9, 7, 5)
+    np.testing.assert_array_equal(got.astype(np.int64), probs.argmax(dim=0).numpy())
