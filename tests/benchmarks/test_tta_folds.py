@@ -32,9 +32,11 @@ def test_summary_pools_cases_and_pairs_them() -> None:
     assert rows["none"]["seconds_per_scan"] == 2.0 and "gain_mean" not in rows["none"]
     assert rows["0,1"]["gain_mean"] == pytest.approx(0.03) and rows["0,1"]["dice_min"] == 0.76
     assert (rows["0,1"]["cases_improved"], rows["0,1"]["cases_worse"]) == (2, 1)
-    assert "| 0,1 | `--tta --mirror-axes 0,1` | 0.8300 |" in tta.markdown(
-        {"machine": "m", "threads": 1, "folds": ["f0", "f1"], "variants": rows}
-    )
+    monai = tta.against_monai(per, {"f0/a": (0.82, 1.0), "f0/b": (0.80, 1.0)})  # fold f1 without MONAI
+    assert monai["cases"] == 2 and monai["folds"] == ["f0"] and monai["dice_mean"] == 0.81
+    assert monai["medgn_dice_mean"] == {"none": 0.85, "0,1": 0.865} and monai["medgn_ahead"] == {"none": 1, "0,1": 2}
+    text = tta.markdown({"machine": "m", "threads": 1, "folds": ["f0", "f1"], "variants": rows, "monai": monai})
+    assert "| 0,1 | `--tta --mirror-axes 0,1` | 0.8300 |" in text and "| 0,1 | 0.8650 | +0.0550 | 2 of 2 |" in text
 
 
 def test_runs_the_command_line_on_a_work_folder(tmp_path: Path) -> None:
