@@ -24,6 +24,7 @@ import csv
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -150,14 +151,25 @@ def main(argv: list[str] | None = None) -> int:
         n = len(list(images.iterdir()))
         for variant in args.variants:
             work = fold / "tta" / variant.replace(",", "-")
-            work.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(work, ignore_errors=True)  # every case predicted again: no skipped case in the timing
+            work.mkdir(parents=True)
             pred = work / "pred"
             cmd = [*medgn, "infer", "--model", str(run), "--input", str(images), "--output", str(pred)]
             wall = vs_monai._run(
                 [*cmd, "--overwrite", "--no-progress", *variant_args(variant)], args.threads, work / "infer.log"
             )
             vs_monai._run(
-                [*medgn, "evaluate", "--pred", str(pred), "--ref", str(labels), "--out", str(work / "eval")],
+                [
+                    *medgn,
+                    "evaluate",
+                    "--pred",
+                    str(pred),
+                    "--ref",
+                    str(labels),
+                    "--out",
+                    str(work / "eval"),
+                    "--overwrite",
+                ],
                 args.threads,
                 work / "eval.log",
             )
