@@ -47,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_axes,
         default=None,
         metavar="A,B",
-        help="spatial axes test-time augmentation flips, e.g. 0,1 (4 flips); default: the model's infer.mirror_axes",
+        help="mirror over these spatial axes, e.g. 0,1 (4 flips; turns mirroring on unless --no-tta); "
+        "default: the model's infer.mirror_axes",
     )
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default: 0.5)")
     parser.add_argument("--sw-batch-size", type=int, default=2, help="windows per forward pass (default: 2)")

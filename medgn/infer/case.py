@@ -92,15 +92,17 @@ def class_indices(probs: torch.Tensor) -> np.ndarray:
 
     One pass per class over contiguous planes instead of torch's strided reduction over the class
     axis (about 10x slower on a CPU for the few classes of a segmentation); uint8 indices up to 256
-    classes.
+    classes. Unlike ``argmax``, a NaN score never wins: the voxel takes its best class with a
+    number (background when every score is NaN).
     """
     k = int(probs.shape[0])
     best = probs[0].clone()
+    best.masked_fill_(best.isnan(), float("-inf"))
     index = torch.zeros(probs.shape[1:], dtype=torch.uint8 if k <= 256 else torch.int64)
     for c in range(1, k):
         better = probs[c] > best  # strictly greater: a tie keeps the lower class, as argmax does
         index.masked_fill_(better, c)
-        torch.maximum(best, probs[c], out=best)
+        torch.fmax(best, probs[c], out=best)  # fmax: a NaN score does not become the best
     return index.numpy()
 
 
@@ -327,7 +329,9 @@ def _segment(
             "mask": outputs[0],
             "seconds": {k: round(v, 4) for k, v in times.items()},
             "warnings": warnings,
-            "labels_found": [int(label_values[c]) for c in np.flatnonzero(np.bincount(classes.ravel(), minlength=k))],
+            "labels_found": sorted(
+                {int(label_values[c]) for c in np.flatnonzero(np.bincount(classes.ravel(), minlength=k))}
+            ),
         }
     )
     atomic_write_json(sidecar_path, sidecar, overwrite=True)

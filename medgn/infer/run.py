@@ -35,6 +35,7 @@ from medgn.infer.case import (
     refuse_existing,
     run_case,
 )
+from medgn.infer.config import InferConfig
 from medgn.infer.outputs import (
     CaseResult,
     InferenceReport,
@@ -92,6 +93,23 @@ def _clean_own_temps(output_dir: Path, names: Sequence[str], shard: tuple[int, i
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def resolve_mirroring(run: InferSettings, defaults: InferConfig) -> tuple[bool, tuple[int, ...]]:
+    """Whether and over which axes a run mirrors: what it asks for, else what the models carry.
+
+    Axes given without ``tta`` turn mirroring on (asking for axes means asking for mirroring);
+    ``tta=False`` wins. The axes come back sorted, and as (0, 1, 2) when mirroring is off, so
+    runs that compute the same thing record the same settings (and the same case fingerprints).
+    """
+    if run.tta is not None:
+        tta = run.tta
+    else:
+        tta = True if run.mirror_axes is not None else defaults.tta
+    if not tta:
+        return False, (0, 1, 2)
+    axes = run.mirror_axes if run.mirror_axes is not None else defaults.mirror_axes
+    return True, tuple(sorted(int(a) for a in axes))
 
 
 def _settings(
@@ -242,8 +260,8 @@ def _run_cases(
 ) -> InferenceReport:
     from medgn.environment import versions
 
-    tta = predictor.defaults.tta if run.tta is None else run.tta
-    axes = predictor.defaults.mirror_axes if run.mirror_axes is None else run.mirror_axes
+    tta, axes = resolve_mirroring(run, predictor.defaults)
+    log.info("test-time mirroring: %s", f"axes {list(axes)} ({2 ** len(axes)} flips)" if tta else "off")
     settings = _settings(predictor, tta, run.overlap, run.sw_batch_size, axes, run.precision)
     # What determines a mask (the case fingerprint covers it): unchanged since sidecar version 1.
     recorded = {

@@ -87,6 +87,13 @@ def test_old_checkpoints_keep_tta_off_and_bad_sections_are_model_errors(
         main(["infer", "--model", str(old), "--input", str(src), "--output", str(tmp_path / "o"), "--no-progress"]) == 0
     )
     assert _window(tmp_path / "o")["tta"] is False
+    # Axes without --tta ask for mirroring; the axes are recorded sorted.
+    args = ["infer", "--model", str(old), "--input", str(src), "--no-progress", "--mirror-axes", "1,0"]
+    assert main([*args, "--output", str(tmp_path / "ax")]) == 0
+    assert (_window(tmp_path / "ax")["tta"], _window(tmp_path / "ax")["mirror_axes"]) == (True, [0, 1])
+    # --no-tta wins over axes, and a run without mirroring records every axis, as before.
+    assert main([*args, "--no-tta", "--output", str(tmp_path / "ax_off")]) == 0
+    assert (_window(tmp_path / "ax_off")["tta"], _window(tmp_path / "ax_off")["mirror_axes"]) == (False, [0, 1, 2])
     broken = F.save_run(tmp_path / "broken", infer={"mirror_axes": [5]})
     capsys.readouterr()
     code = main(

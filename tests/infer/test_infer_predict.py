@@ -243,3 +243,12 @@ def test_class_indices_match_argmax_with_ties(k: int) -> None:
     got = class_indices(probs)
     assert got.dtype == (np.uint8 if k <= 256 else np.int64) and got.shape == (9, 7, 5)
     np.testing.assert_array_equal(got.astype(np.int64), probs.argmax(dim=0).numpy())
+
+
+def test_class_indices_never_pick_a_nan_score() -> None:
+    from medgn.infer.case import class_indices
+
+    probs = torch.tensor([[0.2, float("nan"), 0.7], [float("nan"), 0.9, 0.3], [0.1, 0.1, float("nan")]])[
+        ..., None, None
+    ]
+    assert class_indices(probs).ravel().tolist() == [0, 1, 0]
