@@ -155,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             work.mkdir(parents=True)
             pred = work / "pred"
             cmd = [*medgn, "infer", "--model", str(run), "--input", str(images), "--output", str(pred)]
-            wall = vs_monai._run(
-                [*cmd, "--overwrite", "--no-progress", *variant_args(variant)], args.threads, work / "infer.log"
-            )
+            wall = vs_monai._run([*cmd, "--no-progress", *variant_args(variant)], args.threads, work / "infer.log")
             vs_monai._run(
                 [
                     *medgn,
@@ -168,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
                     str(labels),
                     "--out",
                     str(work / "eval"),
-                    "--overwrite",
                 ],
                 args.threads,
                 work / "eval.log",

@@ -11,6 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def distinct_spatial_axes(axes: tuple[int, ...]) -> bool:
+    """Whether ``axes`` are distinct spatial axes (0, 1, 2): the one rule for mirror axes."""
+    return len(set(axes)) == len(axes) and all(a in (0, 1, 2) for a in axes)
+
+
 @dataclass(frozen=True)
 class InferConfig:
     """Inference defaults a model carries.
@@ -26,5 +31,5 @@ class InferConfig:
     mirror_axes: tuple[int, ...] = field(default=(0, 1, 2), metadata={"min": 0, "max": 2})
 
     def __post_init__(self) -> None:
-        if not self.mirror_axes or len(set(self.mirror_axes)) != len(self.mirror_axes):
+        if not self.mirror_axes or not distinct_spatial_axes(self.mirror_axes):
             raise ValueError(f"infer.mirror_axes must be distinct axes of 0, 1, 2, got {list(self.mirror_axes)}")

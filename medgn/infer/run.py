@@ -102,10 +102,7 @@ def resolve_mirroring(run: InferSettings, defaults: InferConfig) -> tuple[bool, 
     ``tta=False`` wins. The axes come back sorted, and as (0, 1, 2) when mirroring is off, so
     runs that compute the same thing record the same settings (and the same case fingerprints).
     """
-    if run.tta is not None:
-        tta = run.tta
-    else:
-        tta = True if run.mirror_axes is not None else defaults.tta
+    tta = run.tta if run.tta is not None else (run.mirror_axes is not None or defaults.tta)
     if not tta:
         return False, (0, 1, 2)
     axes = run.mirror_axes if run.mirror_axes is not None else defaults.mirror_axes

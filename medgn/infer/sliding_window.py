@@ -23,6 +23,7 @@ from torch import nn
 
 from medgn.environment import cpu_bf16_supported
 from medgn.errors import ResourceError, UsageError
+from medgn.infer.config import distinct_spatial_axes
 
 __all__ = ["PRECISIONS", "WindowSettings", "mirror_flips", "predict_probabilities"]
 
@@ -65,7 +66,7 @@ class WindowSettings:
             )
         if len(self.roi_size) != 3 or any(int(s) < 1 for s in self.roi_size):
             raise UsageError("patch_size", "window size must be 3 positive integers", got=list(self.roi_size))
-        if len(set(self.mirror_axes)) != len(self.mirror_axes) or any(a not in (0, 1, 2) for a in self.mirror_axes):
+        if not distinct_spatial_axes(self.mirror_axes):
             raise UsageError(
                 "mirror_axes",
                 "mirror axes must be distinct spatial axes",
