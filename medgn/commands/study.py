@@ -6,9 +6,7 @@ import argparse
 import math
 
 from medgn.commands.train import parse_fold
-from medgn.config import load_run_config
 from medgn.errors import UsageError
-from medgn.workflows.study import norm_study
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -50,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    from medgn.config import load_run_config
+    from medgn.workflows.study import norm_study
 
     cfg = load_run_config(args.config, args.set)
     batch_sizes = _ints(args.batch_sizes, "--batch-sizes")

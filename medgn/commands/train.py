@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import re
 
-from medgn.config import load_run_config
 from medgn.errors import UsageError
-from medgn.workflows.train import ALL_FOLDS, train_on_dataset
+from medgn.planning.splits import ALL_FOLDS
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
 
@@ -74,6 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    from medgn.config import load_run_config
+    from medgn.workflows.train import train_on_dataset
 
     overrides = list(args.set)
     if args.time_budget:

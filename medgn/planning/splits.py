@@ -17,6 +17,8 @@ import numpy as np
 from medgn.errors import InputDataError, UsageError
 from medgn.files import atomic_write_json
 
+ALL_FOLDS = -1  # --fold all: train on every case, no validation split
+
 
 def make_splits(case_ids: Sequence[str], n_folds: int = 5, seed: int = 0) -> list[dict[str, list[str]]]:
     """Partition case ids into ``n_folds`` folds of near-equal size.

@@ -38,7 +38,7 @@ from medgn.infer import postprocess
 from medgn.logs import attach_file_log, get_logger
 from medgn.planning.plan import Plan
 from medgn.planning.plan_config import apply_plan_config
-from medgn.planning.splits import load_or_create_splits, make_splits
+from medgn.planning.splits import ALL_FOLDS, load_or_create_splits, make_splits
 from medgn.train import distributed as ddp
 from medgn.train.logging_hooks import default_hooks
 from medgn.train.patches import PatchDataset
@@ -52,7 +52,6 @@ log = get_logger(__name__)
 DATASET_PLAN = "dataset_plan.json"  # the plan of the dataset as `medgn plan` makes it
 RUN_PLAN = "plan.json"  # the plan this run trains with (after the config's overrides)
 SPLITS = "splits.json"  # the cross-validation folds, next to a plan and in every run folder
-ALL_FOLDS = -1  # --fold all: train on every case, no validation split
 # (network, run folder, resuming) -> extra hooks; loads initial weights unless resuming (fine-tuning).
 ModelInit = Callable[[torch.nn.Module, Path, bool], Sequence[Any]]
 FINGERPRINT_SEED = 0  # the intensity sampling of a plan made by training (as `medgn plan`'s default)
