@@ -21,7 +21,6 @@ def test_import_does_not_load_triton_or_cuda() -> None:
     assert proc.stdout.strip() == "ok"
 
 
-
 PARSER_CHECK = """
 import sys
 from medgn.cli import build_parser
