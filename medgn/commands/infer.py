@@ -7,13 +7,17 @@ import sys
 
 from medgn.commands import limits_from_args
 from medgn.data.preflight import DEFAULT_LIMITS
+from medgn.infer.config import distinct_spatial_axes
 
 
 def _axes(text: str) -> tuple[int, ...]:
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts or any(p not in ("0", "1", "2") for p in parts) or len(set(parts)) != len(parts):
+    try:
+        axes = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        axes = ()
+    if not axes or not distinct_spatial_axes(axes):
         raise argparse.ArgumentTypeError(f"{text!r} is not a list of distinct axes from 0, 1, 2 (e.g. 0,1)")
-    return tuple(int(p) for p in parts)
+    return axes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -7,6 +7,7 @@ ensembles merge it, and a checkpoint from before the section existed keeps TTA o
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from medgn.cli import main
+from medgn.commands.infer import _axes
 from medgn.config import build_run_config
 from medgn.errors import UsageError
 from medgn.infer.config import InferConfig
@@ -102,3 +104,14 @@ def test_old_checkpoints_keep_tta_off_and_bad_sections_are_model_errors(
     err = capsys.readouterr().err
     assert code == 4 and "infer.mirror_axes" in err and "broken" in err
     assert not (tmp_path / "b").exists() or not list((tmp_path / "b").glob("*.nii.gz"))
+
+
+@pytest.mark.parametrize(("text", "axes"), [("0,1", (0, 1)), (" 2 , 0 ", (2, 0)), ("1", (1,)), ("0,1,2,", (0, 1, 2))])
+def test_mirror_axes_option_parses_distinct_spatial_axes(text: str, axes: tuple[int, ...]) -> None:
+    assert _axes(text) == axes
+
+
+@pytest.mark.parametrize("text", ["", ",", "0,0", "3", "-1", "1.5", "x", "0;1"])
+def test_mirror_axes_option_rejects_anything_else(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="distinct axes"):
+        _axes(text)
