@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from medgn.ops.group_norm_plan import _channels_last_format, _is_channels_last
 from medgn.ops.group_norm_ref import apply_activation, check_group_norm_args
 from medgn.ops.group_norm_triton import alloc_like
 
@@ -190,13 +191,29 @@ def _group_norm_native(
 
     ATen's kernel computes the same statistics as :func:`group_norm_ref` (centred, float32
     accumulation) in one pass on the CPU, 2-3x faster than the reference's separate tensor ops;
-    half inputs are normalised in float32 like the reference does.
+    half inputs are normalised in float32 like the reference does. Two CPU specifics (measured
+    with torch 2.13 on 2 cores, 2x16x64x64x32 activations, forward and backward):
+    - bfloat16 goes to the kernel as it is: ATen normalises it with float32 statistics and float32
+      weights itself, the same values as a float32 copy would give, without the two copies;
+    - ATen's backward over channels-last tensors is 4.6x (float32) to 30x (bfloat16) slower than
+      over contiguous ones, so with gradients on, a channels-last input is normalised contiguous
+      and handed back channels-last (the copies cost a fraction of that).
     """
-    half = x.dtype in (torch.float16, torch.bfloat16)
-    xc = x.float() if half else x
-    w = weight.to(xc.dtype) if weight is not None else None
-    b = bias.to(xc.dtype) if bias is not None else None
-    y = F.group_norm(xc, num_groups, w, b, eps)
+    if x.device.type == "cpu" and torch.is_grad_enabled() and _is_channels_last(x):
+        fmt = _channels_last_format(x)
+        res = residual.contiguous() if residual is not None else None
+        y = _group_norm_native(x.contiguous(), num_groups, weight, bias, eps, act, res, negative_slope)
+        return y.contiguous(memory_format=fmt)
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        w = weight.float() if weight is not None else None  # ATen's mixed path takes float32 weights
+        b = bias.float() if bias is not None else None
+        y = F.group_norm(x, num_groups, w, b, eps)
+    else:
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        xc = x.float() if half else x
+        w = weight.to(xc.dtype) if weight is not None else None
+        b = bias.to(xc.dtype) if bias is not None else None
+        y = F.group_norm(xc, num_groups, w, b, eps)
     if residual is not None:
         y = y + residual.to(y.dtype)
     return apply_activation(y, act, negative_slope).to(x.dtype)

@@ -75,6 +75,48 @@ def test_torch_backend_matches_float64_reference(
         torch.testing.assert_close(g.double(), g_ref, atol=tol * 10, rtol=tol * 10)
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_bf16_goes_to_aten_as_is_with_the_values_of_a_float32_copy(weight_dtype: torch.dtype) -> None:
+    # The CPU path hands bfloat16 to ATen's mixed-type kernel; the float32 copy it replaced is the
+    # yardstick: outputs within one bf16 rounding, gradients within bf16 noise, weight grads float32.
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 16, 6, 5, 4, generator=gen) * 4 + 2).bfloat16().requires_grad_()
+    w = (torch.rand(16, generator=gen) + 0.5).to(weight_dtype).requires_grad_()
+    b = torch.randn(16, generator=gen).to(weight_dtype).requires_grad_()
+    r = torch.randn(2, 16, 6, 5, 4, generator=gen).bfloat16()
+    dy = torch.randn(2, 16, 6, 5, 4, generator=gen).bfloat16()
+    # silu: smooth, so a sum that rounds to the other side of 0 cannot flip a gradient as a kink would.
+    y = group_norm(x, 4, w, b, activation="silu", residual=r, backend="torch")
+    gx, gw, gb = torch.autograd.grad(y, [x, w, b], dy)
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y_copy = apply_activation(F.group_norm(x2.float(), 4, w2.float(), b2.float(), 1e-5) + r.float(), "silu", 0.01)
+    gx2, gw2, gb2 = torch.autograd.grad(y_copy.bfloat16(), [x2, w2, b2], dy)
+    assert y.dtype == torch.bfloat16 and gx.dtype == torch.bfloat16 and gw.dtype == weight_dtype
+    torch.testing.assert_close(y.float(), y_copy, atol=0.04, rtol=2**-7)
+    torch.testing.assert_close(gx.float(), gx2.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(gw.float(), gw2.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(gb.float(), gb2.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_channels_last_with_gradients_stays_channels_last_with_identical_values(dtype: torch.dtype) -> None:
+    # With gradients on, a channels-last CPU input is normalised contiguous (ATen's channels-last
+    # backward is many times slower) and comes back channels-last: same values, same layout.
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(2, 8, 5, 6, 7, generator=gen).to(dtype)
+    r = torch.randn(2, 8, 5, 6, 7, generator=gen).to(dtype)
+    w, b, dy = torch.rand(8, generator=gen) + 0.5, torch.randn(8, generator=gen), torch.randn(base.shape).to(dtype)
+    cl = base.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    flat = base.clone().requires_grad_()
+    y_cl = group_norm(cl, 2, w, b, activation="relu", residual=r, backend="torch")
+    y_flat = group_norm(flat, 2, w, b, activation="relu", residual=r, backend="torch")
+    assert y_cl.is_contiguous(memory_format=torch.channels_last_3d) and not y_cl.is_contiguous()
+    assert torch.equal(y_cl, y_flat)
+    (g_cl,) = torch.autograd.grad(y_cl, cl, dy)
+    (g_flat,) = torch.autograd.grad(y_flat, flat, dy)
+    torch.testing.assert_close(g_cl, g_flat, atol=0, rtol=0)
+
+
 def test_float64_on_torch_backend_stays_float64() -> None:
     x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
     assert group_norm(x, 2, backend="torch").dtype == torch.float64
