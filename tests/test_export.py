@@ -143,8 +143,8 @@ def test_unsupported_operator_is_a_one_line_error_and_nothing_is_written(
     real_build = predictor_module._load_one
 
     def with_bad_op(*args: Any, **kwargs: Any) -> Any:
-        model, plan, source, config = real_build(*args, **kwargs)
-        return nn.Sequential(model, _Unsupported()), plan, source, config
+        model, plan, source, config, defaults = real_build(*args, **kwargs)
+        return nn.Sequential(model, _Unsupported()), plan, source, config, defaults
 
     monkeypatch.setattr(predictor_module, "_load_one", with_bad_op)
     assert main(["export", "--model", str(run_dir), "--out", str(out)]) == 4

@@ -3,12 +3,18 @@
 This module owns the frozen :class:`InferConfig`. It travels inside every checkpoint with the rest
 of the run config, so a recipe's inference defaults (mirroring test-time augmentation and its axes)
 go wherever the model goes: ``medgn infer`` with default settings, ``docker run``, fold ensembles.
-The command line overrides them (``--tta``/``--no-tta``, ``--mirror-axes``).
+The command line overrides them (``--tta``/``--no-tta``, ``--mirror-axes``). The layout the network
+runs in at inference can differ from the training one: on the CPU a bf16 training step is fastest
+contiguous and a bf16 forward pass channels-last (``benchmarks/results/cpu_amp.json``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+# The model's MemoryFormat (medgn.models.config), named here without importing torch.
+InferMemoryFormat = Literal["contiguous", "channels_last_3d"]
 
 
 def distinct_spatial_axes(axes: tuple[int, ...]) -> bool:
@@ -25,10 +31,13 @@ class InferConfig:
             ``mirror_axes``: 2, 4 or 8 forward passes per window) by default.
         mirror_axes: spatial axes (0, 1, 2 of the planned array) the test-time augmentation flips;
             the axes the training flips make a network symmetric under.
+        memory_format: the activation layout of the network at inference; null: the model's own
+            (``model.memory_format``). Only the speed changes, not the weights.
     """
 
     tta: bool = False
     mirror_axes: tuple[int, ...] = field(default=(0, 1, 2), metadata={"min": 0, "max": 2})
+    memory_format: InferMemoryFormat | None = None
 
     def __post_init__(self) -> None:
         if not self.mirror_axes or not distinct_spatial_axes(self.mirror_axes):

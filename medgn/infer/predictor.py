@@ -15,6 +15,7 @@ channels, classes, labels, spacing, normalisation and patch size.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -152,7 +153,8 @@ def merge_infer_defaults(defaults: Sequence[InferConfig]) -> InferConfig:
     """One set of inference defaults for an ensemble.
 
     Test-time mirroring is on when any model asks for it, over the axes every model that asks for
-    it mirrors (a flip one of them was not trained for would hurt that model's share).
+    it mirrors (a flip one of them was not trained for would hurt that model's share). The layout
+    (``memory_format``) is each model's own, applied when it is loaded, so the merge leaves it unset.
     """
     wanting = [d for d in defaults if d.tta]
     if not wanting:
@@ -163,8 +165,9 @@ def merge_infer_defaults(defaults: Sequence[InferConfig]) -> InferConfig:
 
 def _load_one(
     path: str | os.PathLike[str], device: torch.device
-) -> tuple[nn.Module, Plan, ModelSource, dict[str, Any]]:
-    """One checkpoint: the eval-mode network, its plan, its source and the record the config hash covers."""
+) -> tuple[nn.Module, Plan, ModelSource, dict[str, Any], InferConfig]:
+    """One checkpoint: the eval-mode network (in its inference layout), its plan, its source, the
+    record the config hash covers and its inference defaults."""
     from medgn.checkpoint import INFERENCE_ORDER, read_checkpoint
     from medgn.configtools import build
     from medgn.models.config import UNet3DConfig
@@ -192,6 +195,9 @@ def _load_one(
         cfg = build(UNet3DConfig, config.get("model", {}), "model")
     except UsageError as exc:
         raise ModelError(file, f"checkpoint config does not describe a model ({exc.one_line()})") from exc
+    defaults = _infer_defaults(config, str(file))
+    if defaults.memory_format is not None:
+        cfg = dataclasses.replace(cfg, memory_format=defaults.memory_format)
     try:
         model = build_model(cfg, plan.in_channels, plan.num_classes, plan.network.strides, plan.network.kernel_sizes)
     except (UsageError, ModelError, ValueError, TypeError) as exc:
@@ -207,7 +213,7 @@ def _load_one(
     model.load_state_dict(weights, strict=True)
     model.to(device).eval()
     # The config hash covers the plan as stored, so sidecars of earlier runs still match.
-    return model, plan, ModelSource(str(file), sha256), {"config": dict(config), "plan": dict(raw_plan)}
+    return model, plan, ModelSource(str(file), sha256), {"config": dict(config), "plan": dict(raw_plan)}, defaults
 
 
 def _infer_defaults(config: Mapping[str, Any], file: str) -> InferConfig:
@@ -254,10 +260,10 @@ def load_predictor(
     if not items:
         raise UsageError("--model", "no model given", expected="at least one run folder or checkpoint")
     dev = _device(device)
-    models, sources, records = [], [], []
+    models, sources, records, defaults = [], [], [], []
     plan0: Plan | None = None
     for item in items:
-        model, plan, source, record = _load_one(item, dev)
+        model, plan, source, record, infer_defaults = _load_one(item, dev)
         if plan0 is None:
             plan0 = plan
         else:
@@ -271,9 +277,9 @@ def load_predictor(
         models.append(model)
         sources.append(source)
         records.append(record)
+        defaults.append(infer_defaults)
     assert plan0 is not None  # items is non-empty
-    defaults = merge_infer_defaults([_infer_defaults(r["config"], s.path) for r, s in zip(records, sources)])
-    return Predictor(models, plan0, sources, json_sha256(records), dev, defaults)
+    return Predictor(models, plan0, sources, json_sha256(records), dev, merge_infer_defaults(defaults))
 
 
 def fold_runs(path: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:

@@ -14,11 +14,12 @@ from pathlib import Path
 import _infer_fixtures as F
 import numpy as np
 import pytest
+import torch
 
 from medgn.cli import main
 from medgn.commands.infer import _axes
 from medgn.config import build_run_config
-from medgn.errors import UsageError
+from medgn.errors import ModelError, UsageError
 from medgn.infer.config import InferConfig
 from medgn.infer.predictor import load_predictor, merge_infer_defaults
 
@@ -45,7 +46,11 @@ def test_merge_infer_defaults() -> None:
 
 def test_config_section_is_validated() -> None:
     cfg = build_run_config({"infer": {"tta": True, "mirror_axes": [0, 1]}})
-    assert cfg.infer == InferConfig(True, (0, 1)) and cfg.to_dict()["infer"] == {"tta": True, "mirror_axes": [0, 1]}
+    assert cfg.infer == InferConfig(True, (0, 1)) and cfg.to_dict()["infer"] == {
+        "tta": True,
+        "mirror_axes": [0, 1],
+        "memory_format": None,
+    }
     for bad, key in (
         ({"mirror_axes": [0, 0]}, "distinct"),
         ({"mirror_axes": [3]}, "out of range"),
@@ -104,6 +109,31 @@ def test_old_checkpoints_keep_tta_off_and_bad_sections_are_model_errors(
     err = capsys.readouterr().err
     assert code == 4 and "infer.mirror_axes" in err and "broken" in err
     assert not (tmp_path / "b").exists() or not list((tmp_path / "b").glob("*.nii.gz"))
+
+
+def test_the_inference_layout_comes_from_the_infer_section_and_keeps_the_masks(tmp_path: Path) -> None:
+    # The tiny model trains contiguous; infer.memory_format runs the same weights channels-last.
+    flat = F.save_run(tmp_path / "flat", infer={"tta": False})
+    last = F.save_run(tmp_path / "last", infer={"tta": False, "memory_format": "channels_last_3d"})
+    models = {name: load_predictor(run).models[0] for name, run in (("flat", flat), ("last", last))}
+    assert models["flat"].memory_format == "contiguous" and models["last"].memory_format == "channels_last_3d"
+    conv = next(m for m in models["last"].modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d) and not conv.weight.is_contiguous()
+    src = _scan(tmp_path / "in")
+    for name, run in (("flat", flat), ("last", last)):
+        args = ["infer", "--model", str(run), "--input", str(src), "--output", str(tmp_path / f"o_{name}")]
+        assert main([*args, "--no-progress", "--save-probabilities"]) == 0
+    with (
+        np.load(tmp_path / "o_flat" / "a_probabilities.npz") as a,
+        np.load(tmp_path / "o_last" / "a_probabilities.npz") as b,
+    ):
+        np.testing.assert_allclose(
+            a["probabilities"].astype(np.float32), b["probabilities"].astype(np.float32), atol=2e-3
+        )
+    bad = F.save_run(tmp_path / "bad", infer={"memory_format": "nhwc"})
+    with pytest.raises(ModelError) as err:
+        load_predictor(bad)
+    assert "infer.memory_format" in err.value.one_line() and "bad" in err.value.one_line()
 
 
 @pytest.mark.parametrize(("text", "axes"), [("0,1", (0, 1)), (" 2 , 0 ", (2, 0)), ("1", (1,)), ("0,1,2,", (0, 1, 2))])
