@@ -151,13 +151,22 @@ class TensorBoardHook(HookBase):
 
 
 class ProgressPlotHook(HookBase):
-    """``progress.png``: training loss, validation Dice (and EMA), learning rate and epoch time."""
+    """``progress.png``: training loss, validation Dice (and EMA), learning rate and epoch time.
+
+    Drawn after the first epoch, then at most every ``min_interval_s`` seconds, and once more when
+    training ends. A redraw takes about 0.4 s on a CPU core; after every 8-second epoch of the
+    LA2018 CPU recipe that was 5 % of a time budget spent on a picture.
+    """
 
     name = "progress_plot"
     main_only = True
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, min_interval_s: float = 30.0, clock: Any = time.monotonic) -> None:
         self.path = Path(path)
+        self.min_interval_s = min_interval_s
+        self.clock = clock
+        self.last_draw: float | None = None
+        self.drawn = 0  # epoch records in the picture on disk
 
     def draw(self, records: list[dict[str, Any]]) -> None:
         """Redraw the figure from epoch records and write it atomically."""
@@ -189,7 +198,16 @@ class ProgressPlotHook(HookBase):
         atomic_write_with(self.path, lambda tmp: fig.savefig(tmp, format="png"))
 
     def after_epoch(self, trainer: Trainer) -> None:
-        self.draw([*trainer.epoch_records, trainer.epoch_record])
+        now = self.clock()
+        if self.last_draw is None or now - self.last_draw >= self.min_interval_s:
+            records = [*trainer.epoch_records, trainer.epoch_record]
+            self.draw(records)
+            self.last_draw, self.drawn = now, len(records)
+
+    def after_train(self, trainer: Trainer) -> None:
+        if len(trainer.epoch_records) > self.drawn:  # the epochs since the last picture
+            self.draw(trainer.epoch_records)
+            self.drawn = len(trainer.epoch_records)
 
 
 class ConsoleHook(HookBase):

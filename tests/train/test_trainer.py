@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -356,3 +357,22 @@ def test_budget_schedule_counts_the_validation_time(tmp_path: Path, monkeypatch:
     assert trainer.state.planned_iters == 30 + 63
     assert trainer.state.iteration == 93 and trainer.state.stop_reason == "finished"
     assert clock.now - 1000.0 <= 120.0  # steps + validations + the final validation fit the budget
+
+
+def test_progress_plot_is_drawn_first_then_at_most_every_interval_and_at_the_end(tmp_path: Path) -> None:
+    from medgn.train.logging_hooks import ProgressPlotHook
+
+    times = iter([0.0, 10.0, 20.0, 31.0, 40.0])  # the clock at the end of each of 5 epochs
+    hook = ProgressPlotHook(tmp_path / "progress.png", min_interval_s=30.0, clock=lambda: next(times))
+    drawn: list[list[int]] = []
+    hook.draw = lambda records: drawn.append([r["epoch"] for r in records])  # type: ignore[method-assign]
+    trainer = SimpleNamespace(epoch_records=[], epoch_record={})
+    for epoch in range(1, 6):
+        trainer.epoch_record = {"epoch": epoch}
+        hook.after_epoch(trainer)  # type: ignore[arg-type]
+        trainer.epoch_records.append(trainer.epoch_record)
+    assert drawn == [[1], [1, 2, 3, 4]]
+    hook.after_train(trainer)  # type: ignore[arg-type]
+    assert drawn[-1] == [1, 2, 3, 4, 5]
+    hook.after_train(trainer)  # type: ignore[arg-type]
+    assert len(drawn) == 3  # nothing new: no redraw
