@@ -9,7 +9,7 @@ write: SegResNet (16 base filters, GroupNorm with 8 groups), 1.25 mm spacing, pe
 steps as the budget allows, Gaussian sliding-window inference. medgn runs exactly what a user runs:
 ``medgn train --config CONFIG --fold all --time-budget B`` and ``medgn infer`` with defaults.
 
-Writes ``benchmarks/results/vs_monai.json`` (and ``.md``): budget, threads, machine, and per method
+Writes ``benchmarks/results/vs_monai.json`` (or ``--out``): budget, threads, machine, and per method
 ``dice_mean``, ``dice_median``, ``dice_min``, ``hd95_mean``, ``steps``, ``infer_seconds_per_scan``.
 
 Usage: ``python benchmarks/vs_monai.py --data ../shared/data/LA2018 --budget 20 --threads 2``
