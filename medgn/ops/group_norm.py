@@ -204,16 +204,34 @@ def _group_norm_native(
         res = residual.contiguous() if residual is not None else None
         y = _group_norm_native(x.contiguous(), num_groups, weight, bias, eps, act, res, negative_slope)
         return y.contiguous(memory_format=fmt)
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        w = weight.float() if weight is not None else None  # ATen's mixed path takes float32 weights
-        b = bias.float() if bias is not None else None
-        y = F.group_norm(x, num_groups, w, b, eps)
-    else:
-        half = x.dtype in (torch.float16, torch.bfloat16)
-        xc = x.float() if half else x
-        w = weight.to(xc.dtype) if weight is not None else None
-        b = bias.to(xc.dtype) if bias is not None else None
-        y = F.group_norm(xc, num_groups, w, b, eps)
+    # bfloat16 on the CPU goes to ATen as it is; other half inputs are normalised as a float32 copy.
+    direct = x.device.type == "cpu" and x.dtype == torch.bfloat16
+    return _aten_group_norm(x, num_groups, weight, bias, eps, act, residual, negative_slope, copy_half=not direct)
+
+
+def _aten_group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    act: str,
+    residual: torch.Tensor | None,
+    negative_slope: float,
+    copy_half: bool = True,
+) -> torch.Tensor:
+    """ATen's GroupNorm in the input's layout, then the residual and the activation.
+
+    With ``copy_half`` a half input is normalised as a float32 copy (medgn 0.1's path everywhere,
+    still the one off the CPU); without, ATen's mixed-type kernel takes it as it is. Half inputs
+    get float32 weights either way.
+    """
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    xc = x.float() if half and copy_half else x
+    wdtype = torch.float32 if half else x.dtype
+    w = weight.to(wdtype) if weight is not None else None
+    b = bias.to(wdtype) if bias is not None else None
+    y = F.group_norm(xc, num_groups, w, b, eps)
     if residual is not None:
         y = y + residual.to(y.dtype)
     return apply_activation(y, act, negative_slope).to(x.dtype)
