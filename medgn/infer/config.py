@@ -11,10 +11,8 @@ contiguous and a bf16 forward pass channels-last (``benchmarks/results/cpu_amp.j
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
-# The model's MemoryFormat (medgn.models.config), named here without importing torch.
-InferMemoryFormat = Literal["contiguous", "channels_last_3d"]
+from medgn.models.config import MemoryFormat
 
 
 def distinct_spatial_axes(axes: tuple[int, ...]) -> bool:
@@ -37,7 +35,7 @@ class InferConfig:
 
     tta: bool = False
     mirror_axes: tuple[int, ...] = field(default=(0, 1, 2), metadata={"min": 0, "max": 2})
-    memory_format: InferMemoryFormat | None = None
+    memory_format: MemoryFormat | None = None
 
     def __post_init__(self) -> None:
         if not self.mirror_axes or not distinct_spatial_axes(self.mirror_axes):
