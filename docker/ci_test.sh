@@ -10,8 +10,9 @@
 # 3. docker/wheelhouse pinned to the virtual environment's exact versions (same torch wheel), and
 #    medgn:cpu built from it with no network (WHEELHOUSE=1).
 # 4. tests/docker/test_image.py against the image (masks byte-identical to the venv's, ...).
-# An environment that cannot give an engine or a base prints a SKIP banner and exits 0; a failing
-# build or test exits non-zero. Reruns reuse the engine's data root, the base and the build cache.
+# An environment that cannot give an engine, a base or the disk for the build (it says how much)
+# prints a SKIP banner and exits 0; a failing build or test exits non-zero.
+# Reruns reuse the engine's data root, the base and the build cache, and prune what no tag reaches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -142,16 +143,34 @@ if ! PYTHON=$PY WHEELHOUSE_PINS=$pins bash docker/make_wheelhouse.sh >"$STATE/wh
 fi
 tail -n 1 "$STATE/wheelhouse.log"
 ls docker/wheelhouse/torch-*.whl >/dev/null || { echo "docker-test: the wheelhouse has no torch" >&2; exit 1; }
-say "building $IMAGE (offline, from docker/wheelhouse)"
+# The classic builder keeps every intermediate image as its cache, and vfs stores each as a full
+# copy of the file system: every change to medgn's sources leaves a few GB behind. The build stage
+# is tagged ($BUILD_TAG) so that its cache survives; in the engine this test started, what no tag
+# reaches is pruned before the build (space for it) and after it (what it replaced). Someone else's
+# engine keeps its images: there only the image a rebuild replaced is removed.
+BUILD_TAG=$IMAGE-build
+[[ "${IMAGE##*/}" == *:* ]] || BUILD_TAG=$IMAGE:build
+prune() {
+    [[ -n "$STARTED_PID" ]] || return 0
+    docker container prune -f >/dev/null 2>&1 || true
+    docker image prune -f >/dev/null 2>&1 || true
+}
+free_gb() { df -Pk "$STATE" | awk 'NR == 2 { printf "%d", $4 / 1048576 }'; }
+prune
+NEED_GB=${MEDGN_DOCKER_MIN_FREE_GB:-$([[ $(docker info -f '{{.Driver}}') == vfs ]] && echo 15 || echo 6)}
+(($(free_gb) >= NEED_GB)) \
+    || skip "$(free_gb) GB free under $STATE, the build needs about $NEED_GB GB (MEDGN_DOCKER_STATE moves it)"
+say "building $IMAGE (offline, from docker/wheelhouse; $(free_gb) GB free)"
 old_id=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 start=$(date +%s)
-tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md constraints.txt medgn configs docker \
-    | docker build --network none -f docker/Dockerfile.cpu --build-arg BASE="$BASE" --build-arg WHEELHOUSE=1 -t "$IMAGE" - \
-    >"$STATE/build.log" 2>&1 || { tail -n 40 "$STATE/build.log" >&2; echo "docker-test: the image build failed" >&2; exit 1; }
-say "built $IMAGE in $(($(date +%s) - start)) s, $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1/1e9}')"
+context() { tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md constraints.txt medgn configs docker; }
+build() { docker build --network none -f docker/Dockerfile.cpu --build-arg BASE="$BASE" --build-arg WHEELHOUSE=1 "$@" -; }
+{ context | build --target build -t "$BUILD_TAG" && context | build -t "$IMAGE"; } >"$STATE/build.log" 2>&1 \
+    || { tail -n 40 "$STATE/build.log" >&2; prune; echo "docker-test: the image build failed" >&2; exit 1; }
 new_id=$(docker image inspect -f '{{.Id}}' "$IMAGE")
-# The image a rebuild replaced (its layers shared with the new one stay; the build cache stays).
 if [[ -n "$old_id" && "$old_id" != "$new_id" ]]; then docker rmi "$old_id" >/dev/null 2>&1 || true; fi
+prune
+say "built $IMAGE in $(($(date +%s) - start)) s, $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1/1e9}'); $(free_gb) GB free"
 
 # ---- 4. tests ----------------------------------------------------------------------------------
 MEDGN_DOCKER_IMAGE=$IMAGE PYTHONUTF8=1 "$PY" -m pytest -p no:cacheprovider -q -m docker \
