@@ -8,7 +8,9 @@ read ``../../elsewhere/x.raw`` or ``/some/absolute/path``. This module owns
 :func:`detached_data_files`, which parses the raw header text (no library repairs it), expands lists
 and patterns, resolves every name relative to the header's folder with symlinks followed, and
 refuses (exit 3, naming the header, the field and the file) any that resolves outside that folder,
-is missing, or uses a pattern other than one integer conversion.
+is missing, or uses a pattern other than one integer conversion. Field names are matched as the
+readers match them (NRRD's without regard to case, MetaImage's with ``=`` or ``:``), and a header
+whose data file field could lie beyond the first :data:`MAX_HEADER_BYTES` is refused.
 """
 
 from __future__ import annotations
@@ -33,10 +35,23 @@ _NRRD_SUFFIXES = (".nrrd", ".nhdr")
 _META_SUFFIXES = (".mha", ".mhd")
 
 
-def _header_lines(path: Path) -> list[str]:
+def _header_lines(path: Path) -> tuple[list[str], bool]:
+    """The header's first :data:`MAX_HEADER_BYTES` as lines, and whether that is the whole file.
+
+    When it is not, the last (possibly cut) line is dropped: a name cut short could resolve inside
+    the folder while the whole one leads out.
+    """
     with open(path, "rb") as handle:
-        raw = handle.read(MAX_HEADER_BYTES)
-    return raw.decode("latin-1").splitlines()
+        raw = handle.read(MAX_HEADER_BYTES + 1)
+    complete = len(raw) <= MAX_HEADER_BYTES
+    lines = raw[:MAX_HEADER_BYTES].decode("latin-1").splitlines()
+    return (lines if complete else lines[:-1]), complete
+
+
+def _too_long(path: Path, what: str) -> InputDataError:
+    return InputDataError(
+        path, f"header too long: {what} not within its first {MAX_HEADER_BYTES} bytes", expected="a header of a few KiB"
+    )
 
 
 def _pattern_names(path: Path, field: str, tokens: list[str]) -> list[str] | None:
@@ -68,29 +83,38 @@ def _pattern_names(path: Path, field: str, tokens: list[str]) -> list[str] | Non
     return [fmt % i for i in range(first, last + (1 if step > 0 else -1), step)]
 
 
-def _nrrd_names(path: Path, lines: list[str]) -> tuple[str, list[str], bool]:
+def _nrrd_names(path: Path, lines: list[str], complete: bool) -> tuple[str, list[str], bool]:
     for index, line in enumerate(lines[1:], start=1):
         if not line.strip():
             break  # end of an attached NRRD header: the data follow
         if line.startswith("#") or ":=" in line or ":" not in line:
             continue
         key, value = (part.strip() for part in line.split(":", 1))
-        if key not in ("data file", "datafile"):
+        # NRRD readers match field names without regard to case ("Data File", "DATAFILE").
+        if " ".join(key.lower().split()) not in ("data file", "datafile"):
             continue
         field = key
         tokens = value.split()
-        if tokens and tokens[0] == "LIST":
+        if tokens and tokens[0].upper() == "LIST":
             return field, [name.strip() for name in lines[index + 1 :] if name.strip()], True
         names = _pattern_names(path, field, tokens)
         return field, names if names is not None else [value], False
+    else:
+        if not complete:  # neither the header's end nor a data file field in what was read
+            raise _too_long(path, "its end (a blank line)")
     return "", [], False
 
 
-def _meta_names(path: Path, lines: list[str]) -> tuple[str, list[str], bool]:
+# MetaIO reads "Key = Value" and also "Key : Value".
+_META_FIELD = re.compile(r"^\s*([^=:]*?)\s*[=:]\s*(.*?)\s*$")
+
+
+def _meta_names(path: Path, lines: list[str], complete: bool) -> tuple[str, list[str], bool]:
     for index, line in enumerate(lines):
-        if "=" not in line:
+        match = _META_FIELD.match(line)
+        if match is None:
             continue
-        key, value = (part.strip() for part in line.split("=", 1))
+        key, value = match.groups()
         if key.lower() != "elementdatafile":
             continue
         field = "ElementDataFile"
@@ -103,6 +127,8 @@ def _meta_names(path: Path, lines: list[str]) -> tuple[str, list[str], bool]:
             return field, rest + [word for name in rest for word in name.split() if word != name], True
         names = _pattern_names(path, field, tokens)
         return field, names if names is not None else [value], False
+    if not complete:  # ElementDataFile (the last field) may lie beyond what was read
+        raise _too_long(path, "ElementDataFile")
     return "", [], False
 
 
@@ -122,9 +148,9 @@ def detached_data_files(path: str | os.PathLike[str]) -> list[Path]:
     path = Path(path)
     lower = path.name.lower()
     if lower.endswith(_NRRD_SUFFIXES):
-        field, names, listed = _nrrd_names(path, _header_lines(path))
+        field, names, listed = _nrrd_names(path, *_header_lines(path))
     elif lower.endswith(_META_SUFFIXES):
-        field, names, listed = _meta_names(path, _header_lines(path))
+        field, names, listed = _meta_names(path, *_header_lines(path))
     else:
         return []
     if listed and path.stat().st_size > MAX_HEADER_BYTES:  # names beyond what was parsed

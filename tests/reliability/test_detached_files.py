@@ -179,3 +179,49 @@ def test_a_changed_data_file_is_a_changed_input(
     result = cli(argv, capsys)  # another input now: its outputs are not replaced without --overwrite
     assert result.code == 2 and "pass --overwrite" in result.err
     assert cli([*argv, "--overwrite"], capsys).code == 0
+
+
+def _outside_raw(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir(exist_ok=True)
+    (tmp_path / "elsewhere" / "x.raw").write_bytes(_raw(image_array()))
+
+
+@pytest.mark.parametrize("key", ["DATA FILE", "Data File", "DataFile"])
+def test_nrrd_field_names_in_any_case_are_checked(tmp_path: Path, key: str) -> None:
+    """NRRD readers take field names in any case: "DATA FILE: ../x" must not slip past the check."""
+    _outside_raw(tmp_path)
+    (tmp_path / "scans").mkdir()
+    header = _header(tmp_path / "scans", "a.nhdr", "../elsewhere/x.raw", key=key)
+    with pytest.raises(MedgnError, match="leaves the header's folder") as info:
+        read_volume(header)
+    assert info.value.code == 3 and key in str(info.value)
+    inside = _header(tmp_path / "scans", "b.nhdr", "x.raw", key=key)
+    (tmp_path / "scans" / "x.raw").write_bytes(_raw(image_array()))
+    np.testing.assert_array_equal(read_volume(inside).array, image_array())
+
+
+def test_metaimage_field_with_a_colon_is_checked(tmp_path: Path) -> None:
+    _outside_raw(tmp_path)
+    (tmp_path / "scans").mkdir()
+    header = _header(tmp_path / "scans", "a.mhd", "../elsewhere/x.raw")
+    header.write_text(header.read_text().replace("ElementDataFile = ", "ElementDataFile : "))
+    with pytest.raises(MedgnError, match="leaves the header's folder") as info:
+        read_volume(header)
+    assert info.value.code == 3
+
+
+@pytest.mark.parametrize("name", ["a.nhdr", "a.mhd"])
+def test_a_data_file_field_beyond_the_parsed_bytes_is_refused(tmp_path: Path, name: str) -> None:
+    """Comments pushing the field past the parsed part of the header: refused, not read unchecked."""
+    from medgn.data.detached import MAX_HEADER_BYTES
+
+    _outside_raw(tmp_path)
+    (tmp_path / "scans").mkdir()
+    header = _header(tmp_path / "scans", name, "../elsewhere/x.raw")
+    text = header.read_text()
+    cut = text.index("data file" if name.endswith(".nhdr") else "ElementDataFile")
+    filler = ("# " if name.endswith(".nhdr") else "Comment = ") + "x" * 998 + "\n"
+    header.write_text(text[:cut] + filler * (MAX_HEADER_BYTES // 1000 + 10) + text[cut:])
+    with pytest.raises(MedgnError, match="header too long") as info:
+        read_volume(header)
+    assert info.value.code == 3 and str(header) in str(info.value)
