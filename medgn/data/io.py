@@ -154,7 +154,7 @@ def _read_pixels(info: HeaderInfo, raw: bytes | None = None) -> np.ndarray:
                     image = sitk.ReadImage(str(path))
             zyx = sitk.GetArrayFromImage(image)  # (Z, Y, X), or (1, Z, Y, X) for a squeezed 4D
             array = zyx.reshape(zyx.shape[-3:]).transpose(2, 1, 0)
-    except (EOFError, zlib.error, OSError, ValueError, RuntimeError, nib_errors()) as exc:
+    except (EOFError, zlib.error, OSError, ValueError, RuntimeError, *nib_errors()) as exc:
         text = (
             itk_reason(exc, native)
             if info.format != "nifti"
@@ -202,11 +202,12 @@ def _check_label(path: Path, array: np.ndarray, label_values: Iterable[int] | No
     return labels
 
 
-def nib_errors() -> type[Exception]:
-    """nibabel's error for undecodable image bytes (read from memory)."""
+def nib_errors() -> tuple[type[Exception], ...]:
+    """nibabel's errors for undecodable image bytes (read from memory) and inconsistent headers."""
     from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
 
-    return ImageFileError
+    return ImageFileError, HeaderDataError
 
 
 @dataclass(frozen=True)

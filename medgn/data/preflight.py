@@ -217,17 +217,30 @@ def _open_nifti(path: Path) -> tuple[Any, bool]:
         )
     sizes = {struct.unpack("<i", block[:4])[0], struct.unpack(">i", block[:4])[0]}
     if 348 in sizes:
-        header_cls = nib.Nifti1Header
+        header_cls, size, magic, magics = nib.Nifti1Header, 348, block[344:348], (b"n+1\0", b"ni1\0")
     elif 540 in sizes:
-        header_cls = nib.Nifti2Header
+        header_cls, size, magic, magics = nib.Nifti2Header, 540, block[4:12], (b"n+2\0\r\n\x1a\n", b"ni2\0\r\n\x1a\n")
     else:
         raise InputDataError(
             path, "not a NIfTI file", got="sizeof_hdr is neither 348 nor 540", expected="a NIfTI-1 or NIfTI-2 header"
         )
+    if len(block) < size:
+        raise InputDataError(
+            path, "file is too short for a NIfTI-2 header", got=f"{len(block)} bytes", expected=">= 540 bytes"
+        )
+    if magic not in magics:
+        raise InputDataError(
+            path,
+            "invalid NIfTI magic string",
+            got=repr(magic.rstrip(b"\0")),
+            expected=" or ".join(repr(m[:3]) for m in magics),
+        )
     try:
         import io
 
-        header = header_cls.from_fileobj(io.BytesIO(block), check=False)
+        # The fixed header alone: extensions (of any size) are not needed to check the geometry,
+        # and a mask written with this header carries none of the input's.
+        header = header_cls.from_fileobj(io.BytesIO(block[:size] + bytes(4)), check=False)
     except Exception as exc:  # noqa: BLE001 - nibabel raises several types for corrupt headers
         raise InputDataError(path, "corrupt NIfTI header", got=str(exc)) from None
     return header, compressed
@@ -302,6 +315,15 @@ def _nifti_header(path: Path, limits: Limits, channels: int = 1) -> HeaderInfo:
         raise InputDataError(path, "unknown NIfTI data type", got=str(exc)) from None
     dtype = _check_dtype(path, dtype)
     _check_size(path, shape3, dtype.itemsize * channels, limits)
+    try:
+        header.get_slope_inter()
+    except Exception:  # noqa: BLE001 - nibabel's HeaderDataError: a valid slope, a non-finite intercept
+        raise InputDataError(
+            path,
+            "invalid intensity scaling in header",
+            got=f"scl_slope={float(header['scl_slope'])}, scl_inter={float(header['scl_inter'])}",
+            expected="a finite scl_inter when scl_slope is set",
+        ) from None
     pixdim = np.asarray(header["pixdim"], dtype=np.float64)
     if not np.all(np.isfinite(pixdim[1:4])) or np.any(pixdim[1:4] <= 0):
         raise InputDataError(

@@ -170,6 +170,20 @@ def test_write_mask_reproduces_geometry(tmp_path: Path, blob: np.ndarray, suffix
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".medgn-tmp")] == []
 
 
+def test_large_header_extension_is_read_and_not_copied_to_the_mask(tmp_path: Path, blob: np.ndarray) -> None:
+    """A valid NIfTI with a 400-byte extension (AFNI and JSON sidecars are this size) is read."""
+    img = nib.Nifti1Image(blob, _oblique((0.7, 1.3, 3.1)))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"x" * 392))  # code 6: a comment
+    nib.save(img, str(tmp_path / "ext.nii.gz"))
+    assert read_header(tmp_path / "ext.nii.gz").meta["nifti_header"]["vox_offset"] > 540
+    ref = read_volume(tmp_path / "ext.nii.gz")
+    np.testing.assert_allclose(ref.array, blob)
+    out = write_mask((blob > 30).astype(np.uint8), ref, tmp_path / "mask.nii.gz")
+    back = nib.load(str(out))
+    assert len(back.header.extensions) == 0
+    assert geometry_diff(ref, read_volume(out, label=True)) == []
+
+
 def test_write_mask_refuses_wrong_geometry_and_writes_nothing(
     tmp_path: Path, blob: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -60,6 +60,7 @@ NIFTI1_FIELDS: dict[str, tuple[int, str]] = {
     "srow_x": (280, "<4f"),
     "srow_y": (296, "<4f"),
     "srow_z": (312, "<4f"),
+    "magic": (344, "<4s"),
 }
 
 

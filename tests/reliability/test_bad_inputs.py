@@ -188,6 +188,14 @@ BAD_IMAGES: list[tuple[str, Callable[[Path, str], Path], int, list[str]]] = [
         3,
         ["NaN/Inf voxels", "scl_slope"],
     ),
+    (
+        "nan_inter.nii.gz",
+        lambda f, n: patch_nifti_fields(_nifti(f, n), {"scl_slope": 1.0, "scl_inter": NAN}),
+        3,
+        ["intensity scaling", "scl_inter=nan"],
+    ),
+    ("bad_magic.nii.gz", lambda f, n: patch_nifti(_nifti(f, n), "magic", b"xyz\0"), 3, ["magic", "b'xyz'"]),
+    ("n2_magic.nii", lambda f, n: patch_nifti(_nifti(f, n), "magic", b"n+2\0"), 3, ["magic", "b'n+2'"]),
 ]
 IDS = [name for name, *_ in BAD_IMAGES]
 
