@@ -117,9 +117,16 @@ def _load_json(path: Path) -> dict[str, Any]:
         raise InputDataError(path, f"cannot read dataset description ({exc})") from None
     except ValueError as exc:
         raise InputDataError(path, f"dataset.json is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InputDataError(path, "dataset.json is nested too deeply", expected="a flat dataset description") from None
     if not isinstance(data, dict):
         raise InputDataError(path, "dataset.json must be a JSON object", got=type(data).__name__)
     return data
+
+
+def _is_index(key: Any) -> bool:
+    """A channel key such as "0": ASCII digits only ("²".isdigit() is true, int("²") fails)."""
+    return isinstance(key, str) and key.isascii() and key.isdigit()
 
 
 def _labels(raw: Any, msd: bool, problems: list[str]) -> tuple[dict[str, int], dict[str, Any]]:
@@ -152,7 +159,7 @@ def _load_msd(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIndex
     modality = desc.get("modality", {})
     channels = (
         tuple(str(modality[k]) for k in sorted(modality, key=lambda k: int(k)))
-        if isinstance(modality, dict) and all(str(k).isdigit() for k in modality)
+        if isinstance(modality, dict) and all(_is_index(k) for k in modality)
         else ()
     )
     if "modality" in desc and not channels:
@@ -177,7 +184,11 @@ def _load_msd(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIndex
                 problems.append(f"training[{i}] {kind} file missing: {path}")
         cases.append(Case(strip_image_suffix(image.name), (image,), label))
     tests = []
-    for i, rel in enumerate(desc.get("test", []) or []):
+    test_list = desc.get("test") or []
+    if not isinstance(test_list, list):
+        problems.append("'test' must be a list of image paths")
+        test_list = []
+    for i, rel in enumerate(test_list):
         path = _inside(root, rel, json_path, problems)
         if path is not None:
             tests.append(Case(strip_image_suffix(path.name), (path,), None))
@@ -231,18 +242,21 @@ def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIn
     names_raw = desc.get("channel_names", {})
     channels = (
         tuple(str(names_raw[k]) for k in sorted(names_raw, key=int))
-        if isinstance(names_raw, dict) and all(str(k).isdigit() for k in names_raw)
+        if isinstance(names_raw, dict) and all(_is_index(k) for k in names_raw)
         else ()
     )
     if "channel_names" in desc and (not channels or sorted(int(k) for k in names_raw) != list(range(len(channels)))):
         problems.append("'channel_names' must map 0..C-1 to names")
     ending = desc.get("file_ending", ".nii.gz")
+    if not isinstance(ending, str) or not ending.lower().endswith(IMAGE_SUFFIXES):
+        problems.append(f"'file_ending' must be an image file ending such as \".nii.gz\", got {ending!r}")
+        ending = None
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     for folder in (images_dir, labels_dir):
         if not folder.is_dir():
             problems.append(f"folder missing: {folder}")
     cases: list[Case] = []
-    if images_dir.is_dir() and channels:
+    if images_dir.is_dir() and channels and ending:
         grouped, plain = _group_channels(images_dir, ending)
         for path in plain:
             problems.append(f"image without a _XXXX channel suffix: {path.name}")

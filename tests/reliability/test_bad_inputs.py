@@ -449,6 +449,33 @@ def _nnunet(root: Path, cases: int = 3) -> Path:
     return root
 
 
+MALFORMED_JSON = [
+    ("msd", {"test": 5}, ["'test' must be a list"]),
+    ("msd", {"modality": {"\u00b2": "MRI"}}, ["'modality' must map channel numbers"]),
+    ("nnunet", {"channel_names": {"\u00b2": "T1"}}, ["'channel_names' must map 0..C-1"]),
+    ("nnunet", {"file_ending": 5}, ["'file_ending' must be an image file ending", "got 5"]),
+    ("msd", "[" * 100000, ["nested too deeply"]),
+]
+
+
+@pytest.mark.parametrize(("layout", "change", "words"), MALFORMED_JSON, ids=lambda v: str(v)[:20])
+@pytest.mark.parametrize("command", ["verify", "plan"])
+def test_malformed_dataset_json_values_are_input_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], layout: str, change: dict | str, words: list[str], command: str
+) -> None:
+    """Wrong types and look-alike digits in dataset.json: exit 3 naming the file, never an internal error."""
+    root = make_msd(tmp_path / "ds", 2) if layout == "msd" else _nnunet(tmp_path / "ds", 2)
+    if isinstance(change, str):
+        (root / "dataset.json").write_text(change)
+    else:
+        desc = json.loads((root / "dataset.json").read_text())
+        (root / "dataset.json").write_text(json.dumps({**desc, **change}))
+    before = {root: tree_hashes(root)}
+    argv = [command, root] + (["--out", tmp_path / "plan.json"] if command == "plan" else [])
+    result = cli(argv, capsys)
+    assert_clean_failure(result, 3, [root / "dataset.json"], words, outputs=[tmp_path / "plan.json"], before=before)
+
+
 def test_missing_channel_and_channels_with_different_geometry(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
