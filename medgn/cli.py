@@ -56,17 +56,36 @@ def _report(exc: BaseException, debug: bool) -> None:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
 
 
+class _IntoMedgnLog(logging.Filter):
+    """A logger filter that hands every record to medgn's log files and stops it there.
+
+    As a filter on the logger (not a handler), it also stops handlers that a library adds to its
+    own logger when it is imported later (nibabel gives ``nibabel.global`` a stderr handler).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logging.getLogger("medgn.external").handle(record)
+        return False
+
+
 def _quiet_third_party() -> None:
-    """Silence MONAI's notices about optional GPU DICOM decoders that medgn does not use.
+    """Keep the terminal to medgn's own lines: library notices and Python warnings go to the log.
 
     medgn's own records go to log files only: a NullHandler keeps logging's last-resort handler
-    from printing warnings and errors next to the one ``medgn: error:`` line.
+    from printing warnings and errors next to the one ``medgn: error:`` line. nibabel's header
+    notices ("vox offset not divisible by 16") and Python warnings ("Extension size ...") would
+    print beside it; they are recorded in the run's log file instead.
     """
     medgn_logger = logging.getLogger("medgn")
     if not any(isinstance(h, logging.NullHandler) for h in medgn_logger.handlers):
         medgn_logger.addHandler(logging.NullHandler())
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+    logging.captureWarnings(True)
+    for name in ("nibabel", "nibabel.global", "py.warnings"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _IntoMedgnLog) for f in logger.filters):
+            logger.addFilter(_IntoMedgnLog())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,17 @@ EXIT_RESOURCE = 5
 EXIT_LOCKED = 6
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``) and undecodable bytes shown.
+
+    File and case names come from users' disks: one holding a newline or a terminal escape must not
+    split medgn's one-line error or recolour the terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 class MedgnError(Exception):
     """An error a user can act on.
 
@@ -58,10 +69,11 @@ class MedgnError(Exception):
             detail.append(f"got {self.got!r}" if not isinstance(self.got, str) else f"got {self.got}")
         if self.expected is not None:
             detail.append(f"expected {self.expected}")
-        text = f"{self.where}: {self.what}" if self.where else self.what
+        text = self.what
         if detail:
             text += " (" + ", ".join(detail) + ")"
-        return " ".join(text.split("\n"))
+        text = printable(" ".join(text.splitlines()))  # library messages: their lines joined
+        return f"{printable(self.where)}: {text}" if self.where else text
 
 
 class UsageError(MedgnError):

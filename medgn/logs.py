@@ -38,7 +38,9 @@ def attach_file_log(path: str | os.PathLike[str]) -> Path:
     for handler in list(logger.handlers):
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == path.resolve():
             return path
-    handler = logging.FileHandler(path, encoding="utf-8")
+    # backslashreplace: a file name that is not valid UTF-8 (its bytes are surrogates in Python)
+    # is written escaped instead of failing the record.
+    handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
     handler.setFormatter(logging.Formatter(_FORMAT))
     handler.setLevel(logging.DEBUG)
     logger.addHandler(handler)

@@ -30,3 +30,12 @@ def test_one_line_names_where_got_expected() -> None:
 def test_multiline_detail_collapses_to_one_line() -> None:
     err = UsageError("k", "first\nsecond")
     assert "\n" not in err.one_line()
+
+
+def test_control_characters_in_names_are_escaped_not_printed() -> None:
+    from medgn.errors import InputDataError, printable
+
+    assert printable("a\nb\x1b[31mc\udce9") == "a\\nb\\x1b[31mc\\udce9"
+    assert printable("café ünïcode") == "café ünïcode"
+    err = InputDataError("dir/bad\nname\r.nii.gz", "cannot read", got="line one\nline two")
+    assert err.one_line() == "dir/bad\\nname\\r.nii.gz: cannot read (got line one line two)"

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medgn.errors import UsageError
+from medgn.errors import UsageError, printable
 
 
 def _labels(text: str) -> tuple[int, ...]:
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         f"results in {args.out}"
     )
     for cid in result.missing:
-        print(f"medgn: warning: {cid}: prediction missing, counted as Dice 0", file=sys.stderr)
+        print(f"medgn: warning: {printable(cid)}: prediction missing, counted as Dice 0", file=sys.stderr)
     for cid, why in result.failures.items():
-        print(f"medgn: error: case {cid}: {why}", file=sys.stderr)
+        print(f"medgn: error: case {printable(cid)}: {printable(why)}", file=sys.stderr)
     return result.exit_code

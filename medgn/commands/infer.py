@@ -7,6 +7,7 @@ import sys
 
 from medgn.commands import limits_from_args
 from medgn.data.preflight import DEFAULT_LIMITS
+from medgn.errors import printable
 from medgn.infer.config import distinct_spatial_axes
 
 
@@ -153,5 +154,5 @@ def run(args: argparse.Namespace) -> int:
     counts = report.to_dict()["counts"]
     print(f"{counts['ok']} segmented, {counts['skipped']} skipped, {counts['failed']} failed -> {report.output_dir}")
     for case in report.failed:
-        sys.stderr.write(f"medgn: error: case {case.case_id}: {case.message}\n")
+        sys.stderr.write(f"medgn: error: case {printable(case.case_id)}: {printable(case.message)}\n")
     return report.exit_code

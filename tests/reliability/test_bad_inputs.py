@@ -524,6 +524,47 @@ def test_odd_file_names_are_processed_literally_inside_the_output(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in put", "out dir"]  # nothing beside them
 
 
+def _nifti_with_gap(path: Path, gap: bytes) -> Path:
+    """An uncompressed NIfTI-1 whose voxels start ``len(gap)`` bytes later (vox_offset moved)."""
+    import struct
+
+    import nibabel as nib
+
+    data = bytearray(nib.Nifti1Image(image_array(), AFFINE).to_bytes())
+    struct.pack_into("<f", data, 108, 352.0 + len(gap))
+    if gap[:1] != b"\0":  # an extension: the extender's flag is set
+        data[348] = 1
+    path.write_bytes(bytes(data[:352]) + gap + bytes(data[352:]))
+    return path
+
+
+def test_library_notices_and_odd_names_keep_stderr_to_one_line_per_failed_case(tmp_path: Path, model_run: Path) -> None:
+    """nibabel's header notices, Python warnings, a newline in a name and a name that is not UTF-8.
+
+    None may reach the terminal as extra lines or a logging traceback: stderr holds exactly the
+    one ``medgn: error:`` line of the one bad case, with the newline escaped.
+    """
+    import struct
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "bad\nname.nii.gz").write_bytes(b"not an image")
+    write_nifti(Path(os.fsdecode(os.fsencode(str(inputs)) + b"/caf\xe9.nii.gz")), image_array())
+    _nifti_with_gap(inputs / "offset.nii", bytes(8))  # vox_offset 360: not a multiple of 16
+    # A 20-byte extension (size not a multiple of 16): nibabel warns while reading it.
+    _nifti_with_gap(inputs / "ext.nii", struct.pack("<ii", 20, 6) + b"x" * 12)
+    out = tmp_path / "out"
+    (tmp_path / "tmp").mkdir()
+    argv = ["infer", "--model", model_run, "--input", inputs, "--output", out, "--no-progress"]
+    result = run_medgn(argv, TMPDIR=str(tmp_path / "tmp"))  # the log file goes there
+    assert result.code == 3, result.err
+    assert result.err.splitlines() == [result.err.strip()], result.err
+    assert result.err.startswith("medgn: error: case bad\\nname: "), result.err
+    assert {p.name for p in out.glob("*.nii*")} == {"caf_.nii.gz", "offset.nii", "ext.nii"}
+    log = next((tmp_path / "tmp").glob("medgn-*.log")).read_text(encoding="utf-8")
+    assert "caf\\udce9" in log and "vox offset" in log, log[-2000:]
+
+
 def test_case_ids_that_try_to_leave_the_output_folder(
     tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
