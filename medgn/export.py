@@ -14,6 +14,8 @@ without ``overwrite``, is a one-line error and nothing is written.
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import math
 import os
 import warnings
@@ -77,6 +79,29 @@ def _unsupported(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:200]
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    """The destination: a file name in an existing folder, not an existing file unless ``overwrite``."""
+    if out.is_dir():
+        raise UsageError(out, "output path is a folder", expected="a file name such as model.onnx")
+    if not out.parent.is_dir():
+        raise UsageError(out, "output folder does not exist", expected="a file in an existing folder")
+    if out.exists() and not overwrite:
+        raise UsageError(out, "output file exists", expected="another --out, or --overwrite")
+
+
+def _contiguous(model: nn.Module) -> nn.Module:
+    """``model`` computing in the default layout: exporters record one graph, with no memory formats.
+
+    A model that runs channels_last_3d (an inference default on CPUs with native bf16) is copied
+    and switched back; the numbers are the same.
+    """
+    if getattr(model, "memory_format", "contiguous") == "contiguous":
+        return model
+    model = copy.deepcopy(model)
+    model.memory_format = "contiguous"
+    return model.to(memory_format=torch.contiguous_format)
+
+
 def export_module(
     model: nn.Module,
     in_channels: int,
@@ -109,15 +134,16 @@ def export_module(
     if fmt not in FORMATS:
         raise UsageError("--format", "unknown export format", got=fmt, expected=" or ".join(FORMATS))
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UsageError(out, "output file exists", expected="another --out, or --overwrite")
-    wrapped = _Logits(model.cpu().eval()).eval()
+    _check_out(out, overwrite)
+    wrapped = _Logits(_contiguous(model.cpu().eval())).eval()
     x = _example(model, in_channels, example_size)
     with _torch_backend(model), torch.no_grad(), atomic_path(out, overwrite=overwrite) as tmp:
         reference = wrapped(x)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer warnings about shape checks baked in
+            # Tracer warnings about shape checks baked in, and the graph dumps some exporters
+            # print when they fail: the one-line error says what failed.
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
                 if fmt == "onnx":
                     _export_onnx(wrapped, x, tmp)
                 else:
@@ -176,8 +202,7 @@ def export_model(
 
     if fmt not in FORMATS:
         raise UsageError("--format", "unknown export format", got=fmt, expected=" or ".join(FORMATS))
-    if Path(out).exists() and not overwrite:
-        raise UsageError(out, "output file exists", expected="another --out, or --overwrite")
+    _check_out(Path(out), overwrite)  # before the model is loaded
     predictor = load_predictor(model_path, "cpu")
     return export_module(
         predictor.models[0],

@@ -108,6 +108,37 @@ def test_onnx_graph_uses_standard_ops_only(run_dir: Path, tmp_path: Path) -> Non
     assert graph.graph.input[0].type.tensor_type.shape.dim[2].dim_param == "depth"
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_model_that_infers_channels_last_exports(fmt: str, tmp_path: Path) -> None:
+    """Runs of the CPU recipe infer in channels_last_3d (their config's infer.memory_format)."""
+    run = tmp_path / "run"
+    state = {
+        "model": {k: v.clone() for k, v in _model().state_dict().items()},
+        "config": {**CONFIG, "infer": {"memory_format": "channels_last_3d"}},
+        "plan": PLAN,
+        "counters": {"epoch": 1, "iteration": 1},
+    }
+    save_checkpoint(state, run / "checkpoints", tag="epoch", pointers=("latest", "best"))
+    out = tmp_path / f"model.{fmt}"
+    assert main(["export", "--model", str(run), "--format", fmt, "--out", str(out)]) == 0
+    x = np.random.default_rng(2).normal(size=(1, 1, 16, 12, 20)).astype(np.float32)
+    np.testing.assert_allclose(run_exported(out, fmt, x), _pytorch(x), atol=ATOL, rtol=RTOL)
+
+
+def test_output_in_a_missing_folder_or_onto_a_folder_is_a_usage_error(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a_folder.onnx").mkdir()
+    for out, words in [
+        (tmp_path / "missing" / "m.onnx", "output folder does not exist"),
+        (tmp_path / "a_folder.onnx", "is a folder"),
+    ]:
+        assert main(["export", "--model", str(run_dir), "--out", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and str(out) in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder.onnx"]
+
+
 def test_existing_file_without_overwrite_is_refused(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
