@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from medgn.data.preflight import ITK_SUFFIXES, NIFTI_SUFFIXES
+from medgn.data.preflight import ITK_SUFFIXES, NIFTI_SUFFIXES, gdcm_series_ids
 from medgn.errors import InputDataError, UsageError
 from medgn.files import split_suffix
 
@@ -371,9 +371,7 @@ def load_dataset(root: str | os.PathLike[str]) -> DatasetIndex:
 
 
 def _is_dicom_folder(path: Path) -> bool:
-    import SimpleITK as sitk
-
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    return bool(gdcm_series_ids(path))
 
 
 def _named_channels(input_path: Path, channels: Sequence[str]) -> list[Case]:

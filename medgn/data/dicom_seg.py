@@ -37,6 +37,14 @@ REQUIRED_TAGS = (
     "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID",
     "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
 )  # fmt: skip
+# Type 2 attributes a SEG copies from its source (present, possibly empty): anonymised exports often
+# drop them, and DICOM allows them empty, so a source without one gets it empty.
+_TYPE2_COPIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)  # fmt: skip
+# Tags every slice of the series must share for one SEG to reference them all.
+_SHARED_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
 # A frame position may differ from a slice centre by this many voxels (float rounding of
 # DS values written with 16 characters), never by a real fraction of a slice.
 GRID_TOL_VOXELS = 1e-3
@@ -53,9 +61,13 @@ def _slice_index(reference: Volume, ipp: Sequence[float]) -> float:
 def seg_sources(reference: Volume) -> list[Any]:
     """The source slices of a DICOM volume as pydicom datasets, ordered by slice index k.
 
+    Type 2 patient and study attributes a slice lacks are added empty (the SEG copies them).
+
     Raises:
-        InputDataError: a slice lacks a tag in :data:`REQUIRED_TAGS`, or its position is not one
-            of the volume's slices (exit 3). Nothing is written by this check.
+        InputDataError: a slice is unreadable, lacks a tag in :data:`REQUIRED_TAGS`, has invalid
+            plane geometry, differs from the first slice in study, series, frame of reference,
+            orientation or spacing, or its position is not one of the volume's slices (exit 3).
+            Nothing is written by this check.
     """
     import pydicom
 
@@ -68,8 +80,14 @@ def seg_sources(reference: Volume) -> list[Any]:
             expected="a DICOM series folder (use --output-format nifti)",
         )
     by_k: dict[int, Any] = {}
+    first: tuple[Any, np.ndarray, np.ndarray] | None = None
     for name in files:
-        ds = pydicom.dcmread(name, stop_before_pixels=True)
+        try:  # force: files without the 128-byte preamble, which the series reader accepted
+            ds = pydicom.dcmread(name, stop_before_pixels=True, force=True)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for corrupt files
+            raise InputDataError(
+                name, "cannot read the DICOM slice's header for a DICOM-SEG", got=str(exc)[:200]
+            ) from None
         missing = [tag for tag in REQUIRED_TAGS if not str(getattr(ds, tag, "") or "").strip()]
         if missing:
             raise InputDataError(
@@ -78,7 +96,33 @@ def seg_sources(reference: Volume) -> list[Any]:
                 expected="a series with study, series, instance and frame-of-reference UIDs and plane geometry "
                 "(or --output-format nifti)",
             )
-        k = _slice_index(reference, [float(v) for v in ds.ImagePositionPatient])
+        ipp = _numbers(name, ds, "ImagePositionPatient", 3)
+        iop = _numbers(name, ds, "ImageOrientationPatient", 6)
+        spacing = _numbers(name, ds, "PixelSpacing", 2)
+        if np.any(spacing <= 0) or np.any(np.abs(np.linalg.norm(iop.reshape(2, 3), axis=1) - 1) > 1e-3):
+            raise InputDataError(
+                name,
+                "invalid plane geometry for a DICOM-SEG",
+                got=f"ImageOrientationPatient {iop.tolist()}, PixelSpacing {spacing.tolist()}",
+                expected="unit row and column directions and positive spacing",
+            )
+        if first is None:
+            first = (ds, iop, spacing)
+        else:
+            ds0, iop0, spacing0 = first
+            differ = [tag for tag in _SHARED_TAGS if str(getattr(ds, tag)) != str(getattr(ds0, tag))]
+            differ += ["ImageOrientationPatient"] if np.max(np.abs(iop - iop0)) > 1e-4 else []
+            differ += ["PixelSpacing"] if np.max(np.abs(spacing - spacing0)) > 1e-4 * float(spacing0.max()) else []
+            if differ:
+                raise InputDataError(
+                    name,
+                    f"DICOM slices differ in {', '.join(differ)}",
+                    expected=f"the values of {files[0]} on every slice of one series",
+                )
+        for tag in _TYPE2_COPIED:
+            if tag not in ds:
+                setattr(ds, tag, None)  # present and empty
+        k = _slice_index(reference, ipp.tolist())
         if (
             not np.isfinite(k)
             or abs(k - round(k)) > GRID_TOL_VOXELS
@@ -88,11 +132,27 @@ def seg_sources(reference: Volume) -> list[Any]:
             raise InputDataError(
                 name,
                 "slice position is not a slice of the series grid",
-                got=f"ImagePositionPatient {list(map(float, ds.ImagePositionPatient))}",
+                got=f"ImagePositionPatient {ipp.tolist()}",
                 expected=f"one of {reference.shape[2]} slices",
             )
         by_k[round(k)] = ds
     return [by_k[k] for k in range(reference.shape[2])]
+
+
+def _numbers(name: str, ds: Any, tag: str, count: int) -> np.ndarray:
+    """``count`` finite numbers of a multi-valued DS tag, else an InputDataError naming the slice."""
+    try:
+        values = np.asarray([float(v) for v in getattr(ds, tag)], dtype=np.float64)
+    except (TypeError, ValueError):
+        values = np.asarray([], dtype=np.float64)
+    if values.shape != (count,) or not np.all(np.isfinite(values)):
+        raise InputDataError(
+            name,
+            f"invalid {tag} for a DICOM-SEG",
+            got=str(getattr(ds, tag, ""))[:120],
+            expected=f"{count} finite numbers",
+        )
+    return values
 
 
 def _descriptions(label_values: Sequence[int], label_names: Mapping[int, str]) -> list[Any]:
@@ -145,7 +205,8 @@ def write_dicom_seg(
         The final path.
 
     Raises:
-        InputDataError: a frame read back does not lie on the slice it references (nothing written).
+        InputDataError: highdicom refuses the sources, or a frame read back does not lie on the
+            slice it references (nothing written).
     """
     import highdicom as hd
 
@@ -157,7 +218,33 @@ def write_dicom_seg(
     classes = np.where(values[np.clip(classes, 0, len(values) - 1)] == mask, classes, 0)
     dtype = np.uint8 if len(values) < 256 else np.uint16
     frames = np.stack([classes[:, :, k].T for k in range(mask.shape[2])]).astype(dtype)  # (Z, rows=Y, cols=X)
-    seg = hd.seg.Segmentation(
+    try:
+        seg = _segmentation(hd, medgn, sources, frames, values, label_names)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:  # highdicom's checks
+        raise InputDataError(
+            reference.path,
+            "cannot build a DICOM-SEG from this series",
+            got=(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200],
+            expected="a series highdicom accepts as SEG source (or --output-format nifti)",
+        ) from None
+    out_path = Path(out_path)
+    with atomic_path(out_path, overwrite=overwrite) as tmp:
+        seg.save_as(tmp)
+        check = read_seg_on_grid(tmp, reference.shape, reference.affine, expected_sources=sources)
+        if not np.array_equal(check.astype(np.int64), np.asarray(mask, dtype=np.int64)):
+            raise InputDataError(
+                out_path,
+                "DICOM-SEG read back differs from the mask, nothing written",
+                expected="every frame on the slice it references",
+            )
+    return out_path
+
+
+def _segmentation(
+    hd: Any, medgn: Any, sources: Sequence[Any], frames: np.ndarray, values: np.ndarray, label_names: Mapping[int, str]
+) -> Any:
+    """The highdicom Segmentation of ``frames`` (Z, rows, cols) class indices over ``sources``."""
+    return hd.seg.Segmentation(
         source_images=list(sources),
         pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -172,17 +259,6 @@ def write_dicom_seg(
         device_serial_number="none",
         omit_empty_frames=False,  # every slice of every segment: an empty class still reads back
     )
-    out_path = Path(out_path)
-    with atomic_path(out_path, overwrite=overwrite) as tmp:
-        seg.save_as(tmp)
-        check = read_seg_on_grid(tmp, reference.shape, reference.affine, expected_sources=sources)
-        if not np.array_equal(check.astype(np.int64), np.asarray(mask, dtype=np.int64)):
-            raise InputDataError(
-                out_path,
-                "DICOM-SEG read back differs from the mask, nothing written",
-                expected="every frame on the slice it references",
-            )
-    return out_path
 
 
 def _frame_geometry(ds: Any, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, str | None]:

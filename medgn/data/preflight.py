@@ -464,21 +464,84 @@ def _itk_info(path: Path, reader: Any, fmt: str, limits: Limits) -> HeaderInfo:
 
 def dicom_series_files(path: Path) -> list[str]:
     """The files of the single DICOM series in folder ``path``, in slice order."""
-    import SimpleITK as sitk
-
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+    series = gdcm_series_ids(path)
     if not series:
         raise InputDataError(
             path, "folder holds no DICOM series", expected=f"a DICOM series folder or a file ({SUPPORTED})"
         )
     if len(series) > 1:
-        listing = "; ".join(
-            f"{sid} ({len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), sid))} files)" for sid in series
-        )
+        listing = "; ".join(f"{sid} ({len(_gdcm_files(path, sid))} files)" for sid in series)
         raise InputDataError(
             path, f"folder holds {len(series)} DICOM series: {listing}", expected="exactly one series per folder"
         )
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
+    return _gdcm_files(path, series[0])
+
+
+def gdcm_series_ids(path: Path) -> list[str]:
+    """The DICOM series GDCM finds in folder ``path`` (its console notices caught, not printed)."""
+    import SimpleITK as sitk
+
+    native: list[str] = []
+    try:
+        with captured_native_stderr() as native:
+            return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    except RuntimeError as exc:
+        raise InputDataError(path, "cannot scan the folder for DICOM series", got=itk_reason(exc, native)) from None
+
+
+def _gdcm_files(path: Path, series: str) -> list[str]:
+    import SimpleITK as sitk
+
+    native: list[str] = []
+    try:
+        with captured_native_stderr() as native:
+            return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series))
+    except RuntimeError as exc:
+        raise InputDataError(
+            path, f"cannot list the files of DICOM series {series}", got=itk_reason(exc, native)
+        ) from None
+
+
+def _dicom_numbers(reader: Any, name: str, tag: str, label: str, count: int) -> np.ndarray:
+    """``count`` finite numbers of a slice's backslash-separated DS tag, else exit 3 naming it."""
+    try:
+        raw = reader.GetMetaData(tag)
+    except RuntimeError:
+        raise InputDataError(name, f"DICOM slice has no {label} ({tag.replace('|', ',')})") from None
+    try:
+        values = np.asarray([float(v) for v in raw.split("\\")], dtype=np.float64)
+    except ValueError:
+        values = np.asarray([], dtype=np.float64)
+    if values.shape != (count,) or not np.all(np.isfinite(values)):
+        raise InputDataError(
+            name,
+            f"invalid {label} ({tag.replace('|', ',')})",
+            got=raw.strip()[:120],
+            expected=f"{count} finite numbers",
+        )
+    return values
+
+
+def _slice_geometry(reader: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(position, orientation (2, 3), pixel spacing) of one slice, each checked.
+
+    ITK would read a slice without PixelSpacing as 1 mm and one with an invalid orientation as
+    axial; medgn refuses both instead of guessing.
+    """
+    position = _dicom_numbers(reader, name, "0020|0032", "ImagePositionPatient", 3)
+    orientation = _dicom_numbers(reader, name, "0020|0037", "ImageOrientationPatient", 6).reshape(2, 3)
+    spacing = _dicom_numbers(reader, name, "0028|0030", "PixelSpacing", 2)
+    norms = np.linalg.norm(orientation, axis=1)
+    if np.any(np.abs(norms - 1) > 1e-3) or abs(float(orientation[0] @ orientation[1])) > 1e-3:
+        raise InputDataError(
+            name,
+            "invalid ImageOrientationPatient (0020,0037)",
+            got=orientation.ravel().tolist(),
+            expected="two orthogonal unit vectors",
+        )
+    if np.any(spacing <= 0):
+        raise InputDataError(name, "invalid PixelSpacing (0028,0030)", got=spacing.tolist(), expected="values > 0")
+    return position, orientation, spacing
 
 
 def _dicom_header(path: Path, limits: Limits) -> HeaderInfo:
@@ -487,12 +550,17 @@ def _dicom_header(path: Path, limits: Limits) -> HeaderInfo:
     first = None
     for name in files:
         reader = _itk_reader(Path(name))
+        position, orientation, pixel = _slice_geometry(reader, name)
         if first is None:
-            first = reader
-        try:
-            positions.append([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
-        except RuntimeError:
-            raise InputDataError(name, "DICOM slice has no ImagePositionPatient (0020,0032)") from None
+            first, orientation0, pixel0 = reader, orientation, pixel
+        elif np.max(np.abs(orientation - orientation0)) > 1e-3 or np.max(np.abs(pixel - pixel0)) > 1e-3 * pixel0.max():
+            raise InputDataError(
+                name,
+                "DICOM slices differ in orientation or pixel spacing",
+                got=f"{orientation.ravel().tolist()}, {pixel.tolist()}",
+                expected=f"{orientation0.ravel().tolist()}, {pixel0.tolist()} (as {files[0]})",
+            )
+        positions.append(position)
     assert first is not None  # dicom_series_files never returns an empty list
     info = _itk_info(path, first, "dicom", limits)
     direction = np.asarray(info.meta["direction"]).reshape(3, 3)
@@ -500,6 +568,18 @@ def _dicom_header(path: Path, limits: Limits) -> HeaderInfo:
     along = np.sort(np.asarray(positions) @ normal)
     shape3 = (info.shape[0], info.shape[1], len(files))
     _check_size(path, shape3, info.dtype.itemsize, limits)
+    # Every slice on the line through the first along the normal: a gantry tilt or a shifted slice
+    # would be stacked as if straight (a quarter of a pixel is rounding of exported positions).
+    offsets = np.asarray(positions) - positions[0]
+    inplane = np.abs(offsets @ direction[:, :2])
+    if np.any(inplane > 0.25 * np.asarray(info.spacing[:2])):
+        worst = int(np.argmax(inplane.max(axis=1)))
+        raise InputDataError(
+            files[worst],
+            "DICOM slice is shifted within its plane (gantry tilt or a sheared series)",
+            got=f"{inplane[worst].round(3).tolist()} mm from the first slice's line",
+            expected="slices stacked along the normal of their plane",
+        )
     if len(files) > 1:
         steps = np.diff(along)
         step = float(np.median(steps))

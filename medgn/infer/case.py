@@ -301,11 +301,11 @@ def _segment(
         outputs.append(write_mask(mask, reference, out_mask, overwrite=overwrite).name)
         published.extend(outputs)
     if sources is not None:
-        names = {
-            int(v): str(k) for k, v in (predictor.plan.dataset or {}).get("labels", {}).items() if isinstance(v, int)
-        }
-        outputs.append(
-            write_dicom_seg(
+        dataset = predictor.plan.dataset if isinstance(predictor.plan.dataset, Mapping) else {}
+        labels = dataset.get("labels") if isinstance(dataset.get("labels"), Mapping) else {}
+        names = {int(v): str(k) for k, v in labels.items() if isinstance(v, int)}
+        try:
+            seg_path = write_dicom_seg(
                 mask,
                 reference,
                 sources,
@@ -313,9 +313,14 @@ def _segment(
                 names,
                 stem.with_name(stem.name + SEG_SUFFIX),
                 overwrite=overwrite,
-            ).name
-        )
-        published.append(outputs[-1])
+            )
+        except InputDataError as exc:
+            if requested:
+                raise
+            warnings.append(f"no DICOM-SEG written ({exc.one_line()})")  # the NIfTI mask is exact
+        else:
+            outputs.append(seg_path.name)
+            published.append(outputs[-1])
     if options.get("save_probabilities"):
         outputs.append(_write_probabilities(probs.numpy(), reference, stem, overwrite).name)
     times["postprocess_write"] = time.perf_counter() - t2

@@ -11,6 +11,7 @@ pixels thresholded, read with highdicom and independently with pydicom.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,18 @@ ORIENTATIONS = {  # (row cosine, column cosine) in LPS
 }
 
 
-def write_series(folder: Path, volume: np.ndarray, kind: str, *, drop: tuple[str, ...] = ()) -> tuple[Path, np.ndarray]:
-    """Write ``volume`` (X=columns, Y=rows, Z=slices) as a CT series; returns (folder, RAS affine)."""
+def write_series(
+    folder: Path,
+    volume: np.ndarray,
+    kind: str,
+    *,
+    drop: tuple[str, ...] = (),
+    mutate: Callable[[Dataset, int], None] | None = None,
+) -> tuple[Path, np.ndarray]:
+    """Write ``volume`` (X=columns, Y=rows, Z=slices) as a CT series; returns (folder, RAS affine).
+
+    ``drop``: tags left out of every slice; ``mutate(ds, k)``: changes slice k before it is saved.
+    """
     folder.mkdir(parents=True)
     row, col = (np.asarray(v, dtype=np.float64) for v in ORIENTATIONS[kind])
     normal = np.cross(row, col)
@@ -89,6 +100,8 @@ def write_series(folder: Path, volume: np.ndarray, kind: str, *, drop: tuple[str
         ds.PixelData = np.ascontiguousarray(volume[:, :, k].T.astype(np.int16)).tobytes()  # (rows, cols)
         for tag in drop:
             delattr(ds, tag)
+        if mutate is not None:
+            mutate(ds, k)
         name = f"{(nz - 1 - k) if kind == 'reversed' else k:03d}.dcm"
         ds.save_as(folder / name, enforce_file_format=True)
     lps = np.eye(4)
@@ -298,3 +311,117 @@ def test_non_consecutive_label_values_read_back_as_themselves(tmp_path: Path) ->
     ds.save_as(tmp_path / "foreign.seg.dcm")
     foreign = read_seg_on_grid(tmp_path / "foreign.seg.dcm", reference.shape, reference.affine)
     np.testing.assert_array_equal(foreign, np.where(mask == 7, 2, mask))
+
+
+ANONYMISED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+    "AccessionNumber", "ReferringPhysicianName",
+)  # fmt: skip
+
+
+def _infer(run: Path, series: Path, out: Path, *extra: str) -> int:
+    argv = ["infer", "--model", str(run), "--input", str(series), "--output", str(out), "--no-progress", *extra]
+    return main(argv)
+
+
+def test_anonymised_series_without_patient_and_study_tags_gets_its_seg(tmp_path: Path) -> None:
+    """DICOM lets these Type 2 tags be empty; anonymisers often drop them: the SEG has them empty."""
+    from medgn.data.dicom_seg import read_seg_on_grid
+    from medgn.data.io import read_volume
+
+    series, ras = write_series(tmp_path / "in" / "scan", volume(), "axial", drop=ANONYMISED)
+    run = save_run(tmp_path / "run", plan_dict=plan(_ras_spacing(ras)))
+    assert _infer(run, series, tmp_path / "out") == 0
+    seg = pydicom.dcmread(tmp_path / "out" / "scan.seg.dcm")
+    assert seg.PatientID == "" and str(seg.PatientName) == ""
+    reference = read_volume(series)
+    mask = read_volume(tmp_path / "out" / "scan.nii.gz", label=True).array
+    np.testing.assert_array_equal(
+        read_seg_on_grid(tmp_path / "out" / "scan.seg.dcm", reference.shape, reference.affine), mask
+    )
+    assert json.loads((tmp_path / "out" / "scan.json").read_text())["warnings"] == []
+
+
+def test_a_series_highdicom_refuses_keeps_its_nifti_by_default_and_fails_when_a_seg_is_asked_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def two_names(ds: Dataset, k: int) -> None:
+        ds.PatientName = ["Doe^A", "Roe^B"]  # a multi-valued patient name: highdicom refuses to copy it
+
+    series, ras = write_series(tmp_path / "in" / "scan", volume(), "axial", mutate=two_names)
+    run = save_run(tmp_path / "run", plan_dict=plan(_ras_spacing(ras)))
+    capsys.readouterr()
+    assert _infer(run, series, tmp_path / "auto") == 0
+    assert capsys.readouterr().err == ""
+    assert (tmp_path / "auto" / "scan.nii.gz").is_file() and not (tmp_path / "auto" / "scan.seg.dcm").exists()
+    warning = json.loads((tmp_path / "auto" / "scan.json").read_text())["warnings"][0]
+    assert "no DICOM-SEG written" in warning and "cannot build a DICOM-SEG" in warning
+    assert _infer(run, series, tmp_path / "seg", "--output-format", "dicom-seg") == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot build a DICOM-SEG from this series" in err[0], err
+    assert sorted(p.name for p in (tmp_path / "seg").iterdir()) == ["report.json"]
+
+
+def _shift(dk: int, mm: float) -> Callable[[Dataset, int], None]:
+    def mutate(ds: Dataset, k: int) -> None:
+        if k >= dk:
+            ds.ImagePositionPatient = [ds.ImagePositionPatient[0] + mm * (k - dk + 1), *ds.ImagePositionPatient[1:]]
+
+    return mutate
+
+
+def _set_on(k0: int, tag: str, value: object) -> Callable[[Dataset, int], None]:
+    def mutate(ds: Dataset, k: int) -> None:
+        if k == k0:
+            setattr(ds, tag, value)
+
+    return mutate
+
+
+def _raw_on(k0: int, tag: int, text: bytes) -> Callable[[Dataset, int], None]:
+    """Slice k0's DS tag written as these bytes (pydicom would refuse to set them as a value)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    def mutate(ds: Dataset, k: int) -> None:
+        if k == k0:
+            ds[tag] = RawDataElement(Tag(tag), "DS", len(text), text, 0, False, True)
+
+    return mutate
+
+
+BAD_GEOMETRY = [
+    ("ipp_text", {"mutate": _raw_on(3, 0x00200032, b"abc\\def\\ghi ")}, "invalid ImagePositionPatient"),
+    ("ipp_nan", {"mutate": _raw_on(2, 0x00200032, b"nan\\0\\1 ")}, "invalid ImagePositionPatient"),
+    ("ipp_two", {"mutate": _raw_on(2, 0x00200032, b"0\\1 ")}, "invalid ImagePositionPatient"),
+    ("no_spacing", {"drop": ("PixelSpacing",)}, "no PixelSpacing"),
+    ("zero_spacing", {"mutate": lambda ds, k: setattr(ds, "PixelSpacing", [0, 0.8])}, "invalid PixelSpacing"),
+    ("no_orientation", {"drop": ("ImageOrientationPatient",)}, "no ImageOrientationPatient"),
+    (
+        "skewed",
+        {"mutate": lambda ds, k: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0.7071, 0.7071, 0])},
+        "invalid ImageOrientationPatient",
+    ),
+    (
+        "mixed_orientation",
+        {"mutate": _set_on(4, "ImageOrientationPatient", [1, 0, 0, 0, 0, -1])},
+        "differ in orientation",
+    ),
+    ("gantry_tilt", {"mutate": _shift(0, 0.5)}, "shifted within its plane"),
+    ("one_slice_moved", {"mutate": _set_on(5, "ImagePositionPatient", [-15.5, 13.25, 40.0 + 5 * SLICE_MM])}, "shifted"),
+]
+
+
+@pytest.mark.parametrize(("name", "how", "words"), BAD_GEOMETRY, ids=[b[0] for b in BAD_GEOMETRY])
+def test_series_geometry_that_readers_would_guess_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, how: dict, words: str
+) -> None:
+    """ITK reads a missing PixelSpacing as 1 mm, an invalid orientation as axial and stacks tilted
+    or shifted slices as straight: each is refused with one line naming a slice, and nothing written."""
+    series, ras = write_series(tmp_path / "in" / "scan", volume(), "axial", **how)
+    run = save_run(tmp_path / "run", plan_dict=plan(_ras_spacing(ras)))
+    capsys.readouterr()
+    assert _infer(run, series, tmp_path / "out", "--output-format", "nifti") == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and str(series) in err[0], err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json"]

@@ -628,3 +628,15 @@ def test_rerun_on_an_input_that_went_bad_keeps_the_earlier_outputs(
     result = cli([*argv, "--overwrite"], capsys)  # the case fails before publishing: nothing changes
     assert_clean_failure(result, 3, [scan], ["truncated"], outputs=[out])
     assert {k: v for k, v in tree_hashes(out).items() if k != "report.json"} == earlier
+
+
+def test_gdcm_notices_on_a_folder_without_series_stay_off_the_terminal(tmp_path: Path, model_run: Path) -> None:
+    """GDCM prints "No Series were found" straight to file descriptor 2 while medgn scans a folder."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.dcm").write_bytes(b"DICM but not really")
+    out = tmp_path / "out"
+    result = run_medgn(["infer", "--model", model_run, "--input", empty, "--output", out, "--no-progress"])
+    assert result.code in (2, 3), result.err
+    assert len(result.err.strip().splitlines()) == 1 and result.err.startswith("medgn: error: "), result.err
+    assert "GDCM" not in result.err and "WARNING" not in result.err
