@@ -67,6 +67,24 @@ def check_data_only(obj: Any, key: str = "checkpoint") -> None:
     raise TypeError(f"{key}: {type(obj).__name__} cannot go into a checkpoint (tensors and JSON-able values only)")
 
 
+def unusual_tensors(tree: Any, prefix: str = "") -> list[str]:
+    """Names of tensors in a nested state that are sparse, quantised, complex or otherwise not dense and real.
+
+    Loading one into a network would fail later, or silently drop an imaginary part.
+    """
+    bad: list[str] = []
+    if isinstance(tree, torch.Tensor):
+        if tree.layout != torch.strided or tree.is_complex() or tree.is_quantized:
+            bad.append(f"{prefix or 'tensor'} ({tree.layout}, {tree.dtype})")
+    elif isinstance(tree, Mapping):
+        for k, v in tree.items():
+            bad.extend(unusual_tensors(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            bad.extend(unusual_tensors(v, f"{prefix}[{i}]"))
+    return bad
+
+
 def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
     """Names of floating tensors in a nested state that hold NaN or Inf."""
     bad: list[str] = []
@@ -205,9 +223,11 @@ def resolve_checkpoint(path: str | os.PathLike[str], prefer: Sequence[str] = RES
     sidecar = path.with_name(path.name + ".sha256")
     expected = None
     if sidecar.is_file():
-        expected = (
-            sidecar.read_text(encoding="utf-8").split()[0] if sidecar.read_text(encoding="utf-8").strip() else None
-        )
+        try:
+            words = sidecar.read_text(encoding="utf-8").split()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelError(sidecar, f"unreadable checkpoint hash file ({exc})", expected="a sha256 in hex") from None
+        expected = words[0] if words else None
     return path, expected
 
 
@@ -268,12 +288,23 @@ def read_checkpoint(
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         got = type(state).__name__ if not isinstance(state, dict) else f"keys {sorted(map(str, state))[:6]}"
         raise ModelError(file, "not a medgn checkpoint", got=got, expected=f"a dict with format={FORMAT!r}")
-    if int(state.get("format_version", 0)) > FORMAT_VERSION:
+    version = state.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ModelError(file, "invalid checkpoint format_version", got=version, expected="an integer")
+    if version > FORMAT_VERSION:
         raise ModelError(
             file,
             "checkpoint written by a newer medgn",
-            got=state.get("format_version"),
+            got=version,
             expected=f"format_version <= {FORMAT_VERSION}",
+        )
+    unusual = unusual_tensors(state.get("model", {}))
+    if unusual:
+        raise ModelError(
+            file,
+            "checkpoint holds weights that are not dense real tensors",
+            got=", ".join(unusual[:5]),
+            expected="dense float (or integer buffer) tensors",
         )
     bad = nonfinite_tensors(state.get("model", {}))
     if bad:

@@ -77,6 +77,36 @@ def _write_exploit(path: Path) -> Path:
     return marker
 
 
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"format_version": "abc"}, "invalid checkpoint format_version"),
+        ({"format_version": None}, "invalid checkpoint format_version"),
+        ({"sparse": True}, "not dense real tensors"),
+        ({"complex": True}, "not dense real tensors"),
+    ],
+)
+def test_checkpoints_with_odd_versions_or_tensors_are_model_errors(tmp_path: Path, change: dict, words: str) -> None:
+    state = {"format": "medgn-checkpoint", "format_version": 1, **_state(5)}
+    if change.pop("sparse", False):
+        state["model"]["w"] = state["model"]["w"].to_sparse()
+    if change.pop("complex", False):
+        state["model"]["w"] = state["model"]["w"].to(torch.complex64)
+    state.update(change)
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(ModelError, match="") as info:
+        load_checkpoint(tmp_path / "odd.pt")
+    assert info.value.code == EXIT_MODEL and words in str(info.value) and "odd.pt" in str(info.value)
+
+
+def test_a_hash_file_that_is_not_text_is_a_model_error(tmp_path: Path) -> None:
+    path = save_checkpoint(_state(5), tmp_path)
+    path.with_name(path.name + ".sha256").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ModelError, match="unreadable checkpoint hash file") as info:
+        load_checkpoint(path)
+    assert info.value.code == EXIT_MODEL
+
+
 @pytest.mark.parametrize("damage", ["truncated", "random", "empty", "code", "foreign", "flipped_byte"])
 def test_damaged_checkpoints_are_refused_naming_the_file(tmp_path: Path, damage: str) -> None:
     good = save_checkpoint(_state(5), tmp_path)

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from medgn.errors import ModelError
+
 __all__ = [
     "PostProcessing",
     "apply",
@@ -111,7 +113,18 @@ class PostProcessing:
         path = Path(run_dir) / FILE
         if not path.is_file():
             return None
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            lcc = data.get("lcc", {}) if isinstance(data, dict) else None
+            if not isinstance(lcc, dict) or not all(isinstance(v, bool) for v in lcc.values()):
+                raise ValueError('expected {"lcc": {"1": true, ...}, ...}')
+            return cls.from_dict(data)
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError) as exc:
+            raise ModelError(
+                path,
+                f"unreadable post-processing decision ({str(exc)[:120]})",
+                expected="the postprocessing.json medgn writes after cross-validation (or --postprocess none)",
+            ) from None
 
     def describe(self) -> str:
         chosen = [str(k) for k, on in sorted(self.lcc.items()) if on]

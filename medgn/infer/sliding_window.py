@@ -168,6 +168,10 @@ def _oom_error(device: str | torch.device, exc: BaseException) -> ResourceError:
     )
 
 
+def _cpu_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc)
+
+
 @torch.inference_mode()
 def predict_probabilities(
     models: Sequence[nn.Module],
@@ -228,6 +232,12 @@ def predict_probabilities(
                         logits = _window_logits(model, flipped, settings, sw_device, stitch_device, sw_batch_size)
                     except torch.OutOfMemoryError as again:
                         raise _oom_error(device, again) from again
+                except (MemoryError, RuntimeError) as exc:
+                    # The CPU allocator raises RuntimeError ("can't allocate memory"): nothing smaller to
+                    # fall back to there; the patch or the scan is too large for this machine.
+                    if not _cpu_out_of_memory(exc):
+                        raise
+                    raise _oom_error(device, exc) from exc
                 probs = torch.softmax(logits.float(), dim=1)  # (1, K, X, Y, Z)
                 if dims:
                     probs = torch.flip(probs, dims)

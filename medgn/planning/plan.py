@@ -13,6 +13,7 @@ the key.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,11 @@ SCHEMA_VERSION = 1
 # Keys a plan must have wherever it comes from (file or checkpoint); the rest have defaults.
 REQUIRED_KEYS = ("in_channels", "num_classes", "target_spacing", "patch_size", "normalization")
 # Keys a fold ensemble must share: preprocessing and label mapping run once per case.
+# Voxels in one patch: far above any patch a GPU can train (nnU-Net's largest are ~5M); a larger
+# value is a corrupt or hostile plan, and inference would allocate it for every window.
+MAX_PATCH_VOXELS = 1 << 27  # 512^3
+NORMALIZATION_SCHEMES = ("ct", "zscore", "none")
+
 SHARED_KEYS = ("in_channels", "num_classes", "label_values", "target_spacing", "normalization", "patch_size")
 
 
@@ -145,6 +151,16 @@ class Plan:
             raise error(
                 source, "plan key normalization is malformed", got=norms, expected='one {"scheme": ...} per channel'
             )
+        for i, norm in enumerate(norms):
+            problem = _normalization_problem(norm)
+            if problem:
+                raise error(
+                    source,
+                    f"plan key normalization[{i}] is malformed ({problem})",
+                    got=dict(norm),
+                    expected='{"scheme": "zscore"}, {"scheme": "none"} or '
+                    '{"scheme": "ct", "clip": [lo, hi], "mean": m, "std": s}',
+                )
         if len(norms) != in_channels:
             raise error(
                 source,
@@ -155,13 +171,31 @@ class Plan:
         network = data.get("network") or {}
         if not isinstance(network, Mapping):
             raise error(source, "plan key network is malformed", got=network, expected="{strides, kernel_sizes}")
+        patch_size = _triple(data, "patch_size", int, source, error)
+        if math.prod(patch_size) > MAX_PATCH_VOXELS:
+            raise error(
+                source,
+                "plan key patch_size is too large",
+                got=list(patch_size),
+                expected=f"<= {MAX_PATCH_VOXELS} voxels",
+            )
+        dataset = data.get("dataset")
+        if dataset is not None and not isinstance(dataset, Mapping):
+            raise error(source, "plan key dataset is malformed", got=dataset, expected="a JSON object")
+        try:
+            median = data.get("median_resampled_shape")
+            median_shape = None if median is None else tuple(float(v) for v in median)
+        except (TypeError, ValueError):
+            raise error(
+                source, "plan key median_resampled_shape is malformed", got=median, expected="3 numbers"
+            ) from None
         return cls(
             in_channels=in_channels,
             num_classes=num_classes,
             label_values=label_values,
             target_spacing=_triple(data, "target_spacing", float, source, error),  # type: ignore[arg-type]
             normalization=tuple(dict(n) for n in norms),
-            patch_size=_triple(data, "patch_size", int, source, error),  # type: ignore[arg-type]
+            patch_size=patch_size,  # type: ignore[arg-type]
             batch_size=_int(data, "batch_size", source, error, default=2, minimum=1),
             network=NetworkPlan(
                 strides=_stages(network.get("strides"), "network.strides", source, error),
@@ -170,11 +204,9 @@ class Plan:
                 if network.get("features") is None
                 else _ints(network["features"], "network.features", source, error),
             ),
-            dataset=data.get("dataset"),
+            dataset=dataset,
             memory=data.get("memory"),
-            median_resampled_shape=None
-            if data.get("median_resampled_shape") is None
-            else tuple(float(v) for v in data["median_resampled_shape"]),
+            median_resampled_shape=median_shape,
             fingerprint=data.get("fingerprint"),
             version=version,
             schema_version=schema,
@@ -272,9 +304,30 @@ def _triple(data: Mapping[str, Any], key: str, kind: type, source: Any, error: t
         out = tuple(kind(v) for v in values)
     except (TypeError, ValueError):
         out = ()
-    if len(out) != 3 or not all(v > 0 for v in out):
-        raise error(source, f"plan key {key} is malformed", got=values, expected="3 positive numbers (x, y, z)")
+    if len(out) != 3 or not all(math.isfinite(v) and v > 0 for v in out):
+        raise error(source, f"plan key {key} is malformed", got=values, expected="3 positive finite numbers (x, y, z)")
     return out
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _normalization_problem(norm: Mapping[str, Any]) -> str:
+    """What is wrong with one channel's normalisation ("" when nothing)."""
+    scheme = norm.get("scheme")
+    if scheme not in NORMALIZATION_SCHEMES:
+        return f"unknown scheme {scheme!r}"
+    if scheme != "ct":
+        return ""
+    clip = norm.get("clip")
+    if not isinstance(clip, Sequence) or isinstance(clip, str) or len(clip) != 2 or not all(map(_finite, clip)):
+        return "'clip' must be two finite numbers"
+    if clip[0] > clip[1]:
+        return "'clip' must be [low, high]"
+    if not _finite(norm.get("mean")) or not _finite(norm.get("std")) or norm["std"] < 0:
+        return "'mean' and 'std' must be finite numbers, std >= 0"
+    return ""
 
 
 def _stages(values: Any, key: str, source: Any, error: type[MedgnError]) -> tuple[tuple[int, ...], ...] | None:

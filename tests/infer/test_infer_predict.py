@@ -113,6 +113,18 @@ def test_out_of_memory_twice_is_a_resource_error() -> None:
     assert info.value.code == 5
 
 
+def test_the_cpu_allocator_running_out_is_a_resource_error() -> None:
+    """The CPU allocator raises a plain RuntimeError; a window too large for RAM is exit 5, not a bug."""
+
+    class CannotAllocate(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
+
+    with pytest.raises(ResourceError, match="out of memory") as info:
+        predict_probabilities([CannotAllocate()], torch.zeros(1, 8, 8, 8), WindowSettings((8, 8, 8)))
+    assert info.value.code == 5 and "can't allocate memory" in str(info.value)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -81,3 +83,18 @@ def test_reference_topology_decides_without_held_out_cases() -> None:
     mixed = one_piece + [postprocess.topology_evidence(_two_part_cases(1)[0][1], [1])]
     decision = postprocess.decide_from_topology(mixed)
     assert decision.lcc == {1: False} and decision.evidence["1"] == {"one_piece": 3, "cases": 4}
+
+
+@pytest.mark.parametrize(
+    "text", ["{not json", "[1, 2]", '{"lcc": {"one": true}}', '{"lcc": [1, 2]}', '{"lcc": {"1": "yes"}}', "\xff\xfe"]
+)
+def test_an_unreadable_decision_file_is_a_model_error_naming_it(tmp_path: Path, text: str) -> None:
+    from medgn.errors import ModelError
+
+    path = tmp_path / postprocess.FILE
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ModelError, match="unreadable post-processing decision") as info:
+        PostProcessing.load(tmp_path)
+    assert info.value.code == 4 and str(path) in str(info.value)
+    path.write_text('{"lcc": {"1": true}, "source": "cross-validation"}')
+    assert PostProcessing.load(tmp_path).lcc == {1: True}

@@ -173,6 +173,13 @@ def test_plan_file_without_schema_version_is_version_1_and_round_trips(tmp_path:
         ({"label_values": [0, 1]}, "label_values does not match num_classes"),
         ({"normalization": [{"scheme": "zscore"}] * 2}, "normalization does not match in_channels"),
         ({"schema_version": 2}, "unsupported plan schema_version"),
+        ({"target_spacing": [float("inf"), 1.5, 1.5]}, "target_spacing is malformed"),
+        ({"normalization": [{"scheme": "ct"}]}, "normalization[0] is malformed ('clip' must be two finite numbers)"),
+        ({"normalization": [{"scheme": "ct", "clip": [5, 1], "mean": 0, "std": 1}]}, "'clip' must be [low, high]"),
+        ({"normalization": [{"scheme": "minmax"}]}, "unknown scheme 'minmax'"),
+        ({"patch_size": [512, 512, 1024]}, "patch_size is too large"),
+        ({"median_resampled_shape": "abc"}, "median_resampled_shape is malformed"),
+        ({"dataset": "oops"}, "dataset is malformed"),
     ],
 )
 def test_bad_plan_names_file_and_key(tmp_path: Path, change: dict, message: str) -> None:
