@@ -21,7 +21,7 @@ from pathlib import Path
 
 from medgn.errors import InputDataError
 
-__all__ = ["MAX_DATA_FILES", "detached_data_files"]
+__all__ = ["MAX_DATA_FILES", "detached_data_files", "meta_compressed_stream"]
 
 # Header bytes parsed: real headers are a few KiB; 1 MiB leaves room for a LIST of thousands of
 # slice files and bounds what a hostile file costs.
@@ -182,3 +182,35 @@ def detached_data_files(path: str | os.PathLike[str]) -> list[Path]:
             )
         resolved.append(target)
     return resolved
+
+
+_META_DATA_LINE = re.compile(rb"^[ \t]*ElementDataFile[ \t]*[=:][^\n]*\n", re.M | re.I)
+
+
+def meta_compressed_stream(path: str | os.PathLike[str]) -> tuple[Path, int] | None:
+    """Where a MetaImage's compressed voxel data start: (file, byte offset), or None.
+
+    None when the header does not say ``CompressedData = True``, or names a list or pattern of
+    files. ITK inflates the stream without reporting a short or corrupt one (the missing voxels
+    read as zeros), so the preflight inflates it itself from here.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith(_META_SUFFIXES):
+        return None
+    lines, _ = _header_lines(path)
+    fields: dict[str, str] = {}
+    for line in lines:
+        match = _META_FIELD.match(line)
+        if match is not None:
+            fields[match.group(1).lower()] = match.group(2)
+            if match.group(1).lower() == "elementdatafile":
+                break  # the last field: the data follow
+    if fields.get("compresseddata", "").strip().lower() != "true":
+        return None
+    data = fields.get("elementdatafile", "").strip()
+    if data.upper() == "LOCAL":
+        with open(path, "rb") as handle:
+            found = _META_DATA_LINE.search(handle.read(MAX_HEADER_BYTES))
+        return (path, found.end()) if found else None
+    files = detached_data_files(path)
+    return (files[0], 0) if len(files) == 1 else None

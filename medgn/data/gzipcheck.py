@@ -17,7 +17,7 @@ from pathlib import Path
 
 from medgn.errors import InputDataError
 
-__all__ = ["SLACK_BYTES", "check_gzip"]
+__all__ = ["SLACK_BYTES", "check_gzip", "check_zlib"]
 
 # Uncompressed bytes accepted beyond the declared image: room for writers that append a few
 # bytes after the voxel data, far too little to hide a compression bomb.
@@ -111,3 +111,48 @@ def check_gzip(path: str | os.PathLike[str], needed: int, what: str, slack: int 
             expected=f"{needed} bytes for {what}",
         )
     return total
+
+
+def check_zlib(path: str | os.PathLike[str], offset: int, needed: int, what: str) -> None:
+    """Inflate the zlib (or gzip) stream at ``offset`` of ``path`` and check it holds ``needed`` bytes.
+
+    For MetaImage ``CompressedData``: the stream must end properly (its Adler-32 checked) after
+    exactly ``needed`` bytes; inflation stops one chunk past that, so a bomb costs nothing.
+
+    Raises:
+        InputDataError: the stream is corrupt, ends early or holds more than ``needed`` bytes.
+    """
+    path = Path(path)
+    total, inflater = 0, zlib.decompressobj(wbits=47)  # 32 + 15: a zlib or gzip header, detected
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        pending = b""
+        while not inflater.eof:
+            if not pending:
+                pending = handle.read(_CHUNK)
+                if not pending:
+                    break
+            try:
+                out = inflater.decompress(pending, max(1, min(_CHUNK, needed + 1 - total)))
+            except zlib.error as exc:
+                raise InputDataError(
+                    path,
+                    f"compressed voxel data are corrupt ({exc})",
+                    got=f"stream fails after {total} bytes",
+                    expected=f"{needed} bytes for {what}",
+                ) from None
+            total += len(out)
+            if total > needed:
+                raise InputDataError(
+                    path,
+                    "compressed voxel data hold more than the header declares",
+                    expected=f"{needed} bytes for {what}",
+                )
+            pending = inflater.unconsumed_tail
+    if not inflater.eof or total != needed:
+        raise InputDataError(
+            path,
+            "compressed voxel data are truncated or corrupt",
+            got=f"{total} bytes{'' if inflater.eof else ', stream unfinished'}",
+            expected=f"{needed} bytes for {what}",
+        )

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from medgn.data.detached import detached_data_files
-from medgn.data.gzipcheck import check_gzip
+from medgn.data.detached import detached_data_files, meta_compressed_stream
+from medgn.data.gzipcheck import check_gzip, check_zlib
 from medgn.data.native import captured_native_stderr, itk_reason
 from medgn.errors import InputDataError, ResourceError
 
@@ -435,6 +435,9 @@ def _itk_info(path: Path, reader: Any, fmt: str, limits: Limits) -> HeaderInfo:
         )
     dtype = np.dtype(_ITK_DTYPES[name])
     _check_size(path, shape3, dtype.itemsize, limits)
+    stream = meta_compressed_stream(path) if fmt == "mha" else None
+    if stream is not None:  # ITK reads a short or corrupt stream as zeros without a word
+        check_zlib(stream[0], stream[1], int(np.prod(size)) * dtype.itemsize, f"shape {shape3} {dtype}")
     if fmt == "nrrd" and not reader.HasMetaDataKey("NRRD_space"):
         # Without a space field ITK invents an identity orientation: refuse rather than guess.
         raise InputDataError(

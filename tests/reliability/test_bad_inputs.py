@@ -67,6 +67,19 @@ def _with_nan() -> np.ndarray:
     return array
 
 
+def _restream(path: Path, damage: str) -> Path:
+    """A compressed MHA (as SimpleITK writes it) whose zlib stream is cut, or complete but short."""
+    import re
+    import zlib
+
+    raw = path.read_bytes()
+    end = re.search(rb"ElementDataFile = LOCAL\r?\n", raw).end()
+    data = zlib.decompress(raw[end:])
+    stream = zlib.compress(data[: len(data) // 3]) if damage == "short" else raw[end : end + (len(raw) - end) // 2]
+    path.write_bytes(raw[:end] + stream)
+    return path
+
+
 # (file name, builder(folder, name) -> path, exit code, words the error line must contain)
 BAD_IMAGES: list[tuple[str, Callable[[Path, str], Path], int, list[str]]] = [
     ("empty.nii.gz", lambda f, n: _bytes(f, n, b""), 3, ["empty"]),
@@ -77,6 +90,19 @@ BAD_IMAGES: list[tuple[str, Callable[[Path, str], Path], int, list[str]]] = [
     ("cut_nii.nii", lambda f, n: truncate(_nifti(f, n)), 3, ["truncated"]),
     ("cut_nrrd.nrrd", lambda f, n: truncate(write_itk(f / n, image_array())), 3, ["truncated or corrupt"]),
     ("cut_mha.mha", lambda f, n: truncate(write_itk(f / n, image_array())), 3, ["truncated or corrupt"]),
+    # ITK reads both as a whole image, the missing voxels zero, without a word.
+    (
+        "short_stream.mha",
+        lambda f, n: _restream(write_itk(f / n, image_array()), "short"),
+        3,
+        ["compressed voxel data are truncated or corrupt", "expected 2880 bytes"],
+    ),
+    (
+        "cut_stream.mha",
+        lambda f, n: _restream(write_itk(f / n, image_array()), "cut"),
+        3,
+        ["compressed voxel data are truncated or corrupt", "stream unfinished"],
+    ),
     (
         "huge.nii.gz",
         lambda f, n: patch_nifti(_nifti(f, n), "dim", (3, 30000, 30000, 30000, 1, 1, 1, 1)),
