@@ -56,6 +56,13 @@ def _report(exc: BaseException, debug: bool) -> None:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
 
 
+def _to_medgn_log(record: logging.LogRecord) -> None:
+    """Hand a library's record to medgn's own handlers (its log files), not up the hierarchy again."""
+    for handler in logging.getLogger("medgn").handlers:
+        if record.levelno >= handler.level:
+            handler.handle(record)
+
+
 class _IntoMedgnLog(logging.Filter):
     """A logger filter that hands every record to medgn's log files and stops it there.
 
@@ -64,8 +71,19 @@ class _IntoMedgnLog(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        logging.getLogger("medgn.external").handle(record)
+        _to_medgn_log(record)
         return False
+
+
+class _LibrariesIntoMedgnLog(logging.Handler):
+    """The root logger's handler: other libraries' warnings (highdicom, pydicom...) go to medgn's log.
+
+    With a handler at the root, logging's last-resort handler no longer prints them on stderr.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name != "medgn" and not record.name.startswith("medgn."):  # those have their handlers
+            _to_medgn_log(record)
 
 
 def _quiet_third_party() -> None:
@@ -86,6 +104,9 @@ def _quiet_third_party() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _IntoMedgnLog) for f in logger.filters):
             logger.addFilter(_IntoMedgnLog())
+    root = logging.getLogger()
+    if not any(isinstance(h, _LibrariesIntoMedgnLog) for h in root.handlers):
+        root.addHandler(_LibrariesIntoMedgnLog(logging.WARNING))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

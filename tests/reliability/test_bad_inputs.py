@@ -666,3 +666,18 @@ def test_gdcm_notices_on_a_folder_without_series_stay_off_the_terminal(tmp_path:
     assert result.code in (2, 3), result.err
     assert len(result.err.strip().splitlines()) == 1 and result.err.startswith("medgn: error: "), result.err
     assert "GDCM" not in result.err and "WARNING" not in result.err
+
+
+def test_other_libraries_log_warnings_stay_off_the_terminal() -> None:
+    """highdicom and pydicom log through logging; with no handler, Python would print them on stderr."""
+    pre = (
+        "import logging, medgn.commands.env as e\n"
+        "_run = e.run\n"
+        "def run(args):\n"
+        "    logging.getLogger('highdicom.seg').warning('a library notice')\n"
+        "    return _run(args)\n"
+        "e.run = run\n"
+    )
+    result = run_medgn(["env"], pre=pre)
+    assert result.code == 0, result.err
+    assert "a library notice" not in result.err + result.out
