@@ -135,6 +135,13 @@ class Plan:
         label_values = (
             tuple(range(num_classes)) if raw_values is None else _ints(raw_values, "label_values", source, error)
         )
+        if list(label_values) != sorted(set(label_values)) or not all(0 <= v <= 65535 for v in label_values):
+            raise error(
+                source,
+                "plan key label_values is malformed",
+                got=list(label_values),
+                expected="distinct values 0..65535 in increasing order (masks are uint8 or uint16)",
+            )
         if len(label_values) != num_classes:
             raise error(
                 source,

@@ -180,6 +180,9 @@ def test_plan_file_without_schema_version_is_version_1_and_round_trips(tmp_path:
         ({"patch_size": [512, 512, 1024]}, "patch_size is too large"),
         ({"median_resampled_shape": "abc"}, "median_resampled_shape is malformed"),
         ({"dataset": "oops"}, "dataset is malformed"),
+        ({"label_values": [0, -5, 2]}, "label_values is malformed"),
+        ({"label_values": [0, 70000, 2]}, "label_values is malformed"),
+        ({"label_values": [0, 2, 1]}, "label_values is malformed"),
     ],
 )
 def test_bad_plan_names_file_and_key(tmp_path: Path, change: dict, message: str) -> None:
