@@ -547,6 +547,37 @@ def _slice_geometry(reader: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.
     return position, orientation, spacing
 
 
+def _check_pixel_data(name: str) -> None:
+    """An uncompressed slice's PixelData holds every byte its Rows x Columns declare.
+
+    GDCM pads a short PixelData with zeros and reads the slice without a word; pydicom reads the
+    element's header only (its value stays on disk).
+    """
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+
+    try:
+        ds = pydicom.dcmread(name, defer_size=256, force=True)
+        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        if syntax is not None and syntax.is_compressed:
+            return  # encapsulated frames: their decoder checks them
+        element = ds.get_item(0x7FE00010)
+        if element is None:
+            return  # the series reader refuses a slice without pixels
+        declared = int(element.length) if isinstance(element, RawDataElement) else len(element.value)
+        needed = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
+        stored = os.path.getsize(name) - int(getattr(element, "value_tell", 0) or 0)
+    except Exception:  # noqa: BLE001 - what pydicom cannot parse, ITK's reader has judged already
+        return
+    if declared < needed or (isinstance(element, RawDataElement) and stored < declared):
+        raise InputDataError(
+            name,
+            "DICOM slice's PixelData is shorter than its Rows x Columns (truncated file?)",
+            got=f"{min(declared, stored)} bytes",
+            expected=f"{needed} bytes",
+        )
+
+
 def _dicom_header(path: Path, limits: Limits) -> HeaderInfo:
     files = dicom_series_files(path)
     positions = []
@@ -554,6 +585,7 @@ def _dicom_header(path: Path, limits: Limits) -> HeaderInfo:
     for name in files:
         reader = _itk_reader(Path(name))
         position, orientation, pixel = _slice_geometry(reader, name)
+        _check_pixel_data(name)
         if first is None:
             first, orientation0, pixel0 = reader, orientation, pixel
         elif np.max(np.abs(orientation - orientation0)) > 1e-3 or np.max(np.abs(pixel - pixel0)) > 1e-3 * pixel0.max():

@@ -408,6 +408,7 @@ BAD_GEOMETRY = [
         "differ in orientation",
     ),
     ("gantry_tilt", {"mutate": _shift(0, 0.5)}, "shifted within its plane"),
+    ("short_pixels", {"mutate": _set_on(4, "PixelData", bytes(100))}, "PixelData is shorter than its Rows x Columns"),
     ("one_slice_moved", {"mutate": _set_on(5, "ImagePositionPatient", [-15.5, 13.25, 40.0 + 5 * SLICE_MM])}, "shifted"),
 ]
 
@@ -425,3 +426,15 @@ def test_series_geometry_that_readers_would_guess_is_refused(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0] and str(series) in err[0], err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json"]
+
+
+def test_a_slice_file_cut_inside_its_pixel_data_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file that ends inside its PixelData: GDCM leaves it out of the series, which then has a gap."""
+    series, ras = write_series(tmp_path / "in" / "scan", volume(), "axial")
+    cut = series / "004.dcm"
+    cut.write_bytes(cut.read_bytes()[:-300])
+    run = save_run(tmp_path / "run", plan_dict=plan(_ras_spacing(ras)))
+    capsys.readouterr()
+    assert _infer(run, series, tmp_path / "out", "--output-format", "nifti") == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(series) in err[0] and "missing or uneven slices" in err[0], err
