@@ -18,7 +18,7 @@ import numpy as np
 
 from medgn.data.datasets import DatasetIndex
 from medgn.errors import InputDataError, ResourceError
-from medgn.planning.plan import PLAN_VERSION, Plan
+from medgn.planning.plan import MAX_PATCH_VOXELS, PLAN_VERSION, Plan
 
 # Anisotropy threshold and coarse-axis percentile from nnU-Net: a ratio above 3 means the median
 # would give the coarse axis far too many interpolated slices for most cases.
@@ -172,7 +172,7 @@ def choose_patch(
             fitted, strides, kernels = _fit(patch, list(spacing))
             cfg = _model_cfg(len(strides))
             need = int(estimator(cfg, in_channels, num_classes, strides, kernels, fitted, batch, torch.bfloat16))
-            if need <= budget_bytes:
+            if need <= budget_bytes and math.prod(fitted) <= MAX_PATCH_VOXELS:
                 return fitted, strides, kernels, batch, need
             # Shrink the axis that is largest in mm (relative to spacing) by one pooling unit.
             mm = [p * s for p, s in zip(patch, spacing)]

@@ -14,7 +14,7 @@ from medgn.data.datasets import load_dataset
 from medgn.data.io import read_volume
 from medgn.errors import InputDataError, ModelError, ResourceError
 from medgn.planning.fingerprint import compute_fingerprint, intensity_stats, ras_spacing_shape
-from medgn.planning.plan import SCHEMA_VERSION, Plan
+from medgn.planning.plan import MAX_PATCH_VOXELS, SCHEMA_VERSION, Plan
 from medgn.planning.plan_config import PlanConfig
 from medgn.planning.planner import (
     DEFAULT_GPU_GB,
@@ -62,6 +62,9 @@ def test_patch_shrinks_then_batch_one() -> None:
     assert batch == 1 and min(patch) == 16 and math.prod(patch) * 1000 <= 1.5 * 16**3 * 1000
     with pytest.raises(ResourceError):
         choose_patch([20, 20, 20], [1.0, 1.0, 1.0], 1, 2, 100, _voxel_estimator)
+    # A memory budget without bound still gives a patch that plans accept (whole-body CT at 1 mm).
+    patch, *_ = choose_patch([500, 500, 900], [1.0, 1.0, 1.0], 1, 2, float("inf"), _voxel_estimator)
+    assert math.prod(patch) <= MAX_PATCH_VOXELS < 500 * 500 * 900
 
 
 @pytest.mark.data
@@ -177,7 +180,7 @@ def test_plan_file_without_schema_version_is_version_1_and_round_trips(tmp_path:
         ({"normalization": [{"scheme": "ct"}]}, "normalization[0] is malformed ('clip' must be two finite numbers)"),
         ({"normalization": [{"scheme": "ct", "clip": [5, 1], "mean": 0, "std": 1}]}, "'clip' must be [low, high]"),
         ({"normalization": [{"scheme": "minmax"}]}, "unknown scheme 'minmax'"),
-        ({"patch_size": [512, 512, 1024]}, "patch_size is too large"),
+        ({"patch_size": [512, 512, 512]}, "patch_size is too large"),
         ({"median_resampled_shape": "abc"}, "median_resampled_shape is malformed"),
         ({"dataset": "oops"}, "dataset is malformed"),
         ({"label_values": [0, -5, 2]}, "label_values is malformed"),
