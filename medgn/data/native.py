@@ -52,7 +52,9 @@ def captured_native_stderr() -> Iterator[list[str]]:
 def itk_reason(exc: BaseException, native: list[str]) -> str:
     """A short reason for an ITK failure: what the library printed, else its error line."""
     if native:
-        return " ".join(native)[:200]
+        distinct = list(dict.fromkeys(line.strip() for line in native if line.strip()))  # a decoder repeats itself
+        repeats = len([line for line in native if line.strip()]) - len(distinct)
+        return (" ".join(distinct) + (f" (and {repeats} repeated lines)" if repeats else ""))[:200]
     text = [line.strip() for line in str(exc).splitlines() if line.strip()]
     errors = [line.split("): ", 1)[-1] for line in text if "ERROR" in line]
     return (errors[0] if errors else text[-1] if text else type(exc).__name__)[:200]

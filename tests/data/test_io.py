@@ -286,3 +286,11 @@ def test_real_samples_geometry(shared_data: Path) -> None:
     dicom = read_volume(samples / "ct_dicom_series")
     assert dicom.shape == (512, 512, 20) and dicom.spacing == pytest.approx((0.9765625, 0.9765625, 2.0), abs=1e-4)
     assert nib.aff2axcodes(dicom.affine) == ("L", "P", "S") and dicom.array.min() < -500  # Hounsfield units
+
+
+def test_a_decoder_repeating_itself_is_quoted_once() -> None:
+    from medgn.data.native import itk_reason
+
+    native = ["Stream too short"] * 70 + ["", "Not a JPEG file"]
+    assert itk_reason(RuntimeError("x"), native) == "Stream too short Not a JPEG file (and 69 repeated lines)"
+    assert itk_reason(RuntimeError("ITK ERROR: ImageIO(0x1): bad file"), []) == "bad file"
