@@ -17,7 +17,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,37 +67,33 @@ def check_data_only(obj: Any, key: str = "checkpoint") -> None:
     raise TypeError(f"{key}: {type(obj).__name__} cannot go into a checkpoint (tensors and JSON-able values only)")
 
 
-def unusual_tensors(tree: Any, prefix: str = "") -> list[str]:
-    """Names of tensors in a nested state that are sparse, quantised, complex or otherwise not dense and real.
+def _named_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a nested state (mappings, lists, tuples) with its dotted name."""
+    if isinstance(tree, torch.Tensor):
+        yield prefix or "tensor", tree
+    elif isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from _named_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _named_tensors(v, f"{prefix}[{i}]")
+
+
+def unusual_tensors(tree: Any) -> list[str]:
+    """Tensors of a nested state that are sparse, quantised or complex: not dense and real.
 
     Loading one into a network would fail later, or silently drop an imaginary part.
     """
-    bad: list[str] = []
-    if isinstance(tree, torch.Tensor):
-        if tree.layout != torch.strided or tree.is_complex() or tree.is_quantized:
-            bad.append(f"{prefix or 'tensor'} ({tree.layout}, {tree.dtype})")
-    elif isinstance(tree, Mapping):
-        for k, v in tree.items():
-            bad.extend(unusual_tensors(v, f"{prefix}.{k}" if prefix else str(k)))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            bad.extend(unusual_tensors(v, f"{prefix}[{i}]"))
-    return bad
+    return [
+        f"{name} ({t.layout}, {t.dtype})"
+        for name, t in _named_tensors(tree)
+        if t.layout != torch.strided or t.is_complex() or t.is_quantized
+    ]
 
 
-def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
+def nonfinite_tensors(tree: Any) -> list[str]:
     """Names of floating tensors in a nested state that hold NaN or Inf."""
-    bad: list[str] = []
-    if isinstance(tree, torch.Tensor):
-        if tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
-            bad.append(prefix or "tensor")
-    elif isinstance(tree, Mapping):
-        for k, v in tree.items():
-            bad.extend(nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k)))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            bad.extend(nonfinite_tensors(v, f"{prefix}[{i}]"))
-    return bad
+    return [name for name, t in _named_tensors(tree) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def _unique_path(folder: Path, stem: str) -> Path:
