@@ -126,6 +126,8 @@ def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
     for item in items:
         if not isinstance(item, (int, float)) or isinstance(item, bool):
             continue
+        if item != item:  # NaN: every comparison below would be false
+            raise UsageError(key, "value is NaN", got=value, expected="a number")
         lo, hi = meta.get("min"), meta.get("max")
         if (lo is not None and item < lo) or (hi is not None and item > hi):
             rule = f"{lo if lo is not None else '-inf'} <= value <= {hi if hi is not None else 'inf'}"
@@ -210,11 +212,50 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     return result
 
 
+# A config is a few KiB; these bound what a hostile file (or /dev/zero) costs to read and expand.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000  # values after YAML aliases are expanded ("billion laughs")
+
+
+def _check_plain(path: Path, data: Any) -> None:
+    """Every value is JSON's kind (mapping, list, text, number, bool, null), and not too many.
+
+    YAML also reads dates, binary and sets, and aliases can expand a small file to billions of
+    values; the config is stored and hashed as JSON, so such a file is refused here.
+    """
+    stack: list[tuple[str, Any]] = [("", data)]
+    seen = 0
+    while stack:
+        where, value = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise UsageError(
+                path, "config holds too many values (YAML aliases nested?)", expected=f"<= {MAX_CONFIG_VALUES}"
+            )
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
+        elif value is not None and not isinstance(value, (str, int, float, bool)):
+            raise UsageError(
+                path,
+                f"config value {where or '(top)'} is a YAML {type(value).__name__}",
+                got=str(value)[:60],
+                expected="text, a number, true/false, a list or a mapping (quote a date to make it text)",
+            )
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with errors naming the file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.exists() and not path.is_file():
+            raise UsageError(path, "config is not a regular file", expected="a YAML file")
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise UsageError(path, "config file is too large", expected=f"<= {MAX_CONFIG_BYTES} bytes")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise UsageError(path, "config file not found", expected="an existing YAML file") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -229,6 +270,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UsageError(path, "config must be a mapping of sections", got=type(data).__name__)
+    _check_plain(path, data)
     return data
 
 

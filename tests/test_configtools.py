@@ -43,6 +43,7 @@ def test_defaults_and_values() -> None:
         ({"inner": {"lr": -1}}, "inner.lr", "0.0 <= value"),
         ({"patch": [32, "x"]}, "patch[1]", "an integer"),
         ({"batch_size": True}, "batch_size", "an integer"),
+        ({"inner": {"lr": float("nan")}}, "inner.lr", "value is NaN"),
     ],
 )
 def test_errors_name_key_and_rule(data: dict, key: str, fragment: str) -> None:
@@ -79,6 +80,37 @@ def test_yaml_errors_name_file(tmp_path: Path) -> None:
     assert str(bad) in info.value.one_line()
     with pytest.raises(UsageError):
         load_yaml(tmp_path / "missing.yaml")
+
+
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("train:\n  seed: 2020-01-01\n", "config value train.seed is a YAML date"),
+        ("unknown: !!binary aGVsbG8=\n", "config value unknown is a YAML bytes"),
+        ("x: !!set {a, b}\n", "config value x is a YAML set"),
+        (LAUGHS, "too many values"),
+    ],
+)
+def test_yaml_json_cannot_hold_is_a_usage_error(tmp_path: Path, text: str, words: str) -> None:
+    """Dates, binary, sets and alias bombs: refused with the file named, never an internal error."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match="") as info:
+        load_yaml(path)
+    assert words in info.value.one_line() and str(path) in info.value.one_line()
+
+
+def test_a_config_that_is_huge_or_not_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "big.yaml").write_text("a: 1\n" + "#" * (1 << 20))
+    with pytest.raises(UsageError, match="too large"):
+        load_yaml(tmp_path / "big.yaml")
+    with pytest.raises(UsageError, match="not a regular file"):
+        load_yaml(tmp_path)
 
 
 def test_hash_is_stable_and_sensitive() -> None:
