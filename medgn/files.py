@@ -17,6 +17,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -89,6 +90,28 @@ def json_sha256(obj: Any, *, compact: bool = True) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def make_output_dir(path: str | os.PathLike[str], what: str = "output folder") -> Path:
+    """Create ``path`` (and parents) and check that files can be written in it.
+
+    Raises:
+        UsageError: it exists and is not a folder, or cannot be created or written (read-only
+            file system, permissions, a parent that is a file); exit 2, before any work.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(path, f"{what} exists and is not a folder", expected="a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f"{TEMP_MARK}{uuid.uuid4().hex[:12]}-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(
+            path, f"{what} is not writable ({exc.strerror or exc})", expected="a writable folder"
+        ) from None
+    return out
+
+
 def _umask_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -142,9 +165,25 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = True) -> Ite
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ResourceError(final, "no space left on device while writing", expected="free disk space") from exc
         raise
+    except RuntimeError as exc:
+        # Writers in C++ (torch.save's zip writer) report a full disk as a RuntimeError ("unexpected
+        # pos ..."): judged by the space left while the partial file still holds what it took.
+        full = _nearly_full(final.parent)
+        _remove_quietly(tmp)
+        if full:
+            raise ResourceError(final, "no space left on device while writing", expected="free disk space") from exc
+        raise
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def _nearly_full(folder: Path) -> bool:
+    """Less than 1 MiB free on ``folder``'s file system (False when that cannot be asked)."""
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def _remove_quietly(path: Path) -> None:

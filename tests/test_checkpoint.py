@@ -149,6 +149,34 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".medgn-tmp-")] == []
 
 
+def test_a_full_disk_reported_by_torch_as_a_runtime_error_is_a_resource_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.save's zip writer reports a short write as RuntimeError("unexpected pos ..."), not ENOSPC."""
+    import shutil
+
+    import medgn.files
+
+    save_checkpoint(_state(1, 3.0), tmp_path)
+
+    def short_write(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        Path(f).write_bytes(b"partial")  # type: ignore[arg-type]
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 93632 vs 93520")
+
+    monkeypatch.setattr(torch, "save", short_write)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(medgn.files.shutil, "disk_usage", lambda p: usage._replace(free=4096))
+    with pytest.raises(ResourceError, match="no space left") as info:
+        save_checkpoint(_state(2, 4.0), tmp_path)
+    assert info.value.code == 5
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".medgn-tmp-")] == []
+    monkeypatch.setattr(medgn.files.shutil, "disk_usage", lambda p: usage._replace(free=1 << 40))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with space left it is not the disk
+        save_checkpoint(_state(2, 4.0), tmp_path)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "latest.json").read_text())["iteration"] == 1
+
+
 def test_rng_capture_restore_roundtrip_through_a_file(tmp_path: Path) -> None:
     random.seed(1)
     np.random.seed(2)

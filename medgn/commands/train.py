@@ -26,9 +26,12 @@ def parse_fold(text: str) -> int:
     if text == "all":
         return ALL_FOLDS
     try:
-        return int(text)
+        fold = int(text)
     except ValueError:
-        raise UsageError("--fold", "invalid fold", got=text, expected="an integer or 'all'") from None
+        fold = -1
+    if fold < 0:  # -1 is how 'all' is stored: it must be asked for by name
+        raise UsageError("--fold", "invalid fold", got=text, expected="a fold number 0, 1, ... or 'all'")
+    return fold
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -29,7 +29,7 @@ from medgn.data.preflight import DEFAULT_LIMITS, Limits
 from medgn.data.reader import LoadCased, MedgnReader, NormalizePland
 from medgn.data.workload import check_workload
 from medgn.errors import InputDataError, MedgnError
-from medgn.files import json_sha256
+from medgn.files import json_sha256, make_output_dir
 
 # Bump when the deterministic transforms change meaning: old caches are then never read.
 # 2: the on-disk cache holds volumes after resampling (version 1 cached them before the workload
@@ -321,7 +321,7 @@ def cached_dataset(items: list[dict[str, Any]], transform: Any, plan: Preprocess
 
     if cfg.cache_dir is not None:
         folder = Path(cfg.cache_dir) / f"prep-{pipeline_hash(plan, cfg.limits)}"
-        folder.mkdir(parents=True, exist_ok=True)
+        make_output_dir(folder, "data.cache_dir")
         return PersistentDataset(items, transform=transform, cache_dir=folder)
     if cfg.cache_rate > 0:
         # One worker for the cache build: several threads of MONAI transforms fight over 2 cores.

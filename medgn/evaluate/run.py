@@ -30,7 +30,7 @@ from medgn.evaluate.metrics import (
 )
 from medgn.evaluate.predictions import read_prediction
 from medgn.evaluate.results import CASE_SUFFIXES, EvaluationResult, MetricRow, case_id, list_cases  # noqa: F401
-from medgn.files import RunLock, clean_stale_temps, is_inside
+from medgn.files import RunLock, clean_stale_temps, is_inside, make_output_dir
 from medgn.logs import get_logger
 
 OUTPUT_FILES: tuple[str, ...] = ("metrics.csv", "summary.json", "report.md", "boxplot.png")
@@ -171,7 +171,7 @@ def evaluate(
         if out_path is not None:
             inputs = [p for p in (pred_dir, ref_dir, images) if p is not None]
             _check_out_dir(out_path, inputs, overwrite)
-            out_path.mkdir(parents=True, exist_ok=True)
+            make_output_dir(out_path)
             stack.enter_context(RunLock(out_path, purpose="evaluate"))
             _check_out_dir(out_path, inputs, overwrite)  # again under the lock: a run may just have finished
             clean_stale_temps(out_path)

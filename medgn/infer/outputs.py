@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import os
 import unicodedata
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medgn.errors import EXIT_OK, UsageError
-from medgn.files import TEMP_MARK, atomic_write_json, path_sha256
+from medgn.files import atomic_write_json, make_output_dir, path_sha256
 from medgn.files import is_inside as _inside
 
 __all__ = [
@@ -119,17 +118,7 @@ def check_output_dir(output_dir: str | os.PathLike[str], input_path: str | os.Pa
             got=str(out),
             expected=f"another folder than {src.parent}",
         )
-    if out.exists() and not out.is_dir():
-        raise UsageError(output_dir, "output path exists and is not a folder", expected="a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f"{TEMP_MARK}{uuid.uuid4().hex[:12]}-probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(
-            output_dir, f"output folder is not writable ({exc.strerror or exc})", expected="a writable folder"
-        ) from None
+    make_output_dir(out)
     return out
 
 

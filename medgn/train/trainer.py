@@ -25,7 +25,7 @@ from torch import nn
 from medgn.checkpoint import load_checkpoint, save_checkpoint
 from medgn.configtools import config_hash, to_dict
 from medgn.environment import versions
-from medgn.errors import InputDataError, ResourceError
+from medgn.errors import InputDataError, ModelError, ResourceError
 from medgn.logs import get_logger
 from medgn.train import distributed as ddp
 from medgn.train.config import TrainConfig
@@ -433,6 +433,14 @@ class Trainer:
         changed = {k: (old.get(k), v) for k, v in to_dict(self.cfg).items() if old.get(k) != v}
         if changed:
             log.warning("resuming with changed settings: %s", changed)
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # torch's state-dict mismatches
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ModelError(
+                path,
+                f"the checkpoint does not fit this run's network or optimiser ({first})",
+                expected="the model and optimiser settings the run was started with (no --set model.* on --resume)",
+            ) from exc
         log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.iteration)
         return state

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from medgn.config import RunConfig
+from medgn.configtools import build, to_dict
 from medgn.errors import UsageError
-from medgn.files import atomic_path, atomic_write_json, atomic_write_text
+from medgn.files import atomic_path, atomic_write_json, atomic_write_text, make_output_dir
 from medgn.logs import get_logger
 from medgn.models.config import UNet3DConfig
 from medgn.workflows.train import train_on_dataset
@@ -98,7 +99,7 @@ def norm_study(
     if lr_scaling not in ("none", "linear"):
         raise UsageError("--lr-scaling", "unknown rule", got=lr_scaling, expected="none or linear")
     arms = {norm: norm_arm(cfg.model, norm) for norm in norms}  # fails on a bad name before any run
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir, "study folder")
     rows: list[dict[str, Any]] = []
     for norm, seed, batch in itertools.product(norms, list(seeds) or [cfg.train.seed], batch_sizes):
         iterations = samples // batch
@@ -172,10 +173,13 @@ def norm_arm(model: UNet3DConfig, spec: str) -> UNet3DConfig:
             expected="group:cpgK (K channels per group) or group:gG (G groups)",
         )
     if rule.startswith("cpg"):
-        cpg = int(rule[3:])
-        return dataclasses.replace(model, norm=name, group_channels=cpg, num_groups=None)  # type: ignore[arg-type]
-    groups = int(rule[1:])
-    return dataclasses.replace(model, norm=name, num_groups=groups, group_channels=None)  # type: ignore[arg-type]
+        arm = dataclasses.replace(model, norm=name, group_channels=int(rule[3:]), num_groups=None)  # type: ignore[arg-type]
+    else:
+        arm = dataclasses.replace(model, norm=name, num_groups=int(rule[1:]), group_channels=None)  # type: ignore[arg-type]
+    try:  # the config's own checks (replace() runs none): e.g. 0 channels per group
+        return build(UNet3DConfig, to_dict(arm), "model")
+    except UsageError as exc:
+        raise UsageError("--norms", f"invalid arm {spec!r} ({exc.one_line()})") from None
 
 
 def _csv(rows: Sequence[dict[str, Any]]) -> str:

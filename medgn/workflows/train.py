@@ -33,7 +33,7 @@ from medgn.data.verify import verify_dataset
 from medgn.data.workload import VALIDATION_OVERLAP, check_dataset_workload
 from medgn.environment import resolve_device
 from medgn.errors import InputDataError, UsageError
-from medgn.files import RunLock, atomic_write_json, clean_stale_temps, is_inside
+from medgn.files import RunLock, atomic_write_json, clean_stale_temps, is_inside, make_output_dir
 from medgn.infer import postprocess
 from medgn.logs import attach_file_log, get_logger
 from medgn.planning.plan import Plan
@@ -187,6 +187,13 @@ def train_on_dataset(
         raise UsageError(
             out_dir, "refusing to write the run into the dataset folder", expected="an --out outside the input tree"
         )
+    if cfg.data.cache_dir is not None and is_inside(cfg.data.cache_dir, data):
+        raise UsageError(
+            "data.cache_dir",
+            "refusing to write the cache into the dataset folder",
+            got=cfg.data.cache_dir,
+            expected="a folder outside the input tree",
+        )
     has_checkpoint = (out_dir / "checkpoints").is_dir() and read_pointer(out_dir / "checkpoints") is not None
     if resume and not has_checkpoint:
         raise UsageError(
@@ -196,7 +203,7 @@ def train_on_dataset(
         raise UsageError(
             out_dir, "run folder already has checkpoints", expected="--resume to continue it, or a new --out"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir, "run folder")
     lock = RunLock(out_dir, purpose="train") if info.is_main else None
     if lock is not None:
         lock.acquire()

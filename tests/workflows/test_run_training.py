@@ -180,6 +180,39 @@ def test_run_inside_dataset_is_refused(dataset: Path, capsys: pytest.CaptureFixt
     assert not (dataset / "run").exists()
 
 
+def test_bad_run_paths_and_folds_are_usage_errors_before_any_work(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An --out that is a file or cannot be written, a cache inside the dataset, --fold -1."""
+    (tmp_path / "a_file").write_text("keep")
+    cases = [
+        (["--out", str(tmp_path / "a_file")], "run folder exists and is not a folder"),
+        (["--out", str(tmp_path / "a_file" / "run")], "run folder is not writable"),
+        (["--out", str(tmp_path / "r"), "--set", f"data.cache_dir={dataset / 'cache'}"], "data.cache_dir: refusing"),
+        (["--out", str(tmp_path / "r"), "--fold", "-1"], "--fold: invalid fold"),
+    ]
+    for extra, words in cases:
+        assert main(["train", "--data", str(dataset), *TINY, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert (tmp_path / "a_file").read_text() == "keep"
+    assert not (dataset / "cache").exists() and not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_resume_with_another_network_is_a_model_error_and_keeps_the_run(
+    trained: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    before = {p: p.read_bytes() for p in (run / "checkpoints").iterdir() if p.is_file()}
+    argv = ["train", "--data", str(dataset), "--out", str(run), "--resume", *TINY, "--set", "model.features=[8,16]"]
+    assert main(argv) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit this run's network" in err[0], err
+    assert {p: p.read_bytes() for p in (run / "checkpoints").iterdir() if p.is_file()} == before
+
+
 DRIVER = """
 import sys
 from medgn.cli import main
