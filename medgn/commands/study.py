@@ -7,15 +7,18 @@ import math
 
 from medgn.commands.train import parse_fold
 from medgn.errors import UsageError
+from medgn.planning.splits import ALL_FOLDS
 
 
-def _ints(text: str, flag: str) -> list[int]:
+def _ints(text: str, flag: str, lo: int, hi: int) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UsageError(flag, "expected comma-separated integers", got=text) from None
     if not values:
         raise UsageError(flag, "empty list", got=text, expected="e.g. 1,2,4")
+    if not all(lo <= v <= hi for v in values):
+        raise UsageError(flag, "value out of range", got=text, expected=f"integers {lo}..{hi}")
     return values
 
 
@@ -53,7 +56,11 @@ def run(args: argparse.Namespace) -> int:
     from medgn.workflows.study import norm_study
 
     cfg = load_run_config(args.config, args.set)
-    batch_sizes = _ints(args.batch_sizes, "--batch-sizes")
+    batch_sizes = _ints(args.batch_sizes, "--batch-sizes", 1, 4096)
+    seeds = _ints(args.seeds, "--seeds", 0, 2**31 - 1) if args.seeds else []
+    fold = parse_fold(args.fold)
+    if fold == ALL_FOLDS:
+        raise UsageError("--fold", "a study compares validation Dice: it needs a validation fold", got=args.fold)
     names = [n.strip() for n in args.norms.split(",") if n.strip()]
     if not names:
         raise UsageError("--norms", "empty list", expected="e.g. batch,group")
@@ -75,17 +82,17 @@ def run(args: argparse.Namespace) -> int:
         names,
         batch_sizes,
         samples=samples,
-        fold=parse_fold(args.fold),
+        fold=fold,
         device=device,
         lr_scaling=args.lr_scaling,
-        seeds=_ints(args.seeds, "--seeds") if args.seeds else (),
+        seeds=seeds,
     )
     print(f"{'norm':<14} {'seed':>4} {'batch':>5} {'iters':>6} {'val Dice':>9}")
     for row in rows:
         dice = row["val_dice_mean"]
         print(
             f"{row['norm']:<14} {row['seed']:>4} {row['batch_size']:>5} {row['iterations']:>6} "
-            f"{dice if dice is None else round(dice, 4):>9}"
+            f"{'-' if dice is None else round(dice, 4):>9}"
         )
     print(f"wrote {args.out}/study.csv, study.md and study.png")
     return 0

@@ -19,8 +19,28 @@ from pathlib import Path
 
 from medgn.cli import main as medgn_main
 from medgn.demo.make_dataset import build_demo_dataset
+from medgn.errors import MedgnError, UsageError
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+# What a demo folder holds: only such a folder (or an empty one) is replaced by the next demo.
+DEMO_ENTRIES = frozenset({"dataset", "run", "predictions", "evaluation", "plan.json"})
+
+
+def _replace_demo_folder(out: Path) -> None:
+    """Empty ``out`` for a new demo; refuse a path that is a file or a folder holding anything else."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(out, "demo output path exists and is not a folder", expected="a folder for the demo")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES)
+        if foreign:
+            raise UsageError(
+                out,
+                "refusing to replace a folder that is not a demo output",
+                got=", ".join(foreign[:5]),
+                expected="an empty folder, an earlier demo's folder, or a new --out",
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
 
 
 def _run(args: list[str]) -> None:
@@ -44,12 +64,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--set", action="append", default=[], help="config override passed to medgn train")
     args = parser.parse_args(argv)
+    try:
+        return _demo(args)
+    except MedgnError as exc:
+        sys.stderr.write(f"medgn: error: {exc.one_line()}\n")
+        return exc.code
 
+
+def _demo(args: argparse.Namespace) -> int:
     start = time.monotonic()
     out = args.out
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    if args.train_subjects < 2 or args.test_subjects < 1:  # checked before anything is replaced
+        raise UsageError(
+            "--train-subjects/--test-subjects",
+            "too few subjects",
+            got=(args.train_subjects, args.test_subjects),
+            expected=">= 2 training and >= 1 test subjects",
+        )
+    _replace_demo_folder(out)
     dataset, run, pred, evaluation = out / "dataset", out / "run", out / "predictions", out / "evaluation"
     print(
         f"building {args.train_subjects} training and {args.test_subjects} test subjects from the MNI152 "

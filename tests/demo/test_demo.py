@@ -87,3 +87,24 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert summary["counts"]["evaluated"] == 1
     assert (out / "run" / "progress.png").is_file() and (out / "evaluation" / "boxplot.png").is_file()
     assert len(list((out / "predictions").glob("*.nii.gz"))) == 1
+
+
+def test_demo_never_replaces_a_folder_that_is_not_a_demo_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from medgn.demo.__main__ import main
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep")
+    assert main(["--out", str(victim)]) == 2
+    assert "not a demo output" in capsys.readouterr().err and (victim / "precious.txt").read_text() == "keep"
+    (tmp_path / "file").write_text("keep")
+    assert main(["--out", str(tmp_path / "file")]) == 2
+    assert (tmp_path / "file").read_text() == "keep"
+    earlier = tmp_path / "earlier"
+    (earlier / "run").mkdir(parents=True)
+    assert main(["--out", str(earlier), "--train-subjects", "1"]) == 2  # checked before replacing
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("medgn: error: ") and "too few subjects" in err[-1]
+    assert (earlier / "run").is_dir()

@@ -94,3 +94,23 @@ def test_group_rule_arms_set_the_model_section() -> None:
     for bad in ("group:cpgx", "batch:g32", "group:h4"):
         with pytest.raises(UsageError, match="group rule"):
             norm_arm(base, bad)
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--batch-sizes", "1,0"], "--batch-sizes: value out of range"),
+        (["--seeds", "-1"], "--seeds: value out of range"),
+        (["--seeds", "1099511627776"], "--seeds: value out of range"),
+        (["--norms", "group:cpg0"], "invalid arm 'group:cpg0'"),
+        (["--fold", "all"], "needs a validation fold"),
+        (["--fold", "-1"], "--fold: invalid fold"),
+    ],
+)
+def test_study_values_are_checked_before_any_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], words: str
+) -> None:
+    assert main(["study", "norms", "--data", str(tmp_path), "--out", str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "o").exists()
