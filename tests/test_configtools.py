@@ -105,6 +105,16 @@ def test_yaml_json_cannot_hold_is_a_usage_error(tmp_path: Path, text: str, words
     assert words in info.value.one_line() and str(path) in info.value.one_line()
 
 
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.5\n")
+    with pytest.raises(UsageError) as info:
+        load_yaml(path)
+    assert "invalid YAML at line 4: duplicate key 'lr'" in info.value.one_line()
+    path.write_text("train:\n  lr: 0.1\nmodel:\n  lr_like: 1\n")  # the same key in two sections is fine
+    assert load_yaml(path) == {"train": {"lr": 0.1}, "model": {"lr_like": 1}}
+
+
 def test_a_config_that_is_huge_or_not_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "big.yaml").write_text("a: 1\n" + "#" * (1 << 20))
     with pytest.raises(UsageError, match="too large"):

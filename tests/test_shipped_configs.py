@@ -38,6 +38,8 @@ def test_cpu_recipe_uses_light_augmentation_and_small_patches() -> None:
 
 def test_unknown_key_in_a_config_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text((CONFIGS[0]).read_text(encoding="utf-8") + "\ndata:\n  prob_rotat: 0.1\n", encoding="utf-8")
+    text = CONFIGS[0].read_text(encoding="utf-8")
+    assert "\ndata:\n" in text
+    bad.write_text(text.replace("\ndata:\n", "\ndata:\n  prob_rotat: 0.1\n", 1), encoding="utf-8")
     with pytest.raises(UsageError, match="prob_rotat"):
         load_run_config(bad)
