@@ -7,7 +7,7 @@ import sys
 
 from medgn.commands import limits_from_args
 from medgn.data.preflight import DEFAULT_LIMITS
-from medgn.errors import printable
+from medgn.errors import UsageError, printable
 from medgn.infer.config import distinct_spatial_axes
 
 
@@ -130,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
             attach_file_log(fallback_log_path())
         except OSError:
             pass
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise UsageError("--threads", "value out of range", got=args.threads, expected="1 <= threads <= 1024")
     channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
     limits = limits_from_args(args)
     settings = InferSettings.of(

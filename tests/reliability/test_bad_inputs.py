@@ -681,3 +681,14 @@ def test_other_libraries_log_warnings_stay_off_the_terminal() -> None:
     result = run_medgn(["env"], pre=pre)
     assert result.code == 0, result.err
     assert "a library notice" not in result.err + result.out
+
+
+@pytest.mark.parametrize("threads", ["0", "-1", "100000"])
+def test_thread_counts_out_of_range_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], threads: str
+) -> None:
+    scan = write_nifti(tmp_path / "a.nii.gz", image_array())
+    argv = ["infer", "--model", tmp_path / "no-such-model", "--input", scan, "--output", tmp_path / "out"]
+    result = cli([*argv, "--threads", threads, "--no-progress"], capsys)
+    assert_clean_failure(result, 2, ["--threads"], ["value out of range", "1 <= threads <= 1024"])
+    assert not (tmp_path / "out").exists()
