@@ -99,11 +99,10 @@ def _quiet_third_party() -> None:
         medgn_logger.addHandler(logging.NullHandler())
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
-    logging.captureWarnings(True)
-    for name in ("nibabel", "nibabel.global", "py.warnings"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _IntoMedgnLog) for f in logger.filters):
-            logger.addFilter(_IntoMedgnLog())
+    logging.captureWarnings(True)  # as "py.warnings" records, which the root handler below takes
+    nibabel = logging.getLogger("nibabel.global")  # the one library logger with its own stderr handler
+    if not any(isinstance(f, _IntoMedgnLog) for f in nibabel.filters):
+        nibabel.addFilter(_IntoMedgnLog())
     root = logging.getLogger()
     if not any(isinstance(h, _LibrariesIntoMedgnLog) for h in root.handlers):
         root.addHandler(_LibrariesIntoMedgnLog(logging.WARNING))
