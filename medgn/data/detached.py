@@ -197,9 +197,10 @@ def meta_compressed_stream(path: str | os.PathLike[str]) -> tuple[Path, int] | N
     path = Path(path)
     if not path.name.lower().endswith(_META_SUFFIXES):
         return None
-    lines, _ = _header_lines(path)
+    with open(path, "rb") as handle:
+        raw = handle.read(MAX_HEADER_BYTES)
     fields: dict[str, str] = {}
-    for line in lines:
+    for line in raw.decode("latin-1").splitlines():
         match = _META_FIELD.match(line)
         if match is not None:
             fields[match.group(1).lower()] = match.group(2)
@@ -209,8 +210,7 @@ def meta_compressed_stream(path: str | os.PathLike[str]) -> tuple[Path, int] | N
         return None
     data = fields.get("elementdatafile", "").strip()
     if data.upper() == "LOCAL":
-        with open(path, "rb") as handle:
-            found = _META_DATA_LINE.search(handle.read(MAX_HEADER_BYTES))
+        found = _META_DATA_LINE.search(raw)
         return (path, found.end()) if found else None
     files = detached_data_files(path)
     return (files[0], 0) if len(files) == 1 else None

@@ -52,8 +52,9 @@ def captured_native_stderr() -> Iterator[list[str]]:
 def itk_reason(exc: BaseException, native: list[str]) -> str:
     """A short reason for an ITK failure: what the library printed, else its error line."""
     if native:
-        distinct = list(dict.fromkeys(line.strip() for line in native if line.strip()))  # a decoder repeats itself
-        repeats = len([line for line in native if line.strip()]) - len(distinct)
+        lines = [line.strip() for line in native if line.strip()]
+        distinct = list(dict.fromkeys(lines))  # a decoder repeats itself, once per frame
+        repeats = len(lines) - len(distinct)
         return (" ".join(distinct) + (f" (and {repeats} repeated lines)" if repeats else ""))[:200]
     text = [line.strip() for line in str(exc).splitlines() if line.strip()]
     errors = [line.split("): ", 1)[-1] for line in text if "ERROR" in line]

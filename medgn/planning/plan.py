@@ -29,12 +29,11 @@ PLAN_VERSION = 1
 SCHEMA_VERSION = 1
 # Keys a plan must have wherever it comes from (file or checkpoint); the rest have defaults.
 REQUIRED_KEYS = ("in_channels", "num_classes", "target_spacing", "patch_size", "normalization")
-# Keys a fold ensemble must share: preprocessing and label mapping run once per case.
 # Voxels in one patch: far above what GPUs train (nnU-Net's largest patches are ~5M voxels); a
 # larger value is a corrupt or hostile plan, and inference would allocate it for every window.
 MAX_PATCH_VOXELS = 1 << 24  # 256^3
 NORMALIZATION_SCHEMES = ("ct", "zscore", "none")
-
+# Keys a fold ensemble must share: preprocessing and label mapping run once per case.
 SHARED_KEYS = ("in_channels", "num_classes", "label_values", "target_spacing", "normalization", "patch_size")
 
 

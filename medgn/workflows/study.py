@@ -172,12 +172,13 @@ def norm_arm(model: UNet3DConfig, spec: str) -> UNet3DConfig:
             got=spec,
             expected="group:cpgK (K channels per group) or group:gG (G groups)",
         )
-    if rule.startswith("cpg"):
-        arm = dataclasses.replace(model, norm=name, group_channels=int(rule[3:]), num_groups=None)  # type: ignore[arg-type]
-    else:
-        arm = dataclasses.replace(model, norm=name, num_groups=int(rule[1:]), group_channels=None)  # type: ignore[arg-type]
-    try:  # the config's own checks (replace() runs none): e.g. 0 channels per group
-        return build(UNet3DConfig, to_dict(arm), "model")
+    groups = (
+        {"group_channels": int(rule[3:]), "num_groups": None}
+        if rule.startswith("cpg")
+        else {"num_groups": int(rule[1:]), "group_channels": None}
+    )
+    try:  # built through the config's own checks: e.g. 0 channels per group is refused
+        return build(UNet3DConfig, {**to_dict(model), "norm": name, **groups}, "model")
     except UsageError as exc:
         raise UsageError("--norms", f"invalid arm {spec!r} ({exc.one_line()})") from None
 
