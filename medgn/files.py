@@ -249,11 +249,12 @@ class RunLock:
 
     The lock is a file created with ``O_EXCL`` holding pid, host and start time. A lock left by a
     process on this host that no longer exists is stale and is taken over. Use as a context manager.
+    ``name`` picks another lock file, for runs that own only part of a folder (one mask file).
     """
 
-    def __init__(self, folder: str | os.PathLike[str], purpose: str = "run") -> None:
+    def __init__(self, folder: str | os.PathLike[str], purpose: str = "run", name: str = LOCK_NAME) -> None:
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
+        self.path = self.folder / name
         self.purpose = purpose
         self.stale_removed: dict[str, Any] | None = None
         self._held = False

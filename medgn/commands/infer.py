@@ -37,7 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="image file, folder, dataset folder (test list) or DICOM series folder",
     )
     parser.add_argument(
-        "--output", required=True, metavar="DIR", help="output folder (created; never inside the input)"
+        "--output",
+        required=True,
+        metavar="DIR_OR_FILE",
+        help="output folder (created; never inside the input), or for a single scan the mask's file name "
+        "(.nii.gz, .nii, .nrrd or .mha: written in that format, its .json record beside it)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     parser.add_argument(
@@ -154,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
     )
     report = infer(args.model, args.input, args.output, settings)
     counts = report.to_dict()["counts"]
-    print(f"{counts['ok']} segmented, {counts['skipped']} skipped, {counts['failed']} failed -> {report.output_dir}")
+    where = report.mask_file or report.output_dir
+    print(f"{counts['ok']} segmented, {counts['skipped']} skipped, {counts['failed']} failed -> {where}")
     for case in report.failed:
         sys.stderr.write(f"medgn: error: case {printable(case.case_id)}: {printable(case.message)}\n")
     return report.exit_code

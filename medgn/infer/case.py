@@ -67,9 +67,9 @@ def default_output_format(images: tuple[Path, ...]) -> str:
     return "both" if images[0].is_dir() else "nifti"
 
 
-def primary_suffix(images: tuple[Path, ...], output_format: str | None) -> str:
+def primary_suffix(images: tuple[Path, ...], output_format: str | None, suffix: str) -> str:
     """Suffix of the file whose presence marks a finished case (the SEG when it is the only output)."""
-    return SEG_SUFFIX if (output_format or default_output_format(images)) == "dicom-seg" else mask_suffix(images[0])
+    return SEG_SUFFIX if (output_format or default_output_format(images)) == "dicom-seg" else suffix
 
 
 def fingerprint(inputs: list[str], models: list[str], config_hash: str, settings: Mapping[str, Any]) -> str:
@@ -168,7 +168,8 @@ def run_case(
         stem: output path without suffix (``<output_dir>/<safe name>``).
         predictor: the loaded models and plan.
         settings: sliding-window settings.
-        options: ``overwrite``, ``save_probabilities``, ``threads``,
+        options: ``overwrite``, ``save_probabilities``, ``threads``, ``mask_suffix`` (the mask's
+            format; default: the input's own, :func:`mask_suffix`),
             ``output_format`` (nifti, dicom-seg, both; None: the input's family),
             ``limits`` (header and resampled-size limits; default :data:`DEFAULT_LIMITS`),
             ``postprocessing`` (a :class:`~medgn.infer.postprocess.PostProcessing` or None).
@@ -297,7 +298,7 @@ def _segment(
     overwrite = bool(options.get("overwrite"))
     outputs: list[str] = []
     if out_format != "dicom-seg":
-        out_mask = stem.with_name(stem.name + mask_suffix(images[0]))
+        out_mask = stem.with_name(stem.name + (options.get("mask_suffix") or mask_suffix(images[0])))
         outputs.append(write_mask(mask, reference, out_mask, overwrite=overwrite).name)
         published.extend(outputs)
     if sources is not None:
@@ -372,11 +373,9 @@ def _with_data_files(path: Path, digest: str) -> str:
     return combined.hexdigest()
 
 
-def outputs_exist(stem: Path, images: tuple[Path, ...]) -> list[Path]:
+def outputs_exist(stem: Path, suffix: str) -> list[Path]:
     """Existing files at the paths this case's outputs are written to (mask, sidecar, probabilities)."""
-    candidates = [
-        stem.with_name(stem.name + s) for s in (mask_suffix(images[0]), SEG_SUFFIX, ".json", PROBABILITIES_SUFFIX)
-    ]
+    candidates = [stem.with_name(stem.name + s) for s in (suffix, SEG_SUFFIX, ".json", PROBABILITIES_SUFFIX)]
     return [p for p in candidates if p.exists()]
 
 

@@ -1,9 +1,10 @@
-"""Inference bookkeeping: safe output names, output-folder checks, shards, hashes and the report.
+"""Inference bookkeeping: safe output names, output checks, shards, hashes and the report.
 
 This module owns everything :func:`medgn.infer.run.infer` decides before a model is loaded and
 what it records after each case: case ids turned into file names that cannot leave the output
-folder (separators replaced, no leading ``-`` or ``.``, unicode kept, collisions refused), the
-refusal to write into the input tree or into an unwritable folder, the ``--shard i/n`` selection
+folder (separators replaced, no leading ``-`` or ``.``, unicode kept, collisions refused), an
+``--output`` that names one mask file instead of a folder, the refusal to write into the input
+tree, over the input or into an unwritable folder, the ``--shard i/n`` selection
 (also from torchrun's ``RANK``/``WORLD_SIZE``), input sha256s, the per-case result record and the
 ``report.json`` summary with the overall exit code.
 """
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medgn.data.preflight import MASK_SUFFIXES
 from medgn.errors import EXIT_OK, UsageError
 from medgn.files import atomic_write_json, make_output_dir, path_sha256
 from medgn.files import is_inside as _inside
@@ -24,7 +26,10 @@ from medgn.files import is_inside as _inside
 __all__ = [
     "CaseResult",
     "InferenceReport",
+    "MaskFile",
+    "check_mask_file",
     "check_output_dir",
+    "mask_file",
     "input_sha256",
     "output_names",
     "parse_shard",
@@ -122,6 +127,84 @@ def check_output_dir(output_dir: str | os.PathLike[str], input_path: str | os.Pa
     return out
 
 
+@dataclass(frozen=True)
+class MaskFile:
+    """An ``--output`` that names the mask of a single case: its folder, stem and suffix.
+
+    The case's other outputs sit beside it with the same stem (``<stem>.json``, the DICOM-SEG
+    ``<stem>.seg.dcm``, ``<stem>_probabilities.npz``); no ``report.json`` is written.
+    """
+
+    folder: Path
+    stem: str
+    suffix: str
+
+    @property
+    def path(self) -> Path:
+        """The mask's path."""
+        return self.folder / (self.stem + self.suffix)
+
+
+def mask_file(output: str | os.PathLike[str]) -> MaskFile | None:
+    """The mask file ``output`` names, or None when it names an output folder.
+
+    A path ending in a mask suffix (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``, any case) that is
+    not an existing folder names a file; anything else is a folder.
+
+    Raises:
+        UsageError: the name ends in ``.dcm`` (a DICOM-SEG is named after its case in a folder),
+            or the suffix is all there is (``.nii.gz``).
+    """
+    path = Path(output).expanduser()
+    name = path.name
+    lower = name.lower()
+    if lower.endswith(".dcm") and not path.is_dir():
+        raise UsageError(
+            "--output",
+            "a DICOM-SEG cannot be named on its own",
+            got=str(output),
+            expected="an output folder (the SEG is written there as <case>.seg.dcm), or a .nii.gz mask name",
+        )
+    suffix = next((s for s in MASK_SUFFIXES if lower.endswith(s)), None)
+    if suffix is None or path.is_dir() or str(output).endswith(("/", os.sep)):  # a trailing / means a folder
+        return None
+    if len(name) == len(suffix):
+        raise UsageError("--output", "mask file name has no stem", got=str(output), expected="e.g. mask.nii.gz")
+    folder = path.parent.resolve()
+    return MaskFile(folder, name[: -len(suffix)], name[-len(suffix) :])
+
+
+def check_mask_file(target: MaskFile, input_path: str | os.PathLike[str]) -> Path:
+    """Create the mask file's folder and prove it is writable and that no output lands on the input.
+
+    Unlike an output folder, the mask may sit beside its input file; it may not replace it, and
+    none of the case's outputs may land inside an input folder (a DICOM series folder, whose next
+    read would find them).
+
+    Returns:
+        The resolved folder.
+
+    Raises:
+        UsageError: an output would replace the input file or lie inside the input folder, or the
+            folder cannot be made.
+    """
+    src = Path(input_path).expanduser().resolve()
+    if src.is_dir() and _inside(target.folder, src):
+        raise UsageError(
+            "--output",
+            "mask file is inside the input folder",
+            got=str(target.path),
+            expected=f"a path outside {src}",
+        )
+    outputs = [target.path, *(target.folder / (target.stem + s) for s in (".json", "_probabilities.npz"))]
+    if src.is_file() and any(p == src or (p.exists() and os.path.samefile(p, src)) for p in outputs):
+        raise UsageError(
+            "--output", "output would replace the input file", got=str(target.path), expected="another file name"
+        )
+    make_output_dir(target.folder)
+    return target.folder
+
+
 def parse_shard(shard: str | tuple[int, int] | None, env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
     """``"i/n"`` (or ``(i, n)``) as a checked pair; without one, torchrun's RANK/WORLD_SIZE.
 
@@ -197,6 +280,7 @@ class InferenceReport:
     cases: list[CaseResult] = field(default_factory=list)
     shard: tuple[int, int] | None = None
     models: list[dict[str, str]] = field(default_factory=list)
+    mask_file: Path | None = None  # the mask --output named: no report.json then (the sidecar is the record)
 
     @property
     def failed(self) -> list[CaseResult]:
@@ -221,7 +305,13 @@ class InferenceReport:
             "cases": [asdict(c) for c in self.cases],
         }
 
-    def write(self) -> Path:
-        """Write ``report.json`` (``report-<i>of<n>.json`` for a shard) atomically."""
+    def write(self) -> Path | None:
+        """Write ``report.json`` (``report-<i>of<n>.json`` for a shard) atomically.
+
+        A run that wrote one named mask file writes none: its folder may be shared with other runs
+        and masks, and the mask's sidecar already holds the case's record.
+        """
+        if self.mask_file is not None:
+            return None
         name = REPORT_NAME if self.shard is None else f"report-{self.shard[0]}of{self.shard[1]}.json"
         return atomic_write_json(self.output_dir / name, self.to_dict())

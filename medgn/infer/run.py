@@ -1,7 +1,8 @@
 """``infer``: segment one scan or a folder of scans, keeping every input's geometry exactly.
 
 This module owns the run: checks that need no model (output folder writable and outside the input
-tree, inputs found, safe and distinct output names, shard), the output-folder lock, removal of
+tree, or one named mask file for a single case; inputs found, safe and distinct output names,
+shard), the output lock, removal of
 temporary files an interrupted run left, model loading, and the per-case loop that continues past
 a bad case, skips a case whose sidecar proves the same inputs, models and settings, refuses to
 replace other outputs without ``overwrite``, shows progress with per-case timing and writes
@@ -10,6 +11,7 @@ replace other outputs without ``overwrite``, shows progress with per-case timing
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import traceback
@@ -39,7 +41,10 @@ from medgn.infer.config import InferConfig
 from medgn.infer.outputs import (
     CaseResult,
     InferenceReport,
+    MaskFile,
+    check_mask_file,
     check_output_dir,
+    mask_file,
     output_names,
     parse_shard,
     select_shard,
@@ -81,9 +86,10 @@ def _pipeline(plan: Plan, limits: Any = None) -> tuple[Any, Any]:
     return preprocess, invert_to_input
 
 
-def _clean_own_temps(output_dir: Path, names: Sequence[str], shard: tuple[int, int] | None) -> list[Path]:
-    """Remove temp files of an interrupted run; a shard removes only its own cases' temps."""
-    if shard is None:
+def _clean_own_temps(output_dir: Path, names: Sequence[str], whole_folder: bool) -> list[Path]:
+    """Remove temp files of an interrupted run: all of the folder's, or (a shard, a named mask file,
+    which share their folder with other runs) only those of its own cases."""
+    if whole_folder:
         return clean_stale_temps(output_dir)
     removed = []
     prefixes = tuple(f"-{n}." for n in names) + tuple(f"-{n}_probabilities." for n in names)
@@ -170,6 +176,9 @@ def infer(
         input_path: an image file, a folder (``_0000``/``_0001`` channels), a dataset folder
             (its test list) or a DICOM series folder.
         output_dir: where masks, sidecars and ``report.json`` go; created; never inside the input.
+            A path ending in ``.nii.gz``, ``.nii``, ``.nrrd`` or ``.mha`` (not an existing folder)
+            names the mask of a single case instead: it is written there in that format, its
+            sidecar beside it, and no ``report.json``.
         settings: device, sliding window, outputs, shard, channels (:class:`InferSettings`;
             defaults when None), recorded as-is in every sidecar.
         changes: individual settings replacing those of ``settings`` (``overlap=0.25``...).
@@ -187,21 +196,43 @@ def infer(
     input_path = Path(input_path)
     if not input_path.exists():
         raise UsageError(input_path, "input not found", expected="an image file or a folder")
-    out = check_output_dir(output_dir, input_path)
-    shard_pair = parse_shard(settings.shard)
+    target = mask_file(output_dir)
+    if target is None:
+        out = check_output_dir(output_dir, input_path)
+        shard_pair = parse_shard(settings.shard)
+    elif settings.shard is not None:
+        raise UsageError(
+            "--shard", "one named mask cannot be split into shards", got=settings.shard, expected="an output folder"
+        )
+    else:
+        shard_pair = None  # a single case: torchrun's RANK/WORLD_SIZE have nothing to split
     cases = {c.case_id: c for c in find_inputs(input_path, names=settings.channels)}
+    if target is not None:
+        if len(cases) != 1:
+            raise UsageError(
+                "--output",
+                f"names one mask file, but the input holds {len(cases)} cases",
+                got=str(output_dir),
+                expected="an output folder (one mask per case is written there)",
+            )
+        out = check_mask_file(target, input_path)
     _check_output_format(settings.output_format, cases)
     selected = select_shard(list(cases), shard_pair)
-    names = output_names(selected, {cid: mask_suffix(cases[cid].images[0]) for cid in selected})
-    lock = RunLock(out, purpose="infer" if shard_pair is None else f"infer shard {shard_pair[0]}/{shard_pair[1]}")
-    if shard_pair is not None:  # shards share the folder: each locks its own subfolder, cases are disjoint
-        lock = RunLock(_shard_lock_dir(out, shard_pair), purpose=lock.purpose)
+    if target is None:
+        names = output_names(selected, {cid: mask_suffix(cases[cid].images[0]) for cid in selected})
+        lock = RunLock(out, purpose="infer" if shard_pair is None else f"infer shard {shard_pair[0]}/{shard_pair[1]}")
+        if shard_pair is not None:  # shards share the folder: each locks its own subfolder, cases are disjoint
+            lock = RunLock(_shard_lock_dir(out, shard_pair), purpose=lock.purpose)
+    else:  # the folder may hold other masks, and other runs writing them: lock this mask only
+        names = {selected[0]: target.stem}
+        digest = hashlib.sha256(target.stem.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        lock = RunLock(out, purpose=f"infer {target.path.name}", name=f".medgn-{digest}.lock")
     with lock:
-        removed = _clean_own_temps(out, list(names.values()), shard_pair)
+        removed = _clean_own_temps(out, list(names.values()), whole_folder=shard_pair is None and target is None)
         if removed:
             log.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), out)
         predictor = models if isinstance(models, Predictor) else load_predictor(models, settings.device)
-        return _run_cases(predictor, cases, selected, names, out, shard_pair, settings)
+        return _run_cases(predictor, cases, selected, names, out, shard_pair, settings, target)
 
 
 def _check_output_format(output_format: str | None, cases: dict[str, Any]) -> None:
@@ -254,6 +285,7 @@ def _run_cases(
     out: Path,
     shard: tuple[int, int] | None,
     run: InferSettings,
+    target: MaskFile | None = None,
 ) -> InferenceReport:
     from medgn.environment import versions
 
@@ -281,8 +313,12 @@ def _run_cases(
     }
     if run.output_format is not None:  # recorded only when chosen: default runs keep their fingerprints
         recorded["output_format"] = run.output_format
+    if target is not None and any(target.suffix.lower() != mask_suffix(cases[c].images[0]) for c in selected):
+        recorded["mask_suffix"] = target.suffix.lower()  # another format than the input's own (the same otherwise)
     preprocess, invert = _pipeline(predictor.plan, run.limits)
-    report = InferenceReport(out, shard=shard, models=[asdict(s) for s in predictor.sources])
+    report = InferenceReport(
+        out, shard=shard, models=[asdict(s) for s in predictor.sources], mask_file=target.path if target else None
+    )
     env = {"versions": versions(), "device": str(predictor.device), "torch_threads": torch.get_num_threads()}
     bar = _progress(run.progress, len(selected))
     try:
@@ -295,9 +331,11 @@ def _run_cases(
                 fp = fingerprint(
                     [r["sha256"] for r in inputs], predictor.model_sha256s, predictor.config_hash, recorded
                 )
-                existing = outputs_exist(stem, case.images)
+                suffix = target.suffix if target is not None else mask_suffix(case.images[0])
+                options["mask_suffix"] = suffix
+                existing = outputs_exist(stem, suffix)
                 sidecar = read_sidecar(stem.with_name(stem.name + ".json"))
-                mask_done = stem.with_name(stem.name + primary_suffix(case.images, run.output_format)).is_file()
+                mask_done = stem.with_name(stem.name + primary_suffix(case.images, run.output_format, suffix)).is_file()
                 same = sidecar is not None and sidecar.get("fingerprint") == fp
                 # An interrupted run of the same fingerprint left these outputs: ours to replace.
                 resuming = same and sidecar.get("status") == "running"

@@ -1,0 +1,133 @@
+"""``medgn infer --output mask.nii.gz``: one scan's mask written to the file the user names.
+
+An ``--output`` ending in a mask suffix names the mask of a single case (its format may differ from
+the input's); its sidecar sits beside it, no ``report.json`` is written, and the run locks and
+cleans only its own files, so that several such runs can share a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import _infer_fixtures as F
+import numpy as np
+import pytest
+
+from medgn.cli import main
+from medgn.errors import UsageError
+from medgn.files import LOCK_NAME, TEMP_MARK
+from medgn.infer.outputs import mask_file
+from medgn.infer.predictor import Predictor
+from medgn.infer.run import infer
+
+pytest.importorskip("medgn.data.pipeline", reason="medgn.data.pipeline (infer_transforms) not available yet")
+
+AFFINE = F.axis_affines()[5]
+
+
+def _scan(folder: Path, name: str = "a.nii.gz", seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return F.write_image(folder / name, F.image(seed), AFFINE)
+
+
+def _predictor() -> Predictor:
+    return Predictor.from_modules([F.ThresholdNet()], F.plan())
+
+
+def test_mask_file_tells_files_from_folders(tmp_path: Path) -> None:
+    target = mask_file(tmp_path / "sub" / "Mask.NII.GZ")
+    assert target is not None and (target.stem, target.suffix) == ("Mask", ".NII.GZ")
+    assert target.path == (tmp_path / "sub" / "Mask.NII.GZ").resolve()
+    assert mask_file(tmp_path / "x.nrrd").suffix == ".nrrd"  # type: ignore[union-attr]
+    assert mask_file(tmp_path / "preds") is None
+    assert mask_file(str(tmp_path / "m.nii.gz") + "/") is None  # a trailing slash asks for a folder
+    (tmp_path / "old.nii.gz").mkdir()
+    assert mask_file(tmp_path / "old.nii.gz") is None  # an existing folder stays a folder
+    with pytest.raises(UsageError, match="DICOM-SEG"):
+        mask_file(tmp_path / "seg.dcm")
+    with pytest.raises(UsageError, match="no stem"):
+        mask_file(tmp_path / ".nii.gz")
+
+
+def test_named_mask_is_written_with_its_sidecar_and_no_report(tmp_path: Path) -> None:
+    from medgn.data.io import geometry_diff, read_volume
+
+    scan = _scan(tmp_path / "in")
+    out = tmp_path / "new" / "deeper" / "liver_mask.nii.gz"
+    report = infer(_predictor(), scan, out)
+    assert report.exit_code == 0 and report.mask_file == out.resolve()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["liver_mask.json", "liver_mask.nii.gz"]
+    mask = read_volume(out)
+    assert np.array_equal(mask.array == 1, F.blob())
+    assert geometry_diff(read_volume(scan), mask) == []
+    sidecar = json.loads((out.parent / "liver_mask.json").read_text())
+    assert sidecar["status"] == "done" and sidecar["outputs"] == ["liver_mask.nii.gz"]
+    again = infer(_predictor(), scan, out)
+    assert [c.status for c in again.cases] == ["skipped"]
+
+
+def test_named_mask_in_another_format_keeps_the_geometry(tmp_path: Path) -> None:
+    from medgn.data.io import geometry_diff, read_volume
+
+    scan = _scan(tmp_path / "in")
+    report = infer(_predictor(), scan, tmp_path / "out" / "a.nrrd")
+    assert report.exit_code == 0
+    mask = read_volume(tmp_path / "out" / "a.nrrd")
+    assert mask.format == "nrrd" and np.array_equal(mask.array == 1, F.blob())
+    assert geometry_diff(read_volume(scan), mask) == []
+    # The same stem in NIfTI replaces the record (a.json): another setting, so only with --overwrite.
+    refused = infer(_predictor(), scan, tmp_path / "out" / "a.nii.gz")
+    assert [(c.status, c.code) for c in refused.cases] == [("failed", 2)]
+    assert not (tmp_path / "out" / "a.nii.gz").exists()
+
+
+def test_named_mask_beside_its_input_and_the_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scan = _scan(tmp_path / "in")
+    before = scan.read_bytes()
+    assert infer(_predictor(), scan, tmp_path / "in" / "a_mask.mha").exit_code == 0  # beside the input is fine
+    assert (tmp_path / "in" / "a_mask.mha").is_file()
+    missing_model = str(tmp_path / "no-such-run")  # loading it would be exit 4: every refusal comes first
+    cases = [
+        (scan, scan, "replace the input file"),
+        (scan, tmp_path / "in", "input file's folder"),  # a folder: the input's own is refused
+        (tmp_path / "in", tmp_path / "several.nii.gz", "input holds"),
+    ]
+    _scan(tmp_path / "in", "b.nii.gz", seed=1)
+    for source, output, message in cases:
+        code = main(["infer", "--model", missing_model, "--input", str(source), "--output", str(output)])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.count("\n") == 1 and message in err
+    assert scan.read_bytes() == before and not (tmp_path / "several.nii.gz").exists()
+    code = main(
+        ["infer", "--model", missing_model, "--input", str(scan), "--output", str(tmp_path / "x.nii.gz")]
+        + ["--shard", "0/2"]
+    )
+    assert code == 2 and "shards" in capsys.readouterr().err
+    # An input folder (a DICOM series, a folder of one scan) gets nothing new: its next read would
+    # find the mask. Outside it, a folder of one case takes a named mask.
+    one = _scan(tmp_path / "one").parent
+    with pytest.raises(UsageError, match="inside the input folder"):
+        infer(_predictor(), one, one / "mask.nii.gz")
+    assert infer(_predictor(), one, tmp_path / "one_mask.nii.gz").exit_code == 0
+
+
+def test_named_masks_share_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scan = _scan(tmp_path / "in")
+    out = tmp_path / "masks"
+    out.mkdir()
+    # A folder run holds the folder's lock, and another run's temporary file is in flight: a named
+    # mask locks and cleans only its own files.
+    (out / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": 0}))
+    other_temp = out / f"{TEMP_MARK}0123456789ab-other.nii.gz"
+    other_temp.write_bytes(b"partial")
+    own_temp = out / f"{TEMP_MARK}0123456789ab-a.nii.gz"
+    own_temp.write_bytes(b"partial")
+    assert main(["infer", "--model", str(tmp_path / "run"), "--input", str(scan), "--output", str(out)]) == 6
+    capsys.readouterr()
+    report = infer(_predictor(), scan, out / "a.nii.gz")
+    assert report.exit_code == 0 and (out / "a.nii.gz").is_file()
+    assert other_temp.exists() and not own_temp.exists()
+    assert (out / LOCK_NAME).exists() and sorted(p.name for p in out.glob(".medgn-*.lock")) == []
