@@ -33,10 +33,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluate",
         help="Dice, IoU, HD95, ASSD and surface Dice of predictions against references",
         description="Compare a folder of predicted label maps with a folder of reference label maps "
-        "(matched by file name) and write metrics.csv, summary.json, report.md, boxplot.png and overlays/.",
+        "(matched by file name), or one prediction file with one reference file, and write metrics.csv, "
+        "summary.json, report.md, boxplot.png and overlays/.",
     )
-    parser.add_argument("--pred", required=True, type=Path, metavar="DIR", help="folder of predicted label maps")
-    parser.add_argument("--ref", required=True, type=Path, metavar="DIR", help="folder of reference label maps")
+    parser.add_argument(
+        "--pred",
+        required=True,
+        type=Path,
+        metavar="DIR_OR_FILE",
+        help="folder of predicted label maps, or one prediction file (with --ref one reference file)",
+    )
+    parser.add_argument(
+        "--ref",
+        required=True,
+        type=Path,
+        metavar="DIR_OR_FILE",
+        help="folder of reference label maps, or one reference file",
+    )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if needed)")
     parser.add_argument(
         "--labels", type=_labels, metavar="1,2,...", help="labels to evaluate (default: every nonzero value found)"
@@ -61,7 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--allow-missing", action="store_true", help="count a missing prediction as failed (Dice 0) instead of stopping"
     )
-    parser.add_argument("--images", type=Path, metavar="DIR", help="images to draw the overlay contours on")
+    parser.add_argument(
+        "--images", type=Path, metavar="DIR_OR_FILE", help="images under the overlay contours (a folder, or one file)"
+    )
     parser.add_argument(
         "--worst-k", type=int, default=3, metavar="K", help="overlays for the K worst cases per label (default 3)"
     )

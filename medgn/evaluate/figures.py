@@ -69,6 +69,8 @@ def write_boxplot(result: EvaluationResult, path: Path) -> Path:
 def _find_image(image_dir: Path, cid: str) -> Path | None:
     from medgn.evaluate.results import CASE_SUFFIXES
 
+    if image_dir.is_file():  # the image of a single evaluated case
+        return image_dir
     for stem in (cid, f"{cid}_0000"):  # plain name, or the first channel in nnU-Net naming
         for suffix in CASE_SUFFIXES:
             candidate = image_dir / f"{stem}{suffix}"

@@ -1,7 +1,8 @@
 """Evaluation of a folder of predicted label maps against a folder of reference label maps.
 
 This module owns :func:`evaluate`, the Python API behind ``medgn evaluate``: it matches cases by
-file name (case id = name without ``.nii.gz``/``.nii``/``.nrrd``/``.mha``), refuses a missing
+file name (case id = name without ``.nii.gz``/``.nii``/``.nrrd``/``.mha``), or takes one
+prediction file and one reference file as a single case named after the reference, refuses a missing
 prediction unless asked to count it as failed, checks that prediction and reference share their
 geometry (header first, before any voxel is read), computes per-case, per-class metrics
 (:mod:`medgn.evaluate.metrics`) and summarises them. A case whose files are unreadable or whose
@@ -87,6 +88,24 @@ def _check_out_dir(out_dir: Path, inputs: Sequence[Path], overwrite: bool) -> No
             )
 
 
+def _pair(pred: Path, ref: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """One prediction file and one reference file as a single case, named after the reference."""
+    if not (pred.is_file() and ref.is_file()):
+        folder, file = (pred, ref) if pred.is_dir() or not pred.exists() else (ref, pred)
+        raise UsageError(
+            folder,
+            "not a file, but the other of --pred/--ref is one" if folder.exists() else "not found",
+            got=f"{file} is a file" if folder.exists() else None,
+            expected="two folders (cases matched by name) or two label files",
+        )
+    cid = case_id(ref.name)
+    for path in (pred, ref):
+        if case_id(path.name) is None:
+            raise UsageError(path, "not a label volume", expected=f"a file ending in {', '.join(CASE_SUFFIXES)}")
+    assert cid is not None
+    return {cid: ref}, {cid: pred}
+
+
 def _evaluate_case(
     pred_path: Path, ref_path: Path, labels: tuple[int, ...] | None, regions: dict[str, tuple[int, ...]], tol: float
 ) -> dict[str, ClassMetrics]:
@@ -116,8 +135,9 @@ def evaluate(
     """Compare predicted label maps with reference label maps, case by case and class by class.
 
     Args:
-        pred_dir: folder of predictions, one file per case, named like the references.
-        ref_dir: folder of reference label maps; every case here is evaluated.
+        pred_dir: folder of predictions, one file per case, named like the references; or one
+            prediction file when ``ref_dir`` is one reference file (a single case).
+        ref_dir: folder of reference label maps; every case here is evaluated. Or one file.
         out_dir: where to write ``metrics.csv``, ``summary.json``, ``report.md``, ``boxplot.png``
             and ``overlays/``; None computes without writing. It is created if needed and locked
             while the run writes.
@@ -127,7 +147,8 @@ def evaluate(
         allow_missing: count a missing prediction as failed (Dice 0, infinite distances) instead of
             refusing the run.
         image_dir: optional folder of images (``<case>.nii.gz`` or ``<case>_0000.nii.gz``) under
-            the overlay contours; without it the reference is drawn underneath.
+            the overlay contours, or the image file of a single case; without it the reference
+            is drawn underneath.
         regions: named unions of labels evaluated as one structure, e.g. ``{"whole_tumour": (1, 2, 3, 4)}``.
         worst_k: how many of the worst cases per label get overlay images.
         overwrite: replace earlier results in ``out_dir``.
@@ -147,7 +168,8 @@ def evaluate(
         raise UsageError("nsd_tolerance_mm", "tolerance must be a finite number of mm >= 0", got=nsd_tolerance_mm)
     if worst_k < 0:
         raise UsageError("worst_k", "must be >= 0", got=worst_k)
-    refs, preds = list_cases(ref_dir), list_cases(pred_dir)
+    single = pred_dir.is_file() or ref_dir.is_file()
+    refs, preds = _pair(pred_dir, ref_dir) if single else (list_cases(ref_dir), list_cases(pred_dir))
     if not refs:
         raise InputDataError(
             ref_dir, "no reference volumes found", expected=f"files ending in {', '.join(CASE_SUFFIXES)}"
@@ -165,8 +187,12 @@ def evaluate(
         log.warning("%d predictions have no reference and are ignored: %s", len(extra), ", ".join(extra[:20]))
     out_path = Path(out_dir) if out_dir is not None else None
     images = Path(image_dir) if image_dir is not None else None
-    if images is not None and not images.is_dir():
-        raise UsageError(images, "image folder does not exist", expected="a folder of images named like the references")
+    if images is not None and not (images.is_dir() or (single and images.is_file())):
+        raise UsageError(
+            images,
+            "image folder does not exist" if not single else "image file does not exist",
+            expected="a folder of images named like the references" if not single else "the case's image file",
+        )
     with contextlib.ExitStack() as stack:
         if out_path is not None:
             inputs = [p for p in (pred_dir, ref_dir, images) if p is not None]

@@ -275,3 +275,31 @@ def test_locked_output_folder_is_refused(folders: tuple[Path, Path], tmp_path: P
     with RunLock(out, purpose="another run"):
         assert main(["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(out)]) == 6
     assert not (out / "metrics.csv").exists()
+
+
+def test_one_prediction_file_against_one_reference_file(
+    folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pred_dir, ref_dir = folders
+    # Names need not match: the case is named after the reference.
+    pred = tmp_path / "model_output.nii.gz"
+    pred.write_bytes((pred_dir / "c1.nii.gz").read_bytes())
+    image = tmp_path / "scan.nii.gz"
+    _save(image, np.random.default_rng(0).random((16, 14, 12)).astype(np.float32))
+    result = evaluate(pred, ref_dir / "c1.nii.gz", tmp_path / "out", image_dir=image)
+    assert [(r.case, r.label) for r in result.rows] == [("c1", "1")]
+    assert result.value("c1", 1, "dice") == pytest.approx((SIDE - 1) / SIDE, abs=1e-12)
+    assert (tmp_path / "out" / "metrics.csv").is_file()
+    assert [p.name for p in (tmp_path / "out" / "overlays").iterdir()] == ["c1_label-1.png"]
+    # A file and a folder, a missing file, a file that is not a volume: one-line usage errors.
+    notes = ref_dir / "notes.txt"
+    for p, r, message in (
+        (pred, ref_dir, "not a file"),
+        (pred_dir, ref_dir / "c1.nii.gz", "not a file"),
+        (pred, tmp_path / "missing.nii.gz", "not found"),
+        (pred, notes, "not a label volume"),
+    ):
+        code = main(["evaluate", "--pred", str(p), "--ref", str(r), "--out", str(tmp_path / "o2")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o2").exists()
