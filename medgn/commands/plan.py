@@ -18,6 +18,9 @@ from medgn.planning.fingerprint import compute_fingerprint
 from medgn.planning.planner import DEFAULT_GPU_GB, make_plan
 from medgn.planning.splits import load_or_create_splits
 
+SPLITS = "splits.json"  # next to the plan, where `medgn train --plan` finds the folds
+DEFAULT_FOLDS = 5
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -31,7 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_GPU_GB,
         help=f"training GPU memory budget in GB (default {DEFAULT_GPU_GB:g})",
     )
-    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        help="cross-validation folds (default 5; a splits.json already next to --out is kept, and must agree)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the folds and of intensity sampling")
     parser.add_argument(
         "--max-voxels", type=int, default=DEFAULT_LIMITS.max_voxels, help="largest volume accepted (voxels per channel)"
@@ -52,6 +60,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _existing_splits(path: Path, case_ids: list[str], folds: int | None) -> list[dict[str, list[str]]] | None:
+    """The folds a splits.json next to the plan already holds (checked against the dataset), or None.
+
+    Raises:
+        InputDataError: the file is unreadable or splits other cases (another dataset's folder).
+        UsageError: ``--folds`` asks for another number of folds than the file holds.
+    """
+    if not path.exists():
+        return None
+    splits = load_or_create_splits(path, case_ids)
+    if folds is not None and len(splits) != min(folds, len(case_ids)):
+        raise UsageError(
+            "--folds",
+            f"{path} already holds {len(splits)} folds",
+            got=folds,
+            expected=f"--folds {len(splits)} (or none), or delete {path.name} to re-split",
+        )
+    return splits
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     dataset = Path(os.path.normpath(Path(args.dataset).absolute()))
@@ -63,9 +91,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             out, "refusing to write into the dataset folder", expected="an output path outside the input tree"
         )
+    if out.is_dir():
+        raise UsageError(out, "output path is a folder", expected="a plan file name, e.g. runs/la2018_plan.json")
     if out.exists() and not args.overwrite:
         raise UsageError(out, "output exists", expected="a new path, or pass --overwrite")
+    if args.folds is not None and args.folds < 2:
+        raise UsageError("--folds", "cross-validation needs at least 2 folds", got=args.folds, expected=">= 2")
     index = load_dataset(dataset)
+    # The folds are checked before minutes of fingerprinting, and before anything is written.
+    existing = _existing_splits(out.with_name(SPLITS), [c.case_id for c in index.cases], args.folds)
     limits = limits_from_args(args)
     print(f"{index.name}: fingerprinting {len(index.cases)} cases")
     fingerprint = compute_fingerprint(index, limits, seed=args.seed)
@@ -82,13 +116,13 @@ def run(args: argparse.Namespace) -> int:
             overlap=VALIDATION_OVERLAP,
         )
     plan.save(out, overwrite=args.overwrite)
-    splits = (
-        load_or_create_splits(
-            out.with_name("splits.json"), [c.case_id for c in index.cases], min(args.folds, len(index.cases)), args.seed
-        )
-        if len(index.cases) >= 2
-        else []
-    )
+    if existing is not None:
+        splits = existing
+    elif len(index.cases) >= 2:
+        folds = min(args.folds or DEFAULT_FOLDS, len(index.cases))
+        splits = load_or_create_splits(out.with_name(SPLITS), [c.case_id for c in index.cases], folds, args.seed)
+    else:
+        splits = []
     norms = ", ".join(n["scheme"] for n in plan.normalization)
     print(
         f"target spacing {list(plan.target_spacing)} mm, normalisation {norms}, patch "

@@ -105,6 +105,31 @@ def test_plan_cli_on_tiny_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert not (root / "plan.json").exists()
 
 
+def test_plan_cli_refusals_write_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_nnunet(tmp_path / "ds", n_cases=3, spacing=(1.0, 1.0, 2.0))
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    # A folder as --out, with or without --overwrite: a usage error, not a failed rename.
+    for extra in ([], ["--overwrite"]):
+        assert main(["plan", str(root), "--out", str(plans), *extra]) == 2
+        assert "output path is a folder" in capsys.readouterr().err
+    assert main(["plan", str(root), "--out", str(plans / "p.json"), "--folds", "1"]) == 2
+    assert "at least 2 folds" in capsys.readouterr().err
+    assert sorted(p.name for p in plans.iterdir()) == []
+    assert main(["plan", str(root), "--out", str(plans / "p.json"), "--folds", "2"]) == 0
+    capsys.readouterr()
+    # The folds next to the plan are kept: another --folds is refused, none reuses them.
+    assert main(["plan", str(root), "--out", str(plans / "q.json"), "--folds", "3"]) == 2
+    assert "already holds 2 folds" in capsys.readouterr().err and not (plans / "q.json").exists()
+    assert main(["plan", str(root), "--out", str(plans / "q.json")]) == 0
+    assert "2 folds" in capsys.readouterr().out
+    # Another dataset's folds in the folder: refused before its plan is written.
+    other = make_nnunet(tmp_path / "ds2", n_cases=4, spacing=(1.0, 1.0, 2.0))
+    assert main(["plan", str(other), "--out", str(plans / "other.json")]) == 3
+    assert "splits do not match" in capsys.readouterr().err
+    assert sorted(p.name for p in plans.iterdir()) == ["p.json", "q.json", "splits.json"]
+
+
 @pytest.mark.data
 def test_la2018_plan_chooses_0625_and_zscore(shared_data: Path, tmp_path: Path) -> None:
     index = load_dataset(mini_msd(shared_data / "LA2018", tmp_path / "la", 4))
