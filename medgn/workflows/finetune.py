@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from medgn.config import RunConfig
-from medgn.errors import ModelError
+from medgn.errors import ModelError, UsageError
 from medgn.files import atomic_write_json
 from medgn.logs import get_logger
 from medgn.workflows.train import TrainResult, train_on_dataset
@@ -142,6 +142,13 @@ def _precheck(cfg: RunConfig, source: InitSource) -> None:
 
     network = source.plan.get("network") or {}
     stages = len(network.get("strides") or cfg.model.features)
+    if cfg.model.features and len(cfg.model.features) < stages:
+        raise ModelError(
+            source.file,
+            f"the source model has {stages} stages, the config's model.features gives {len(cfg.model.features)}",
+            got=list(cfg.model.features),
+            expected=f"{stages} widths in model.features (the source's depth), or another --init-from",
+        )
     features = tuple(cfg.model.features[:stages]) if cfg.model.features else cfg.model.features
     try:
         model = build_model(
@@ -153,6 +160,8 @@ def _precheck(cfg: RunConfig, source: InitSource) -> None:
         )
     except (ValueError, TypeError) as exc:
         raise ModelError(source.file, f"cannot build a network for the source plan ({exc})") from exc
+    except UsageError as exc:  # the source plan's network does not fit this config's model section
+        raise ModelError(source.file, f"cannot build a network for the source plan ({exc.one_line()})") from exc
     match_weights(model, source)
 
 

@@ -194,6 +194,23 @@ def test_other_architecture_is_refused_with_the_shapes_and_nothing_written(
     assert not out.exists()
 
 
+def test_a_shallower_config_is_refused_naming_both_depths(
+    pretrained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, data = pretrained
+    deep = tmp_path / "deep"  # a 3-stage source, trained for two steps
+    steps = ["--set", "train.epochs=1", "--set", "train.iters_per_epoch=2"]
+    assert (
+        main(["train", "--data", str(data), "--out", str(deep), *TINY, "--set", "model.features=[4,8,16]", *steps]) == 0
+    )
+    capsys.readouterr()
+    out = tmp_path / "shallow"
+    assert main(["train", "--data", str(data), "--out", str(out), *TINY, "--init-from", str(deep)]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the source model has 3 stages, the config's model.features gives 2" in err[0], err
+    assert str(deep) in err[0] and not out.exists()
+
+
 def test_first_conv_is_reinitialised_for_another_channel_count(pretrained: tuple[Path, Path]) -> None:
     run, _ = pretrained
     source = load_init_source(run)
