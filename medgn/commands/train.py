@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
                 expected="--init-from RUN, or 0",
             )
         result = train_on_dataset(cfg, args.data, args.out, **kwargs)
-    best = f", best validation Dice (EMA) {result.best_dice:.4f}" if result.best_dice is not None else ""
+    smoothed = " (EMA)" if cfg.train.ema_alpha > 0 else ""
+    best = f", best validation Dice{smoothed} {result.best_dice:.4f}" if result.best_dice is not None else ""
     print(
         f"training stopped ({result.state.stop_reason or 'finished'}) at epoch {result.state.epoch}, step "
         f"{result.state.iteration}{best}; run folder {result.out_dir}"

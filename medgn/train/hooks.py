@@ -287,7 +287,7 @@ class TimeBudgetHook(HookBase):
             self.refits += 1
             self._plan(trainer, f"refit {self.refits}, step rate over the last {it - self._win[1]} steps")
         if self.budget_s > 0 and self._elapsed() >= self.budget_s:
-            trainer.request_stop(f"time budget of {self.budget_s / 60:g} min spent")
+            trainer.request_stop(f"time budget of {_duration(self.budget_s)} spent")
 
     def after_epoch(self, trainer: Trainer) -> None:
         if self.fit and self.phase == 2 and self._win is not None:
@@ -346,3 +346,8 @@ class SignalHook(HookBase):
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
+
+
+def _duration(seconds: float) -> str:
+    """A budget as people write it: ``20 min``, ``1.5 min``, ``10 s``."""
+    return f"{seconds / 60:.4g} min" if seconds >= 60 else f"{seconds:.3g} s"

@@ -32,7 +32,7 @@ from medgn.data.datasets import Case, load_dataset
 from medgn.data.verify import verify_dataset
 from medgn.data.workload import VALIDATION_OVERLAP, check_dataset_workload
 from medgn.environment import resolve_device
-from medgn.errors import InputDataError, UsageError
+from medgn.errors import InputDataError, MedgnError, UsageError
 from medgn.files import RunLock, atomic_write_json, clean_stale_temps, is_inside, make_output_dir
 from medgn.infer import postprocess
 from medgn.logs import attach_file_log, get_logger
@@ -52,6 +52,7 @@ log = get_logger(__name__)
 DATASET_PLAN = "dataset_plan.json"  # the plan of the dataset as `medgn plan` makes it
 RUN_PLAN = "plan.json"  # the plan this run trains with (after the config's overrides)
 SPLITS = "splits.json"  # the cross-validation folds, next to a plan and in every run folder
+RUN_RECORD = "run.json"  # what a resume must repeat: the fold
 # (network, run folder, resuming) -> extra hooks; loads initial weights unless resuming (fine-tuning).
 ModelInit = Callable[[torch.nn.Module, Path, bool], Sequence[Any]]
 FINGERPRINT_SEED = 0  # the intensity sampling of a plan made by training (as `medgn plan`'s default)
@@ -144,6 +145,49 @@ def _fold_cases(
     return [by_id[i] for i in splits[fold]["train"]], [by_id[i] for i in splits[fold]["val"]]
 
 
+def fold_name(fold: int) -> str:
+    """A fold as the user writes it: ``all`` or its number."""
+    return "all" if fold == ALL_FOLDS else str(fold)
+
+
+def _recorded_fold(out_dir: Path) -> int | None:
+    """The fold a run folder trained on: its run record; for runs from before the record, ``all``
+    when it holds no splits (a fold run always has them), else unknown (None)."""
+    try:
+        fold = json.loads((out_dir / RUN_RECORD).read_text(encoding="utf-8")).get("fold")
+    except (OSError, ValueError, AttributeError):
+        fold = None
+    if isinstance(fold, int) and not isinstance(fold, bool) and fold >= 0:
+        return fold
+    if fold == "all" or not (out_dir / SPLITS).exists():
+        return ALL_FOLDS
+    return None
+
+
+def _check_resumed_fold(out_dir: Path, fold: int) -> None:
+    """A resume continues the run's own fold: another would validate on cases it trained on."""
+    recorded = _recorded_fold(out_dir)
+    if recorded is not None and recorded != fold:
+        raise UsageError(
+            "--fold",
+            f"the run in {out_dir} trains on fold {fold_name(recorded)}",
+            got=fold_name(fold),
+            expected=f"--fold {fold_name(recorded)} to resume it, or a new --out",
+        )
+
+
+def _remove_new_run(out_dir: Path) -> None:
+    """Remove a run folder this call created and refused before training (its log included)."""
+    import shutil
+
+    from medgn.logs import current_log_path, detach_file_logs
+
+    log_path = current_log_path()
+    if log_path is not None and is_inside(log_path, out_dir):
+        detach_file_logs()
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
 def train_on_dataset(
     cfg: RunConfig,
     data: str | os.PathLike[str],
@@ -203,6 +247,9 @@ def train_on_dataset(
         raise UsageError(
             out_dir, "run folder already has checkpoints", expected="--resume to continue it, or a new --out"
         )
+    if resume:
+        _check_resumed_fold(out_dir, fold)
+    created, training = not out_dir.exists(), False
     make_output_dir(out_dir, "run folder")
     lock = RunLock(out_dir, purpose="train") if info.is_main else None
     if lock is not None:
@@ -211,6 +258,9 @@ def train_on_dataset(
         if info.is_main:
             attach_file_log(out_dir / "medgn.log")
             clean_stale_temps(out_dir)
+            if not resume:
+                record = {"fold": "all" if fold == ALL_FOLDS else fold}
+                atomic_write_json(out_dir / RUN_RECORD, record, overwrite=True)
         index = load_dataset(data)
         if info.is_main:  # rank 0 verifies, plans and splits; the others read what it wrote
             given = Path(plan_path) if plan_path else None
@@ -241,13 +291,18 @@ def train_on_dataset(
         )  # the validator's windows
         log.info(
             "fold %s: %d training and %d validation cases; patch %s at %s mm",
-            fold,
+            fold_name(fold),
             len(train_cases),
             len(val_cases),
             plan.patch_size,
             plan.target_spacing,
         )
+        training = True  # from here on the folder holds a run's record (logs, metrics, checkpoints)
         return _fit(cfg, plan, train_cases, val_cases, out_dir, device, resume, console, info, started_at, init_model)
+    except MedgnError:
+        if created and not training and info.is_main:  # a refused new run leaves no half-made folder
+            _remove_new_run(out_dir)
+        raise
     finally:
         if lock is not None:
             lock.release()

@@ -115,6 +115,7 @@ def test_run_folder_has_every_output(trained: Path) -> None:
         "medgn.log",
         "train_summary.json",
         "postprocessing.json",
+        "run.json",
     ):
         assert (trained / name).is_file(), name
     # Post-processing decided from the fold's held-out cases, with the Dice both ways recorded.
@@ -197,6 +198,35 @@ def test_bad_run_paths_and_folds_are_usage_errors_before_any_work(
         assert len(err) == 1 and words in err[0], err
     assert (tmp_path / "a_file").read_text() == "keep"
     assert not (dataset / "cache").exists() and not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_resume_keeps_the_run_fold_and_a_refused_new_run_leaves_no_folder(
+    trained: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    assert json.loads((trained / "run.json").read_text()) == {"fold": 0}
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    for fold in ("1", "all"):  # validating on cases it trained on, or no longer validating
+        argv = ["train", "--data", str(dataset), "--out", str(run), "--resume", "--fold", fold, *TINY]
+        assert main([*argv, "--set", "train.epochs=3", "--set", "train.iters_per_epoch=6"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"trains on fold 0 (got {fold}, expected --fold 0 to resume it" in err[0], err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    # A run from before the record: no splits means it trained on every case.
+    (run / "run.json").unlink()
+    (run / "splits.json").unlink()
+    argv = ["train", "--data", str(dataset), "--out", str(run), "--resume", "--fold", "0", *TINY]
+    assert main([*argv, "--set", "train.epochs=3", "--set", "train.iters_per_epoch=6"]) == 2
+    assert "trains on fold all" in capsys.readouterr().err
+    # A new run refused once the dataset is read (fold out of range) leaves nothing behind.
+    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "new"), "--fold", "7", *TINY]) == 2
+    assert "fold out of range" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    existing = tmp_path / "mine"
+    existing.mkdir()  # a folder the user made stays
+    assert main(["train", "--data", str(dataset), "--out", str(existing), "--fold", "7", *TINY]) == 2
+    assert existing.is_dir()
 
 
 def test_resume_with_another_network_is_a_model_error_and_keeps_the_run(
