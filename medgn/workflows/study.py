@@ -99,6 +99,13 @@ def norm_study(
     if lr_scaling not in ("none", "linear"):
         raise UsageError("--lr-scaling", "unknown rule", got=lr_scaling, expected="none or linear")
     arms = {norm: norm_arm(cfg.model, norm) for norm in norms}  # fails on a bad name before any run
+    earlier = list((Path(out_dir) / "runs").glob("*/checkpoints"))
+    if earlier:  # its arms would stop at "already has checkpoints" one by one, after others re-ran
+        raise UsageError(
+            out_dir,
+            f"study folder already holds the runs of an earlier study ({len(earlier)})",
+            expected="a new --out, or remove its runs/ folder to redo the study",
+        )
     make_output_dir(out_dir, "study folder")
     rows: list[dict[str, Any]] = []
     for norm, seed, batch in itertools.product(norms, list(seeds) or [cfg.train.seed], batch_sizes):

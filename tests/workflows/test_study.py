@@ -12,44 +12,42 @@ from test_run_training import make_dataset
 from medgn.cli import main
 
 
-def test_norm_study_two_norms_two_batch_sizes(tmp_path: Path) -> None:
+def test_norm_study_two_norms_two_batch_sizes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = make_dataset(tmp_path / "data", n=4, size=16)
     out = tmp_path / "study"
-    code = main(
-        [
-            "study",
-            "norms",
-            "--data",
-            str(data),
-            "--out",
-            str(out),
-            "--norms",
-            "batch,group",
-            "--batch-sizes",
-            "1,2",
-            "--iterations",
-            "4",
-            "--device",
-            "cpu",
-            "--lr-scaling",
-            "linear",
-            "--set",
-            "model.features=[4,8]",
-            "--set",
-            "plan.patch_size=[16,16,16]",
-            "--set",
-            "plan.n_folds=2",
-            "--set",
-            "data.num_workers=0",
-            "--set",
-            "train.amp=off",
-            "--set",
-            "train.optimizer=adamw",
-            "--set",
-            "train.checkpoint_every_minutes=0",
-        ]
-    )
-    assert code == 0
+    argv = [
+        "study",
+        "norms",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--norms",
+        "batch,group",
+        "--batch-sizes",
+        "1,2",
+        "--iterations",
+        "4",
+        "--device",
+        "cpu",
+        "--lr-scaling",
+        "linear",
+        "--set",
+        "model.features=[4,8]",
+        "--set",
+        "plan.patch_size=[16,16,16]",
+        "--set",
+        "plan.n_folds=2",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "train.amp=off",
+        "--set",
+        "train.optimizer=adamw",
+        "--set",
+        "train.checkpoint_every_minutes=0",
+    ]
+    assert main(argv) == 0
     with open(out / "study.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["norm"], r["batch_size"]) for r in rows] == [
@@ -75,6 +73,13 @@ def test_norm_study_two_norms_two_batch_sizes(tmp_path: Path) -> None:
     for norm in ("batch", "group"):
         config = (out / "runs" / f"{norm}_b1_s0" / "config.yaml").read_text()
         assert f"norm: {norm}" in config
+    # The same folder again: refused before any run, the results untouched.
+    capsys.readouterr()
+    before = (out / "study.csv").read_bytes()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds the runs of an earlier study (4)" in err[0] and "--resume" not in err[0]
+    assert (out / "study.csv").read_bytes() == before
 
 
 def test_batch_sizes_must_be_integers(tmp_path: Path, capsys) -> None:
