@@ -167,7 +167,8 @@ class TimeBudgetHook(HookBase):
     """Stop cleanly once the wall-clock budget is spent, and fit the schedule's length to the budget.
 
     With ``cfg.fit_schedule_to_budget`` the hook times ``cfg.budget_probe_steps`` steps (after the
-    first :attr:`SKIP_STEPS`, which include start-up work), then fixes the run's total step count so
+    first :attr:`SKIP_STEPS`, which include start-up work; fewer when that many would take more than
+    :attr:`PROBE_FRACTION` of the budget, judged from the first two), then fixes the run's total step count so
     that the learning-rate schedule ends when the budget does:
 
         steps left = (budget - elapsed - reserve) / (s + v / (val_every * iters_per_epoch))
@@ -193,6 +194,10 @@ class TimeBudgetHook(HookBase):
     name = "time_budget"
     # Steps 1-3 include lazy initialisation (oneDNN primitives, allocator growth): not timed.
     SKIP_STEPS = 3
+    # A probe is shortened to about this fraction of the budget (at least 2 steps), from the rate of
+    # its first 2 steps: in a budget of a few slow steps, a full probe would end after the budget
+    # and the schedule would never anneal.
+    PROBE_FRACTION = 0.1
     # Checkpoint writes and epoch-end bookkeeping outside the timed steps: ~1 % measured on the CPU
     # recipe; 2 % leaves room for a slower second half without overrunning the budget.
     RESERVE_FRACTION = 0.02
@@ -269,10 +274,15 @@ class TimeBudgetHook(HookBase):
         if self.fit and self.phase == 0 and not trainer.state.planned_iters:
             if it == self.SKIP_STEPS:
                 self._probe = (self.clock(), it)
-            elif self._probe is not None and it >= self._probe[1] + self.probe_steps:
+            elif self._probe is not None and it == self._probe[1] + 2 and self.probe_steps > 2 and self.budget_s > 0:
+                # Two steps timed (the same step on every rank): shorten the probe to what the budget affords.
+                rate = self._rate(self._probe, self.clock(), it) or 1e-9
+                affordable = max(2, int(self.PROBE_FRACTION * self.budget_s / rate))
+                self.probe_steps = int(ddp.gather_objects(min(self.probe_steps, affordable))[0])
+            if self._probe is not None and it >= self._probe[1] + max(self.probe_steps, 1):
                 self.step_s = self._rate(self._probe, self.clock(), it)
                 self.phase = 1
-                total = self._plan(trainer, f"time budget {self.budget_s / 60:g} min")
+                total = self._plan(trainer, f"time budget {_duration(self.budget_s)}")
                 self._refine_at = it + max(self.probe_steps, int((total - it) * self.REFINE_FRACTION))
         elif self.fit and self.phase == 1 and not self.steps_per_validation and it >= self._refine_at > 0:
             rate = self._rate(self._probe, self.clock(), it)
@@ -287,6 +297,13 @@ class TimeBudgetHook(HookBase):
             self.refits += 1
             self._plan(trainer, f"refit {self.refits}, step rate over the last {it - self._win[1]} steps")
         if self.budget_s > 0 and self._elapsed() >= self.budget_s:
+            if self.fit and self.phase == 0 and not trainer.state.planned_iters:
+                log.warning(
+                    "the time budget of %s was spent before the step rate was measured (%d steps): the "
+                    "learning rate did not anneal; give a longer budget",
+                    _duration(self.budget_s),
+                    it,
+                )
             trainer.request_stop(f"time budget of {_duration(self.budget_s)} spent")
 
     def after_epoch(self, trainer: Trainer) -> None:

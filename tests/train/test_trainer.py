@@ -264,6 +264,20 @@ def test_budget_schedule_ends_at_the_budget_and_resumes_bit_exact(tmp_path: Path
         assert torch.equal(tensor, resumed.module.state_dict()[name]), name
 
 
+def test_a_budget_of_a_few_slow_steps_still_anneals(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # 1 minute at 5 s per step: a 20-step probe (100 s) would outlast the budget, leaving the
+    # learning rate where it started. Two timed steps shorten it to 2 (PROBE_FRACTION: 6 s of
+    # budget affords 1): planned after steps 3..5 (t = 25 s): 5 + int((58.8 - 25) / 5) = 11 steps.
+    trainer = _budget_run(tmp_path / "slow", _Clock(5.0), [])
+    assert trainer.state.planned_iters == 11 and trainer.state.iteration == 11
+    assert trainer.state.stop_reason == "finished"
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    # Slower still (40 s a step: the budget ends after step 2, before any rate): said, not silent.
+    with caplog.at_level("WARNING", logger="medgn"):
+        stuck = _budget_run(tmp_path / "stuck", _Clock(40.0), [])
+    assert stuck.state.planned_iters == 0 and "did not anneal" in caplog.text
+
+
 class _SlowStart(HookBase):
     """Steps take 2 s up to step 30, then 1 s: a start-up slower than the steady state."""
 
@@ -280,6 +294,7 @@ def test_budget_schedule_is_refined_from_the_steady_step_rate(tmp_path: Path) ->
     clock = _Clock(0.0)
     cfg = _cfg(epochs=1000, iters_per_epoch=10, time_budget_minutes=2.0, schedule="cosine", budget_probe_steps=20)
     budget = TimeBudgetHook(cfg, started_at=clock(), clock=clock)
+    budget.PROBE_FRACTION = 1.0  # the whole 20-step probe (its 40 s fit the budget): the refine is tested here
     trainer = _trainer(cfg, tmp_path, [_SlowStart(clock), budget])
     trainer.train()
     # Probe (steps 3..23, 2 s each): 23 + int((117.6 - 46) / 2) = 58 steps, which would end at 88 s.
@@ -345,11 +360,9 @@ def test_budget_schedule_counts_the_validation_time(tmp_path: Path, monkeypatch:
         clock.now += 6.0  # one validation costs 6 steps' time
         return [0.5]
 
-    hooks = [
-        _Tick(clock),
-        ValidationHook(slow_validate, every=3),
-        TimeBudgetHook(cfg, started_at=clock(), validates=True, clock=clock),
-    ]
+    budget = TimeBudgetHook(cfg, started_at=clock(), validates=True, clock=clock)
+    budget.PROBE_FRACTION = 1.0  # the whole 20-step probe: the validation's share is tested here
+    hooks = [_Tick(clock), ValidationHook(slow_validate, every=3), budget]
     trainer = _trainer(cfg, tmp_path, hooks)
     trainer.train()
     # First plan at step 23 ignores validation: 23 + int(120 * 0.98 - 23) = 117 steps. After the first
