@@ -234,6 +234,20 @@ def load_checkpoint(
     return read_checkpoint(path, map_location=map_location, verify=verify)[0]
 
 
+def _load_failure(exc: BaseException) -> str:
+    """The reason in torch's load error: what its safe unpickler refused (a global, an opcode),
+    without the paragraph about ``weights_only`` around it; else the first line."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    if text.startswith("Weights only load failed"):
+        lines = [line for line in text.split("Check the documentation")[0].splitlines() if line.strip()][1:]
+        detail = " ".join(" ".join(lines).split("WeightsUnpickler error:")[-1].split())
+        if detail:
+            return f"refused by the safe loader: {detail}"[:200]
+    return text.splitlines()[0][:200]
+
+
 def read_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -272,10 +286,17 @@ def read_checkpoint(
             got=actual[:16],
             expected=expected[:16],
         )
+    if not (raw[:4] == b"PK\x03\x04" or raw[:1] == b"\x80"):  # torch's zip format, or a legacy pickle
+        raise ModelError(
+            file,
+            "not a PyTorch checkpoint",
+            got=f"a file starting with {raw[:8]!r}",
+            expected="a .pt file written by medgn train, or a run folder",
+        )
     try:
         state = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = _load_failure(exc)
         raise ModelError(
             file,
             f"cannot load checkpoint safely ({reason})",

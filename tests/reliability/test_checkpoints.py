@@ -76,6 +76,20 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path: Path, scan: Path, force_
         before=before,
     )
     assert not marker.exists(), "the checkpoint's code ran"
+    if not force_no_weights_only:  # what the safe loader refused, without torch's paragraph on weights_only
+        assert "refused by the safe loader" in result.err and "system" in result.err
+        assert "PyTorch 2.6" not in result.err
+
+
+def test_a_file_that_is_no_checkpoint_is_named_as_such(
+    tmp_path: Path, scan: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, data in (("config.yaml", b"model:\n  norm: group\n"), ("empty.pt", b""), ("notes.pt", b"garbage")):
+        path = tmp_path / name
+        path.write_bytes(data)
+        out = tmp_path / "out"
+        result = cli(["infer", "--model", path, "--input", scan, "--output", out, "--no-progress"], capsys)
+        assert_clean_failure(result, 4, [path], ["not a PyTorch checkpoint"], outputs=[out / "scan.nii.gz", out])
 
 
 def test_truncated_checkpoint(tmp_path: Path, scan: Path, capsys: pytest.CaptureFixture[str]) -> None:
