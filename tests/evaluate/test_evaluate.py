@@ -193,6 +193,21 @@ def test_bad_arguments(folders: tuple[Path, Path], tmp_path: Path) -> None:
         evaluate(pred_dir, empty)
 
 
+def test_bad_options_are_named_as_typed(
+    folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pred_dir, ref_dir = folders
+    base = ["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(tmp_path / "o")]
+    for extra, words in (
+        (["--nsd-tolerance-mm", "-1"], "--nsd-tolerance-mm: must be"),
+        (["--worst-k", "-2"], "--worst-k"),
+    ):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"medgn: error: {words}"), err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.data
 def test_la2018_eroded_label_dice_matches_numpy(shared_data: Path, tmp_path: Path) -> None:
     from scipy.ndimage import binary_erosion
