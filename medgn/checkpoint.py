@@ -241,7 +241,8 @@ def _load_failure(exc: BaseException) -> str:
     if not text:
         return type(exc).__name__
     if text.startswith("Weights only load failed"):
-        lines = [line for line in text.split("Check the documentation")[0].splitlines() if line.strip()][1:]
+        body = text.split("Check the documentation")[0].split("Please use `torch.serialization")[0]
+        lines = [line for line in body.splitlines() if line.strip()][1:]
         detail = " ".join(" ".join(lines).split("WeightsUnpickler error:")[-1].split())
         if detail:
             return f"refused by the safe loader: {detail}"[:200]
@@ -286,16 +287,16 @@ def read_checkpoint(
             got=actual[:16],
             expected=expected[:16],
         )
-    if not (raw[:4] == b"PK\x03\x04" or raw[:1] == b"\x80"):  # torch's zip format, or a legacy pickle
-        raise ModelError(
-            file,
-            "not a PyTorch checkpoint",
-            got=f"a file starting with {raw[:8]!r}",
-            expected="a .pt file written by medgn train, or a run folder",
-        )
     try:
         state = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        if not (raw[:4] == b"PK\x03\x04" or raw[:1] == b"\x80"):  # neither torch's zip format nor a pickle
+            raise ModelError(
+                file,
+                "not a PyTorch checkpoint",
+                got=f"a file starting with {raw[:8]!r}",
+                expected="a .pt file written by medgn train, or a run folder",
+            ) from exc
         reason = _load_failure(exc)
         raise ModelError(
             file,

@@ -15,11 +15,9 @@ from medgn.data.workload import VALIDATION_OVERLAP, check_workload
 from medgn.errors import UsageError
 from medgn.files import is_inside
 from medgn.planning.fingerprint import compute_fingerprint
+from medgn.planning.plan_config import PlanConfig
 from medgn.planning.planner import DEFAULT_GPU_GB, make_plan
-from medgn.planning.splits import load_or_create_splits
-
-SPLITS = "splits.json"  # next to the plan, where `medgn train --plan` finds the folds
-DEFAULT_FOLDS = 5
+from medgn.planning.splits import SPLITS_FILE, load_or_create_splits
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--folds",
         type=int,
         default=None,
-        help="cross-validation folds (default 5; a splits.json already next to --out is kept, and must agree)",
+        help="cross-validation folds (default 5); a splits.json already next to --out is kept (its folds "
+        "and seed), and --folds must agree with it",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the folds and of intensity sampling")
     parser.add_argument(
@@ -99,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--folds", "cross-validation needs at least 2 folds", got=args.folds, expected=">= 2")
     index = load_dataset(dataset)
     # The folds are checked before minutes of fingerprinting, and before anything is written.
-    existing = _existing_splits(out.with_name(SPLITS), [c.case_id for c in index.cases], args.folds)
+    existing = _existing_splits(out.with_name(SPLITS_FILE), [c.case_id for c in index.cases], args.folds)
     limits = limits_from_args(args)
     print(f"{index.name}: fingerprinting {len(index.cases)} cases")
     fingerprint = compute_fingerprint(index, limits, seed=args.seed)
@@ -119,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
     if existing is not None:
         splits = existing
     elif len(index.cases) >= 2:
-        folds = min(args.folds or DEFAULT_FOLDS, len(index.cases))
-        splits = load_or_create_splits(out.with_name(SPLITS), [c.case_id for c in index.cases], folds, args.seed)
+        folds = min(args.folds or PlanConfig().n_folds, len(index.cases))
+        splits = load_or_create_splits(out.with_name(SPLITS_FILE), [c.case_id for c in index.cases], folds, args.seed)
     else:
         splits = []
     norms = ", ".join(n["scheme"] for n in plan.normalization)

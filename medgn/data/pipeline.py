@@ -311,7 +311,7 @@ def invert_probabilities(probs: torch.Tensor, data: Mapping[str, Any]) -> torch.
         (K, X, Y, Z) float32 probabilities on the input grid (cropped-away voxels: background).
     """
     k = int(probs.shape[0])
-    log_probs = torch.log(probs.detach().float().cpu().clamp_min(float(np.exp(LOG_PROB_FLOOR))))
+    log_probs = probs.detach().float().cpu().clamp_min(float(np.exp(LOG_PROB_FLOOR))).log_()  # clamp copies
     out = invert_to_input(log_probs, data, fill=[0.0] + [LOG_PROB_FLOOR] * (k - 1))
     del log_probs
     out -= out.amax(dim=0, keepdim=True)  # softmax in place: the output is the size of the scan times K

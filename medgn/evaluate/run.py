@@ -98,11 +98,10 @@ def _pair(pred: Path, ref: Path) -> tuple[dict[str, Path], dict[str, Path]]:
             got=f"{file} is a file" if folder.exists() else None,
             expected="two folders (cases matched by name) or two label files",
         )
-    cid = case_id(ref.name)
     for path in (pred, ref):
         if case_id(path.name) is None:
             raise UsageError(path, "not a label volume", expected=f"a file ending in {', '.join(CASE_SUFFIXES)}")
-    assert cid is not None
+    cid = str(case_id(ref.name))
     return {cid: ref}, {cid: pred}
 
 

@@ -313,5 +313,9 @@ class InferenceReport:
         """
         if self.mask_file is not None:
             return None
-        name = REPORT_NAME if self.shard is None else f"report-{self.shard[0]}of{self.shard[1]}.json"
-        return atomic_write_json(self.output_dir / name, self.to_dict())
+        return atomic_write_json(self.output_dir / self.file_name, self.to_dict())
+
+    @property
+    def file_name(self) -> str:
+        """``report.json``, or ``report-<i>of<n>.json`` for a shard."""
+        return REPORT_NAME if self.shard is None else f"report-{self.shard[0]}of{self.shard[1]}.json"

@@ -23,11 +23,14 @@ from typing import Any
 import torch
 
 from medgn.data.datasets import find_inputs
+from medgn.data.preflight import MASK_SUFFIXES
 from medgn.errors import EXIT_BUG, MedgnError, UsageError
-from medgn.files import TEMP_MARK, RunLock, clean_stale_temps
+from medgn.files import TEMP_MARK, RunLock
 from medgn.infer import postprocess
 from medgn.infer.case import (
     OUTPUT_FORMATS,
+    PROBABILITIES_SUFFIX,
+    SEG_SUFFIX,
     fingerprint,
     mask_suffix,
     outputs_exist,
@@ -86,16 +89,19 @@ def _pipeline(plan: Plan, limits: Any = None) -> tuple[Any, Any]:
     return preprocess, invert_probabilities
 
 
-def _clean_own_temps(output_dir: Path, names: Sequence[str], whole_folder: bool) -> list[Path]:
-    """Remove temp files of an interrupted run: all of the folder's, or (a shard, a named mask file,
-    which share their folder with other runs) only those of its own cases."""
-    if whole_folder:
-        return clean_stale_temps(output_dir)
+def _clean_own_temps(output_dir: Path, names: Sequence[str], report_name: str | None) -> list[Path]:
+    """Remove the temp files an interrupted run left for this run's own outputs, by exact name.
+
+    Other runs may write into the same folder at the same time (shards, named mask files), so a
+    temp file is this run's only when its final name is one of this run's outputs.
+    """
+    finals = {n + s for n in names for s in (*MASK_SUFFIXES, SEG_SUFFIX, ".json", PROBABILITIES_SUFFIX)}
+    if report_name is not None:
+        finals.add(report_name)
     removed = []
-    prefixes = tuple(f"-{n}." for n in names) + tuple(f"-{n}_probabilities." for n in names)
     for path in output_dir.iterdir():
         # temp names are TEMP_MARK + 12 hex + "-" + final name (see medgn.files.atomic_path)
-        if path.name.startswith(TEMP_MARK) and path.name[len(TEMP_MARK) + 12 :].startswith(prefixes):
+        if path.name.startswith(TEMP_MARK) and path.name[len(TEMP_MARK) + 13 :] in finals and path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
@@ -204,6 +210,13 @@ def infer(
         raise UsageError(
             "--shard", "one named mask cannot be split into shards", got=settings.shard, expected="an output folder"
         )
+    elif settings.output_format == "dicom-seg":
+        raise UsageError(
+            "--output-format",
+            f"dicom-seg writes no {target.suffix} mask, but --output names one",
+            got=settings.output_format,
+            expected="an output folder for the DICOM-SEG alone, or --output-format both",
+        )
     else:
         shard_pair = None  # a single case: torchrun's RANK/WORLD_SIZE have nothing to split
     cases = {c.case_id: c for c in find_inputs(input_path, names=settings.channels)}
@@ -228,7 +241,8 @@ def infer(
         digest = hashlib.sha256(target.stem.encode("utf-8", "surrogatepass")).hexdigest()[:16]
         lock = RunLock(out, purpose=f"infer {target.path.name}", name=f".medgn-{digest}.lock")
     with lock:
-        removed = _clean_own_temps(out, list(names.values()), whole_folder=shard_pair is None and target is None)
+        report_name = None if target is not None else InferenceReport(out, shard=shard_pair).file_name
+        removed = _clean_own_temps(out, list(names.values()), report_name)
         if removed:
             log.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), out)
         predictor = models if isinstance(models, Predictor) else load_predictor(models, settings.device)

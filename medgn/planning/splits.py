@@ -18,6 +18,7 @@ from medgn.errors import InputDataError, UsageError
 from medgn.files import atomic_write_json
 
 ALL_FOLDS = -1  # --fold all: train on every case, no validation split
+SPLITS_FILE = "splits.json"  # next to a plan (where `medgn plan` writes it) and in every run folder
 
 
 def make_splits(case_ids: Sequence[str], n_folds: int = 5, seed: int = 0) -> list[dict[str, list[str]]]:

@@ -217,6 +217,7 @@ class TimeBudgetHook(HookBase):
         self.budget_s = cfg.time_budget_minutes * 60.0
         self.fit = cfg.fit_schedule_to_budget
         self.probe_steps = cfg.budget_probe_steps
+        self.refit_min_steps = cfg.budget_probe_steps  # the shortest refit window (a short probe keeps it)
         self.steps_per_validation = cfg.val_every * cfg.iters_per_epoch if validates and cfg.val_every else 0
         self.validates = validates
         self.first_val_epoch = cfg.val_every if validates and cfg.val_every else 0
@@ -255,7 +256,7 @@ class TimeBudgetHook(HookBase):
         # The next late refit: halfway through what is left, while that half is a probe's worth of
         # steps (the same iteration on every rank: it depends on the shared total only).
         half = (trainer.total_iters - it) // 2
-        self._next_refit = it + half if self.phase == 2 and half >= self.probe_steps else 0
+        self._next_refit = it + half if self.phase == 2 and half >= self.refit_min_steps else 0
         self._win, self._win_val_s, self._win_vals = (self.clock(), it), 0.0, 0
         return total
 

@@ -38,7 +38,7 @@ from medgn.infer import postprocess
 from medgn.logs import attach_file_log, get_logger
 from medgn.planning.plan import Plan
 from medgn.planning.plan_config import apply_plan_config
-from medgn.planning.splits import ALL_FOLDS, load_or_create_splits, make_splits
+from medgn.planning.splits import ALL_FOLDS, SPLITS_FILE, load_or_create_splits, make_splits
 from medgn.train import distributed as ddp
 from medgn.train.logging_hooks import default_hooks
 from medgn.train.patches import PatchDataset
@@ -46,13 +46,13 @@ from medgn.train.rng import seed_everything
 from medgn.train.sampler import ResumableLoader, ResumableSampler
 from medgn.train.trainer import Trainer, TrainState
 from medgn.train.validation import make_validator
+from medgn.workflows.run_folder import check_resumed_fold, fold_name, remove_new_run, write_run_record
 
 log = get_logger(__name__)
 
 DATASET_PLAN = "dataset_plan.json"  # the plan of the dataset as `medgn plan` makes it
 RUN_PLAN = "plan.json"  # the plan this run trains with (after the config's overrides)
-SPLITS = "splits.json"  # the cross-validation folds, next to a plan and in every run folder
-RUN_RECORD = "run.json"  # what a resume must repeat: the fold
+SPLITS = SPLITS_FILE  # the cross-validation folds, next to a plan and in every run folder
 # (network, run folder, resuming) -> extra hooks; loads initial weights unless resuming (fine-tuning).
 ModelInit = Callable[[torch.nn.Module, Path, bool], Sequence[Any]]
 FINGERPRINT_SEED = 0  # the intensity sampling of a plan made by training (as `medgn plan`'s default)
@@ -145,49 +145,6 @@ def _fold_cases(
     return [by_id[i] for i in splits[fold]["train"]], [by_id[i] for i in splits[fold]["val"]]
 
 
-def fold_name(fold: int) -> str:
-    """A fold as the user writes it: ``all`` or its number."""
-    return "all" if fold == ALL_FOLDS else str(fold)
-
-
-def _recorded_fold(out_dir: Path) -> int | None:
-    """The fold a run folder trained on: its run record; for runs from before the record, ``all``
-    when it holds no splits (a fold run always has them), else unknown (None)."""
-    try:
-        fold = json.loads((out_dir / RUN_RECORD).read_text(encoding="utf-8")).get("fold")
-    except (OSError, ValueError, AttributeError):
-        fold = None
-    if isinstance(fold, int) and not isinstance(fold, bool) and fold >= 0:
-        return fold
-    if fold == "all" or not (out_dir / SPLITS).exists():
-        return ALL_FOLDS
-    return None
-
-
-def _check_resumed_fold(out_dir: Path, fold: int) -> None:
-    """A resume continues the run's own fold: another would validate on cases it trained on."""
-    recorded = _recorded_fold(out_dir)
-    if recorded is not None and recorded != fold:
-        raise UsageError(
-            "--fold",
-            f"the run in {out_dir} trains on fold {fold_name(recorded)}",
-            got=fold_name(fold),
-            expected=f"--fold {fold_name(recorded)} to resume it, or a new --out",
-        )
-
-
-def _remove_new_run(out_dir: Path) -> None:
-    """Remove a run folder this call created and refused before training (its log included)."""
-    import shutil
-
-    from medgn.logs import current_log_path, detach_file_logs
-
-    log_path = current_log_path()
-    if log_path is not None and is_inside(log_path, out_dir):
-        detach_file_logs()
-    shutil.rmtree(out_dir, ignore_errors=True)
-
-
 def train_on_dataset(
     cfg: RunConfig,
     data: str | os.PathLike[str],
@@ -248,8 +205,8 @@ def train_on_dataset(
             out_dir, "run folder already has checkpoints", expected="--resume to continue it, or a new --out"
         )
     if resume:
-        _check_resumed_fold(out_dir, fold)
-    created, training = not out_dir.exists(), False
+        check_resumed_fold(out_dir, fold)
+    created, training, keep = not out_dir.exists(), False, False
     make_output_dir(out_dir, "run folder")
     lock = RunLock(out_dir, purpose="train") if info.is_main else None
     if lock is not None:
@@ -259,17 +216,18 @@ def train_on_dataset(
             attach_file_log(out_dir / "medgn.log")
             clean_stale_temps(out_dir)
             if not resume:
-                record = {"fold": "all" if fold == ALL_FOLDS else fold}
-                atomic_write_json(out_dir / RUN_RECORD, record, overwrite=True)
+                write_run_record(out_dir, fold)
         index = load_dataset(data)
         if info.is_main:  # rank 0 verifies, plans and splits; the others read what it wrote
             given = Path(plan_path) if plan_path else None
             needs_plan = given is None and not (out_dir / DATASET_PLAN).exists()
+            keep = True  # a dataset that fails verification keeps the log listing every problem
             report = (
                 _verify(index, data, cfg, fingerprint=needs_plan)
                 if (verify if verify is not None else not resume)
                 else None
             )
+            keep = False
             base_plan = _dataset_plan(index, cfg, out_dir, given, True, report)
             _fold_cases(index, cfg, out_dir, fold, given)
         ddp.barrier()
@@ -300,8 +258,10 @@ def train_on_dataset(
         training = True  # from here on the folder holds a run's record (logs, metrics, checkpoints)
         return _fit(cfg, plan, train_cases, val_cases, out_dir, device, resume, console, info, started_at, init_model)
     except MedgnError:
-        if created and not training and info.is_main:  # a refused new run leaves no half-made folder
-            _remove_new_run(out_dir)
+        # A new run refused before training leaves no half-made folder (one process only: under
+        # torchrun the other ranks may still be reading what rank 0 wrote).
+        if created and not training and not keep and info.world_size == 1:
+            remove_new_run(out_dir, lock)
         raise
     finally:
         if lock is not None:

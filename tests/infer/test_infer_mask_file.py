@@ -106,6 +106,11 @@ def test_named_mask_beside_its_input_and_the_refusals(tmp_path: Path, capsys: py
         + ["--shard", "0/2"]
     )
     assert code == 2 and "shards" in capsys.readouterr().err
+    code = main(
+        ["infer", "--model", missing_model, "--input", str(scan), "--output", str(tmp_path / "x.nii.gz")]
+        + ["--output-format", "dicom-seg"]
+    )
+    assert code == 2 and "dicom-seg writes no .nii.gz mask" in capsys.readouterr().err
     # An input folder (a DICOM series, a folder of one scan) gets nothing new: its next read would
     # find the mask. Outside it, a folder of one case takes a named mask.
     one = _scan(tmp_path / "one").parent
@@ -121,7 +126,7 @@ def test_named_masks_share_a_folder(tmp_path: Path, capsys: pytest.CaptureFixtur
     # A folder run holds the folder's lock, and another run's temporary file is in flight: a named
     # mask locks and cleans only its own files.
     (out / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": 0}))
-    other_temp = out / f"{TEMP_MARK}0123456789ab-other.nii.gz"
+    other_temp = out / f"{TEMP_MARK}0123456789ab-a.v2.nii.gz"  # another run's mask "a.v2.nii.gz"
     other_temp.write_bytes(b"partial")
     own_temp = out / f"{TEMP_MARK}0123456789ab-a.nii.gz"
     own_temp.write_bytes(b"partial")
@@ -131,3 +136,10 @@ def test_named_masks_share_a_folder(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert report.exit_code == 0 and (out / "a.nii.gz").is_file()
     assert other_temp.exists() and not own_temp.exists()
     assert (out / LOCK_NAME).exists() and sorted(p.name for p in out.glob(".medgn-*.lock")) == []
+    # A folder run into that folder (its lock free again) cleans its own cases' temps, not the
+    # temp file of a named mask being written.
+    (out / LOCK_NAME).unlink()
+    folder = tmp_path / "batch"
+    _scan(folder, "b.nii.gz", seed=3)
+    assert infer(_predictor(), folder, out).exit_code == 0
+    assert other_temp.exists() and (out / "b.nii.gz").is_file() and (out / "report.json").is_file()

@@ -414,7 +414,8 @@ def test_train_plan_and_evaluate_refuse_bad_labels_before_work(
     assert_clean_failure(
         result, 3, [cases["c1"][0]], ["non-integer"], outputs=[plan, plan.with_name("splits.json")], before=before
     )
-    assert cli(["plan", make_msd(tmp_path / "good", 2), "--out", plan, "--folds", "2"], capsys).code == 0
+    # The same 8 cases with good labels: their plan and folds must survive a failed --overwrite.
+    assert cli(["plan", make_msd(tmp_path / "good", 8), "--out", plan, "--folds", "2"], capsys).code == 0
     earlier = tree_hashes(tmp_path / "plan.json") | tree_hashes(tmp_path / "splits.json")
     result = cli(["plan", root, "--out", plan, "--overwrite"], capsys)
     assert_clean_failure(result, 3, [cases["c1"][0]], ["non-integer"], before=before)

@@ -174,6 +174,8 @@ def test_bad_dataset_fails_verification_before_training(
     err = capsys.readouterr().err
     assert "c1.nii.gz" in err and len(err.strip().splitlines()) == 1
     assert not (out / "checkpoints").exists()
+    # The run folder stays for its log, which lists every problem ("see medgn.log").
+    assert "medgn.log" in err and "c1.nii.gz" in (out / "medgn.log").read_text()
 
 
 def test_run_inside_dataset_is_refused(dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
