@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str, path: Path):  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from _work_folder import REPO, work_folder
+from _work_folder import load as _load
 
 
 def test_summary_pools_cases_and_pairs_them() -> None:
@@ -41,14 +32,7 @@ def test_summary_pools_cases_and_pairs_them() -> None:
 
 def test_runs_the_command_line_on_a_work_folder(tmp_path: Path) -> None:
     pytest.importorskip("medgn.data.pipeline")
-    F = _load("_infer_fixtures", REPO / "tests" / "infer" / "_infer_fixtures.py")
-    fold = tmp_path / "fold"
-    F.save_run(fold / "medgn" / "medgn_run")
-    for name in ("val_images", "val_labels"):
-        (fold / name).mkdir()
-    affine = F.axis_affines()[0]
-    F.write_image(fold / "val_images" / "a.nii.gz", F.image(), affine)
-    F.write_image(fold / "val_labels" / "a.nii.gz", F.blob().astype(np.uint8), affine)
+    fold = work_folder(tmp_path / "fold")
     out = tmp_path / "tta.json"
     tta = _load("tta_folds", REPO / "benchmarks" / "tta_folds.py")
     assert tta.main(["--folds", str(fold), "--variants", "2", "--threads", "1", "--out", str(out)]) == 0
