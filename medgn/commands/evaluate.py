@@ -81,6 +81,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--worst-k", type=int, default=3, metavar="K", help="overlays for the K worst cases per label (default 3)"
     )
+    parser.add_argument(
+        "--only-predicted",
+        action="store_true",
+        help="score only the reference cases that have a prediction (e.g. a test subset against every label)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
     parser.set_defaults(func=run)
 
@@ -114,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         regions=regions,
         worst_k=args.worst_k,
         overwrite=args.overwrite,
+        only_predicted=args.only_predicted,
     )
     print(format_table(result))
     counts = result.summary["counts"]

@@ -60,7 +60,7 @@ def worst_cases(result: EvaluationResult, k: int) -> dict[str, list[str]]:
 
 
 def build_summary(
-    result: EvaluationResult, settings: dict[str, Any], *, n_unmatched: int, worst_k: int
+    result: EvaluationResult, settings: dict[str, Any], *, n_unmatched: int, worst_k: int, n_not_predicted: int = 0
 ) -> dict[str, Any]:
     """Statistics per label and region and over all labels, with counts, failures and settings.
 
@@ -78,6 +78,7 @@ def build_summary(
             "missing": len(result.missing),
             "failed": len(result.failures),
             "unmatched_predictions": n_unmatched,
+            "references_not_predicted": n_not_predicted,  # left out by --only-predicted
             "empty": _flag_counts(label_rows),
         },
         "per_class": per_class,
@@ -200,6 +201,8 @@ def report_markdown(result: EvaluationResult, figures: Sequence[Path] = ()) -> s
         f"both {c['empty'][FLAG_BOTH_EMPTY]}, reference only {c['empty'][FLAG_REF_EMPTY]}, "
         f"prediction only {c['empty'][FLAG_PRED_EMPTY]}."
     )
+    if c.get("references_not_predicted"):
+        text += ["", f"Only predicted cases were scored: {c['references_not_predicted']} references left out."]
     text += ["", "## Per class", ""]
     text += _markdown(_table_rows(result))
     text += [

@@ -130,6 +130,7 @@ def evaluate(
     worst_k: int = 3,
     *,
     overwrite: bool = False,
+    only_predicted: bool = False,
 ) -> EvaluationResult:
     """Compare predicted label maps with reference label maps, case by case and class by class.
 
@@ -151,6 +152,8 @@ def evaluate(
         regions: named unions of labels evaluated as one structure, e.g. ``{"whole_tumour": (1, 2, 3, 4)}``.
         worst_k: how many of the worst cases per label get overlay images.
         overwrite: replace earlier results in ``out_dir``.
+        only_predicted: evaluate only the reference cases that have a prediction (a test subset
+            scored against a folder of every label); the others are counted as not predicted.
 
     Returns:
         The rows, the summary and the failures; ``result.exit_code`` is 3 when any case failed.
@@ -173,13 +176,25 @@ def evaluate(
         raise InputDataError(
             ref_dir, "no reference volumes found", expected=f"files ending in {', '.join(CASE_SUFFIXES)}"
         )
+    not_predicted: list[str] = []
+    if only_predicted:
+        if allow_missing:
+            raise UsageError("--only-predicted", "cannot be combined with --allow-missing", expected="one of the two")
+        not_predicted = sorted(set(refs) - set(preds))
+        refs = {cid: path for cid, path in refs.items() if cid in preds}
+        if not refs:
+            raise InputDataError(
+                pred_dir,
+                "no prediction is named like a reference case",
+                expected=f"files named like those in {ref_dir}",
+            )
     missing = sorted(set(refs) - set(preds))
     if missing and not allow_missing:
         shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
         raise InputDataError(
             pred_dir,
             f"{len(missing)} of {len(refs)} predictions missing: {shown}",
-            expected="a prediction per reference case, or --allow-missing",
+            expected="a prediction per reference case, --only-predicted, or --allow-missing",
         )
     extra = sorted(set(preds) - set(refs))
     if extra:
@@ -214,6 +229,7 @@ def evaluate(
             float(nsd_tolerance_mm),
             allow_missing,
             worst_k,
+            not_predicted,
         )
 
 
@@ -231,6 +247,7 @@ def _run(
     nsd_tolerance_mm: float,
     allow_missing: bool,
     worst_k: int,
+    not_predicted: Sequence[str] = (),
 ) -> EvaluationResult:
     """Evaluate every case, summarise, and write the outputs (the caller holds the lock)."""
     from medgn.evaluate.report import build_summary
@@ -260,8 +277,11 @@ def _run(
         "regions": {k: list(v) for k, v in region_map.items()},
         "nsd_tolerance_mm": nsd_tolerance_mm,
         "allow_missing": allow_missing,
+        "only_predicted": bool(not_predicted),
     }
-    result.summary = build_summary(result, settings, n_unmatched=n_extra, worst_k=worst_k)
+    result.summary = build_summary(
+        result, settings, n_unmatched=n_extra, worst_k=worst_k, n_not_predicted=len(not_predicted)
+    )
     if out_path is not None:
         _write(result, out_path, refs, preds, images, worst_k)
     return result

@@ -318,3 +318,28 @@ def test_one_prediction_file_against_one_reference_file(
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "o2").exists()
+
+
+def test_only_predicted_scores_a_subset_against_every_reference(
+    folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pred_dir, ref_dir = folders
+    (pred_dir / "c2.nii.gz").unlink()  # predictions for c0 and c1 only
+    with pytest.raises(InputDataError, match="--only-predicted"):
+        evaluate(pred_dir, ref_dir)
+    result = evaluate(pred_dir, ref_dir, tmp_path / "out", only_predicted=True)
+    assert sorted({r.case for r in result.rows}) == ["c0", "c1"] and result.missing == []
+    assert result.summary["counts"]["references_not_predicted"] == 1
+    assert result.summary["counts"]["cases"] == 2 and result.exit_code == 0
+    assert "1 references left out" in (tmp_path / "out" / "report.md").read_text()
+    # Label 2 exists only in c2's reference: with c2 left out, only label 1 is found.
+    assert result.labels == (1,)
+    with pytest.raises(UsageError, match="--allow-missing"):
+        evaluate(pred_dir, ref_dir, only_predicted=True, allow_missing=True)
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    (empty / "x9.nii.gz").write_bytes((pred_dir / "c0.nii.gz").read_bytes())
+    code = main(
+        ["evaluate", "--pred", str(empty), "--ref", str(ref_dir), "--out", str(tmp_path / "o"), "--only-predicted"]
+    )
+    assert code == 3 and "no prediction is named like a reference case" in capsys.readouterr().err
