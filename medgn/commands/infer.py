@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     )
     report = infer(args.model, args.input, args.output, settings)
     counts = report.to_dict()["counts"]
-    where = report.mask_file or report.output_dir
+    where = printable(str(report.mask_file or report.output_dir))  # one line, whatever the name holds
     print(f"{counts['ok']} segmented, {counts['skipped']} skipped, {counts['failed']} failed -> {where}")
     for case in report.failed:
         sys.stderr.write(f"medgn: error: case {printable(case.case_id)}: {printable(case.message)}\n")

@@ -143,3 +143,12 @@ def test_named_masks_share_a_folder(tmp_path: Path, capsys: pytest.CaptureFixtur
     _scan(folder, "b.nii.gz", seed=3)
     assert infer(_predictor(), folder, out).exit_code == 0
     assert other_temp.exists() and (out / "b.nii.gz").is_file() and (out / "report.json").is_file()
+
+
+def test_the_summary_line_stays_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = F.save_run(tmp_path / "run")
+    scan = _scan(tmp_path / "in")
+    out = tmp_path / "out" / "odd\nname.nii.gz"
+    assert main(["infer", "--model", str(run), "--input", str(scan), "--output", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and printed[0].endswith("odd\\nname.nii.gz") and out.is_file()
