@@ -303,6 +303,14 @@ def _run_cases(
 ) -> InferenceReport:
     from medgn.environment import versions
 
+    k = predictor.plan.in_channels
+    if run.channels is not None and len(run.channels) != k:  # before any case: every one would fail alike
+        raise UsageError(
+            "--channels",
+            f"names {len(run.channels)} channel(s), the model takes {k}",
+            got=",".join(run.channels),
+            expected=f"{k} channel names, in the order the model was trained on",
+        )
     tta, axes = resolve_mirroring(run, predictor.defaults)
     log.info("test-time mirroring: %s", f"axes {list(axes)} ({2 ** len(axes)} flips)" if tta else "off")
     settings = _settings(predictor, tta, run.overlap, run.sw_batch_size, axes, run.precision)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from medgn.cli import main
+from medgn.errors import UsageError
 from medgn.files import TEMP_MARK
 from medgn.infer.predictor import Predictor
 from medgn.infer.run import infer
@@ -227,6 +228,10 @@ def test_channels_by_name(tmp_path: Path) -> None:
     assert [(c.case_id, c.status) for c in report.cases] == [("p1", "ok")]
     sidecar = json.loads((tmp_path / "out" / "p1.json").read_text())
     assert [Path(i["path"]).name for i in sidecar["inputs"]] == ["p1_t1.nii.gz", "p1_flair.nii.gz"]
+    # One name for a two-channel model: said as such, before any case (not a 4D-file error per case).
+    with pytest.raises(UsageError, match="names 1 channel\\(s\\), the model takes 2"):
+        infer(predictor, src, tmp_path / "out1", channels=["t1"])
+    assert not (tmp_path / "out1" / "report.json").exists()
 
 
 def _train_a_few_steps(run_dir: Path, image: Path, label: Path, plan: dict) -> int:
