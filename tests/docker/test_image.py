@@ -269,6 +269,22 @@ def test_masks_byte_identical_to_venv_with_input_geometry(
     assert not list(box_out.glob(".medgn-tmp-*"))
 
 
+def test_one_scan_named_mask_as_in_venv(
+    work: Path, model: Path, masks: dict[str, tuple[Path, Path]], scans: dict[str, Path]
+) -> None:
+    """``--output /out/<name>.nii.gz`` for one scan: that mask and its record, nothing else in /out."""
+    scan = next(scans["folder"].glob("la_*.nii.gz"))
+    out = work / "box-named"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+    target = out / "la_seg.nii.gz"
+    mounts = {model: "ro", scans["folder"]: "ro", out: "rw"}
+    proc = _container(["infer", "--model", str(model), "--input", str(scan), "--output", str(target), *INFER], mounts)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["la_seg.json", "la_seg.nii.gz"]
+    assert _payload(target) == _payload(masks["folder"][0] / scan.name), "the named mask differs from the folder run's"
+
+
 def test_evaluate_as_in_venv(work: Path, masks: dict[str, tuple[Path, Path]], la_cases: list[Path]) -> None:
     pred, ref = work / "eval-pred", work / "eval-ref"
     pred.mkdir()
