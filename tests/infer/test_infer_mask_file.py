@@ -95,6 +95,8 @@ def test_named_mask_beside_its_input_and_the_refusals(tmp_path: Path, capsys: py
         (tmp_path / "in", tmp_path / "several.nii.gz", "input holds"),
     ]
     _scan(tmp_path / "in", "b.nii.gz", seed=1)
+    (tmp_path / "link.nii.gz").symlink_to(scan)
+    cases.append((scan, tmp_path / "link.nii.gz", "replace the input file"))
     for source, output, message in cases:
         code = main(["infer", "--model", missing_model, "--input", str(source), "--output", str(output)])
         err = capsys.readouterr().err
