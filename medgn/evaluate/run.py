@@ -181,14 +181,14 @@ def evaluate(
         if allow_missing:
             raise UsageError("--only-predicted", "cannot be combined with --allow-missing", expected="one of the two")
         not_predicted = sorted(set(refs) - set(preds))
-        refs = {cid: path for cid, path in refs.items() if cid in preds}
-        if not refs:
-            raise InputDataError(
-                pred_dir,
-                "no prediction is named like a reference case",
-                expected=f"files named like those in {ref_dir}",
-            )
+        refs = {cid: path for cid, path in refs.items() if cid in preds} or refs  # none: refused below
     missing = sorted(set(refs) - set(preds))
+    if len(missing) == len(refs) and (preds or allow_missing or only_predicted):  # a wrong folder
+        raise InputDataError(
+            pred_dir,
+            f"no prediction is named like a reference case ({len(preds)} predictions, {len(refs)} references)",
+            expected=f"files named like those in {ref_dir}",
+        )
     if missing and not allow_missing:
         shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
         raise InputDataError(

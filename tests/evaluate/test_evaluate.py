@@ -343,3 +343,7 @@ def test_only_predicted_scores_a_subset_against_every_reference(
         ["evaluate", "--pred", str(empty), "--ref", str(ref_dir), "--out", str(tmp_path / "o"), "--only-predicted"]
     )
     assert code == 3 and "no prediction is named like a reference case" in capsys.readouterr().err
+    # The same wrong folder with --allow-missing (or none): refused, not a report of zeros.
+    for allow in (True, False):
+        with pytest.raises(InputDataError, match="1 predictions, 3 references"):
+            evaluate(empty, ref_dir, allow_missing=allow)
