@@ -113,6 +113,9 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path: Path) -> None:
     assert "invalid YAML at line 4: duplicate key 'lr'" in info.value.one_line()
     path.write_text("train:\n  lr: 0.1\nmodel:\n  lr_like: 1\n")  # the same key in two sections is fine
     assert load_yaml(path) == {"train": {"lr": 0.1}, "model": {"lr_like": 1}}
+    path.write_text("? [a, b]\n: 1\n")  # a list as a key: refused by YAML itself, not a TypeError here
+    with pytest.raises(UsageError, match="found unhashable key"):
+        load_yaml(path)
 
 
 def test_a_config_that_is_huge_or_not_a_file_is_refused(tmp_path: Path) -> None:
