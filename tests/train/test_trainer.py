@@ -389,3 +389,11 @@ def test_progress_plot_is_drawn_first_then_at_most_every_interval_and_at_the_end
     assert drawn[-1] == [1, 2, 3, 4, 5]
     hook.after_train(trainer)  # type: ignore[arg-type]
     assert len(drawn) == 3  # nothing new: no redraw
+
+
+def test_budgets_and_folds_read_as_people_write_them() -> None:
+    from medgn.train.hooks import _duration
+    from medgn.workflows.run_folder import fold_name
+
+    assert [_duration(s) for s in (10.0, 59.5, 60.0, 90.0, 1200.0)] == ["10 s", "59.5 s", "1 min", "1.5 min", "20 min"]
+    assert [fold_name(f) for f in (-1, 0, 3)] == ["all", "0", "3"]
