@@ -23,7 +23,7 @@ from medgn.errors import MedgnError, UsageError
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 # What a demo folder holds: only such a folder (or an empty one) is replaced by the next demo.
-DEMO_ENTRIES = frozenset({"dataset", "run", "predictions", "evaluation", "plan.json"})
+DEMO_ENTRIES = frozenset({"dataset", "run", "predictions", "evaluation", "plan.json", "splits.json"})
 
 
 def _replace_demo_folder(out: Path) -> None:

@@ -87,6 +87,11 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert summary["counts"]["evaluated"] == 1
     assert (out / "run" / "progress.png").is_file() and (out / "evaluation" / "boxplot.png").is_file()
     assert len(list((out / "predictions").glob("*.nii.gz"))) == 1
+    # The next demo replaces this one's folder (it held splits.json, which was taken for a foreign file).
+    from medgn.demo.__main__ import _replace_demo_folder
+
+    _replace_demo_folder(out)
+    assert out.is_dir() and list(out.iterdir()) == []
 
 
 def test_demo_never_replaces_a_folder_that_is_not_a_demo_output(
