@@ -8,7 +8,6 @@ tolerance, prints the per-class summary table, lists failed and missing cases on
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -94,10 +93,6 @@ def run(args: argparse.Namespace) -> int:
     from medgn.evaluate.report import format_table
     from medgn.evaluate.run import evaluate
 
-    if not (math.isfinite(args.nsd_tolerance_mm) and args.nsd_tolerance_mm >= 0):  # named as the user typed it
-        raise UsageError("--nsd-tolerance-mm", "must be a finite number of mm >= 0", got=args.nsd_tolerance_mm)
-    if args.worst_k < 0:
-        raise UsageError("--worst-k", "must be >= 0", got=args.worst_k)
     regions: dict[str, tuple[int, ...]] = {}
     if args.dataset is not None:
         from medgn.data.datasets import load_dataset

@@ -167,9 +167,9 @@ def evaluate(
     label_set = _check_labels(labels)
     region_map = _check_regions(regions)
     if not (isinstance(nsd_tolerance_mm, (int, float)) and np.isfinite(nsd_tolerance_mm) and nsd_tolerance_mm >= 0):
-        raise UsageError("nsd_tolerance_mm", "tolerance must be a finite number of mm >= 0", got=nsd_tolerance_mm)
+        raise UsageError("--nsd-tolerance-mm", "must be a finite number of mm >= 0", got=nsd_tolerance_mm)
     if worst_k < 0:
-        raise UsageError("worst_k", "must be >= 0", got=worst_k)
+        raise UsageError("--worst-k", "must be >= 0", got=worst_k)
     single = pred_dir.is_file() or ref_dir.is_file()
     refs, preds = _pair(pred_dir, ref_dir) if single else (list_cases(ref_dir), list_cases(pred_dir))
     if not refs:
@@ -229,7 +229,7 @@ def evaluate(
             float(nsd_tolerance_mm),
             allow_missing,
             worst_k,
-            not_predicted,
+            not_predicted if only_predicted else None,
         )
 
 
@@ -247,7 +247,7 @@ def _run(
     nsd_tolerance_mm: float,
     allow_missing: bool,
     worst_k: int,
-    not_predicted: Sequence[str] = (),
+    not_predicted: Sequence[str] | None = None,  # with --only-predicted: the references left out
 ) -> EvaluationResult:
     """Evaluate every case, summarise, and write the outputs (the caller holds the lock)."""
     from medgn.evaluate.report import build_summary
@@ -277,10 +277,10 @@ def _run(
         "regions": {k: list(v) for k, v in region_map.items()},
         "nsd_tolerance_mm": nsd_tolerance_mm,
         "allow_missing": allow_missing,
-        "only_predicted": bool(not_predicted),
+        "only_predicted": not_predicted is not None,
     }
     result.summary = build_summary(
-        result, settings, n_unmatched=n_extra, worst_k=worst_k, n_not_predicted=len(not_predicted)
+        result, settings, n_unmatched=n_extra, worst_k=worst_k, n_not_predicted=len(not_predicted or ())
     )
     if out_path is not None:
         _write(result, out_path, refs, preds, images, worst_k)

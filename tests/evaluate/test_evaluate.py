@@ -324,6 +324,9 @@ def test_only_predicted_scores_a_subset_against_every_reference(
     folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pred_dir, ref_dir = folders
+    every = evaluate(pred_dir, ref_dir, only_predicted=True)  # nothing left out: still recorded as asked
+    assert every.summary["settings"]["only_predicted"] is True
+    assert every.summary["counts"]["references_not_predicted"] == 0
     (pred_dir / "c2.nii.gz").unlink()  # predictions for c0 and c1 only
     with pytest.raises(InputDataError, match="--only-predicted"):
         evaluate(pred_dir, ref_dir)
