@@ -33,6 +33,7 @@ __all__ = [
     "input_sha256",
     "output_names",
     "parse_shard",
+    "report_name",
     "safe_case_name",
     "select_shard",
 ]
@@ -313,9 +314,9 @@ class InferenceReport:
         """
         if self.mask_file is not None:
             return None
-        return atomic_write_json(self.output_dir / self.file_name, self.to_dict())
+        return atomic_write_json(self.output_dir / report_name(self.shard), self.to_dict())
 
-    @property
-    def file_name(self) -> str:
-        """``report.json``, or ``report-<i>of<n>.json`` for a shard."""
-        return REPORT_NAME if self.shard is None else f"report-{self.shard[0]}of{self.shard[1]}.json"
+
+def report_name(shard: tuple[int, int] | None) -> str:
+    """``report.json``, or ``report-<i>of<n>.json`` for a shard."""
+    return REPORT_NAME if shard is None else f"report-{shard[0]}of{shard[1]}.json"

@@ -50,6 +50,7 @@ from medgn.infer.outputs import (
     mask_file,
     output_names,
     parse_shard,
+    report_name,
     select_shard,
 )
 from medgn.infer.postprocess import PostProcessing
@@ -241,8 +242,7 @@ def infer(
         digest = hashlib.sha256(target.stem.encode("utf-8", "surrogatepass")).hexdigest()[:16]
         lock = RunLock(out, purpose=f"infer {target.path.name}", name=f".medgn-{digest}.lock")
     with lock:
-        report_name = None if target is not None else InferenceReport(out, shard=shard_pair).file_name
-        removed = _clean_own_temps(out, list(names.values()), report_name)
+        removed = _clean_own_temps(out, list(names.values()), None if target else report_name(shard_pair))
         if removed:
             log.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), out)
         predictor = models if isinstance(models, Predictor) else load_predictor(models, settings.device)

@@ -280,7 +280,7 @@ class TimeBudgetHook(HookBase):
                 rate = self._rate(self._probe, self.clock(), it) or 1e-9
                 affordable = max(2, int(self.PROBE_FRACTION * self.budget_s / rate))
                 self.probe_steps = int(ddp.gather_objects(min(self.probe_steps, affordable))[0])
-            if self._probe is not None and it >= self._probe[1] + max(self.probe_steps, 1):
+            if self._probe is not None and it >= self._probe[1] + self.probe_steps:
                 self.step_s = self._rate(self._probe, self.clock(), it)
                 self.phase = 1
                 total = self._plan(trainer, f"time budget {_duration(self.budget_s)}")

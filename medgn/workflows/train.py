@@ -52,7 +52,6 @@ log = get_logger(__name__)
 
 DATASET_PLAN = "dataset_plan.json"  # the plan of the dataset as `medgn plan` makes it
 RUN_PLAN = "plan.json"  # the plan this run trains with (after the config's overrides)
-SPLITS = SPLITS_FILE  # the cross-validation folds, next to a plan and in every run folder
 # (network, run folder, resuming) -> extra hooks; loads initial weights unless resuming (fine-tuning).
 ModelInit = Callable[[torch.nn.Module, Path, bool], Sequence[Any]]
 FINGERPRINT_SEED = 0  # the intensity sampling of a plan made by training (as `medgn plan`'s default)
@@ -127,8 +126,8 @@ def _fold_cases(
             got=len(index.cases),
             expected="more cases, or --fold all",
         )
-    run_splits = out_dir / SPLITS
-    planned = plan_path.parent / SPLITS if plan_path is not None else None
+    run_splits = out_dir / SPLITS_FILE
+    planned = plan_path.parent / SPLITS_FILE if plan_path is not None else None
     if run_splits.exists() or (planned is not None and planned.is_file()):
         source = run_splits if run_splits.exists() else planned
         splits = load_or_create_splits(source, sorted(by_id))  # type: ignore[arg-type]
