@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from medgn.errors import UsageError
 from medgn.planning.splits import ALL_FOLDS
@@ -34,11 +35,31 @@ def parse_fold(text: str) -> int:
     return fold
 
 
+def default_run_dir(data: str, config: str | None, fold: int) -> str:
+    """The run folder when --out is not given: runs/<dataset>-<config>-fold<N>, or -all.
+
+    The same command (and its --resume) always names the same folder; characters outside
+    [A-Za-z0-9._-] in the dataset or config name become "_".
+    """
+
+    def clean(name: str, fallback: str) -> str:
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip("._-")
+        return name or fallback
+
+    dataset = clean(Path(data).resolve().name, "dataset")
+    recipe = clean(Path(config).name.removesuffix(".yaml").removesuffix(".yml"), "config") if config else "default"
+    return str(Path("runs") / f"{dataset}-{recipe}-{'all' if fold == ALL_FOLDS else f'fold{fold}'}")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train a model on a dataset (verify, plan, train, validate)")
     parser.add_argument("--config", help="run config YAML (configs/*.yaml); defaults when omitted")
     parser.add_argument("--data", required=True, help="dataset folder (MSD, nnU-Net v2 raw, or images/ + labels/)")
-    parser.add_argument("--out", required=True, help="run folder to create (checkpoints, logs, plots)")
+    parser.add_argument(
+        "--out",
+        help="run folder to create (checkpoints, logs, plots); default runs/<dataset>-<config>-fold<N> "
+        "(runs/<dataset>-<config>-all for --fold all) in the current folder",
+    )
     parser.add_argument("--fold", default="0", help="cross-validation fold (0-based) or 'all' (default 0)")
     parser.add_argument("--plan", help="plan JSON from 'medgn plan' (default: made and stored in the run folder)")
     parser.add_argument(
@@ -88,9 +109,12 @@ def run(args: argparse.Namespace) -> int:
     if args.max_resampled_voxels is not None:
         overrides.append(f"data.limits.max_resampled_voxels={args.max_resampled_voxels}")
     cfg = load_run_config(args.config, overrides)
+    fold = parse_fold(args.fold)
+    if args.out is None:
+        args.out = default_run_dir(args.data, args.config, fold)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = {
-        "fold": parse_fold(args.fold),
+        "fold": fold,
         "resume": args.resume,
         "device": device,
         "plan_path": args.plan,

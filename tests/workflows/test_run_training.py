@@ -155,6 +155,27 @@ def test_existing_run_needs_resume_and_missing_run_cannot_resume(
     assert "nothing to resume" in capsys.readouterr().err
 
 
+def test_without_out_the_run_folder_is_named_after_dataset_config_and_fold(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No --out: runs/<dataset>-<config>-fold<N> in the current folder; --resume finds it again."""
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "my recipe.yaml"
+    config.write_text("train:\n  epochs: 1\n  iters_per_epoch: 2\n")
+    argv = ["train", "--data", str(dataset), "--config", str(config), "--fold", "1", *TINY]
+    assert main(argv) == 0
+    run = tmp_path / "runs" / "tiny-my_recipe-fold1"
+    assert _state(run)["counters"]["iteration"] == 2
+    assert json.loads((run / "run.json").read_text())["fold"] == 1
+    assert capsys.readouterr().out.strip().endswith(f"run folder {Path('runs') / 'tiny-my_recipe-fold1'}")
+    assert main(argv) == 2  # the same command again: that run exists
+    assert "already has checkpoints" in capsys.readouterr().err
+    assert main([*argv, "--resume", "--set", "train.epochs=2"]) == 0
+    assert _state(run)["counters"]["iteration"] == 4
+    assert main(["train", "--data", str(dataset), "--fold", "all", *TINY, "--set", "train.epochs=1"]) == 0
+    assert (tmp_path / "runs" / "tiny-default-all" / "run.json").is_file()
+
+
 def test_config_typo_names_the_key(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--set", "train.learning_rate=0.1"]) == 2
