@@ -146,15 +146,43 @@ class MaskFile:
         return self.folder / (self.stem + self.suffix)
 
 
+# File names that are not a folder's and not a mask medgn can write: refused rather than made into a
+# folder of that name.
+NOT_MASK_SUFFIXES = (
+    ".gz",
+    ".bz2",
+    ".zip",
+    ".mhd",
+    ".nhdr",
+    ".hdr",
+    ".img",
+    ".npy",
+    ".npz",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".tif",
+    ".tiff",
+    ".json",
+    ".txt",
+    ".csv",
+    ".h5",
+    ".pt",
+    ".pth",
+    ".onnx",
+)
+
+
 def mask_file(output: str | os.PathLike[str]) -> MaskFile | None:
     """The mask file ``output`` names, or None when it names an output folder.
 
     A path ending in a mask suffix (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``, any case) that is
-    not an existing folder names a file; anything else is a folder.
+    not an existing folder names a file; one ending in another file suffix (``.txt``, ``.mhd``,
+    ``.png``: :data:`NOT_MASK_SUFFIXES`) is refused; anything else is a folder.
 
     Raises:
-        UsageError: the name ends in ``.dcm`` (a DICOM-SEG is named after its case in a folder),
-            or the suffix is all there is (``.nii.gz``).
+        UsageError: the name ends in ``.dcm`` (a DICOM-SEG is named after its case in a folder)
+            or in a file suffix medgn writes no mask in, or the suffix is all there is (``.nii.gz``).
     """
     path = Path(output).expanduser()
     name = path.name
@@ -167,6 +195,13 @@ def mask_file(output: str | os.PathLike[str]) -> MaskFile | None:
             expected="an output folder (the SEG is written there as <case>.seg.dcm), or a .nii.gz mask name",
         )
     suffix = next((s for s in MASK_SUFFIXES if lower.endswith(s)), None)
+    if suffix is None and lower.endswith(NOT_MASK_SUFFIXES) and not path.is_dir():
+        raise UsageError(
+            "--output",
+            "medgn writes no mask in this format",
+            got=str(output),
+            expected="a mask name ending in .nii.gz, .nii, .nrrd or .mha, or an output folder",
+        )
     if suffix is None or path.is_dir() or str(output).endswith(("/", os.sep)):  # a trailing / means a folder
         return None
     if len(name) == len(suffix):

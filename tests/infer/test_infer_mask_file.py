@@ -49,6 +49,23 @@ def test_mask_file_tells_files_from_folders(tmp_path: Path) -> None:
         mask_file(tmp_path / "seg.dcm")
     with pytest.raises(UsageError, match="no stem"):
         mask_file(tmp_path / ".nii.gz")
+    for name in ("mask.txt", "mask.mhd", "mask.NRRD.gz", "masks.png"):  # a file name, not a mask medgn writes
+        with pytest.raises(UsageError, match="medgn writes no mask in this format"):
+            mask_file(tmp_path / name)
+    assert mask_file(tmp_path / "preds.v2") is None  # a dotted folder name is still a folder
+    (tmp_path / "made.txt").mkdir()
+    assert mask_file(tmp_path / "made.txt") is None  # as is an existing folder of any name
+
+
+def test_an_output_named_like_another_file_type_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scan = _scan(tmp_path / "in")
+    out = tmp_path / "out" / "mask.txt"
+    assert main(["infer", "--model", str(tmp_path / "no_model"), "--input", str(scan), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--output: medgn writes no mask in this format" in err[0], err
+    assert not (tmp_path / "out").exists()
 
 
 def test_named_mask_is_written_with_its_sidecar_and_no_report(tmp_path: Path) -> None:
