@@ -409,6 +409,15 @@ def _named_channels(input_path: Path, channels: Sequence[str]) -> list[Case]:
     return cases
 
 
+def missing_input(path: Path) -> UsageError:
+    """The error for an --input that is neither a regular file nor a folder, saying which it is."""
+    if path.is_symlink() and not path.exists():
+        return UsageError(path, "input is a symbolic link that leads nowhere", expected="an image file or a folder")
+    if path.exists():
+        return UsageError(path, "input is not a regular file or a folder", expected="an image file or a folder")
+    return UsageError(path, "input not found", expected="an image file or a folder")
+
+
 def find_inputs(
     path: str | os.PathLike[str], channels: int | None = None, *, names: Sequence[str] | None = None
 ) -> list[Case]:
@@ -435,7 +444,7 @@ def find_inputs(
     elif path.is_file():
         cases = [Case(check_case_id(strip_image_suffix(path.name), path), (path,))]
     elif not path.is_dir():
-        raise UsageError(path, "input not found", expected="an image file or a folder")
+        raise missing_input(path)
     elif (path / "dataset.json").is_file():
         index = load_dataset(path)
         cases = index.test_cases

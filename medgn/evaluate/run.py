@@ -91,13 +91,12 @@ def _check_out_dir(out_dir: Path, inputs: Sequence[Path], overwrite: bool) -> No
 def _pair(pred: Path, ref: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     """One prediction file and one reference file as a single case, named after the reference."""
     if not (pred.is_file() and ref.is_file()):
-        folder, file = (pred, ref) if pred.is_dir() or not pred.exists() else (ref, pred)
-        raise UsageError(
-            folder,
-            "not a file, but the other of --pred/--ref is one" if folder.exists() else "not found",
-            got=f"{file} is a file" if folder.exists() else None,
-            expected="two folders (cases matched by name) or two label files",
-        )
+        odd, file = (pred, ref) if not pred.is_file() else (ref, pred)
+        if odd.is_dir():
+            problem, got = "a folder, but the other of --pred/--ref is a file", f"{file} is a file"
+        else:
+            problem, got = ("not a regular file or a folder" if odd.exists() else "not found"), None
+        raise UsageError(odd, problem, got=got, expected="two folders (cases matched by name) or two label files")
     for path in (pred, ref):
         if case_id(path.name) is None:
             raise UsageError(path, "not a label volume", expected=f"a file ending in {', '.join(CASE_SUFFIXES)}")

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from medgn.data.datasets import find_inputs
+from medgn.data.datasets import find_inputs, missing_input
 from medgn.data.preflight import MASK_SUFFIXES
 from medgn.errors import EXIT_BUG, MedgnError, UsageError
 from medgn.files import TEMP_MARK, RunLock
@@ -201,8 +201,8 @@ def infer(
     """
     settings = InferSettings.of(settings, **changes)
     input_path = Path(input_path)
-    if not input_path.exists():
-        raise UsageError(input_path, "input not found", expected="an image file or a folder")
+    if not input_path.is_file() and not input_path.is_dir():
+        raise missing_input(input_path)
     target = mask_file(output_dir)
     if target is None:
         out = check_output_dir(output_dir, input_path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -308,9 +309,13 @@ def test_one_prediction_file_against_one_reference_file(
     assert [p.name for p in (tmp_path / "out" / "overlays").iterdir()] == ["c1_label-1.png"]
     # A file and a folder, a missing file, a file that is not a volume: one-line usage errors.
     notes = ref_dir / "notes.txt"
+    fifo = tmp_path / "fifo.nii.gz"  # reading it would block
+    os.mkfifo(fifo)
     for p, r, message in (
-        (pred, ref_dir, "not a file"),
-        (pred_dir, ref_dir / "c1.nii.gz", "not a file"),
+        (pred, ref_dir, f"{ref_dir}: a folder, but the other of --pred/--ref is a file"),
+        (pred_dir, ref_dir / "c1.nii.gz", f"{pred_dir}: a folder, but the other of --pred/--ref is a file"),
+        (fifo, ref_dir / "c1.nii.gz", f"{fifo}: not a regular file or a folder"),
+        (pred, fifo, f"{fifo}: not a regular file or a folder"),
         (pred, tmp_path / "missing.nii.gz", "not found"),
         (pred, notes, "not a label volume"),
     ):

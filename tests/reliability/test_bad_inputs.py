@@ -639,6 +639,24 @@ def test_refused_output_folder_fails_before_loading_the_model(
     assert str(missing_model) not in result.err
 
 
+def test_an_input_that_is_no_file_or_folder_says_what_it_is(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A FIFO or device named like a scan (reading it would block or never end), a dangling link."""
+    os.mkfifo(tmp_path / "fifo.nii.gz")
+    (tmp_path / "zero.nii").symlink_to("/dev/zero")
+    (tmp_path / "gone.nii.gz").symlink_to(tmp_path / "deleted.nii.gz")
+    cases = {
+        "fifo.nii.gz": "input is not a regular file or a folder",
+        "zero.nii": "input is not a regular file or a folder",
+        "gone.nii.gz": "input is a symbolic link that leads nowhere",
+        "absent.nii.gz": "input not found",
+    }
+    for name, words in cases.items():
+        argv = ["infer", "--model", tmp_path / "no-model", "--input", tmp_path / name, "--output", tmp_path / "out"]
+        result: Result = cli(argv, capsys)
+        assert_clean_failure(result, 2, [name], [words])
+        assert not (tmp_path / "out").exists()
+
+
 def test_rerun_on_an_input_that_went_bad_keeps_the_earlier_outputs(
     tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
