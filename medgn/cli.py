@@ -25,10 +25,16 @@ SUBCOMMANDS: tuple[str, ...] = ("env", "verify", "plan", "train", "infer", "eval
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line and exit code 2."""
+    """argparse that reports usage errors as one line and exit code 2.
+
+    The line starts ``medgn: error:`` like every other medgn error, then names the subcommand:
+    ``medgn: error: infer: the following arguments are required: --output (see 'medgn infer --help')``.
+    """
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        command = self.prog.removeprefix("medgn").strip()
+        where = f"{command}: " if command else ""
+        sys.stderr.write(f"medgn: error: {where}{message} (see '{self.prog} --help')\n")
         raise SystemExit(EXIT_USAGE)
 
 

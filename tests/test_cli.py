@@ -44,6 +44,15 @@ def test_unknown_subcommand_is_usage_error_on_one_line() -> None:
     proc = _run("frobnicate")
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "frobnicate" in proc.stderr
+    assert proc.stderr.startswith("medgn: error: argument COMMAND: invalid choice: 'frobnicate'"), proc.stderr
+
+
+def test_argument_errors_of_a_subcommand_start_like_every_medgn_error() -> None:
+    proc = _run("infer", "--model", "m", "--input", "x")
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "medgn: error: infer: the following arguments are required: --output (see 'medgn infer --help')\n"
+    )
 
 
 @pytest.mark.parametrize(
