@@ -23,12 +23,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from medgn.data.native import captured_native_stderr, itk_reason
+from medgn.data.nifti_header import open_nifti
 from medgn.data.preflight import (
     DEFAULT_LIMITS,
     NIFTI_SUFFIXES,
     HeaderInfo,
     Limits,
-    _open_nifti,
     detect_format,
     itk_affine,
     itk_geometry,
@@ -348,7 +348,7 @@ def _write(array: np.ndarray, reference: Volume, tmp: Path, fmt: str) -> None:
 def _written_geometry(tmp: Path, fmt: str) -> tuple[tuple[int, ...], np.ndarray]:
     """Shape and RAS affine of a just-written file, from its raw header."""
     if fmt == "nifti":
-        header, _ = _open_nifti(tmp)
+        header, _ = open_nifti(tmp)
         ndim = int(header["dim"][0])
         return tuple(int(d) for d in header["dim"][1 : ndim + 1]), np.asarray(
             header.get_best_affine(), dtype=np.float64
@@ -377,7 +377,7 @@ def _publish(array: np.ndarray, reference: Volume, out_path: str | os.PathLike[s
         written = HeaderInfo(tmp, fmt, shape[:3], array.dtype, (0.0, 0.0, 0.0), affine)  # type: ignore[arg-type]
         diffs = geometry_diff(reference, written)
         if fmt == "nifti" and reference.format == "nifti":
-            header, _ = _open_nifti(tmp)
+            header, _ = open_nifti(tmp)
             codes = (int(header["qform_code"]), int(header["sform_code"]))
             if codes != (reference.meta["qform_code"], reference.meta["sform_code"]):
                 diffs.append(

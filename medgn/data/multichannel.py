@@ -31,12 +31,13 @@ __all__ = ["file_channel_count", "read_case_images", "read_channels"]
 
 def file_channel_count(path: str | os.PathLike[str]) -> int:
     """Volumes on the 4th axis of a NIfTI header (1 for 3D files and other formats)."""
-    from medgn.data.preflight import _open_nifti, detect_format
+    from medgn.data.header import detect_format
+    from medgn.data.nifti_header import open_nifti
 
     path = Path(path)
     if detect_format(path) != "nifti":
         return 1
-    header, _ = _open_nifti(path)
+    header, _ = open_nifti(path)
     dims = [int(d) for d in header["dim"]]
     return dims[4] if 4 <= dims[0] <= 7 and dims[4] > 1 else 1
 

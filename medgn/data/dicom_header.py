@@ -1,0 +1,199 @@
+"""DICOM series header preflight: one series per folder, every slice's geometry checked from its tags.
+
+This module owns :func:`dicom_series_files` and :func:`gdcm_series_ids` (the series GDCM finds in a
+folder, its notices caught) and :func:`dicom_header`: every slice's position, orientation and pixel
+spacing read and checked (ITK would read a slice without PixelSpacing as 1 mm), truncated PixelData
+found, then the stack checked for gantry tilt, missing or uneven slices before a pixel is read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medgn.data.header import SUPPORTED, HeaderInfo, Limits, check_size, itk_affine
+from medgn.data.itk_header import itk_info, itk_reader
+from medgn.data.native import captured_native_stderr, itk_reason
+from medgn.errors import InputDataError
+
+
+def dicom_series_files(path: Path) -> list[str]:
+    """The files of the single DICOM series in folder ``path``, in slice order."""
+    series = gdcm_series_ids(path)
+    if not series:
+        raise InputDataError(
+            path, "folder holds no DICOM series", expected=f"a DICOM series folder or a file ({SUPPORTED})"
+        )
+    if len(series) > 1:
+        listing = "; ".join(f"{sid} ({len(_gdcm_files(path, sid))} files)" for sid in series)
+        raise InputDataError(
+            path, f"folder holds {len(series)} DICOM series: {listing}", expected="exactly one series per folder"
+        )
+    return _gdcm_files(path, series[0])
+
+
+def gdcm_series_ids(path: Path) -> list[str]:
+    """The DICOM series GDCM finds in folder ``path`` (its console notices caught, not printed)."""
+    import SimpleITK as sitk
+
+    native: list[str] = []
+    try:
+        with captured_native_stderr() as native:
+            return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    except RuntimeError as exc:
+        raise InputDataError(path, "cannot scan the folder for DICOM series", got=itk_reason(exc, native)) from None
+
+
+def _gdcm_files(path: Path, series: str) -> list[str]:
+    import SimpleITK as sitk
+
+    native: list[str] = []
+    try:
+        with captured_native_stderr() as native:
+            return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series))
+    except RuntimeError as exc:
+        raise InputDataError(
+            path, f"cannot list the files of DICOM series {series}", got=itk_reason(exc, native)
+        ) from None
+
+
+def _dicom_numbers(reader: Any, name: str, tag: str, label: str, count: int) -> np.ndarray:
+    """``count`` finite numbers of a slice's backslash-separated DS tag, else exit 3 naming it."""
+    try:
+        raw = reader.GetMetaData(tag)
+    except RuntimeError:
+        raise InputDataError(name, f"DICOM slice has no {label} ({tag.replace('|', ',')})") from None
+    try:
+        values = np.asarray([float(v) for v in raw.split("\\")], dtype=np.float64)
+    except ValueError:
+        values = np.asarray([], dtype=np.float64)
+    if values.shape != (count,) or not np.all(np.isfinite(values)):
+        raise InputDataError(
+            name,
+            f"invalid {label} ({tag.replace('|', ',')})",
+            got=raw.strip()[:120],
+            expected=f"{count} finite numbers",
+        )
+    return values
+
+
+def _slice_geometry(reader: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(position, orientation (2, 3), pixel spacing) of one slice, each checked.
+
+    ITK would read a slice without PixelSpacing as 1 mm and one with an invalid orientation as
+    axial; medgn refuses both instead of guessing.
+    """
+    position = _dicom_numbers(reader, name, "0020|0032", "ImagePositionPatient", 3)
+    orientation = _dicom_numbers(reader, name, "0020|0037", "ImageOrientationPatient", 6).reshape(2, 3)
+    spacing = _dicom_numbers(reader, name, "0028|0030", "PixelSpacing", 2)
+    norms = np.linalg.norm(orientation, axis=1)
+    if np.any(np.abs(norms - 1) > 1e-3) or abs(float(orientation[0] @ orientation[1])) > 1e-3:
+        raise InputDataError(
+            name,
+            "invalid ImageOrientationPatient (0020,0037)",
+            got=orientation.ravel().tolist(),
+            expected="two orthogonal unit vectors",
+        )
+    if np.any(spacing <= 0):
+        raise InputDataError(name, "invalid PixelSpacing (0028,0030)", got=spacing.tolist(), expected="values > 0")
+    return position, orientation, spacing
+
+
+def _check_pixel_data(name: str) -> None:
+    """An uncompressed slice's PixelData holds every byte its Rows x Columns declare.
+
+    GDCM pads a short PixelData with zeros and reads the slice without a word; pydicom reads the
+    element's header only (its value stays on disk).
+    """
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+
+    try:
+        ds = pydicom.dcmread(name, defer_size=256, force=True)
+        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        if syntax is not None and syntax.is_compressed:
+            return  # encapsulated frames: their decoder checks them
+        element = ds.get_item(0x7FE00010)
+        if element is None:
+            return  # the series reader refuses a slice without pixels
+        declared = int(element.length) if isinstance(element, RawDataElement) else len(element.value)
+        needed = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
+        stored = os.path.getsize(name) - int(getattr(element, "value_tell", 0) or 0)
+    except Exception:  # noqa: BLE001 - what pydicom cannot parse, ITK's reader has judged already
+        return
+    if declared < needed or (isinstance(element, RawDataElement) and stored < declared):
+        raise InputDataError(
+            name,
+            "DICOM slice's PixelData is shorter than its Rows x Columns (truncated file?)",
+            got=f"{min(declared, stored)} bytes",
+            expected=f"{needed} bytes",
+        )
+
+
+def dicom_header(path: Path, limits: Limits) -> HeaderInfo:
+    """The validated header of the one DICOM series in folder ``path``, every slice checked from its tags."""
+    files = dicom_series_files(path)
+    positions = []
+    first = None
+    for name in files:
+        reader = itk_reader(Path(name))
+        position, orientation, pixel = _slice_geometry(reader, name)
+        _check_pixel_data(name)
+        if first is None:
+            first, orientation0, pixel0 = reader, orientation, pixel
+        elif np.max(np.abs(orientation - orientation0)) > 1e-3 or np.max(np.abs(pixel - pixel0)) > 1e-3 * pixel0.max():
+            raise InputDataError(
+                name,
+                "DICOM slices differ in orientation or pixel spacing",
+                got=f"{orientation.ravel().tolist()}, {pixel.tolist()}",
+                expected=f"{orientation0.ravel().tolist()}, {pixel0.tolist()} (as {files[0]})",
+            )
+        positions.append(position)
+    assert first is not None  # dicom_series_files never returns an empty list
+    info = itk_info(path, first, "dicom", limits)
+    direction = np.asarray(info.meta["direction"]).reshape(3, 3)
+    normal = direction[:, 2]
+    along = np.sort(np.asarray(positions) @ normal)
+    shape3 = (info.shape[0], info.shape[1], len(files))
+    check_size(path, shape3, info.dtype.itemsize, limits)
+    # Every slice on the line through the first along the normal: a gantry tilt or a shifted slice
+    # would be stacked as if straight (a quarter of a pixel is rounding of exported positions).
+    offsets = np.asarray(positions) - positions[0]
+    inplane = np.abs(offsets @ direction[:, :2])
+    if np.any(inplane > 0.25 * np.asarray(info.spacing[:2])):
+        worst = int(np.argmax(inplane.max(axis=1)))
+        raise InputDataError(
+            files[worst],
+            "DICOM slice is shifted within its plane (gantry tilt or a sheared series)",
+            got=f"{inplane[worst].round(3).tolist()} mm from the first slice's line",
+            expected="slices stacked along the normal of their plane",
+        )
+    if len(files) > 1:
+        steps = np.diff(along)
+        step = float(np.median(steps))
+        # 1% of the slice step (or 1 micrometre): rounding in exported positions, not a missing slice.
+        tolerance = max(0.01 * abs(step), 1e-3)
+        if step <= 0 or np.any(np.abs(steps - step) > tolerance):
+            gaps = [f"{along[i]:.3f}->{along[i + 1]:.3f} mm" for i in np.flatnonzero(np.abs(steps - step) > tolerance)]
+            raise InputDataError(
+                path,
+                f"DICOM series has missing or uneven slices: {', '.join(gaps[:10])}",
+                got=f"{len(files)} slices",
+                expected=f"uniform slice step {step:.4f} mm",
+            )
+        spacing = (info.spacing[0], info.spacing[1], abs(step))
+    else:
+        spacing = info.spacing
+    origin = np.asarray(positions[int(np.argmin(np.asarray(positions) @ normal))])
+    affine = itk_affine(origin, spacing, direction)
+    meta = {
+        "origin": tuple(origin.tolist()),
+        "spacing": spacing,
+        "direction": tuple(direction.ravel().tolist()),
+        "files": files,
+        "squeezed": False,
+    }
+    return HeaderInfo(path, "dicom", shape3, info.dtype, spacing, affine, meta)
