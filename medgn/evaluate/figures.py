@@ -2,9 +2,10 @@
 
 Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend
 switch, no display needed) and saved through :func:`medgn.files.atomic_path`. An overlay shows the
-axial, coronal and sagittal planes through the centre of the reference structure, oriented from the
-affine (world right and anterior/superior point right and up, RAS), with the reference contour in
-green and the prediction contour in red over the image, or over the reference when no image is given.
+axial, coronal and sagittal planes where prediction and reference disagree most (through the
+structure's centre when they agree), oriented from the affine (world right and anterior/superior
+point right and up, RAS), with the reference contour in green and the prediction contour in red
+over the image, or over the reference when no image is given.
 """
 
 from __future__ import annotations
@@ -98,21 +99,48 @@ def _plane(volume: np.ndarray, affine: np.ndarray, centre: np.ndarray, world_nor
     return plane.T, float(spacing[axes[1]] / spacing[axes[0]])
 
 
+def overlay_slices(ref: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> dict[str, int]:
+    """The array index, along each view's normal, of the plane an overlay shows.
+
+    The plane where prediction and reference disagree on the most voxels, so that a worst case's
+    overlay shows its error (a blob beside the structure, a missed end of it), not a plane
+    through the structure's centre that may look right; the centre of the reference (of the
+    prediction when the reference is empty) when they agree everywhere.
+    """
+    from nibabel.orientations import io_orientation
+
+    ornt = io_orientation(affine)
+    wrong = ref != pred
+    centre = np.rint(np.argwhere(ref if ref.any() else pred).mean(axis=0)).astype(int)
+    planes: dict[str, int] = {}
+    for name, world_normal in VIEWS:
+        normal = int(np.flatnonzero(ornt[:, 0] == world_normal)[0])
+        if wrong.any():
+            per_plane = np.count_nonzero(wrong, axis=tuple(a for a in range(3) if a != normal))  # (size along normal,)
+            planes[name] = int(np.argmax(per_plane))
+        else:
+            planes[name] = int(centre[normal])
+    return planes
+
+
 def _overlay(path: Path, title: str, under: np.ndarray, ref: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from nibabel.orientations import io_orientation
 
-    centre_mask = ref if ref.any() else pred
-    centre = np.rint(np.argwhere(centre_mask).mean(axis=0)).astype(int)
+    ornt = io_orientation(affine)
+    planes = overlay_slices(ref, pred, affine)
     fig = Figure(figsize=(12, 4.2))
     for ax, (name, normal) in zip(fig.subplots(1, 3), VIEWS):
+        centre = np.zeros(3, dtype=int)
+        centre[int(np.flatnonzero(ornt[:, 0] == normal)[0])] = planes[name]
         img2d, aspect = _plane(under, affine, centre, normal)
         ax.imshow(img2d, cmap="gray", origin="lower", aspect=aspect, interpolation="nearest")
         for mask, colour in ((ref, REF_COLOUR), (pred, PRED_COLOUR)):
             m2d, _ = _plane(mask.astype(np.float32), affine, centre, normal)
             if m2d.min() < 0.5 < m2d.max() and min(m2d.shape) >= 2:  # contour needs a crossing
                 ax.contour(m2d, levels=[0.5], colors=colour, linewidths=1.0)
-        ax.set_title(name)
+        ax.set_title(f"{name}, slice {planes[name]}")
         ax.set_xticks([])
         ax.set_yticks([])
     handles = [

@@ -355,3 +355,23 @@ def test_only_predicted_scores_a_subset_against_every_reference(
     for allow in (True, False):
         with pytest.raises(InputDataError, match="1 predictions, 3 references"):
             evaluate(empty, ref_dir, allow_missing=allow)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_overlays_show_the_planes_where_prediction_and_reference_disagree_most(flip: bool) -> None:
+    """A spurious blob beside a well-predicted cube: each view's plane goes through the blob."""
+    from medgn.evaluate.figures import overlay_slices
+
+    ref = np.zeros((20, 18, 16), dtype=bool)
+    ref[4:12, 5:13, 6:14] = True
+    pred = ref.copy()
+    pred[15:18, 2:4, 1:3] = True  # 12 voxels of false positive, far from the cube's centre
+    pred[4:12, 5:13, 13] = False  # a missed end of 64 voxels at z = 13
+    affine = np.diag([*SPACING, 1.0])
+    if flip:  # x runs right-to-left: the sagittal plane is still chosen by array index
+        affine[0, 0] = -affine[0, 0]
+    planes = overlay_slices(ref, pred, affine)
+    # Per axial plane (z): 64 wrong voxels at z = 13, 6 at z = 1 and 2; per coronal plane (y):
+    # 8 at each y of the cube, 6 at y = 2 and 3; per sagittal (x): 8 at each x of the cube, 4 at 15-17.
+    assert planes == {"axial": 13, "coronal": 5, "sagittal": 4}
+    assert overlay_slices(ref, ref, affine) == {"axial": 10, "coronal": 8, "sagittal": 8}  # agree: the centre
