@@ -47,7 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         module = importlib.import_module(f"medgn.commands.{name}")
         module.register(subparsers)
+    _remember_parsers(parser)
     return parser
+
+
+def _remember_parsers(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub)command's parser a default ``_parser`` naming itself, the deepest one winning.
+
+    An option no parser knows is only noticed after the subcommand has parsed; :func:`main` then
+    reports it through the parser of the command it was typed for.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.set_defaults(_parser=sub)
+                _remember_parsers(sub)
 
 
 def _report(exc: BaseException, debug: bool) -> None:
@@ -117,7 +131,9 @@ def _quiet_third_party() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (the console script exits with it)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # "medgn: error: train: unrecognized arguments: --out-dir (see 'medgn train --help')"
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extras)}")
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

@@ -61,6 +61,23 @@ def is_inside(child: str | os.PathLike[str], parent: str | os.PathLike[str]) -> 
     return child_r == parent_r or parent_r in child_r.parents
 
 
+def path_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` is not a regular file or a folder, in words for an error message; None if it is one.
+
+    "not found", "a symbolic link that leads nowhere", or, for what exists but is neither,
+    "neither a regular file nor a folder (a FIFO, socket or device)": reading such a path could
+    block or never end, so it is named rather than opened.
+    """
+    path = Path(path)
+    if path.is_file() or path.is_dir():
+        return None
+    if path.is_symlink() and not path.exists():
+        return "a symbolic link that leads nowhere"
+    if path.exists():
+        return "neither a regular file nor a folder (a FIFO, socket or device)"
+    return "not found"
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()

@@ -47,12 +47,26 @@ def test_unknown_subcommand_is_usage_error_on_one_line() -> None:
     assert proc.stderr.startswith("medgn: error: argument COMMAND: invalid choice: 'frobnicate'"), proc.stderr
 
 
-def test_argument_errors_of_a_subcommand_start_like_every_medgn_error() -> None:
+def test_argument_errors_of_a_subcommand_start_like_every_medgn_error(capsys: pytest.CaptureFixture[str]) -> None:
     proc = _run("infer", "--model", "m", "--input", "x")
     assert proc.returncode == 2
     assert proc.stderr == (
         "medgn: error: infer: the following arguments are required: --output (see 'medgn infer --help')\n"
     )
+    # An unknown option is named with the command it was typed for, also in a nested command.
+    for argv, command in (
+        (["env", "--bogus"], "env"),
+        (["study", "norms", "--data", "d", "--out", "o", "--bogus"], "study norms"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == (
+            f"medgn: error: {command}: unrecognized arguments: --bogus (see 'medgn {command} --help')\n"
+        )
+    with pytest.raises(SystemExit):
+        cli.main(["--bogus"])
+    assert capsys.readouterr().err.startswith("medgn: error: unrecognized arguments: --bogus (see 'medgn --help')")
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -38,16 +40,23 @@ def parse_fold(text: str) -> int:
 def default_run_dir(data: str, config: str | None, fold: int) -> str:
     """The run folder when --out is not given: runs/<dataset>-<config>-fold<N>, or -all.
 
-    The same command (and its --resume) always names the same folder; characters outside
-    [A-Za-z0-9._-] in the dataset or config name become "_".
+    The same command (and its --resume) always names the same folder. The dataset is named as
+    typed (a symbolic link by its own name), the config by its file name without .yaml/.yml.
+    Characters other than letters (any script), digits, ".", "_" and "-" become "_"; a name that
+    changed that way gets 8 hex digits of its original's sha256, so that "Herz v2" and "Herz_v2"
+    (or two all-symbol names) never share a run folder.
     """
 
     def clean(name: str, fallback: str) -> str:
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip("._-")
-        return name or fallback
+        cleaned = re.sub(r"[^\w.-]", "_", name).strip("._-") or fallback
+        if cleaned != name:
+            cleaned += "_" + hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        return cleaned
 
-    dataset = clean(Path(data).resolve().name, "dataset")
-    recipe = clean(Path(config).name.removesuffix(".yaml").removesuffix(".yml"), "config") if config else "default"
+    dataset = clean(Path(os.path.abspath(data)).name, "dataset")
+    recipe = "default"
+    if config:
+        recipe = clean(re.sub(r"\.ya?ml$", "", Path(config).name, flags=re.IGNORECASE), "config")
     return str(Path("runs") / f"{dataset}-{recipe}-{'all' if fold == ALL_FOLDS else f'fold{fold}'}")
 
 
@@ -65,7 +74,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)"
     )
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out (or the default folder) from its last checkpoint",
+    )
     parser.add_argument(
         "--verify", action="store_true", help="check every case again on --resume (always checked on a new run)"
     )

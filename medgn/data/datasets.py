@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from medgn.data.preflight import ITK_SUFFIXES, NIFTI_SUFFIXES, gdcm_series_ids
 from medgn.errors import InputDataError, UsageError
-from medgn.files import split_suffix
+from medgn.files import path_problem, split_suffix
 
 IMAGE_SUFFIXES = (*NIFTI_SUFFIXES, *ITK_SUFFIXES)
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -411,11 +411,9 @@ def _named_channels(input_path: Path, channels: Sequence[str]) -> list[Case]:
 
 def missing_input(path: Path) -> UsageError:
     """The error for an --input that is neither a regular file nor a folder, saying which it is."""
-    if path.is_symlink() and not path.exists():
-        return UsageError(path, "input is a symbolic link that leads nowhere", expected="an image file or a folder")
-    if path.exists():
-        return UsageError(path, "input is not a regular file or a folder", expected="an image file or a folder")
-    return UsageError(path, "input not found", expected="an image file or a folder")
+    problem = path_problem(path) or "not found"
+    words = "input not found" if problem == "not found" else f"input is {problem}"
+    return UsageError(path, words, expected="an image file or a folder")
 
 
 def find_inputs(

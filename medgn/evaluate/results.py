@@ -14,6 +14,7 @@ from typing import Any
 from medgn.data.preflight import MASK_SUFFIXES
 from medgn.errors import EXIT_INPUT, EXIT_OK, InputDataError, UsageError
 from medgn.evaluate.metrics import METRIC_NAMES, ClassMetrics
+from medgn.files import path_problem
 
 CASE_SUFFIXES: tuple[str, ...] = (".seg.dcm", *MASK_SUFFIXES)  # a DICOM-SEG prediction too
 
@@ -89,7 +90,9 @@ def list_cases(folder: Path) -> dict[str, Path]:
             ``<case>.seg.dcm`` next to a mask of the same case is not a clash (the mask is used).
     """
     if not folder.is_dir():
-        raise UsageError(folder, "folder does not exist", expected="a folder of label volumes")
+        problem = path_problem(folder) or "a file"
+        words = "folder does not exist" if problem == "not found" else f"not a folder: {problem}"
+        raise UsageError(folder, words, expected="a folder of label volumes")
     cases: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         cid = case_id(path.name)

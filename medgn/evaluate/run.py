@@ -31,7 +31,7 @@ from medgn.evaluate.metrics import (
 )
 from medgn.evaluate.predictions import read_prediction
 from medgn.evaluate.results import CASE_SUFFIXES, EvaluationResult, MetricRow, case_id, list_cases  # noqa: F401
-from medgn.files import RunLock, clean_stale_temps, is_inside, make_output_dir
+from medgn.files import RunLock, clean_stale_temps, is_inside, make_output_dir, path_problem
 from medgn.logs import get_logger
 
 OUTPUT_FILES: tuple[str, ...] = ("metrics.csv", "summary.json", "report.md", "boxplot.png")
@@ -95,7 +95,7 @@ def _pair(pred: Path, ref: Path) -> tuple[dict[str, Path], dict[str, Path]]:
         if odd.is_dir():
             problem, got = "a folder, but the other of --pred/--ref is a file", f"{file} is a file"
         else:
-            problem, got = ("not a regular file or a folder" if odd.exists() else "not found"), None
+            problem, got = path_problem(odd) or "not found", None
         raise UsageError(odd, problem, got=got, expected="two folders (cases matched by name) or two label files")
     for path in (pred, ref):
         if case_id(path.name) is None:

@@ -195,14 +195,15 @@ def mask_file(output: str | os.PathLike[str]) -> MaskFile | None:
             expected="an output folder (the SEG is written there as <case>.seg.dcm), or a .nii.gz mask name",
         )
     suffix = next((s for s in MASK_SUFFIXES if lower.endswith(s)), None)
-    if suffix is None and lower.endswith(NOT_MASK_SUFFIXES) and not path.is_dir():
+    folder_asked = path.is_dir() or str(output).endswith(("/", os.sep))  # a trailing / means a folder
+    if suffix is None and lower.endswith(NOT_MASK_SUFFIXES) and not folder_asked:
         raise UsageError(
             "--output",
             "medgn writes no mask in this format",
             got=str(output),
             expected="a mask name ending in .nii.gz, .nii, .nrrd or .mha, or an output folder",
         )
-    if suffix is None or path.is_dir() or str(output).endswith(("/", os.sep)):  # a trailing / means a folder
+    if suffix is None or folder_asked:
         return None
     if len(name) == len(suffix):
         raise UsageError("--output", "mask file name has no stem", got=str(output), expected="e.g. mask.nii.gz")

@@ -311,11 +311,16 @@ def test_one_prediction_file_against_one_reference_file(
     notes = ref_dir / "notes.txt"
     fifo = tmp_path / "fifo.nii.gz"  # reading it would block
     os.mkfifo(fifo)
+    dangling = tmp_path / "gone.nii.gz"
+    dangling.symlink_to(tmp_path / "deleted.nii.gz")
     for p, r, message in (
         (pred, ref_dir, f"{ref_dir}: a folder, but the other of --pred/--ref is a file"),
         (pred_dir, ref_dir / "c1.nii.gz", f"{pred_dir}: a folder, but the other of --pred/--ref is a file"),
-        (fifo, ref_dir / "c1.nii.gz", f"{fifo}: not a regular file or a folder"),
-        (pred, fifo, f"{fifo}: not a regular file or a folder"),
+        (fifo, ref_dir / "c1.nii.gz", f"{fifo}: neither a regular file nor a folder"),
+        (pred, fifo, f"{fifo}: neither a regular file nor a folder"),
+        (fifo, ref_dir, f"{fifo}: not a folder: neither a regular file nor a folder"),
+        (dangling, ref_dir / "c1.nii.gz", f"{dangling}: a symbolic link that leads nowhere"),
+        (dangling, ref_dir, f"{dangling}: not a folder: a symbolic link that leads nowhere"),
         (pred, tmp_path / "missing.nii.gz", "not found"),
         (pred, notes, "not a label volume"),
     ):
@@ -357,21 +362,28 @@ def test_only_predicted_scores_a_subset_against_every_reference(
             evaluate(empty, ref_dir, allow_missing=allow)
 
 
-@pytest.mark.parametrize("flip", [False, True])
-def test_overlays_show_the_planes_where_prediction_and_reference_disagree_most(flip: bool) -> None:
-    """A spurious blob beside a well-predicted cube: each view's plane goes through the blob."""
+@pytest.mark.parametrize("axes", ["RAS", "LAS", "SRA"])
+def test_overlays_show_the_planes_of_a_localised_error_and_the_centre_otherwise(axes: str) -> None:
+    """A missed end of a cube moves the axial plane there; a blob outside it, or an even error, does not."""
+    from scipy.ndimage import binary_dilation
+
     from medgn.evaluate.figures import overlay_slices
 
     ref = np.zeros((20, 18, 16), dtype=bool)
-    ref[4:12, 5:13, 6:14] = True
+    ref[4:12, 5:13, 6:14] = True  # centre (7.5, 8.5, 9.5): planes 8, 8, 10
     pred = ref.copy()
-    pred[15:18, 2:4, 1:3] = True  # 12 voxels of false positive, far from the cube's centre
-    pred[4:12, 5:13, 13] = False  # a missed end of 64 voxels at z = 13
+    pred[15:18, 2:4, 1:3] = True  # a spurious blob in planes that do not cut the reference
+    pred[4:12, 5:13, 13] = False  # a missed end: 64 wrong voxels in axial plane 13, none in plane 10
+    dilated = binary_dilation(ref)  # one voxel too large all round: the same error in every plane
     affine = np.diag([*SPACING, 1.0])
-    if flip:  # x runs right-to-left: the sagittal plane is still chosen by array index
+    if axes == "LAS":  # array x runs right-to-left
         affine[0, 0] = -affine[0, 0]
-    planes = overlay_slices(ref, pred, affine)
-    # Per axial plane (z): 64 wrong voxels at z = 13, 6 at z = 1 and 2; per coronal plane (y):
-    # 8 at each y of the cube, 6 at y = 2 and 3; per sagittal (x): 8 at each x of the cube, 4 at 15-17.
-    assert planes == {"axial": 13, "coronal": 5, "sagittal": 4}
-    assert overlay_slices(ref, ref, affine) == {"axial": 10, "coronal": 8, "sagittal": 8}  # agree: the centre
+    if axes == "SRA":  # array axis 0 is superior, 1 right, 2 anterior: the axial normal is array axis 0
+        affine = affine[:, [2, 0, 1, 3]]
+        ref, pred, dilated = (a.transpose(2, 0, 1) for a in (ref, pred, dilated))
+    assert overlay_slices(ref, pred, affine) == {"axial": 13, "coronal": 8, "sagittal": 8}
+    assert overlay_slices(ref, dilated, affine) == {"axial": 10, "coronal": 8, "sagittal": 8}
+    assert overlay_slices(ref, ref, affine) == {"axial": 10, "coronal": 8, "sagittal": 8}
+    empty = np.zeros_like(ref)
+    middle = {"axial": ref.shape[2 if axes != "SRA" else 0] // 2}
+    assert overlay_slices(empty, empty, affine)["axial"] == middle["axial"]

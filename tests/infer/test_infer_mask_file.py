@@ -53,6 +53,7 @@ def test_mask_file_tells_files_from_folders(tmp_path: Path) -> None:
         with pytest.raises(UsageError, match="medgn writes no mask in this format"):
             mask_file(tmp_path / name)
     assert mask_file(tmp_path / "preds.v2") is None  # a dotted folder name is still a folder
+    assert mask_file(str(tmp_path / "preds.json") + "/") is None  # as is any name with a trailing slash
     (tmp_path / "made.txt").mkdir()
     assert mask_file(tmp_path / "made.txt") is None  # as is an existing folder of any name
 

@@ -645,8 +645,8 @@ def test_an_input_that_is_no_file_or_folder_says_what_it_is(tmp_path: Path, caps
     (tmp_path / "zero.nii").symlink_to("/dev/zero")
     (tmp_path / "gone.nii.gz").symlink_to(tmp_path / "deleted.nii.gz")
     cases = {
-        "fifo.nii.gz": "input is not a regular file or a folder",
-        "zero.nii": "input is not a regular file or a folder",
+        "fifo.nii.gz": "input is neither a regular file nor a folder",
+        "zero.nii": "input is neither a regular file nor a folder",
         "gone.nii.gz": "input is a symbolic link that leads nowhere",
         "absent.nii.gz": "input not found",
     }

@@ -160,20 +160,35 @@ def test_without_out_the_run_folder_is_named_after_dataset_config_and_fold(
 ) -> None:
     """No --out: runs/<dataset>-<config>-fold<N> in the current folder; --resume finds it again."""
     monkeypatch.chdir(tmp_path)
-    config = tmp_path / "my recipe.yaml"
+    config = tmp_path / "my-recipe.YAML"
     config.write_text("train:\n  epochs: 1\n  iters_per_epoch: 2\n")
     argv = ["train", "--data", str(dataset), "--config", str(config), "--fold", "1", *TINY]
     assert main(argv) == 0
-    run = tmp_path / "runs" / "tiny-my_recipe-fold1"
+    run = tmp_path / "runs" / "tiny-my-recipe-fold1"
     assert _state(run)["counters"]["iteration"] == 2
     assert json.loads((run / "run.json").read_text())["fold"] == 1
-    assert capsys.readouterr().out.strip().endswith(f"run folder {Path('runs') / 'tiny-my_recipe-fold1'}")
+    assert capsys.readouterr().out.strip().endswith(f"run folder {Path('runs') / 'tiny-my-recipe-fold1'}")
     assert main(argv) == 2  # the same command again: that run exists
     assert "already has checkpoints" in capsys.readouterr().err
     assert main([*argv, "--resume", "--set", "train.epochs=2"]) == 0
     assert _state(run)["counters"]["iteration"] == 4
     assert main(["train", "--data", str(dataset), "--fold", "all", *TINY, "--set", "train.epochs=1"]) == 0
     assert (tmp_path / "runs" / "tiny-default-all" / "run.json").is_file()
+
+
+def test_default_run_folders_of_different_datasets_never_coincide(tmp_path: Path) -> None:
+    from medgn.commands.train import default_run_dir
+
+    names = ["Herz v2", "Herz_v2", "Herz:v2", "心脏", "肝脏", "###", "@@@"]
+    folders = [default_run_dir(str(tmp_path / n), None, 0) for n in names]
+    assert len(set(folders)) == len(names), folders
+    assert folders[1] == str(Path("runs") / "Herz_v2-default-fold0") and folders[3].startswith(
+        str(Path("runs") / "心脏-")
+    )
+    (tmp_path / "link").symlink_to(tmp_path / "Herz_v2")  # a link is named as typed, not after its target
+    assert default_run_dir(str(tmp_path / "link") + "/", str(tmp_path / "cfg" / "cpu.yml"), -1) == str(
+        Path("runs") / "link-cpu-all"
+    )
 
 
 def test_config_typo_names_the_key(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
