@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from medgn.errors import UsageError
+from medgn.files import is_inside
 from medgn.planning.splits import ALL_FOLDS
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
@@ -125,6 +126,12 @@ def run(args: argparse.Namespace) -> int:
     fold = parse_fold(args.fold)
     if args.out is None:
         args.out = default_run_dir(args.data, args.config, fold)
+        if is_inside(args.out, args.data):
+            raise UsageError(
+                args.out,
+                "the default run folder (runs/ in the current folder) would be inside the dataset",
+                expected="--out outside the dataset, or run the command from another folder",
+            )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = {
         "fold": fold,

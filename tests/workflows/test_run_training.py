@@ -172,6 +172,11 @@ def test_without_out_the_run_folder_is_named_after_dataset_config_and_fold(
     assert "already has checkpoints" in capsys.readouterr().err
     assert main([*argv, "--resume", "--set", "train.epochs=2"]) == 0
     assert _state(run)["counters"]["iteration"] == 4
+    monkeypatch.chdir(dataset)  # runs/ would land inside the dataset: refused, naming the default
+    assert main(["train", "--data", ".", *TINY]) == 2
+    assert "the default run folder (runs/ in the current folder) would be inside the dataset" in capsys.readouterr().err
+    assert not (dataset / "runs").exists()
+    monkeypatch.chdir(tmp_path)
     assert main(["train", "--data", str(dataset), "--fold", "all", *TINY, "--set", "train.epochs=1"]) == 0
     assert (tmp_path / "runs" / "tiny-default-all" / "run.json").is_file()
 
