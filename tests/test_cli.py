@@ -120,3 +120,31 @@ def test_bug_exits_1_with_log_pointer(monkeypatch: pytest.MonkeyPatch, capsys: p
     err = capsys.readouterr().err
     assert err.startswith("medgn: internal error: ZeroDivisionError") and "traceback in" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "minutes"),
+    [("20m", 20.0), ("20", 20.0), ("90s", 1.5), ("1.5h", 90.0), ("1h30m", 90.0), ("1h 30m", 90.0), (" 20 min ", 20.0)],
+)
+def test_time_budget_accepts_units_and_compound_durations(text: str, minutes: float) -> None:
+    from medgn.commands.train import parse_duration_minutes
+
+    assert parse_duration_minutes(text) == pytest.approx(minutes)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("0m", "must be longer than zero"),
+        ("-1m", "invalid duration"),
+        ("20x", "invalid duration"),
+        ("1h30", "invalid duration"),  # is the 30 minutes or seconds?
+        ("1e3m", "invalid duration"),
+        ("", "invalid duration"),
+    ],
+)
+def test_time_budget_refuses_what_is_not_a_positive_duration(text: str, words: str) -> None:
+    from medgn.commands.train import parse_duration_minutes
+
+    with pytest.raises(UsageError, match=words):
+        parse_duration_minutes(text)

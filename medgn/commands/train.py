@@ -12,18 +12,32 @@ from medgn.errors import UsageError
 from medgn.files import is_inside
 from medgn.planning.splits import ALL_FOLDS
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
+# One or more <number><unit> parts ("20m", "1h30m", "90 s", "20min"); a bare number is minutes.
+_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)\s*")
+_UNITS = {
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1 / 60),
+    **dict.fromkeys(("", "m", "min", "mins", "minute", "minutes"), 1.0),
+    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 60.0),
+}
 
 
 def parse_duration_minutes(text: str) -> float:
-    """'30m', '2h', '90s' or a bare number of minutes -> minutes."""
-    match = _DURATION.match(text)
-    if not match:
+    """'30m', '2h', '1h30m', '90s', '20 min' or a bare number of minutes -> minutes (> 0)."""
+    body = text.strip().lower()
+    parts = list(_PART.finditer(body))
+    whole = bool(parts) and "".join(p.group(0) for p in parts) == body
+    bare = len(parts) > 1 and any(p.group(2) == "" for p in parts)  # "1h 30" is ambiguous
+    if not whole or bare or any(p.group(2) not in _UNITS for p in parts):
         raise UsageError(
-            "--time-budget", "invalid duration", got=text, expected="a number with unit s, m or h (e.g. 30m)"
+            "--time-budget",
+            "invalid duration",
+            got=text,
+            expected="a number with unit s, m or h (e.g. 30m, 1h30m; a bare number is minutes)",
         )
-    value, unit = float(match.group(1)), match.group(2) or "m"
-    return value * {"s": 1 / 60, "m": 1.0, "h": 60.0}[unit]
+    minutes = sum(float(p.group(1)) * _UNITS[p.group(2)] for p in parts)
+    if minutes <= 0:
+        raise UsageError("--time-budget", "must be longer than zero", got=text, expected="e.g. 20m")
+    return minutes
 
 
 def parse_fold(text: str) -> int:
@@ -86,7 +100,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu"
     )
-    parser.add_argument("--time-budget", help="stop cleanly after this long (e.g. 30m, 2h)")
+    parser.add_argument(
+        "--time-budget", help="stop cleanly after this long (e.g. 30m, 2h, 1h30m; a bare number is minutes)"
+    )
     parser.add_argument(
         "--init-from",
         metavar="RUN_OR_CHECKPOINT",
