@@ -320,11 +320,17 @@ def _fit(
     )
     if resume:
         trainer.resume(out_dir / "checkpoints")
+        if trainer.state.iteration >= trainer.total_iters:
+            # A finished run: nothing to train, so nothing is written. Its post-processing choice
+            # came from validations this resume would not repeat, and a new final checkpoint
+            # would only copy the weights.
+            for hook in hooks:
+                hook.close()
+            trainer.state.stop_reason = "already finished; nothing to do"
+            log.info("%s: the run had already finished at step %d", out_dir, trainer.state.iteration)
+            return TrainResult(out_dir, trainer.state, 0, _best(hooks), list(trainer.epoch_records))
     state = trainer.train()
-    best = None
-    for hook in hooks:
-        if getattr(hook, "name", "") == "validation":
-            best = getattr(hook, "best", None)
+    best = _best(hooks)
     if info.is_main:
         _choose_postprocessing(out_dir, evidence, dataset, classes)
         summary = {
@@ -339,6 +345,14 @@ def _fit(
         }
         atomic_write_json(out_dir / "train_summary.json", json.loads(json.dumps(summary)))
     return TrainResult(out_dir, state, trainer.exit_code, best, list(trainer.epoch_records))
+
+
+def _best(hooks: Sequence[Any]) -> float | None:
+    """The validation hook's best (smoothed) Dice, or None without validation."""
+    for hook in hooks:
+        if getattr(hook, "name", "") == "validation":
+            return getattr(hook, "best", None)
+    return None
 
 
 def _choose_postprocessing(out_dir: Path, evidence: dict[int, Any], dataset: PatchDataset, classes: range) -> None:

@@ -196,6 +196,22 @@ def test_default_run_folders_of_different_datasets_never_coincide(tmp_path: Path
     )
 
 
+def test_resuming_a_finished_run_writes_nothing(
+    trained: Path, dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No new checkpoint, and the post-processing chosen from validation is not re-decided without it."""
+
+    def snapshot() -> dict[str, bytes]:
+        files = [*(trained / "checkpoints").iterdir(), trained / "postprocessing.json", trained / "train_summary.json"]
+        return {p.name: p.read_bytes() for p in files}
+
+    before = snapshot()
+    argv = ["train", "--data", str(dataset), "--out", str(trained), "--resume", *TINY]
+    assert main([*argv, "--set", "train.epochs=3", "--set", "train.iters_per_epoch=6"]) == 0
+    assert "training stopped (already finished; nothing to do) at epoch 3, step 18" in capsys.readouterr().out
+    assert snapshot() == before
+
+
 def test_config_typo_names_the_key(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--set", "train.learning_rate=0.1"]) == 2
