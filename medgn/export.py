@@ -16,10 +16,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,14 @@ from torch import nn
 from medgn.errors import ModelError, UsageError
 from medgn.files import atomic_path
 
-__all__ = ["FORMATS", "OPSET", "export_model", "export_module"]
+__all__ = ["FORMATS", "METADATA_KEYS", "OPSET", "exported_metadata", "export_model", "export_module", "format_for"]
 
 FORMATS = ("onnx", "torchscript")
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts")}
+# What a deployment needs besides the graph, stored in the file by export_model: the plan's
+# preprocessing as JSON (spacing, normalisation, label values, channels, patch), the total stride
+# every spatial size must be a multiple of ("16,16,8"), and the medgn version that wrote it.
+METADATA_KEYS = ("medgn_preprocessing", "medgn_stride", "medgn_version")
 # Opset 18: InstanceNormalization, Resize and ConvTranspose as onnxruntime >= 1.14 runs them; the
 # GroupNorm decomposition needs nothing newer (GroupNormalization-21 is not required).
 OPSET = 18
@@ -111,6 +117,7 @@ def export_module(
     overwrite: bool = False,
     example_size: Sequence[int] | None = None,
     where: str | os.PathLike[str] = "model",
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Export ``model`` (B, C, D, H, W) -> logits (B, K, D, H, W) to ``out``.
 
@@ -122,6 +129,8 @@ def export_module(
         overwrite: replace an existing file.
         example_size: spatial size of the tracing example (default: twice the total stride, >= 16).
         where: named in error messages (the checkpoint).
+        metadata: key -> text stored in the file (ONNX ``metadata_props``; TorchScript extra
+            files ``<key>.txt``); :func:`exported_metadata` reads them back.
 
     Returns:
         The written file.
@@ -145,9 +154,10 @@ def export_module(
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
                 if fmt == "onnx":
-                    _export_onnx(wrapped, x, tmp)
+                    _export_onnx(wrapped, x, tmp, metadata or {})
                 else:
-                    torch.jit.save(torch.jit.trace(wrapped, x, check_trace=False), str(tmp))
+                    extra = {f"{key}.txt": value for key, value in (metadata or {}).items()}
+                    torch.jit.save(torch.jit.trace(wrapped, x, check_trace=False), str(tmp), _extra_files=extra)
         except Exception as exc:  # noqa: BLE001 - the exporters raise many types for unsupported ops
             raise ModelError(
                 where,
@@ -166,12 +176,58 @@ def export_module(
     return out
 
 
-def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path, metadata: Mapping[str, str]) -> None:
     axes = {0: "batch", 2: "depth", 3: "height", 4: "width"}
     torch.onnx.export(
         model, (x,), str(path), dynamo=False, opset_version=OPSET, input_names=["image"], output_names=["logits"],
         dynamic_axes={"image": axes, "logits": axes}, do_constant_folding=True,
     )  # fmt: skip
+    if metadata:
+        import onnx
+
+        proto = onnx.load(str(path))
+        for key, value in metadata.items():
+            proto.metadata_props.add(key=key, value=value)
+        onnx.save(proto, str(path))
+
+
+def exported_metadata(path: str | os.PathLike[str], fmt: str) -> dict[str, str]:
+    """The metadata :func:`export_model` stored in an exported file (see :data:`METADATA_KEYS`)."""
+    if fmt == "onnx":
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        return {p.key: p.value for p in proto.metadata_props}
+    extra = {f"{key}.txt": "" for key in METADATA_KEYS}
+    torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return {  # torch hands extra files back as bytes
+        name.removesuffix(".txt"): value.decode("utf-8") if isinstance(value, bytes) else value
+        for name, value in extra.items()
+        if value
+    }
+
+
+def format_for(out: str | os.PathLike[str], fmt: str | None) -> str:
+    """The export format: ``fmt``, else the one the file name says (.onnx; .pt, .pth, .ts).
+
+    Raises:
+        UsageError: the name says another format than ``fmt``, or none and ``fmt`` is None.
+    """
+    lower = Path(out).name.lower()
+    named = next((f for f, suffixes in SUFFIXES.items() if lower.endswith(suffixes)), None)
+    if fmt is None and named is None:
+        raise UsageError(
+            out,
+            "cannot tell the export format from the file name",
+            expected="a name ending in .onnx, or .pt/.pth/.ts for TorchScript, or --format",
+        )
+    if fmt is not None and named is not None and named != fmt:
+        raise UsageError(
+            out,
+            f"the file name says {named}, but --format is {fmt}",
+            expected=f"a name ending in {' or '.join(SUFFIXES[fmt])} for {fmt}",
+        )
+    return fmt or str(named)
 
 
 def run_exported(path: str | os.PathLike[str], fmt: str, x: np.ndarray, *, threads: int | None = None) -> np.ndarray:
@@ -190,20 +246,35 @@ def run_exported(path: str | os.PathLike[str], fmt: str, x: np.ndarray, *, threa
 
 
 def export_model(
-    model_path: str | os.PathLike[str], out: str | os.PathLike[str], *, fmt: str = "onnx", overwrite: bool = False
+    model_path: str | os.PathLike[str], out: str | os.PathLike[str], *, fmt: str | None = None, overwrite: bool = False
 ) -> Path:
     """Export a run's model (best checkpoint, else final, else latest) to ONNX or TorchScript.
 
+    The format is ``fmt``, else the one ``out``'s name says (:func:`format_for`). The file also
+    holds the plan's preprocessing, the network's total stride and medgn's version
+    (:data:`METADATA_KEYS`, read back with :func:`exported_metadata`).
+
     Raises:
-        UsageError: unknown format, or an existing ``out`` without ``overwrite`` (exit 2).
+        UsageError: unknown format, a name that says another format, or an existing ``out``
+            without ``overwrite`` (exit 2).
         ModelError: the checkpoint cannot be loaded or exported (exit 4).
     """
+    import medgn
     from medgn.infer.predictor import load_predictor
 
-    if fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS:
         raise UsageError("--format", "unknown export format", got=fmt, expected=" or ".join(FORMATS))
+    fmt = format_for(out, fmt)
     _check_out(Path(out), overwrite)  # before the model is loaded
     predictor = load_predictor(model_path, "cpu")
+    plan = predictor.plan.to_dict()
+    keep = ("dataset", "in_channels", "num_classes", "label_values", "target_spacing", "normalization", "patch_size")
+    stride = getattr(predictor.models[0], "total_stride", (1, 1, 1))
+    metadata = {
+        "medgn_preprocessing": json.dumps({k: plan[k] for k in keep if k in plan}, sort_keys=True),
+        "medgn_stride": ",".join(str(int(t)) for t in (stride() if callable(stride) else stride)),
+        "medgn_version": medgn.__version__,
+    }
     return export_module(
         predictor.models[0],
         predictor.plan.in_channels,
@@ -211,4 +282,5 @@ def export_model(
         fmt=fmt,
         overwrite=overwrite,
         where=predictor.sources[0].path,
+        metadata=metadata,
     )

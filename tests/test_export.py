@@ -182,3 +182,42 @@ def test_unsupported_operator_is_a_one_line_error_and_nothing_is_written(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot export to onnx: unsupported operator" in err[0]
     assert not out.exists() and not list(tmp_path.glob(".medgn-tmp-*"))
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("m.onnx", "onnx"), ("m.pt", "torchscript"), ("m.TS", "torchscript")])
+def test_the_format_follows_the_file_name_and_the_file_carries_the_preprocessing(
+    name: str, fmt: str, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from medgn.export import exported_metadata
+
+    out = tmp_path / name
+    assert main(["export", "--model", str(run_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"exported {fmt} model -> {out}" in printed and "multiples of (4, 4, 4)" in printed, printed
+    x = np.random.default_rng(0).standard_normal((1, 1, 8, 12, 16)).astype(np.float32)
+    np.testing.assert_allclose(run_exported(out, fmt, x), _pytorch(x), atol=ATOL, rtol=RTOL)  # loads as that format
+    meta = exported_metadata(out, fmt)
+    assert meta["medgn_stride"] == "4,4,4"
+    pre = json.loads(meta["medgn_preprocessing"])
+    assert pre["target_spacing"] == PLAN["target_spacing"] and pre["label_values"] == PLAN["label_values"]
+    assert pre["normalization"] == PLAN["normalization"] and pre["in_channels"] == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "words"),
+    [
+        ("m.pt", ["--format", "onnx"], "the file name says torchscript, but --format is onnx"),
+        ("m.onnx", ["--format", "torchscript"], "the file name says onnx, but --format is torchscript"),
+        ("m.bin", [], "cannot tell the export format from the file name"),
+    ],
+)
+def test_a_name_and_format_that_disagree_are_refused_before_loading(
+    name: str, extra: list[str], words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / name
+    assert main(["export", "--model", str(tmp_path / "no-model"), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and str(out) in err[0], err
+    assert not out.exists()

@@ -13,22 +13,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--format",
         choices=("onnx", "torchscript"),
-        default="onnx",
-        help="onnx (onnxruntime, standard ops, opset 18) or torchscript (default: onnx)",
+        default=None,
+        help="onnx (onnxruntime, standard ops, opset 18) or torchscript (default: from --out's name)",
     )
     parser.add_argument(
-        "--out", required=True, metavar="FILE", help="file to write (.onnx / .pt); never replaced without --overwrite"
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="file to write: .onnx, or .pt/.pth/.ts for TorchScript; never replaced without --overwrite",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from medgn.export import export_model
+    from medgn.export import export_model, exported_metadata, format_for
 
-    path = export_model(args.model, args.out, fmt=args.format, overwrite=args.overwrite)
+    fmt = format_for(args.out, args.format)
+    path = export_model(args.model, args.out, fmt=fmt, overwrite=args.overwrite)
+    meta = exported_metadata(path, fmt)
+    stride = meta.get("medgn_stride", "?").replace(",", ", ")
     print(
-        f"exported {args.format} model -> {path} (input 'image' (B, C, D, H, W), D/H/W multiples of the "
-        "network stride; output 'logits')"
+        f"exported {fmt} model -> {path} (input 'image' (B, C, D, H, W) preprocessed as its metadata "
+        f"'medgn_preprocessing' says, D/H/W multiples of ({stride}); output 'logits')"
     )
     return 0
