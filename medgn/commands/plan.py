@@ -13,7 +13,7 @@ from medgn.data.datasets import load_dataset
 from medgn.data.preflight import DEFAULT_LIMITS
 from medgn.data.workload import VALIDATION_OVERLAP, check_workload
 from medgn.errors import UsageError
-from medgn.files import is_inside
+from medgn.files import is_inside, make_output_dir
 from medgn.planning.fingerprint import compute_fingerprint
 from medgn.planning.plan_config import PlanConfig
 from medgn.planning.planner import DEFAULT_GPU_GB, make_plan
@@ -84,8 +84,10 @@ def run(args: argparse.Namespace) -> int:
     dataset = Path(os.path.normpath(Path(args.dataset).absolute()))
     if not 0.5 <= args.gpu_memory <= 4096:  # GB: below 0.5 no 3D U-Net trains; above 4 TB is a typo
         raise UsageError("--gpu-memory", "out of range", got=args.gpu_memory, expected="0.5..4096 GB")
-    if not out.parent.absolute().is_dir():
-        raise UsageError(out, "output folder does not exist", expected="an existing folder")
+    parent = out.parent.absolute()
+    ancestor = next(p for p in (parent, *parent.parents) if p.exists())  # created just before the plan is written
+    if not ancestor.is_dir():
+        raise UsageError(out, "output folder cannot be created: a parent is a file", got=str(ancestor))
     if is_inside(out, dataset):
         raise UsageError(
             out, "refusing to write into the dataset folder", expected="an output path outside the input tree"
@@ -114,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             roi=plan.patch_size,
             overlap=VALIDATION_OVERLAP,
         )
+    make_output_dir(out.parent)  # a missing folder (runs/ of a fresh clone) is created, after every check
     plan.save(out, overwrite=args.overwrite)
     if existing is not None:
         splits = existing

@@ -66,7 +66,8 @@ def load_or_create_splits(
                 path,
                 "splits do not match the dataset's cases",
                 got=f"{len(val)} cases",
-                expected=f"{len(case_ids)} cases; delete the file to re-split",
+                expected=f"{len(case_ids)} cases: a plan of another dataset goes into its own folder "
+                "(another --out); delete this file only if it is this dataset's and stale",
             )
         return splits
     splits = make_splits(case_ids, n_folds, seed)

@@ -87,8 +87,7 @@ def test_ras_spacing_follows_orientation(tmp_path: Path) -> None:
 
 def test_plan_cli_on_tiny_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = make_nnunet(tmp_path / "ds", n_cases=3, spacing=(1.0, 1.0, 2.0))
-    out = tmp_path / "plans" / "plan.json"
-    out.parent.mkdir()
+    out = tmp_path / "plans" / "new" / "plan.json"  # missing folders are created (runs/ of a fresh clone)
     assert main(["plan", str(root), "--out", str(out), "--folds", "3"]) == 0
     plan = Plan.load(out)
     assert plan.label_values == (0, 1, 2) and plan.num_classes == 3 and plan.in_channels == 2
@@ -126,8 +125,14 @@ def test_plan_cli_refusals_write_nothing(tmp_path: Path, capsys: pytest.CaptureF
     # Another dataset's folds in the folder: refused before its plan is written.
     other = make_nnunet(tmp_path / "ds2", n_cases=4, spacing=(1.0, 1.0, 2.0))
     assert main(["plan", str(other), "--out", str(plans / "other.json")]) == 3
-    assert "splits do not match" in capsys.readouterr().err
+    assert "a plan of another dataset goes into its own folder (another --out)" in capsys.readouterr().err
     assert sorted(p.name for p in plans.iterdir()) == ["p.json", "q.json", "splits.json"]
+    # Refused before the plan's folder is made: a run with too few folds leaves no new folder.
+    assert main(["plan", str(root), "--out", str(tmp_path / "fresh" / "p.json"), "--folds", "1"]) == 2
+    assert not (tmp_path / "fresh").exists()
+    (tmp_path / "a_file").write_text("x")
+    assert main(["plan", str(root), "--out", str(tmp_path / "a_file" / "sub" / "p.json")]) == 2
+    assert "output folder cannot be created: a parent is a file" in capsys.readouterr().err
 
 
 @pytest.mark.data
