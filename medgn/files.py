@@ -107,6 +107,23 @@ def json_sha256(obj: Any, *, compact: bool = True) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def missing_folders(path: str | os.PathLike[str]) -> list[Path]:
+    """``path`` and those of its ancestors that do not exist yet, deepest first."""
+    missing: list[Path] = []
+    current = Path(path).expanduser().absolute()
+    while not os.path.lexists(current) and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove each of ``folders`` in order if it is empty (a refused run's own folders); never raises."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def make_output_dir(path: str | os.PathLike[str], what: str = "output folder") -> Path:
     """Create ``path`` (and parents) and check that files can be written in it.
 

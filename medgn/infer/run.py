@@ -25,7 +25,7 @@ import torch
 from medgn.data.datasets import find_inputs, missing_input
 from medgn.data.preflight import MASK_SUFFIXES
 from medgn.errors import EXIT_BUG, MedgnError, UsageError
-from medgn.files import TEMP_MARK, RunLock
+from medgn.files import TEMP_MARK, RunLock, missing_folders, remove_empty_folders
 from medgn.infer import postprocess
 from medgn.infer.case import (
     OUTPUT_FORMATS,
@@ -201,9 +201,32 @@ def infer(
     """
     settings = InferSettings.of(settings, **changes)
     input_path = Path(input_path)
-    if not input_path.is_file() and not input_path.is_dir():
-        raise missing_input(input_path)
-    target = mask_file(output_dir)
+    target = None
+    created = missing_folders(Path(output_dir))  # made by this run: removed again if it is refused
+    started = False
+    try:
+        if not input_path.is_file() and not input_path.is_dir():
+            raise missing_input(input_path)
+        target = mask_file(output_dir)
+        if target is not None:
+            created = missing_folders(target.folder)
+        out, shard_pair, cases, selected, names, lock = _prepare(input_path, output_dir, target, settings)
+        with lock:
+            removed = _clean_own_temps(out, list(names.values()), None if target else report_name(shard_pair))
+            if removed:
+                log.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), out)
+            predictor = models if isinstance(models, Predictor) else load_predictor(models, settings.device)
+            started = True
+            return _run_cases(predictor, cases, selected, names, out, shard_pair, settings, target)
+    finally:
+        if not started:  # a refused run leaves no folder behind (nor the shard lock folder it made)
+            remove_empty_folders([*(p for f in created if f.is_dir() for p in f.glob(".medgn-shard-*")), *created])
+
+
+def _prepare(
+    input_path: Path, output_dir: str | os.PathLike[str], target: MaskFile | None, settings: InferSettings
+) -> tuple[Path, tuple[int, int] | None, dict[str, Any], list[str], dict[str, str], RunLock]:
+    """Every check before the model is loaded: the output, the shard, the cases, their names, the lock."""
     if target is None:
         out = check_output_dir(output_dir, input_path)
         shard_pair = parse_shard(settings.shard)
@@ -241,12 +264,7 @@ def infer(
         names = {selected[0]: target.stem}
         digest = hashlib.sha256(target.stem.encode("utf-8", "surrogatepass")).hexdigest()[:16]
         lock = RunLock(out, purpose=f"infer {target.path.name}", name=f".medgn-{digest}.lock")
-    with lock:
-        removed = _clean_own_temps(out, list(names.values()), None if target else report_name(shard_pair))
-        if removed:
-            log.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), out)
-        predictor = models if isinstance(models, Predictor) else load_predictor(models, settings.device)
-        return _run_cases(predictor, cases, selected, names, out, shard_pair, settings, target)
+    return out, shard_pair, cases, selected, names, lock
 
 
 def _check_output_format(output_format: str | None, cases: dict[str, Any]) -> None:

@@ -657,6 +657,30 @@ def test_an_input_that_is_no_file_or_folder_says_what_it_is(tmp_path: Path, caps
         assert not (tmp_path / "out").exists()
 
 
+def test_a_refused_run_leaves_no_output_folder_behind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The folders a run created for its output are removed again when it stops before any case."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_nifti(inputs / "a.nii.gz", image_array())
+    write_nifti(inputs / "b.nii.gz", image_array())
+    (tmp_path / "kept").mkdir()
+    runs = [
+        (["--output", tmp_path / "new" / "deeper"], 4),  # the model cannot be loaded
+        (["--output", tmp_path / "new2" / "m.nii.gz", "--input", inputs / "a.nii.gz"], 4),
+        (["--output", tmp_path / "new3", "--shard", "0/2"], 4),  # with its shard lock folder
+        (["--output", tmp_path / "new4", "--output-format", "dicom-seg"], 2),
+        (["--output", tmp_path / "kept"], 4),  # a folder that was there stays
+    ]
+    for extra, code in runs:
+        argv = ["infer", "--model", tmp_path / "no-model", "--input", inputs, *extra]
+        if "--input" in extra[2:]:
+            argv = ["infer", "--model", tmp_path / "no-model", *extra]
+        result: Result = cli(argv, capsys)
+        assert result.code == code, (extra, result.err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "kept"]
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
 def test_rerun_on_an_input_that_went_bad_keeps_the_earlier_outputs(
     tmp_path: Path, model_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
