@@ -68,7 +68,8 @@ def write_boxplot(result: EvaluationResult, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _find_image(image_dir: Path, cid: str) -> Path | None:
+def find_image(image_dir: Path, cid: str) -> Path | None:
+    """The image of case ``cid`` in ``image_dir`` (``<cid>`` or ``<cid>_0000`` with a volume suffix), or None."""
     from medgn.evaluate.results import CASE_SUFFIXES
 
     if image_dir.is_file():  # the image of a single evaluated case
@@ -188,7 +189,8 @@ def write_overlays(
                 ref = read_volume(refs[cid], label=True)
                 pred = read_prediction(preds[cid], ref)
                 under = ref.array.astype(np.float32)
-                image_path = _find_image(image_dir, cid) if image_dir is not None else None
+                image_path = find_image(image_dir, cid) if image_dir is not None else None
+                note = " (no image found: over the reference)" if image_dir is not None else ""
                 if image_path is not None:
                     image = read_display_volume(image_path)
                     diffs = geometry_diff(image, ref)
@@ -198,10 +200,11 @@ def write_overlays(
                             image_path,
                             "; ".join(diffs),
                         )
+                        note = " (image geometry differs: over the reference)"
                     else:
-                        under = image.array
+                        under, note = image.array, ""
                 m = result.value(cid, key, "dice"), result.value(cid, key, "hd95")
-                title = f"{cid}, label {key}: Dice {m[0]:.3f}, HD95 {m[1]:.2f} mm"
+                title = f"{cid}, label {key}: Dice {m[0]:.3f}, HD95 {m[1]:.2f} mm{note}"
                 ref_mask, pred_mask = structure_mask(ref.array, int(key)), structure_mask(pred.array, int(key))
                 written.append(
                     _overlay(folder / f"{cid}_label-{key}.png", title, under, ref_mask, pred_mask, ref.affine)

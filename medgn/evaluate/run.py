@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from medgn.errors import InputDataError, MedgnError, UsageError
+from medgn.evaluate.figures import find_image
 from medgn.evaluate.metrics import (
     FLAG_BOTH_EMPTY,
     FLAG_FAILED,
@@ -205,6 +206,13 @@ def evaluate(
             images,
             "image folder does not exist" if not single else "image file does not exist",
             expected="a folder of images named like the references" if not single else "the case's image file",
+        )
+    if images is not None and images.is_dir() and not any(find_image(images, cid) for cid in refs):
+        raise UsageError(
+            images,
+            "no image named like any reference case (overlays would be drawn over the reference)",
+            got=f"e.g. reference {next(iter(refs))}",
+            expected="<case>.nii.gz or <case>_0000.nii.gz (or .nrrd, .mha...) for the reference cases",
         )
     with contextlib.ExitStack() as stack:
         if out_path is not None:

@@ -387,3 +387,27 @@ def test_overlays_show_the_planes_of_a_localised_error_and_the_centre_otherwise(
     empty = np.zeros_like(ref)
     middle = {"axial": ref.shape[2 if axes != "SRA" else 0] // 2}
     assert overlay_slices(empty, empty, affine)["axial"] == middle["axial"]
+
+
+def test_images_that_match_no_case_are_refused_and_a_missing_one_is_named_in_its_overlay(
+    folders: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import medgn.evaluate.figures as figures
+
+    pred_dir, ref_dir = folders
+    wrong = tmp_path / "other_images"
+    wrong.mkdir()
+    _save(wrong / "x9.nii.gz", np.zeros((16, 14, 12), np.float32))
+    argv = ["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--images", str(wrong)]) == 2
+    err = capsys.readouterr().err
+    assert f"{wrong}: no image named like any reference case" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+    # Images for some cases: the others' overlays say they are drawn over the reference.
+    titles: list[str] = []
+    real = figures._overlay
+    monkeypatch.setattr(figures, "_overlay", lambda path, title, *a: titles.append(title) or real(path, title, *a))
+    _save(wrong / "c2.nii.gz", np.random.default_rng(0).random((16, 14, 12)).astype(np.float32))
+    assert main([*argv, "--images", str(wrong)]) == 0
+    notes = {t.split(",")[0]: t.endswith("(no image found: over the reference)") for t in titles}
+    assert notes["c2"] is False and notes["c1"] is True, titles
