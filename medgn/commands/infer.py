@@ -160,6 +160,9 @@ def run(args: argparse.Namespace) -> int:
     counts = report.to_dict()["counts"]
     where = printable(str(report.mask_file or report.output_dir))  # one line, whatever the name holds
     print(f"{counts['ok']} segmented, {counts['skipped']} skipped, {counts['failed']} failed -> {where}")
+    for case in report.cases:  # also in each sidecar; here so that nobody has to open them to learn it
+        for warning in case.warnings:
+            sys.stderr.write(f"medgn: warning: case {printable(case.case_id)}: {printable(warning)}\n")
     for case in report.failed:
         sys.stderr.write(f"medgn: error: case {printable(case.case_id)}: {printable(case.message)}\n")
     return report.exit_code
