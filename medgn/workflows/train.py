@@ -233,6 +233,8 @@ def train_on_dataset(
         if not info.is_main:
             base_plan = _dataset_plan(index, cfg, out_dir, Path(plan_path) if plan_path else None, False)
         plan, features = apply_plan_config(base_plan, cfg.plan, cfg.model.features)
+        if info.is_main:
+            _log_plan_changes(base_plan, plan, "--plan" if plan_path else "the dataset's plan")
         # train.deep_supervision switches the extra heads off (both switches must be on to use them);
         # the resolved config then says what was built, so inference rebuilds the same network.
         deep = cfg.model.deep_supervision and cfg.train.deep_supervision
@@ -345,6 +347,21 @@ def _fit(
         }
         atomic_write_json(out_dir / "train_summary.json", json.loads(json.dumps(summary)))
     return TrainResult(out_dir, state, trainer.exit_code, best, list(trainer.epoch_records))
+
+
+def _log_plan_changes(base: Plan, plan: Plan, source: str) -> None:
+    """Name in the log what the config's ``plan`` section changed in the plan the run was given."""
+    changes = [
+        f"{name} {list(before)} -> {list(after)}"
+        for name, before, after in (
+            ("target_spacing", base.target_spacing, plan.target_spacing),
+            ("patch_size", base.patch_size, plan.patch_size),
+            ("stages", [len(base.network.strides or ())], [len(plan.network.strides or ())]),
+        )
+        if tuple(before) != tuple(after)
+    ]
+    if changes:
+        log.info("the config's plan section changes %s: %s", source, "; ".join(changes))
 
 
 def _best(hooks: Sequence[Any]) -> float | None:

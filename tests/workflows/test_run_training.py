@@ -144,6 +144,12 @@ def test_loss_goes_down_and_validation_is_recorded(trained: Path) -> None:
 def test_resolved_config_records_overrides(trained: Path) -> None:
     text = (trained / "config.yaml").read_text()
     assert "optimizer: adamw" in text and "patch_size: [16, 16, 16]" in text
+    planned = json.loads((trained / "dataset_plan.json").read_text())["patch_size"]
+    assert planned != [16, 16, 16]  # so the --set plan.patch_size override changed it, and the log says so
+    assert (
+        f"the config's plan section changes the dataset's plan: patch_size {planned} -> [16, 16, 16]"
+        in (trained / "medgn.log").read_text()
+    )
 
 
 def test_existing_run_needs_resume_and_missing_run_cannot_resume(
