@@ -216,6 +216,10 @@ def train_on_dataset(
             clean_stale_temps(out_dir)
             if not resume:
                 write_run_record(out_dir, fold)
+        done = _finished_run(out_dir, cfg) if resume else None
+        if done is not None:
+            log.info("the run had finished at step %d; nothing to do", done.state.iteration)
+            return done
         index = load_dataset(data)
         if info.is_main:  # rank 0 verifies, plans and splits; the others read what it wrote
             given = Path(plan_path) if plan_path else None
@@ -322,16 +326,7 @@ def _fit(
     )
     if resume:
         trainer.resume(out_dir / "checkpoints")
-        if trainer.state.iteration >= trainer.total_iters:
-            # A finished run: nothing to train, so nothing is written. Its post-processing choice
-            # came from validations this resume would not repeat, and a new final checkpoint
-            # would only copy the weights.
-            for hook in hooks:
-                hook.close()
-            trainer.state.stop_reason = "already finished; nothing to do"
-            log.info("%s: the run had already finished at step %d", out_dir, trainer.state.iteration)
-            return TrainResult(out_dir, trainer.state, 0, _best(hooks), list(trainer.epoch_records))
-    state = trainer.train()
+    state = trainer.train()  # a run killed after its last step only runs its end: final validation and checkpoint
     best = _best(hooks)
     if info.is_main:
         _choose_postprocessing(out_dir, evidence, dataset, classes)
@@ -347,6 +342,34 @@ def _fit(
         }
         atomic_write_json(out_dir / "train_summary.json", json.loads(json.dumps(summary)))
     return TrainResult(out_dir, state, trainer.exit_code, best, list(trainer.epoch_records))
+
+
+def _finished_run(out_dir: Path, cfg: RunConfig) -> TrainResult | None:
+    """A run this resume has nothing to add to, or None.
+
+    Finished means its summary says so, its final checkpoint and post-processing choice are there,
+    and this config plans no more steps (a schedule fitted to a time budget keeps its length;
+    without a budget, a larger ``train.epochs`` extends the run). Such a resume trains nothing and
+    writes nothing: re-deciding post-processing without the validations that chose it, or a new
+    final checkpoint of the same weights, would only change what inference does or take space. A
+    run stopped before its end (a signal, the budget, a kill during the final validation) is not
+    finished and resumes.
+    """
+    try:
+        summary = json.loads((out_dir / "train_summary.json").read_text(encoding="utf-8"))
+        done = int(summary["iteration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    final = read_pointer(out_dir / "checkpoints", "final")
+    if summary.get("stop_reason") != "finished" or final is None or int(final.get("iteration", -1)) != done:
+        return None
+    if not (out_dir / postprocess.FILE).is_file():
+        return None
+    if done < (int(summary.get("planned_iters") or 0) or cfg.train.total_iters):
+        return None
+    state = TrainState(epoch=int(summary.get("epoch", 0)), iteration=done)
+    state.stop_reason = "already finished; nothing to do"
+    return TrainResult(out_dir, state, 0, summary.get("best_val_ema_dice"), [])
 
 
 def _log_plan_changes(base: Plan, plan: Plan, source: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,19 +204,31 @@ def test_default_run_folders_of_different_datasets_never_coincide(tmp_path: Path
 
 
 def test_resuming_a_finished_run_writes_nothing(
-    trained: Path, dataset: Path, capsys: pytest.CaptureFixture[str]
+    trained: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """No new checkpoint, and the post-processing chosen from validation is not re-decided without it."""
+    """No new checkpoint, no re-decided post-processing, no rewritten config; a run killed before its end still ends."""
 
-    def snapshot() -> dict[str, bytes]:
-        files = [*(trained / "checkpoints").iterdir(), trained / "postprocessing.json", trained / "train_summary.json"]
+    def snapshot(run: Path) -> dict[str, bytes]:
+        files = [*(run / "checkpoints").iterdir(), *(run / n for n in ("postprocessing.json", "train_summary.json"))]
+        files += [run / "config.yaml", run / "plan.json"]
         return {p.name: p.read_bytes() for p in files}
 
-    before = snapshot()
+    before = snapshot(trained)
     argv = ["train", "--data", str(dataset), "--out", str(trained), "--resume", *TINY]
-    assert main([*argv, "--set", "train.epochs=3", "--set", "train.iters_per_epoch=6"]) == 0
+    steps = ["--set", "train.epochs=3", "--set", "train.iters_per_epoch=6"]
+    assert main([*argv, *steps, "--set", "train.lr=0.5"]) == 0
     assert "training stopped (already finished; nothing to do) at epoch 3, step 18" in capsys.readouterr().out
-    assert snapshot() == before
+    assert snapshot(trained) == before
+    # Killed after the last step's checkpoint, before the final validation wrote its outputs.
+    killed = tmp_path / "killed"
+    shutil.copytree(trained, killed)
+    for name in ("checkpoints/final.json", "train_summary.json", "postprocessing.json"):
+        (killed / name).unlink()
+    argv = ["train", "--data", str(dataset), "--out", str(killed), "--resume", *TINY, *steps]
+    assert main(argv) == 0
+    assert "training stopped (finished) at epoch 3, step 18" in capsys.readouterr().out
+    assert read_pointer(killed / "checkpoints", "final")["iteration"] == 18  # type: ignore[index]
+    assert (killed / "postprocessing.json").is_file() and (killed / "train_summary.json").is_file()
 
 
 def test_config_typo_names_the_key(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
