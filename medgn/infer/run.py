@@ -11,6 +11,7 @@ replace other outputs without ``overwrite``, shows progress with per-case timing
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -201,17 +202,31 @@ def infer(
     """
     settings = InferSettings.of(settings, **changes)
     input_path = Path(input_path)
-    target = None
     created = missing_folders(Path(output_dir))  # made by this run: removed again if it is refused
     started = False
     try:
-        if not input_path.is_file() and not input_path.is_dir():
-            raise missing_input(input_path)
-        target = mask_file(output_dir)
-        if target is not None:
-            created = missing_folders(target.folder)
-        out, shard_pair, cases, selected, names, lock = _prepare(input_path, output_dir, target, settings)
-        with lock:
+        with contextlib.ExitStack() as stack:
+            if not input_path.is_file() and not input_path.is_dir():
+                raise missing_input(input_path)
+            target = mask_file(output_dir)
+            if target is not None:
+                created = missing_folders(target.folder)
+            out, shard_pair, lock = _claim_output(input_path, output_dir, target, settings, created)
+            stack.enter_context(lock)  # at once: a refused run never removes a folder another run took
+            cases = {c.case_id: c for c in find_inputs(input_path, names=settings.channels)}
+            if target is not None and len(cases) != 1:
+                raise UsageError(
+                    "--output",
+                    f"names one mask file, but the input holds {len(cases)} cases",
+                    got=str(output_dir),
+                    expected="an output folder (one mask per case is written there)",
+                )
+            _check_output_format(settings.output_format, cases)
+            selected = select_shard(list(cases), shard_pair)
+            if target is None:
+                names = output_names(selected, {cid: mask_suffix(cases[cid].images[0]) for cid in selected})
+            else:
+                names = {selected[0]: target.stem}
             removed = _clean_own_temps(out, list(names.values()), None if target else report_name(shard_pair))
             if removed:
                 log.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), out)
@@ -219,52 +234,46 @@ def infer(
             started = True
             return _run_cases(predictor, cases, selected, names, out, shard_pair, settings, target)
     finally:
-        if not started:  # a refused run leaves no folder behind (nor the shard lock folder it made)
-            remove_empty_folders([*(p for f in created if f.is_dir() for p in f.glob(".medgn-shard-*")), *created])
+        if not started:  # a refused run leaves no folder behind that it made (its lock is released by now)
+            remove_empty_folders(created)
 
 
-def _prepare(
-    input_path: Path, output_dir: str | os.PathLike[str], target: MaskFile | None, settings: InferSettings
-) -> tuple[Path, tuple[int, int] | None, dict[str, Any], list[str], dict[str, str], RunLock]:
-    """Every check before the model is loaded: the output, the shard, the cases, their names, the lock."""
-    if target is None:
-        out = check_output_dir(output_dir, input_path)
-        shard_pair = parse_shard(settings.shard)
-    elif settings.shard is not None:
-        raise UsageError(
-            "--shard", "one named mask cannot be split into shards", got=settings.shard, expected="an output folder"
-        )
-    elif settings.output_format == "dicom-seg":
-        raise UsageError(
-            "--output-format",
-            f"dicom-seg writes no {target.suffix} mask, but --output names one",
-            got=settings.output_format,
-            expected="an output folder for the DICOM-SEG alone, or --output-format both",
-        )
-    else:
-        shard_pair = None  # a single case: torchrun's RANK/WORLD_SIZE have nothing to split
-    cases = {c.case_id: c for c in find_inputs(input_path, names=settings.channels)}
+def _claim_output(
+    input_path: Path,
+    output_dir: str | os.PathLike[str],
+    target: MaskFile | None,
+    settings: InferSettings,
+    created: list[Path],
+) -> tuple[Path, tuple[int, int] | None, RunLock]:
+    """Check and create the output (folder, or a named mask's folder) and return the lock to take there.
+
+    A shard's lock folder this run makes is added to ``created`` (deepest first).
+    """
     if target is not None:
-        if len(cases) != 1:
+        if settings.shard is not None:
             raise UsageError(
-                "--output",
-                f"names one mask file, but the input holds {len(cases)} cases",
-                got=str(output_dir),
-                expected="an output folder (one mask per case is written there)",
+                "--shard", "one named mask cannot be split into shards", got=settings.shard, expected="an output folder"
+            )
+        if settings.output_format == "dicom-seg":
+            raise UsageError(
+                "--output-format",
+                f"dicom-seg writes no {target.suffix} mask, but --output names one",
+                got=settings.output_format,
+                expected="an output folder for the DICOM-SEG alone, or --output-format both",
             )
         out = check_mask_file(target, input_path)
-    _check_output_format(settings.output_format, cases)
-    selected = select_shard(list(cases), shard_pair)
-    if target is None:
-        names = output_names(selected, {cid: mask_suffix(cases[cid].images[0]) for cid in selected})
-        lock = RunLock(out, purpose="infer" if shard_pair is None else f"infer shard {shard_pair[0]}/{shard_pair[1]}")
-        if shard_pair is not None:  # shards share the folder: each locks its own subfolder, cases are disjoint
-            lock = RunLock(_shard_lock_dir(out, shard_pair), purpose=lock.purpose)
-    else:  # the folder may hold other masks, and other runs writing them: lock this mask only
-        names = {selected[0]: target.stem}
+        # The folder may hold other masks, and other runs writing them: lock this mask only.
         digest = hashlib.sha256(target.stem.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        lock = RunLock(out, purpose=f"infer {target.path.name}", name=f".medgn-{digest}.lock")
-    return out, shard_pair, cases, selected, names, lock
+        return out, None, RunLock(out, purpose=f"infer {target.path.name}", name=f".medgn-{digest}.lock")
+    shard_pair = parse_shard(settings.shard)
+    out = check_output_dir(output_dir, input_path)
+    if shard_pair is None:
+        return out, None, RunLock(out, purpose="infer")
+    # Shards share the folder: each locks its own subfolder, their cases are disjoint.
+    shard_dir = out / f".medgn-shard-{shard_pair[0]}of{shard_pair[1]}"
+    created[:0] = missing_folders(shard_dir)
+    shard_dir.mkdir(exist_ok=True)
+    return out, shard_pair, RunLock(shard_dir, purpose=f"infer shard {shard_pair[0]}/{shard_pair[1]}")
 
 
 def _check_output_format(output_format: str | None, cases: dict[str, Any]) -> None:
@@ -301,12 +310,6 @@ def choose_postprocessing(predictor: Predictor, run: InferSettings) -> PostProce
         return None
     decision = postprocess.pooled([d for d in decisions if d is not None])
     return decision if any(decision.lcc.values()) else None
-
-
-def _shard_lock_dir(out: Path, shard: tuple[int, int]) -> Path:
-    folder = out / f".medgn-shard-{shard[0]}of{shard[1]}"
-    folder.mkdir(exist_ok=True)
-    return folder
 
 
 def _run_cases(

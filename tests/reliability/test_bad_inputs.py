@@ -13,10 +13,12 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from medgn.errors import UsageError
 from tests.reliability.conftest import (
     AFFINE,
     SHAPE,
@@ -679,6 +681,33 @@ def test_a_refused_run_leaves_no_output_folder_behind(tmp_path: Path, capsys: py
         assert result.code == code, (extra, result.err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "kept"]
     assert list((tmp_path / "kept").iterdir()) == []
+
+
+def test_a_run_holds_its_new_output_folder_from_the_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a run scans its inputs, another run into its new folder is locked out (exit 6), so the
+    first, once refused, removes only a folder nobody else uses."""
+    import medgn.infer.run as run_module
+    from medgn.errors import LockedError
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_nifti(inputs / "a.nii.gz", image_array())
+    out = tmp_path / "new"
+    real_find = run_module.find_inputs
+    seen: list[str] = []
+
+    def find_while_another_run_arrives(*args: Any, **kwargs: Any) -> Any:
+        if not seen:
+            seen.append("second run")
+            with pytest.raises(LockedError):
+                run_module.infer(tmp_path / "no-model", inputs, out)
+            assert out.is_dir()  # the second run, refused, left the first one's folder alone
+        return real_find(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "find_inputs", find_while_another_run_arrives)
+    with pytest.raises(UsageError, match="DICOM-SEG needs a DICOM series"):
+        run_module.infer(tmp_path / "no-model", inputs, out, output_format="dicom-seg")
+    assert seen and not out.exists()
 
 
 def test_rerun_on_an_input_that_went_bad_keeps_the_earlier_outputs(
