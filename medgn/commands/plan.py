@@ -68,7 +68,7 @@ def _existing_splits(path: Path, case_ids: list[str], folds: int | None) -> list
     """
     if not path.exists():
         return None
-    splits = load_or_create_splits(path, case_ids)
+    splits = load_or_create_splits(path, case_ids, other_dataset=ANOTHER_OUT)
     if folds is not None and len(splits) != min(folds, len(case_ids)):
         raise UsageError(
             "--folds",
@@ -77,6 +77,13 @@ def _existing_splits(path: Path, case_ids: list[str], folds: int | None) -> list
             expected=f"--folds {len(splits)} (or none), or delete {path.name} to re-split",
         )
     return splits
+
+
+# What a splits.json of other cases next to --out means for 'medgn plan'.
+ANOTHER_OUT = (
+    "a plan of another dataset goes into its own folder (another --out); "
+    "delete this file only if it is this dataset's and stale"
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,7 +129,9 @@ def run(args: argparse.Namespace) -> int:
         splits = existing
     elif len(index.cases) >= 2:
         folds = min(args.folds or PlanConfig().n_folds, len(index.cases))
-        splits = load_or_create_splits(out.with_name(SPLITS_FILE), [c.case_id for c in index.cases], folds, args.seed)
+        splits = load_or_create_splits(
+            out.with_name(SPLITS_FILE), [c.case_id for c in index.cases], folds, args.seed, other_dataset=ANOTHER_OUT
+        )
     else:
         splits = []
     norms = ", ".join(n["scheme"] for n in plan.normalization)

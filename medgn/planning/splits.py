@@ -48,9 +48,18 @@ def make_splits(case_ids: Sequence[str], n_folds: int = 5, seed: int = 0) -> lis
 
 
 def load_or_create_splits(
-    path: str | os.PathLike[str], case_ids: Sequence[str], n_folds: int = 5, seed: int = 0
+    path: str | os.PathLike[str],
+    case_ids: Sequence[str],
+    n_folds: int = 5,
+    seed: int = 0,
+    *,
+    other_dataset: str = "delete this file only if it is this dataset's and stale",
 ) -> list[dict[str, list[str]]]:
-    """Read ``path`` when it exists (checking it covers exactly ``case_ids``), else create it."""
+    """Read ``path`` when it exists (checking it covers exactly ``case_ids``), else create it.
+
+    ``other_dataset`` is the advice when the file holds other cases (the command knows which of
+    its options put it there).
+    """
     path = Path(path)
     if path.exists():
         try:
@@ -66,8 +75,7 @@ def load_or_create_splits(
                 path,
                 "splits do not match the dataset's cases",
                 got=f"{len(val)} cases",
-                expected=f"{len(case_ids)} cases: a plan of another dataset goes into its own folder "
-                "(another --out); delete this file only if it is this dataset's and stale",
+                expected=f"{len(case_ids)} cases: {other_dataset}",
             )
         return splits
     splits = make_splits(case_ids, n_folds, seed)

@@ -130,13 +130,20 @@ def _fold_cases(
     planned = plan_path.parent / SPLITS_FILE if plan_path is not None else None
     if run_splits.exists() or (planned is not None and planned.is_file()):
         source = run_splits if run_splits.exists() else planned
-        splits = load_or_create_splits(source, sorted(by_id))  # type: ignore[arg-type]
+        advice = (
+            "a --out of its own for a run on another dataset"
+            if source == run_splits
+            else "a --plan made from this dataset ('medgn plan DATASET --out FOLDER/plan.json')"
+        )
+        splits = load_or_create_splits(source, sorted(by_id), other_dataset=advice)  # type: ignore[arg-type]
         n_folds = len(splits)
     if not 0 <= fold < n_folds:
         raise UsageError("--fold", "fold out of range", got=fold, expected=f"0..{n_folds - 1} or 'all'")
     if not run_splits.exists():  # the run folder records the folds it trained on
         splits = (
-            load_or_create_splits(planned, sorted(by_id))
+            load_or_create_splits(
+                planned, sorted(by_id), other_dataset="a --plan made from this dataset ('medgn plan DATASET --out ...')"
+            )
             if planned is not None and planned.is_file()
             else make_splits(sorted(by_id), n_folds, cfg.plan.split_seed)
         )
@@ -384,7 +391,7 @@ def _log_plan_changes(base: Plan, plan: Plan, source: str) -> None:
         if tuple(before) != tuple(after)
     ]
     if changes:
-        log.info("the config's plan section changes %s: %s", source, "; ".join(changes))
+        log.info("the run config (its plan section, model.features) changes %s: %s", source, "; ".join(changes))
 
 
 def _best(hooks: Sequence[Any]) -> float | None:

@@ -110,6 +110,26 @@ def test_training_uses_the_folds_medgn_plan_wrote(tmp_path: Path) -> None:
     assert "fold 3: 3 training and 1 validation cases" in log
 
 
+def test_a_plan_of_another_dataset_is_refused_with_advice_about_the_plan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, other = make_dataset(tmp_path / "tiny"), make_dataset(tmp_path / "other", n=5)
+    assert main(["plan", str(other), "--out", str(tmp_path / "plans" / "plan.json")]) == 0
+    capsys.readouterr()
+    argv = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--plan",
+        str(tmp_path / "plans" / "plan.json"),
+    ]
+    assert main([*argv, *ONE_STEP]) == 3
+    err = capsys.readouterr().err
+    assert "splits do not match the dataset's cases" in err and "a --plan made from this dataset" in err, err
+
+
 def test_train_deep_supervision_switches_the_heads_off(tmp_path: Path) -> None:
     import torch
 
