@@ -185,10 +185,10 @@ def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path, metadata: Mappin
     if metadata:
         import onnx
 
-        proto = onnx.load(str(path))
+        proto = onnx.load(str(path), format="protobuf")  # not guessed from the (temporary) file name
         for key, value in metadata.items():
             proto.metadata_props.add(key=key, value=value)
-        onnx.save(proto, str(path))
+        onnx.save(proto, str(path), format="protobuf")
 
 
 def exported_metadata(path: str | os.PathLike[str], fmt: str) -> dict[str, str]:
@@ -196,7 +196,7 @@ def exported_metadata(path: str | os.PathLike[str], fmt: str) -> dict[str, str]:
     if fmt == "onnx":
         import onnx
 
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = onnx.load(str(path), format="protobuf", load_external_data=False)
         return {p.key: p.value for p in proto.metadata_props}
     extra = {f"{key}.txt": "" for key in METADATA_KEYS}
     torch.jit.load(str(path), map_location="cpu", _extra_files=extra)

@@ -124,7 +124,17 @@ def test_bug_exits_1_with_log_pointer(monkeypatch: pytest.MonkeyPatch, capsys: p
 
 @pytest.mark.parametrize(
     ("text", "minutes"),
-    [("20m", 20.0), ("20", 20.0), ("90s", 1.5), ("1.5h", 90.0), ("1h30m", 90.0), ("1h 30m", 90.0), (" 20 min ", 20.0)],
+    [
+        ("20m", 20.0),
+        ("20", 20.0),
+        ("90s", 1.5),
+        ("1.5h", 90.0),
+        (".5h", 30.0),
+        ("1h30m", 90.0),
+        ("1h 30m", 90.0),
+        (" 20 min ", 20.0),
+        ("20M", 20.0),
+    ],
 )
 def test_time_budget_accepts_units_and_compound_durations(text: str, minutes: float) -> None:
     from medgn.commands.train import parse_duration_minutes
@@ -140,6 +150,7 @@ def test_time_budget_accepts_units_and_compound_durations(text: str, minutes: fl
         ("20x", "invalid duration"),
         ("1h30", "invalid duration"),  # is the 30 minutes or seconds?
         ("1e3m", "invalid duration"),
+        ("\u0661\u0662m", "invalid duration"),  # Arabic-Indic digits: float() would take them
         ("", "invalid duration"),
     ],
 )

@@ -184,16 +184,24 @@ def test_unsupported_operator_is_a_one_line_error_and_nothing_is_written(
     assert not out.exists() and not list(tmp_path.glob(".medgn-tmp-*"))
 
 
-@pytest.mark.parametrize(("name", "fmt"), [("m.onnx", "onnx"), ("m.pt", "torchscript"), ("m.TS", "torchscript")])
+@pytest.mark.parametrize(
+    ("name", "fmt", "extra"),
+    [
+        ("m.onnx", "onnx", []),
+        ("m.pt", "torchscript", []),
+        ("m.TS", "torchscript", []),
+        ("m.json", "onnx", ["--format", "onnx"]),
+    ],
+)
 def test_the_format_follows_the_file_name_and_the_file_carries_the_preprocessing(
-    name: str, fmt: str, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    name: str, fmt: str, extra: list[str], run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import json
 
     from medgn.export import exported_metadata
 
     out = tmp_path / name
-    assert main(["export", "--model", str(run_dir), "--out", str(out)]) == 0
+    assert main(["export", "--model", str(run_dir), "--out", str(out), *extra]) == 0  # any name with --format
     printed = capsys.readouterr().out
     assert f"exported {fmt} model -> {out}" in printed and "multiples of (4, 4, 4)" in printed, printed
     x = np.random.default_rng(0).standard_normal((1, 1, 8, 12, 16)).astype(np.float32)

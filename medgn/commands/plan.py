@@ -92,9 +92,12 @@ def run(args: argparse.Namespace) -> int:
     if not 0.5 <= args.gpu_memory <= 4096:  # GB: below 0.5 no 3D U-Net trains; above 4 TB is a typo
         raise UsageError("--gpu-memory", "out of range", got=args.gpu_memory, expected="0.5..4096 GB")
     parent = out.parent.absolute()
-    ancestor = next(p for p in (parent, *parent.parents) if p.exists())  # created just before the plan is written
+    # The folder is created just before the plan is written; its nearest existing parent must be a folder.
+    ancestor = next(p for p in (parent, *parent.parents) if os.path.lexists(p))
     if not ancestor.is_dir():
-        raise UsageError(out, "output folder cannot be created: a parent is a file", got=str(ancestor))
+        raise UsageError(out, "output folder cannot be created: a parent is not a folder", got=str(ancestor))
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(out, "output folder cannot be created: a parent is not writable", got=str(ancestor))
     if is_inside(out, dataset):
         raise UsageError(
             out, "refusing to write into the dataset folder", expected="an output path outside the input tree"

@@ -13,7 +13,7 @@ from medgn.files import is_inside
 from medgn.planning.splits import ALL_FOLDS
 
 # One or more <number><unit> parts ("20m", "1h30m", "90 s", "20min"); a bare number is minutes.
-_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)\s*")
+_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]*)\s*")  # ASCII digits: "١٢m" is no duration
 _UNITS = {
     **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1 / 60),
     **dict.fromkeys(("", "m", "min", "mins", "minute", "minutes"), 1.0),

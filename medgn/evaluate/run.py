@@ -202,9 +202,12 @@ def evaluate(
     out_path = Path(out_dir) if out_dir is not None else None
     images = Path(image_dir) if image_dir is not None else None
     if images is not None and not (images.is_dir() or (single and images.is_file())):
+        problem = path_problem(images) or ("a file, but --pred and --ref are folders" if not single else "a folder")
         raise UsageError(
             images,
-            "image folder does not exist" if not single else "image file does not exist",
+            ("image file does not exist" if single else "image folder does not exist")
+            if problem == "not found"
+            else f"--images: {problem}",
             expected="a folder of images named like the references" if not single else "the case's image file",
         )
     if images is not None and images.is_dir() and not any(find_image(images, cid) for cid in refs):

@@ -402,6 +402,8 @@ def test_images_that_match_no_case_are_refused_and_a_missing_one_is_named_in_its
     assert main([*argv, "--images", str(wrong)]) == 2
     err = capsys.readouterr().err
     assert f"{wrong}: no image named like any reference case" in err and err.count("\n") == 1, err
+    assert main([*argv, "--images", str(wrong / "x9.nii.gz")]) == 2  # one image for a folder of cases
+    assert "--images: a file, but --pred and --ref are folders" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     # Images for some cases: the others' overlays say they are drawn over the reference.
     titles: list[str] = []

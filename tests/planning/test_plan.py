@@ -132,7 +132,10 @@ def test_plan_cli_refusals_write_nothing(tmp_path: Path, capsys: pytest.CaptureF
     assert not (tmp_path / "fresh").exists()
     (tmp_path / "a_file").write_text("x")
     assert main(["plan", str(root), "--out", str(tmp_path / "a_file" / "sub" / "p.json")]) == 2
-    assert "output folder cannot be created: a parent is a file" in capsys.readouterr().err
+    assert "output folder cannot be created: a parent is not a folder" in capsys.readouterr().err
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    assert main(["plan", str(root), "--out", str(tmp_path / "dangling" / "sub" / "p.json")]) == 2
+    assert "a parent is not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.data
