@@ -176,7 +176,15 @@ def dicom_header(path: Path, limits: Limits) -> HeaderInfo:
         step = float(np.median(steps))
         # 1% of the slice step (or 1 micrometre): rounding in exported positions, not a missing slice.
         tolerance = max(0.01 * abs(step), 1e-3)
-        if step <= 0 or np.any(np.abs(steps - step) > tolerance):
+        if step <= tolerance:  # most neighbours at one place: several images of one slice, not a volume
+            stacked = int(np.count_nonzero(steps <= tolerance)) + 1
+            raise InputDataError(
+                path,
+                f"DICOM series has {stacked} of its {len(files)} slices at the same position",
+                got=f"positions along the slice normal {along[0]:.3f}..{along[-1]:.3f} mm",
+                expected="one slice per position (a time series or several echoes goes in separate folders)",
+            )
+        if np.any(np.abs(steps - step) > tolerance):
             gaps = [f"{along[i]:.3f}->{along[i + 1]:.3f} mm" for i in np.flatnonzero(np.abs(steps - step) > tolerance)]
             raise InputDataError(
                 path,

@@ -283,9 +283,11 @@ def test_dicom_two_series_and_missing_slice(
     two = dicom_series(tmp_path / "two", image_array())
     dicom_series(two, image_array(), series_uid="1.2.826.0.1.3680043.2.1125.2")
     gap = dicom_series(tmp_path / "gap", image_array(), skip=[3])
+    same = dicom_series(tmp_path / "same", image_array(), spacing=1e-6)  # every slice at one position
     for folder, words in (
         (two, ["2 DICOM series", "1125.1 (8 files)", "1125.2 (8 files)"]),
         (gap, ["missing", "4.000->8.000 mm"]),
+        (same, ["DICOM series has 8 of its 8 slices at the same position"]),
     ):
         before = {folder: tree_hashes(folder)}
         out = tmp_path / f"out_{folder.name}"
