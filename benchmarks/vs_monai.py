@@ -129,7 +129,18 @@ def run_medgn(args: argparse.Namespace, train_root: Path, val_img: Path, val_lab
     )
     n = len(list(val_img.iterdir()))
     _run(
-        [*medgn, "evaluate", "--pred", str(pred), "--ref", str(val_lab), "--out", str(work / "medgn_eval")],
+        [
+            *medgn,
+            "evaluate",
+            "--pred",
+            str(pred),
+            "--ref",
+            str(val_lab),
+            "--out",
+            str(work / "medgn_eval"),
+            "--images",
+            str(val_img),
+        ],
         args.threads,
         work / "medgn_eval.log",
     )
@@ -169,6 +180,8 @@ def run_monai(args: argparse.Namespace, train_root: Path, val_img: Path, val_lab
             str(val_lab),
             "--out",
             str(work / "monai_eval"),
+            "--images",
+            str(val_img),  # the worst cases' overlays over the scans
         ],
         args.threads,
         work / "monai_eval.log",
