@@ -16,6 +16,9 @@ each channel alone (InstanceNorm).
 
 from __future__ import annotations
 
+import functools
+import logging
+
 __all__ = ["DEFAULT_CHANNELS_PER_GROUP", "MAX_GROUPS", "num_groups_for", "resolve_groups"]
 
 # The paper's group count.
@@ -67,6 +70,19 @@ def num_groups_for(
     return _divisor_at_most(channels, min(max_groups, channels // per_group))
 
 
+@functools.cache  # once per (C, asked): a network builds the same layer widths many times
+def _note_other_groups(channels: int, asked: int, used: int) -> None:
+    """Say in the log (the run's medgn.log) that a fixed group count was changed for a layer width."""
+    logging.getLogger(__name__).info(
+        "num_groups=%d: a %d-channel layer takes %d groups (the largest divisor of %d not above %d)",
+        asked,
+        channels,
+        used,
+        channels,
+        asked,
+    )
+
+
 def resolve_groups(channels: int, num_groups: int | None = None, channels_per_group: int | None = None) -> int:
     """Groups of one layer: a fixed count, or the rule.
 
@@ -81,5 +97,8 @@ def resolve_groups(channels: int, num_groups: int | None = None, channels_per_gr
         ValueError: an argument is not a positive integer.
     """
     if num_groups is not None:
-        return _divisor_at_most(_positive("channels", channels), _positive("num_groups", num_groups))
+        used = _divisor_at_most(_positive("channels", channels), _positive("num_groups", num_groups))
+        if used != num_groups:
+            _note_other_groups(channels, num_groups, used)
+        return used
     return num_groups_for(channels, MAX_GROUPS, channels_per_group or DEFAULT_CHANNELS_PER_GROUP)

@@ -103,3 +103,17 @@ def test_groups_not_dividing_channels_become_the_largest_divisor_below() -> None
     assert convert_norm(nn.BatchNorm3d(24), to="group", num_groups=5)[0].num_groups == 4
     with pytest.raises(UsageError, match="num_groups"):
         make_norm("group", 24, num_groups=0)
+
+
+def test_a_fixed_group_count_that_does_not_divide_a_width_is_changed_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from medgn.layers.group_rule import _note_other_groups, resolve_groups
+
+    _note_other_groups.cache_clear()
+    with caplog.at_level("INFO", logger="medgn.layers.group_rule"):
+        assert resolve_groups(20, num_groups=3) == 2  # 3 does not divide 20: the largest divisor below
+        assert resolve_groups(20, num_groups=3) == 2  # logged once per width and count
+        assert resolve_groups(24, num_groups=3) == 3  # divides: nothing to say
+    notes = [r.getMessage() for r in caplog.records if r.name == "medgn.layers.group_rule"]
+    assert notes == ["num_groups=3: a 20-channel layer takes 2 groups (the largest divisor of 20 not above 3)"]
