@@ -128,28 +128,20 @@ def run_medgn(args: argparse.Namespace, train_root: Path, val_img: Path, val_lab
         work / "medgn_infer.log",
     )
     n = len(list(val_img.iterdir()))
-    _run(
-        [
-            *medgn,
-            "evaluate",
-            "--pred",
-            str(pred),
-            "--ref",
-            str(val_lab),
-            "--out",
-            str(work / "medgn_eval"),
-            "--images",
-            str(val_img),
-        ],
-        args.threads,
-        work / "medgn_eval.log",
-    )
     return {
-        **_scores(work / "medgn_eval"),
+        **_evaluate("medgn", pred, val_img, val_lab, work, args.threads),
         "steps": summary["iteration"],
         "train_seconds": round(train_s, 1),
         "infer_seconds_per_scan": round(infer_s / n, 2),
     }
+
+
+def _evaluate(side: str, pred: Path, val_img: Path, val_lab: Path, work: Path, threads: int) -> dict[str, Any]:
+    """Score one side's predictions with ``medgn evaluate`` (worst cases drawn over the held-out scans)."""
+    out = work / f"{side}_eval"
+    cmd = [sys.executable, "-m", "medgn", "evaluate", "--pred", str(pred), "--ref", str(val_lab), "--out", str(out)]
+    _run([*cmd, "--images", str(val_img)], threads, work / f"{side}_eval.log")
+    return _scores(out)
 
 
 def run_monai(args: argparse.Namespace, train_root: Path, val_img: Path, val_lab: Path, work: Path) -> dict[str, Any]:
@@ -168,26 +160,8 @@ def run_monai(args: argparse.Namespace, train_root: Path, val_img: Path, val_lab
         work / "monai_infer.log",
     )
     n = len(list(val_img.iterdir()))
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "medgn",
-            "evaluate",
-            "--pred",
-            str(pred),
-            "--ref",
-            str(val_lab),
-            "--out",
-            str(work / "monai_eval"),
-            "--images",
-            str(val_img),  # the worst cases' overlays over the scans
-        ],
-        args.threads,
-        work / "monai_eval.log",
-    )
     return {
-        **_scores(work / "monai_eval"),
+        **_evaluate("monai", pred, val_img, val_lab, work, args.threads),
         "steps": info["steps"],
         "train_seconds": round(train_s, 1),
         "infer_seconds_per_scan": round(infer_s / n, 2),

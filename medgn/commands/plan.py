@@ -13,7 +13,7 @@ from medgn.data.datasets import load_dataset
 from medgn.data.preflight import DEFAULT_LIMITS
 from medgn.data.workload import VALIDATION_OVERLAP, check_workload
 from medgn.errors import UsageError
-from medgn.files import is_inside, make_output_dir
+from medgn.files import is_inside, make_output_dir, missing_folders
 from medgn.planning.fingerprint import compute_fingerprint
 from medgn.planning.plan_config import PlanConfig
 from medgn.planning.planner import DEFAULT_GPU_GB, make_plan
@@ -91,9 +91,9 @@ def run(args: argparse.Namespace) -> int:
     dataset = Path(os.path.normpath(Path(args.dataset).absolute()))
     if not 0.5 <= args.gpu_memory <= 4096:  # GB: below 0.5 no 3D U-Net trains; above 4 TB is a typo
         raise UsageError("--gpu-memory", "out of range", got=args.gpu_memory, expected="0.5..4096 GB")
-    parent = out.parent.absolute()
     # The folder is created just before the plan is written; its nearest existing parent must be a folder.
-    ancestor = next(p for p in (parent, *parent.parents) if os.path.lexists(p))
+    missing = missing_folders(out.parent)
+    ancestor = missing[-1].parent if missing else out.parent.absolute()
     if not ancestor.is_dir():
         raise UsageError(out, "output folder cannot be created: a parent is not a folder", got=str(ancestor))
     if not os.access(ancestor, os.W_OK | os.X_OK):

@@ -128,25 +128,21 @@ def _fold_cases(
         )
     run_splits = out_dir / SPLITS_FILE
     planned = plan_path.parent / SPLITS_FILE if plan_path is not None else None
-    if run_splits.exists() or (planned is not None and planned.is_file()):
-        source = run_splits if run_splits.exists() else planned
+    recorded = run_splits.exists()
+    if recorded or (planned is not None and planned.is_file()):
+        source = run_splits if recorded else planned
         advice = (
             "a --out of its own for a run on another dataset"
-            if source == run_splits
+            if recorded
             else "a --plan made from this dataset ('medgn plan DATASET --out FOLDER/plan.json')"
         )
         splits = load_or_create_splits(source, sorted(by_id), other_dataset=advice)  # type: ignore[arg-type]
         n_folds = len(splits)
+    else:
+        splits = make_splits(sorted(by_id), n_folds, cfg.plan.split_seed)
     if not 0 <= fold < n_folds:
         raise UsageError("--fold", "fold out of range", got=fold, expected=f"0..{n_folds - 1} or 'all'")
-    if not run_splits.exists():  # the run folder records the folds it trained on
-        splits = (
-            load_or_create_splits(
-                planned, sorted(by_id), other_dataset="a --plan made from this dataset ('medgn plan DATASET --out ...')"
-            )
-            if planned is not None and planned.is_file()
-            else make_splits(sorted(by_id), n_folds, cfg.plan.split_seed)
-        )
+    if not recorded:  # the run folder records the folds it trained on (the plan's, or new ones)
         atomic_write_json(run_splits, splits, overwrite=False)
     return [by_id[i] for i in splits[fold]["train"]], [by_id[i] for i in splits[fold]["val"]]
 
