@@ -22,6 +22,7 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +31,16 @@ from torch import nn
 from medgn.errors import ModelError, UsageError
 from medgn.files import atomic_path
 
-__all__ = ["FORMATS", "METADATA_KEYS", "OPSET", "exported_metadata", "export_model", "export_module", "format_for"]
+__all__ = [
+    "FORMATS",
+    "METADATA_KEYS",
+    "OPSET",
+    "Exported",
+    "exported_metadata",
+    "export_model",
+    "export_module",
+    "format_for",
+]
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts")}
@@ -72,9 +82,14 @@ def _torch_backend(model: nn.Module) -> Iterator[None]:
             m.backend = backend
 
 
-def _example(model: nn.Module, in_channels: int, size: Sequence[int] | None) -> torch.Tensor:
+def _total_stride(model: nn.Module) -> tuple[int, ...]:
+    """The network's total stride per axis (every spatial size must be a multiple); 1 when it has none."""
     stride = getattr(model, "total_stride", (1, 1, 1))
-    stride = stride() if callable(stride) else stride
+    return tuple(int(t) for t in (stride() if callable(stride) else stride))
+
+
+def _example(model: nn.Module, in_channels: int, size: Sequence[int] | None) -> torch.Tensor:
+    stride = _total_stride(model)
     # Two strides per axis (at least 16 voxels): every level of the network is at least 2 wide.
     shape = tuple(size) if size else tuple(max(16, 2 * int(s)) for s in stride)
     return torch.randn(1, in_channels, *shape, generator=torch.Generator().manual_seed(0))
@@ -245,14 +260,25 @@ def run_exported(path: str | os.PathLike[str], fmt: str, x: np.ndarray, *, threa
         return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
 
 
+class Exported(NamedTuple):
+    """What :func:`export_model` wrote: the file, its format and the metadata stored in it."""
+
+    path: Path
+    fmt: str
+    metadata: dict[str, str]
+
+
 def export_model(
     model_path: str | os.PathLike[str], out: str | os.PathLike[str], *, fmt: str | None = None, overwrite: bool = False
-) -> Path:
+) -> Exported:
     """Export a run's model (best checkpoint, else final, else latest) to ONNX or TorchScript.
 
     The format is ``fmt``, else the one ``out``'s name says (:func:`format_for`). The file also
     holds the plan's preprocessing, the network's total stride and medgn's version
     (:data:`METADATA_KEYS`, read back with :func:`exported_metadata`).
+
+    Returns:
+        The written file, its format and the metadata stored in it.
 
     Raises:
         UsageError: unknown format, a name that says another format, or an existing ``out``
@@ -269,13 +295,12 @@ def export_model(
     predictor = load_predictor(model_path, "cpu")
     plan = predictor.plan.to_dict()
     keep = ("dataset", "in_channels", "num_classes", "label_values", "target_spacing", "normalization", "patch_size")
-    stride = getattr(predictor.models[0], "total_stride", (1, 1, 1))
     metadata = {
         "medgn_preprocessing": json.dumps({k: plan[k] for k in keep if k in plan}, sort_keys=True),
-        "medgn_stride": ",".join(str(int(t)) for t in (stride() if callable(stride) else stride)),
+        "medgn_stride": ",".join(map(str, _total_stride(predictor.models[0]))),
         "medgn_version": medgn.__version__,
     }
-    return export_module(
+    path = export_module(
         predictor.models[0],
         predictor.plan.in_channels,
         out,
@@ -284,3 +309,4 @@ def export_model(
         where=predictor.sources[0].path,
         metadata=metadata,
     )
+    return Exported(path, fmt, metadata)

@@ -27,14 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medgn.export import export_model, exported_metadata, format_for
+    from medgn.export import export_model
 
-    fmt = format_for(args.out, args.format)
-    path = export_model(args.model, args.out, fmt=fmt, overwrite=args.overwrite)
-    meta = exported_metadata(path, fmt)
-    stride = meta.get("medgn_stride", "?").replace(",", ", ")
+    exported = export_model(args.model, args.out, fmt=args.format, overwrite=args.overwrite)
+    stride = exported.metadata["medgn_stride"].replace(",", ", ")
     print(
-        f"exported {fmt} model -> {path} (input 'image' (B, C, D, H, W) preprocessed as its metadata "
-        f"'medgn_preprocessing' says, D/H/W multiples of ({stride}); output 'logits')"
+        f"exported {exported.fmt} model -> {exported.path} (input 'image' (B, C, D, H, W) preprocessed as its "
+        f"metadata 'medgn_preprocessing' says, D/H/W multiples of ({stride}); output 'logits')"
     )
     return 0
