@@ -82,8 +82,15 @@ def find_image(image_dir: Path, cid: str) -> Path | None:
     return None
 
 
-def _plane(volume: np.ndarray, affine: np.ndarray, centre: np.ndarray, world_normal: int) -> tuple[np.ndarray, float]:
-    """The (rows, cols) plane through ``centre`` normal to a world axis, displayed RAS-up/right.
+def _normal_axis(affine: np.ndarray, world_normal: int) -> int:
+    """The array axis that runs along world axis ``world_normal`` (0 = R, 1 = A, 2 = S)."""
+    from nibabel.orientations import io_orientation
+
+    return int(np.flatnonzero(io_orientation(affine)[:, 0] == world_normal)[0])
+
+
+def _plane(volume: np.ndarray, affine: np.ndarray, index: int, world_normal: int) -> tuple[np.ndarray, float]:
+    """Plane ``index`` along the array axis normal to a world axis, displayed RAS-up/right.
 
     Returns the 2D array (row 0 at the bottom with ``origin="lower"``) and the display aspect.
     """
@@ -91,8 +98,8 @@ def _plane(volume: np.ndarray, affine: np.ndarray, centre: np.ndarray, world_nor
 
     ornt = io_orientation(affine)  # row i: (world axis of array axis i, +1 / -1)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    normal = int(np.flatnonzero(ornt[:, 0] == world_normal)[0])
-    plane = np.take(volume, int(centre[normal]), axis=normal)
+    normal = _normal_axis(affine, world_normal)
+    plane = np.take(volume, index, axis=normal)
     axes = [a for a in range(3) if a != normal]
     axes.sort(key=lambda a: ornt[a, 0])  # horizontal: the lower world axis (R before A before S)
     for i, axis in enumerate(axes):
@@ -111,15 +118,12 @@ def overlay_slices(ref: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> dic
     mask one voxel too large) keeps the centre plane, where both contours show. With an empty
     reference the prediction takes its place; with both empty, the middle of the volume.
     """
-    from nibabel.orientations import io_orientation
-
-    ornt = io_orientation(affine)
     wrong = ref != pred
     base = ref if ref.any() else pred
     centre = np.rint(np.argwhere(base).mean(axis=0)).astype(int) if base.any() else np.asarray(ref.shape) // 2
     planes: dict[str, int] = {}
     for name, world_normal in VIEWS:
-        normal = int(np.flatnonzero(ornt[:, 0] == world_normal)[0])
+        normal = _normal_axis(affine, world_normal)
         others = tuple(a for a in range(3) if a != normal)
         per_plane = np.count_nonzero(wrong, axis=others)  # (size along normal,)
         cuts = base.any(axis=others) if base.any() else np.ones_like(per_plane, dtype=bool)
@@ -137,18 +141,14 @@ def overlay_slices(ref: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> dic
 def _overlay(path: Path, title: str, under: np.ndarray, ref: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
-    from nibabel.orientations import io_orientation
 
-    ornt = io_orientation(affine)
     planes = overlay_slices(ref, pred, affine)
     fig = Figure(figsize=(12, 4.2))
     for ax, (name, normal) in zip(fig.subplots(1, 3), VIEWS):
-        centre = np.zeros(3, dtype=int)
-        centre[int(np.flatnonzero(ornt[:, 0] == normal)[0])] = planes[name]
-        img2d, aspect = _plane(under, affine, centre, normal)
+        img2d, aspect = _plane(under, affine, planes[name], normal)
         ax.imshow(img2d, cmap="gray", origin="lower", aspect=aspect, interpolation="nearest")
         for mask, colour in ((ref, REF_COLOUR), (pred, PRED_COLOUR)):
-            m2d, _ = _plane(mask.astype(np.float32), affine, centre, normal)
+            m2d, _ = _plane(mask.astype(np.float32), affine, planes[name], normal)
             if m2d.min() < 0.5 < m2d.max() and min(m2d.shape) >= 2:  # contour needs a crossing
                 ax.contour(m2d, levels=[0.5], colors=colour, linewidths=1.0)
         ax.set_title(f"{name}, slice {planes[name]}")
