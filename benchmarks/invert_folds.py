@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from medgn.data.io import read_volume  # noqa: E402
-from medgn.data.pipeline import infer_transforms, invert_probabilities, invert_to_input  # noqa: E402
+from medgn.data.pipeline import infer_transforms  # noqa: E402
+from medgn.data.prepare import invert_probabilities, invert_to_input  # noqa: E402
 from medgn.infer import postprocess  # noqa: E402
 from medgn.infer.case import class_indices  # noqa: E402
 from medgn.infer.predictor import load_predictor  # noqa: E402

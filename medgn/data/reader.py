@@ -15,17 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from monai.data import ImageReader
 from monai.transforms import LoadImage, MapTransform
 
 from medgn.data.io import Volume, geometry_diff, read_volume
 from medgn.data.multichannel import read_channels
 from medgn.data.preflight import DEFAULT_LIMITS, Limits, detect_format
+from medgn.data.prepare import normalize
 from medgn.errors import InputDataError
-
-# Smallest standard deviation divided by: a constant channel normalises to zeros, never NaN.
-STD_EPS = 1e-8
 
 
 class MedgnReader(ImageReader):
@@ -114,24 +111,6 @@ class LoadCased(MapTransform):
         return d
 
 
-def normalize_channel(x: torch.Tensor, norm: Mapping[str, Any]) -> torch.Tensor:
-    """Normalise one channel (X, Y, Z) by a plan entry ("ct" or "zscore")."""
-    x = x.float()
-    if norm["scheme"] == "ct":
-        lo, hi = norm["clip"]
-        return (x.clamp(lo, hi) - norm["mean"]) / max(float(norm["std"]), STD_EPS)
-    if norm["scheme"] == "zscore":
-        mask = x != 0  # foreground = nonzero voxels (skull-stripped or cropped scans)
-        values = x[mask] if bool(mask.any()) else x.reshape(-1)
-        mean, std = values.double().mean(), values.double().std(unbiased=False)
-        return (x - mean.float()) / max(float(std), STD_EPS)
-    if norm["scheme"] == "none":
-        return x
-    raise InputDataError(
-        "plan.normalization", "unknown normalisation scheme", got=norm["scheme"], expected="ct, zscore or none"
-    )
-
-
 class NormalizePland(MapTransform):
     """Apply the plan's per-channel normalisation to channel-first images."""
 
@@ -143,13 +122,6 @@ class NormalizePland(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            if img.shape[0] != len(self.normalization):
-                raise InputDataError(
-                    key,
-                    "channel count differs from the plan",
-                    got=int(img.shape[0]),
-                    expected=f"{len(self.normalization)} channels",
-                )
-            out = torch.stack([normalize_channel(img[c], n) for c, n in enumerate(self.normalization)])
+            out = normalize(img, self.normalization, name=str(key))
             d[key] = img.clone().copy_(out) if hasattr(img, "meta") and img.dtype == out.dtype else out
         return d

@@ -3,9 +3,10 @@
 This module owns :func:`run_case` and the per-case provenance sidecar. The input channels are
 read once (:func:`read_inputs`: the sha256 that decides skip or refusal, and the bytes that
 :func:`medgn.data.io.read_volume` then decodes with its header preflight and NaN/Inf checks; the
-first channel is the geometry reference), preprocessed with the plan's MONAI pipeline, predicted with
+first channel is the geometry reference), preprocessed as the plan says
+(:func:`medgn.data.prepare.prepare`, no MONAI import), predicted with
 :func:`medgn.infer.sliding_window.predict_probabilities`, brought back onto exactly the input voxel
-grid with :func:`medgn.data.pipeline.invert_probabilities`, turned into raw label values (argmax, the
+grid with :func:`medgn.data.prepare.invert_probabilities`, turned into raw label values (argmax, the
 plan's ``label_values``, after the chosen post-processing of the class map) and written with
 :func:`medgn.data.io.write_mask`, which checks the geometry before publishing. The sidecar
 ``<case>.json`` is written twice: with ``status: running`` before any output (so a rerun knows

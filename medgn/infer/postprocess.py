@@ -42,15 +42,28 @@ MIN_GAIN = 1e-4
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of a boolean mask (empty stays empty)."""
+    """The largest 26-connected component of a boolean mask (empty stays empty).
+
+    Labelled inside the mask's bounding box only: an organ fills a small part of a scan, and
+    labelling the whole grid took most of the time (0.2 s of a 2.3 M-voxel LA2018 scan).
+    """
     from scipy import ndimage
 
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    mask = np.asarray(mask, dtype=bool)
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return mask.copy()
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    labels, count = ndimage.label(mask[tuple(box)], structure=np.ones((3,) * mask.ndim, dtype=bool))
     if count <= 1:
-        return mask.astype(bool, copy=True)
+        return mask.copy()
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    return labels == int(sizes.argmax())
+    out = np.zeros_like(mask)
+    out[tuple(box)] = labels == int(sizes.argmax())
+    return out
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -70,23 +70,12 @@ ModelSpec = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Predicto
 
 
 def _pipeline(plan: Plan, limits: Any = None) -> tuple[Any, Any]:
-    from medgn.data.pipeline import infer_transforms, invert_probabilities
     from medgn.data.preflight import DEFAULT_LIMITS
-
-    preloaded: dict[str, Any] = {}
-    transform = infer_transforms(plan, limits or DEFAULT_LIMITS, preloaded=preloaded)
+    from medgn.data.prepare import invert_probabilities, prepare
 
     def preprocess(paths: list[str], volumes: list[Any]) -> tuple[torch.Tensor, Any]:
-        # MONAI's loader names files as str(Path(p).expanduser()): key the read volumes the same way.
-        if len(paths) == 1 and len(volumes) > 1:  # one 4D file: its channel volumes under its name
-            preloaded[str(Path(paths[0]).expanduser())] = list(volumes)
-        else:
-            preloaded.update({str(Path(p).expanduser()): v for p, v in zip(paths, volumes)})
-        try:
-            data = transform({"image": paths})
-        finally:
-            preloaded.clear()
-        return data["image"], data
+        data = prepare(volumes, plan, limits or DEFAULT_LIMITS)
+        return data.image, data
 
     return preprocess, invert_probabilities
 

@@ -1,24 +1,27 @@
 """Whole-volume prediction: Gaussian-weighted sliding windows, mirroring TTA and model averaging.
 
 This module owns :func:`predict_probabilities`, which turns one preprocessed image (C, X, Y, Z)
-into class probabilities (K, X, Y, Z) on the same grid: MONAI's ``sliding_window_inference`` with a
-Gaussian blend of overlapping windows, several windows per forward, autocast (bf16 where the GPU
-supports it, else fp16) on CUDA and bf16 on CPUs with native bf16 instructions, optional mirroring test-time
-augmentation over any subset of the
-three spatial axes, and the softmax averaged over every flip and every model. When the GPU runs
-out of memory the same prediction is retried with the stitching buffer on the CPU (windows still
-run on the GPU, one per forward); that fallback happens only for ``torch.OutOfMemoryError`` and is
-recorded in the caller's warnings list. Any other error propagates unchanged.
+into class probabilities (K, X, Y, Z) on the same grid: sliding windows with a Gaussian blend of
+overlapping windows (the scheme of MONAI's ``sliding_window_inference``, which the tests hold it to;
+written here so that inference needs no MONAI import), several windows per forward, autocast (bf16
+where the GPU supports it, else fp16) on CUDA and bf16 on CPUs with native bf16 instructions,
+optional mirroring test-time augmentation over any subset of the three spatial axes, and the
+softmax averaged over every flip and every model. When the GPU runs out of memory the same
+prediction is retried with the stitching buffer on the CPU (windows still run on the GPU, one per
+forward); that fallback happens only for ``torch.OutOfMemoryError`` and is recorded in the
+caller's warnings list. Any other error propagates unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medgn.environment import cpu_bf16_supported
@@ -125,6 +128,33 @@ def _cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def window_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """First voxels of the windows along one axis: a step of ``int(roi * (1 - overlap))``, the last flush.
+
+    An axis no longer than the window gets one window (the image is padded to the window first).
+    """
+    if size <= roi:
+        return [0]
+    step = max(1, int(roi * (1.0 - overlap)))
+    count = next(d for d in range(math.ceil(size / step) + 1) if d * step + roi >= size) + 1
+    return [min(i * step, size - roi) for i in range(count)]
+
+
+def gaussian_weights(roi: Sequence[int], sigma_scale: float) -> torch.Tensor:
+    """(X, Y, Z) blending weights: a Gaussian of sigma ``roi * sigma_scale`` centred on the window.
+
+    Unnormalised (the stitched sum is divided by the summed weights); weights below 1e-3 are raised
+    to 1e-3, so every voxel of a window counts.
+    """
+    weights: torch.Tensor | None = None
+    for i, n in enumerate(int(s) for s in roi):
+        x = torch.arange(-(n - 1) / 2.0, (n - 1) / 2.0 + 1, dtype=torch.float32)[:n]
+        g = torch.exp(x**2 / (-2 * (n * sigma_scale) ** 2))
+        weights = g if weights is None else weights.unsqueeze(-1) * g[(None,) * i]
+    assert weights is not None
+    return weights.clamp_(min=max(float(weights.min()), 1e-3))
+
+
 def _window_logits(
     model: nn.Module,
     batch: torch.Tensor,
@@ -133,29 +163,42 @@ def _window_logits(
     stitch_device: torch.device,
     sw_batch_size: int,
 ) -> torch.Tensor:
-    """Stitched logits (1, K, X, Y, Z) on ``stitch_device`` for one (1, C, X, Y, Z) batch."""
-    from monai.inferers import sliding_window_inference
+    """Stitched logits (1, K, X, Y, Z) on ``stitch_device`` for one (1, C, X, Y, Z) batch.
 
-    def forward(windows: torch.Tensor) -> torch.Tensor:
+    The image is zero-padded (evenly on both sides) where it is smaller than the window; windows
+    step by ``int(roi * (1 - overlap))`` with the last one flush with the far side; every window's
+    logits are weighted by :func:`gaussian_weights` and the sum is divided by the summed weights.
+    """
+    roi = [int(s) for s in settings.roi_size]
+    size_in = [int(s) for s in batch.shape[2:]]
+    pads = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, size_in)]
+    if any(p for pair in pads for p in pair):
+        batch = F.pad(batch, [p for pair in reversed(pads) for p in pair], mode="constant", value=0.0)
+    size = [int(s) for s in batch.shape[2:]]
+    starts = list(itertools.product(*(window_starts(n, r, settings.overlap) for n, r in zip(size, roi))))
+    weights = gaussian_weights(roi, settings.sigma_scale).to(sw_device)
+    batch = batch.to(stitch_device)
+    total: torch.Tensor | None = None
+    count = torch.zeros((1, 1, *size), dtype=torch.float32, device=stitch_device)
+    weights_out = weights.to(stitch_device)
+    for first in range(0, len(starts), sw_batch_size):
+        group = starts[first : first + sw_batch_size]
+        regions = [tuple(slice(a, a + r) for a, r in zip(start, roi)) for start in group]
+        windows = torch.cat([batch[(slice(None), slice(None), *region)] for region in regions]).to(sw_device)
         with autocast_for(sw_device, settings.precision):
             out = model(windows)
         if isinstance(out, (list, tuple)):  # deep-supervision models in eval mode: full resolution first
             out = out[0]
-        return out.float()
-
-    return sliding_window_inference(
-        batch.to(stitch_device),
-        roi_size=tuple(int(s) for s in settings.roi_size),
-        sw_batch_size=sw_batch_size,
-        predictor=forward,
-        overlap=settings.overlap,
-        mode="gaussian",
-        sigma_scale=settings.sigma_scale,
-        padding_mode="constant",
-        cval=0.0,
-        sw_device=sw_device,
-        device=stitch_device,
-    )
+        out = (out.float() * weights).to(stitch_device)
+        if total is None:
+            total = torch.zeros((1, int(out.shape[1]), *size), dtype=torch.float32, device=stitch_device)
+        for i, region in enumerate(regions):
+            total[(slice(None), slice(None), *region)] += out[i : i + 1]
+            count[(slice(None), slice(None), *region)] += weights_out
+    assert total is not None  # at least one window
+    total /= count
+    keep = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, size_in))
+    return total[(slice(None), slice(None), *keep)]
 
 
 def _oom_error(device: str | torch.device, exc: BaseException) -> ResourceError:

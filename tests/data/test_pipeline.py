@@ -17,14 +17,12 @@ from medgn.data.io import read_volume, write_mask
 from medgn.data.pipeline import (
     case_item,
     infer_transforms,
-    invert_probabilities,
-    invert_to_input,
     make_val_data,
     pipeline_hash,
     train_transforms,
     val_transforms,
 )
-from medgn.data.reader import normalize_channel
+from medgn.data.prepare import invert_probabilities, invert_to_input, normalize_channel
 from medgn.errors import InputDataError
 from tests.data.conftest import make_nifti
 

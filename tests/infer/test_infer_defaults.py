@@ -23,8 +23,6 @@ from medgn.errors import ModelError, UsageError
 from medgn.infer.config import InferConfig
 from medgn.infer.predictor import load_predictor, merge_infer_defaults
 
-pytest.importorskip("medgn.data.pipeline", reason="medgn.data.pipeline (infer_transforms) not available yet")
-
 
 def _scan(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)

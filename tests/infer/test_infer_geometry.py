@@ -17,8 +17,6 @@ import pytest
 from medgn.infer.predictor import Predictor
 from medgn.infer.run import infer
 
-pytest.importorskip("medgn.data.pipeline", reason="medgn.data.pipeline (infer_transforms) not available yet")
-
 SUFFIXES = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
 AFFINES = [(f"axis{i:02d}", a) for i, a in enumerate(F.axis_affines())] + [
     (f"oblique{i}", a) for i, a in enumerate(F.oblique_affines())

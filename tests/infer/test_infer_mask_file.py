@@ -22,8 +22,6 @@ from medgn.infer.outputs import mask_file
 from medgn.infer.predictor import Predictor
 from medgn.infer.run import infer
 
-pytest.importorskip("medgn.data.pipeline", reason="medgn.data.pipeline (infer_transforms) not available yet")
-
 AFFINE = F.axis_affines()[5]
 
 

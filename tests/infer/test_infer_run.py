@@ -23,8 +23,6 @@ from medgn.infer.predictor import Predictor
 from medgn.infer.run import infer
 from medgn.planning.plan import Plan
 
-pytest.importorskip("medgn.data.pipeline", reason="medgn.data.pipeline (infer_transforms) not available yet")
-
 DRIVER = Path(__file__).with_name("_infer_kill_driver.py")
 REPO = Path(__file__).resolve().parents[2]
 AFFINE = F.axis_affines()[0]
@@ -304,3 +302,30 @@ def test_la2018_case_keeps_its_geometry(tmp_path: Path, shared_data: Path) -> No
     import nibabel as nib
 
     assert nib.load(tmp_path / "out" / image.name).get_data_dtype() == np.uint8
+
+
+NO_MONAI = """
+import sys
+from medgn.cli import main
+code = main(["infer", "--model", sys.argv[1], "--input", sys.argv[2], "--output", sys.argv[3]])
+print(code, sorted(m for m in ("monai", "scipy.signal", "pandas") if m in sys.modules))
+"""
+
+
+def test_infer_segments_a_scan_without_importing_monai(tmp_path: Path) -> None:
+    # Importing MONAI takes 2-3 s, longer than segmenting a scan on a CPU: inference reads, preprocesses,
+    # slides its windows and inverts with medgn's own code (held to MONAI's by tests/data/test_prepare.py
+    # and tests/infer/test_sliding_window.py).
+    run = F.save_run(tmp_path / "run")
+    scan = F.write_image(tmp_path / "scan.nii.gz", F.image(), AFFINE)
+    out = tmp_path / "out" / "mask.nii.gz"
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_MONAI, str(run), str(scan), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "0 []"
+    assert out.is_file()

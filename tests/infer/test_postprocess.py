@@ -43,6 +43,22 @@ def test_largest_component_keeps_the_biggest_piece_only() -> None:
     assert not postprocess.largest_component(np.zeros((4, 4, 4), bool)).any()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_largest_component_in_the_bounding_box_equals_labelling_the_whole_grid(seed: int) -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((30, 26, 22), bool)
+    mask[3:20, 5:24, 2:15] = rng.random((17, 19, 13)) < 0.3  # many pieces, some of equal size
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    kept = postprocess.largest_component(mask)
+    assert kept.shape == mask.shape and kept.dtype == bool
+    assert 0 < kept.sum() < mask.sum()  # pieces were dropped
+    np.testing.assert_array_equal(kept, labels == sizes.argmax())
+
+
 def test_a_spurious_blob_turns_the_filter_on_and_apply_removes_it() -> None:
     cases = _blob_cases(4)
     decision = postprocess.decide([postprocess.lcc_evidence(p, r, [1]) for p, r in cases])
