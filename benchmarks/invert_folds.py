@@ -7,7 +7,8 @@ nnU-Net does). This benchmark predicts every held-out case of each fold once, wi
 trained model and its inference defaults (mirroring, precision, post-processing), inverts the same
 probabilities both ways, and reports per way the pooled Dice, the worst case and the paired
 difference (mean, cases better and worse). ``medgn infer`` uses
-:func:`medgn.data.pipeline.invert_probabilities` (log-probabilities).
+:func:`medgn.data.prepare.invert_probabilities` (log-probabilities), after the same
+:func:`medgn.data.prepare.prepare` this benchmark preprocesses with.
 
 Usage::
 
@@ -35,8 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from medgn.data.io import read_volume  # noqa: E402
-from medgn.data.pipeline import infer_transforms  # noqa: E402
-from medgn.data.prepare import invert_probabilities, invert_to_input  # noqa: E402
+from medgn.data.prepare import invert_probabilities, invert_to_input, prepare  # noqa: E402
 from medgn.infer import postprocess  # noqa: E402
 from medgn.infer.case import class_indices  # noqa: E402
 from medgn.infer.predictor import load_predictor  # noqa: E402
@@ -64,11 +64,10 @@ def fold_scores(fold: Path, threads: int) -> dict[str, dict[str, float]]:
         precision=resolve_precision(predictor.device, "auto"),
     )  # type: ignore[arg-type]
     decision = postprocess.PostProcessing.load(run)
-    transform = infer_transforms(predictor.plan)
     scores: dict[str, dict[str, float]] = {way: {} for way in WAYS}
     for image_path in sorted((fold / "val_images").glob("*.nii.gz")):
-        data = transform({"image": [str(image_path)]})
-        probs = predict_probabilities(predictor.models, torch.as_tensor(data["image"]), settings, threads=threads)
+        data = prepare([read_volume(image_path)], predictor.plan)
+        probs = predict_probabilities(predictor.models, data.image, settings, threads=threads)
         ref = read_volume(fold / "val_labels" / image_path.name, label=True).array > 0
         for way in WAYS:
             back = invert_to_input(probs, data) if way == "probabilities" else invert_probabilities(probs, data)

@@ -33,7 +33,8 @@ from medgn.files import json_sha256, make_output_dir
 # Bump when the deterministic transforms change meaning: old caches are then never read.
 # 2: the on-disk cache holds volumes after resampling (version 1 cached them before the workload
 # check, without their affine, so a second epoch resampled them as if the voxels were 1 mm).
-PIPELINE_VERSION = 2
+# 3: a z-score channel whose foreground has one value is centred, not divided by a zero spread.
+PIPELINE_VERSION = 3
 
 
 class Preprocessing(Protocol):
@@ -106,15 +107,11 @@ def _compose(steps: list[Any]) -> MedgnCompose:
     return MedgnCompose(steps)
 
 
-def _deterministic(
-    plan: Preprocessing, limits: Limits, with_label: bool, preloaded: dict[str, Any] | None = None
-) -> list[Any]:
+def _deterministic(plan: Preprocessing, limits: Limits, with_label: bool) -> list[Any]:
     from monai.transforms import CropForegroundd, MapLabelValued, Orientationd, Spacingd
 
     keys = ["image", "label"] if with_label else ["image"]
-    steps: list[Any] = [
-        LoadCased("image", MedgnReader(limits, channels=int(getattr(plan, "in_channels", 1)), preloaded=preloaded))
-    ]
+    steps: list[Any] = [LoadCased("image", MedgnReader(limits, channels=int(getattr(plan, "in_channels", 1))))]
     if with_label:
         values = [int(v) for v in plan.label_values]
         steps += [
@@ -211,15 +208,14 @@ def val_transforms(plan: Preprocessing, limits: Limits = DEFAULT_LIMITS) -> Any:
     return _compose([*_deterministic(plan, limits, True), *_finish(True)])
 
 
-def infer_transforms(
-    plan: Preprocessing, limits: Limits = DEFAULT_LIMITS, preloaded: dict[str, Any] | None = None
-) -> Any:
-    """Inference Compose: "image" only; keep the output dict for :func:`invert_to_input`.
+def infer_transforms(plan: Preprocessing, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """Inference Compose: "image" only, the deterministic part without labels.
 
-    ``preloaded``: a dict the caller fills with volumes it has already read (path -> Volume)
-    before each call; the loader takes them from there instead of reading the files again.
+    ``medgn infer`` computes the same with :func:`medgn.data.prepare.prepare` (no MONAI import);
+    this Compose is the reference the tests hold it to, and its output dict inverts with
+    :func:`medgn.data.prepare.invert_to_input` too.
     """
-    return _compose([*_deterministic(plan, limits, False, preloaded), *_finish(False)])
+    return _compose([*_deterministic(plan, limits, False), *_finish(False)])
 
 
 def pipeline_hash(plan: Preprocessing, limits: Limits = DEFAULT_LIMITS) -> str:

@@ -36,7 +36,8 @@ __all__ = [
     "prepare",
 ]
 
-# Smallest standard deviation divided by: a constant channel normalises to zeros, never NaN.
+# Smallest standard deviation divided by; a foreground of one value is only centred (a constant
+# channel normalises to zeros, a binary one to 0 and -1), never NaN or huge.
 STD_EPS = 1e-8
 # Affine entries closer than this count as equal (MONAI's AFFINE_TOL: a spacing within it of the
 # target is kept, and a resampling that changes nothing by it is skipped).
@@ -78,8 +79,10 @@ def normalize_channel(x: torch.Tensor, norm: Mapping[str, Any]) -> torch.Tensor:
     if norm["scheme"] == "zscore":
         mask = x != 0  # foreground = nonzero voxels (skull-stripped or cropped scans)
         values = x[mask] if bool(mask.any()) else x.reshape(-1)
-        mean, std = values.double().mean(), values.double().std(unbiased=False)
-        return (x - mean.float()) / max(float(std), STD_EPS)
+        mean, std = values.double().mean(), float(values.double().std(unbiased=False))
+        # Foreground of one value (a constant channel, a binary mask): centred, not divided by ~0,
+        # which would send the background to -1e8 times that value.
+        return (x - mean.float()) / (std if std > STD_EPS else 1.0)
     if norm["scheme"] == "none":
         return x
     raise InputDataError(
@@ -175,11 +178,14 @@ def target_grid(
     """Shape and affine of the grid at ``target_spacing`` that covers an image of ``shape``.
 
     The rotation of ``affine`` is kept (shear dropped); a spacing within ``AFFINE_TOL`` of the
-    target is kept as it is; the new grid starts at the input voxel centre lowest along its axes.
+    target is kept as it is; the new grid starts at the input voxel centre lowest along its axes
+    (when no corner is lowest along all of them, as for some oblique grids, the two grids share
+    their centre).
     """
     current = _spacing(affine)
     spacing = np.asarray([float(s) for s in target_spacing], dtype=float)
-    spacing = np.where(np.abs(current - spacing) <= AFFINE_TOL, current, spacing)
+    # Written as MONAI writes it: |current - target| <= tol rounds differently at the boundary.
+    spacing = np.where((spacing - AFFINE_TOL <= current) & (current <= spacing + AFFINE_TOL), current, spacing)
     new_affine = _zoomed(affine, spacing)
     out_shape, offset = _shape_offset(shape, affine, new_affine)
     new_affine[:3, 3] = offset
@@ -187,12 +193,18 @@ def target_grid(
 
 
 def _sample(
-    src: torch.Tensor, m: np.ndarray, out_shape: Sequence[int], mode: str, fill: torch.Tensor | None = None
+    src: torch.Tensor,
+    m: np.ndarray,
+    out_shape: Sequence[int],
+    mode: str,
+    fill: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(K, *out_shape) values of ``src`` (K, *in) at voxel coordinates ``m @ (i, j, k, 1)``.
+    """(K, *out_shape) float32 values of ``src`` (K, *in) at voxel coordinates ``m @ (i, j, k, 1)``.
 
     Voxel centres lie at integer coordinates; outside the input, the border value (``fill``
-    None) or ``fill`` per channel for points more than half a voxel outside.
+    None) or ``fill`` per channel for points more than half a voxel outside. ``dtype``: the
+    arithmetic of the interpolation (float64 keeps a long axis's coordinates exact).
     """
     k = int(src.shape[0])
     size = torch.tensor([float(s) for s in src.shape[1:]], dtype=torch.float64)
@@ -209,13 +221,13 @@ def _sample(
     # Normalised grid_sample coordinates: 2 p / (size - 1) - 1, and 0 along an axis of one voxel.
     scale = torch.where(size > 1, 2.0 / (size - 1).clamp(min=1), torch.zeros(3, dtype=torch.float64))
     shift = torch.where(size > 1, -torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
-    batch = src.float()[None]  # (1, K, X, Y, Z)
+    batch = src.to(dtype)[None]  # (1, K, X, Y, Z)
     for start in range(0, int(out_shape[0]), step):
         stop = min(start + step, int(out_shape[0]))
         ii = torch.arange(start, stop, dtype=torch.float64)[:, None, None, None]
         p = ii * mt[:, 0] + in_plane  # (n, Y, Z, 3) source voxel coordinates
-        grid = (p * scale + shift).flip(-1).float()[None]  # grid_sample wants (z, y, x) order
-        sampled = F.grid_sample(batch, grid, mode=mode, padding_mode="border", align_corners=True)[0]
+        grid = (p * scale + shift).flip(-1).to(dtype)[None]  # grid_sample wants (z, y, x) order
+        sampled = F.grid_sample(batch, grid, mode=mode, padding_mode="border", align_corners=True)[0].float()
         if fill is not None:
             outside = ((p < lo) | (p > hi)).any(dim=-1)
             if bool(outside.any()):
@@ -236,7 +248,8 @@ def resample(
         np.allclose(affine, new_affine, atol=AFFINE_TOL) or np.allclose(xform, np.eye(4), atol=AFFINE_TOL)
     ):
         return image.float(), affine  # nothing moves by more than the tolerance: no interpolation
-    return _sample(image, xform, out_shape, "bilinear"), new_affine
+    # In float64, as MONAI's Spacing: in float32 a 700-voxel axis drifts by up to 3e-3 of the values.
+    return _sample(image, xform, out_shape, "bilinear", dtype=torch.float64), new_affine
 
 
 def prepare(volumes: Sequence[Any], plan: Any, limits: Limits = DEFAULT_LIMITS) -> Prepared:

@@ -4,7 +4,7 @@ This module owns :class:`MedgnReader` (a MONAI ``ImageReader`` that reads every 
 :func:`medgn.data.io.read_volume`, so the header preflight, NaN/Inf and label checks run on every
 load; several channel files are stacked after checking they share one geometry), :class:`LoadCased`
 (MONAI's ``LoadImage`` with that reader, which lets medgn's errors through instead of trying other
-readers) and :class:`NormalizePland` (the plan's per-channel CT or z-score normalisation).
+readers) and :class:`NormalizePland` (the plan's per-channel normalisation, :func:`medgn.data.prepare.normalize`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,6 @@ class MedgnReader(ImageReader):
         label: read integer labels (checked against ``label_values``).
         label_values: allowed label values, or None.
         channels: channels the plan expects; a single file is then read as a 4D MSD image.
-        preloaded: volumes the caller has already read, by path (a list of channel volumes for a
-            4D file); a path found here is taken (and removed) instead of being read again, so a
-            command reads each file once.
     """
 
     def __init__(
@@ -44,12 +41,10 @@ class MedgnReader(ImageReader):
         label: bool = False,
         label_values: Sequence[int] | None = None,
         channels: int = 1,
-        preloaded: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.limits, self.label, self.channels = limits, label, channels
         self.label_values = list(label_values) if label_values is not None else None
-        self.preloaded = preloaded if preloaded is not None else {}
 
     def verify_suffix(self, filename: Sequence[os.PathLike[str] | str] | os.PathLike[str] | str) -> bool:
         names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
@@ -61,17 +56,8 @@ class MedgnReader(ImageReader):
     def read(self, data: Sequence[os.PathLike[str] | str] | os.PathLike[str] | str, **kwargs: Any) -> list[Volume]:
         names = [data] if isinstance(data, (str, os.PathLike)) else list(data)
         if len(names) == 1 and self.channels > 1 and not self.label:  # one 4D MSD file: C channels
-            pre = self.preloaded.pop(os.fspath(names[0]), None)
-            return (
-                list(pre)
-                if isinstance(pre, list) and len(pre) == self.channels
-                else read_channels(names[0], self.channels, self.limits)
-            )
-        vols = [
-            self.preloaded.pop(os.fspath(n), None)
-            or read_volume(n, self.limits, label=self.label, label_values=self.label_values)
-            for n in names
-        ]
+            return read_channels(names[0], self.channels, self.limits)
+        vols = [read_volume(n, self.limits, label=self.label, label_values=self.label_values) for n in names]
         for vol in vols[1:]:
             diffs = geometry_diff(vols[0], vol)
             if diffs:

@@ -11,7 +11,6 @@ from _work_folder import load as _load
 
 
 def test_scores_both_inversions_on_a_work_folder(tmp_path: Path) -> None:
-    pytest.importorskip("medgn.data.pipeline")
     from medgn.data.io import read_volume
 
     fold = work_folder(tmp_path / "fold")

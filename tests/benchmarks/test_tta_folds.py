@@ -31,7 +31,6 @@ def test_summary_pools_cases_and_pairs_them() -> None:
 
 
 def test_runs_the_command_line_on_a_work_folder(tmp_path: Path) -> None:
-    pytest.importorskip("medgn.data.pipeline")
     fold = work_folder(tmp_path / "fold")
     out = tmp_path / "tta.json"
     tta = _load("tta_folds", REPO / "benchmarks" / "tta_folds.py")

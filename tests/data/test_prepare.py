@@ -14,7 +14,7 @@ import torch
 from medgn.data.io import read_volume
 from medgn.data.pipeline import infer_transforms
 from medgn.data.preflight import Limits
-from medgn.data.prepare import foreground_box, invert_probabilities, prepare, target_grid
+from medgn.data.prepare import foreground_box, invert_probabilities, normalize_channel, prepare, target_grid
 from medgn.errors import InputDataError, ResourceError
 from tests.data.conftest import make_nifti
 
@@ -94,7 +94,7 @@ def test_prepare_equals_the_monai_pipeline(tmp_path: Path, name: str) -> None:
     theirs = infer_transforms(plan)({"image": [str(path)]})["image"]
     assert tuple(ours.image.shape) == tuple(theirs.shape), name
     np.testing.assert_allclose(ours.affine, np.asarray(theirs.affine), atol=1e-9)
-    torch.testing.assert_close(ours.image, theirs.as_tensor().float(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours.image, theirs.as_tensor().float(), atol=1e-5, rtol=0)
     assert ours.spatial_shape == (17, 14, 11)
     np.testing.assert_array_equal(ours.original_affine, np.asarray(theirs.meta["original_affine"]))
 
@@ -110,7 +110,7 @@ def test_multichannel_crop_and_ct_normalisation_equal_the_monai_pipeline(tmp_pat
     theirs = infer_transforms(plan)({"image": [str(p) for p in paths]})["image"]
     assert tuple(ours.image.shape) == tuple(theirs.shape)
     np.testing.assert_allclose(ours.affine, np.asarray(theirs.affine), atol=1e-9)
-    torch.testing.assert_close(ours.image, theirs.as_tensor().float(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours.image, theirs.as_tensor().float(), atol=1e-5, rtol=0)
 
 
 def test_blank_and_flat_images_keep_their_grid(tmp_path: Path) -> None:
@@ -160,3 +160,50 @@ def test_prediction_inverts_like_the_monai_dict(tmp_path: Path) -> None:
     back = invert_probabilities(probs, ours)
     assert tuple(back.shape) == (3, 17, 14, 11)
     torch.testing.assert_close(back, invert_probabilities(probs, theirs), atol=1e-6, rtol=0)
+
+
+def _mha(path: Path, array: np.ndarray, spacing: tuple[float, float, float]) -> Path:
+    """An MHA file: float64 spacing in its header (NIfTI's pixdim is float32)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.mark.parametrize(("spacing", "target"), [(0.999, 1.0), (0.751, 0.75), (0.625 - 1e-3, 0.625), (1.0011, 1.0)])
+def test_spacing_at_the_tolerance_boundary_is_decided_as_monai_decides(
+    tmp_path: Path, spacing: float, target: float
+) -> None:
+    # |current - target| <= 1e-3 and target - 1e-3 <= current <= target + 1e-3 round differently
+    # exactly at the boundary; a float64 header (MHA, NRRD, DICOM) can sit on it.
+    path = _mha(tmp_path / "in.mha", _image((40, 12, 10)), (spacing, spacing, spacing))
+    plan = _plan([target] * 3)
+    ours = prepare([read_volume(path)], plan)
+    theirs = infer_transforms(plan)({"image": [str(path)]})["image"]
+    assert tuple(ours.image.shape) == tuple(theirs.shape)
+    np.testing.assert_allclose(ours.affine, np.asarray(theirs.affine), atol=1e-9)
+    torch.testing.assert_close(ours.image, theirs.as_tensor().float(), atol=1e-5, rtol=0)
+
+
+def test_a_long_axis_resamples_as_exactly_as_monai(tmp_path: Path) -> None:
+    # Sampling coordinates in float32 drift along a 700-voxel axis (3e-3 of the values here).
+    rng = np.random.default_rng(0)
+    array = rng.uniform(-200, 1000, (700, 9, 8)).astype(np.float32)
+    path = _mha(tmp_path / "long.mha", array, (0.7, 1.0, 1.0))
+    plan = _plan([1.3, 1.0, 1.0], [{"scheme": "ct", "clip": [-100, 900], "mean": 300, "std": 15}])
+    ours = prepare([read_volume(path)], plan)
+    theirs = infer_transforms(plan)({"image": [str(path)]})["image"]
+    assert tuple(ours.image.shape) == tuple(theirs.shape)
+    torch.testing.assert_close(ours.image, theirs.as_tensor().float(), atol=1e-5, rtol=0)
+
+
+def test_a_zscore_channel_of_one_foreground_value_is_centred_not_blown_up() -> None:
+    binary = torch.zeros(6, 6, 6)
+    binary[2:4, 2:4, 2:4] = 5.0
+    out = normalize_channel(binary, {"scheme": "zscore"})
+    assert torch.equal(out[2:4, 2:4, 2:4], torch.zeros(2, 2, 2))
+    assert float(out.min()) == -5.0  # the background, centred on the foreground's value
+    assert torch.equal(normalize_channel(torch.full((4, 4, 4), 7.0), {"scheme": "zscore"}), torch.zeros(4, 4, 4))
+    assert torch.equal(normalize_channel(torch.zeros(4, 4, 4), {"scheme": "zscore"}), torch.zeros(4, 4, 4))
