@@ -25,16 +25,11 @@ from monai.transforms import Compose, MapTransform
 from medgn.data.config import DataConfig
 from medgn.data.datasets import Case
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
+from medgn.data.prepare import PIPELINE_VERSION
 from medgn.data.reader import LoadCased, MedgnReader, NormalizePland
 from medgn.data.workload import check_workload
 from medgn.errors import MedgnError
 from medgn.files import json_sha256, make_output_dir
-
-# Bump when the deterministic transforms change meaning: old caches are then never read.
-# 2: the on-disk cache holds volumes after resampling (version 1 cached them before the workload
-# check, without their affine, so a second epoch resampled them as if the voxels were 1 mm).
-# 3: a z-score channel whose foreground has one value is centred, not divided by a zero spread.
-PIPELINE_VERSION = 3
 
 
 class Preprocessing(Protocol):

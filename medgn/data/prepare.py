@@ -29,6 +29,7 @@ from medgn.errors import InputDataError
 
 __all__ = [
     "LOG_PROB_FLOOR",
+    "PIPELINE_VERSION",
     "Prepared",
     "invert_probabilities",
     "invert_to_input",
@@ -36,6 +37,13 @@ __all__ = [
     "prepare",
 ]
 
+# What the deterministic preprocessing means; bump when it changes meaning. The training cache is
+# keyed by it (medgn.data.pipeline.pipeline_hash) and inference records it in every case's
+# fingerprint, so neither takes output of an older meaning for its own.
+# 2: the on-disk cache holds volumes after resampling (version 1 cached them before the workload
+# check, without their affine, so a second epoch resampled them as if the voxels were 1 mm).
+# 3: a z-score channel whose foreground has one value is centred, not divided by a zero spread.
+PIPELINE_VERSION = 3
 # Smallest standard deviation divided by; a foreground of one value is only centred (a constant
 # channel normalises to zeros, a binary one to 0 and -1), never NaN or huge.
 STD_EPS = 1e-8

@@ -25,6 +25,7 @@ import torch
 
 from medgn.data.datasets import find_inputs, missing_input
 from medgn.data.preflight import MASK_SUFFIXES
+from medgn.data.prepare import PIPELINE_VERSION
 from medgn.errors import EXIT_BUG, MedgnError, UsageError
 from medgn.files import TEMP_MARK, RunLock, missing_folders, remove_empty_folders
 from medgn.infer import postprocess
@@ -325,13 +326,15 @@ def _run_cases(
     log.info("test-time mirroring: %s", f"axes {list(axes)} ({2 ** len(axes)} flips)" if tta else "off")
     settings = _settings(predictor, tta, run.overlap, run.sw_batch_size, axes, run.precision)
     # What determines a mask (the case fingerprint covers it). "inversion" came after the first
-    # release: masks it wrote (probabilities interpolated as they are) are not taken for this run's.
+    # release: masks it wrote (probabilities interpolated as they are) are not taken for this run's;
+    # nor are masks preprocessed with another meaning ("preprocessing", the pipeline version).
     recorded = {
         **asdict(settings),
         "save_probabilities": run.save_probabilities,
         "largest_component": run.largest_component,
         "label_values": predictor.label_values,
         "inversion": "log_probabilities",
+        "preprocessing": PIPELINE_VERSION,
     }
     decision = choose_postprocessing(predictor, run)
     if decision is not None:  # it changes masks, so the fingerprint covers it

@@ -160,6 +160,23 @@ def test_skip_refuse_and_overwrite(tmp_path: Path) -> None:
     assert [c.status for c in changed.cases] == ["skipped", "failed"]
 
 
+def test_masks_of_another_preprocessing_version_are_not_taken_for_this_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import medgn.infer.run as run_module
+
+    src = _folder(tmp_path / "in", ["a"])
+    out = tmp_path / "out"
+    assert infer(_threshold_predictor(), src, out).exit_code == 0
+    assert json.loads((out / "a.json").read_text())["settings"]["preprocessing"] == run_module.PIPELINE_VERSION
+    assert [c.status for c in infer(_threshold_predictor(), src, out).cases] == ["skipped"]
+    # The same inputs, model and settings under a preprocessing of another meaning: refused, then redone.
+    monkeypatch.setattr(run_module, "PIPELINE_VERSION", run_module.PIPELINE_VERSION + 1)
+    other = infer(_threshold_predictor(), src, out)
+    assert [(c.status, c.code) for c in other.cases] == [("failed", 2)] and "--overwrite" in other.cases[0].message
+    assert [c.status for c in infer(_threshold_predictor(), src, out, overwrite=True).cases] == ["ok"]
+
+
 def test_unsafe_names_stay_inside_the_output(tmp_path: Path) -> None:
     src = _folder(tmp_path / "in", ["-rf x", "é ü 東京", "a;b $(c)"])
     out = tmp_path / "out"
