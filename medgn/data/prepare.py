@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medgn.data.boxes import nonzero_box
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
 from medgn.data.workload import check_workload
 from medgn.errors import InputDataError
@@ -68,14 +69,12 @@ class Prepared:
         affine: 4x4 float64 voxel -> world of the pipeline grid.
         original_affine: 4x4 float64 voxel -> world of the input file.
         spatial_shape: (X, Y, Z) of the input file.
-        path: the (first channel's) file, named in errors.
     """
 
     image: torch.Tensor
     affine: np.ndarray
     original_affine: np.ndarray
     spatial_shape: tuple[int, int, int]
-    path: str
 
 
 def normalize_channel(x: torch.Tensor, norm: Mapping[str, Any]) -> torch.Tensor:
@@ -112,17 +111,10 @@ def normalize(image: torch.Tensor, normalization: Sequence[Mapping[str, Any]], n
 
 def foreground_box(image: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Start and stop of the box around voxels nonzero in any channel; the whole grid when none is."""
-    nonzero = (image != 0).any(dim=0)
-    shape = tuple(int(s) for s in nonzero.shape)
-    if not bool(nonzero.any()):
-        return (0,) * len(shape), shape
-    start, stop = [], []
-    for axis in range(nonzero.ndim):
-        others = tuple(a for a in range(nonzero.ndim) if a != axis)
-        hit = torch.nonzero(nonzero.any(dim=others) if others else nonzero).reshape(-1)
-        start.append(int(hit[0]))
-        stop.append(int(hit[-1]) + 1)
-    return tuple(start), tuple(stop)
+    box = nonzero_box((image != 0).any(dim=0).numpy())
+    if box is None:
+        return (0,) * (image.ndim - 1), tuple(int(s) for s in image.shape[1:])
+    return tuple(s.start for s in box), tuple(s.stop for s in box)
 
 
 def _translate(offset: Sequence[float]) -> np.ndarray:
@@ -281,11 +273,10 @@ def prepare(volumes: Sequence[Any], plan: Any, limits: Limits = DEFAULT_LIMITS) 
     affine = original @ _translate(start)
     image = normalize(image, plan.normalization)
     image, affine = orient_to_ras(image, affine)
-    path = str(first.path)
-    check_workload(path, tuple(image.shape[1:]), affine, [float(s) for s in plan.target_spacing], limits)
+    check_workload(str(first.path), tuple(image.shape[1:]), affine, [float(s) for s in plan.target_spacing], limits)
     image, affine = resample(image, affine, plan.target_spacing)
     shape = tuple(int(s) for s in np.asarray(first.array).shape[:3])
-    return Prepared(image.contiguous(), affine, original, (shape[0], shape[1], shape[2]), path)
+    return Prepared(image.contiguous(), affine, original, (shape[0], shape[1], shape[2]))
 
 
 def _grids(data: Any) -> tuple[np.ndarray, np.ndarray, list[int], tuple[int, ...]]:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medgn.data.boxes import nonzero_box
+
 METRIC_NAMES: tuple[str, ...] = ("dice", "iou", "hd95", "assd", "nsd")
 # Metrics that are distances in mm (can be infinite) versus bounded scores in [0, 1].
 DISTANCE_METRICS: tuple[str, ...] = ("hd95", "assd")
@@ -75,12 +77,9 @@ def _crop_to_union(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.nd
     border as background); distances between surfaces do not depend on the crop.
     """
     union = pred | ref
-    slices = []
-    for axis in range(union.ndim):
-        other = tuple(a for a in range(union.ndim) if a != axis)
-        present = np.flatnonzero(union.any(axis=other))
-        start, stop = int(present[0]), int(present[-1]) + 1
-        slices.append(slice(max(start - 1, 0), stop + 1))
+    found = nonzero_box(union)
+    assert found is not None  # callers score the surfaces only when both masks have voxels
+    slices = [slice(max(s.start - 1, 0), s.stop + 1) for s in found]
     box = tuple(slices)
     pad = [(1 if s.start == 0 else 0, 1 if s.stop > n else 0) for s, n in zip(slices, union.shape)]
     return np.pad(pred[box], pad), np.pad(ref[box], pad)

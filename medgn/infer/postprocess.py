@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from medgn.data.boxes import nonzero_box
 from medgn.errors import ModelError
 
 __all__ = [
@@ -50,19 +51,16 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
     mask = np.asarray(mask, dtype=bool)
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hit.size == 0:
-            return mask.copy()
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    labels, count = ndimage.label(mask[tuple(box)], structure=np.ones((3,) * mask.ndim, dtype=bool))
+    box = nonzero_box(mask)
+    if box is None:
+        return mask.copy()
+    labels, count = ndimage.label(mask[box], structure=np.ones((3,) * mask.ndim, dtype=bool))
     if count <= 1:
         return mask.copy()
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     out = np.zeros_like(mask)
-    out[tuple(box)] = labels == int(sizes.argmax())
+    out[box] = labels == int(sizes.argmax())
     return out
 
 

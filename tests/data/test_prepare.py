@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from medgn.data.boxes import nonzero_box
 from medgn.data.io import read_volume
 from medgn.data.pipeline import infer_transforms
 from medgn.data.preflight import Limits
@@ -129,6 +130,14 @@ def test_foreground_box_is_the_union_of_channels() -> None:
     image[1, 5, 7, 1] = -2.0
     assert foreground_box(image) == ((2, 3, 1), (6, 8, 5))
     assert foreground_box(torch.zeros(1, 3, 4, 5)) == ((0, 0, 0), (3, 4, 5))
+
+
+def test_nonzero_box_is_the_smallest_box_of_true_voxels() -> None:
+    mask = np.zeros((7, 8, 9), bool)
+    mask[1, 6, 2] = mask[4, 2, 8] = True
+    assert nonzero_box(mask) == (slice(1, 5), slice(2, 7), slice(2, 9))
+    assert nonzero_box(np.zeros((3, 4, 5), bool)) is None
+    assert nonzero_box(np.eye(4, dtype=bool)[1:3]) == (slice(0, 2), slice(1, 3))  # any dimension
 
 
 def test_target_grid_covers_the_input_at_the_target_spacing() -> None:
