@@ -293,6 +293,12 @@ def export_model(
     fmt = format_for(out, fmt)
     _check_out(Path(out), overwrite)  # before the model is loaded
     predictor = load_predictor(model_path, "cpu")
+    if len(predictor.models) > 1:
+        raise UsageError(
+            model_path,
+            f"an export holds one network; this is an ensemble of {len(predictor.models)}",
+            expected="one of its run folders (e.g. " + str(predictor.run_dirs()[0]) + ")",
+        )
     plan = predictor.plan.to_dict()
     keep = ("dataset", "in_channels", "num_classes", "label_values", "target_spacing", "normalization", "patch_size")
     metadata = {

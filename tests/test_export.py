@@ -229,3 +229,19 @@ def test_a_name_and_format_that_disagree_are_refused_before_loading(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0] and str(out) in err[0], err
     assert not out.exists()
+
+
+def test_a_folder_of_fold_runs_is_refused_naming_one_of_them(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    ensemble = tmp_path / "ensemble"
+    for k in range(2):
+        shutil.copytree(run_dir, ensemble / f"fold_{k}")
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--model", str(ensemble), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ensemble of 2" in err[0] and "fold_0" in err[0]
+    assert not out.exists()
+    assert main(["export", "--model", str(ensemble / "fold_0"), "--out", str(out)]) == 0
