@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medgn.checkpoint import POINTERS
 from medgn.errors import ModelError, UsageError
 from medgn.files import json_sha256
 from medgn.infer.config import InferConfig
@@ -289,7 +290,7 @@ def fold_runs(path: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
         not folder.is_dir()
         or (folder / "checkpoints").is_dir()
         or any(folder.glob("*.pt"))
-        or any(folder.glob("*.json"))
+        or any((folder / f"{name}.json").is_file() for name in POINTERS)  # a checkpoint folder's pointers
     ):
         return [path]
     runs = sorted(p for p in folder.iterdir() if p.is_dir() and (p / "checkpoints").is_dir())

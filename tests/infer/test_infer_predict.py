@@ -212,6 +212,17 @@ def test_ensemble_requires_agreeing_plans(tmp_path: Path) -> None:
     assert info.value.code == 4
 
 
+def test_a_folder_of_run_folders_is_the_ensemble_of_all_of_them(tmp_path: Path) -> None:
+    cv = tmp_path / "cv"
+    runs = [F.save_run(cv / f"fold_{k}", seed=k) for k in range(3)]
+    (cv / "cv_summary.json").write_text("{}")  # a user's own notes beside the folds change nothing
+    (cv / "notes").mkdir()  # nor does a folder without checkpoints
+    both = load_predictor(cv)
+    assert [Path(s.path).parents[1].name for s in both.sources] == ["fold_0", "fold_1", "fold_2"]
+    assert both.model_sha256s == load_predictor(runs).model_sha256s
+    assert len(load_predictor(cv / "fold_1").models) == 1  # a run folder is one model
+
+
 def test_injected_modules_get_a_weight_hash() -> None:
     p1 = Predictor.from_modules([F.ThresholdNet(0.0)], F.plan())
     p2 = Predictor.from_modules([F.ThresholdNet(1.0)], F.plan())
