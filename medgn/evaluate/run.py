@@ -333,6 +333,9 @@ def _write(
     from medgn.evaluate.report import write_outputs
 
     result.out_dir = out_dir
+    # --overwrite: an earlier evaluation's overlays would pass for this one's worst cases
+    for stale in (out_dir / "overlays").glob("*_label-*.png"):
+        stale.unlink()
     figures = [write_boxplot(result, out_dir / "boxplot.png")]
     figures += write_overlays(result, out_dir / "overlays", refs, preds, images, worst_k)
     result.files = write_outputs(result, out_dir, [f.relative_to(out_dir) for f in figures]) + figures

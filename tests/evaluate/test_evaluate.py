@@ -158,7 +158,13 @@ def test_cli_writes_every_output(
     assert not [p for p in out.iterdir() if p.name.startswith(".medgn")]  # no temp files, lock released
     # A second run into the same folder is refused (code 2) unless --overwrite.
     assert main(argv) == 2
+    (out / "overlays" / "mine.png").write_bytes(b"a user's file")
+    assert main([*argv, "--overwrite", "--worst-k", "1"]) == 0
+    # the earlier run's overlays go: the folder shows this evaluation's worst cases only
+    kept = sorted(p.name for p in (out / "overlays").iterdir())
+    assert len(kept) == 1 + 2 and "mine.png" in kept and set(kept) - {"mine.png"} < set(overlays)
     assert main([*argv, "--overwrite", "--worst-k", "0"]) == 0
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["mine.png"]
 
 
 def test_cli_exit_codes(folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
