@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from medgn.commands import limits_from_args
 from medgn.data.preflight import DEFAULT_LIMITS
@@ -159,7 +160,12 @@ def run(args: argparse.Namespace) -> int:
     report = infer(args.model, args.input, args.output, settings)
     counts = report.to_dict()["counts"]
     where = printable(str(report.mask_file or report.output_dir))  # one line, whatever the name holds
-    print(f"{counts['ok']} segmented, {counts['skipped']} skipped, {counts['failed']} failed -> {where}")
+    models = ""
+    if len(report.models) > 1:  # say which runs were averaged: a folder of runs takes every run in it
+        files = [Path(m["path"]) for m in report.models]
+        runs = [f.parent.parent.name if f.parent.name == "checkpoints" else f.name for f in files]
+        models = f" (ensemble of {len(runs)} models: {printable(', '.join(runs))})"
+    print(f"{counts['ok']} segmented, {counts['skipped']} skipped, {counts['failed']} failed -> {where}{models}")
     for case in report.cases:  # also in each sidecar; here so that nobody has to open them to learn it
         for warning in case.warnings:
             sys.stderr.write(f"medgn: warning: case {printable(case.case_id)}: {printable(warning)}\n")

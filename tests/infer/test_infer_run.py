@@ -346,3 +346,15 @@ def test_infer_segments_a_scan_without_importing_monai(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "0 []"
     assert out.is_file()
+
+
+def test_a_folder_of_runs_says_which_runs_it_averaged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cv = tmp_path / "cv"
+    for k, name in enumerate(("fold_0", "fold_1", "older_run")):
+        F.save_run(cv / name, seed=k)
+    src = _folder(tmp_path / "in", ["a"])
+    assert main(["infer", "--model", str(cv), "--input", str(src), "--output", str(tmp_path / "o")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.endswith("(ensemble of 3 models: fold_0, fold_1, older_run)")
+    assert main(["infer", "--model", str(cv / "fold_1"), "--input", str(src), "--output", str(tmp_path / "p")]) == 0
+    assert "ensemble" not in capsys.readouterr().out  # one model: nothing to say
