@@ -26,7 +26,7 @@ import torch
 from medgn.data.datasets import find_inputs, missing_input
 from medgn.data.preflight import MASK_SUFFIXES
 from medgn.data.prepare import PIPELINE_VERSION
-from medgn.errors import EXIT_BUG, MedgnError, UsageError
+from medgn.errors import EXIT_BUG, LockedError, MedgnError, UsageError, printable
 from medgn.files import TEMP_MARK, RunLock, missing_folders, remove_empty_folders
 from medgn.infer import postprocess
 from medgn.infer.case import (
@@ -217,6 +217,9 @@ def infer(
                 names = output_names(selected, {cid: mask_suffix(cases[cid].images[0]) for cid in selected})
             else:
                 names = {selected[0]: target.stem}
+            if target is None:  # a named mask's run holds its mask's lock already (_claim_output)
+                for name in names.values():
+                    stack.callback(_mask_lock(out, name).release)
             removed = _clean_own_temps(out, list(names.values()), None if target else report_name(shard_pair))
             if removed:
                 log.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), out)
@@ -226,6 +229,29 @@ def infer(
     finally:
         if not started:  # a refused run leaves no folder behind that it made (its lock is released by now)
             remove_empty_folders(created)
+
+
+def mask_lock_name(stem: str) -> str:
+    """The lock file of one mask (and its sidecar) in an output folder, by the mask's name stem."""
+    return f".medgn-{hashlib.sha256(stem.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}.lock"
+
+
+def _mask_lock(out: Path, stem: str) -> RunLock:
+    """Take the lock of one mask that a folder or shard run writes.
+
+    With every case locked, a named-mask run, a shard or another folder run that writes the same mask
+    into the same folder is refused (exit 6), whichever of them came second.
+    """
+    lock = RunLock(out, purpose=f"infer {stem}", name=mask_lock_name(stem))
+    try:
+        return lock.acquire()
+    except LockedError as exc:
+        raise LockedError(
+            out,
+            f"mask {printable(stem)} is being written by another medgn run",
+            got=exc.got,
+            expected="wait for it to finish, or write into another folder",
+        ) from None
 
 
 def _claim_output(
@@ -253,8 +279,7 @@ def _claim_output(
             )
         out = check_mask_file(target, input_path)
         # The folder may hold other masks, and other runs writing them: lock this mask only.
-        digest = hashlib.sha256(target.stem.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        return out, None, RunLock(out, purpose=f"infer {target.path.name}", name=f".medgn-{digest}.lock")
+        return out, None, RunLock(out, purpose=f"infer {target.path.name}", name=mask_lock_name(target.stem))
     shard_pair = parse_shard(settings.shard)
     out = check_output_dir(output_dir, input_path)
     if shard_pair is None:

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from medgn.cli import main
-from medgn.errors import UsageError
+from medgn.errors import LockedError, UsageError
 from medgn.files import LOCK_NAME, TEMP_MARK
 from medgn.infer.outputs import mask_file
 from medgn.infer.predictor import Predictor
-from medgn.infer.run import infer
+from medgn.infer.run import infer, mask_lock_name
 
 AFFINE = F.axis_affines()[5]
 
@@ -161,6 +161,32 @@ def test_named_masks_share_a_folder(tmp_path: Path, capsys: pytest.CaptureFixtur
     _scan(folder, "b.nii.gz", seed=3)
     assert infer(_predictor(), folder, out).exit_code == 0
     assert other_temp.exists() and (out / "b.nii.gz").is_file() and (out / "report.json").is_file()
+
+
+def test_two_runs_never_write_the_same_mask_of_one_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "batch"
+    for i, name in enumerate(("a.nii.gz", "b.nii.gz")):
+        _scan(folder, name, seed=i)
+    out = tmp_path / "masks"
+    out.mkdir()
+    live = {"pid": os.getpid(), "host": os.uname().nodename, "started": 0}  # this process: alive
+    # A named-mask run is writing a.nii.gz: a folder run over a and b is refused, writing nothing.
+    (out / mask_lock_name("a")).write_text(json.dumps(live))
+    assert main(["infer", "--model", str(tmp_path / "run"), "--input", str(folder), "--output", str(out)]) == 6
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mask a is being written by another medgn run" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == [mask_lock_name("a")]  # its locks released
+    # ... and so is a shard whose cases include a; the shard without it runs
+    with pytest.raises(LockedError, match="mask a "):
+        infer(_predictor(), folder, out, shard="0/2")
+    assert infer(_predictor(), folder, out, shard="1/2").exit_code == 0 and (out / "b.nii.gz").is_file()
+    # A folder run holds the lock of every mask it writes: a named-mask run for one of them is refused.
+    (out / mask_lock_name("a")).unlink()
+    (out / mask_lock_name("c")).write_text(json.dumps(live))  # as a folder run writing c holds it
+    _scan(tmp_path / "one", "c.nii.gz", seed=5)
+    assert main(["infer", "--model", str(tmp_path / "run"), "--input", str(tmp_path / "one" / "c.nii.gz"),
+                 "--output", str(out / "c.nii.gz")]) == 6  # fmt: skip
+    assert not (out / "c.nii.gz").exists()
 
 
 def test_the_summary_line_stays_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
