@@ -214,7 +214,8 @@ def infer(
             _check_output_format(settings.output_format, cases)
             selected = select_shard(list(cases), shard_pair)
             if target is None:
-                names = output_names(selected, {cid: mask_suffix(cases[cid].images[0]) for cid in selected})
+                suffixes = {cid: _volume_suffix(cases[cid].images[0], settings.output_format) for cid in selected}
+                names = output_names(selected, suffixes)
             else:
                 names = {selected[0]: target.stem}
             if target is None:  # a named mask's run holds its mask's lock already (_claim_output)
@@ -229,6 +230,11 @@ def infer(
     finally:
         if not started:  # a refused run leaves no folder behind that it made (its lock is released by now)
             remove_empty_folders(created)
+
+
+def _volume_suffix(first_channel: Path, output_format: str | None) -> str:
+    """A folder run's mask format: NIfTI when ``--output-format nifti`` asks for it, else the input's own."""
+    return ".nii.gz" if output_format == "nifti" else mask_suffix(first_channel)
 
 
 def mask_lock_name(stem: str) -> str:
@@ -381,7 +387,8 @@ def _run_cases(
     report = InferenceReport(
         out, shard=shard, models=[asdict(s) for s in predictor.sources], mask_file=target.path if target else None
     )
-    env = {"versions": versions(), "device": str(predictor.device), "torch_threads": torch.get_num_threads()}
+    threads = run.threads if run.threads is not None else torch.get_num_threads()  # --threads applies per case
+    env = {"versions": versions(), "device": str(predictor.device), "torch_threads": threads}
     bar = _progress(run.progress, len(selected))
     try:
         for cid in selected:
@@ -393,7 +400,7 @@ def _run_cases(
                 fp = fingerprint(
                     [r["sha256"] for r in inputs], predictor.model_sha256s, predictor.config_hash, recorded
                 )
-                suffix = target.suffix if target is not None else mask_suffix(case.images[0])
+                suffix = target.suffix if target is not None else _volume_suffix(case.images[0], run.output_format)
                 options["mask_suffix"] = suffix
                 existing = outputs_exist(stem, suffix)
                 sidecar = read_sidecar(stem.with_name(stem.name + ".json"))

@@ -358,3 +358,30 @@ def test_a_folder_of_runs_says_which_runs_it_averaged(tmp_path: Path, capsys: py
     assert line.endswith("(ensemble of 3 models: fold_0, fold_1, older_run)")
     assert main(["infer", "--model", str(cv / "fold_1"), "--input", str(src), "--output", str(tmp_path / "p")]) == 0
     assert "ensemble" not in capsys.readouterr().out  # one model: nothing to say
+
+
+def test_output_format_nifti_writes_nifti_masks_for_nrrd_and_mha_scans(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import nibabel as nib
+
+    from medgn.data.io import read_volume
+
+    src = tmp_path / "in"
+    src.mkdir()
+    F.write_image(src / "a.nrrd", F.image(0), AFFINE)
+    F.write_image(src / "b.mha", F.image(1), AFFINE)
+    run = F.save_run(tmp_path / "run")
+    base = ["infer", "--model", str(run), "--input", str(src), "--threads", "1"]
+    assert main([*base, "--output", str(tmp_path / "own")]) == 0  # by default each in its own format
+    assert sorted(p.name for p in (tmp_path / "own").glob("[ab].*") if p.suffix != ".json") == ["a.nrrd", "b.mha"]
+    assert main([*base, "--output", str(tmp_path / "nii"), "--output-format", "nifti"]) == 0
+    written = sorted(p.name for p in (tmp_path / "nii").iterdir())
+    assert written == ["a.json", "a.nii.gz", "b.json", "b.nii.gz", "report.json"]
+    for name in ("a", "b"):
+        mask = nib.load(tmp_path / "nii" / f"{name}.nii.gz")
+        same = read_volume(tmp_path / "own" / f"{name}{'.nrrd' if name == 'a' else '.mha'}", label=True)
+        np.testing.assert_allclose(mask.affine, same.affine, atol=1e-5)
+        assert np.array_equal(np.asanyarray(mask.dataobj), same.array)
+    sidecar = json.loads((tmp_path / "nii" / "a.json").read_text())
+    assert sidecar["torch_threads"] == 1  # what --threads set, not the process default
