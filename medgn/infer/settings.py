@@ -65,6 +65,12 @@ class InferSettings:
             raise UsageError(
                 "--postprocess", "unknown post-processing", got=self.postprocess, expected=" or ".join(POSTPROCESS)
             )
+        if self.largest_component and self.postprocess == "none":
+            raise UsageError(
+                "--largest-component",
+                "asks for the largest component, --postprocess none for no post-processing",
+                expected="one of them (--largest-component is --postprocess lcc)",
+            )
 
     @classmethod
     def of(cls, base: InferSettings | None = None, **changes: Any) -> InferSettings:

@@ -385,3 +385,39 @@ def test_output_format_nifti_writes_nifti_masks_for_nrrd_and_mha_scans(
         assert np.array_equal(np.asanyarray(mask.dataobj), same.array)
     sidecar = json.loads((tmp_path / "nii" / "a.json").read_text())
     assert sidecar["torch_threads"] == 1  # what --threads set, not the process default
+
+
+def test_postprocessing_follows_the_runs_decision_unless_told(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from medgn.infer.postprocess import FILE, PostProcessing
+
+    src = tmp_path / "in"
+    src.mkdir()
+    img = F.image()
+    img[9:11, 9:11, 9:11] = 100.0  # a second, smaller island
+    F.write_image(src / "a.nii.gz", img, AFFINE)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    net = Predictor.from_modules([F.ThresholdNet(0.0)], F.plan(), name=str(run / "checkpoints" / "m.pt"))
+    assert net.run_dirs() == [run]
+
+    def mask(name: str, **kw) -> np.ndarray:
+        assert infer(net, src, tmp_path / name, **kw).exit_code == 0
+        return _arrays(tmp_path / name)["a.nii.gz"] == 1
+
+    island = np.zeros_like(F.blob())
+    island[9:11, 9:11, 9:11] = True
+    assert np.array_equal(mask("none_decided"), F.blob() | island)  # no postprocessing.json: nothing applied
+    (run / FILE).write_text(json.dumps(PostProcessing({1: True}, "reference topology").to_dict()))
+    assert np.array_equal(mask("auto"), F.blob())  # the run's decision: the island goes
+    sidecar = json.loads((tmp_path / "auto" / "a.json").read_text())
+    assert sidecar["settings"]["postprocessing"]["lcc"] == {"1": True}
+    assert np.array_equal(mask("off", postprocess="none"), F.blob() | island)
+    (run / FILE).write_text(json.dumps(PostProcessing({1: False}, "reference topology").to_dict()))
+    assert np.array_equal(mask("kept"), F.blob() | island)  # decided against: kept
+    assert np.array_equal(mask("asked", postprocess="lcc"), F.blob())
+    argv = ["infer", "--model", str(run), "--input", str(src), "--output", str(tmp_path / "x")]
+    assert main([*argv, "--largest-component", "--postprocess", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--largest-component" in err[0] and not (tmp_path / "x").exists()
