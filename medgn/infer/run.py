@@ -193,14 +193,14 @@ def infer(
     settings = InferSettings.of(settings, **changes)
     input_path = Path(input_path)
     created = missing_folders(Path(output_dir))  # made by this run: removed again if it is refused
-    started = False
+    started, named = False, False
     try:
         with contextlib.ExitStack() as stack:
             if not input_path.is_file() and not input_path.is_dir():
                 raise missing_input(input_path)
             target = mask_file(output_dir)
             if target is not None:
-                created = missing_folders(target.folder)
+                created, named = missing_folders(target.folder), True
             out, shard_pair, lock = _claim_output(input_path, output_dir, target, settings, created)
             stack.enter_context(lock)  # at once: a refused run never removes a folder another run took
             cases = {c.case_id: c for c in find_inputs(input_path, names=settings.channels)}
@@ -228,7 +228,9 @@ def infer(
             started = True
             return _run_cases(predictor, cases, selected, names, out, shard_pair, settings, target)
     finally:
-        if not started:  # a refused run leaves no folder behind that it made (its lock is released by now)
+        # A refused run leaves no folder behind that it made (its lock is released by now), nor does a
+        # named mask whose case failed; a folder run keeps its report.json.
+        if not started or named:
             remove_empty_folders(created)
 
 

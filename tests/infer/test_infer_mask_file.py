@@ -196,3 +196,20 @@ def test_the_summary_line_stays_one_line(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["infer", "--model", str(run), "--input", str(scan), "--output", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and printed[0].endswith("odd\\nname.nii.gz") and out.is_file()
+
+
+def test_a_named_mask_whose_case_fails_leaves_no_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import nibabel as nib
+
+    run = F.save_run(tmp_path / "run")
+    two = tmp_path / "in" / "two.nii.gz"  # a 4D file for a one-channel model: the case fails (exit 3)
+    two.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.stack([F.image(0), F.image(1)], -1), AFFINE), two)
+    target = tmp_path / "new" / "deeper" / "mask.nii.gz"
+    assert main(["infer", "--model", str(run), "--input", str(two), "--output", str(target)]) == 3
+    assert "expected 3D" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    assert main(["infer", "--model", str(run), "--input", str(two), "--output", str(existing / "m.nii.gz")]) == 3
+    assert existing.is_dir() and not list(existing.iterdir())  # a folder it did not make stays
