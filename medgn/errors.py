@@ -32,6 +32,16 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
+def brief(text: object, width: int = 200) -> str:
+    """A library's message on one line, cut to ``width`` characters at a word boundary (``...`` marks a cut)."""
+    line = " ".join(str(text).split())
+    if len(line) <= width:
+        return line
+    cut = line[: width - 4]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > width // 2 else cut) + " ..."
+
+
 class MedgnError(Exception):
     """An error a user can act on.
 

@@ -39,3 +39,15 @@ def test_control_characters_in_names_are_escaped_not_printed() -> None:
     assert printable("café ünïcode") == "café ünïcode"
     err = InputDataError("dir/bad\nname\r.nii.gz", "cannot read", got="line one\nline two")
     assert err.one_line() == "dir/bad\\nname\\r.nii.gz: cannot read (got line one line two)"
+
+
+def test_brief_cuts_a_library_message_at_a_word_and_keeps_it_on_one_line() -> None:
+    from medgn.errors import brief
+
+    message = "File is missing DICOM File Meta Information header or the 'DICM' prefix is missing. Use force=True"
+    assert brief(message, 200) == message
+    cut = brief(message, 60)
+    assert len(cut) <= 60 and cut.endswith(" ...") and message.startswith(cut[:-4])
+    assert cut[:-4].split()[-1] in message.split()  # the last word kept is a whole word
+    assert brief("a\nb\tc") == "a b c"
+    assert brief("x" * 300, 50) == "x" * 46 + " ..."

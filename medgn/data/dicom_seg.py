@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medgn.errors import InputDataError, UsageError
+from medgn.errors import InputDataError, UsageError, brief
 
 if TYPE_CHECKING:
     from medgn.data.io import Volume
@@ -85,9 +85,7 @@ def seg_sources(reference: Volume) -> list[Any]:
         try:  # force: files without the 128-byte preamble, which the series reader accepted
             ds = pydicom.dcmread(name, stop_before_pixels=True, force=True)
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types for corrupt files
-            raise InputDataError(
-                name, "cannot read the DICOM slice's header for a DICOM-SEG", got=str(exc)[:200]
-            ) from None
+            raise InputDataError(name, "cannot read the DICOM slice's header for a DICOM-SEG", got=brief(exc)) from None
         missing = [tag for tag in REQUIRED_TAGS if not str(getattr(ds, tag, "") or "").strip()]
         if missing:
             raise InputDataError(
@@ -308,7 +306,7 @@ def read_seg_on_grid(
         ds = pydicom.dcmread(path)
         pixels = np.asarray(ds.pixel_array)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for corrupt files
-        raise InputDataError(path, f"cannot read the DICOM-SEG ({type(exc).__name__}: {str(exc)[:120]})") from None
+        raise InputDataError(path, f"cannot read the DICOM-SEG ({type(exc).__name__}: {brief(exc, 120)})") from None
     if getattr(ds, "Modality", "") != "SEG" or getattr(ds, "SegmentationType", "") != "BINARY":
         raise InputDataError(
             path,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from medgn.errors import InputDataError
+from medgn.errors import InputDataError, brief
 
 if TYPE_CHECKING:  # io and preflight import this module lazily; no import cycle at run time
     from medgn.data.io import Volume
@@ -69,7 +69,7 @@ def read_channels(path: str | os.PathLike[str], channels: int, limits: Limits | 
         array = np.asanyarray(nib.load(str(info.path)).dataobj)
     except (EOFError, zlib.error, OSError, ValueError) as exc:
         raise InputDataError(
-            info.path, "cannot read the voxel data (truncated or corrupt file?)", got=str(exc)[:200]
+            info.path, "cannot read the voxel data (truncated or corrupt file?)", got=brief(exc)
         ) from None
     array = array.reshape((*info.shape, channels))
     volumes = []

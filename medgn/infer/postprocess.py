@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from medgn.data.boxes import nonzero_box
-from medgn.errors import ModelError
+from medgn.errors import ModelError, brief
 
 __all__ = [
     "PostProcessing",
@@ -133,7 +133,7 @@ class PostProcessing:
         except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError) as exc:
             raise ModelError(
                 path,
-                f"unreadable post-processing decision ({str(exc)[:120]})",
+                f"unreadable post-processing decision ({brief(exc, 120)})",
                 expected="the postprocessing.json medgn writes after cross-validation (or --postprocess none)",
             ) from None
 
