@@ -61,6 +61,8 @@ def _remember_parsers(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 sub.set_defaults(_parser=sub)
+                # `medgn infer ... --debug` as well as `medgn --debug infer ...`
+                sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
                 _remember_parsers(sub)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -120,6 +121,17 @@ def test_bug_exits_1_with_log_pointer(monkeypatch: pytest.MonkeyPatch, capsys: p
     err = capsys.readouterr().err
     assert err.startswith("medgn: internal error: ZeroDivisionError") and "traceback in" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_prints_the_traceback_before_or_after_the_subcommand(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(tmp_path / "missing")
+    argv = ["--debug", "verify", missing] if where == "before" else ["verify", missing, "--debug"]
+    assert cli.main(argv) == cli.main(["verify", missing]) != 0
+    with_debug, without = capsys.readouterr().err.split("medgn: error:", 1)
+    assert "Traceback" in with_debug and "Traceback" not in without
 
 
 @pytest.mark.parametrize(
