@@ -46,7 +46,7 @@ def _check_labels(labels: Sequence[int] | None) -> tuple[int, ...] | None:
     values = tuple(int(v) for v in labels)
     if not values or any(v <= 0 for v in values) or len(set(values)) != len(values):
         raise UsageError(
-            "labels",
+            "--labels",
             "labels must be distinct positive integers",
             got=list(labels),
             expected="e.g. 1,2,3 (0 is background)",
@@ -60,11 +60,11 @@ def _check_regions(regions: Mapping[str, Sequence[int]] | None) -> dict[str, tup
         try:
             values = tuple(int(v) for v in members)
         except (TypeError, ValueError):
-            raise UsageError("regions", f"region {name!r} must list integer labels", got=members) from None
+            raise UsageError("--region", f"region {name!r} must list integer labels", got=members) from None
         if not name.strip() or name.strip().isdigit() or not name.isprintable():
-            raise UsageError("regions", "region names must be printable words, not label numbers", got=name)
+            raise UsageError("--region", "region names must be printable words, not label numbers", got=name)
         if not values or any(v <= 0 for v in values):
-            raise UsageError("regions", f"region {name!r} needs positive labels", got=list(members))
+            raise UsageError("--region", f"region {name!r} needs positive labels", got=list(members))
         out[name] = values
     return out
 
@@ -85,7 +85,7 @@ def _check_out_dir(out_dir: Path, inputs: Sequence[Path], overwrite: bool) -> No
                 out_dir,
                 "output folder already holds evaluation results",
                 got=", ".join(existing),
-                expected="a new folder, or overwrite=True (--overwrite)",
+                expected="a new folder, or --overwrite",
             )
 
 

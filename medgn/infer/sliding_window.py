@@ -65,7 +65,7 @@ class WindowSettings:
             raise UsageError("--overlap", "overlap out of range", got=self.overlap, expected="a fraction in [0, 1)")
         if self.sw_batch_size < 1:
             raise UsageError(
-                "sw_batch_size", "needs at least one window per forward", got=self.sw_batch_size, expected=">= 1"
+                "--sw-batch-size", "needs at least one window per forward", got=self.sw_batch_size, expected=">= 1"
             )
         if len(self.roi_size) != 3 or any(int(s) < 1 for s in self.roi_size):
             raise UsageError("patch_size", "window size must be 3 positive integers", got=list(self.roi_size))
