@@ -191,8 +191,14 @@ def write_overlays(
                 under = ref.array.astype(np.float32)
                 image_path = find_image(image_dir, cid) if image_dir is not None else None
                 note = " (no image found: over the reference)" if image_dir is not None else ""
+                image = None
                 if image_path is not None:
-                    image = read_display_volume(image_path)
+                    try:
+                        image = read_display_volume(image_path)
+                    except MedgnError as exc:  # the overlay is still worth drawing, over the reference
+                        log.warning("%s: cannot read the image (%s); drawing over the reference", cid, exc.one_line())
+                        note = " (image unreadable: over the reference)"
+                if image is not None:
                     diffs = geometry_diff(image, ref)
                     if diffs:
                         log.warning(

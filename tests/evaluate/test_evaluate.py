@@ -419,3 +419,10 @@ def test_images_that_match_no_case_are_refused_and_a_missing_one_is_named_in_its
     assert main([*argv, "--images", str(wrong)]) == 0
     notes = {t.split(",")[0]: t.endswith("(no image found: over the reference)") for t in titles}
     assert notes["c2"] is False and notes["c1"] is True, titles
+    # An unreadable image still gets its case's overlay, drawn over the reference and saying why.
+    titles.clear()
+    (wrong / "c1.nii.gz").write_bytes(b"not a nifti")
+    assert main([*argv, "--images", str(wrong), "--overwrite"]) == 0
+    notes = {t.split(",")[0]: t for t in titles}
+    assert notes["c1"].endswith("(image unreadable: over the reference)"), titles
+    assert (tmp_path / "o" / "overlays" / "c1_label-1.png").is_file()
