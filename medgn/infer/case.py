@@ -380,9 +380,24 @@ def outputs_exist(stem: Path, suffix: str) -> list[Path]:
     return [p for p in candidates if p.exists()]
 
 
-def refuse_existing(stem: Path, existing: list[Path]) -> UsageError:
-    """The per-case error for outputs left by another model, settings or input."""
+def refuse_existing(
+    stem: Path, existing: list[Path], sidecar: dict[str, Any] | None = None, mask: str = ""
+) -> UsageError:
+    """The per-case error for outputs left by another model, settings or input.
+
+    A provenance file that describes a mask of the same name in another format (``ct_seg.nrrd``
+    when ``ct_seg.mha`` is asked for) is named as such: the two would share ``ct_seg.json``.
+    """
     names = ", ".join(p.name for p in existing)
+    others = [str(o) for o in (sidecar or {}).get("outputs", []) if isinstance(o, str)]
+    same_stem = [o for o in others if o != mask and o.startswith(stem.name + ".") and not o.endswith(".json")]
+    if mask and same_stem and mask not in others:
+        return UsageError(
+            stem.parent,
+            f"{stem.name}.json records the mask {same_stem[0]}, and {mask} would share it (one provenance file "
+            "per mask name)",
+            expected=f"another name for this mask, or --overwrite to replace {same_stem[0]}'s record",
+        )
     return UsageError(
         stem.parent,
         f"outputs exist from a different model, settings or input: {names}",

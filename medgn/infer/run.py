@@ -417,7 +417,7 @@ def _run_cases(
                         list(sidecar.get("outputs", [])),
                     )
                 elif existing and not (run.overwrite or resuming):
-                    raise refuse_existing(stem, existing)
+                    raise refuse_existing(stem, existing, sidecar, stem.name + suffix)
                 else:
                     options["overwrite"] = bool(run.overwrite or resuming)
                     base = {

@@ -213,3 +213,19 @@ def test_a_named_mask_whose_case_fails_leaves_no_folder(tmp_path: Path, capsys: 
     existing.mkdir()
     assert main(["infer", "--model", str(run), "--input", str(two), "--output", str(existing / "m.nii.gz")]) == 3
     assert existing.is_dir() and not list(existing.iterdir())  # a folder it did not make stays
+
+
+def test_two_formats_of_one_mask_name_say_they_share_a_provenance_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = F.save_run(tmp_path / "run")
+    scan = _scan(tmp_path / "in")
+    out = tmp_path / "masks"
+    base = ["infer", "--model", str(run), "--input", str(scan), "--output"]
+    assert main([*base, str(out / "ct_seg.nrrd")]) == 0
+    capsys.readouterr()
+    assert main([*base, str(out / "ct_seg.mha")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ct_seg.json records the mask ct_seg.nrrd, and ct_seg.mha would share it" in err[0]
+    assert not (out / "ct_seg.mha").exists()
+    assert main([*base, str(out / "ct_seg.nrrd")]) == 0  # the same mask again: done earlier, skipped
