@@ -9,9 +9,13 @@ checkpoint, 5 resources, 6 output locked, 1 a bug. Users see one line; traceback
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import importlib
 import logging
+import os
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -161,7 +165,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def console_main() -> None:
     """Entry point of the ``medgn`` console script."""
-    raise SystemExit(main())
+    exit_now(main())  # argparse's SystemExit (--help, --version, bad arguments) passes through
+
+
+def exit_now(code: int) -> None:
+    """End the process with ``code`` without tearing the interpreter down.
+
+    With torch loaded, Python's own shutdown (freeing every module, then torch's C++ destructors) takes
+    0.3-0.4 s, an eighth of a one-scan ``medgn infer``. Everything a clean exit does that matters runs
+    first: the ``atexit`` functions (logging's flush and close, the finalizers of temporary folders,
+    TensorBoard's writer) and the flush of stdout and stderr. While a non-daemon thread still runs,
+    Python's ordinary exit waits for it as usual.
+    """
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        raise SystemExit(code)
+    try:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a closed pipe (medgn ... | head): nothing left to say
+                stream.flush()
+    finally:
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -171,3 +171,30 @@ def test_time_budget_refuses_what_is_not_a_positive_duration(text: str, words: s
 
     with pytest.raises(UsageError, match=words):
         parse_duration_minutes(text)
+
+
+EXIT_NOW_CHILD = """
+import atexit, sys, threading, time
+from pathlib import Path
+from medgn.cli import exit_now
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+print("x" * 100_000)  # buffered: a pipe is not a terminal
+if sys.argv[2] == "thread":
+    threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("done"))).start()
+exit_now(3)
+"""
+
+
+@pytest.mark.parametrize("thread", ["none", "thread"])
+def test_exit_now_keeps_what_a_clean_exit_does(thread: str, tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-c", EXIT_NOW_CHILD, str(tmp_path), thread], capture_output=True, text=True)
+    assert r.returncode == 3 and r.stdout == "x" * 100_000 + "\n" and r.stderr == ""
+    assert (tmp_path / "atexit").read_text() == "ran"
+    if thread == "thread":  # a running non-daemon thread is waited for, as Python's own exit does
+        assert (tmp_path / "thread").read_text() == "done"
+
+
+def test_the_console_command_exits_with_mains_code(tmp_path: Path) -> None:
+    r = _run("verify", str(tmp_path / "missing"))  # through exit_now, as the env and --version tests
+    assert r.returncode == 2 and r.stderr.startswith("medgn: error:") and r.stderr.count("\n") == 1
