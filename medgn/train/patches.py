@@ -20,7 +20,7 @@ import torch
 
 from medgn.data.config import DataConfig
 from medgn.data.datasets import Case
-from medgn.data.pipeline import cached_dataset, case_item, train_transforms
+from medgn.data.pipeline import MedgnCompose, cached_dataset, case_item, train_transforms
 from medgn.errors import InputDataError
 from medgn.planning.plan import Plan
 
@@ -30,11 +30,11 @@ _SEED_MOD = 2**32
 
 def _split_compose(compose: Any) -> tuple[Any, Any]:
     """Split a MONAI Compose at its first random transform: (deterministic, random) parts."""
-    from monai.transforms import Compose, Randomizable
+    from monai.transforms import Randomizable
 
     steps = list(compose.transforms)
     first = next((i for i, t in enumerate(steps) if isinstance(t, Randomizable)), len(steps))
-    return Compose(steps[:first]), Compose(steps[first:])
+    return MedgnCompose(steps[:first]), MedgnCompose(steps[first:])
 
 
 def _plain(x: Any) -> torch.Tensor:

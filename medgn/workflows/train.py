@@ -84,15 +84,27 @@ def _verify(index: Any, data: Path, cfg: RunConfig, fingerprint: bool) -> Any:
 
 
 def _dataset_plan(
-    index: Any, cfg: RunConfig, out_dir: Path, plan_path: Path | None, is_main: bool, report: Any = None
+    index: Any,
+    cfg: RunConfig,
+    out_dir: Path,
+    plan_path: Path | None,
+    is_main: bool,
+    report: Any = None,
+    reuse: bool = True,
 ) -> Plan:
+    """The plan the run starts from: ``--plan``, else the one stored in the run folder (``reuse``: a
+    resume, or a rank reading what rank 0 wrote), else one made from the data. A new run never takes
+    a stored plan: one left by an earlier refused run into the same folder may be another dataset's."""
     from medgn.planning.fingerprint import aggregate_fingerprint, compute_fingerprint
     from medgn.planning.planner import make_plan
 
-    if plan_path is not None:
-        return Plan.load(plan_path)
     stored = out_dir / DATASET_PLAN
-    if stored.exists():
+    if plan_path is not None:
+        given = Plan.load(plan_path)
+        if is_main and Path(plan_path).resolve() != stored.resolve():
+            given.save(stored)  # the run's starting plan: a --resume without --plan finds it here
+        return given
+    if reuse and stored.exists():
         return Plan.load(stored)
     stats = report.stats if report is not None else None
     if stats is not None:  # verification already read every case: no second pass
@@ -104,6 +116,20 @@ def _dataset_plan(
     if is_main:
         plan.save(stored)
     return plan
+
+
+def _check_resumed_plan(stored: Plan, plan: Plan, out_dir: Path) -> None:
+    """A resume trains with the run's own plan: its checkpoints were trained on that grid and patch."""
+    a, b = stored.to_dict(), plan.to_dict()
+    keys = sorted((set(a) | set(b)) - {"network"})  # another network: the checkpoint's weights say so (exit 4)
+    diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+    if diffs:
+        raise UsageError(
+            out_dir / RUN_PLAN,
+            "the resumed run would train with another plan than its own",
+            got="; ".join(diffs)[:300],
+            expected="the run's --plan and plan.* settings, or a new --out",
+        )
 
 
 def _fold_cases(
@@ -226,7 +252,7 @@ def train_on_dataset(
         index = load_dataset(data)
         if info.is_main:  # rank 0 verifies, plans and splits; the others read what it wrote
             given = Path(plan_path) if plan_path else None
-            needs_plan = given is None and not (out_dir / DATASET_PLAN).exists()
+            needs_plan = given is None and not (resume and (out_dir / DATASET_PLAN).exists())
             keep = True  # a dataset that fails verification keeps the log listing every problem
             report = (
                 _verify(index, data, cfg, fingerprint=needs_plan)
@@ -234,11 +260,18 @@ def train_on_dataset(
                 else None
             )
             keep = False
-            base_plan = _dataset_plan(index, cfg, out_dir, given, True, report)
+            base_plan = _dataset_plan(index, cfg, out_dir, given, True, report, reuse=resume)
             _fold_cases(index, cfg, out_dir, fold, given)
         ddp.barrier()
         if not info.is_main:
             base_plan = _dataset_plan(index, cfg, out_dir, Path(plan_path) if plan_path else None, False)
+        if base_plan.in_channels != len(index.channel_names):  # a --plan made for another dataset
+            raise UsageError(
+                plan_path or out_dir / DATASET_PLAN,
+                f"the plan is for {base_plan.in_channels} input channel(s), the dataset has "
+                f"{len(index.channel_names)} ({', '.join(index.channel_names)})",
+                expected="a plan made from this dataset (medgn plan), or none",
+            )
         plan, features = apply_plan_config(base_plan, cfg.plan, cfg.model.features)
         if info.is_main:
             _log_plan_changes(base_plan, plan, "--plan" if plan_path else "the dataset's plan")
@@ -246,6 +279,8 @@ def train_on_dataset(
         # the resolved config then says what was built, so inference rebuilds the same network.
         deep = cfg.model.deep_supervision and cfg.train.deep_supervision
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, features=features, deep_supervision=deep))
+        if resume and (out_dir / RUN_PLAN).is_file():
+            _check_resumed_plan(Plan.load(out_dir / RUN_PLAN), plan, out_dir)
         if info.is_main:
             write_resolved_config(cfg, out_dir / "config.yaml")
             plan.save(out_dir / RUN_PLAN)

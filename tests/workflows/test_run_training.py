@@ -231,6 +231,60 @@ def test_resuming_a_finished_run_writes_nothing(
     assert (killed / "postprocessing.json").is_file() and (killed / "train_summary.json").is_file()
 
 
+def test_bad_data_found_on_resume_is_an_input_error_and_the_plan_is_the_runs(
+    trained: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resume does not verify again: bad data surfaces while the patches are cached (exit 3, not 1).
+    It trains on the run's own plan: one given with --plan at the start, whatever the data now says."""
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    label = nib.load(data / "labelsTr" / "c1.nii.gz")
+    array = np.asanyarray(label.dataobj).copy()
+    array[0, 0, 0] = 5  # a label value the plan does not know
+    nib.save(nib.Nifti1Image(array, label.affine, label.header), data / "labelsTr" / "c1.nii.gz")
+    argv = ["train", "--data", str(data), "--out", str(run), "--resume", *TINY, "--set", "train.epochs=4"]
+    assert main([*argv, "--set", "train.iters_per_epoch=6"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "c1.nii.gz" in err[0] and "internal error" not in err[0]
+
+
+def test_a_resume_trains_with_the_runs_own_plan(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = tmp_path / "plans" / "plan.json"
+    assert main(["plan", str(dataset), "--out", str(plan)]) == 0
+    coarse = json.loads(plan.read_text())
+    coarse["target_spacing"] = [2.0, 2.0, 2.5]  # not what the data would give
+    plan.write_text(json.dumps(coarse))
+    run = tmp_path / "run"
+    steps = ["--set", "train.iters_per_epoch=3", "--set", "train.val_every=0"]
+    argv = ["train", "--data", str(dataset), "--out", str(run), *TINY, *steps]
+    assert main([*argv, "--plan", str(plan), "--set", "train.epochs=1"]) == 0
+    assert json.loads((run / "plan.json").read_text())["target_spacing"] == [2.0, 2.0, 2.5]
+    # resumed without --plan: the plan given at the start, not one made from the data again
+    assert main([*argv, "--resume", "--set", "train.epochs=2"]) == 0
+    assert "fingerprinting" not in (run / "medgn.log").read_text()
+    assert json.loads((run / "plan.json").read_text())["target_spacing"] == [2.0, 2.0, 2.5]
+    capsys.readouterr()
+    # a resume that would change the plan is refused, the run untouched
+    before = (run / "plan.json").read_bytes()
+    assert main([*argv, "--resume", "--set", "train.epochs=3", "--set", "plan.target_spacing=[3,3,3]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another plan than its own" in err[0] and "target_spacing" in err[0]
+    assert (run / "plan.json").read_bytes() == before
+    assert read_pointer(run / "checkpoints", "latest")["iteration"] == 6  # type: ignore[index]
+    # a plan made for a dataset of two channels is refused before anything is trained or left behind
+    two = dict(coarse, in_channels=2, normalization=coarse["normalization"] * 2)
+    plan.write_text(json.dumps(two))
+    new = ["train", "--data", str(dataset), "--out", str(tmp_path / "two"), "--plan", str(plan), *TINY]
+    assert main(new) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the plan is for 2 input channel(s), the dataset has 1" in err[0]
+    assert not (tmp_path / "two").exists()
+
+
 def test_config_typo_names_the_key(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--set", "train.learning_rate=0.1"]) == 2
@@ -305,6 +359,14 @@ def test_resume_keeps_the_run_fold_and_a_refused_new_run_leaves_no_folder(
     existing.mkdir()  # a folder the user made stays
     assert main(["train", "--data", str(dataset), "--out", str(existing), "--fold", "7", *TINY]) == 2
     assert existing.is_dir()
+    # What that refused run left there (its plan of this dataset) is not taken by a new run on another.
+    other = make_dataset(tmp_path / "other", n=4, size=24)
+    stale = json.loads((existing / "dataset_plan.json").read_text())
+    stale["target_spacing"] = [9.0, 9.0, 9.0]
+    (existing / "dataset_plan.json").write_text(json.dumps(stale))
+    argv = ["train", "--data", str(other), "--out", str(existing), *TINY, "--set", "train.epochs=1"]
+    assert main([*argv, "--set", "train.iters_per_epoch=2", "--set", "train.val_every=0"]) == 0
+    assert json.loads((existing / "dataset_plan.json").read_text())["target_spacing"] != [9.0, 9.0, 9.0]
 
 
 def test_resume_with_another_network_is_a_model_error_and_keeps_the_run(
