@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
 
 from medgn.commands.train import parse_fold
 from medgn.errors import UsageError
@@ -19,7 +20,15 @@ def _ints(text: str, flag: str, lo: int, hi: int) -> list[int]:
         raise UsageError(flag, "empty list", got=text, expected="e.g. 1,2,4")
     if not all(lo <= v <= hi for v in values):
         raise UsageError(flag, "value out of range", got=text, expected=f"integers {lo}..{hi}")
+    _distinct(values, flag, text)
     return values
+
+
+def _distinct(values: list[Any], flag: str, text: str) -> None:
+    """One arm per value: a repeated one would train into the folder of the first."""
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise UsageError(flag, f"{', '.join(repeated)} given twice", got=text, expected="each value once")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.norms.split(",") if n.strip()]
     if not names:
         raise UsageError("--norms", "empty list", expected="e.g. batch,group")
+    _distinct(names, "--norms", args.norms)
     if args.iterations < 1:
         raise UsageError("--iterations", "must be positive", got=args.iterations)
     from medgn.layers import NORMS

@@ -110,6 +110,9 @@ def test_group_rule_arms_set_the_model_section() -> None:
         (["--norms", "group:cpg0"], "invalid arm 'group:cpg0'"),
         (["--fold", "all"], "needs a validation fold"),
         (["--fold", "-1"], "--fold: invalid fold"),
+        (["--norms", "group,batch,group"], "--norms: group given twice"),
+        (["--batch-sizes", "1,2,1"], "--batch-sizes: 1 given twice"),
+        (["--seeds", "0,0"], "--seeds: 0 given twice"),
     ],
 )
 def test_study_values_are_checked_before_any_run(
