@@ -121,6 +121,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="largest volume once resampled to the plan's spacing (config data.limits.max_resampled_voxels)",
     )
+    parser.add_argument(
+        "--max-windows",
+        type=int,
+        default=None,
+        help="most sliding windows one validation case may need (config data.limits.max_windows)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no live progress display (logs only)")
     parser.set_defaults(func=run)
 
@@ -138,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.freeze_encoder_steps={args.freeze_encoder_steps}")
     if args.max_resampled_voxels is not None:
         overrides.append(f"data.limits.max_resampled_voxels={args.max_resampled_voxels}")
+    if args.max_windows is not None:
+        overrides.append(f"data.limits.max_windows={args.max_windows}")
     cfg = load_run_config(args.config, overrides)
     fold = parse_fold(args.fold)
     if args.out is None:

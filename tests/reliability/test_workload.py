@@ -158,6 +158,11 @@ def test_verify_plan_and_train_refuse_it_too(tmp_path: Path, capsys: pytest.Capt
     )
     assert_clean_failure(result, 5, [image], ["(200, 216, 120)", "--max-resampled-voxels"])
     assert not (tmp_path / "run" / "checkpoints").exists()
+    # A validation case needing more windows than --max-windows (train has the flag it names).
+    argv = ["train", "--data", root, "--out", tmp_path / "run_w", "--plan", plan_path, "--fold", "0"]
+    result = cli([*argv, "--set", "plan.n_folds=2", "--device", "cpu", "--no-progress", "--max-windows", "1"], capsys)
+    assert_clean_failure(result, 5, [], ["too many sliding windows", "--max-windows"])
+    assert not (tmp_path / "run_w").exists()
     # --max-resampled-voxels is the config key data.limits.max_resampled_voxels (also in YAML).
     assert (
         load_run_config(None, ["data.limits.max_resampled_voxels=1000000"]).data.limits.max_resampled_voxels
