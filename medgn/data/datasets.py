@@ -298,9 +298,14 @@ def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIn
 def _load_folders(root: Path) -> DatasetIndex:
     problems: list[str] = []
     grouped, plain = _group_channels(root / "images", None)
+    label_files = {strip_image_suffix(p.name): p for p in sorted((root / "labels").iterdir()) if is_image_file(p)}
+    for case_id in list(grouped):  # files are matched by name: a label names its case
+        files = list(grouped[case_id].values())
+        if case_id not in label_files and all(strip_image_suffix(p.name) in label_files for p in files):
+            del grouped[case_id]  # images/patient_0001 with labels/patient_0001: a case, not channel 1
+            plain.extend(files)
     for path in plain:
         grouped.setdefault(strip_image_suffix(path.name), {})[0] = path
-    label_files = {strip_image_suffix(p.name): p for p in sorted((root / "labels").iterdir()) if is_image_file(p)}
     counts = {len(v) for v in grouped.values()}
     if len(counts) > 1:
         problems.append(f"cases have different channel counts: {sorted(counts)}")

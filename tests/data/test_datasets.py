@@ -97,6 +97,27 @@ def test_folder_pair_with_odd_names(tmp_path: Path) -> None:
     assert index.format == "folders" and index.cases[0].label == root / "labels" / "-lead ing.nii.gz"
 
 
+def test_folder_pair_cases_named_like_channels_follow_their_labels(tmp_path: Path) -> None:
+    root = tmp_path / "pair"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i in (1, 2, 3):  # patient_0001 ... : case names, each with its own label
+        make_nifti(root / "images" / f"patient_{i:04d}.nii.gz", np.ones((4, 4, 4), np.float32))
+        make_nifti(root / "labels" / f"patient_{i:04d}.nii.gz", np.zeros((4, 4, 4), np.uint8))
+    index = load_dataset(root)
+    assert [c.case_id for c in index.cases] == ["patient_0001", "patient_0002", "patient_0003"]
+    assert all(len(c.images) == 1 for c in index.cases) and index.channel_names == ("channel0",)
+    # two channels of one case (labels/ct.nii.gz for images/ct_0000 and ct_0001) stay grouped
+    multi = tmp_path / "multi"
+    (multi / "images").mkdir(parents=True)
+    (multi / "labels").mkdir()
+    for c in (0, 1):
+        make_nifti(multi / "images" / f"ct_{c:04d}.nii.gz", np.ones((4, 4, 4), np.float32))
+    make_nifti(multi / "labels" / "ct.nii.gz", np.zeros((4, 4, 4), np.uint8))
+    index = load_dataset(multi)
+    assert [c.case_id for c in index.cases] == ["ct"] and len(index.cases[0].images) == 2
+
+
 @pytest.mark.parametrize("broken", ["label_spacing", "channel_origin", "label_values", "nan"])
 def test_verify_reports_every_problem_with_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], broken: str
