@@ -131,6 +131,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _recorded_freeze(out: Path) -> int:
+    """The encoder-freezing steps a run's resolved config records (0 when none or unreadable)."""
+    import yaml
+
+    try:
+        steps = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))["train"]["freeze_encoder_steps"]
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        return 0
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else 0
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -146,7 +157,6 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"data.limits.max_resampled_voxels={args.max_resampled_voxels}")
     if args.max_windows is not None:
         overrides.append(f"data.limits.max_windows={args.max_windows}")
-    cfg = load_run_config(args.config, overrides)
     fold = parse_fold(args.fold)
     if args.out is None:
         args.out = default_run_dir(args.data, args.config, fold)
@@ -156,6 +166,10 @@ def run(args: argparse.Namespace) -> int:
                 "the default run folder (runs/ in the current folder) would be inside the dataset",
                 expected="--out outside the dataset, or run the command from another folder",
             )
+    frozen = _recorded_freeze(Path(args.out)) if args.resume else 0
+    if frozen and not any(o.startswith("train.freeze_encoder_steps=") for o in overrides):
+        overrides.append(f"train.freeze_encoder_steps={frozen}")  # a resumed fine-tune freezes as it began
+    cfg = load_run_config(args.config, overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = {
         "fold": fold,

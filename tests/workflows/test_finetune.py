@@ -163,6 +163,21 @@ def test_frozen_encoder_keeps_the_loaded_weights(pretrained: tuple[Path, Path], 
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["freeze_encoder_steps"] == 2
 
 
+def test_a_resumed_fine_tune_keeps_its_encoder_frozen_without_the_flag(
+    pretrained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    run, data = pretrained
+    out = tmp_path / "frozen"
+    argv = ["train", "--data", str(data), "--out", str(out), *TINY, "--set", "train.iters_per_epoch=2"]
+    assert main([*argv, "--set", "train.epochs=1", "--init-from", str(run), "--freeze-encoder-steps", "4"]) == 0
+    assert main([*argv, "--set", "train.epochs=2", "--resume"]) == 0  # steps 3 and 4: still frozen
+    source = load_init_source(run).weights
+    final = load_checkpoint(out / "checkpoints" / "final.json")
+    assert final["counters"]["iteration"] == 4
+    encoder = [k for k in final["model"] if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(final["model"][k], source[k]) for k in encoder)
+
+
 def test_other_architecture_is_refused_with_the_shapes_and_nothing_written(
     pretrained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
