@@ -79,3 +79,22 @@ def remove_new_run(out_dir: Path, lock: RunLock | None) -> None:
         lock.release()
     with contextlib.suppress(OSError):
         out_dir.rmdir()
+
+
+def remove_new_files(out_dir: Path, before: set[str], lock: RunLock | None) -> None:
+    """Remove what a new run refused before training wrote into a folder that existed before it
+    (the config, plans, splits, run record and log), keeping everything that was there."""
+    import shutil
+
+    from medgn.logs import current_log_path, detach_file_logs
+
+    log_path = current_log_path()
+    if log_path is not None and is_inside(log_path, out_dir) and log_path.name not in before:
+        detach_file_logs()
+    for path in out_dir.iterdir():
+        if path.name in before or (lock is not None and path == lock.path):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

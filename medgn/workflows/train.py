@@ -46,7 +46,13 @@ from medgn.train.rng import seed_everything
 from medgn.train.sampler import ResumableLoader, ResumableSampler
 from medgn.train.trainer import Trainer, TrainState
 from medgn.train.validation import make_validator
-from medgn.workflows.run_folder import check_resumed_fold, fold_name, remove_new_run, write_run_record
+from medgn.workflows.run_folder import (
+    check_resumed_fold,
+    fold_name,
+    remove_new_files,
+    remove_new_run,
+    write_run_record,
+)
 
 log = get_logger(__name__)
 
@@ -235,6 +241,7 @@ def train_on_dataset(
     if resume:
         check_resumed_fold(out_dir, fold)
     created, training, keep = not out_dir.exists(), False, False
+    before = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() else set()  # what a user's folder held
     make_output_dir(out_dir, "run folder")
     lock = RunLock(out_dir, purpose="train") if info.is_main else None
     if lock is not None:
@@ -303,8 +310,11 @@ def train_on_dataset(
     except MedgnError:
         # A new run refused before training leaves no half-made folder (one process only: under
         # torchrun the other ranks may still be reading what rank 0 wrote).
-        if created and not training and not keep and info.world_size == 1:
-            remove_new_run(out_dir, lock)
+        if not training and not keep and info.world_size == 1:
+            if created:
+                remove_new_run(out_dir, lock)
+            elif not resume:  # a folder the user made: only what this run wrote into it goes
+                remove_new_files(out_dir, before, lock)
         raise
     finally:
         if lock is not None:

@@ -207,6 +207,13 @@ def test_other_architecture_is_refused_with_the_shapes_and_nothing_written(
         and "encoder.0.0.conv.weight: source (4, 1, 3, 3, 3), target (8, 1, 3, 3, 3)" in err[0]
     )
     assert not out.exists()
+    # into a folder the user made: it keeps what it held, and nothing of the refused run
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    argv = ["train", "--data", str(data), "--out", str(mine), *TINY, "--set", "model.features=[8,16]"]
+    assert main([*argv, "--init-from", str(run)]) == 4
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 def test_a_shallower_config_is_refused_naming_both_depths(

@@ -358,10 +358,10 @@ def test_resume_keeps_the_run_fold_and_a_refused_new_run_leaves_no_folder(
     existing = tmp_path / "mine"
     existing.mkdir()  # a folder the user made stays
     assert main(["train", "--data", str(dataset), "--out", str(existing), "--fold", "7", *TINY]) == 2
-    assert existing.is_dir()
-    # What that refused run left there (its plan of this dataset) is not taken by a new run on another.
+    assert existing.is_dir() and not list(existing.iterdir())  # and nothing of the refused run in it
+    # A plan left there (by an older version's refused run) is not taken by a new run on another dataset.
     other = make_dataset(tmp_path / "other", n=4, size=24)
-    stale = json.loads((existing / "dataset_plan.json").read_text())
+    stale = json.loads((trained / "dataset_plan.json").read_text())
     stale["target_spacing"] = [9.0, 9.0, 9.0]
     (existing / "dataset_plan.json").write_text(json.dumps(stale))
     argv = ["train", "--data", str(other), "--out", str(existing), *TINY, "--set", "train.epochs=1"]
