@@ -14,6 +14,7 @@ this module to them on oblique, flipped, anisotropic and multichannel inputs.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -199,12 +200,15 @@ def _sample(
     mode: str,
     fill: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    origin: Sequence[int] = (0, 0, 0),
 ) -> torch.Tensor:
     """(K, *out_shape) float32 values of ``src`` (K, *in) at voxel coordinates ``m @ (i, j, k, 1)``.
 
     Voxel centres lie at integer coordinates; outside the input, the border value (``fill``
     None) or ``fill`` per channel for points more than half a voxel outside. ``dtype``: the
-    arithmetic of the interpolation (float64 keeps a long axis's coordinates exact).
+    arithmetic of the interpolation (float64 keeps a long axis's coordinates exact). ``origin``:
+    the output box starts at that voxel of the output grid (the same arithmetic, so the same values,
+    as that box of the whole grid).
     """
     k = int(src.shape[0])
     size = torch.tensor([float(s) for s in src.shape[1:]], dtype=torch.float64)
@@ -214,8 +218,9 @@ def _sample(
     # The map is affine, so a voxel's source coordinates are i * m[:, 0] plus a term of (j, k)
     # that every slab shares: computed once, in float64.
     mt = torch.from_numpy(np.ascontiguousarray(m[:3])).to(torch.float64)  # (3, 4)
-    jj = torch.arange(int(out_shape[1]), dtype=torch.float64)[:, None, None]
-    kk = torch.arange(int(out_shape[2]), dtype=torch.float64)[None, :, None]
+    o0, o1, o2 = (int(v) for v in origin)
+    jj = torch.arange(o1, o1 + int(out_shape[1]), dtype=torch.float64)[:, None, None]
+    kk = torch.arange(o2, o2 + int(out_shape[2]), dtype=torch.float64)[None, :, None]
     in_plane = jj * mt[:, 1] + kk * mt[:, 2] + mt[:, 3]  # (Y, Z, 3)
     lo, hi = -0.5 - 1e-6, size - 0.5 + 1e-6  # half a voxel beyond the outer centres is still inside
     # Normalised grid_sample coordinates: 2 p / (size - 1) - 1, and 0 along an axis of one voxel.
@@ -224,7 +229,7 @@ def _sample(
     batch = src.to(dtype)[None]  # (1, K, X, Y, Z)
     for start in range(0, int(out_shape[0]), step):
         stop = min(start + step, int(out_shape[0]))
-        ii = torch.arange(start, stop, dtype=torch.float64)[:, None, None, None]
+        ii = torch.arange(o0 + start, o0 + stop, dtype=torch.float64)[:, None, None, None]
         p = ii * mt[:, 0] + in_plane  # (n, Y, Z, 3) source voxel coordinates
         grid = (p * scale + shift).flip(-1).to(dtype)[None]  # grid_sample wants (z, y, x) order
         sampled = F.grid_sample(batch, grid, mode=mode, padding_mode="border", align_corners=True)[0].float()
@@ -295,7 +300,12 @@ def _grids(data: Any) -> tuple[np.ndarray, np.ndarray, list[int], tuple[int, ...
 
 
 def invert_to_input(
-    pred: torch.Tensor, data: Any, *, mode: str = "bilinear", fill: Sequence[float] | None = None
+    pred: torch.Tensor,
+    data: Any,
+    *,
+    mode: str = "bilinear",
+    fill: Sequence[float] | None = None,
+    box: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """Resample a prediction from the pipeline grid back onto the input file's voxel grid.
 
@@ -310,9 +320,10 @@ def invert_to_input(
         mode: "bilinear" (trilinear, for probabilities) or "nearest".
         fill: value per channel for input voxels outside the pipeline grid (cropped background);
             default one-hot background (1 for channel 0, 0 elsewhere).
+        box: (start, stop) of the input voxels to compute; None: all of them.
 
     Returns:
-        (K, X, Y, Z) float tensor on the CPU.
+        (K, X, Y, Z) float tensor on the CPU, or (K, *box size) for a ``box``.
     """
     a_pipe, a_in, shape_in, pipe_shape = _grids(data)
     if tuple(pred.shape[1:]) != tuple(pipe_shape):
@@ -325,10 +336,14 @@ def invert_to_input(
     k = int(pred.shape[0])
     fill_t = torch.tensor(list(fill) if fill is not None else [1.0] + [0.0] * (k - 1), dtype=torch.float32)
     m = np.linalg.inv(a_pipe) @ a_in  # input voxel -> pipeline voxel
-    return _sample(pred.detach().float().cpu(), m, shape_in, mode, fill_t)
+    if box is None:
+        return _sample(pred.detach().float().cpu(), m, shape_in, mode, fill_t)
+    start, stop = box
+    size = [int(b) - int(a) for a, b in zip(start, stop)]
+    return _sample(pred.detach().float().cpu(), m, size, mode, fill_t, origin=start)
 
 
-def invert_probabilities(probs: torch.Tensor, data: Any) -> torch.Tensor:
+def invert_probabilities(probs: torch.Tensor, data: Any, *, classes_only: bool = False) -> torch.Tensor:
     """Class probabilities from the pipeline grid onto the input grid, interpolated as log-probabilities.
 
     Interpolating log-probabilities picks, voxel by voxel, the class that interpolating the logits
@@ -341,15 +356,56 @@ def invert_probabilities(probs: torch.Tensor, data: Any) -> torch.Tensor:
     Args:
         probs: (K, *pipeline_shape) class probabilities on the pipeline grid.
         data: the :class:`Prepared` the prediction was made from (or a MONAI pipeline dict).
+        classes_only: only the class map (the argmax) will be used: input voxels whose every
+            neighbouring pipeline voxel is background by a clear margin are set to background
+            outright instead of interpolated. An interpolation weighs its neighbours by
+            non-negative weights summing to 1, so such a voxel is background either way; the
+            argmax is the same everywhere, the probabilities there are not. On a scan whose
+            foreground is a tenth of it, this is most of the inversion's time.
 
     Returns:
         (K, X, Y, Z) float32 probabilities on the input grid (cropped-away voxels: background).
     """
     k = int(probs.shape[0])
     log_probs = probs.detach().float().cpu().clamp_min(float(math.exp(LOG_PROB_FLOOR))).log_()  # clamp copies
-    out = invert_to_input(log_probs, data, fill=[0.0] + [LOG_PROB_FLOOR] * (k - 1))
+    fill = [0.0] + [LOG_PROB_FLOOR] * (k - 1)
+    box = _class_box(log_probs, data) if classes_only else None
+    if box is not None and any(a >= b for a, b in zip(*box)):  # no voxel any class but background can win
+        out = torch.zeros((k, *_grids(data)[2]), dtype=torch.float32)
+        out[0] = 1.0
+        return out
+    part = invert_to_input(log_probs, data, fill=fill, box=box)
     del log_probs
-    out -= out.amax(dim=0, keepdim=True)  # softmax in place: the output is the size of the scan times K
-    out.exp_()
-    out /= out.sum(dim=0, keepdim=True)
+    part -= part.amax(dim=0, keepdim=True)  # softmax in place: the output is the size of the scan times K
+    part.exp_()
+    part /= part.sum(dim=0, keepdim=True)
+    if box is None:
+        return part
+    out = torch.zeros((k, *_grids(data)[2]), dtype=torch.float32)
+    out[0] = 1.0
+    out[(slice(None), *(slice(int(a), int(b)) for a, b in zip(*box)))] = part
     return out
+
+
+# A pipeline voxel is left out of the class box only when background leads every other class by more
+# than this in log-probability: float32 rounding of an interpolation (~1e-5 at |log p| <= 28) cannot
+# turn such a lead around.
+_CLASS_MARGIN = 1e-3
+
+
+def _class_box(log_probs: torch.Tensor, data: Any) -> tuple[list[int], list[int]]:
+    """(start, stop) of the input voxels whose interpolation can reach a pipeline voxel where a class
+    other than background comes within ``_CLASS_MARGIN`` of it (empty: start >= stop on an axis)."""
+    a_pipe, a_in, shape_in, _ = _grids(data)
+    possible = log_probs[1:].amax(dim=0) >= log_probs[0] - _CLASS_MARGIN
+    if not bool(possible.any()):
+        return [0, 0, 0], [0, 0, 0]
+    idx = [torch.nonzero(possible.any(dim=d), as_tuple=False) for d in ((1, 2), (0, 2), (0, 1))]
+    lo = np.array([float(i.min()) - 1.0 for i in idx])  # a trilinear sample uses the voxels within one
+    hi = np.array([float(i.max()) + 1.0 for i in idx])
+    corners = np.array([[c[0], c[1], c[2], 1.0] for c in itertools.product(*zip(lo, hi))])
+    to_input = np.linalg.inv(np.linalg.inv(a_pipe) @ a_in)  # pipeline voxel -> input voxel
+    mapped = corners @ to_input.T
+    start = [max(0, int(math.floor(v)) - 1) for v in mapped[:, :3].min(axis=0)]
+    stop = [min(int(n), int(math.ceil(v)) + 2) for v, n in zip(mapped[:, :3].max(axis=0), shape_in)]
+    return start, stop

@@ -277,7 +277,8 @@ def _segment(
         )
         times["predict"] = time.perf_counter() - t1
         t_inv = time.perf_counter()
-        probs = torch.as_tensor(invert(probs, data)).float()  # (K, X, Y, Z) on the input grid
+        # (K, X, Y, Z) on the input grid; only the class map is used unless the probabilities are saved
+        probs = torch.as_tensor(invert(probs, data, classes_only=not options.get("save_probabilities"))).float()
         times["invert"] = time.perf_counter() - t_inv
     t2 = time.perf_counter()
     if tuple(probs.shape[1:]) != reference.shape:

@@ -216,3 +216,33 @@ def test_a_zscore_channel_of_one_foreground_value_is_centred_not_blown_up() -> N
     assert float(out.min()) == -5.0  # the background, centred on the foreground's value
     assert torch.equal(normalize_channel(torch.full((4, 4, 4), 7.0), {"scheme": "zscore"}), torch.zeros(4, 4, 4))
     assert torch.equal(normalize_channel(torch.zeros(4, 4, 4), {"scheme": "zscore"}), torch.zeros(4, 4, 4))
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_the_class_map_alone_inverts_to_the_same_classes(tmp_path: Path, name: str) -> None:
+    """classes_only skips the voxels no class but background can win: the same argmax everywhere,
+    the same probabilities inside the box it computes, background outside."""
+    affine, target = GEOMETRIES[name]
+    path = _write(tmp_path / "in.nii.gz", _image((23, 19, 13)), affine)
+    ours = prepare([read_volume(path)], _plan(target))
+    shape = ours.image.shape[1:]
+    logits = torch.full((3, *shape), -4.0)
+    logits[0] = 4.0
+    logits[1, 3:8, 2:7, 2:5] = 6.0  # an object of class 1, one of class 2 elsewhere
+    logits[2, -4:-2, -3:, 1:3] = 5.0
+    logits += 0.5 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
+    probs = torch.softmax(logits, 0)
+    full = invert_probabilities(probs, ours)
+    only = invert_probabilities(probs, ours, classes_only=True)
+    assert torch.equal(full.argmax(0), only.argmax(0)), name
+    same = (only == full).all(dim=0)
+    background = (only[0] == 1) & (only[1:] == 0).all(dim=0)
+    assert bool((same | background).all()) and bool(same.any())
+    if name == "axis-aligned":
+        assert not bool(same.all())  # the box left most of the grid out
+    assert int(full.argmax(0).max()) > 0  # something to segment
+    # a prediction of background only: background everywhere, without interpolating
+    none = invert_probabilities(
+        torch.softmax(torch.stack([logits[0], -logits[0], -logits[0]]), 0), ours, classes_only=True
+    )
+    assert bool((none[0] == 1).all()) and tuple(none.shape) == (3, 23, 19, 13)
