@@ -6,11 +6,14 @@ handler: ``docker stop`` would wait its grace period and then SIGKILL, possibly 
 file write. This wrapper installs a SIGTERM handler that raises KeyboardInterrupt, so medgn stops the
 way it stops on Ctrl-C (temporary files removed, finished outputs kept; training installs its own
 handler and checkpoints first), and exits with 143 (128 + SIGTERM) as a terminated process would.
-It loads the ``medgn`` console-script entry point by name, so it follows the package's layout.
+It finds the module of the ``medgn`` console-script entry point by name, so it follows the package's
+layout, and runs its ``main``; it ends the process with that module's ``exit_now`` as the console
+script does (no interpreter shutdown, which takes 0.3-0.4 s with torch loaded).
 """
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 from importlib.metadata import entry_points
@@ -28,8 +31,9 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def main() -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     (entry,) = entry_points(group="console_scripts", name="medgn")
+    cli = importlib.import_module(entry.module)
     try:
-        result = entry.load()()
+        result = cli.main()
         code = 0 if result is None else int(result)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -40,4 +44,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    (entry,) = entry_points(group="console_scripts", name="medgn")
+    getattr(importlib.import_module(entry.module), "exit_now", sys.exit)(status)
