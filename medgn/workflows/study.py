@@ -24,8 +24,15 @@ from typing import Any
 
 from medgn.config import RunConfig
 from medgn.configtools import build, to_dict
-from medgn.errors import UsageError
-from medgn.files import atomic_path, atomic_write_json, atomic_write_text, make_output_dir
+from medgn.errors import MedgnError, UsageError
+from medgn.files import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    make_output_dir,
+    missing_folders,
+    remove_empty_folders,
+)
 from medgn.logs import get_logger
 from medgn.models.config import UNet3DConfig
 from medgn.workflows.train import train_on_dataset
@@ -106,7 +113,42 @@ def norm_study(
             f"study folder already holds the runs of an earlier study ({len(earlier)})",
             expected="a new --out, or remove its runs/ folder to redo the study",
         )
+    created = missing_folders(Path(out_dir) / "runs")  # removed again if the first arm is refused
     make_output_dir(out_dir, "study folder")
+    try:
+        rows = _run_arms(cfg, data, Path(out_dir), arms, norms, seeds, batch_sizes, samples, lr_scaling, fold, device)
+    except MedgnError:
+        remove_empty_folders(created)  # only empty ones: a refused first arm leaves no study folder
+        raise
+    write_study(
+        rows,
+        out_dir,
+        settings={
+            "samples": samples,
+            "fold": fold,
+            "device": device,
+            "lr_scaling": lr_scaling,
+            "seeds": list(seeds) or [cfg.train.seed],
+            "config": cfg.to_dict(),
+        },
+    )
+    return rows
+
+
+def _run_arms(
+    cfg: RunConfig,
+    data: Any,
+    out_dir: Path,
+    arms: dict[str, UNet3DConfig],
+    norms: Sequence[str],
+    seeds: Sequence[int],
+    batch_sizes: Sequence[int],
+    samples: int,
+    lr_scaling: str,
+    fold: int,
+    device: str,
+) -> list[dict[str, Any]]:
+    """Train every (norm, seed, batch size) arm for the same samples seen; one row per arm."""
     rows: list[dict[str, Any]] = []
     for norm, seed, batch in itertools.product(norms, list(seeds) or [cfg.train.seed], batch_sizes):
         iterations = samples // batch
@@ -150,18 +192,6 @@ def norm_study(
                 "stop_reason": result.state.stop_reason,
             }
         )
-    write_study(
-        rows,
-        out_dir,
-        settings={
-            "samples": samples,
-            "fold": fold,
-            "device": device,
-            "lr_scaling": lr_scaling,
-            "seeds": list(seeds) or [cfg.train.seed],
-            "config": cfg.to_dict(),
-        },
-    )
     return rows
 
 

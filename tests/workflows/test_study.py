@@ -122,3 +122,15 @@ def test_study_values_are_checked_before_any_run(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_study_whose_first_arm_is_refused_leaves_no_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_dataset(tmp_path / "data", n=4, size=16)
+    out = tmp_path / "study"
+    argv = ["study", "norms", "--data", str(data), "--out", str(out), "--norms", "group", "--batch-sizes", "1"]
+    assert main([*argv, "--iterations", "2", "--fold", "7"]) == 2  # the dataset has no fold 7
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fold" in err[0]
+    assert not out.exists()
