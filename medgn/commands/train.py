@@ -131,6 +131,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+# Config keys that flags of this command set, for errors about their values.
+_FLAG_KEYS = {
+    "train.time_budget_minutes": "--time-budget",
+    "train.freeze_encoder_steps": "--freeze-encoder-steps",
+    "data.limits.max_resampled_voxels": "--max-resampled-voxels",
+    "data.limits.max_windows": "--max-windows",
+}
+
+
 def _recorded_freeze(out: Path) -> int:
     """The encoder-freezing steps a run's resolved config records (0 when none or unreadable)."""
     import yaml
@@ -169,7 +178,13 @@ def run(args: argparse.Namespace) -> int:
     frozen = _recorded_freeze(Path(args.out)) if args.resume else 0
     if frozen and not any(o.startswith("train.freeze_encoder_steps=") for o in overrides):
         overrides.append(f"train.freeze_encoder_steps={frozen}")  # a resumed fine-tune freezes as it began
-    cfg = load_run_config(args.config, overrides)
+    try:
+        cfg = load_run_config(args.config, overrides)
+    except UsageError as exc:  # a value from a flag: named as typed (the config key is in the message)
+        flag = _FLAG_KEYS.get(exc.where)
+        if flag is not None and getattr(args, flag[2:].replace("-", "_"), None) is not None:
+            raise UsageError(flag, f"{exc.what} (config {exc.where})", got=exc.got, expected=exc.expected) from None
+        raise
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = {
         "fold": fold,

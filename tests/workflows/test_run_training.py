@@ -510,3 +510,16 @@ def test_short_cpu_run_on_four_la2018_cases(shared_data: Path, tmp_path: Path) -
         "source": "reference topology",
         "evidence": {"1": {"one_piece": 4, "cases": 4}},
     }
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--max-resampled-voxels", "0"), ("--max-windows", "0"), ("--freeze-encoder-steps", "-3")],
+)
+def test_a_bad_flag_value_is_named_as_typed(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"medgn: error: {flag}: value out of range (config ")
+    assert not (tmp_path / "r").exists()
