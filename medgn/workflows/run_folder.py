@@ -81,20 +81,19 @@ def remove_new_run(out_dir: Path, lock: RunLock | None) -> None:
         out_dir.rmdir()
 
 
-def remove_new_files(out_dir: Path, before: set[str], lock: RunLock | None) -> None:
-    """Remove what a new run refused before training wrote into a folder that existed before it
-    (the config, plans, splits, run record and log), keeping everything that was there."""
-    import shutil
+# What a new run writes into its folder before training: removed again when it is refused there.
+SETUP_FILES = (RUN_RECORD, "dataset_plan.json", "plan.json", "config.yaml", SPLITS_FILE, "medgn.log")
 
+
+def remove_new_files(out_dir: Path, before: set[str]) -> None:
+    """Remove what a new run refused before training wrote into a folder that existed before it
+    (:data:`SETUP_FILES` that were not there), keeping everything else: files another program
+    writes there meanwhile included."""
     from medgn.logs import current_log_path, detach_file_logs
 
     log_path = current_log_path()
     if log_path is not None and is_inside(log_path, out_dir) and log_path.name not in before:
         detach_file_logs()
-    for path in out_dir.iterdir():
-        if path.name in before or (lock is not None and path == lock.path):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+    for name in SETUP_FILES:
+        if name not in before:
+            (out_dir / name).unlink(missing_ok=True)

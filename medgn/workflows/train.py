@@ -107,8 +107,8 @@ def _dataset_plan(
     stored = out_dir / DATASET_PLAN
     if plan_path is not None:
         given = Plan.load(plan_path)
-        if is_main and Path(plan_path).resolve() != stored.resolve():
-            given.save(stored)  # the run's starting plan: a --resume without --plan finds it here
+        if is_main and not reuse and Path(plan_path).resolve() != stored.resolve():
+            given.save(stored)  # a new run's starting plan: a --resume without --plan finds it here
         return given
     if reuse and stored.exists():
         return Plan.load(stored)
@@ -314,7 +314,7 @@ def train_on_dataset(
             if created:
                 remove_new_run(out_dir, lock)
             elif not resume:  # a folder the user made: only what this run wrote into it goes
-                remove_new_files(out_dir, before, lock)
+                remove_new_files(out_dir, before)
         raise
     finally:
         if lock is not None:

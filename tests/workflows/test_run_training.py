@@ -275,6 +275,13 @@ def test_a_resume_trains_with_the_runs_own_plan(
     assert len(err) == 1 and "another plan than its own" in err[0] and "target_spacing" in err[0]
     assert (run / "plan.json").read_bytes() == before
     assert read_pointer(run / "checkpoints", "latest")["iteration"] == 6  # type: ignore[index]
+    # so is a resume given another --plan, which leaves the run's own plan as it was
+    started = (run / "dataset_plan.json").read_bytes()
+    other = tmp_path / "plans" / "other.json"
+    other.write_text(json.dumps(dict(coarse, target_spacing=[1.0, 1.0, 1.0])))
+    assert main([*argv, "--resume", "--plan", str(other), "--set", "train.epochs=3"]) == 2
+    assert "another plan than its own" in capsys.readouterr().err
+    assert (run / "dataset_plan.json").read_bytes() == started
     # a plan made for a dataset of two channels is refused before anything is trained or left behind
     two = dict(coarse, in_channels=2, normalization=coarse["normalization"] * 2)
     plan.write_text(json.dumps(two))
