@@ -45,5 +45,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     status = main()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # done: a late SIGTERM must not raise during the exit
     (entry,) = entry_points(group="console_scripts", name="medgn")
     getattr(importlib.import_module(entry.module), "exit_now", sys.exit)(status)

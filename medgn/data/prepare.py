@@ -379,9 +379,10 @@ def invert_probabilities(probs: torch.Tensor, data: Any, *, classes_only: bool =
     part -= part.amax(dim=0, keepdim=True)  # softmax in place: the output is the size of the scan times K
     part.exp_()
     part /= part.sum(dim=0, keepdim=True)
-    if box is None:
-        return part
-    out = torch.zeros((k, *_grids(data)[2]), dtype=torch.float32)
+    shape_in = tuple(int(n) for n in _grids(data)[2])
+    if box is None or tuple(part.shape[1:]) == shape_in:
+        return part  # the whole grid: no second array of its size
+    out = torch.zeros((k, *shape_in), dtype=torch.float32)
     out[0] = 1.0
     out[(slice(None), *(slice(int(a), int(b)) for a, b in zip(*box)))] = part
     return out

@@ -390,7 +390,8 @@ def refuse_existing(
     when ``ct_seg.mha`` is asked for) is named as such: the two would share ``ct_seg.json``.
     """
     names = ", ".join(p.name for p in existing)
-    others = [str(o) for o in (sidecar or {}).get("outputs", []) if isinstance(o, str)]
+    recorded = (sidecar or {}).get("outputs") if isinstance(sidecar, dict) else None
+    others = [o for o in recorded if isinstance(o, str)] if isinstance(recorded, list) else []
     same_stem = [o for o in others if o != mask and o.startswith(stem.name + ".") and not o.endswith(".json")]
     if mask and same_stem and mask not in others:
         return UsageError(

@@ -229,3 +229,12 @@ def test_two_formats_of_one_mask_name_say_they_share_a_provenance_file(
     assert len(err) == 1 and "ct_seg.json records the mask ct_seg.nrrd, and ct_seg.mha would share it" in err[0]
     assert not (out / "ct_seg.mha").exists()
     assert main([*base, str(out / "ct_seg.nrrd")]) == 0  # the same mask again: done earlier, skipped
+
+
+@pytest.mark.parametrize("outputs", [None, 3, "ct_seg.nrrd", [1, None]])
+def test_a_foreign_provenance_file_beside_a_mask_is_refused_cleanly(outputs: object, tmp_path: Path) -> None:
+    from medgn.infer.case import refuse_existing
+
+    stem = tmp_path / "ct_seg"
+    error = refuse_existing(stem, [tmp_path / "ct_seg.json"], {"outputs": outputs}, "ct_seg.nii.gz")
+    assert isinstance(error, UsageError) and "ct_seg.json" in error.one_line()
