@@ -201,6 +201,7 @@ def _sample(
     fill: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     origin: Sequence[int] = (0, 0, 0),
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(K, *out_shape) float32 values of ``src`` (K, *in) at voxel coordinates ``m @ (i, j, k, 1)``.
 
@@ -208,11 +209,12 @@ def _sample(
     None) or ``fill`` per channel for points more than half a voxel outside. ``dtype``: the
     arithmetic of the interpolation (float64 keeps a long axis's coordinates exact). ``origin``:
     the output box starts at that voxel of the output grid (the same arithmetic, so the same values,
-    as that box of the whole grid).
+    as that box of the whole grid). ``into``: a (K, *out_shape) float32 tensor (a view is fine) to
+    write the values into instead of a new one.
     """
     k = int(src.shape[0])
     size = torch.tensor([float(s) for s in src.shape[1:]], dtype=torch.float64)
-    out = torch.empty((k, *[int(s) for s in out_shape]), dtype=torch.float32)
+    out = into if into is not None else torch.empty((k, *[int(s) for s in out_shape]), dtype=torch.float32)
     plane = int(out_shape[1]) * int(out_shape[2])
     step = max(1, SLAB_VOXELS // max(plane, 1))
     # The map is affine, so a voxel's source coordinates are i * m[:, 0] plus a term of (j, k)
@@ -306,6 +308,7 @@ def invert_to_input(
     mode: str = "bilinear",
     fill: Sequence[float] | None = None,
     box: tuple[Sequence[int], Sequence[int]] | None = None,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Resample a prediction from the pipeline grid back onto the input file's voxel grid.
 
@@ -321,6 +324,7 @@ def invert_to_input(
         fill: value per channel for input voxels outside the pipeline grid (cropped background);
             default one-hot background (1 for channel 0, 0 elsewhere).
         box: (start, stop) of the input voxels to compute; None: all of them.
+        into: a float32 tensor of the result's shape (a view is fine) to write into.
 
     Returns:
         (K, X, Y, Z) float tensor on the CPU, or (K, *box size) for a ``box``.
@@ -337,10 +341,10 @@ def invert_to_input(
     fill_t = torch.tensor(list(fill) if fill is not None else [1.0] + [0.0] * (k - 1), dtype=torch.float32)
     m = np.linalg.inv(a_pipe) @ a_in  # input voxel -> pipeline voxel
     if box is None:
-        return _sample(pred.detach().float().cpu(), m, shape_in, mode, fill_t)
+        return _sample(pred.detach().float().cpu(), m, shape_in, mode, fill_t, into=into)
     start, stop = box
     size = [int(b) - int(a) for a, b in zip(start, stop)]
-    return _sample(pred.detach().float().cpu(), m, size, mode, fill_t, origin=start)
+    return _sample(pred.detach().float().cpu(), m, size, mode, fill_t, origin=start, into=into)
 
 
 def invert_probabilities(probs: torch.Tensor, data: Any, *, classes_only: bool = False) -> torch.Tensor:
@@ -374,18 +378,17 @@ def invert_probabilities(probs: torch.Tensor, data: Any, *, classes_only: bool =
         out = torch.zeros((k, *_grids(data)[2]), dtype=torch.float32)
         out[0] = 1.0
         return out
-    part = invert_to_input(log_probs, data, fill=fill, box=box)
+    out = None
+    if box is not None:  # one array of the scan's size: background, the box written into it in place
+        out = torch.zeros((k, *_grids(data)[2]), dtype=torch.float32)
+        out[0] = 1.0
+    view = out[(slice(None), *(slice(int(a), int(b)) for a, b in zip(*box)))] if out is not None else None
+    part = invert_to_input(log_probs, data, fill=fill, box=box, into=view)
     del log_probs
     part -= part.amax(dim=0, keepdim=True)  # softmax in place: the output is the size of the scan times K
     part.exp_()
     part /= part.sum(dim=0, keepdim=True)
-    shape_in = tuple(int(n) for n in _grids(data)[2])
-    if box is None or tuple(part.shape[1:]) == shape_in:
-        return part  # the whole grid: no second array of its size
-    out = torch.zeros((k, *shape_in), dtype=torch.float32)
-    out[0] = 1.0
-    out[(slice(None), *(slice(int(a), int(b)) for a, b in zip(*box)))] = part
-    return out
+    return part if out is None else out
 
 
 # A pipeline voxel is left out of the class box only when background leads every other class by more
