@@ -466,7 +466,10 @@ def find_inputs(
         for case_id, found in sorted(grouped.items()):
             if sorted(found) != list(range(len(found))):
                 raise InputDataError(
-                    path, f"case {case_id} has channels {sorted(found)}", expected="consecutive channels from _0000"
+                    path,
+                    f"case {case_id} has channels {sorted(found)}",
+                    expected="consecutive channels from _0000 (a name ending in _ and 4 digits is read as a channel "
+                    "of a case: rename single-channel scans such as patient_0001, or give them one file at a time)",
                 )
             cases.append(Case(check_case_id(case_id, path), tuple(found[c] for c in sorted(found))))
     elif _is_dicom_folder(path):

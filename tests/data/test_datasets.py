@@ -192,3 +192,13 @@ def test_require_valid_lists_all_problems(tmp_path: Path) -> None:
     (root / "imagesTr" / "case1_0001.nii.gz").write_bytes(b"")
     text = str(pytest.raises(InputDataError, require_valid, load_dataset(root)).value)
     assert "2 problem(s)" in text and "case0.nii.gz" in text and "case1_0001.nii.gz: file is empty" in text
+
+
+def test_an_inference_folder_of_numbered_scans_says_how_it_reads_them(tmp_path: Path) -> None:
+    for i in (1, 2):
+        make_nifti(tmp_path / f"patient_{i:04d}.nii.gz", np.ones((4, 4, 4), np.float32))
+    with pytest.raises(InputDataError, match=r"case patient has channels \[1, 2\]") as info:
+        find_inputs(tmp_path)
+    assert "rename single-channel scans such as patient_0001" in info.value.one_line()
+    (case,) = find_inputs(tmp_path / "patient_0001.nii.gz")  # one file at a time: the whole name
+    assert case.case_id == "patient_0001"
