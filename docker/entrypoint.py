@@ -17,7 +17,7 @@ import importlib
 import signal
 import sys
 from importlib.metadata import entry_points
-from types import FrameType
+from types import FrameType, ModuleType
 
 _terminated = False
 
@@ -28,10 +28,14 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def main() -> int:
-    signal.signal(signal.SIGTERM, _on_sigterm)
+def _cli() -> ModuleType:
+    """The module of the ``medgn`` console-script entry point."""
     (entry,) = entry_points(group="console_scripts", name="medgn")
-    cli = importlib.import_module(entry.module)
+    return importlib.import_module(entry.module)
+
+
+def main(cli: ModuleType) -> int:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         result = cli.main()
         code = 0 if result is None else int(result)
@@ -44,7 +48,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    status = main()
+    cli = _cli()
+    status = main(cli)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # done: a late SIGTERM must not raise during the exit
-    (entry,) = entry_points(group="console_scripts", name="medgn")
-    getattr(importlib.import_module(entry.module), "exit_now", sys.exit)(status)
+    getattr(cli, "exit_now", sys.exit)(status)

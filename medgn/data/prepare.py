@@ -374,15 +374,13 @@ def invert_probabilities(probs: torch.Tensor, data: Any, *, classes_only: bool =
     log_probs = probs.detach().float().cpu().clamp_min(float(math.exp(LOG_PROB_FLOOR))).log_()  # clamp copies
     fill = [0.0] + [LOG_PROB_FLOOR] * (k - 1)
     box = _class_box(log_probs, data) if classes_only else None
-    if box is not None and any(a >= b for a, b in zip(*box)):  # no voxel any class but background can win
-        out = torch.zeros((k, *_grids(data)[2]), dtype=torch.float32)
-        out[0] = 1.0
-        return out
-    out = None
+    out = view = None
     if box is not None:  # one array of the scan's size: background, the box written into it in place
         out = torch.zeros((k, *_grids(data)[2]), dtype=torch.float32)
         out[0] = 1.0
-    view = out[(slice(None), *(slice(int(a), int(b)) for a, b in zip(*box)))] if out is not None else None
+        if any(a >= b for a, b in zip(*box)):  # no voxel any class but background can win
+            return out
+        view = out[(slice(None), *(slice(int(a), int(b)) for a, b in zip(*box)))]
     part = invert_to_input(log_probs, data, fill=fill, box=box, into=view)
     del log_probs
     part -= part.amax(dim=0, keepdim=True)  # softmax in place: the output is the size of the scan times K

@@ -17,6 +17,10 @@ from medgn.files import RunLock, atomic_write_json, is_inside
 from medgn.planning.splits import ALL_FOLDS, SPLITS_FILE
 
 RUN_RECORD = "run.json"  # what a resume must repeat: the fold
+DATASET_PLAN = "dataset_plan.json"  # the plan the run started from (made from the data, or its --plan)
+RUN_PLAN = "plan.json"  # the plan this run trains with (after the config's overrides)
+RESOLVED_CONFIG = "config.yaml"  # the run config with every default and override resolved
+RUN_LOG = "medgn.log"
 
 
 def write_run_record(out_dir: Path, fold: int) -> None:
@@ -82,7 +86,7 @@ def remove_new_run(out_dir: Path, lock: RunLock | None) -> None:
 
 
 # What a new run writes into its folder before training: removed again when it is refused there.
-SETUP_FILES = (RUN_RECORD, "dataset_plan.json", "plan.json", "config.yaml", SPLITS_FILE, "medgn.log")
+SETUP_FILES = (RUN_RECORD, DATASET_PLAN, RUN_PLAN, RESOLVED_CONFIG, SPLITS_FILE, RUN_LOG)
 
 
 def remove_new_files(out_dir: Path, before: set[str]) -> None:

@@ -47,6 +47,10 @@ from medgn.train.sampler import ResumableLoader, ResumableSampler
 from medgn.train.trainer import Trainer, TrainState
 from medgn.train.validation import make_validator
 from medgn.workflows.run_folder import (
+    DATASET_PLAN,
+    RESOLVED_CONFIG,
+    RUN_LOG,
+    RUN_PLAN,
     check_resumed_fold,
     fold_name,
     remove_new_files,
@@ -56,8 +60,6 @@ from medgn.workflows.run_folder import (
 
 log = get_logger(__name__)
 
-DATASET_PLAN = "dataset_plan.json"  # the plan of the dataset as `medgn plan` makes it
-RUN_PLAN = "plan.json"  # the plan this run trains with (after the config's overrides)
 # (network, run folder, resuming) -> extra hooks; loads initial weights unless resuming (fine-tuning).
 ModelInit = Callable[[torch.nn.Module, Path, bool], Sequence[Any]]
 FINGERPRINT_SEED = 0  # the intensity sampling of a plan made by training (as `medgn plan`'s default)
@@ -248,7 +250,7 @@ def train_on_dataset(
         lock.acquire()
     try:
         if info.is_main:
-            attach_file_log(out_dir / "medgn.log")
+            attach_file_log(out_dir / RUN_LOG)
             clean_stale_temps(out_dir)
             if not resume:
                 write_run_record(out_dir, fold)
@@ -289,7 +291,7 @@ def train_on_dataset(
         if resume and (out_dir / RUN_PLAN).is_file():
             _check_resumed_plan(Plan.load(out_dir / RUN_PLAN), plan, out_dir)
         if info.is_main:
-            write_resolved_config(cfg, out_dir / "config.yaml")
+            write_resolved_config(cfg, out_dir / RESOLVED_CONFIG)
             plan.save(out_dir / RUN_PLAN)
         train_cases, val_cases = _fold_cases(index, cfg, out_dir, fold)
         # Before any resampling: a case that would explode at the plan's spacing stops the run (exit 5).
