@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check of medgn in one command (at most 8.5 minutes of wall time on an H100/H200):
+# The GPU check of medgn in one command (at most 9 minutes of wall time on an H100/H200):
 # versions and nvidia-smi, the `gpu`-marked tests, the GroupNorm kernel benchmark (quick), the
-# training benchmark (quick), an 80-second LA2018 training smoke run on staged cases and
+# kernels' tuning sweep, the training benchmark (quick), a 60-second LA2018 training smoke run on
+# staged cases and
 # `medgn infer` of the staged scans with its model. Every step runs
 # under its own timeout and the next step runs whatever the previous one returned; per-step exit
 # codes and seconds go to summary.txt. Everything is written under the output folder.
@@ -47,20 +48,20 @@ run() {
     return 0
 }
 
-# Step budgets (seconds), summing to about 8.5 minutes on a GPU: the benchmarks write their rows as
+# Step budgets (seconds), summing to about 9 minutes on a GPU: the benchmarks write their rows as
 # they go, so a step cut by its timeout still leaves its finished rows.
 if [[ "$DRY" == "1" ]]; then
     # Generous limits: a shared 2-core machine runs these in ~1 min of CPU time but 3-6 min wall.
-    T_ENV=60 T_TEST=180 T_GN=180 T_TRAIN=180 T_LA=360 T_INF=300 BUDGET=20s INFER_DEVICE=cpu
-    GN_ARGS=(--device cpu) TRAIN_ARGS=(--device cpu --variants eager)
+    T_ENV=60 T_TEST=180 T_GN=180 T_TUNE=180 T_TRAIN=180 T_LA=360 T_INF=300 BUDGET=20s INFER_DEVICE=cpu
+    GN_ARGS=(--device cpu) TUNE_ARGS=(--device cpu --jobs 1) TRAIN_ARGS=(--device cpu --variants eager)
     LA_ARGS=(--config configs/la2018_cpu.yaml --device cpu --set train.epochs=1
              --set train.iters_per_epoch=2 --set train.val_every=1 --set train.batch_size=1
              --set train.warmup_iters=0
              --set "plan.patch_size=[32,32,32]" --set data.num_workers=0)
     PYTEST_OPTS=()
 else
-    T_ENV=20 T_TEST=150 T_GN=80 T_TRAIN=70 T_LA=130 T_INF=50 BUDGET=80s INFER_DEVICE=cuda
-    GN_ARGS=(--device cuda --quick) TRAIN_ARGS=(--device cuda --quick)
+    T_ENV=20 T_TEST=130 T_GN=80 T_TUNE=100 T_TRAIN=70 T_LA=110 T_INF=40 BUDGET=60s INFER_DEVICE=cuda
+    GN_ARGS=(--device cuda --quick) TUNE_ARGS=(--device cuda) TRAIN_ARGS=(--device cuda --quick)
     LA_ARGS=(--config configs/la2018.yaml --device cuda --set train.epochs=40
              --set train.iters_per_epoch=25 --set train.val_every=5 --set data.num_workers=4)
     # First-time Triton compilation dominates the GPU tests (about 160 tests took over 110 s on
@@ -91,6 +92,7 @@ run env "$T_ENV" bash -c "$(declare -f env_report); PYTHON='$PYTHON' env_report"
 run pytest_gpu "$T_TEST" "$PYTHON" -m pytest -p no:cacheprovider -v --tb=short -rfE -m gpu "${PYTEST_OPTS[@]}" \
     --junitxml="$OUTDIR/pytest_gpu.xml" tests/ops tests/benchmarks
 run bench_gn "$T_GN" "$PYTHON" benchmarks/bench_group_norm.py "${GN_ARGS[@]}" --out "$OUTDIR/bench"
+run tune_gn "$T_TUNE" "$PYTHON" benchmarks/tune_group_norm.py "${TUNE_ARGS[@]}" --out "$OUTDIR/bench"
 run bench_train "$T_TRAIN" "$PYTHON" benchmarks/bench_train.py "${TRAIN_ARGS[@]}" --out "$OUTDIR/bench"
 if [[ -f "$DATA/dataset.json" ]]; then
     run la_smoke "$T_LA" "$PYTHON" -m medgn train --data "$DATA" --out "$OUTDIR/la_smoke" --fold 0 \

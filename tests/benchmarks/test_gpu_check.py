@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CHECK = ROOT / "benchmarks" / "gpu_check.sh"
 STAGE = ROOT / "benchmarks" / "stage_gpu_data.sh"
-STEPS = ("env", "pytest_gpu", "bench_gn", "bench_train", "la_smoke", "infer")
+STEPS = ("env", "pytest_gpu", "bench_gn", "tune_gn", "bench_train", "la_smoke", "infer")
 
 
 def _env() -> dict[str, str]:
@@ -52,6 +52,9 @@ def test_dry_run_runs_every_step(tmp_path: Path, shared_data: Path) -> None:
     assert "skipped" in (out / "pytest_gpu.log").read_text(encoding="utf-8")  # no CUDA here
     gn = json.loads((out / "bench" / "group_norm_cpu.json").read_text(encoding="utf-8"))
     assert len(gn["rows"]) == 18 and all(r["check_ok"] for r in gn["rows"] if r["provider"] == "medgn")
+    tune = json.loads((out / "bench" / "group_norm_tune_cpu.json").read_text(encoding="utf-8"))
+    assert len(tune["rows"]) == 4 and all(r["check_ok"] for r in tune["rows"])
+    assert (out / "bench" / "host_profile.txt").stat().st_size > 0
     train = json.loads((out / "bench" / "train_cpu.json").read_text(encoding="utf-8"))
     assert [r["norm"] for r in train["rows"]] == ["group", "group_torch", "instance"]
     assert (out / "la_smoke").is_dir() and any((out / "la_smoke").iterdir())
