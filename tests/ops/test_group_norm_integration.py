@@ -32,6 +32,39 @@ def test_two_runs_are_bitwise_identical(device: str, streamed: bool, monkeypatch
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("residual_grad", "affine"), [(True, True), (False, True), (True, False)])
+def test_eager_path_equals_the_custom_ops(device: str, residual_grad: bool, affine: bool, monkeypatch) -> None:
+    """Eager calls skip the custom ops' dispatch; outputs and every gradient stay bit for bit."""
+    import sys
+
+    gn_module = sys.modules["medgn.ops.group_norm"]
+    inp = make_inputs((2, 16, 4, 5, 6), torch.bfloat16, True, seed=11, device=device)
+
+    def run() -> tuple[torch.Tensor | None, ...]:
+        x, r = (inp[k].detach().clone().requires_grad_() for k in ("x", "residual"))
+        r.requires_grad_(residual_grad)
+        w, b = ((inp[k].detach().clone().requires_grad_() if affine else None) for k in ("weight", "bias"))
+        y = group_norm(x, 4, w, b, activation="leaky_relu", residual=r, backend="triton")
+        assert y.grad_fn is not None
+        y.backward(inp["dy"])
+        with torch.no_grad():  # no gradients: the forward launcher alone, no autograd node
+            y_inference = group_norm(x, 4, w, b, activation="leaky_relu", residual=r, backend="triton")
+        assert y_inference.grad_fn is None and torch.equal(y_inference, y.detach())
+        return y, x.grad, r.grad, *((w.grad, b.grad) if affine else ())
+
+    calls = []
+    eager_call = gn_module._eager_call
+    monkeypatch.setattr(gn_module, "_eager_call", lambda *t: calls.append(eager_call(*t)) or calls[-1])
+    eager = run()
+    monkeypatch.setattr(gn_module, "_eager_call", lambda *t: False)
+    ops = run()
+    assert calls == [True, True]
+    assert (eager[2] is None) == (ops[2] is None) == (not residual_grad)
+    for a, b in zip(eager, ops):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_autocast_keeps_bf16(device: str) -> None:
     inp = make_inputs((1, 16, 3, 4, 5), torch.bfloat16, False, seed=6, device=device)
     w = inp["weight"].float()  # parameters stay fp32 under autocast
