@@ -167,12 +167,15 @@ def _apply_kernel(
         cm = cc < CPG
         gamma, beta = _affine(W, B, g0, gg, cc, cm, CPG, HAS_W, HAS_B)
         scale = (gamma * rstd[:, None])[:, :, None]  # (GPB, BLOCK_C, 1)
-        shift = (beta - mean[:, None] * gamma * rstd[:, None])[:, :, None]
+        # Centred, (x - mean) * scale + beta, not x * scale + (beta - mean * scale): the GPU
+        # contracts the latter into one FMA whose rounding of x * scale does not cancel, so a
+        # constant group (or |mean| >> std) got an error of ulp(mean * scale) instead of 0.
         for s0 in tl.range(s_lo, s_hi, BLOCK_S, num_stages=STAGES):
             ss = s0 + tl.arange(0, BLOCK_S)
             m = cm[None, :, None] & (ss < s_hi)[None, None, :]
             off = _offsets(base, gg, cc, ss, CPG, sxc, sxs)
-            z = tl.load(X + off, mask=m, other=0.0).to(tl.float32) * scale + shift
+            xc = tl.load(X + off, mask=m, other=0.0).to(tl.float32) - mean[:, None, None]
+            z = xc * scale + beta[:, :, None]
             if HAS_R:
                 roff = _offsets(rbase, gg, cc, ss, CPG, src, srs)
                 z += tl.load(R + roff, mask=m, other=0.0).to(tl.float32)
