@@ -58,6 +58,18 @@ def _is_channels_last(t: torch.Tensor) -> bool:
 # test shapes exercise several splits.
 _TILE_GPU = 2048
 _TILE_CPU = 512
+# 16-bit inputs on the GPU: (elements per tile, warps or None for ``_warps``) per (pass,
+# channels_last), from ``benchmarks/tune_group_norm.py`` on an H200 (torch 2.11, Triton 3.6;
+# ``benchmarks/results/group_norm_h200.md``). At 2x32x128^3 bf16 they took the forward from 0.296 to
+# 0.244 ms (contiguous; the apply kernel streams better with 1024-element tiles of 4 warps) and
+# from 0.373 to 0.242 ms (channels_last, 8192-element tiles), and the channels_last backward from
+# 0.651 to 0.454 ms (2048-element tiles of 4 warps; wider tiles made its dx kernel 2-3x slower).
+# float32 keeps the 2048-element tiles: it was not measured.
+_TILES_16BIT = {("fwd", False): (1024, None), ("fwd", True): (8192, None),
+                ("bwd", False): (2048, None), ("bwd", True): (2048, 4)}  # fmt: skip
+# Tests and the sm_90 compile check plan CPU (meta) tensors as GPU ones: GPU tiles, and
+# ``_CPU_PROGRAMS`` taken as the SM count.
+_GPU_TILES_ON_CPU = False
 # Largest group block the fused kernels keep on chip (1 read + 1 write): 16384 fp32 values are
 # 32 registers per thread at 16 warps (x and its centred copy: ~100 registers, no spill); the
 # backward holds x, dy and dz, so half of that. This covers 16^3 x 4 and 8^3 x 32 channels.
@@ -130,16 +142,41 @@ def _device_limits(x: torch.Tensor) -> tuple[int, int]:
     return props.multi_processor_count, props.L2_cache_size // 3
 
 
+def _tile(x: torch.Tensor, direction: str) -> tuple[int, int | None]:
+    """(elements per tile, warps or None for the ``_warps`` rule) of a pass over x."""
+    if not (x.is_cuda or _GPU_TILES_ON_CPU):
+        return _TILE_CPU, None
+    if x.element_size() == 2:
+        return _TILES_16BIT[(direction, _is_channels_last(x))]
+    return _TILE_GPU, None
+
+
 def _plan(x: torch.Tensor, num_groups: int, chunk_tensors: int, chunked: bool) -> _Plan:
     """Plan of the split/chunked kernels for x seen as (N, G, C//G, S).
 
     ``chunk_tensors`` is how many tensors of x's size the second pass re-reads (1 forward, 2-3
-    backward): a chunk of group blocks holds at most a third of L2 of them.
+    backward): a chunk of group blocks holds at most a third of L2 of them. Plans of CUDA tensors
+    are cached by what they depend on (a plan took about 30 us of host time per call).
     """
+    if not x.is_cuda:
+        return _make_plan(x, num_groups, chunk_tensors, chunked)
+    key = (tuple(x.shape), _is_channels_last(x), x.element_size(), x.device.index, num_groups, chunk_tensors, chunked)
+    p = _PLANS.get(key)
+    if p is None:
+        p = _PLANS[key] = _make_plan(x, num_groups, chunk_tensors, chunked)
+    return p
+
+
+# Plans of CUDA tensors by _plan's key; benchmarks that change the planner's constants clear it.
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _make_plan(x: torch.Tensor, num_groups: int, chunk_tensors: int, chunked: bool) -> _Plan:
+    """The plan of :func:`_plan`, computed."""
     n, c = x.shape[:2]
     s = math.prod(x.shape[2:])
     cpg = c // num_groups
-    tile = _TILE_GPU if x.is_cuda else _TILE_CPU
+    tile, fixed_warps = _tile(x, "fwd" if chunk_tensors == 1 else "bwd")
     block_c = min(_next_pow2(cpg), tile)
     sms, l2_bytes = _device_limits(x)
     # Every second-pass program reads all partials of its groups (8 bytes x SPLITS per group
@@ -154,10 +191,10 @@ def _plan(x: torch.Tensor, num_groups: int, chunk_tensors: int, chunked: bool) -
     min_gpb = min(gpb, max(1, 32 // block_c))
     while True:
         block_s = max(1, min(_next_pow2(s), tile // (gpb * block_c)))
-        warps = _warps(gpb * block_c * block_s)
+        warps = fixed_warps or _warps(gpb * block_c * block_s)
         # One full wave of resident programs (no partial second wave): per SM, as many programs
         # as the warp and block limits allow.
-        programs = sms * min(_SM_BLOCKS, _SM_WARPS // warps) if x.is_cuda else sms
+        programs = sms * min(_SM_BLOCKS, _SM_WARPS // warps) if (x.is_cuda or _GPU_TILES_ON_CPU) else sms
         rows = n * num_groups // gpb
         # Fewer groups per channels_last block when the capped splits cannot fill the wave.
         if gpb <= min_gpb or rows * min(split_cap, -(-s // block_s)) >= programs:

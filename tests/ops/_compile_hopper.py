@@ -26,8 +26,8 @@ import medgn.ops.group_norm_plan as plan  # noqa: E402
 import medgn.ops.group_norm_triton as launch  # noqa: E402
 
 H100_SMS = 132
-plan._TILE_CPU = plan._TILE_GPU  # GPU tile sizes on CPU tensors
-plan._CPU_PROGRAMS = H100_SMS * 8  # and the split counts of an H100 (8 programs of 8 warps/SM)
+plan._GPU_TILES_ON_CPU = True  # GPU tile sizes on CPU tensors
+plan._CPU_PROGRAMS = H100_SMS  # and the split counts of an H100
 plan._CPU_L2_BYTES = 50 * 2**20 // 3  # and its L2 chunking
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32"}

@@ -13,8 +13,8 @@ H100_SMS, H100_L2 = 132, 50 * 2**20
 @pytest.fixture
 def h100(monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU tensors planned with an H100's tile size, SM count and L2 budget."""
-    monkeypatch.setattr(plan, "_TILE_CPU", plan._TILE_GPU)
-    monkeypatch.setattr(plan, "_CPU_PROGRAMS", H100_SMS * 8)
+    monkeypatch.setattr(plan, "_GPU_TILES_ON_CPU", True)
+    monkeypatch.setattr(plan, "_CPU_PROGRAMS", H100_SMS)
     monkeypatch.setattr(plan, "_CPU_L2_BYTES", H100_L2 // 3)
 
 
@@ -37,11 +37,14 @@ def test_plans_cover_every_voxel_within_limits(shape, g, channels_last, tensors,
     assert p.SPLITS * p.S_PER_SPLIT >= p.S > (p.SPLITS - 1) * p.S_PER_SPLIT
     assert p.S_PER_SPLIT % p.BLOCK_S == 0 and p.SPLITS <= plan._MAX_SPLITS
     assert p.SPLITS_P2 >= p.SPLITS and p.SPLITS_P2 & (p.SPLITS_P2 - 1) == 0
-    # A tile is at most 2048 elements; a group block is whole groups of one sample.
-    assert p.GPB * p.BLOCK_C * p.BLOCK_S <= plan._TILE_GPU and g % p.GPB == 0
+    # A tile is at most the 16-bit table's size for its pass and layout; a group block is whole
+    # groups of one sample.
+    tile, warps = plan._TILES_16BIT[("fwd" if tensors == 1 else "bwd", channels_last)]
+    assert p.GPB * p.BLOCK_C * p.BLOCK_S <= tile and g % p.GPB == 0
     assert p.rows * p.GPB == shape[0] * g
-    # A launch is at most one wave of resident programs (8 programs of 8 warps per SM).
-    assert p.warps == 8 and p.chunk_rows * p.SPLITS <= H100_SMS * 8 * 1.05
+    # A launch is at most one wave of resident programs (64 warps and 32 programs per SM).
+    assert p.warps == (warps or plan._warps(p.GPB * p.BLOCK_C * p.BLOCK_S))
+    assert p.chunk_rows * p.SPLITS <= H100_SMS * min(32, 64 // p.warps) * 1.05
     # A chunk fits the L2 budget unless a single group block is larger than it.
     row_bytes = p.GPB * p.CPG * p.S * 2 * tensors
     assert p.chunk_rows == 1 or p.chunk_rows * row_bytes <= H100_L2 // 3
@@ -81,10 +84,53 @@ def test_auto_takes_two_launches_each_way_on_large_tensors(h100) -> None:
     assert plan.forward_path(x, 32) == plan.backward_path(x, 32) == "split"
     chunked, split = plan._plan(x, 32, 1, chunked=True), plan._plan(x, 32, 1, chunked=False)
     assert -(-chunked.rows // chunked.chunk_rows) >= 13 and split.chunk_rows == split.rows == 64
-    # One wave, no partial second one: 64 groups x 16 splits = 1024 programs of 1056 slots.
-    assert split.SPLITS == 16 and split.rows * split.SPLITS <= H100_SMS * 8
+    # One wave, no partial second one: 1024-element tiles of 4 warps, 16 programs per SM; 64 groups x
+    # 33 splits = 2112 programs of 2112 slots.
+    assert split.SPLITS == 33 and split.rows * split.SPLITS <= H100_SMS * 16
 
 
 def test_unknown_path_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown path 'fast'"):
         plan.forward_path(_x((1, 4, 2, 2, 2), False), 2, "fast")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "channels_last", "fwd", "bwd"),
+    [(torch.bfloat16, False, (1024, 4), (2048, 8)), (torch.float16, True, (8192, 16), (2048, 4)),
+     (torch.float32, False, (2048, 8), (2048, 8)), (torch.float32, True, (2048, 8), (2048, 8))],
+)  # fmt: skip
+def test_gpu_tiles_follow_the_measured_table(dtype, channels_last, fwd, bwd, h100) -> None:
+    """16-bit inputs take the tiles measured per pass and layout; float32 keeps 2048 elements."""
+    x = torch.empty((2, 32, 128, 128, 128), dtype=dtype, device="meta")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    for tensors, (tile, warps) in ((1, fwd), (2, bwd)):
+        p = plan._plan(x, 32, tensors, chunked=False)
+        assert (p.GPB * p.BLOCK_C * p.BLOCK_S, p.warps) == (tile, warps)
+
+
+class _FakeCudaTensor:
+    """Just what _plan reads before planning, for a CUDA tensor on a machine without one."""
+
+    is_cuda = True
+    shape = (2, 32, 16, 16, 16)
+    device = torch.device("cuda", 0)
+
+    def dim(self) -> int:
+        return 5
+
+    def is_contiguous(self, memory_format: torch.memory_format = torch.contiguous_format) -> bool:
+        return memory_format == torch.contiguous_format
+
+    def element_size(self) -> int:
+        return 2
+
+
+def test_cuda_plans_are_made_once_per_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = []
+    monkeypatch.setattr(plan, "_PLANS", {})
+    monkeypatch.setattr(plan, "_make_plan", lambda x, g, tensors, chunked: made.append((g, tensors)) or len(made))
+    x = _FakeCudaTensor()
+    assert plan._plan(x, 32, 1, False) == plan._plan(x, 32, 1, False) == 1
+    assert plan._plan(x, 8, 1, False) == 2 and plan._plan(x, 32, 2, False) == 3  # another key: planned
+    assert made == [(32, 1), (8, 1), (32, 2)]
