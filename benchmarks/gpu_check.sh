@@ -61,7 +61,7 @@ if [[ "$DRY" == "1" ]]; then
     PYTEST_OPTS=()
 else
     T_ENV=20 T_TEST=130 T_GN=80 T_TUNE=100 T_TRAIN=70 T_LA=110 T_INF=40 BUDGET=60s INFER_DEVICE=cuda
-    GN_ARGS=(--device cuda --quick) TUNE_ARGS=(--device cuda) TRAIN_ARGS=(--device cuda --quick)
+    GN_ARGS=(--device cuda --quick) TUNE_ARGS=(--device cuda --quick) TRAIN_ARGS=(--device cuda --quick)
     LA_ARGS=(--config configs/la2018.yaml --device cuda --set train.epochs=40
              --set train.iters_per_epoch=25 --set train.val_every=5 --set data.num_workers=4)
     # First-time Triton compilation dominates the GPU tests (about 160 tests took over 110 s on
