@@ -33,9 +33,14 @@ BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+# Whether the triton package is installed, looked up once without importing it: a lookup inside
+# group_norm broke torch.compile's full graph (torch 2.11's dynamo does not trace find_spec).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_available() -> bool:
-    """True when the triton package is installed (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when the triton package is installed."""
+    return _TRITON_INSTALLED
 
 
 def _interpreting() -> bool:
