@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PATHS", "backward_path", "forward_path", "moved_volumes", "planned_volumes"]
+__all__ = ["PATHS", "backward_path", "forward_path", "fused_launch_block", "moved_volumes", "planned_volumes"]
 
 
 def _channels_last_format(t: torch.Tensor) -> torch.memory_format | None:
@@ -221,6 +221,21 @@ def _fused_block(x: torch.Tensor, num_groups: int, limit: int) -> tuple[int, int
         return None
     gpb = _groups_per_block(x, num_groups, block_c, min(_CL_CHANNELS, limit // block_s))
     return gpb, block_c, block_s
+
+
+def fused_launch_block(x: torch.Tensor, num_groups: int, direction: str) -> tuple[int, int, int]:
+    """(GPB, BLOCK_C, BLOCK_S) the fused kernels launch with for a ``direction`` pass.
+
+    The block "auto" chose (at most ``_FUSED_MAX`` / ``_FUSED_BWD_MAX`` elements), or one group
+    when the fused path is asked for on a larger group. (medgn 0.1 launched with an unbounded
+    limit, so a channels_last input packed up to 128 channels of whole volumes into one program:
+    262144 elements at 2x64x16^3, 25 s to compile and spilling.)
+    """
+    limit = _FUSED_MAX if direction == "fwd" else _FUSED_BWD_MAX
+    one_group = _next_pow2(x.shape[1] // num_groups) * _next_pow2(math.prod(x.shape[2:]))
+    block = _fused_block(x, num_groups, max(limit, one_group))
+    assert block is not None  # the limit holds one group
+    return block
 
 
 def forward_path(x: torch.Tensor, num_groups: int, path: str = "auto") -> str:

@@ -18,12 +18,12 @@ import torch
 from medgn.ops.group_norm_plan import (
     _STAGES,
     _channels_last_format,
-    _fused_block,
     _is_channels_last,
     _plan,
     _warps,
     backward_path,
     forward_path,
+    fused_launch_block,
     moved_volumes,
     planned_volumes,
 )
@@ -103,7 +103,7 @@ def group_norm_forward(
     s = math.prod(x.shape[2:])
     count = float((x.shape[1] // num_groups) * s)  # elements per group, as a float (no int32)
     if path == "fused":
-        gpb, block_c, block_s = _fused_block(x, num_groups, 1 << 62) or (1, 1, 1)
+        gpb, block_c, block_s = fused_launch_block(x, num_groups, "fwd")
         k._fused_kernel[(n * num_groups // gpb,)](
             x, y, w, b, r, mean, rstd,
             s, num_groups, x.shape[1] // num_groups, sxn, sxc, sxs, srn, src, srs, count, eps,
@@ -178,7 +178,7 @@ def group_norm_backward(
     cpg = c // num_groups
     count = float(cpg * s)
     if path == "fused":
-        gpb, block_c, block_s = _fused_block(x, num_groups, 1 << 62) or (1, 1, 1)
+        gpb, block_c, block_s = fused_launch_block(x, num_groups, "bwd")
         kb._bwd_fused_kernel[(num_groups // gpb,)](
             x, dy, dx, w, b, r, dres if has_dr else x, dw, db, mean, rstd,
             n, s, num_groups, cpg, sxn, sxc, sxs, srn, src, srs, count, negative_slope,

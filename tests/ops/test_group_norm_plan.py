@@ -134,3 +134,20 @@ def test_cuda_plans_are_made_once_per_key(monkeypatch: pytest.MonkeyPatch) -> No
     assert plan._plan(x, 32, 1, False) == plan._plan(x, 32, 1, False) == 1
     assert plan._plan(x, 8, 1, False) == 2 and plan._plan(x, 32, 2, False) == 3  # another key: planned
     assert made == [(32, 1), (8, 1), (32, 2)]
+
+
+@pytest.mark.parametrize(
+    ("shape", "g", "channels_last", "direction", "expected"),
+    [((2, 64, 16, 16, 16), 16, True, "fwd", (1, 4, 4096)), ((2, 320, 8, 8, 8), 32, True, "fwd", (2, 16, 512)),
+     ((2, 320, 8, 8, 8), 32, True, "bwd", (1, 16, 512)), ((2, 320, 8, 8, 8), 32, False, "fwd", (1, 16, 512)),
+     ((1, 8, 32, 32, 32), 2, True, "fwd", (1, 4, 32768))],
+)  # fmt: skip
+def test_fused_launch_block_stays_within_the_fused_limit(shape, g, channels_last, direction, expected) -> None:
+    """channels_last used to pack up to 128 channels of whole volumes into one fused program; the
+    launch block is now the one the path decision checked, or one group when fused is forced."""
+    x = _x(shape, channels_last)
+    block = plan.fused_launch_block(x, g, direction)
+    assert block == expected
+    limit = plan._FUSED_MAX if direction == "fwd" else plan._FUSED_BWD_MAX
+    one_group = expected[1] * expected[2]
+    assert block[0] * one_group <= max(limit, one_group)
