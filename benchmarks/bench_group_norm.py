@@ -67,7 +67,9 @@ COPY_BYTES = 1 << 30  # 1 GiB: far past L2, so the copy measures HBM bandwidth
 # leaky_relu's kink, where fp32 and float64 disagree on the sign; their gradient then differs by
 # 0.99 x dy, a max-norm error of 0.1-0.5 for any correct implementation (seen on an H200). A wrong
 # group, tile or split still moves the L2 error far past these tolerances.
-CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+# float32: one or two flips over 1.3e8 elements already give 1.3e-4, the same for every kernel
+# variant (H200, 2x32x128^3), so its tolerance is 1e-3, still 100x under a wrongly normalised group.
+CHECK_TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
 def _groups(kind: str, channels: int) -> int:

@@ -1,7 +1,7 @@
 """Tuning sweep of the split-path GroupNorm kernels: tile size, warps, pipelining depth, grid size.
 
 Each variant patches the launch planner's constants (``medgn.ops.group_norm_plan``): elements per
-tile and warps per program (``_TILES_16BIT``, ``_TILE_GPU``; warps None: the ``_warps`` rule),
+tile and warps per program (``_TILES_16BIT``, ``_TILES_FP32``; warps None: the ``_warps`` rule),
 software-pipelining stages (``_STAGES``) and how many programs the grid may hold (``waves`` x the
 one-wave count of ``_device_limits``); the variant "default" is the planner as it is. For each
 shape it times, with the CUDA-event timer of ``bench_group_norm`` (queued calls, L2 flushed
@@ -85,25 +85,23 @@ def patched(variant: tuple | None, cuda: bool) -> Iterator[None]:
         yield
         return
     tile, warps, stages, waves = variant
-    saved = (gp._TILE_GPU, gp._TILE_CPU, gp._TILES_16BIT, gt._STAGES, gp._device_limits)
+    saved = (gp._TILE_CPU, gp._TILES_16BIT, gp._TILES_FP32, gt._STAGES, gp._device_limits)
     limits = gp._device_limits
 
     def device_limits(x: torch.Tensor) -> tuple[int, int]:
         sms, l2 = limits(x)
         return sms * waves, l2
 
-    if cuda:
-        gp._TILE_GPU = tile
-    else:
+    if not cuda:
         gp._TILE_CPU = tile
-    gp._TILES_16BIT = dict.fromkeys(gp._TILES_16BIT, (tile, warps))
+    gp._TILES_16BIT = gp._TILES_FP32 = dict.fromkeys(gp._TILES_16BIT, (tile, warps))
     gt._STAGES = stages
     gp._device_limits = device_limits
     gp._PLANS.clear()
     try:
         yield
     finally:
-        gp._TILE_GPU, gp._TILE_CPU, gp._TILES_16BIT, gt._STAGES, gp._device_limits = saved
+        gp._TILE_CPU, gp._TILES_16BIT, gp._TILES_FP32, gt._STAGES, gp._device_limits = saved
         gp._PLANS.clear()
 
 

@@ -52,21 +52,21 @@ def _is_channels_last(t: torch.Tensor) -> bool:
     return fmt is not None and not t.is_contiguous() and t.is_contiguous(memory_format=fmt)
 
 
-# Elements per tile of the streaming kernels: 2048 fp32 values are 8 per thread at 8 warps, with
-# three per-lane accumulators 24 registers, so 8 programs fit an SM and enough loads are in flight
-# to saturate HBM. The interpreter runs tiles as numpy arrays, where a smaller tile lets the tiny
-# test shapes exercise several splits.
-_TILE_GPU = 2048
+# Elements per tile of the streaming kernels in the interpreter, which runs tiles as numpy arrays:
+# a small tile lets the tiny test shapes exercise several splits.
 _TILE_CPU = 512
-# 16-bit inputs on the GPU: (elements per tile, warps or None for ``_warps``) per (pass,
-# channels_last), from ``benchmarks/tune_group_norm.py`` on an H200 (torch 2.11, Triton 3.6;
-# ``benchmarks/results/group_norm_h200.md``). At 2x32x128^3 bf16 they took the forward from 0.296 to
-# 0.244 ms (contiguous; the apply kernel streams better with 1024-element tiles of 4 warps) and
-# from 0.373 to 0.242 ms (channels_last, 8192-element tiles), and the channels_last backward from
-# 0.651 to 0.454 ms (2048-element tiles of 4 warps; wider tiles made its dx kernel 2-3x slower).
-# float32 keeps the 2048-element tiles: it was not measured.
+# GPU tiles: (elements per tile, warps or None for ``_warps``) per (pass, channels_last), for 16-bit
+# and for float32 inputs, from ``benchmarks/tune_group_norm.py`` on an H200 (torch 2.11, Triton
+# 3.6; ``benchmarks/results/group_norm_h200.md``). At 2x32x128^3 bf16, against medgn 0.1's 2048
+# elements for every kernel, in one run: forward 0.296 -> 0.243 ms (contiguous; the apply kernel
+# streams better with 1024-element tiles of 4 warps) and 0.367 -> 0.241 ms (channels_last, 8192
+# elements), channels_last backward 0.653 -> 0.443 ms (2048 elements of 4 warps; 8192 made its dx
+# kernel 2-4x slower). float32: forward 0.441 -> 0.417 ms (contiguous) and 0.501 -> 0.426 ms
+# (channels_last), channels_last backward 4.80 -> 1.48 ms (8192 elements).
 _TILES_16BIT = {("fwd", False): (1024, None), ("fwd", True): (8192, None),
                 ("bwd", False): (2048, None), ("bwd", True): (2048, 4)}  # fmt: skip
+_TILES_FP32 = {("fwd", False): (1024, None), ("fwd", True): (8192, None),
+               ("bwd", False): (2048, None), ("bwd", True): (8192, None)}  # fmt: skip
 # Tests and the sm_90 compile check plan CPU (meta) tensors as GPU ones: GPU tiles, and
 # ``_CPU_PROGRAMS`` taken as the SM count.
 _GPU_TILES_ON_CPU = False
@@ -146,9 +146,8 @@ def _tile(x: torch.Tensor, direction: str) -> tuple[int, int | None]:
     """(elements per tile, warps or None for the ``_warps`` rule) of a pass over x."""
     if not (x.is_cuda or _GPU_TILES_ON_CPU):
         return _TILE_CPU, None
-    if x.element_size() == 2:
-        return _TILES_16BIT[(direction, _is_channels_last(x))]
-    return _TILE_GPU, None
+    table = _TILES_16BIT if x.element_size() == 2 else _TILES_FP32
+    return table[(direction, _is_channels_last(x))]
 
 
 def _plan(x: torch.Tensor, num_groups: int, chunk_tensors: int, chunked: bool) -> _Plan:
