@@ -162,12 +162,15 @@ def _plan(x: torch.Tensor, num_groups: int, chunk_tensors: int, chunked: bool) -
     key = (tuple(x.shape), _is_channels_last(x), x.element_size(), x.device.index, num_groups, chunk_tensors, chunked)
     p = _PLANS.get(key)
     if p is None:
+        if len(_PLANS) >= _MAX_PLANS:  # whole scans of many sizes: start over rather than grow
+            _PLANS.clear()
         p = _PLANS[key] = _make_plan(x, num_groups, chunk_tensors, chunked)
     return p
 
 
 # Plans of CUDA tensors by _plan's key; benchmarks that change the planner's constants clear it.
 _PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 4096
 
 
 def _make_plan(x: torch.Tensor, num_groups: int, chunk_tensors: int, chunked: bool) -> _Plan:

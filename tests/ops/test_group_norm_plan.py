@@ -134,6 +134,8 @@ def test_cuda_plans_are_made_once_per_key(monkeypatch: pytest.MonkeyPatch) -> No
     assert plan._plan(x, 32, 1, False) == plan._plan(x, 32, 1, False) == 1
     assert plan._plan(x, 8, 1, False) == 2 and plan._plan(x, 32, 2, False) == 3  # another key: planned
     assert made == [(32, 1), (8, 1), (32, 2)]
+    monkeypatch.setattr(plan, "_MAX_PLANS", 3)  # full: the next new key starts the cache over
+    assert plan._plan(x, 4, 1, False) == 4 and len(plan._PLANS) == 1
 
 
 @pytest.mark.parametrize(
