@@ -140,23 +140,20 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
     ctx.negative_slope = negative_slope
 
 
-def _backward(ctx: Any, dy: torch.Tensor, _dmean: Any, _drstd: Any) -> tuple[Any, ...]:
+def _gradients(ctx: Any, dy: torch.Tensor, backward: Any) -> tuple[Any, ...]:
+    """Gradients of the forward's 8 inputs from ``backward`` (the custom op or the launcher)."""
     x, weight, bias, residual, mean, rstd = ctx.saved_tensors
     need_dres = residual is not None and bool(ctx.needs_input_grad[3])
-    dx, dw, db, dres = _bwd_op(
+    dx, dw, db, dres = backward(
         dy, x, weight, bias, residual, mean, rstd,
         ctx.num_groups, ctx.activation, ctx.negative_slope, need_dres,
     )  # fmt: skip
-    return (
-        dx,
-        dw if weight is not None else None,
-        db if bias is not None else None,
-        dres if need_dres else None,
-        None,
-        None,
-        None,
-        None,
-    )
+    dw, db = (dw if weight is not None else None), (db if bias is not None else None)
+    return dx, dw, db, (dres if need_dres else None), None, None, None, None
+
+
+def _backward(ctx: Any, dy: torch.Tensor, _dmean: Any, _drstd: Any) -> tuple[Any, ...]:
+    return _gradients(ctx, dy, _bwd_op)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -165,9 +162,9 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 class _EagerGroupNorm(torch.autograd.Function):
     """The same kernels and gradient as the custom ops, for eager calls without their dispatch.
 
-    On an H200 (torch 2.11, Triton 3.6) a forward and backward through the registered custom ops
-    cost about 900 us of host time at the 2x256x16^3 level, of which the launchers themselves
-    take about 200; the GPU work is a few microseconds. Small U-Net levels are host-bound, so eager
+    On an H200 (torch 2.11, Triton 3.6) a forward and backward at 2x256x16^3 took 1.39 ms of host
+    time through the registered custom ops and 1.07 ms through this Function, for 40 us of GPU
+    work (``benchmarks/results/group_norm_h200.md``). Small U-Net levels are host-bound, so eager
     calls (not traced by torch.compile, plain tensors) take this ``autograd.Function`` instead.
     """
 
@@ -184,14 +181,7 @@ class _EagerGroupNorm(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
         from medgn.ops.group_norm_triton import group_norm_backward
 
-        x, weight, bias, residual, mean, rstd = ctx.saved_tensors
-        need_dres = residual is not None and bool(ctx.needs_input_grad[3])
-        dx, dw, db, dres = group_norm_backward(
-            dy, x, weight, bias, residual, mean, rstd,
-            ctx.num_groups, ctx.activation, ctx.negative_slope, need_dres,
-        )  # fmt: skip
-        return (dx, dw if weight is not None else None, db if bias is not None else None,
-                dres if need_dres else None, None, None, None, None)  # fmt: skip
+        return _gradients(ctx, dy, group_norm_backward)
 
 
 def _eager_call(*tensors: torch.Tensor | None) -> bool:
