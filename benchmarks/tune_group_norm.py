@@ -17,11 +17,12 @@ error, ``bench_group_norm.CHECK_TOL``). GB/s count the bytes each kernel must mo
 apply: x + y; reduce: x + dy; dx: x + dy + dx). Kernels are compiled first in parallel worker
 processes (Triton's disk cache), so the sweep's wall time is not one compile after another.
 
-It also measures the host side of one autograd call (forward + backward through the custom ops)
-at a small, launch-bound level: host microseconds per call against the GPU's, and a cProfile of
-those calls (``host_profile.txt``).
+It also measures the host side of one call at a small, launch-bound level: forward + backward
+through the eager path and through the custom ops, the forward alone, against the GPU's time
+replayed from a CUDA graph, and a cProfile of the eager calls (``host_profile.txt``).
 
-Results: ``<out>/group_norm_tune_<device>.json``. ``--device cpu`` is a smoke run (Triton's
+Results: ``<out>/group_norm_tune_<device>.json``, rewritten after every row so a run stopped by a
+time limit keeps what it measured. ``--device cpu`` is a smoke run (Triton's
 interpreter, tiny shapes, two variants) that checks the script; its timings mean nothing.
 
 Usage: ``python benchmarks/tune_group_norm.py [--device cuda|cpu] [--out DIR] [--jobs N]``
@@ -213,8 +214,8 @@ def _time_kernels(t: dict[str, Any], timer: Any) -> dict[str, float]:
     return ms
 
 
-def sweep(device: torch.device, timer: Any, copy: float, quick: bool) -> list[dict[str, Any]]:
-    """Rows of every shape and variant."""
+def sweep(device: torch.device, timer: Any, copy: float, quick: bool, write: Any) -> list[dict[str, Any]]:
+    """Rows of every shape and variant; ``write(rows)`` after each."""
     from bench_group_norm import CHECK_TOL, _check
 
     from medgn.ops import group_norm_triton as gt
@@ -248,6 +249,7 @@ def sweep(device: torch.device, timer: Any, copy: float, quick: bool) -> list[di
                 row[f"{key}_gb_s"] = round(vols[key] * volume / max(value, 1e-9) * 1e-6, 1)
             row["fwd_pct_copy_min_bytes"] = round(100 * 2 * volume / (ms["fwd"] * 1e-3) / 1e9 / copy, 1)
             rows.append(row)
+            write(rows)
             print(f"{row['shape']:>17} {layout:13} {row['dtype']:8} {row['variant']:22} splits={p.SPLITS:<4} "
                   f"fwd {ms['fwd']:.4f} (stats {ms['stats']:.4f} apply {ms['apply']:.4f})  "
                   f"bwd {ms['bwd']:.4f} (reduce {ms['reduce']:.4f} dx {ms['dx']:.4f})  "
@@ -365,13 +367,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name}: copy {copy:.0f} GB/s; precompile {compile_s:.1f} s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     host = host_overhead(device, timer, args.out, 200 if cuda else 2)
-    rows = sweep(device, timer, copy, args.quick)
     out = args.out / f"group_norm_tune_{tag}.json"
-    atomic_write_json(out, {"device": name, "versions": versions(), "copy_gb_s": round(copy, 1),
-                            "activation": ACT, "timing": "cuda events, queued, L2 flush between "
-                            "samples, median of 15 after 3 warm-ups" if cuda else
-                            "wall clock (interpreter smoke run, not a speed figure)",
-                            "host": host, "rows": rows})  # fmt: skip
+
+    def write(rows: list[dict[str, Any]]) -> None:
+        atomic_write_json(out, {"device": name, "versions": versions(), "copy_gb_s": round(copy, 1),
+                                "activation": ACT, "timing": "cuda events, queued, L2 flush between "
+                                "samples, median of 15 after 3 warm-ups" if cuda else
+                                "wall clock (interpreter smoke run, not a speed figure)",
+                                "host": host, "rows": rows})  # fmt: skip
+
+    rows = sweep(device, timer, copy, args.quick, write)
     print(f"wrote {out}")
     best: dict[tuple, dict[str, Any]] = {}
     for r in rows:

@@ -185,10 +185,20 @@ class _EagerGroupNorm(torch.autograd.Function):
 
 
 def _eager_call(*tensors: torch.Tensor | None) -> bool:
-    """True when a call can skip the custom ops: not traced, and only plain tensors."""
-    if torch.compiler.is_compiling():
+    """True when a call can skip the custom ops: plain tensors or parameters, run as they are.
+
+    Anything that records or transforms the call needs the custom ops: torch.compile, jit
+    tracing, make_fx and fake tensors (dispatch modes), vmap and other functorch transforms.
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    return all(t is None or type(t) is torch.Tensor for t in tensors)
+    if torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+# nn.Parameter too: the GroupNorm layer passes its weight and bias.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:

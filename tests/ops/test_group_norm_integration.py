@@ -64,6 +64,42 @@ def test_eager_path_equals_the_custom_ops(device: str, residual_grad: bool, affi
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_layer_parameters_take_the_eager_path(monkeypatch) -> None:
+    """The GroupNorm layer passes nn.Parameters: they are plain enough for the eager path."""
+    import sys
+
+    from medgn.layers import GroupNorm
+
+    gn_module = sys.modules["medgn.ops.group_norm"]
+    calls = []
+    eager_call = gn_module._eager_call
+    monkeypatch.setattr(gn_module, "_eager_call", lambda *t: calls.append(eager_call(*t)) or calls[-1])
+    layer = GroupNorm(4, 8, activation="relu", backend="triton")
+    x = torch.randn(2, 8, 3, 4, 5, requires_grad=True)
+    layer(x).sum().backward()
+    assert calls == [True] and x.grad is not None and layer.weight.grad is not None
+
+
+def test_traced_and_transformed_calls_keep_the_custom_ops() -> None:
+    """make_fx, jit.trace and vmap cannot run the launchers on their tensors: the custom ops
+    (with their fake kernel) stay in those calls, and give what eager gives."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.randn(2, 8, 3, 4, 5)
+    w = torch.randn(8)
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        return group_norm(t, 4, w, None, activation="silu", backend="triton")
+
+    graph = make_fx(f)(x)
+    assert "medgn.group_norm_fwd" in graph.code
+    assert torch.equal(graph(x), f(x))
+    traced = torch.jit.trace(f, x, check_trace=False)
+    assert torch.equal(traced(x), f(x))
+    batched = torch.vmap(f)(x.unsqueeze(1))
+    assert torch.equal(batched.squeeze(1), f(x))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_autocast_keeps_bf16(device: str) -> None:
     inp = make_inputs((1, 16, 3, 4, 5), torch.bfloat16, False, seed=6, device=device)
