@@ -6,7 +6,10 @@ autograd keeps for the backward pass. The saved-tensor rules follow PyTorch's au
 medgn's fused GPU GroupNorm: a convolution keeps its input; ``nn.GroupNorm``/BatchNorm/InstanceNorm
 keep their input; medgn's GroupNorm keeps its input and residual (it recomputes the activation); ReLU
 keeps its output, LeakyReLU/SiLU/GELU their input; tensors kept twice count once. With per-stage
-activation checkpointing only the stage boundaries stay, plus one stage recomputed at a time.
+activation checkpointing only the stage boundaries stay, plus one stage recomputed at a time. A
+16-bit ``dtype`` counts what CUDA autocast keeps: PyTorch's GroupNorm and LayerNorm run in float32
+there (a float32 copy of the input kept, float32 out, so the activation after them keeps float32);
+medgn's GroupNorm keeps the input's dtype.
 :func:`estimate_training_memory_bytes` is the data planner's entry: it builds the network straight
 on the meta device from a :class:`UNet3DConfig`, so it takes milliseconds at any patch size.
 """
@@ -39,6 +42,11 @@ _KEEP_INPUT = (
     nn.PReLU,
 )
 _KEEP_OUTPUT = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.Softmax)
+# Modules that 16-bit autocast runs in float32 (PyTorch's group_norm and layer_norm; medgn's
+# GroupNorm is a custom op that keeps the input's dtype), and elementwise modules whose float32
+# input gives a float32 output. A convolution after them keeps its own 16-bit copy of its input.
+_AUTOCAST_FLOAT32 = (nn.GroupNorm, nn.LayerNorm)
+_ELEMENTWISE = (nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.PReLU, nn.ReLU, nn.Sigmoid, nn.Tanh, nn.Dropout)
 # Optimizer state per parameter: SGD with momentum (nnU-Net's optimizer) keeps one buffer.
 DEFAULT_OPTIMIZER_STATES = 1
 # The loss keeps about one more tensor per output (log-softmax for cross-entropy, softmax for Dice).
@@ -51,9 +59,13 @@ BACKWARD_TRANSIENT_COPIES = 2
 class _Recorder:
     """Forward hooks that record MACs and the tensors autograd would save."""
 
-    def __init__(self, model: nn.Module, segments: dict[str, tuple[str, bool, bool]]) -> None:
+    def __init__(self, model: nn.Module, segments: dict[str, tuple[str, bool, bool]], autocast: bool = False) -> None:
         self.macs = 0
         self.saved: dict[int, tuple[torch.Tensor, str]] = {}  # id -> (tensor, segment or "")
+        # Under 16-bit autocast: ids of tensors that hold float32 values (PyTorch's GroupNorm runs
+        # in float32 and returns float32; elementwise modules after it stay float32).
+        self.autocast = autocast
+        self.float32: dict[int, torch.Tensor] = {}  # id -> tensor (held, so no id is reused)
         self.boundaries: dict[int, torch.Tensor] = {}
         self.handles = []
         for name, module in model.named_modules():
@@ -89,6 +101,16 @@ class _Recorder:
                 self.macs += out.numel() * module.in_features
             if not torch.is_grad_enabled():
                 return
+            if self.autocast and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
+                if isinstance(module, _AUTOCAST_FLOAT32) and not isinstance(module, GroupNorm):
+                    # Autocast casts the input to a float32 copy, which the op keeps, and returns float32.
+                    x = x.new_empty(x.shape)
+                    self.float32.update({id(x): x, id(out): out})
+                elif id(x) in self.float32:
+                    if isinstance(module, _ELEMENTWISE):
+                        self.float32[id(out)] = out
+                    else:  # a convolution casts its float32 input to a 16-bit copy and keeps that
+                        x = x.new_empty(x.shape)
             if isinstance(module, _KEEP_INPUT):
                 self._keep(x, segment)
                 if isinstance(module, GroupNorm):
@@ -159,7 +181,8 @@ def summary(
     params = sum(p.numel() for p in model.parameters())
     param_bytes = sum(p.numel() * 4 for p in model.parameters())  # fp32 master weights
     meta = copy.deepcopy(model).to("meta").train(training)
-    recorder = _Recorder(meta, _checkpoint_segments(meta) if training else {})
+    autocast = dtype in (torch.bfloat16, torch.float16)
+    recorder = _Recorder(meta, _checkpoint_segments(meta) if training else {}, autocast=autocast)
     try:
         with torch.set_grad_enabled(training):
             out = meta(torch.empty((batch_size, *shape), device="meta"))
@@ -167,26 +190,29 @@ def summary(
         recorder.remove()
     outs = _outputs(out)
     out_numel = sum(t.numel() for t in outs)
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * (4 if id(t) in recorder.float32 else item)
+
     if training:
-        kept = [t.numel() for t, seg in recorder.saved.values() if not seg]
+        kept = [nbytes(t) for t, seg in recorder.saved.values() if not seg]
         per_segment: dict[str, int] = {}
         for t, seg in recorder.saved.values():
             if seg:
-                per_segment[seg] = per_segment.get(seg, 0) + t.numel()
-        ckpt_numel = 0
+                per_segment[seg] = per_segment.get(seg, 0) + nbytes(t)
+        ckpt_bytes = 0
         if per_segment:  # boundaries stay; one segment is recomputed at a time in the backward
             kept_ids = {id(t) for t, seg in recorder.saved.values() if not seg}
-            ckpt_numel = sum(t.numel() for i, t in recorder.boundaries.items() if i not in kept_ids)
-            ckpt_numel += max(per_segment.values())
-        act_numel = sum(kept) + ckpt_numel + LOSS_COPIES_PER_OUTPUT * out_numel
-        largest = max([t.numel() for t, _ in recorder.saved.values()] + [0])
-        transient = BACKWARD_TRANSIENT_COPIES * largest * item
+            ckpt_bytes = sum(nbytes(t) for i, t in recorder.boundaries.items() if i not in kept_ids)
+            ckpt_bytes += max(per_segment.values())
+        activation_bytes = sum(kept) + ckpt_bytes + LOSS_COPIES_PER_OUTPUT * out_numel * item
+        largest = max([nbytes(t) for t, _ in recorder.saved.values()] + [0])
+        transient = BACKWARD_TRANSIENT_COPIES * largest
         grad_bytes, opt_bytes = param_bytes, optimizer_states * param_bytes
     else:
-        act_numel = out_numel
+        activation_bytes = out_numel * item
         transient = 0
         grad_bytes = opt_bytes = 0
-    activation_bytes = act_numel * item
     return {
         "parameters": params,
         "macs": recorder.macs,

@@ -75,6 +75,28 @@ def test_checkpointing_and_bf16_lower_the_estimate() -> None:
     assert inference["gradient_bytes"] == 0 and inference["total_bytes"] < plain["total_bytes"]
 
 
+@pytest.mark.parametrize("norm", ["torch", "medgn"])
+def test_bf16_counts_what_cuda_autocast_keeps_in_float32(norm: str) -> None:
+    """Under CUDA autocast nn.GroupNorm runs in float32: it keeps a float32 copy of its input and
+    returns float32, so the activation after it keeps float32 too, and the next convolution its own
+    bf16 copy. medgn's GroupNorm keeps the input's dtype. (On an H200, a 128^3 U-Net step with
+    nn.GroupNorm peaked at 10995 MiB, which the all-bf16 count put at 6186.)"""
+    from medgn.layers.group_norm import GroupNorm
+
+    gn = nn.GroupNorm(4, 8) if norm == "torch" else GroupNorm(4, 8)
+    model = nn.Sequential(nn.Conv3d(4, 8, 3, padding=1), gn, nn.LeakyReLU(0.01), nn.Conv3d(8, 8, 3, padding=1))
+    info = summary(model, (4, 8, 8, 8), batch_size=2, dtype=torch.bfloat16)
+    n = 2 * 8 * 8**3  # elements of each 8-channel activation; the input has half as many
+    if norm == "torch":  # conv1 input, GN's float32 copy, LeakyReLU's float32 input, conv2's bf16 copy
+        kept = n // 2 * 2 + n * 4 + n * 4 + n * 2
+    else:  # conv1 input, GN input, LeakyReLU input (GN output), conv2 input (LeakyReLU output)
+        kept = n // 2 * 2 + n * 2 + n * 2 + n * 2
+    assert info["activation_bytes"] == kept + n * 2  # + the loss's copy of the bf16 output
+    assert info["transient_bytes"] == 2 * n * (4 if norm == "torch" else 2)
+    fp32 = summary(model, (4, 8, 8, 8), batch_size=2)  # float32: no autocast, every tensor 4 bytes
+    assert fp32["activation_bytes"] == (n // 2 + 3 * n + n) * 4  # the same four tensors and the loss's
+
+
 def test_summary_leaves_the_model_untouched() -> None:
     net = UNet3D(1, 2, features=(4, 8)).eval()
     before = {k: v.clone() for k, v in net.state_dict().items()}
