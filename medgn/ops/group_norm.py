@@ -190,15 +190,23 @@ def _eager_call(*tensors: torch.Tensor | None) -> bool:
     Anything that records or transforms the call needs the custom ops: torch.compile, jit
     tracing, make_fx and fake tensors (dispatch modes), vmap and other functorch transforms.
     """
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if _MODE_CHECKS is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    if torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack() > 0:
+    functorch_active, dispatch_depth = _MODE_CHECKS
+    if functorch_active() or dispatch_depth() > 0:
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
 # nn.Parameter too: the GroupNorm layer passes its weight and bias.
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+# torch's private checks for functorch transforms and dispatch modes; a torch without them gets
+# the custom ops always (correct, only slower).
+_MODE_CHECKS = (
+    (torch._C._are_functorch_transforms_active, torch._C._len_torch_dispatch_stack)
+    if hasattr(torch._C, "_are_functorch_transforms_active") and hasattr(torch._C, "_len_torch_dispatch_stack")
+    else None
+)
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
