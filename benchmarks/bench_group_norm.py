@@ -16,6 +16,9 @@ median is reported. Traffic: ``moved_volumes`` is what medgn's chosen path moves
 must move (2 forward, 3 backward, +1 each with a residual); ``pct_roofline`` is the minimal bytes
 over the measured time as a percentage of a device-to-device copy measured in the same run.
 Every timed output (y and dx of the last timed call) is checked against the float64 reference.
+On CUDA the forward and forward + backward of each provider are also replayed from a CUDA graph
+(``graph_ms``, ``graph_speedup_vs_*``): GPU time without the host's launch and autograd work,
+which decides the small levels.
 
 Without CUDA it says so and exits 0, unless ``--device cpu`` asks for a smoke run (tiny shapes,
 kernels through Triton's interpreter, wall-clock timings that mean nothing) that checks the
@@ -84,6 +87,7 @@ class Timer:
 
     def __init__(self, device: torch.device, warmup: int, reps: int) -> None:
         self.device, self.warmup, self.reps = device, warmup, reps
+        self.graph_failed: set[str] = set()  # providers whose CUDA-graph capture failed once
         self.flush_buf = None
         if device.type == "cuda":
             l2 = torch.cuda.get_device_properties(device).L2_cache_size
@@ -125,6 +129,31 @@ def warm_clocks(device: torch.device, seconds: float = 1.0) -> None:
         for _ in range(20):
             b.copy_(a)
         torch.cuda.synchronize(device)
+
+
+def graph_median_ms(timer: Timer, fn: Callable[[], Any], provider: str) -> float | None:
+    """Median ms of ``fn`` replayed from a CUDA graph: GPU time without the host's launch work.
+
+    None on the CPU, when capture fails, and for ``provider``'s later calls after a failure (a
+    capture that failed once is not tried again).
+    """
+    if timer.device.type != "cuda" or provider in timer.graph_failed:
+        return None
+    try:
+        side = torch.cuda.Stream(timer.device)
+        side.wait_stream(torch.cuda.current_stream(timer.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up outside the capture (allocator, autograd, compilation)
+                fn()
+        torch.cuda.current_stream(timer.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return timer.median_ms(graph.replay)
+    except Exception as exc:  # any capture failure: report it, time the rest without graphs
+        timer.graph_failed.add(provider)
+        print(f"CUDA graph timing off for {provider}: {str(exc).splitlines()[0]}", flush=True)
+        return None
 
 
 def copy_gb_s(timer: Timer) -> float:
@@ -177,9 +206,14 @@ def _check(y: torch.Tensor, dx: torch.Tensor, inputs: list, dy: torch.Tensor, gr
     return max(errs)
 
 
+Times = dict[str, float]
+GraphTimes = dict[str, "float | None"]
+
+
 def _time_provider(fn: Callable[..., torch.Tensor], inputs: list, leaves: list, dy: torch.Tensor,
-                   timer: Timer) -> tuple[dict[str, float], dict[str, torch.Tensor]]:  # fmt: skip
-    """Median ms per pass of one provider, and its last timed y and dx."""
+                   timer: Timer, name: str) -> tuple[Times, GraphTimes, dict[str, torch.Tensor]]:  # fmt: skip
+    """Median ms per pass of one provider, the same replayed from a CUDA graph (forward and
+    forward + backward; None where not measured), and its last timed y and dx."""
     y = fn(*inputs)
     last: dict[str, torch.Tensor] = {}
 
@@ -194,7 +228,10 @@ def _time_provider(fn: Callable[..., torch.Tensor], inputs: list, leaves: list, 
         out = fn(*inputs)
         last["dx"] = torch.autograd.grad(out, leaves, dy.to(out.dtype))[0]
 
-    return {p: timer.median_ms(f) for p, f in zip(PASSES, (fwd, bwd, both))}, last
+    times = {p: timer.median_ms(f) for p, f in zip(PASSES, (fwd, bwd, both))}
+    checked = dict(last)  # the outputs the check reads: from the timed calls, not from a capture
+    graphs = {"fwd": graph_median_ms(timer, fwd, name), "bwd": None, "fwd+bwd": graph_median_ms(timer, both, name)}
+    return times, graphs, checked
 
 
 def measure_config(shape, kind, layout, residual, dtype, act, timer, copy, with_compile):  # noqa: ANN001, ANN201
@@ -224,7 +261,7 @@ def measure_config(shape, kind, layout, residual, dtype, act, timer, copy, with_
     moved = {"fwd": vol_f, "bwd": vol_b, "fwd+bwd": vol_f + vol_b}
     rows = []
     for name, fn in providers(groups, act, dtype, device, with_compile).items():
-        times, last = _time_provider(fn, inputs, leaves, dy, timer)
+        times, graphs, last = _time_provider(fn, inputs, leaves, dy, timer, name)
         err = _check(last["y"], last["dx"], inputs, dy, groups, act)
         ok = err <= CHECK_TOL[dtype] * (4 if name == "eager_autocast" else 1)
         for p, ms in times.items():
@@ -240,19 +277,22 @@ def measure_config(shape, kind, layout, residual, dtype, act, timer, copy, with_
                 "gb_s_min_bytes": round(min_vol[p] * volume / (ms * 1e-3) / 1e9, 2),
                 "pct_roofline": round(100 * roof_ms / ms, 2), "copy_gb_s": round(copy, 1),
                 "check_rel_err": err, "check_ok": ok,
+                "graph_ms": round(graphs[p], 5) if graphs[p] is not None else None,
             })  # fmt: skip
     _add_speedups(rows)
     return rows
 
 
 def _add_speedups(rows: list[dict[str, Any]]) -> None:
-    """speedup_vs_<provider> = that provider's median / medgn's, on medgn's rows (else None)."""
-    ms = {(r["provider"], r["pass"]): r["median_ms"] for r in rows}
-    for r in rows:
-        for other in ("eager", "eager_autocast", "compile"):
-            t = ms.get((other, r["pass"]))
-            mine = r["median_ms"] if r["provider"] == "medgn" else None
-            r[f"speedup_vs_{other}"] = float(f"{t / mine:.4g}") if (t and mine) else None
+    """speedup_vs_<provider> = that provider's median / medgn's, on medgn's rows (else None); the
+    same from CUDA-graph replays as graph_speedup_vs_<provider>."""
+    for key, prefix in (("median_ms", "speedup_vs_"), ("graph_ms", "graph_speedup_vs_")):
+        ms = {(r["provider"], r["pass"]): r[key] for r in rows}
+        for r in rows:
+            for other in ("eager", "eager_autocast", "compile"):
+                t = ms.get((other, r["pass"]))
+                mine = r[key] if r["provider"] == "medgn" else None
+                r[f"{prefix}{other}"] = float(f"{t / mine:.4g}") if (t and mine) else None
 
 
 def _device_tag(device: torch.device) -> tuple[str, str]:
@@ -314,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"x{r['speedup_vs_eager_autocast']} autocast  x{r['speedup_vs_compile']} "
                       f"compile  [{r['path']}, {r['moved_volumes']} vol, check "
                       f"{'ok' if r['check_ok'] else 'FAIL'}]", flush=True)  # fmt: skip
+                if r["graph_ms"] is not None:
+                    print(f"{'':>17} {'':5} {'':13} {'':5} {'':8} {r['pass']:7} {r['graph_ms']:9.4f} ms "
+                          f"from a CUDA graph  x{r['graph_speedup_vs_eager']} eager  "
+                          f"x{r['graph_speedup_vs_eager_autocast']} autocast  "
+                          f"x{r['graph_speedup_vs_compile']} compile", flush=True)  # fmt: skip
         atomic_write_json(out, {"device": name, "versions": versions(), "activation": args.activation,
                                 "check": "L2 error of y and dx relative to float64",
                                 "warmup": timer.warmup, "reps": timer.reps, "statistic": "median",

@@ -35,6 +35,7 @@ def test_cpu_smoke_rows_follow_the_schema(tmp_path: Path) -> None:
         assert r["pass"] in ("fwd", "bwd", "fwd+bwd") and r["median_ms"] > 0
         assert r["layout"] in ("contiguous", "channels_last") and isinstance(r["check_ok"], bool)
         assert r["speedup_vs_compile"] is None  # compile is not measured on CPU
+        assert r["graph_ms"] is None and r["graph_speedup_vs_eager"] is None  # CUDA graphs: CUDA only
         if r["provider"] == "medgn":
             assert r["check_ok"] and r["check_rel_err"] < 2e-2  # bf16 output rounding
             assert r["speedup_vs_eager"] > 0 and r["speedup_vs_eager_autocast"] > 0
@@ -79,3 +80,16 @@ def test_check_tolerates_kink_flips_but_not_a_wrong_group() -> None:
     wrong = y.clone()
     wrong[:, 2:] = group_norm_ref(x.detach()[:, 2:] + 0.5, 1, w[2:], b[2:], 1e-5, "leaky_relu") * 1.2
     assert bench._check(wrong, dx, [x, w, b, None], dy, 2, "leaky_relu") > 0.05
+
+
+def test_a_failed_graph_capture_turns_graph_timing_off_for_that_provider() -> None:
+    """A capture that fails (here: no CUDA) gives None, and that provider is not tried again."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine where CUDA calls fail")
+    bench = _load()
+    timer = bench.Timer(torch.device("cpu"), 1, 1)
+    timer.device = torch.device("cuda")  # pretend: the capture itself fails on this machine
+    assert bench.graph_median_ms(timer, lambda: None, "compile") is None
+    assert timer.graph_failed == {"compile"}
+    assert bench.graph_median_ms(timer, lambda: None, "compile") is None
+    assert bench.graph_median_ms(timer, lambda: None, "medgn") is None and timer.graph_failed == {"compile", "medgn"}
