@@ -207,7 +207,7 @@ def _check(y: torch.Tensor, dx: torch.Tensor, inputs: list, dy: torch.Tensor, gr
 
 
 Times = dict[str, float]
-GraphTimes = dict[str, "float | None"]
+GraphTimes = dict[str, float | None]
 
 
 def _time_provider(fn: Callable[..., torch.Tensor], inputs: list, leaves: list, dy: torch.Tensor,

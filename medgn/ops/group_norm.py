@@ -169,11 +169,12 @@ class _EagerGroupNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x, weight, bias, residual, num_groups, eps, activation, negative_slope):  # noqa: ANN001, ANN205
+    def forward(ctx: Any, *inputs: Any) -> torch.Tensor:  # the custom forward op's 8 inputs
         from medgn.ops.group_norm_triton import group_norm_forward
 
+        x, weight, bias, residual, num_groups, eps, activation, negative_slope = inputs
         y, mean, rstd = group_norm_forward(x, num_groups, weight, bias, eps, activation, residual, negative_slope)
-        _setup_context(ctx, (x, weight, bias, residual, num_groups, eps, activation, negative_slope), (y, mean, rstd))
+        _setup_context(ctx, inputs, (y, mean, rstd))
         return y
 
     @staticmethod

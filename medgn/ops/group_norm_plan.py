@@ -142,9 +142,14 @@ def _device_limits(x: torch.Tensor) -> tuple[int, int]:
     return props.multi_processor_count, props.L2_cache_size // 3
 
 
+def _planned_as_gpu(x: torch.Tensor) -> bool:
+    """True when x is planned with GPU tiles and occupancy (CUDA, or tests that ask for it)."""
+    return x.is_cuda or _GPU_TILES_ON_CPU
+
+
 def _tile(x: torch.Tensor, direction: str) -> tuple[int, int | None]:
     """(elements per tile, warps or None for the ``_warps`` rule) of a pass over x."""
-    if not (x.is_cuda or _GPU_TILES_ON_CPU):
+    if not _planned_as_gpu(x):
         return _TILE_CPU, None
     table = _TILES_16BIT if x.element_size() == 2 else _TILES_FP32
     return table[(direction, _is_channels_last(x))]
@@ -196,7 +201,7 @@ def _make_plan(x: torch.Tensor, num_groups: int, chunk_tensors: int, chunked: bo
         warps = fixed_warps or _warps(gpb * block_c * block_s)
         # One full wave of resident programs (no partial second wave): per SM, as many programs
         # as the warp and block limits allow.
-        programs = sms * min(_SM_BLOCKS, _SM_WARPS // warps) if (x.is_cuda or _GPU_TILES_ON_CPU) else sms
+        programs = sms * min(_SM_BLOCKS, _SM_WARPS // warps) if _planned_as_gpu(x) else sms
         rows = n * num_groups // gpb
         # Fewer groups per channels_last block when the capped splits cannot fill the wave.
         if gpb <= min_gpb or rows * min(split_cap, -(-s // block_s)) >= programs:
