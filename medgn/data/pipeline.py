@@ -235,16 +235,18 @@ def case_item(case: Case) -> dict[str, Any]:
     return item
 
 
-def cached_dataset(items: list[dict[str, Any]], transform: Any, plan: Preprocessing, cfg: DataConfig) -> Any:
+def cached_dataset(items: list[dict[str, Any]], transform: Any, plan: Preprocessing, cfg: DataConfig, kind: str) -> Any:
     """A MONAI dataset caching ``transform``'s deterministic output as ``cfg`` says.
 
-    On disk under ``cfg.cache_dir/prep-<pipeline hash>`` (a changed plan never reads a stale
-    cache), else in memory for ``cfg.cache_rate`` of the cases, else no cache.
+    On disk under ``cfg.cache_dir/prep-<pipeline hash>-<kind>`` (a changed plan never reads a
+    stale cache; "train" and "val" keep apart, since MONAI names a cached case by its files alone and
+    the training prefix pads the case and lists its foreground), else in memory for
+    ``cfg.cache_rate`` of the cases, else no cache.
     """
     from monai.data import CacheDataset, Dataset, PersistentDataset
 
     if cfg.cache_dir is not None:
-        folder = Path(cfg.cache_dir) / f"prep-{pipeline_hash(plan, cfg.limits)}"
+        folder = Path(cfg.cache_dir) / f"prep-{pipeline_hash(plan, cfg.limits)}-{kind}"
         make_output_dir(folder, "data.cache_dir")
         return PersistentDataset(items, transform=transform, cache_dir=folder)
     if cfg.cache_rate > 0:
@@ -255,4 +257,4 @@ def cached_dataset(items: list[dict[str, Any]], transform: Any, plan: Preprocess
 
 def make_val_data(cases: Sequence[Case], plan: Preprocessing, cfg: DataConfig) -> Any:
     """A dataset of whole preprocessed validation volumes (cached like the training data)."""
-    return cached_dataset([case_item(c) for c in cases], val_transforms(plan, cfg.limits), plan, cfg)
+    return cached_dataset([case_item(c) for c in cases], val_transforms(plan, cfg.limits), plan, cfg, "val")

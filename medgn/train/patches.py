@@ -57,7 +57,7 @@ class PatchDataset(torch.utils.data.Dataset):
         self.cases = list(cases)
         one_crop = dataclasses.replace(cfg, samples_per_volume=1)
         self.prep, self.augment = _split_compose(train_transforms(plan, one_crop))
-        self.cache = cached_dataset([case_item(c) for c in self.cases], self.prep, plan, cfg)
+        self.cache = cached_dataset([case_item(c) for c in self.cases], self.prep, plan, cfg, "train")
 
     def __len__(self) -> int:
         return len(self.cases)

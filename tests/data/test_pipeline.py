@@ -256,3 +256,25 @@ def test_disk_cache_reads_back_what_it_computed_at_any_spacing(tmp_path: Path, s
     assert first["image"].shape == (1, 8, 8, 8)
     assert torch.equal(first["image"], second["image"]) and torch.equal(first["label"], second["label"])
     assert tuple(patches.cache[1]["image"].shape[1:]) == expected
+
+
+def test_training_and_validation_caches_of_one_case_keep_apart(tmp_path: Path) -> None:
+    """A case validated in one fold and trained on in the next, with one data.cache_dir.
+
+    MONAI names a cached case by its files alone; the training prefix pads the case to a patch and
+    lists its foreground, so reading the validation cache would hand the crop a volume smaller
+    than a patch (and validation a padded one).
+    """
+    from medgn.train.patches import PatchDataset
+
+    (tmp_path / "data").mkdir()
+    cases = _tiny_cases(tmp_path / "data", 1)  # 14 x 12 x 10 voxels
+    plan = _ns({**TRAIN_PLAN, "patch_size": [16, 16, 16]})
+    cfg = DataConfig(num_workers=0, cache_dir=str(tmp_path / "cache"))
+    val = make_val_data(cases, plan, cfg)[0]
+    assert tuple(val["image"].shape[1:]) == (14, 12, 10)
+    patch = PatchDataset(cases, plan, cfg)[(0, 3)]
+    assert patch["image"].shape == (1, 16, 16, 16) and bool((patch["label"] == 1).any())
+    again = make_val_data(cases, plan, cfg)[0]  # validation still reads its own, unpadded volume
+    assert tuple(again["image"].shape[1:]) == (14, 12, 10) and "label_foreground" not in again
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "cache").iterdir()) == ["train", "val"]
