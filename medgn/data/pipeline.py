@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from monai.transforms import Compose, MapTransform
 
+from medgn.data.augment import ForegroundIndicesd, RandPatchAffined
 from medgn.data.config import DataConfig
 from medgn.data.datasets import Case
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
@@ -126,50 +127,33 @@ def _deterministic(plan: Preprocessing, limits: Limits, with_label: bool) -> lis
 def _augment(plan: Preprocessing, cfg: DataConfig) -> list[Any]:
     from monai.transforms import (
         RandAdjustContrastd,
-        RandCropByPosNegLabeld,
         RandFlipd,
         RandGaussianNoised,
         RandGaussianSmoothd,
-        RandRotated,
         RandScaleIntensityd,
         RandShiftIntensityd,
-        RandZoomd,
         SpatialPadd,
     )
 
     keys = ["image", "label"]
     patch = [int(p) for p in plan.patch_size]
-    angle = math.radians(cfg.rotate_deg)
-    pos = cfg.foreground_ratio
+    # Rotations and zooms resample the patch's neighbourhood in the case (no made-up corners); the
+    # foreground list is cached with the case, so drawing a crop centre does not scan the volume.
+    crop = RandPatchAffined(
+        keys,
+        label_key="label",
+        patch_size=patch,
+        pos=cfg.foreground_ratio,
+        num_samples=cfg.samples_per_volume,
+        prob_rotate=cfg.prob_rotate,
+        rotate_rad=math.radians(cfg.rotate_deg),
+        prob_scale=cfg.prob_scale,
+        zoom_range=cfg.scale_range,
+    )
     return [
         SpatialPadd(keys, spatial_size=patch),
-        RandCropByPosNegLabeld(
-            keys,
-            label_key="label",
-            spatial_size=patch,
-            pos=pos,
-            neg=1.0 - pos,
-            num_samples=cfg.samples_per_volume,
-            image_key=None,
-            allow_smaller=False,
-        ),
-        RandRotated(
-            keys,
-            range_x=angle,
-            range_y=angle,
-            range_z=angle,
-            prob=cfg.prob_rotate,
-            mode=("bilinear", "nearest"),
-            padding_mode="zeros",
-        ),
-        RandZoomd(
-            keys,
-            min_zoom=cfg.scale_range[0],
-            max_zoom=cfg.scale_range[1],
-            prob=cfg.prob_scale,
-            mode=("trilinear", "nearest"),
-            keep_size=True,
-        ),
+        ForegroundIndicesd("label"),
+        crop,
         *[RandFlipd(keys, prob=cfg.prob_flip, spatial_axis=a) for a in range(3)],
         RandScaleIntensityd("image", factors=cfg.intensity_scale, prob=cfg.prob_intensity_scale),
         RandShiftIntensityd("image", offsets=cfg.intensity_shift, prob=cfg.prob_intensity_shift),

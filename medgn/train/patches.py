@@ -11,7 +11,6 @@ Validation lives in :mod:`medgn.train.validation`.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -64,7 +63,9 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, seed = key
-        data = copy.deepcopy(self.cache[index])
+        # No copy of the cached case: RandPatchAffined, the first random step, only reads it and hands
+        # new tensors to the rest (a deep copy of a 2-million-voxel case took longer than the crop).
+        data = dict(self.cache[index])
         self.augment.set_random_state(seed=int(seed) % _SEED_MOD)
         out = self.augment(data)
         if isinstance(out, list):  # RandCropByPosNegLabeld returns a list of crops
