@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from monai.transforms import Compose
 
 from medgn.data.augment import FOREGROUND_KEY, ForegroundIndicesd, RandPatchAffined, rotation_matrix, sample_box
@@ -164,3 +166,45 @@ def test_a_patch_never_writes_into_the_cached_case() -> None:
         augment.set_random_state(seed)
         augment(dict(cached))
     assert all(torch.equal(cached[k], before[k]) for k in before)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    shape=st.tuples(st.integers(1, 12), st.integers(1, 12), st.integers(1, 12)),
+    patch=st.tuples(st.integers(1, 12), st.integers(1, 12), st.integers(1, 12)),
+    fill=st.sampled_from(["none", "one", "blob", "all"]),
+    pos=st.floats(0.0, 1.0),
+    prob=st.sampled_from([0.0, 0.5, 1.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_any_case_gives_patches_of_the_patch_size(
+    shape: tuple[int, int, int], patch: tuple[int, int, int], fill: str, pos: float, prob: float, seed: int
+) -> None:
+    """Through the whole training suffix: no foreground, one voxel, all foreground, thin and flat cases."""
+    from monai.transforms import SpatialPadd
+
+    label = torch.zeros(1, *shape)
+    if fill == "one":
+        label[(0, *(s // 2 for s in shape))] = 2
+    elif fill == "blob":
+        label[:, : max(1, shape[0] // 2), : max(1, shape[1] // 2)] = 1
+    elif fill == "all":
+        label[:] = 1
+    case = SpatialPadd(["image", "label"], spatial_size=patch)({"image": torch.randn(1, *shape), "label": label})
+    case = ForegroundIndicesd("label")(case)
+    t = RandPatchAffined(
+        ["image", "label"],
+        "label",
+        list(patch),
+        pos=pos,
+        num_samples=3,
+        prob_rotate=prob,
+        rotate_rad=math.radians(30),
+        prob_scale=prob,
+        zoom_range=(0.7, 1.4),
+    )
+    t.set_random_state(seed)
+    for sample in t(case):
+        assert sample["image"].shape == (1, *patch) and sample["label"].shape == (1, *patch)
+        assert torch.isfinite(sample["image"]).all() and set(sample["label"].unique().tolist()) <= {0.0, 1.0, 2.0}
+        assert FOREGROUND_KEY not in sample
