@@ -31,7 +31,9 @@ def test_cpu_recipe_uses_light_augmentation_and_small_patches() -> None:
     cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "la2018_cpu.yaml")
     assert tuple(cfg.plan.patch_size) == (64, 64, 32)
     assert tuple(cfg.plan.target_spacing) == (1.5, 1.5, 1.5)
-    assert (cfg.data.prob_rotate, cfg.data.prob_scale, cfg.data.prob_noise, cfg.data.prob_blur) == (0, 0, 0, 0)
+    assert (cfg.data.prob_noise, cfg.data.prob_blur) == (0, 0)  # mild spatial augmentation only (fifth screen)
+    assert cfg.data.rotate_deg == 15 and tuple(cfg.data.scale_range) == (0.85, 1.25)
+    assert cfg.data.prob_rotate == cfg.data.prob_scale == 0.2
     assert cfg.data.prob_flip > 0 and cfg.data.prob_gamma > 0
     assert cfg.train.amp == "auto" and cfg.train.batch_size == 2
 

@@ -24,10 +24,11 @@ class DataConfig:
         foreground_ratio: fraction of random crops centred on a foreground voxel.
         samples_per_volume: random crops drawn from each loaded volume.
         prob_flip: probability of a flip, per axis.
-        prob_rotate: probability of a random rotation.
+        prob_rotate: probability of a random rotation of a patch (resampled from its neighbourhood in
+            the case, :class:`medgn.data.augment.RandPatchAffined`).
         rotate_deg: largest rotation angle per axis, degrees.
-        prob_scale: probability of a random zoom.
-        scale_range: zoom factor range.
+        prob_scale: probability of a random zoom of a patch (likewise).
+        scale_range: zoom factor range (below 1 a patch shows more of the case).
         prob_intensity_scale: probability of multiplying intensities by a random factor.
         intensity_scale: factor range is 1 +/- this.
         prob_intensity_shift: probability of adding a random offset.
