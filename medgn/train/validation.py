@@ -9,21 +9,17 @@ Dice.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
+from medgn.data.augment import plain_tensor
 from medgn.data.config import DataConfig
 from medgn.data.datasets import Case
 from medgn.data.pipeline import make_val_data
 from medgn.data.workload import VALIDATION_OVERLAP
 from medgn.infer.sliding_window import WindowSettings, predict_probabilities
 from medgn.planning.plan import Plan
-
-
-def _plain(x: Any) -> torch.Tensor:
-    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
 
 
 def make_validator(
@@ -52,9 +48,9 @@ def make_validator(
         total = torch.zeros(classes, dtype=torch.float64)
         for i in range(len(dataset)):
             item = dataset[i]
-            probs = predict_probabilities([model], _plain(item["image"]), settings, device=device)
+            probs = predict_probabilities([model], plain_tensor(item["image"]), settings, device=device)
             pred = probs.argmax(0)
-            ref = _plain(item["label"])[0].long()
+            ref = plain_tensor(item["label"])[0].long()
             if on_case is not None:
                 on_case(i, pred, ref)
             for k in range(1, classes):
