@@ -6,15 +6,18 @@ CPU with medgn's GroupNorm on its ``torch`` backend, which is ``F.group_norm`` p
 activation as plain ops: the ONNX exporter writes GroupNorm as Reshape + InstanceNormalization +
 Reshape + Mul + Add (standard ops onnxruntime runs at every opset), never medgn's Triton custom op.
 Spatial sizes are dynamic (any multiple of the network's total stride; batch too). TorchScript is
-traced. Either way the file is written atomically and only after the exported model has been run
-once and matched against PyTorch; an operator the exporter does not support, or an existing file
-without ``overwrite``, is a one-line error and nothing is written.
+traced. Either way the model is serialised in memory, run once from those bytes and matched
+against PyTorch, and only then written, atomically. An operator the exporter does not support, an
+existing file without ``overwrite``, an existing path that is not a regular file, or a folder that
+cannot be written is a one-line error before anything is written (the last three before the model is
+loaded); a full disk is a resource error naming the file, with nothing left at its path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import io
 import json
 import math
@@ -28,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from medgn.errors import ModelError, UsageError
-from medgn.files import atomic_path
+from medgn.errors import ModelError, ResourceError, UsageError
+from medgn.files import atomic_write_bytes, make_output_dir, path_problem
 
 __all__ = [
     "FORMATS",
@@ -100,14 +103,57 @@ def _unsupported(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:200]
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
-    """The destination: a file name in an existing folder, not an existing file unless ``overwrite``."""
+    """Check the destination before any work: a file name in an existing folder that can be written.
+
+    An existing path is replaced only when it is a regular file and ``overwrite`` is set: a FIFO,
+    socket or device node (``/dev/full``) never is.
+
+    Raises:
+        UsageError: any of these fails (exit 2), naming ``out``.
+        ResourceError: the folder's file system is full (exit 5).
+    """
     if out.is_dir():
         raise UsageError(out, "output path is a folder", expected="a file name such as model.onnx")
+    if os.path.lexists(out) and not out.is_file():
+        raise UsageError(
+            out,
+            f"output path exists and is {path_problem(out)}; only a regular file is replaced",
+            expected="another --out",
+        )
     if not out.parent.is_dir():
-        raise UsageError(out, "output folder does not exist", expected="a file in an existing folder")
+        what = "is a file" if os.path.lexists(out.parent) else "does not exist"
+        raise UsageError(out, f"output folder {what}", expected="a file in an existing folder")
     if out.exists() and not overwrite:
         raise UsageError(out, "output file exists", expected="another --out, or --overwrite")
+    try:  # the folder exists: this only probes that a file can be written in it
+        make_output_dir(out.parent)
+    except UsageError as exc:
+        cause = exc.__context__  # the OSError of the probe write
+        if isinstance(cause, OSError) and cause.errno in _FULL:
+            raise ResourceError(out, "no space left on device", expected="free disk space") from None
+        raise UsageError(out, exc.what, expected="a file in a folder where files can be written") from None
+
+
+def _write(out: Path, data: bytes, overwrite: bool) -> None:
+    """Write the exported bytes to ``out`` atomically; a failed write leaves nothing at ``out``.
+
+    Raises:
+        ResourceError: the disk is full, over quota, or the file too large for it (exit 5).
+        UsageError: ``out`` cannot be written otherwise (read-only file system, permissions; exit 2).
+    """
+    _check_out(out, overwrite)  # again: the path or its folder may have changed while exporting
+    try:
+        atomic_write_bytes(out, data, overwrite=overwrite)
+    except OSError as exc:
+        if exc.errno in (*_FULL, errno.EFBIG):
+            raise ResourceError(out, f"cannot write the exported model ({exc.strerror or exc})") from exc
+        raise UsageError(
+            out, f"cannot write the exported model ({exc.strerror or exc})", expected="a writable --out"
+        ) from exc
 
 
 def _contiguous(model: nn.Module) -> nn.Module:
@@ -151,9 +197,12 @@ def export_module(
         The written file.
 
     Raises:
-        UsageError: unknown format, or ``out`` exists without ``overwrite`` (exit 2).
-        ModelError: the exporter cannot express an operator, or the exported model disagrees
-            with PyTorch (exit 4); nothing is written.
+        UsageError: unknown format; ``out`` exists without ``overwrite``, exists and is not a regular
+            file, or is in a folder that is missing or cannot be written (exit 2).
+        ModelError: the exporter cannot express an operator, or the exported model does not run
+            or disagrees with PyTorch (exit 4); nothing is written.
+        ResourceError: out of memory while exporting, or the disk is full (exit 5); nothing is
+            left at ``out``.
     """
     if fmt not in FORMATS:
         raise UsageError("--format", "unknown export format", got=fmt, expected=" or ".join(FORMATS))
@@ -161,49 +210,69 @@ def export_module(
     _check_out(out, overwrite)
     wrapped = _Logits(_contiguous(model.cpu().eval())).eval()
     x = _example(model, in_channels, example_size)
-    with _torch_backend(model), torch.no_grad(), atomic_path(out, overwrite=overwrite) as tmp:
+    with _torch_backend(wrapped), torch.no_grad():
         reference = wrapped(x)
+        data = _serialise(wrapped, x, fmt, metadata or {}, where)
         try:
-            # Tracer warnings about shape checks baked in, and the graph dumps some exporters
-            # print when they fail: the one-line error says what failed.
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
-                if fmt == "onnx":
-                    _export_onnx(wrapped, x, tmp, metadata or {})
-                else:
-                    extra = {f"{key}.txt": value for key, value in (metadata or {}).items()}
-                    torch.jit.save(torch.jit.trace(wrapped, x, check_trace=False), str(tmp), _extra_files=extra)
-        except Exception as exc:  # noqa: BLE001 - the exporters raise many types for unsupported ops
+            got = _run(data, fmt, x.numpy())
+        except Exception as exc:  # noqa: BLE001 - onnxruntime and torch.jit raise their own types
             raise ModelError(
-                where,
-                f"cannot export to {fmt}: unsupported operator or construct ({_unsupported(exc)})",
-                expected="a network of standard PyTorch ops",
+                where, f"exported {fmt} model does not run, nothing written ({_unsupported(exc)})"
             ) from exc
-        got = run_exported(tmp, fmt, x.numpy())
-        err = float(np.max(np.abs(got - reference.numpy())))
-        if not math.isfinite(err) or err > CHECK_ATOL:
-            raise ModelError(
-                where,
-                f"exported {fmt} model disagrees with PyTorch, nothing written",
-                got=f"max |difference| {err:.3g}",
-                expected=f"<= {CHECK_ATOL}",
-            )
+    err = float(np.max(np.abs(got - reference.numpy())))
+    if not math.isfinite(err) or err > CHECK_ATOL:
+        raise ModelError(
+            where,
+            f"exported {fmt} model disagrees with PyTorch, nothing written",
+            got=f"max |difference| {err:.3g}",
+            expected=f"<= {CHECK_ATOL}",
+        )
+    _write(out, data, overwrite)
     return out
 
 
-def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path, metadata: Mapping[str, str]) -> None:
+def _serialise(
+    model: nn.Module, x: torch.Tensor, fmt: str, metadata: Mapping[str, str], where: str | os.PathLike[str]
+) -> bytes:
+    """The exported file's bytes, made in memory (nothing touches the disk)."""
+    try:
+        # Tracer warnings about shape checks baked in, and the graph dumps some exporters print
+        # when they fail: the one-line error says what failed.
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            if fmt == "onnx":
+                return _export_onnx(model, x, metadata)
+            buffer = io.BytesIO()
+            extra = {f"{key}.txt": value for key, value in metadata.items()}
+            torch.jit.save(torch.jit.trace(model, x, check_trace=False), buffer, _extra_files=extra)
+            return buffer.getvalue()
+    except MemoryError as exc:
+        raise ResourceError(where, f"out of memory while exporting to {fmt}", expected="more free memory") from exc
+    except OSError as exc:  # not an operator the exporter lacks: the system refused something
+        raise ResourceError(where, f"cannot export to {fmt} ({exc.strerror or exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - the exporters raise many types for unsupported ops
+        raise ModelError(
+            where,
+            f"cannot export to {fmt}: unsupported operator or construct ({_unsupported(exc)})",
+            expected="a network of standard PyTorch ops",
+        ) from exc
+
+
+def _export_onnx(model: nn.Module, x: torch.Tensor, metadata: Mapping[str, str]) -> bytes:
     axes = {0: "batch", 2: "depth", 3: "height", 4: "width"}
+    buffer = io.BytesIO()
     torch.onnx.export(
-        model, (x,), str(path), dynamo=False, opset_version=OPSET, input_names=["image"], output_names=["logits"],
+        model, (x,), buffer, dynamo=False, opset_version=OPSET, input_names=["image"], output_names=["logits"],
         dynamic_axes={"image": axes, "logits": axes}, do_constant_folding=True,
     )  # fmt: skip
-    if metadata:
-        import onnx
+    if not metadata:
+        return buffer.getvalue()
+    import onnx
 
-        proto = onnx.load(str(path), format="protobuf")  # not guessed from the (temporary) file name
-        for key, value in metadata.items():
-            proto.metadata_props.add(key=key, value=value)
-        onnx.save(proto, str(path), format="protobuf")
+    proto = onnx.load_from_string(buffer.getvalue())
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    return proto.SerializeToString()
 
 
 def exported_metadata(path: str | os.PathLike[str], fmt: str) -> dict[str, str]:
@@ -247,17 +316,23 @@ def format_for(out: str | os.PathLike[str], fmt: str | None) -> str:
 
 def run_exported(path: str | os.PathLike[str], fmt: str, x: np.ndarray, *, threads: int | None = None) -> np.ndarray:
     """Run an exported file on ``x`` (B, C, D, H, W) float32 and return its logits."""
+    return _run(os.fspath(path), fmt, x, threads=threads)
+
+
+def _run(source: str | bytes, fmt: str, x: np.ndarray, *, threads: int | None = None) -> np.ndarray:
+    """Run an exported model, a file's path or its bytes, on ``x``; see :func:`run_exported`."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
     if fmt == "onnx":
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return np.asarray(session.run(None, {"image": np.ascontiguousarray(x, dtype=np.float32)})[0])
-    module = torch.jit.load(str(path), map_location="cpu")
+        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        return np.asarray(session.run(None, {"image": x})[0])
+    module = torch.jit.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu")
     with torch.no_grad():
-        return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+        return module(torch.from_numpy(x)).numpy()
 
 
 class Exported(NamedTuple):
@@ -281,9 +356,10 @@ def export_model(
         The written file, its format and the metadata stored in it.
 
     Raises:
-        UsageError: unknown format, a name that says another format, or an existing ``out``
-            without ``overwrite`` (exit 2).
+        UsageError: unknown format, a name that says another format, or an ``out`` that
+            :func:`export_module` refuses (exit 2); checked before the model is loaded.
         ModelError: the checkpoint cannot be loaded or exported (exit 4).
+        ResourceError: out of memory, or the disk is full (exit 5).
     """
     import medgn
     from medgn.infer.predictor import load_predictor

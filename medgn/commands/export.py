@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="file to write: .onnx, or .pt/.pth/.ts for TorchScript; never replaced without --overwrite",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing regular file (never a FIFO or device)"
+    )
     parser.set_defaults(func=run)
 
 
