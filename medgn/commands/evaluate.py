@@ -1,8 +1,9 @@
 """``medgn evaluate``: compare predicted label maps with references and write the reports.
 
 A thin wrapper over :func:`medgn.evaluate.run.evaluate`: parses the folders, labels, regions and
-tolerance, prints the per-class summary table, lists failed and missing cases on stderr, and exits
-3 when any case failed (missing predictions are an error unless ``--allow-missing``).
+tolerance, prints the per-class summary table, lists failed and missing cases and the labels it could
+not score on stderr, and exits 3 when any case failed (missing predictions are an error unless
+``--allow-missing``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if needed)")
     parser.add_argument(
-        "--labels", type=_labels, metavar="1,2,...", help="labels to evaluate (default: every nonzero value found)"
+        "--labels",
+        type=_labels,
+        metavar="1,2,...",
+        help="labels to evaluate (default: every nonzero value found). A label absent from both maps of a case "
+        "scores Dice 1 there; one in no reference and no prediction of any case is not scored (NaN, 'absent') "
+        "and left out of the means",
     )
     parser.add_argument(
         "--region",
@@ -123,6 +129,14 @@ def run(args: argparse.Namespace) -> int:
         f"{counts['failed']}; "
         f"results in {args.out}"
     )
+    if not result.labels and not result.regions and counts["evaluated"]:
+        print("medgn: warning: no foreground label in any prediction or reference: nothing to score", file=sys.stderr)
+    for key in result.absent:
+        print(
+            f"medgn: warning: {'label' if key.isdigit() else 'region'} {printable(key)}: in no reference and no "
+            "prediction of any evaluated case, not scored (NaN) and left out of the means",
+            file=sys.stderr,
+        )
     for cid in result.missing:
         print(f"medgn: warning: {printable(cid)}: prediction missing, counted as Dice 0", file=sys.stderr)
     for cid, why in result.failures.items():

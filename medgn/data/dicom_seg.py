@@ -255,24 +255,116 @@ def _segmentation(
     )
 
 
-def _frame_geometry(ds: Any, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, str | None]:
-    """(position, row step, column step) in LPS mm, segment number and referenced SOP UID of frame i."""
-    shared = ds.SharedFunctionalGroupsSequence[0]
-    frame = ds.PerFrameFunctionalGroupsSequence[i]
-    orient_seq = getattr(frame, "PlaneOrientationSequence", None) or shared.PlaneOrientationSequence
-    pixel_seq = getattr(frame, "PixelMeasuresSequence", None) or shared.PixelMeasuresSequence
-    iop = np.asarray([float(v) for v in orient_seq[0].ImageOrientationPatient])
-    spacing = [float(v) for v in pixel_seq[0].PixelSpacing]  # (between rows, between columns)
-    ipp = np.asarray([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient])
+# A frame's plane orientation may differ from two orthogonal unit vectors by this much (float rounding
+# of DS values), as the DICOM series reader allows for its slices.
+_PLANE_TOL = 1e-3
+
+
+def _functional_item(path: Path, frame: Any, shared: Any, i: int, name: str) -> Any:
+    """The first item of functional group ``name`` of frame i: its own, else the shared one.
+
+    Raises:
+        InputDataError: neither the frame's per-frame groups nor the shared groups hold it.
+    """
+    for group in (frame, shared):
+        sequence = getattr(group, name, None) if group is not None else None
+        if sequence:
+            return sequence[0]
+    where = "in its per-frame or the shared functional groups"
+    if shared is None:
+        where = "in its per-frame functional groups, and the SEG has no SharedFunctionalGroupsSequence"
+    raise InputDataError(
+        path,
+        f"DICOM-SEG frame {i + 1} has no {name} {where}",
+        expected="one in every frame's groups or the shared ones",
+    )
+
+
+def _frame_numbers(path: Path, i: int, item: Any, tag: str, count: int) -> np.ndarray:
+    """``count`` finite numbers of frame i's multi-valued DS tag, else an InputDataError naming the SEG."""
+    raw = getattr(item, tag, None)
+    try:
+        values = np.asarray([float(v) for v in (raw if raw is not None else [])], dtype=np.float64)
+    except (TypeError, ValueError):
+        values = np.asarray([], dtype=np.float64)
+    if values.shape != (count,) or not np.all(np.isfinite(values)):
+        raise InputDataError(
+            path,
+            f"DICOM-SEG frame {i + 1} has an invalid {tag}",
+            got=brief(raw if raw is not None else "none", 120),
+            expected=f"{count} finite numbers",
+        )
+    return values
+
+
+def _frame_geometry(
+    path: Path, frame: Any, shared: Any, i: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, str | None]:
+    """(position, row step, column step) in LPS mm, segment number and referenced SOP UID of frame i.
+
+    ``frame`` is the frame's item of PerFrameFunctionalGroupsSequence, ``shared`` the item of
+    SharedFunctionalGroupsSequence or None (the shared groups are Type 2: a SEG may hold every
+    group per frame).
+
+    Raises:
+        InputDataError: a group the frame needs is in neither place, or holds no valid geometry.
+    """
+    orient = _functional_item(path, frame, shared, i, "PlaneOrientationSequence")
+    pixel = _functional_item(path, frame, shared, i, "PixelMeasuresSequence")
+    position = _functional_item(path, frame, shared, i, "PlanePositionSequence")
+    iop = _frame_numbers(path, i, orient, "ImageOrientationPatient", 6)
+    spacing = _frame_numbers(path, i, pixel, "PixelSpacing", 2)  # (between rows, between columns)
+    ipp = _frame_numbers(path, i, position, "ImagePositionPatient", 3)
+    axes = iop.reshape(2, 3)
+    if np.any(np.abs(np.linalg.norm(axes, axis=1) - 1) > _PLANE_TOL) or abs(float(axes[0] @ axes[1])) > _PLANE_TOL:
+        raise InputDataError(
+            path,
+            f"DICOM-SEG frame {i + 1} has an invalid ImageOrientationPatient",
+            got=iop.tolist(),
+            expected="two orthogonal unit vectors",
+        )
+    if np.any(spacing <= 0):
+        raise InputDataError(
+            path, f"DICOM-SEG frame {i + 1} has an invalid PixelSpacing", got=spacing.tolist(), expected="values > 0"
+        )
     # A SEG with one segment may hold its identification (and derivation) in the shared groups.
-    ident = getattr(frame, "SegmentIdentificationSequence", None) or shared.SegmentIdentificationSequence
-    segment = int(ident[0].ReferencedSegmentNumber)
-    ref_uid = None
+    ident = _functional_item(path, frame, shared, i, "SegmentIdentificationSequence")
+    raw_segment = getattr(ident, "ReferencedSegmentNumber", None)
+    try:
+        segment = int(raw_segment)
+    except (TypeError, ValueError):
+        raise InputDataError(
+            path,
+            f"DICOM-SEG frame {i + 1} has no valid ReferencedSegmentNumber",
+            got=brief(raw_segment, 60),
+            expected="the number of a segment in SegmentSequence",
+        ) from None
+    # Only the writer's own check needs the referenced slice: a SEG without it reads as None.
     derivation = getattr(frame, "DerivationImageSequence", None) or getattr(shared, "DerivationImageSequence", None)
-    if derivation:
-        ref_uid = str(derivation[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+    sources = getattr(derivation[0], "SourceImageSequence", None) if derivation else None
+    ref_uid = getattr(sources[0], "ReferencedSOPInstanceUID", None) if sources else None
     # moving one column steps along the row direction (IOP[:3]), one row along the column direction
-    return ipp, iop[3:] * spacing[0], iop[:3] * spacing[1], segment, ref_uid
+    return ipp, iop[3:] * spacing[0], iop[:3] * spacing[1], segment, None if ref_uid is None else str(ref_uid)
+
+
+def _frame_groups(path: Path, ds: Any, n_frames: int) -> tuple[Sequence[Any], Any]:
+    """(one per-frame functional group per frame, the shared functional group or None).
+
+    Raises:
+        InputDataError: PerFrameFunctionalGroupsSequence is missing or its length is not the
+            number of frames.
+    """
+    per_frame = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
+    if not per_frame or len(per_frame) != n_frames:
+        raise InputDataError(
+            path,
+            "DICOM-SEG lacks PerFrameFunctionalGroupsSequence"
+            if not per_frame
+            else f"DICOM-SEG has {len(per_frame)} per-frame functional groups for {n_frames} frames",
+            expected=f"{n_frames} items, one per frame",
+        )
+    shared_seq = getattr(ds, "SharedFunctionalGroupsSequence", None)
+    return per_frame, (shared_seq[0] if shared_seq else None)
 
 
 def read_seg_on_grid(
@@ -287,7 +379,7 @@ def read_seg_on_grid(
     Every frame's pixel centres are mapped through the frame's own position and orientation into
     the reference grid (RAS affine); each must land on a voxel centre. Segment number n becomes
     the label value its Tracking ID records (medgn's SEGs), else value n; where segments overlap the
-    higher value wins.
+    higher value wins. Every frame must refer to a segment that SegmentSequence declares.
 
     Args:
         path: the SEG file.
@@ -297,7 +389,11 @@ def read_seg_on_grid(
             dataset of the slice it lands on (the writer's own check).
 
     Raises:
-        InputDataError: not a readable binary SEG, or a frame off the grid / on the wrong slice.
+        InputDataError: not a readable binary SEG; no segments declared, or a frame referring to
+            an undeclared one; a per-frame functional group missing for a frame, or a frame without
+            position, orientation, pixel spacing or segment (in its own or the shared groups);
+            a frame off the grid or on the wrong slice. The message names the file and what is
+            missing.
     """
     import pydicom
 
@@ -315,12 +411,19 @@ def read_seg_on_grid(
             expected="Modality SEG, SegmentationType BINARY",
         )
     pixels = pixels.reshape(-1, int(ds.Rows), int(ds.Columns))  # (frames, rows, cols)
-    values = _segment_values(ds)
+    values = _segment_values(path, ds)
+    per_frame, shared = _frame_groups(path, ds, pixels.shape[0])
     inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))
     out = np.zeros(tuple(int(s) for s in shape), dtype=np.int32)
     rr, cc = np.meshgrid(np.arange(pixels.shape[1]), np.arange(pixels.shape[2]), indexing="ij")
     for i in range(pixels.shape[0]):
-        ipp, row_step, col_step, segment, ref_uid = _frame_geometry(ds, i)
+        ipp, row_step, col_step, segment, ref_uid = _frame_geometry(path, per_frame[i], shared, i)
+        if segment not in values:
+            raise InputDataError(
+                path,
+                f"DICOM-SEG frame {i + 1} refers to segment {segment}, which SegmentSequence does not declare",
+                expected=f"one of the declared segments {sorted(values)}",
+            )
         lps = ipp + rr[..., None] * row_step + cc[..., None] * col_step  # (rows, cols, 3)
         ijk = (lps @ _LPS.T) @ inv[:3, :3].T + inv[:3, 3]
         idx = np.round(ijk).astype(np.int64)
@@ -346,22 +449,54 @@ def read_seg_on_grid(
                 )
         on = pixels[i] > 0
         target = out[idx[..., 0][on], idx[..., 1][on], idx[..., 2][on]]
-        out[idx[..., 0][on], idx[..., 1][on], idx[..., 2][on]] = np.maximum(target, values.get(segment, segment))
+        out[idx[..., 0][on], idx[..., 1][on], idx[..., 2][on]] = np.maximum(target, values[segment])
     return out
 
 
-def _segment_values(ds: Any) -> dict[int, int]:
-    """Segment number -> label value, from the Tracking IDs medgn writes (others keep their number)."""
+def _segment_values(path: Path, ds: Any) -> dict[int, int]:
+    """Segment number -> label value of every segment SegmentSequence declares.
+
+    The value is the one medgn's Tracking ID records (``label value 7``); a segment from elsewhere,
+    without such a Tracking ID, keeps its number.
+
+    Raises:
+        InputDataError: no segment declared, a segment without a positive SegmentNumber or declared
+            twice, or a medgn Tracking ID that names no positive int32 label value (a label value 0
+            would be background: reading the segment as its number instead would be a guess).
+    """
+    items = getattr(ds, "SegmentSequence", None)
+    if not items:
+        raise InputDataError(
+            path, "DICOM-SEG declares no segments (no SegmentSequence)", expected="one SegmentSequence item per segment"
+        )
     values: dict[int, int] = {}
-    for item in getattr(ds, "SegmentSequence", None) or []:
+    for item in items:
+        raw = getattr(item, "SegmentNumber", None)
+        try:
+            number = int(raw)
+        except (TypeError, ValueError):
+            number = 0
+        if number <= 0 or number in values:
+            raise InputDataError(
+                path,
+                "DICOM-SEG segment declared twice" if number in values else "DICOM-SEG segment without a valid number",
+                got=f"SegmentNumber {brief(raw, 60)}",
+                expected="distinct positive segment numbers in SegmentSequence",
+            )
         tracking = str(getattr(item, "TrackingID", "") or "")
-        number = getattr(item, "SegmentNumber", None)
-        if number is None or not tracking.startswith(_TRACKING_PREFIX):
+        if not tracking.startswith(_TRACKING_PREFIX):
+            values[number] = number
             continue
         try:
             value = int(tracking[len(_TRACKING_PREFIX) :])
         except ValueError:
-            continue
-        if 0 < value <= np.iinfo(np.int32).max:
-            values[int(number)] = value
+            value = 0
+        if not 0 < value <= np.iinfo(np.int32).max:
+            raise InputDataError(
+                path,
+                f"DICOM-SEG segment {number} has a Tracking ID that names no foreground label value",
+                got=brief(tracking, 80),
+                expected=f"'{_TRACKING_PREFIX}N' with N from 1 to {np.iinfo(np.int32).max}",
+            )
+        values[number] = value
     return values

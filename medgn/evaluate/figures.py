@@ -51,14 +51,15 @@ def write_boxplot(result: EvaluationResult, path: Path) -> Path:
     width = max(6.0, 1.0 + 1.1 * len(keys))  # about an inch per class, at least 6 inches
     fig = Figure(figsize=(2 * width, 4.2))
     ax_dice, ax_hd = fig.subplots(1, 2)
-    dice = [[r.metrics.dice for r in result.rows if r.label == k] for k in keys]
-    hd95 = [[r.metrics.hd95 for r in result.rows if r.label == k] for k in keys]
+    absent = set(result.absent)  # in no map of any case: NaN rows, an empty box
+    dice = [[r.metrics.dice for r in result.rows if r.label == k and k not in absent] for k in keys]
+    hd95 = [[r.metrics.hd95 for r in result.rows if r.label == k and k not in absent] for k in keys]
     finite = [[v for v in vals if math.isfinite(v)] for vals in hd95]
     positions = list(range(1, len(keys) + 1))
     if keys:
-        ax_dice.boxplot(dice, positions=positions)
+        ax_dice.boxplot([v if v else [math.nan] for v in dice], positions=positions)
         ax_hd.boxplot([v if v else [math.nan] for v in finite], positions=positions)
-    ax_dice.set_xticks(positions, keys)
+    ax_dice.set_xticks(positions, [f"{k}\n(absent)" if k in absent else k for k in keys])
     ax_hd.set_xticks(positions, [f"{k}\n({len(h) - len(f)} inf)" for k, h, f in zip(keys, hd95, finite)])
     ax_dice.set_ylim(-0.02, 1.02)  # Dice lives in [0, 1]; a small margin keeps 0 and 1 visible
     ax_dice.set_title("Dice per class")

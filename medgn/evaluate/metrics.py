@@ -7,7 +7,9 @@ every distance is in mm and this package needs no torch. The empty policy is exp
 and always flagged: both masks empty gives Dice 1, distances 0 (``both_empty``); exactly one empty
 gives Dice 0 and infinite distances (``ref_empty`` / ``pred_empty``). Infinite distances stay
 infinite: :func:`summarize` computes statistics over the finite values and reports how many were
-infinite, so they are never averaged in silently. Hierarchical regions (e.g. BraTS whole tumour =
+infinite, so they are never averaged in silently. A structure in no reference and no prediction of
+any evaluated case is not scored at all (:func:`absent_metrics`: NaN, flagged ``absent``), as
+nnU-Net and MONAI leave a class without voxels out of the mean. Hierarchical regions (e.g. BraTS whole tumour =
 labels {1, 2, 3, 4}) are evaluated as the union of their labels.
 """
 
@@ -30,6 +32,7 @@ FLAG_REF_EMPTY = "ref_empty"
 FLAG_PRED_EMPTY = "pred_empty"
 FLAG_MISSING = "missing"
 FLAG_FAILED = "failed"
+FLAG_ABSENT = "absent"
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class ClassMetrics:
         assd: average symmetric surface distance in mm (``inf`` when one side is empty).
         nsd: normalized surface Dice at the tolerance, in [0, 1].
         flags: policy flags that applied (``both_empty``, ``ref_empty``, ``pred_empty``,
-            ``missing``, ``failed``).
+            ``missing``, ``failed``, ``absent``).
     """
 
     dice: float
@@ -61,6 +64,15 @@ class ClassMetrics:
 def failed_metrics(flag: str) -> ClassMetrics:
     """Metrics of a case that could not be evaluated (missing or failed): Dice 0, distances inf."""
     return ClassMetrics(dice=0.0, iou=0.0, hd95=math.inf, assd=math.inf, nsd=0.0, flags=(flag,))
+
+
+def absent_metrics() -> ClassMetrics:
+    """Metrics of a structure found in no reference and no prediction of any evaluated case: NaN.
+
+    Such a structure (e.g. ``--labels 1,7`` where no map holds a 7) cannot be scored; a Dice of 1
+    there would only raise the mean. The statistics leave these rows out.
+    """
+    return ClassMetrics(dice=math.nan, iou=math.nan, hd95=math.nan, assd=math.nan, nsd=math.nan, flags=(FLAG_ABSENT,))
 
 
 def _check_spacing(spacing: Sequence[float], ndim: int) -> tuple[float, ...]:
@@ -212,8 +224,8 @@ def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
     """Mean, std (population), median, min and max over the finite values, with counts.
 
     Infinite values are not averaged in: they are counted in ``n_inf``; the statistics are
-    ``None`` when no finite value exists. NaN never occurs (the empty policy avoids it) and is
-    refused.
+    ``None`` when no finite value exists. NaN never occurs (the empty policy avoids it, and the
+    callers leave out the rows of absent structures) and is refused.
     """
     arr = np.asarray(list(values), dtype=np.float64)
     if np.isnan(arr).any():

@@ -3,8 +3,10 @@
 
 Infinite distances (one side empty, missing or failed case) keep their meaning in every form: the
 CSV says ``inf``, the JSON says ``null`` with the row's flags and an ``infinite`` list naming the
-metrics, the statistics are over the finite values with the count of infinite ones beside them. All
-files are written atomically through :mod:`medgn.files`.
+metrics, the statistics are over the finite values with the count of infinite ones beside them. A
+structure in no map of any evaluated case (``absent``) has NaN rows (CSV ``nan``, JSON ``null``),
+is marked ``(absent)`` in the tables and is left out of its per-class and the overall statistics.
+All files are written atomically through :mod:`medgn.files`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medgn.evaluate.metrics import (
+    FLAG_ABSENT,
     FLAG_BOTH_EMPTY,
     FLAG_FAILED,
     FLAG_MISSING,
@@ -47,10 +50,10 @@ def _stats(rows: Sequence[MetricRow]) -> dict[str, Any]:
 def worst_cases(result: EvaluationResult, k: int) -> dict[str, list[str]]:
     """Per label, the ``k`` evaluated cases with the lowest Dice (then the largest HD95).
 
-    Missing and failed cases and cases where both maps are empty are left out: there is nothing
-    to draw for them.
+    Missing and failed cases and cases where both maps are empty (or the label is absent from
+    every case) are left out: there is nothing to draw for them.
     """
-    skip = {FLAG_MISSING, FLAG_FAILED, FLAG_BOTH_EMPTY}
+    skip = {FLAG_MISSING, FLAG_FAILED, FLAG_BOTH_EMPTY, FLAG_ABSENT}
     out: dict[str, list[str]] = {}
     for key in [str(v) for v in result.labels]:
         rows = [r for r in result.rows if r.label == key and not skip.intersection(r.metrics.flags)]
@@ -65,12 +68,21 @@ def build_summary(
     """Statistics per label and region and over all labels, with counts, failures and settings.
 
     ``overall`` pools every (case, label) row of the labels (regions would count voxels twice);
-    with the same cases under every label, its mean is the mean of the per-label means.
+    with the same cases under every label, its mean is the mean of the per-label means. A label or
+    region in ``result.absent`` (in no map of any evaluated case) is not scored: its per-class
+    statistics count no row (``n`` 0, means ``None``) and ``overall`` leaves its rows out.
     """
+    absent = set(result.absent)
     label_keys = [str(v) for v in result.labels]
-    per_class = {key: _stats([r for r in result.rows if r.label == key]) for key in [*label_keys, *result.regions]}
-    label_rows = [r for r in result.rows if r.label in label_keys]
-    n_cases = len({r.case for r in result.rows}) if result.rows else len(result.failures) + len(result.missing)
+    per_class = {
+        key: _stats([r for r in result.rows if r.label == key and key not in absent])
+        for key in [*label_keys, *result.regions]
+    }
+    label_rows = [r for r in result.rows if r.label in label_keys and r.label not in absent]
+    if result.cases:
+        n_cases = len(result.cases)
+    else:  # a result built without its case list
+        n_cases = len({r.case for r in result.rows} | set(result.failures) | set(result.missing))
     return {
         "counts": {
             "cases": n_cases,
@@ -83,6 +95,7 @@ def build_summary(
         },
         "per_class": per_class,
         "overall": _stats(label_rows),
+        "absent": list(result.absent),
         "missing": list(result.missing),
         "failures": dict(result.failures),
         "worst_cases": worst_cases(result, worst_k),
@@ -91,6 +104,8 @@ def build_summary(
             "both_empty": "Dice 1, IoU 1, NSD 1, distances 0",
             "ref_empty_or_pred_empty": "Dice 0, IoU 0, NSD 0, distances infinite",
             "missing_or_failed": "Dice 0, IoU 0, NSD 0, distances infinite",
+            "absent": "a label or region in no reference and no prediction of any evaluated case: metrics NaN "
+            "(null in JSON), left out of its per-class and the overall statistics",
             "statistics": "population std; distances over finite values only, n_inf counts the others",
         },
     }
@@ -120,8 +135,9 @@ def metrics_csv(rows: Sequence[MetricRow]) -> str:
 def _json_row(row: MetricRow) -> dict[str, Any]:
     out = row.as_dict()
     infinite = [name for name in METRIC_NAMES if math.isinf(out[name])]
-    for name in infinite:
-        out[name] = None  # JSON has no infinity: null, named in "infinite", explained by the flags
+    for name in METRIC_NAMES:
+        if not math.isfinite(out[name]):
+            out[name] = None  # JSON has no infinity or NaN: null, named in "infinite" or flagged "absent"
     out["infinite"] = infinite
     return out
 
@@ -152,11 +168,12 @@ def _table_rows(result: EvaluationResult) -> list[list[str]]:
     ]
     lines = [header]
     sections = [*result.summary["per_class"].items(), ("overall", result.summary["overall"])]
+    absent = set(result.summary.get("absent", ()))
     for key, stats in sections:
         empty = stats["empty"]
         lines.append(
             [
-                key,
+                f"{key} (absent)" if key in absent else key,
                 str(stats["dice"]["n"]),
                 _num(stats["dice"]["mean"]),
                 _num(stats["dice"]["std"]),
@@ -201,6 +218,12 @@ def report_markdown(result: EvaluationResult, figures: Sequence[Path] = ()) -> s
         f"both {c['empty'][FLAG_BOTH_EMPTY]}, reference only {c['empty'][FLAG_REF_EMPTY]}, "
         f"prediction only {c['empty'][FLAG_PRED_EMPTY]}."
     )
+    if s.get("absent"):
+        text += [
+            "",
+            f"Not scored (in no reference and no prediction of any evaluated case): {', '.join(s['absent'])}; "
+            "their rows are NaN and the statistics leave them out.",
+        ]
     if c.get("references_not_predicted"):
         text += ["", f"Only predicted cases were scored: {c['references_not_predicted']} references left out."]
     text += ["", "## Per class", ""]

@@ -46,6 +46,10 @@ class EvaluationResult:
         failures: case id -> why it could not be evaluated (unreadable, geometry mismatch).
         missing: case ids with a reference but no prediction (only with ``allow_missing``).
         labels: the labels evaluated; regions: the named unions evaluated.
+        cases: every case of the run (reference order), scored, failed or missing alike.
+        absent: the labels and regions (as row keys) found in no reference and no prediction of any
+            evaluated case: their rows of evaluated cases are NaN, flagged ``absent``, and the
+            per-class and overall statistics leave them out.
         out_dir: where the reports were written, or None.
         files: the files written.
     """
@@ -56,6 +60,8 @@ class EvaluationResult:
     missing: list[str] = field(default_factory=list)
     labels: tuple[int, ...] = ()
     regions: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    cases: list[str] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)
     out_dir: Path | None = None
     files: list[Path] = field(default_factory=list)
 
@@ -84,6 +90,10 @@ def case_id(name: str) -> str | None:
 def list_cases(folder: Path) -> dict[str, Path]:
     """Map case id -> file for every volume in ``folder`` (not recursive).
 
+    Every entry named like a volume is a case, whatever it is: a dangling symbolic link, a FIFO or
+    a folder called ``c2.nii.gz`` is listed too, so that the run reports that case as failed
+    (:func:`medgn.evaluate.run.evaluate` names what it is) instead of leaving it out unseen.
+
     Raises:
         UsageError: the folder does not exist.
         InputDataError: two files give the same case id (e.g. ``a.nii`` and ``a.nii.gz``); a
@@ -96,7 +106,7 @@ def list_cases(folder: Path) -> dict[str, Path]:
     cases: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         cid = case_id(path.name)
-        if cid is None or not path.is_file():
+        if cid is None:
             continue
         if cid in cases and ".seg.dcm" in (cases[cid].name.lower()[-8:], path.name.lower()[-8:]):
             # infer writes a DICOM-SEG next to the NIfTI mask of a DICOM series: the mask on the

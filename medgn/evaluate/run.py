@@ -5,8 +5,10 @@ file name (case id = name without ``.nii.gz``/``.nii``/``.nrrd``/``.mha``), or t
 prediction file and one reference file as a single case named after the reference, refuses a missing
 prediction unless asked to count it as failed, checks that prediction and reference share their
 geometry (header first, before any voxel is read), computes per-case, per-class metrics
-(:mod:`medgn.evaluate.metrics`) and summarises them. A case whose files are unreadable or whose
-geometry differs is reported as failed and the run goes on; the result then carries exit code 3.
+(:mod:`medgn.evaluate.metrics`) and summarises them. A case whose files are unreadable or no
+regular files (a dangling link, a FIFO, a folder named like a case), whose labels are negative or
+not integers, or whose geometry differs is reported as failed and the run goes on; the result then
+carries exit code 3.
 When an output folder is given, the run holds its lock and writes the reports
 (:mod:`medgn.evaluate.report`) and figures (:mod:`medgn.evaluate.figures`).
 """
@@ -27,6 +29,7 @@ from medgn.evaluate.metrics import (
     FLAG_FAILED,
     FLAG_MISSING,
     ClassMetrics,
+    absent_metrics,
     case_metrics,
     failed_metrics,
 )
@@ -105,13 +108,36 @@ def _pair(pred: Path, ref: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     return {cid: ref}, {cid: pred}
 
 
+def _check_readable(path: Path, role: str) -> None:
+    """Refuse a case file that is not a regular file, naming what it is (reading a FIFO would block)."""
+    if not path.is_file():
+        problem = path_problem(path) or "a folder"
+        raise InputDataError(path, f"{role} is not a label file: {problem}", expected="a regular file")
+
+
+def _check_not_negative(array: np.ndarray, path: Path) -> None:
+    """Refuse label values below 0 (0 is background, foreground labels are positive)."""
+    negative = array < 0
+    if negative.any():
+        raise InputDataError(
+            path,
+            f"label has {int(negative.sum())} voxels with negative values",
+            got=f"values like {np.unique(array[negative])[:5].tolist()}",
+            expected="label values >= 0 (0 is background)",
+        )
+
+
 def _evaluate_case(
     pred_path: Path, ref_path: Path, labels: tuple[int, ...] | None, regions: dict[str, tuple[int, ...]], tol: float
 ) -> dict[str, ClassMetrics]:
     from medgn.data.io import read_volume
 
+    _check_readable(ref_path, "reference")
+    _check_readable(pred_path, "prediction")
     ref = read_volume(ref_path, label=True)
+    _check_not_negative(ref.array, ref_path)
     pred = read_prediction(pred_path, ref)
+    _check_not_negative(pred.array, pred_path)
     present = labels
     if present is None:  # every foreground value found in either map
         present = tuple(int(v) for v in np.union1d(np.unique(pred.array), np.unique(ref.array)) if v > 0)
@@ -142,7 +168,11 @@ def evaluate(
             and ``overlays/``; None computes without writing. It is created if needed and locked
             while the run writes.
         labels: the foreground labels to evaluate; None means every nonzero value found in any
-            prediction or reference (a label absent from both maps of a case scores as both empty).
+            prediction or reference. A label absent from both maps of a case scores as both empty
+            there (Dice 1, distances 0) when some other case holds it; a label (or region) in no
+            reference and no prediction of any evaluated case is not scored: its rows are NaN,
+            flagged ``absent``, listed in ``result.absent``, and the per-class and overall
+            statistics leave it out (as nnU-Net and MONAI do for a class without voxels).
         nsd_tolerance_mm: normalized surface Dice tolerance in mm.
         allow_missing: count a missing prediction as failed (Dice 0, infinite distances) instead of
             refusing the run.
@@ -156,7 +186,10 @@ def evaluate(
             scored against a folder of every label); the others are counted as not predicted.
 
     Returns:
-        The rows, the summary and the failures; ``result.exit_code`` is 3 when any case failed.
+        The rows, the summary and the failures; ``result.exit_code`` is 3 when any case failed: an
+        unreadable file, a reference or prediction that is no regular file (a dangling link, a FIFO,
+        a folder named like a case), a negative or non-integer label, a malformed DICOM-SEG, or a
+        geometry that differs.
 
     Raises:
         UsageError: a folder is missing, bad labels, regions or tolerance, output inside an input.
@@ -182,7 +215,9 @@ def evaluate(
             raise UsageError("--only-predicted", "cannot be combined with --allow-missing", expected="one of the two")
         not_predicted = sorted(set(refs) - set(preds))
         refs = {cid: path for cid, path in refs.items() if cid in preds} or refs  # none: refused below
-    missing = sorted(set(refs) - set(preds))
+    # A reference that is no readable file fails its case, prediction or not: not "missing".
+    unreadable = {cid for cid, path in refs.items() if not path.is_file()}
+    missing = sorted(set(refs) - set(preds) - unreadable)
     if len(missing) == len(refs) and (preds or allow_missing or only_predicted):  # a wrong folder
         raise InputDataError(
             pred_dir,
@@ -268,6 +303,8 @@ def _run(
         if cid in missing:
             continue
         try:
+            if cid not in preds:  # a reference that is not a readable file (see evaluate)
+                _check_readable(ref_path, "reference")
             per_case[cid] = _evaluate_case(preds[cid], ref_path, label_set, region_map, nsd_tolerance_mm)
         except MedgnError as exc:
             failures[cid] = exc.one_line()
@@ -275,9 +312,21 @@ def _run(
     final_labels = label_set
     if final_labels is None:
         final_labels = tuple(sorted({int(k) for res in per_case.values() for k in res if k.isdigit()}))
-    rows = _rows(refs, per_case, failures, missing, final_labels, region_map)
+    keys = [str(v) for v in final_labels] + list(region_map)
+    # A structure no evaluated case holds in either map cannot be scored (NaN, left out of the means).
+    absent = [
+        k for k in keys if per_case and all(FLAG_BOTH_EMPTY in _metrics(res, k).flags for res in per_case.values())
+    ]
+    rows = _rows(refs, per_case, failures, missing, keys, absent)
     result = EvaluationResult(
-        rows=rows, summary={}, failures=failures, missing=missing, labels=final_labels, regions=region_map
+        rows=rows,
+        summary={},
+        failures=failures,
+        missing=missing,
+        labels=final_labels,
+        regions=region_map,
+        cases=list(refs),
+        absent=absent,
     )
     settings = {
         "pred_dir": str(pred_dir),
@@ -297,16 +346,23 @@ def _run(
     return result
 
 
+_BOTH_EMPTY = ClassMetrics(dice=1.0, iou=1.0, hd95=0.0, assd=0.0, nsd=1.0, flags=(FLAG_BOTH_EMPTY,))
+
+
+def _metrics(case: Mapping[str, ClassMetrics], key: str) -> ClassMetrics:
+    """A structure's metrics in one evaluated case; a label found only in other cases is in neither map here."""
+    return case.get(key, _BOTH_EMPTY)
+
+
 def _rows(
     refs: Mapping[str, Path],
     per_case: Mapping[str, Mapping[str, ClassMetrics]],
     failures: Mapping[str, str],
     missing: Sequence[str],
-    labels: tuple[int, ...],
-    regions: Mapping[str, tuple[int, ...]],
+    keys: Sequence[str],
+    absent: Sequence[str],
 ) -> list[MetricRow]:
-    keys = [str(v) for v in labels] + list(regions)
-    both_empty = ClassMetrics(dice=1.0, iou=1.0, hd95=0.0, assd=0.0, nsd=1.0, flags=(FLAG_BOTH_EMPTY,))
+    """One row per case and structure: missing, failed, absent (NaN) or the case's metrics."""
     rows = []
     for cid in refs:
         for key in keys:
@@ -314,9 +370,10 @@ def _rows(
                 metrics = failed_metrics(FLAG_MISSING)
             elif cid in failures:
                 metrics = failed_metrics(FLAG_FAILED)
+            elif key in absent:
+                metrics = absent_metrics()
             else:
-                # A label found only in other cases is absent from both maps of this one.
-                metrics = per_case[cid].get(key, both_empty)
+                metrics = _metrics(per_case[cid], key)
             rows.append(MetricRow(cid, key, metrics))
     return rows
 
