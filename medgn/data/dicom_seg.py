@@ -130,7 +130,27 @@ def seg_sources(reference: Volume) -> list[Any]:
                 expected=f"one of {reference.shape[2]} slices",
             )
         by_k[round(k)] = ds
-    return [by_k[k] for k in range(reference.shape[2])]
+    uids = [str(ds.SOPInstanceUID) for ds in by_k.values()]
+    repeated = sorted({uid for uid in uids if uids.count(uid) > 1})
+    if repeated:  # a SEG frame references its slice by this UID alone
+        raise InputDataError(
+            reference.path,
+            f"{len(repeated)} SOPInstanceUID(s) repeat across the series' slices",
+            got=repeated[:3],
+            expected="a distinct SOPInstanceUID on every slice (or --output-format nifti)",
+        )
+    ordered = [by_k[k] for k in range(reference.shape[2])]
+    _trial_segmentation(reference, ordered)
+    return ordered
+
+
+def _trial_segmentation(reference: Volume, sources: Sequence[Any]) -> None:
+    """Build an empty one-frame SEG over the first slice: the patient, study and equipment values
+    highdicom refuses (a PatientSex outside M/F/O, a malformed date or time) fail the case here,
+    before anything is predicted or written, rather than after the mask was published."""
+    first = sources[0]
+    frame = np.zeros((1, int(first.Rows), int(first.Columns)), dtype=np.uint8)
+    _segmentation(reference, [first], frame, np.asarray([0, 1]), {})
 
 
 def _numbers(name: str, ds: Any, tag: str, count: int) -> np.ndarray:
@@ -202,9 +222,6 @@ def write_dicom_seg(
         InputDataError: highdicom refuses the sources, or a frame read back does not lie on the
             slice it references (nothing written).
     """
-    import highdicom as hd
-
-    import medgn
     from medgn.files import atomic_path
 
     values = np.asarray(label_values, dtype=np.int64)
@@ -212,15 +229,7 @@ def write_dicom_seg(
     classes = np.where(values[np.clip(classes, 0, len(values) - 1)] == mask, classes, 0)
     dtype = np.uint8 if len(values) < 256 else np.uint16
     frames = np.stack([classes[:, :, k].T for k in range(mask.shape[2])]).astype(dtype)  # (Z, rows=Y, cols=X)
-    try:
-        seg = _segmentation(hd, medgn, sources, frames, values, label_names)
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:  # highdicom's checks
-        raise InputDataError(
-            reference.path,
-            "cannot build a DICOM-SEG from this series",
-            got=(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200],
-            expected="a series highdicom accepts as SEG source (or --output-format nifti)",
-        ) from None
+    seg = _segmentation(reference, sources, frames, values, label_names)
     out_path = Path(out_path)
     with atomic_path(out_path, overwrite=overwrite) as tmp:
         seg.save_as(tmp)
@@ -235,9 +244,31 @@ def write_dicom_seg(
 
 
 def _segmentation(
+    reference: Volume, sources: Sequence[Any], frames: np.ndarray, values: np.ndarray, label_names: Mapping[int, str]
+) -> Any:
+    """The highdicom Segmentation of ``frames`` (Z, rows, cols) class indices over ``sources``.
+
+    Raises:
+        InputDataError: highdicom refuses the sources (exit 3).
+    """
+    import highdicom as hd
+
+    import medgn
+
+    try:
+        return _highdicom_segmentation(hd, medgn, sources, frames, values, label_names)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:  # highdicom's checks
+        raise InputDataError(
+            reference.path,
+            "cannot build a DICOM-SEG from this series",
+            got=(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200],
+            expected="a series highdicom accepts as SEG source (or --output-format nifti)",
+        ) from None
+
+
+def _highdicom_segmentation(
     hd: Any, medgn: Any, sources: Sequence[Any], frames: np.ndarray, values: np.ndarray, label_names: Mapping[int, str]
 ) -> Any:
-    """The highdicom Segmentation of ``frames`` (Z, rows, cols) class indices over ``sources``."""
     return hd.seg.Segmentation(
         source_images=list(sources),
         pixel_array=frames,

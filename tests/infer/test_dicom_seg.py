@@ -439,3 +439,45 @@ def test_a_slice_file_cut_inside_its_pixel_data_is_refused(tmp_path: Path, capsy
     assert _infer(run, series, tmp_path / "out", "--output-format", "nifti") == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(series) in err[0] and "missing or uneven slices" in err[0], err
+
+
+def _raw_text(tag: int, vr: str, text: bytes) -> Callable[[Dataset, int], None]:
+    """Every slice's ``tag`` written as these bytes (pydicom would refuse to set them as a value)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    def mutate(ds: Dataset, k: int) -> None:
+        ds[tag] = RawDataElement(Tag(tag), vr, len(text), text, 0, False, True)
+
+    return mutate
+
+
+def _same_sop_uid(ds: Dataset, k: int) -> None:
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
+
+
+SEG_REFUSED = [
+    ("patient_sex", _raw_text(0x00100040, "CS", b"male"), "cannot build a DICOM-SEG", "PatientSex"),
+    ("study_date", _raw_text(0x00080020, "DA", b"2020-01-01"), "cannot build a DICOM-SEG", "2020-01-01"),
+    ("study_time", _raw_text(0x00080030, "TM", b"25:61:00"), "cannot build a DICOM-SEG", "25:61:00"),
+    ("repeated_sop_uid", _same_sop_uid, "SOPInstanceUID(s) repeat across the series' slices", "1.2.3.4.5"),
+]
+
+
+@pytest.mark.parametrize(("name", "mutate", "words", "value"), SEG_REFUSED, ids=[s[0] for s in SEG_REFUSED])
+def test_a_series_that_cannot_carry_a_seg_fails_before_any_mask_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, mutate: Callable, words: str, value: str
+) -> None:
+    """Values highdicom refuses, and slices that share one SOPInstanceUID (a SEG frame names its source
+    slice by that UID alone), fail the case before prediction: no NIfTI mask published beside a failed
+    SEG, no sidecar left saying the case is running. Without a SEG asked for, the NIfTI mask is written."""
+    series, ras = write_series(tmp_path / "in" / "scan", volume(), "axial", mutate=mutate)
+    run = save_run(tmp_path / "run", plan_dict=plan(_ras_spacing(ras)))
+    capsys.readouterr()
+    assert _infer(run, series, tmp_path / "both", "--output-format", "both") == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and value in err[0] and str(series) in err[0], err
+    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == ["report.json"]
+    assert _infer(run, series, tmp_path / "auto") == 0
+    assert (tmp_path / "auto" / "scan.nii.gz").is_file() and not (tmp_path / "auto" / "scan.seg.dcm").exists()
+    assert words in json.loads((tmp_path / "auto" / "scan.json").read_text())["warnings"][0]
