@@ -137,7 +137,16 @@ def run(args: argparse.Namespace) -> int:
             pass
     if args.threads is not None and not 1 <= args.threads <= 1024:
         raise UsageError("--threads", "value out of range", got=args.threads, expected="1 <= threads <= 1024")
-    channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
+    channels = None
+    if args.channels is not None:
+        channels = [c.strip() for c in args.channels.split(",")]
+        if not all(channels) or len(set(channels)) != len(channels):
+            raise UsageError(
+                "--channels",
+                "channel names must be distinct and not empty",
+                got=args.channels,
+                expected="names separated by commas, e.g. T1,T2",
+            )
     limits = limits_from_args(args)
     settings = InferSettings.of(
         device=args.device,

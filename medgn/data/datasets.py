@@ -73,8 +73,18 @@ def modality_of(channel_name: str) -> str:
 
 
 def is_image_file(path: Path) -> bool:
-    """Whether ``path`` names an image file medgn reads (by suffix)."""
-    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith(".")
+    """Whether ``path`` is named as an image file medgn reads (by suffix), and is not a folder.
+
+    A symbolic link that leads nowhere, a FIFO or a device with such a name counts: it becomes a case
+    that fails with the reason when it is read, rather than a scan silently left out of a folder.
+    """
+    return path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith(".") and not path.is_dir()
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path``, which should be a regular file, is not: "missing", "is a folder", "is a FIFO..."."""
+    problem = "a folder" if path.is_dir() else path_problem(path) or "not found"
+    return "missing" if problem == "not found" else f"is {problem}"
 
 
 def strip_image_suffix(name: str) -> str:
@@ -181,7 +191,7 @@ def _load_msd(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIndex
             continue
         for kind, path in (("image", image), ("label", label)):
             if not path.is_file():
-                problems.append(f"training[{i}] {kind} file missing: {path}")
+                problems.append(f"training[{i}] {kind} file {_not_a_file(path)}: {path}")
         cases.append(Case(strip_image_suffix(image.name), (image,), label))
     tests = []
     test_list = desc.get("test") or []
@@ -267,7 +277,7 @@ def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIn
             problems += [f"unexpected channel file (only {len(channels)} channels declared): {e}" for e in extra]
             label = labels_dir / f"{case_id}{ending}"
             if not label.is_file():
-                problems.append(f"label missing for case {case_id}: {label}")
+                problems.append(f"label {_not_a_file(label)} for case {case_id}: {label}")
             if not missing:
                 cases.append(
                     Case(check_case_id(case_id, images_dir), tuple(found[c] for c in range(len(channels))), label)
@@ -393,7 +403,14 @@ def _named_channels(input_path: Path, channels: Sequence[str]) -> list[Case]:
         stem = strip_image_suffix(path.name)
         for ch in channels:
             if stem.endswith("_" + ch) and len(stem) > len(ch) + 1:
-                grouped.setdefault(stem[: -len(ch) - 1], {})[ch] = path
+                found = grouped.setdefault(stem[: -len(ch) - 1], {})
+                if ch in found:
+                    raise InputDataError(
+                        input_path,
+                        f"two files for one channel: {found[ch].name}, {path.name}",
+                        expected="one file per case and channel (remove or move the other)",
+                    )
+                found[ch] = path
     if not grouped:
         raise UsageError(
             input_path,

@@ -35,7 +35,7 @@ from medgn.data.preflight import (
     read_header,
 )
 from medgn.errors import InputDataError, UsageError
-from medgn.files import atomic_path, path_sha256
+from medgn.files import atomic_path, path_problem, path_sha256
 
 __all__ = [
     "HeaderInfo",
@@ -229,6 +229,9 @@ def input_bytes(path: str | os.PathLike[str]) -> InputBytes:
         InputDataError: the input cannot be read (exit 3).
     """
     path = Path(path)
+    problem = path_problem(path)
+    if problem is not None:  # opening a FIFO or a device could block forever
+        raise InputDataError(path, f"input is {problem}", expected="a regular file or a DICOM series folder")
     try:
         if path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES):
             data = path.read_bytes()

@@ -35,6 +35,7 @@ from medgn.data.header import (
 from medgn.data.itk_header import itk_info, itk_reader
 from medgn.data.nifti_header import nifti_header
 from medgn.errors import InputDataError
+from medgn.files import path_problem
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -74,8 +75,13 @@ def read_header(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS, *
         ResourceError: above a size limit (exit 5).
     """
     path = Path(path)
-    if not path.exists():
-        raise InputDataError(path, "file not found", expected="an existing image file or DICOM folder")
+    problem = path_problem(path)
+    if problem is not None:  # a FIFO or a device is named, never opened: reading it could block
+        raise InputDataError(
+            path,
+            "file not found" if problem == "not found" else f"input is {problem}",
+            expected="an existing image file or DICOM folder",
+        )
     fmt = detect_format(path)
     if fmt == "nifti":
         return nifti_header(path, limits, channels)

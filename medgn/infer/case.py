@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +135,9 @@ def _read_channels(
     return volumes
 
 
-def _write_probabilities(probs: np.ndarray, reference: Any, out: Path, overwrite: bool) -> Path:
+def _write_probabilities(
+    probs: np.ndarray, reference: Any, label_values: Sequence[int], out: Path, overwrite: bool
+) -> Path:
     """Write (K, X, Y, Z) probabilities as float16 in ``<case>_probabilities.npz``, atomically.
 
     NIfTI-1 has no float16 type, so every input format gets the same compressed ``.npz`` with
@@ -146,7 +148,10 @@ def _write_probabilities(probs: np.ndarray, reference: Any, out: Path, overwrite
         with open(tmp, "wb") as handle:
             # float16 halves the file; its 1e-3 resolution is finer than any threshold users apply.
             np.savez_compressed(
-                handle, probabilities=probs.astype(np.float16), affine=np.asarray(reference.affine, dtype=np.float64)
+                handle,
+                probabilities=probs.astype(np.float16),
+                affine=np.asarray(reference.affine, dtype=np.float64),
+                label_values=np.asarray(label_values, dtype=np.int64),  # class k is label label_values[k]
             )
     return path
 
@@ -325,7 +330,7 @@ def _segment(
             outputs.append(seg_path.name)
             published.append(outputs[-1])
     if options.get("save_probabilities"):
-        outputs.append(_write_probabilities(probs.numpy(), reference, stem, overwrite).name)
+        outputs.append(_write_probabilities(probs.numpy(), reference, predictor.label_values, stem, overwrite).name)
     times["postprocess_write"] = time.perf_counter() - t2
     times["total"] = time.perf_counter() - t0
 

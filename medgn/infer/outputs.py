@@ -12,6 +12,7 @@ tree, over the input or into an unwritable folder, the ``--shard i/n`` selection
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -63,16 +64,20 @@ def safe_case_name(case_id: str) -> str:
     return name
 
 
-def output_names(case_ids: Sequence[str], suffixes: Mapping[str, str]) -> dict[str, str]:
+def output_names(
+    case_ids: Sequence[str], suffixes: Mapping[str, str], shard: tuple[int, int] | None = None
+) -> dict[str, str]:
     """Map case id -> safe stem, refusing two cases whose output files would share a name.
 
     Args:
         case_ids: the cases of this run.
         suffixes: case id -> mask suffix (``.nii.gz``, ``.nrrd``, ``.mha``).
+        shard: ``(i, n)`` when the run is one of n shards: every shard's report name is reserved
+            too (the shards share the output folder).
 
     Raises:
-        UsageError: two cases, or a case and ``report.json``, would write the same file (compared
-            case-insensitively, as on macOS and Windows file systems).
+        UsageError: two cases, or a case and ``report.json`` (or a shard's report), would write the
+            same file (compared case-insensitively, as on macOS and Windows file systems).
     """
     names = {cid: safe_case_name(cid) for cid in case_ids}
     owners: dict[str, str] = {REPORT_NAME: "(the run report)"}
@@ -86,7 +91,15 @@ def output_names(case_ids: Sequence[str], suffixes: Mapping[str, str]) -> dict[s
         ]
         for file in files:
             key = file.casefold()
-            if key in owners and owners[key] != cid:
+            shard_report = re.fullmatch(r"report-(\d+)of(\d+)\.json", key)
+            if (
+                shard
+                and shard_report
+                and int(shard_report[1]) < shard[1]
+                and key == report_name((int(shard_report[1]), shard[1]))
+            ):
+                clashes.append(f"{cid!r} and a shard's run report -> {file}")
+            elif key in owners and owners[key] != cid:
                 clashes.append(f"{cid!r} and {owners[key]!r} -> {file}")
             owners.setdefault(key, cid)
     if clashes:
@@ -249,9 +262,10 @@ def parse_shard(shard: str | tuple[int, int] | None, env: Mapping[str, str] | No
         UsageError: malformed text, n < 1, or i outside 0..n-1.
     """
     env = os.environ if env is None else env
+    source = "--shard"
     if shard is None:
         if "RANK" in env and "WORLD_SIZE" in env:
-            shard = f"{env['RANK']}/{env['WORLD_SIZE']}"
+            shard, source = f"{env['RANK']}/{env['WORLD_SIZE']}", "RANK/WORLD_SIZE"
         else:
             return None
     if isinstance(shard, str):
@@ -261,13 +275,17 @@ def parse_shard(shard: str | tuple[int, int] | None, env: Mapping[str, str] | No
             if len(parts) != 2:
                 raise ValueError
         except (ValueError, IndexError):
+            if source != "--shard":
+                raise UsageError(
+                    source, "torchrun's environment variables are not integers", got=shard, expected="RANK < WORLD_SIZE"
+                ) from None
             raise UsageError(
                 "--shard", "malformed shard", got=shard, expected="i/n with 0 <= i < n, e.g. 0/4"
             ) from None
     else:
         index, count = int(shard[0]), int(shard[1])
     if count < 1 or not 0 <= index < count:
-        raise UsageError("--shard", "shard index out of range", got=f"{index}/{count}", expected="i/n with 0 <= i < n")
+        raise UsageError(source, "shard index out of range", got=f"{index}/{count}", expected="i/n with 0 <= i < n")
     return index, count
 
 

@@ -215,7 +215,7 @@ def infer(
             selected = select_shard(list(cases), shard_pair)
             if target is None:
                 suffixes = {cid: _volume_suffix(cases[cid].images[0], settings.output_format) for cid in selected}
-                names = output_names(selected, suffixes)
+                names = output_names(selected, suffixes, shard_pair)
             else:
                 names = {selected[0]: target.stem}
             if target is None:  # a named mask's run holds its mask's lock already (_claim_output)

@@ -202,3 +202,26 @@ def test_an_inference_folder_of_numbered_scans_says_how_it_reads_them(tmp_path: 
     assert "rename single-channel scans such as patient_0001" in info.value.one_line()
     (case,) = find_inputs(tmp_path / "patient_0001.nii.gz")  # one file at a time: the whole name
     assert case.case_id == "patient_0001"
+
+
+def test_verify_names_a_fifo_and_a_dangling_link_instead_of_dropping_or_opening_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A label link that leads nowhere is named as such, and a FIFO named as a channel (opened, it
+    would block) is a problem of its case rather than a channel left out of the dataset unseen."""
+    root = make_nnunet(tmp_path / "ds")
+    channel = root / "imagesTr" / "case0_0001.nii.gz"
+    channel.unlink()
+    os.mkfifo(channel)
+    label = root / "labelsTr" / "case1.nii.gz"
+    label.unlink()
+    label.symlink_to(tmp_path / "gone.nii.gz")
+    with pytest.raises(InputDataError, match="label is a symbolic link that leads nowhere for case case1"):
+        load_dataset(root)
+    label.unlink()
+    make_nifti(label, np.zeros((6, 5, 4), np.uint8), spacing=(1.0, 1.0, 2.0))
+    assert [p.name for p in load_dataset(root).cases[0].images] == ["case0_0000.nii.gz", "case0_0001.nii.gz"]
+    code, err = _verify(root, capsys)
+    assert code == 3
+    problems = [line for line in err.splitlines() if line.startswith("problem: ")]
+    assert any(str(channel) in line and "a FIFO, socket or device" in line for line in problems), problems
