@@ -179,9 +179,11 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = True) -> Ite
 
     Raises:
         ResourceError: the disk is full or over quota while writing (exit code 5).
-        UsageError: ``final`` exists and ``overwrite`` is False.
+        UsageError: ``final`` exists and ``overwrite`` is False, or exists and is not a regular
+            file (a folder, FIFO, device or a link that leads nowhere is never replaced).
     """
     final = Path(final)
+    _refuse_special(final)
     if not overwrite and final.exists():
         raise UsageError(final, "output exists", expected="a new path, or pass --overwrite")
     stem, suffix = split_suffix(final.name)
@@ -192,6 +194,7 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = True) -> Ite
             raise FileNotFoundError(f"writer produced no file at {tmp}")
         os.chmod(tmp, _umask_mode())  # mkstemp-style 0600 would surprise users
         _fsync_file(tmp)
+        _refuse_special(final)  # again: the path may have changed while the file was written
         os.replace(tmp, final)
         _fsync_dir(final.parent)
     except OSError as exc:
@@ -210,6 +213,17 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = True) -> Ite
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def _refuse_special(final: Path) -> None:
+    """Refuse a destination that exists and is not a regular file (as root, ``os.replace`` would
+    turn ``/dev/full`` or a FIFO another program reads into a plain file)."""
+    if os.path.lexists(final) and not final.is_file():
+        raise UsageError(
+            final,
+            f"output path exists and is {path_problem(final) or 'a folder'}; only a regular file is replaced",
+            expected="another output path",
+        )
 
 
 def _nearly_full(folder: Path) -> bool:

@@ -168,3 +168,28 @@ def test_hashes_are_the_one_implementation(tmp_path: Path) -> None:
     assert path_sha256(folder) == hashlib.sha256(b"1.dcm\0x2.dcm\0y").hexdigest()  # names and bytes, sorted
     assert json_sha256({"b": 1, "a": [1, 2]}) == hashlib.sha256(b'{"a":[1,2],"b":1}').hexdigest()
     assert json_sha256({"b": 1}, compact=False) == hashlib.sha256(b'{"b": 1}').hexdigest()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "dangling_link"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_path_that_is_no_regular_file_is_never_replaced(tmp_path: Path, kind: str, overwrite: bool) -> None:
+    target = tmp_path / "mask.nii.gz"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "folder":
+        target.mkdir()
+    else:
+        target.symlink_to(tmp_path / "gone")
+    with pytest.raises(UsageError, match="only a regular file is replaced"):
+        files.atomic_write_bytes(target, b"data", overwrite=overwrite)
+    assert os.path.lexists(target) and not target.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]  # no temporary file left
+
+
+def test_a_destination_that_turns_into_a_fifo_while_writing_is_not_replaced(tmp_path: Path) -> None:
+    target = tmp_path / "report.json"
+    with pytest.raises(UsageError, match="only a regular file is replaced"):
+        with files.atomic_path(target) as tmp:
+            tmp.write_bytes(b"{}")
+            os.mkfifo(target)
+    assert not target.is_file() and [p.name for p in tmp_path.iterdir()] == ["report.json"]
