@@ -41,7 +41,7 @@ def read_prediction(pred_path: Path, ref: Any) -> Any:
     from medgn.data.io import Volume, read_volume
 
     if pred_path.name.lower().endswith(".seg.dcm"):
-        from medgn.data.dicom_seg import read_seg_on_grid
+        from medgn.data.seg_read import read_seg_on_grid
 
         return Volume(read_seg_on_grid(pred_path, ref.shape, ref.affine), ref.affine, pred_path, "dicom-seg")
     mismatch = _geometry_mismatch(pred_path, ref.path)
