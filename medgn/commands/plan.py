@@ -11,6 +11,7 @@ import numpy as np
 from medgn.commands import limits_from_args
 from medgn.data.datasets import load_dataset
 from medgn.data.preflight import DEFAULT_LIMITS
+from medgn.data.verify import label_coverage, print_warning
 from medgn.data.workload import VALIDATION_OVERLAP, check_workload
 from medgn.errors import UsageError
 from medgn.files import is_inside, make_output_dir, missing_folders
@@ -108,12 +109,16 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(out, "output exists", expected="a new path, or pass --overwrite")
     if args.folds is not None and args.folds < 2:
         raise UsageError("--folds", "cross-validation needs at least 2 folds", got=args.folds, expected=">= 2")
+    if args.seed < 0:  # numpy's generators take non-negative seeds (as plan.split_seed)
+        raise UsageError("--seed", "seed must not be negative", got=args.seed, expected="an integer >= 0")
     index = load_dataset(dataset)
     # The folds are checked before minutes of fingerprinting, and before anything is written.
     existing = _existing_splits(out.with_name(SPLITS_FILE), [c.case_id for c in index.cases], args.folds)
     limits = limits_from_args(args)
     print(f"{index.name}: fingerprinting {len(index.cases)} cases")
     fingerprint = compute_fingerprint(index, limits, seed=args.seed)
+    for warning in label_coverage(index, fingerprint["label_values_found"])[1]:
+        print_warning(warning)
     plan = make_plan(index, fingerprint, gpu_memory_gb=args.gpu_memory)
     for case, entry in zip(index.cases, fingerprint["cases"]):  # spacing and shape in RAS axes
         # The windows of the planned patch at the validator's overlap: what training will predict.

@@ -9,7 +9,7 @@ from medgn.commands import limits_from_args
 from medgn.data.datasets import load_dataset
 from medgn.data.preflight import DEFAULT_LIMITS
 from medgn.data.verify import verify_dataset
-from medgn.errors import InputDataError
+from medgn.errors import InputDataError, UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,12 +34,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     limits = limits_from_args(args)
-    target_spacing = None
+    plan = None
     if args.plan is not None:
         from medgn.planning.plan import Plan
 
-        target_spacing = Plan.load(args.plan).target_spacing
+        plan = Plan.load(args.plan)
     index = load_dataset(args.dataset)
+    if plan is not None and plan.in_channels != len(index.channel_names):  # as 'medgn train' refuses it
+        raise UsageError(
+            args.plan,
+            f"the plan is for {plan.in_channels} input channel(s), the dataset has "
+            f"{len(index.channel_names)} ({', '.join(index.channel_names)})",
+            expected="a plan made from this dataset (medgn plan)",
+        )
+    target_spacing = plan.target_spacing if plan is not None else None
     from rich.console import Console
     from rich.table import Table
 
@@ -48,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     )
     for column in ("case", "shape", "spacing (mm)", "labels", "status"):
         table.add_column(column)
-    report = verify_dataset(index, limits, include_test=args.test, target_spacing=target_spacing)
+    report = verify_dataset(index, limits, include_test=args.test, target_spacing=target_spacing, warn=None)
     for result in report.cases:
         status = "ok" if result.ok else f"{len(result.problems)} problem(s)"
         if result.notes:
@@ -64,15 +72,20 @@ def run(args: argparse.Namespace) -> int:
     for result in report.cases:
         for note in result.notes:
             print(f"note: {note}", file=sys.stderr)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     problems = report.problems
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
     if problems:
         bad = sum(not r.ok for r in report.cases)
+        whole = f", {len(report.dataset_problems)} of the dataset as a whole" if report.dataset_problems else ""
         raise InputDataError(
             index.root,
-            f"{len(problems)} problem(s) in {bad} of {len(report.cases)} cases (listed above)",
-            expected="every case readable, finite, with declared labels and matching geometry",
+            f"{len(problems)} problem(s) in {bad} of {len(report.cases)} cases{whole} (listed above)",
+            expected="every case readable, finite, with declared labels and matching geometry, "
+            "and some foreground to learn",
         )
-    print(f"{index.name}: all {len(report.cases)} cases passed")
+    warned = f" ({len(report.warnings)} warning(s) above)" if report.warnings else ""
+    print(f"{index.name}: all {len(report.cases)} cases passed{warned}")
     return 0

@@ -4,7 +4,9 @@ This module owns :class:`Case`, :class:`DatasetIndex`, :func:`load_dataset` (a t
 with labels) and :func:`find_inputs` (what inference should read: one file, a folder of files with
 ``_0000``/``_0001`` channels, a dataset's test cases, or a DICOM series folder). Problems with a
 ``dataset.json`` or the file layout are collected and reported together in one error, so a user fixes
-everything in one pass. Case ids and paths that would leave the dataset folder are refused.
+everything in one pass. Case ids that are empty, hidden (``.nii`` from a file named ``.nii.gz``), a
+path, or given by two entries, and paths that would leave the dataset folder are refused. Region-based
+labels load (``medgn evaluate`` scores them) but :func:`refuse_regions` keeps them from training.
 """
 
 from __future__ import annotations
@@ -92,19 +94,26 @@ def strip_image_suffix(name: str) -> str:
     return split_suffix(name)[0]
 
 
+def case_id_problem(case_id: str) -> str | None:
+    """Why ``case_id`` cannot name a case's outputs (empty, hidden, a path), or None when it can."""
+    if not case_id:
+        return "case id is empty"
+    if "/" in case_id or "\\" in case_id or "\0" in case_id:
+        return "case id is not a plain file name"
+    if case_id.startswith("."):  # "..", "." and hidden names (a file named ".nii.gz" gives ".nii")
+        return "case id is not a plain file name"
+    return None
+
+
+# The rule a case id must follow, in words for an error message.
+CASE_ID_RULE = "a non-empty name with no path separators that does not start with '.'"
+
+
 def check_case_id(case_id: str, where: str | os.PathLike[str]) -> str:
-    """Refuse case ids that could escape an output folder or are empty."""
-    if (
-        not case_id
-        or case_id in (".", "..")
-        or "/" in case_id
-        or "\\" in case_id
-        or "\0" in case_id
-        or case_id.startswith("..")
-    ):
-        raise InputDataError(
-            where, "case id is not a plain file name", got=case_id, expected="no path separators and no '..'"
-        )
+    """Refuse case ids that could escape an output folder, are empty or hidden (start with '.')."""
+    problem = case_id_problem(case_id)
+    if problem is not None:
+        raise InputDataError(where, problem, got=repr(case_id), expected=CASE_ID_RULE)
     return case_id
 
 
@@ -163,6 +172,42 @@ def _labels(raw: Any, msd: bool, problems: list[str]) -> tuple[dict[str, int], d
     return labels, regions
 
 
+def _check_num_training(desc: dict[str, Any], found: int, holds: str, problems: list[str]) -> None:
+    """Compare a declared ``numTraining`` (an integer) with the ``found`` cases; add a problem if they differ."""
+    if "numTraining" not in desc:
+        return
+    declared = desc["numTraining"]
+    if not isinstance(declared, int) or isinstance(declared, bool):  # "4" or 4.0: not compared as a count
+        problems.append(f"numTraining must be an integer, got {declared!r}")
+    elif declared != found:
+        problems.append(f"numTraining is {declared} but {holds} {found} cases")
+
+
+class _CaseIds:
+    """The case ids of one list of a dataset.json ("training" or "test"), each checked and unique."""
+
+    def __init__(self, key: str, problems: list[str]) -> None:
+        self.key, self.problems = key, problems
+        self.first: dict[str, tuple[int, str]] = {}  # case id -> (entry index, image as written)
+
+    def take(self, i: int, rel: str, case_id: str) -> str | None:
+        """``case_id`` of entry ``i`` (image ``rel``), or None after adding why it cannot be used."""
+        problem = case_id_problem(case_id)
+        if problem is not None:
+            self.problems.append(f"{self.key}[{i}] image {rel!r}: {problem}: {case_id!r} (expected {CASE_ID_RULE})")
+            return None
+        if case_id in self.first:
+            j, other = self.first[case_id]
+            self.problems.append(
+                f"{self.key}[{j}] ({other!r}) and {self.key}[{i}] ({rel!r}) have the same case id {case_id!r} "
+                "(the image's file name without its ending): list each case once, and rename one of two images "
+                "of the same name"
+            )
+            return None
+        self.first[case_id] = (i, rel)
+        return case_id
+
+
 def _load_msd(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIndex:
     problems = [f"missing key {key!r}" for key in ("labels", "training", "modality") if key not in desc]
     labels, _ = _labels(desc.get("labels"), True, problems) if "labels" in desc else ({}, {})
@@ -178,9 +223,9 @@ def _load_msd(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIndex
     if not isinstance(training, list):
         problems.append("'training' must be a list")
         training = []
-    if "numTraining" in desc and desc["numTraining"] != len(training):
-        problems.append(f"numTraining is {desc['numTraining']} but 'training' lists {len(training)} cases")
+    _check_num_training(desc, len(training), "'training' lists", problems)
     cases = []
+    ids = _CaseIds("training", problems)
     for i, entry in enumerate(training):
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             problems.append(f"training[{i}] needs 'image' and 'label'")
@@ -192,16 +237,21 @@ def _load_msd(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIndex
         for kind, path in (("image", image), ("label", label)):
             if not path.is_file():
                 problems.append(f"training[{i}] {kind} file {_not_a_file(path)}: {path}")
-        cases.append(Case(strip_image_suffix(image.name), (image,), label))
+        case_id = ids.take(i, entry["image"], strip_image_suffix(image.name))
+        if case_id is not None:
+            cases.append(Case(case_id, (image,), label))
     tests = []
     test_list = desc.get("test") or []
     if not isinstance(test_list, list):
         problems.append("'test' must be a list of image paths")
         test_list = []
+    test_ids = _CaseIds("test", problems)
     for i, rel in enumerate(test_list):
         path = _inside(root, rel, json_path, problems)
         if path is not None:
-            tests.append(Case(strip_image_suffix(path.name), (path,), None))
+            case_id = test_ids.take(i, rel, strip_image_suffix(path.name))
+            if case_id is not None:
+                tests.append(Case(case_id, (path,), None))
         elif not isinstance(rel, str):
             problems.append(f"test[{i}] is not a path")
     _raise_all(json_path, problems)
@@ -270,6 +320,7 @@ def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIn
         grouped, plain = _group_channels(images_dir, ending)
         for path in plain:
             problems.append(f"image without a _XXXX channel suffix: {path.name}")
+        before = len(problems)
         for case_id, found in sorted(grouped.items()):
             missing = [f"{case_id}_{c:04d}{ending}" for c in range(len(channels)) if c not in found]
             extra = [found[c].name for c in found if c >= len(channels)]
@@ -282,8 +333,17 @@ def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIn
                 cases.append(
                     Case(check_case_id(case_id, images_dir), tuple(found[c] for c in range(len(channels))), label)
                 )
-        if isinstance(desc.get("numTraining"), int) and desc["numTraining"] != len(grouped):
-            problems.append(f"numTraining is {desc['numTraining']} but imagesTr holds {len(grouped)} cases")
+        if labels_dir.is_dir():
+            stems = set(grouped) | {strip_image_suffix(p.name) for p in plain}
+            for path in sorted(labels_dir.iterdir()):
+                stem = path.name[: -len(ending)]
+                if is_image_file(path) and path.name.endswith(ending) and stem not in stems:
+                    problems.append(f"label without an image: {path} (no {images_dir / f'{stem}_0000{ending}'})")
+        _check_num_training(desc, len(grouped), "imagesTr holds", problems)
+        ignored = [p.name for p in sorted(images_dir.iterdir()) if is_image_file(p) and not p.name.endswith(ending)]
+        if ignored and len(problems) > before:  # what the user may have meant to be a case
+            shown = ", ".join(ignored[:10]) + (f" and {len(ignored) - 10} more" if len(ignored) > 10 else "")
+            problems.append(f"files in imagesTr not ending in file_ending {ending!r} are ignored: {shown}")
     _raise_all(json_path, problems)
     tests: list[Case] = []
     if (root / "imagesTs").is_dir():
@@ -315,7 +375,12 @@ def _load_folders(root: Path) -> DatasetIndex:
             del grouped[case_id]  # images/patient_0001 with labels/patient_0001: a case, not channel 1
             plain.extend(files)
     for path in plain:
-        grouped.setdefault(strip_image_suffix(path.name), {})[0] = path
+        found = grouped.setdefault(strip_image_suffix(path.name), {})
+        if found:  # images/c0.nii.gz beside images/c0_0000.nii.gz: which one is the case?
+            names = ", ".join(p.name for p in found.values())
+            problems.append(f"two sets of image files for case {strip_image_suffix(path.name)!r}: {names}; {path.name}")
+        else:
+            found[0] = path
     counts = {len(v) for v in grouped.values()}
     if len(counts) > 1:
         problems.append(f"cases have different channel counts: {sorted(counts)}")
@@ -382,6 +447,28 @@ def load_dataset(root: str | os.PathLike[str]) -> DatasetIndex:
         return _load_folders(root)
     raise UsageError(
         root, "no dataset found", expected="dataset.json (MSD or nnU-Net v2), or images/ and labels/ folders"
+    )
+
+
+def refuse_regions(index: DatasetIndex) -> None:
+    """Refuse a dataset whose labels are nnU-Net regions, for training (verify, plan, train).
+
+    Training learns one class per integer label value; overlapping regions (``"whole tumor": [1, 2, 3]``
+    with ``regions_class_order``) would need sigmoid outputs per region, which medgn does not train.
+    ``medgn evaluate --dataset`` still scores such regions.
+
+    Raises:
+        InputDataError: ``dataset.json`` declares regions (exit 3), naming them.
+    """
+    declared = index.regions.get("regions") if index.regions else None
+    if not declared:
+        return
+    shown = ", ".join(f"{name!r}: {members}" for name, members in declared.items())
+    raise InputDataError(
+        index.root / "dataset.json",
+        f"region-based labels ({shown}) are not supported for training",
+        expected='one integer value per label in \'labels\', e.g. {"background": 0, "edema": 1, ...}; '
+        "regions can still be scored with 'medgn evaluate --region NAME=1,2,...'",
     )
 
 

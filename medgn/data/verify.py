@@ -8,23 +8,33 @@ channel (shape, spacing, origin, direction). Given a sampling seed it also takes
 fingerprint statistics (:mod:`medgn.data.case_stats`) from the volumes it holds, so training reads
 every file once for both the check and the fingerprint. It never stops at the first problem: every
 problem of every case is collected with its file, so ``medgn verify`` can list them all at once.
+
+Across the training labels it checks which classes appear (:func:`label_coverage`): no foreground
+in any label is a problem (there is nothing to learn), a class declared in ``dataset.json`` that no
+label holds is a warning (nnU-Net accepts it too, but that class can only score Dice 0), shown on
+stderr by ``medgn verify`` and ``medgn train``. Region-based labels are refused
+(:func:`medgn.data.datasets.refuse_regions`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from medgn.data.case_stats import CaseStats, case_statistics
-from medgn.data.datasets import Case, DatasetIndex
+from medgn.data.datasets import Case, DatasetIndex, refuse_regions
 from medgn.data.io import Limits, Volume, geometry_diff, read_volume
 from medgn.data.multichannel import read_channels
 from medgn.data.preflight import DEFAULT_LIMITS
 from medgn.data.workload import check_workload
-from medgn.errors import InputDataError, MedgnError
+from medgn.errors import InputDataError, MedgnError, printable
+from medgn.logs import get_logger
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -47,20 +57,29 @@ class CaseResult:
 
 @dataclass
 class VerifyReport:
-    """Results of :func:`verify_dataset`, one per case in dataset order."""
+    """Results of :func:`verify_dataset`, one per case in dataset order.
+
+    Attributes:
+        index: the dataset checked.
+        cases: one result per case (training cases first, then test cases when checked).
+        dataset_problems: problems of the dataset as a whole (no foreground in any training label).
+        warnings: what deserves a look but does not fail (a declared class in no training label).
+    """
 
     index: DatasetIndex
     cases: list[CaseResult]
+    dataset_problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """True when no case has a problem."""
-        return all(c.ok for c in self.cases)
+        """True when no case and not the dataset as a whole has a problem."""
+        return all(c.ok for c in self.cases) and not self.dataset_problems
 
     @property
     def problems(self) -> list[str]:
-        """Every problem of every case, each naming its file."""
-        return [p for c in self.cases for p in c.problems]
+        """Every problem of every case, each naming its file, then those of the dataset as a whole."""
+        return [p for c in self.cases for p in c.problems] + self.dataset_problems
 
     @property
     def stats(self) -> list[CaseStats] | None:
@@ -103,10 +122,12 @@ def verify_case(
     label_values = sorted(index.labels.values()) if index.labels else None
     first: Volume | None = None
     kept: list[Volume] = []  # the channels, held only when statistics are taken
-    for channel, path, vol in _channels(case, len(index.channel_names), limits, result):
+    names = index.channel_names
+    for channel, path, vol in _channels(case, len(names), limits, result):
         if float(vol.array.min()) == float(vol.array.max()):
             # Normalisation guards std == 0, so a constant channel is safe but worth a look.
-            result.notes.append(f"{path}: constant image (all voxels {float(vol.array.min()):g})")
+            which = f"channel {channel} ({names[channel]}) is a " if len(names) > 1 else ""
+            result.notes.append(f"{path}: {which}constant image (all voxels {float(vol.array.min()):g})")
         if first is None:
             first = vol
             result.shape, result.spacing = vol.shape, tuple(round(s, 4) for s in vol.spacing)
@@ -140,6 +161,41 @@ def verify_case(
     return result
 
 
+def print_warning(message: str) -> None:
+    """Show a dataset warning on stderr as one ``medgn: warning:`` line, and log it."""
+    log.warning(message)
+    sys.stderr.write(f"medgn: warning: {printable(message)}\n")
+
+
+def label_coverage(index: DatasetIndex, found: Iterable[int]) -> tuple[list[str], list[str]]:
+    """Problems and warnings about the label values the training labels hold, all together.
+
+    Args:
+        index: the dataset (its declared labels; a folder dataset declares none).
+        found: every label value present in at least one training label.
+
+    Returns:
+        ``(problems, warnings)``: a problem when no label holds any foreground (nothing to learn:
+        training would run and report Dice 0); a warning naming each class declared in dataset.json
+        that no training label holds (it can only score Dice 0; nnU-Net accepts such datasets).
+    """
+    values = {int(v) for v in found}
+    where = index.root / "dataset.json" if index.format != "folders" else index.root / "labels"
+    if not any(v > 0 for v in values):
+        return [
+            f"{where}: no training label holds any foreground (every voxel of all {len(index.cases)} label files "
+            "is 0): there is nothing to learn; check that the label files are the right ones"
+        ], []
+    declared = sorted(index.labels.items(), key=lambda item: item[1])
+    absent = [f"{name!r} ({value})" for name, value in declared if value > 0 and value not in values]
+    if not absent:
+        return [], []
+    return [], [
+        f"{where}: label(s) {', '.join(absent)} declared but present in no training label: the network cannot "
+        "learn them and they score Dice 0 (add cases that hold them, or remove them from 'labels')"
+    ]
+
+
 def verify_dataset(
     index: DatasetIndex,
     limits: Limits = DEFAULT_LIMITS,
@@ -148,6 +204,7 @@ def verify_dataset(
     include_test: bool = False,
     target_spacing: Sequence[float] | None = None,
     stats_seed: int | None = None,
+    warn: Callable[[str], None] | None = print_warning,
 ) -> VerifyReport:
     """Check every case of a dataset and collect all problems.
 
@@ -160,10 +217,16 @@ def verify_dataset(
             (``limits.max_resampled_voxels``); None (no plan) checks the headers' limits only.
         stats_seed: when given, also take each training case's fingerprint statistics with this
             sampling seed (``report.stats``; the same numbers as ``compute_fingerprint(seed=...)``).
+        warn: called with each of ``report.warnings`` (default: printed on stderr and logged, so
+            ``medgn train`` shows them); None only records them in the report.
 
     Returns:
-        The report; ``report.ok`` is False when any case has a problem.
+        The report; ``report.ok`` is False when any case, or the dataset as a whole, has a problem.
+
+    Raises:
+        InputDataError: the dataset declares region-based labels (exit 3), before any file is read.
     """
+    refuse_regions(index)
     results = []
     rng = np.random.default_rng(stats_seed) if stats_seed is not None else None
     cases = [(case, rng) for case in index.cases] + [
@@ -174,7 +237,15 @@ def verify_dataset(
         results.append(result)
         if progress is not None:
             progress(result)
-    return VerifyReport(index, results)
+    report = VerifyReport(index, results)
+    training = results[: len(index.cases)]
+    # Only when every training label was read: an unreadable one may hold the class (its problem is listed).
+    if training and all(r.labels_found for r in training):
+        report.dataset_problems, report.warnings = label_coverage(index, {v for r in training for v in r.labels_found})
+    if warn is not None:
+        for message in report.warnings:
+            warn(message)
+    return report
 
 
 def require_valid(index: DatasetIndex, limits: Limits = DEFAULT_LIMITS) -> VerifyReport:

@@ -23,10 +23,12 @@ from medgn.data.case_stats import (
     ras_axes,
     ras_spacing_shape,
 )
-from medgn.data.datasets import Case, DatasetIndex
+from medgn.data.datasets import Case, DatasetIndex, refuse_regions
 from medgn.data.io import read_volume
 from medgn.data.multichannel import read_case_images
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
+from medgn.data.verify import label_coverage
+from medgn.errors import InputDataError
 
 __all__ = [
     "SAMPLES_PER_CASE",
@@ -81,14 +83,25 @@ def compute_fingerprint(
     Returns:
         JSON-able dict with per-case spacing/shape (RAS axes), per-channel foreground intensity
         statistics, label values found and mean label volumes in mm^3.
+
+    Raises:
+        InputDataError: region-based labels, or no foreground in any training label (exit 3); the
+            classes declared but found in no label are left to the caller
+            (:func:`medgn.data.verify.label_coverage`).
     """
+    refuse_regions(index)
     rng = np.random.default_rng(seed)
     stats = []
     for case in index.cases:
         stats.append(_read_case(case, index, limits, rng))
         if progress is not None:
             progress(case.case_id)
-    return aggregate_fingerprint(index, stats)
+    fingerprint = aggregate_fingerprint(index, stats)
+    if index.cases and all(case.label is not None for case in index.cases):
+        problems, _ = label_coverage(index, fingerprint["label_values_found"])
+        if problems:  # the intensity statistics sample the foreground: with none, they are meaningless
+            raise InputDataError("", problems[0])  # the problem names dataset.json (or labels/)
+    return fingerprint
 
 
 def aggregate_fingerprint(index: DatasetIndex, stats: Sequence[CaseStats]) -> dict[str, Any]:
