@@ -1,8 +1,7 @@
 """Dataset discovery: Medical Segmentation Decathlon, nnU-Net v2 raw, and plain folder pairs.
 
-This module owns :class:`Case`, :class:`DatasetIndex`, :func:`load_dataset` (a training dataset
-with labels) and :func:`find_inputs` (what inference should read: one file, a folder of files with
-``_0000``/``_0001`` channels, a dataset's test cases, or a DICOM series folder). Problems with a
+This module owns :class:`Case`, :class:`DatasetIndex` and :func:`load_dataset` (a training dataset
+with labels); what inference reads is :func:`medgn.data.inputs.find_inputs`. Problems with a
 ``dataset.json`` or the file layout are collected and reported together in one error, so a user fixes
 everything in one pass. Case ids that are empty, hidden (``.nii`` from a file named ``.nii.gz``), a
 path, or given by two entries, and paths that would leave the dataset folder are refused. Region-based
@@ -14,17 +13,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from medgn.data.preflight import ITK_SUFFIXES, NIFTI_SUFFIXES, gdcm_series_ids
+from medgn.data.preflight import ITK_SUFFIXES, NIFTI_SUFFIXES
 from medgn.errors import InputDataError, UsageError
 from medgn.files import path_problem, split_suffix
 
 IMAGE_SUFFIXES = (*NIFTI_SUFFIXES, *ITK_SUFFIXES)
-_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _MR_WORDS = ("MR", "T1", "T2", "FLAIR", "DWI", "ADC", "PD", "BOLD")
 
 
@@ -261,14 +259,14 @@ def _load_msd(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIndex
     )
 
 
-def _group_channels(folder: Path, ending: str | None) -> tuple[dict[str, dict[int, Path]], list[Path]]:
+def group_channels(folder: Path, ending: str | None) -> tuple[dict[str, dict[int, Path]], list[Path]]:
     grouped: dict[str, dict[int, Path]] = {}
     plain: list[Path] = []
     for path in sorted(folder.iterdir()):
         if not is_image_file(path) or (ending and not path.name.endswith(ending)):
             continue
         stem = path.name[: -len(ending)] if ending else strip_image_suffix(path.name)
-        match = _CHANNEL_RE.match(stem)
+        match = CHANNEL_RE.match(stem)
         if match:
             channel = grouped.setdefault(match["case"], {})
             if int(match["channel"]) in channel:
@@ -317,7 +315,7 @@ def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIn
             problems.append(f"folder missing: {folder}")
     cases: list[Case] = []
     if images_dir.is_dir() and channels and ending:
-        grouped, plain = _group_channels(images_dir, ending)
+        grouped, plain = group_channels(images_dir, ending)
         for path in plain:
             problems.append(f"image without a _XXXX channel suffix: {path.name}")
         before = len(problems)
@@ -347,7 +345,7 @@ def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIn
     _raise_all(json_path, problems)
     tests: list[Case] = []
     if (root / "imagesTs").is_dir():
-        grouped, _ = _group_channels(root / "imagesTs", ending)
+        grouped, _ = group_channels(root / "imagesTs", ending)
         tests = [
             Case(check_case_id(cid, root / "imagesTs"), tuple(found[c] for c in sorted(found)))
             for cid, found in sorted(grouped.items())
@@ -367,7 +365,7 @@ def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIn
 
 def _load_folders(root: Path) -> DatasetIndex:
     problems: list[str] = []
-    grouped, plain = _group_channels(root / "images", None)
+    grouped, plain = group_channels(root / "images", None)
     label_files = {strip_image_suffix(p.name): p for p in sorted((root / "labels").iterdir()) if is_image_file(p)}
     for case_id in list(grouped):  # files are matched by name: a label names its case
         files = list(grouped[case_id].values())
@@ -470,122 +468,3 @@ def refuse_regions(index: DatasetIndex) -> None:
         expected='one integer value per label in \'labels\', e.g. {"background": 0, "edema": 1, ...}; '
         "regions can still be scored with 'medgn evaluate --region NAME=1,2,...'",
     )
-
-
-def _is_dicom_folder(path: Path) -> bool:
-    return bool(gdcm_series_ids(path))
-
-
-def _named_channels(input_path: Path, channels: Sequence[str]) -> list[Case]:
-    """Cases of a folder whose files are ``<case>_<channel>.<ext>``, channels in the given order."""
-    if not input_path.is_dir():
-        raise UsageError(
-            "--channels",
-            "channel names need a folder input",
-            got=str(input_path),
-            expected="a folder of <case>_<channel> files",
-        )
-    grouped: dict[str, dict[str, Path]] = {}
-    for path in sorted(p for p in input_path.iterdir() if is_image_file(p)):
-        stem = strip_image_suffix(path.name)
-        for ch in channels:
-            if stem.endswith("_" + ch) and len(stem) > len(ch) + 1:
-                found = grouped.setdefault(stem[: -len(ch) - 1], {})
-                if ch in found:
-                    raise InputDataError(
-                        input_path,
-                        f"two files for one channel: {found[ch].name}, {path.name}",
-                        expected="one file per case and channel (remove or move the other)",
-                    )
-                found[ch] = path
-    if not grouped:
-        raise UsageError(
-            input_path,
-            "no files named <case>_<channel> for the given channels",
-            got=",".join(channels),
-            expected="e.g. case1_" + channels[0] + ".nii.gz",
-        )
-    cases = []
-    for case_id, found in sorted(grouped.items()):
-        missing = [ch for ch in channels if ch not in found]
-        images = tuple(found[ch] for ch in channels if ch in found)
-        cases.append(
-            Case(
-                case_id,
-                images if not missing else images + tuple(input_path / f"{case_id}_{ch} (missing)" for ch in missing),
-            )
-        )
-    return cases
-
-
-def missing_input(path: Path) -> UsageError:
-    """The error for an --input that is neither a regular file nor a folder, saying which it is."""
-    problem = path_problem(path) or "not found"
-    words = "input not found" if problem == "not found" else f"input is {problem}"
-    return UsageError(path, words, expected="an image file or a folder")
-
-
-def find_inputs(
-    path: str | os.PathLike[str], channels: int | None = None, *, names: Sequence[str] | None = None
-) -> list[Case]:
-    """The cases inference should read from ``path``.
-
-    Args:
-        path: an image file, a folder of image files (``<case>_0000``, ``_0001``... grouped as
-            channels), a dataset folder (its test cases), or a DICOM series folder.
-        channels: expected channels per case; cases with another count are refused.
-        names: channel names: a folder's ``<case>_<name>`` files form the channels in this order
-            (``medgn infer --channels``); a missing channel is kept as a missing path so the case
-            fails alone.
-
-    Returns:
-        Cases without labels, sorted by id.
-
-    Raises:
-        UsageError: nothing to read at ``path``.
-        InputDataError: a case with missing or extra channels.
-    """
-    path = Path(path)
-    if names:
-        cases = _named_channels(path, names)
-    elif path.is_file():
-        cases = [Case(check_case_id(strip_image_suffix(path.name), path), (path,))]
-    elif not path.is_dir():
-        raise missing_input(path)
-    elif (path / "dataset.json").is_file():
-        index = load_dataset(path)
-        cases = index.test_cases
-        if not cases:
-            raise UsageError(path, "dataset has no test cases", expected="a 'test' list or an imagesTs folder")
-    elif any(is_image_file(p) for p in path.iterdir()):
-        grouped, plain = _group_channels(path, None)
-        if plain and grouped:
-            raise InputDataError(
-                path,
-                "folder mixes files with and without _XXXX channel suffixes",
-                got=[p.name for p in plain[:5]],
-                expected="one naming scheme",
-            )
-        cases = [Case(check_case_id(strip_image_suffix(p.name), path), (p,)) for p in plain]
-        for case_id, found in sorted(grouped.items()):
-            if sorted(found) != list(range(len(found))):
-                raise InputDataError(
-                    path,
-                    f"case {case_id} has channels {sorted(found)}",
-                    expected="consecutive channels from _0000 (a name ending in _ and 4 digits is read as a channel "
-                    "of a case: rename single-channel scans such as patient_0001, or give them one file at a time)",
-                )
-            cases.append(Case(check_case_id(case_id, path), tuple(found[c] for c in sorted(found))))
-    elif _is_dicom_folder(path):
-        cases = [Case(check_case_id(path.name, path), (path,))]
-    else:
-        raise UsageError(path, "no images found", expected="image files (.nii.gz, .nrrd, .mha...) or a DICOM series")
-    if channels is not None:
-        wrong = [f"{c.case_id} ({len(c.images)})" for c in cases if len(c.images) != channels]
-        if wrong:
-            raise InputDataError(
-                path,
-                f"cases with the wrong number of channels: {', '.join(wrong[:10])}",
-                expected=f"{channels} channel(s) per case",
-            )
-    return sorted(cases, key=lambda c: c.case_id)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from medgn.data.datasets import find_inputs, missing_input
+from medgn.data.inputs import find_inputs, missing_input
 from medgn.data.preflight import MASK_SUFFIXES
 from medgn.data.prepare import PIPELINE_VERSION
 from medgn.errors import EXIT_BUG, LockedError, MedgnError, UsageError, printable

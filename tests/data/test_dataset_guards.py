@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from medgn.cli import main
-from medgn.data.datasets import find_inputs, load_dataset
+from medgn.data.datasets import load_dataset
+from medgn.data.inputs import find_inputs
 from medgn.data.verify import verify_dataset
 from medgn.errors import InputDataError
 from medgn.logs import detach_file_logs

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from medgn.cli import main
-from medgn.data.datasets import find_inputs, load_dataset
+from medgn.data.datasets import load_dataset
+from medgn.data.inputs import find_inputs
 from medgn.errors import InputDataError
 from tests.data.conftest import make_nifti, make_nnunet, mini_msd
 

@@ -252,7 +252,7 @@ def test_dicom_series_read_and_refused(tmp_path: Path) -> None:
     np.testing.assert_array_equal(vol.array, np.arange(5 * 6 * 7).reshape(5, 6, 7).transpose(2, 1, 0))
     mask = write_mask((vol.array > 100).astype(np.uint8), vol, tmp_path / "dicom_mask.nii.gz")
     assert geometry_diff(vol, read_volume(mask, label=True)) == []
-    from medgn.data.datasets import find_inputs
+    from medgn.data.inputs import find_inputs
 
     assert [(c.case_id, c.images) for c in find_inputs(tmp_path / "ok")] == [("ok", (tmp_path / "ok",))]
     _dicom_series(tmp_path / "gap", "1.2.826.0.1.3680043.2.1125.102", n=6, skip=3)
