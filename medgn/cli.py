@@ -21,11 +21,17 @@ import warnings
 from collections.abc import Sequence
 
 import medgn
-from medgn.errors import EXIT_BUG, EXIT_OK, EXIT_USAGE, MedgnError
+from medgn.errors import EXIT_BUG, EXIT_OK, EXIT_USAGE, MedgnError, ResourceError, brief, out_of_memory
 from medgn.logs import attach_file_log, current_log_path, fallback_log_path, get_logger
 
 # Subcommands in the order `medgn --help` lists them; each names a module in medgn/commands.
 SUBCOMMANDS: tuple[str, ...] = ("env", "verify", "plan", "train", "infer", "evaluate", "export", "study")
+# What asks for less memory, by subcommand, in the one line of an out-of-memory error (exit 5).
+_LESS_MEMORY = {
+    "train": ", or a smaller plan.patch_size or train.batch_size (--set)",
+    "study": ", or smaller --batch-sizes or plan.patch_size (--set)",
+    "infer": ", or a smaller --sw-batch-size",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -155,9 +161,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("medgn: interrupted\n")
         return 130
-    except Exception as exc:  # noqa: BLE001 - any other exception is a bug: exit 1
+    except Exception as exc:  # noqa: BLE001 - any other exception is a bug: exit 1, unless memory ran out
         _report(exc, args.debug)
         where = current_log_path() or fallback_log_path()
+        oom = out_of_memory(exc)
+        if oom is not None:  # a resource, not a bug: exit 5 on one line
+            err = ResourceError(
+                "",
+                "out of memory",
+                got=f"{type(oom).__name__}: {brief(oom, 160)}" if str(oom) else type(oom).__name__,
+                expected=f"more free memory{_LESS_MEMORY.get(args.command, '')}; traceback in {where}",
+            )
+            sys.stderr.write(f"medgn: error: {err.one_line()}\n")
+            return err.code
         first = str(exc).splitlines()[0] if str(exc) else ""
         sys.stderr.write(f"medgn: internal error: {type(exc).__name__}: {first} (traceback in {where})\n")
         return EXIT_BUG

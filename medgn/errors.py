@@ -9,6 +9,7 @@ and how to fix it without a traceback.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -40,6 +41,30 @@ def brief(text: object, width: int = 200) -> str:
     cut = line[: width - 4]
     space = cut.rfind(" ")
     return (cut[:space] if space > width // 2 else cut) + " ..."
+
+
+# What an allocation failure says when it is not a MemoryError: PyTorch's CPU allocator raises
+# RuntimeError("DefaultCPUAllocator: can't allocate memory ..." or "... not enough memory ..."),
+# CUDA torch.OutOfMemoryError("CUDA out of memory ..."), the C library "Cannot allocate memory".
+OUT_OF_MEMORY_TEXT = ("can't allocate memory", "cannot allocate memory", "not enough memory", "out of memory")
+
+
+def out_of_memory(exc: BaseException | None) -> BaseException | None:
+    """The exception in ``exc``'s chain (itself, then its causes and contexts) saying memory ran out.
+
+    A library often wraps the failure (MONAI: ``RuntimeError: applying transform ...`` from the
+    MemoryError), so the whole chain is searched. Returns None when no link is an out-of-memory
+    error: a MemoryError, an OSError with ``ENOMEM``, or a RuntimeError whose message says so.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+            return exc
+        if isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in OUT_OF_MEMORY_TEXT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class MedgnError(Exception):

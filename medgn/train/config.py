@@ -76,6 +76,9 @@ class TrainConfig:
     deterministic: bool = False
     # Fine-tuning (--init-from): optimiser steps during which the loaded encoder stays frozen.
     freeze_encoder_steps: int = field(default=0, metadata={"min": 0})
+    # Before the run folder is written, refuse (exit 5) a run whose estimated memory clearly exceeds
+    # what the machine has (medgn.train.memory); false trains anyway (swap, unified memory).
+    memory_check: bool = True
 
     def __post_init__(self) -> None:
         if self.warmup_iters >= self.epochs * self.iters_per_epoch:

@@ -41,6 +41,7 @@ from medgn.planning.plan_config import apply_plan_config
 from medgn.planning.splits import ALL_FOLDS, SPLITS_FILE, load_or_create_splits, make_splits
 from medgn.train import distributed as ddp
 from medgn.train.logging_hooks import default_hooks
+from medgn.train.memory import check_training_memory
 from medgn.train.patches import PatchDataset
 from medgn.train.rng import seed_everything
 from medgn.train.sampler import ResumableLoader, ResumableSampler
@@ -288,6 +289,8 @@ def train_on_dataset(
         # the resolved config then says what was built, so inference rebuilds the same network.
         deep = cfg.model.deep_supervision and cfg.train.deep_supervision
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, features=features, deep_supervision=deep))
+        # The plan is final: a run that cannot fit in memory stops here (exit 5), before its config and plan.
+        check_training_memory(cfg, plan, _fold_cases(index, cfg, out_dir, fold)[0], dev, warn=info.is_main)
         if resume and (out_dir / RUN_PLAN).is_file():
             _check_resumed_plan(Plan.load(out_dir / RUN_PLAN), plan, out_dir)
         if info.is_main:
