@@ -9,6 +9,8 @@ to name it with its sha256. A crash between any two writes leaves every pointer 
 verified file. Weights that are not finite are never written. :func:`resolve_checkpoint` is the
 one rule for what a folder or pointer names (resume: the latest; inference: best > final >
 latest), and :func:`read_checkpoint` reads a file once for both its hash and its contents.
+:func:`newest_intact_checkpoint` finds the newest file that still matches its ``.sha256``: what a
+resume falls back to without ``latest.json``, and names when the latest file is damaged.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,8 @@ RESUME_ORDER = ("latest",)
 INFERENCE_ORDER = ("best", "final", "latest")
 # Plain file names other tools (or older runs) leave in a checkpoints folder, in preference order.
 PLAIN_NAMES = ("best.pt", "final.pt", "last.pt", "latest.pt")
+# The name save_checkpoint gives a file: epoch and iteration first (e0003-i0000750-step.pt).
+_SAVED_NAME = re.compile(r"^e(\d+)-i(\d+)-.*\.pt$")
 
 log = get_logger(__name__)
 
@@ -184,6 +189,44 @@ def prune_checkpoints(folder: str | os.PathLike[str], *, keep: int = 2) -> list[
             victim.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+def checkpoint_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The checkpoint files :func:`save_checkpoint` wrote in ``folder``, newest first.
+
+    Newest means the most steps (then epochs) by the file name, then the latest modification time.
+    """
+
+    def order(path: Path) -> tuple[int, int, int]:
+        match = _SAVED_NAME.match(path.name)
+        steps, epochs = (int(match.group(2)), int(match.group(1))) if match else (-1, -1)
+        return steps, epochs, path.stat().st_mtime_ns
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    files = [p for p in folder.iterdir() if _SAVED_NAME.match(p.name) and p.is_file() and not p.is_symlink()]
+    return sorted(files, key=order, reverse=True)
+
+
+def newest_intact_checkpoint(folder: str | os.PathLike[str], exclude: Iterable[str] = ()) -> Path | None:
+    """The newest checkpoint file in ``folder`` whose bytes match its ``.sha256`` file, or None.
+
+    A file without its ``.sha256`` (written last, after the file itself) cannot be shown intact and
+    is passed over; so are the file names in ``exclude``.
+    """
+    skip = set(exclude)
+    for path in checkpoint_files(folder):
+        sidecar = path.with_name(path.name + ".sha256")
+        if path.name in skip or not sidecar.is_file():
+            continue
+        try:
+            words = sidecar.read_text(encoding="utf-8").split()
+            if words and file_sha256(path) == words[0]:
+                return path
+        except (OSError, UnicodeDecodeError):
+            continue
+    return None
 
 
 def resolve_checkpoint(path: str | os.PathLike[str], prefer: Sequence[str] = RESUME_ORDER) -> tuple[Path, str | None]:

@@ -95,6 +95,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="continue the run in --out (or the default folder) from its last checkpoint",
     )
     parser.add_argument(
+        "--allow-changed-settings",
+        action="store_true",
+        help="with --resume: accept settings that change what training computes (lr, batch, seed, augmentation...; "
+        "listed as a warning and recorded in run.json); without it such a resume is refused",
+    )
+    parser.add_argument(
         "--verify", action="store_true", help="check every case again on --resume (always checked on a new run)"
     )
     parser.add_argument(
@@ -167,6 +173,15 @@ def run(args: argparse.Namespace) -> int:
     if args.max_windows is not None:
         overrides.append(f"data.limits.max_windows={args.max_windows}")
     fold = parse_fold(args.fold)
+    if args.init_from and args.resume:
+        raise UsageError(
+            "--init-from",
+            "cannot be combined with --resume: a resumed run continues from its own checkpoint",
+            got=args.init_from,
+            expected="--resume alone (a resumed fine-tune keeps its frozen steps), or --init-from with a new --out",
+        )
+    if args.allow_changed_settings and not args.resume:
+        raise UsageError("--allow-changed-settings", "only applies to --resume", expected="--resume, or no such flag")
     if args.out is None:
         args.out = default_run_dir(args.data, args.config, fold)
         if is_inside(args.out, args.data):
@@ -193,8 +208,9 @@ def run(args: argparse.Namespace) -> int:
         "plan_path": args.plan,
         "console": not args.no_progress,
         "verify": True if args.verify else None,
+        "allow_changed_settings": args.allow_changed_settings,
     }
-    if args.init_from and not args.resume:
+    if args.init_from:
         from medgn.workflows.finetune import train_from
 
         result = train_from(cfg, args.data, args.out, args.init_from, **kwargs)

@@ -127,6 +127,8 @@ class Trainer:
             network from its ``model`` section and the ``plan``.
         plan: the dataset plan (JSON-able), saved as ``plan`` in checkpoints.
         dist_info: rank layout; read from the environment when None.
+        run_record: what a resume must match besides the config (the fold, the dataset's files),
+            JSON-able, saved as ``run`` in checkpoints.
     """
 
     def __init__(
@@ -142,6 +144,7 @@ class Trainer:
         run_config: Mapping[str, Any] | None = None,
         plan: Mapping[str, Any] | None = None,
         dist_info: ddp.DistInfo | None = None,
+        run_record: Mapping[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
@@ -163,6 +166,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg, lambda: self.total_iters, lambda: self._anchor)
         self.run_config = {**dict(run_config or {}), "train": to_dict(cfg)}
         self.plan = dict(plan or {})
+        self.run_record = dict(run_record or {})
         self.epoch_records: list[dict[str, Any]] = []
         self.epoch_record: dict[str, Any] = {}
         self.last_step: StepResult | None = None
@@ -384,6 +388,7 @@ class Trainer:
             "config": self.run_config,
             "config_sha256": config_hash(self.run_config),
             "plan": self.plan,
+            "run": self.run_record,
             "versions": versions(),
         }
 
@@ -403,7 +408,9 @@ class Trainer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (model, optimiser, schedule, scaler, counters, RNG, hooks)."""
         self.module.load_state_dict(state["model"])
+        wanted = [set(group) for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        self._check_optimizer_groups(wanted)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -426,13 +433,29 @@ class Trainer:
                 hook.load_state_dict(hook_states[hook.name])
         self.epoch_records = list(state.get("epoch_records", []))
 
-    def resume(self, path: str | Path) -> dict[str, Any]:
-        """Load a checkpoint (file, pointer or run folder) and continue from it; returns it."""
-        state = load_checkpoint(path, map_location=self.device)
+    def _check_optimizer_groups(self, wanted: list[set[str]]) -> None:
+        """Refuse a loaded optimiser state that lacks settings this optimiser steps with (``wanted``,
+        its groups' keys before loading): the state of another optimiser, which torch loads and
+        then fails on at the next step (SGD without ``momentum``)."""
+        for own, group in zip(wanted, self.optimizer.param_groups):
+            missing = sorted(own - set(group))
+            if missing:
+                raise ValueError(
+                    f"the optimiser state lacks {', '.join(missing)}: it was written by another optimiser "
+                    f"than this run's {type(self.optimizer).__name__}"
+                )
+
+    def resume(self, path: str | Path, state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Continue from a checkpoint (file, pointer or run folder); returns it.
+
+        ``state``: the checkpoint at ``path`` already loaded (and checked) by the caller.
+        """
+        if state is None:
+            state = load_checkpoint(path, map_location=self.device)
         old = state.get("config", {}).get("train", {})
         changed = {k: (old.get(k), v) for k, v in to_dict(self.cfg).items() if old.get(k) != v}
         if changed:
-            log.warning("resuming with changed settings: %s", changed)
+            log.info("resuming with train settings other than the checkpoint's: %s", changed)
         try:
             self.load_state_dict(state)
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # torch's state-dict mismatches
@@ -440,7 +463,8 @@ class Trainer:
             raise ModelError(
                 path,
                 f"the checkpoint does not fit this run's network or optimiser ({first})",
-                expected="the model and optimiser settings the run was started with (no --set model.* on --resume)",
+                expected="the model and optimiser settings the run was started with (no --set model.* or "
+                "train.optimizer on --resume)",
             ) from exc
         log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.iteration)
         return state

@@ -226,9 +226,18 @@ def train_from(
     """:func:`~medgn.workflows.train.train_on_dataset` starting from another run's weights.
 
     Raises:
+        UsageError: ``resume=True``: a resumed run continues from its own checkpoint, not from
+            ``init_path`` (resume it with :func:`~medgn.workflows.train.train_on_dataset`).
         ModelError: the source cannot be loaded or has another architecture (exit 4); nothing is
             left in ``out_dir`` (a run folder this call created is removed again).
     """
+    if kwargs.get("resume"):
+        raise UsageError(
+            "--init-from",
+            "cannot be combined with --resume: a resumed run continues from its own checkpoint",
+            got=str(init_path),
+            expected="--resume alone (a resumed fine-tune keeps its frozen steps), or --init-from with a new --out",
+        )
     source = load_init_source(init_path)
     _precheck(cfg, source)
     out = Path(out_dir)

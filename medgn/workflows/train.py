@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medgn.checkpoint import read_pointer
+from medgn.checkpoint import checkpoint_files, read_pointer
 from medgn.config import RunConfig, write_resolved_config
 from medgn.data.datasets import Case, load_dataset
 from medgn.data.verify import verify_dataset
@@ -47,6 +47,16 @@ from medgn.train.rng import seed_everything
 from medgn.train.sampler import ResumableLoader, ResumableSampler
 from medgn.train.trainer import Trainer, TrainState
 from medgn.train.validation import make_validator
+from medgn.workflows.data_record import record_dataset
+from medgn.workflows.resume import (
+    ResumePoint,
+    check_resumed_data,
+    check_resumed_network,
+    check_resumed_settings,
+    load_resume_point,
+    record_resume,
+    run_record,
+)
 from medgn.workflows.run_folder import (
     DATASET_PLAN,
     RESOLVED_CONFIG,
@@ -194,6 +204,7 @@ def train_on_dataset(
     console: bool = True,
     init_model: ModelInit | None = None,
     verify: bool | None = None,
+    allow_changed_settings: bool = False,
 ) -> TrainResult:
     """Train one fold of ``data`` into ``out_dir``.
 
@@ -211,10 +222,15 @@ def train_on_dataset(
             training starts; loads initial weights (not on resume) and returns extra hooks.
         verify: check every case before training (rank 0); default: yes, except on ``resume``
             (the run was checked when it started).
+        allow_changed_settings: on ``resume``, accept settings that change what training computes
+            (listed as a warning and recorded in run.json); see :mod:`medgn.workflows.resume`.
 
     Raises:
-        UsageError: bad options, or an existing run without ``resume``.
-        InputDataError: the dataset fails verification (every problem listed in the log).
+        UsageError: bad options, an existing run without ``resume``, or a resume with another fold
+            or with settings the resume policy refuses.
+        InputDataError: the dataset fails verification (every problem listed in the log), or a
+            resume on other data than the run's.
+        ModelError: a damaged checkpoint, or a resume with another network.
     """
     started_at = time.monotonic()  # a time budget counts from here: verify, planning and caching included
     data, out_dir = Path(data), Path(out_dir)
@@ -232,7 +248,9 @@ def train_on_dataset(
             got=cfg.data.cache_dir,
             expected="a folder outside the input tree",
         )
-    has_checkpoint = (out_dir / "checkpoints").is_dir() and read_pointer(out_dir / "checkpoints") is not None
+    # A pointer, or checkpoint files alone (latest.json lost): either way the folder holds a run.
+    checkpoints = out_dir / "checkpoints"
+    has_checkpoint = read_pointer(checkpoints) is not None or bool(checkpoint_files(checkpoints))
     if resume and not has_checkpoint:
         raise UsageError(
             out_dir, "nothing to resume: no checkpoint in the run folder", expected="a run folder with checkpoints/"
@@ -241,8 +259,6 @@ def train_on_dataset(
         raise UsageError(
             out_dir, "run folder already has checkpoints", expected="--resume to continue it, or a new --out"
         )
-    if resume:
-        check_resumed_fold(out_dir, fold)
     created, training, keep = not out_dir.exists(), False, False
     before = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() else set()  # what a user's folder held
     make_output_dir(out_dir, "run folder")
@@ -250,17 +266,27 @@ def train_on_dataset(
     if lock is not None:
         lock.acquire()
     try:
+        # A resume is checked before anything is written: its checkpoint, fold and settings.
+        point = load_resume_point(out_dir) if resume else None
+        done = _finished_run(out_dir, cfg) if resume else None
+        changed: dict[str, tuple] = {}
+        if point is not None:
+            check_resumed_fold(out_dir, fold, point.run.get("fold"))
+            if done is None:  # a finished run trains nothing: its settings cannot change anything
+                changed = check_resumed_settings(cfg.to_dict(), point, out_dir, allow=allow_changed_settings)
         if info.is_main:
             attach_file_log(out_dir / RUN_LOG)
             clean_stale_temps(out_dir)
             if not resume:
                 write_run_record(out_dir, fold)
-        done = _finished_run(out_dir, cfg) if resume else None
         if done is not None:
             log.info("the run had finished at step %d; nothing to do", done.state.iteration)
             return done
         index = load_dataset(data)
+        data_record = None
         if info.is_main:  # rank 0 verifies, plans and splits; the others read what it wrote
+            if point is not None:  # the run's own cases, unchanged (exit 3 naming what differs)
+                data_record = check_resumed_data(point, index, data, cfg.data.limits)
             given = Path(plan_path) if plan_path else None
             needs_plan = given is None and not (resume and (out_dir / DATASET_PLAN).exists())
             keep = True  # a dataset that fails verification keeps the log listing every problem
@@ -270,6 +296,8 @@ def train_on_dataset(
                 else None
             )
             keep = False
+            if data_record is None:  # what a resume of this run will compare its data with
+                data_record = record_dataset(index)
             base_plan = _dataset_plan(index, cfg, out_dir, given, True, report, reuse=resume)
             _fold_cases(index, cfg, out_dir, fold, given)
         ddp.barrier()
@@ -289,11 +317,16 @@ def train_on_dataset(
         # the resolved config then says what was built, so inference rebuilds the same network.
         deep = cfg.model.deep_supervision and cfg.train.deep_supervision
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, features=features, deep_supervision=deep))
+        if point is not None:  # the widths and heads resolved from the plan: the checkpoint's network
+            check_resumed_network(cfg.to_dict()["model"], point)
         # The plan is final: a run that cannot fit in memory stops here (exit 5), before its config and plan.
         check_training_memory(cfg, plan, _fold_cases(index, cfg, out_dir, fold)[0], dev, warn=info.is_main)
         if resume and (out_dir / RUN_PLAN).is_file():
             _check_resumed_plan(Plan.load(out_dir / RUN_PLAN), plan, out_dir)
+        record = run_record(fold, data_record, point, changed)
         if info.is_main:
+            if resume:  # accepted: run.json says what the checkpoints say (restored if lost)
+                record_resume(out_dir, fold, point, changed)
             write_resolved_config(cfg, out_dir / RESOLVED_CONFIG)
             plan.save(out_dir / RUN_PLAN)
         train_cases, val_cases = _fold_cases(index, cfg, out_dir, fold)
@@ -311,7 +344,21 @@ def train_on_dataset(
             plan.target_spacing,
         )
         training = True  # from here on the folder holds a run's record (logs, metrics, checkpoints)
-        return _fit(cfg, plan, train_cases, val_cases, out_dir, device, resume, console, info, started_at, init_model)
+        return _fit(
+            cfg,
+            plan,
+            train_cases,
+            val_cases,
+            out_dir,
+            device,
+            resume,
+            console,
+            info,
+            started_at,
+            init_model,
+            point,
+            record,
+        )
     except MedgnError:
         # A new run refused before training leaves no half-made folder (one process only: under
         # torchrun the other ranks may still be reading what rank 0 wrote).
@@ -339,6 +386,8 @@ def _fit(
     info: Any,
     started_at: float,
     init_model: ModelInit | None = None,
+    point: ResumePoint | None = None,
+    record: dict[str, Any] | None = None,
 ) -> TrainResult:
     from medgn.models.registry import build_model
 
@@ -376,9 +425,10 @@ def _fit(
         run_config=cfg.to_dict(),
         plan=plan.to_dict(),
         dist_info=info,
+        run_record=record,
     )
     if resume:
-        trainer.resume(out_dir / "checkpoints")
+        trainer.resume(point.file if point is not None else out_dir / "checkpoints", point.state if point else None)
     state = trainer.train()  # a run killed after its last step only runs its end: final validation and checkpoint
     best = _best(hooks)
     if info.is_main:
