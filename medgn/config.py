@@ -18,9 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from medgn.configtools import apply_overrides, build, config_hash, load_yaml, to_dict
+from medgn.configtools import apply_overrides, build, config_hash, dump_yaml, load_yaml, to_dict
 from medgn.data.config import DataConfig
 from medgn.files import atomic_write_text
 from medgn.infer.config import InferConfig
@@ -63,5 +61,5 @@ def load_run_config(path: str | os.PathLike[str] | None, overrides: Sequence[str
 def write_resolved_config(cfg: RunConfig, path: str | os.PathLike[str]) -> Path:
     """Write the resolved config as YAML (atomically); returns the path."""
     header = f"# resolved medgn run config (sha256 {cfg.hash[:16]})\n"
-    text = header + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+    text = header + dump_yaml(cfg.to_dict())
     return atomic_write_text(path, text)

@@ -1,15 +1,17 @@
 """Logging: console output for people, a log file per run for tracebacks and details.
 
 The CLI prints one line per user error; the full traceback of any failure goes to the run's log
-file (``<out>/medgn.log`` once a command knows its output folder, otherwise a per-user file in the
-temporary directory). Libraries log through ``logging.getLogger("medgn.<module>")``.
+file (``<out>/medgn.log`` once a command knows its output folder, otherwise a file of the process in
+the temporary directory). Libraries log through ``logging.getLogger("medgn.<module>")``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import tempfile
+import time
 from pathlib import Path
 
 LOGGER_NAME = "medgn"
@@ -21,10 +23,48 @@ def get_logger(name: str = LOGGER_NAME) -> logging.Logger:
     return logging.getLogger(name if name.startswith(LOGGER_NAME) else f"{LOGGER_NAME}.{name}")
 
 
+# This user's fallback logs kept in the temporary directory: the newest 20, and any written to
+# within the hour (a run still going); older ones are removed when a process chooses its own.
+KEEP_FALLBACK_LOGS = 20
+_RECENT_S = 3600.0
+_fallback: tuple[int, Path] | None = None  # (pid, path): a forked process chooses its own
+
+
 def fallback_log_path() -> Path:
-    """Where tracebacks go before a command has an output folder."""
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    return Path(tempfile.gettempdir()) / f"medgn-{uid}.log"
+    """Where tracebacks go before a command has an output folder: a file of this process alone.
+
+    ``medgn-<uid>-<date>-<time>-<pid>.log`` in the temporary directory, so the traceback an error
+    message points at is not mixed with other runs'. The name is chosen once per process (the file
+    appears when a log is attached to it); choosing it removes this user's older fallback logs
+    beyond :data:`KEEP_FALLBACK_LOGS`.
+    """
+    global _fallback
+    pid = os.getpid()
+    if _fallback is None or _fallback[0] != pid:
+        uid = os.getuid() if hasattr(os, "getuid") else 0
+        folder = Path(tempfile.gettempdir())
+        _prune_fallback_logs(folder, uid)
+        _fallback = (pid, folder / f"medgn-{uid}-{time.strftime('%Y%m%d-%H%M%S')}-{pid}.log")
+    return _fallback[1]
+
+
+def _prune_fallback_logs(folder: Path, uid: int) -> None:
+    """Remove this user's fallback logs beyond the newest ones, unless written to recently."""
+    found = []
+    for path in folder.glob(f"medgn-{uid}-*.log"):
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode) and (not hasattr(os, "getuid") or info.st_uid == uid):
+            found.append((info.st_mtime, path))
+    found.sort(reverse=True)
+    for mtime, path in found[KEEP_FALLBACK_LOGS:]:
+        if time.time() - mtime > _RECENT_S:
+            try:
+                path.unlink()
+            except OSError:  # another process removed it, or the folder is read-only: harmless
+                pass
 
 
 def attach_file_log(path: str | os.PathLike[str]) -> Path:

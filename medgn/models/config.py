@@ -14,6 +14,8 @@ from typing import Literal
 NormName = Literal["group", "group_torch", "batch", "instance", "layer", "none"]
 ActivationName = Literal["relu", "leaky_relu", "silu", "gelu"]
 MemoryFormat = Literal["contiguous", "channels_last_3d"]
+# A stage halves the patch; 10 stages take a 1024-voxel axis (the largest patch) down to 1.
+MAX_STAGES = 10
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,9 @@ class UNet3DConfig:
     """
 
     name: str = "unet3d"
-    features: tuple[int, ...] = (32, 64, 128, 256, 320, 320)
+    # 1..4096 channels a stage (nnU-Net caps at 320; 4096 is a 3D convolution of 450M weights), at
+    # most MAX_STAGES stages.
+    features: tuple[int, ...] = field(default=(32, 64, 128, 256, 320, 320), metadata={"min": 1, "max": 4096})
     norm: NormName = "group"
     activation: ActivationName = "leaky_relu"
     residual: bool = False
@@ -55,8 +59,9 @@ class UNet3DConfig:
 
     def __post_init__(self) -> None:
         # ValueError here becomes a UsageError naming the section in configtools.build.
-        if len(self.features) < 2:
-            raise ValueError(f"features needs at least 2 stages, got {list(self.features)}")
+        if not 2 <= len(self.features) <= MAX_STAGES:
+            shown = list(self.features) if len(self.features) <= 2 * MAX_STAGES else f"{len(self.features)} widths"
+            raise ValueError(f"features needs 2 to {MAX_STAGES} stages, got {shown}")
         if any(f < 1 for f in self.features):
             raise ValueError(f"features must be positive, got {list(self.features)}")
 

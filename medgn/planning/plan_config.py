@@ -37,7 +37,8 @@ class PlanConfig:
     max_stages: int | None = field(default=None, metadata={"min": 2, "max": 8})
     # 2..20 folds: fewer is not cross-validation, more leaves too few validation cases per fold.
     n_folds: int = field(default=5, metadata={"min": 2, "max": 20})
-    split_seed: int = field(default=0, metadata={"min": 0})
+    # The range of train.seed: what every random generator accepts.
+    split_seed: int = field(default=0, metadata={"min": 0, "max": 2**31 - 1})
 
 
 def apply_plan_config(plan: Plan, cfg: PlanConfig, features: tuple[int, ...]) -> tuple[Plan, tuple[int, ...]]:
