@@ -9,6 +9,10 @@ from typing import Any
 from medgn.commands.train import parse_fold
 from medgn.errors import UsageError
 from medgn.planning.splits import ALL_FOLDS
+from medgn.train.config import MAX_SAMPLES_PER_EPOCH
+
+MAX_BATCH = 1024  # train.batch_size's bound
+MAX_ITERATIONS = 100_000  # train.iters_per_epoch's bound: every arm runs as one epoch
 
 
 def _ints(text: str, flag: str, lo: int, hi: int) -> list[int]:
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from medgn.workflows.study import norm_study
 
     cfg = load_run_config(args.config, args.set)
-    batch_sizes = _ints(args.batch_sizes, "--batch-sizes", 1, 4096)
+    batch_sizes = _ints(args.batch_sizes, "--batch-sizes", 1, MAX_BATCH)
     seeds = _ints(args.seeds, "--seeds", 0, 2**31 - 1) if args.seeds else []
     fold = parse_fold(args.fold)
     if fold == ALL_FOLDS:
@@ -74,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
     if not names:
         raise UsageError("--norms", "empty list", expected="e.g. batch,group")
     _distinct(names, "--norms", args.norms)
-    if args.iterations < 1:
-        raise UsageError("--iterations", "must be positive", got=args.iterations)
+    if not 1 <= args.iterations <= MAX_ITERATIONS:
+        raise UsageError("--iterations", "out of range", got=args.iterations, expected=f"1 to {MAX_ITERATIONS}")
     from medgn.layers import NORMS
 
     unknown = [n for n in names if n.partition(":")[0] not in NORMS]
@@ -84,6 +88,12 @@ def run(args: argparse.Namespace) -> int:
     samples = args.iterations * min(batch_sizes)
     lcm = math.lcm(*batch_sizes)
     samples = max(lcm, (samples // lcm) * lcm)  # every batch size divides the samples seen
+    if samples > MAX_SAMPLES_PER_EPOCH:  # each arm is one epoch, whose sample order is a list
+        raise UsageError(
+            "--iterations",
+            f"{samples} samples per run, more than one epoch may hold",
+            expected=f"--iterations x the smallest batch size <= {MAX_SAMPLES_PER_EPOCH}",
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = norm_study(
         cfg,

@@ -113,6 +113,10 @@ def test_group_rule_arms_set_the_model_section() -> None:
         (["--norms", "group,batch,group"], "--norms: group given twice"),
         (["--batch-sizes", "1,2,1"], "--batch-sizes: 1 given twice"),
         (["--seeds", "0,0"], "--seeds: 0 given twice"),
+        (["--batch-sizes", "2048"], "--batch-sizes: value out of range"),
+        (["--iterations", "0"], "--iterations: out of range"),
+        (["--iterations", "100001"], "--iterations: out of range"),
+        (["--iterations", "2000", "--batch-sizes", "1000"], "samples per run, more than one epoch may hold"),
     ],
 )
 def test_study_values_are_checked_before_any_run(
