@@ -29,7 +29,7 @@ RANKS = {
     "layers": 3,
     "ops": 2,
 }  # fmt: skip
-LEAVES = {"errors", "files", "logs", "configtools", "environment"}
+LEAVES = {"errors", "files", "logs", "configtools", "config_yaml", "environment"}
 # Peers of one layer that must still not depend on each other.
 FORBIDDEN = {"evaluate": {"infer", "train", "planning"}}
 HEAVY = ("torch", "monai", "triton")
