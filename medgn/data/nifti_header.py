@@ -149,6 +149,14 @@ def nifti_header(path: Path, limits: Limits, channels: int = 1) -> HeaderInfo:
         raise InputDataError(path, "unknown NIfTI data type", got=str(exc)) from None
     dtype = check_dtype(path, dtype)
     check_size(path, shape3, dtype.itemsize * channels, limits)
+    # bitpix is not checked: nibabel and the NIfTI reference library (ITK) both size voxels by the data type.
+    if np.isinf(float(header["scl_slope"])):  # NaN, 0: no scaling; inf: nibabel ignores it, others may not
+        raise InputDataError(
+            path,
+            "invalid intensity scaling in header",
+            got=f"scl_slope={float(header['scl_slope'])}",
+            expected="a finite scl_slope, or 0 or NaN for none",
+        )
     try:
         header.get_slope_inter()
     except Exception:  # noqa: BLE001 - nibabel's HeaderDataError: a valid slope, a non-finite intercept

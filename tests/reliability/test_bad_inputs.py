@@ -222,6 +222,12 @@ BAD_IMAGES: list[tuple[str, Callable[[Path, str], Path], int, list[str]]] = [
         3,
         ["intensity scaling", "scl_inter=nan"],
     ),
+    (
+        "inf_slope.nii.gz",
+        lambda f, n: patch_nifti_fields(_nifti(f, n), {"scl_slope": float("inf")}),
+        3,
+        ["intensity scaling", "scl_slope=inf"],
+    ),
     ("bad_magic.nii.gz", lambda f, n: patch_nifti(_nifti(f, n), "magic", b"xyz\0"), 3, ["magic", "b'xyz'"]),
     ("n2_magic.nii", lambda f, n: patch_nifti(_nifti(f, n), "magic", b"n+2\0"), 3, ["magic", "b'n+2'"]),
 ]
