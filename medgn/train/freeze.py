@@ -9,12 +9,18 @@ step counter, so a resumed run freezes or not exactly as the uninterrupted one w
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 from medgn.logs import get_logger
 from medgn.train.trainer import HookBase, Trainer
 
 log = get_logger(__name__)
+
+
+def _warn(message: str) -> None:
+    log.warning(message)
+    print(f"medgn: warning: {message}", file=sys.stderr)
 
 
 class FreezeEncoderHook(HookBase):
@@ -31,6 +37,7 @@ class FreezeEncoderHook(HookBase):
         self.steps = int(steps)
         self.trainable = set(trainable)
         self.frozen = False
+        self.warned = False
 
     def _set(self, trainer: Trainer, frozen: bool) -> None:
         encoder = getattr(trainer.module, "encoder", None)
@@ -42,6 +49,12 @@ class FreezeEncoderHook(HookBase):
         self.frozen = frozen
 
     def before_train(self, trainer: Trainer) -> None:
+        if trainer.state.iteration < self.steps and self.steps >= trainer.total_iters:
+            self.warned = True
+            _warn(
+                f"train.freeze_encoder_steps={self.steps} is not below the run's {trainer.total_iters} steps: "
+                "the loaded encoder will not be trained"
+            )
         if trainer.state.iteration < self.steps:
             self._set(trainer, True)
             log.info("encoder frozen until step %d (now at step %d)", self.steps, trainer.state.iteration)
@@ -54,3 +67,9 @@ class FreezeEncoderHook(HookBase):
     def after_train(self, trainer: Trainer) -> None:
         if self.frozen:
             self._set(trainer, False)
+        done = trainer.state.iteration >= trainer.total_iters  # not a run stopped early, to be resumed
+        if self.steps and done and trainer.state.iteration <= self.steps and not self.warned:
+            _warn(
+                f"the encoder stayed frozen for the whole run: train.freeze_encoder_steps={self.steps}, "
+                f"and the run stopped at step {trainer.state.iteration}"
+            )
