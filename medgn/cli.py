@@ -3,7 +3,8 @@
 Each subcommand lives in ``medgn/commands/<name>.py`` with ``register(subparsers)`` adding its
 parser (and ``set_defaults(func=...)``); the function calls the Python API. This module maps
 errors to exit codes: 0 success, 2 usage/config, 3 invalid input data, 4 invalid model or
-checkpoint, 5 resources, 6 output locked, 1 a bug. Users see one line; tracebacks go to the log.
+checkpoint, 5 resources (also a torchrun job that lost another rank), 6 output locked, 130/143
+stopped by SIGINT/SIGTERM, 1 a bug. Users see one line; tracebacks go to the log.
 """
 
 from __future__ import annotations
@@ -156,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK if result is None else int(result)
     except MedgnError as exc:
         _report(exc, args.debug)
-        sys.stderr.write(f"medgn: error: {exc.one_line()}\n")
+        kind = "stopped" if exc.code > 128 else "error"  # 130/143: a signal stopped it, after saving what it had
+        sys.stderr.write(f"medgn: {kind}: {exc.one_line()}\n")
         return exc.code
     except KeyboardInterrupt:
         sys.stderr.write("medgn: interrupted\n")
@@ -174,9 +176,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             sys.stderr.write(f"medgn: error: {err.one_line()}\n")
             return err.code
+        peer = _peer_failure(exc)
+        if peer is not None:  # under torchrun: another rank died first; its own message says why
+            err = ResourceError(
+                "",
+                "another rank stopped",
+                got=f"{type(peer).__name__}: {brief(peer, 160)}",
+                expected=f"the first failing rank's error (torchrun names it); traceback in {where}",
+            )
+            sys.stderr.write(f"medgn: error: {err.one_line()}\n")
+            return err.code
         first = str(exc).splitlines()[0] if str(exc) else ""
         sys.stderr.write(f"medgn: internal error: {type(exc).__name__}: {first} (traceback in {where})\n")
         return EXIT_BUG
+
+
+def _peer_failure(exc: BaseException) -> BaseException | None:
+    """Under torchrun (WORLD_SIZE > 1), the error in ``exc``'s chain saying another rank is gone."""
+    if "torch.distributed" not in sys.modules:  # no process group was ever joined
+        return None
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return None
+    except ValueError:
+        return None
+    from medgn.train.distributed import peer_failure
+
+    return peer_failure(exc)
 
 
 def console_main() -> None:

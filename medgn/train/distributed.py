@@ -5,6 +5,14 @@ joins the process group (NCCL on GPUs, gloo on the CPU) and pins the local GPU. 
 checkpoints and logs; the helpers here gather per-rank RNG states for the checkpoint and agree on
 stop/save decisions so every rank leaves the loop at the same step. GroupNorm statistics are per
 sample, so no SyncBatchNorm is needed.
+
+The environment is checked before the process group is joined (:func:`dist_info_from_env`), since a
+leaked or hand-written one otherwise fails deep inside PyTorch or waits 30 minutes for ranks that
+never come: ``WORLD_SIZE`` must be positive, ``0 <= RANK < WORLD_SIZE``, ``0 <= LOCAL_RANK <
+LOCAL_WORLD_SIZE`` (and a visible GPU), and ``MASTER_ADDR``/``MASTER_PORT`` set when more than one
+process takes part (exit 2 naming the variables). A peer that dies mid-run breaks the collectives of
+the others: :func:`peer_failure` recognises that error, which the CLI reports as "another rank
+stopped" (exit 5: the job lost a process, a machine or a connection) rather than as a bug.
 """
 
 from __future__ import annotations
@@ -20,6 +28,19 @@ import torch
 import torch.distributed as dist
 
 from medgn.errors import UsageError
+
+# torchrun's variables; with MASTER_ADDR/MASTER_PORT they are what the env:// rendezvous reads.
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT")
+# What a collective says when a peer process is gone (gloo over TCP; NCCL's communicator).
+PEER_LOST_TEXT = (
+    "gloo/transport",
+    "connection reset by peer",
+    "connection closed by peer",
+    "broken pipe",
+    "nccl communicator",
+    "processgroupnccl",
+    "processgroupgloo",
+)
 
 
 @dataclass(frozen=True)
@@ -53,11 +74,51 @@ def _env_int(name: str, default: int) -> int:
         ) from None
 
 
+def _launch(env: Any) -> str:
+    """The rank variables as set, for messages: ``RANK=5 WORLD_SIZE=2``."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    return " ".join(f"{n}={env[n]}" for n in names if n in env) or "none set"
+
+
 def dist_info_from_env() -> DistInfo:
-    """Rank layout from torchrun's environment variables."""
+    """Rank layout from torchrun's environment variables, checked before any process group is joined.
+
+    Raises:
+        UsageError: a variable is not an integer, ``WORLD_SIZE`` < 1, ``RANK`` outside ``[0,
+            WORLD_SIZE)``, ``LOCAL_RANK`` outside ``[0, LOCAL_WORLD_SIZE)`` or above ``RANK``, or
+            several processes without ``MASTER_ADDR``/``MASTER_PORT`` (exit 2).
+    """
     from medgn.environment import local_rank
 
-    return DistInfo(rank=_env_int("RANK", 0), world_size=_env_int("WORLD_SIZE", 1), local_rank=local_rank() or 0)
+    env = os.environ
+    fix = "a torchrun launch, or unset RANK, WORLD_SIZE and LOCAL_RANK for one process"
+    world_size = _env_int("WORLD_SIZE", 1)
+    if world_size < 1:
+        raise UsageError("WORLD_SIZE", "the number of processes must be positive", got=world_size, expected=fix)
+    rank = _env_int("RANK", 0)
+    if not 0 <= rank < world_size:
+        got = _launch(env) + ("" if "WORLD_SIZE" in env else ", WORLD_SIZE unset: 1 process")
+        raise UsageError("RANK", "rank outside the world size", got=got, expected=f"0 <= RANK < WORLD_SIZE: {fix}")
+    local = local_rank()
+    local_world = _env_int("LOCAL_WORLD_SIZE", world_size)
+    # One process may pick its GPU with LOCAL_RANK alone (plain `cuda` is cuda:LOCAL_RANK); several must agree.
+    spread = world_size > 1 and not (local is None or local < min(local_world, world_size) and local <= rank)
+    if local is not None and local < 0 or spread:
+        raise UsageError(
+            "LOCAL_RANK",
+            "local rank outside this machine's processes",
+            got=_launch(env),
+            expected=f"0 <= LOCAL_RANK < LOCAL_WORLD_SIZE <= WORLD_SIZE and LOCAL_RANK <= RANK: {fix}",
+        )
+    missing = [name for name in RENDEZVOUS_VARS if not env.get(name)]
+    if world_size > 1 and missing:
+        raise UsageError(
+            ", ".join(missing),
+            "several processes but no rendezvous address",
+            got=f"{_launch(env)}, {' and '.join(missing)} unset",
+            expected=fix,
+        )
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local or 0)
 
 
 def init_distributed(device_type: str) -> DistInfo:
@@ -70,9 +131,35 @@ def init_distributed(device_type: str) -> DistInfo:
     if not info.enabled or (dist.is_available() and dist.is_initialized()):
         return info
     if device_type == "cuda":
+        count = torch.cuda.device_count()
+        if info.local_rank >= count:
+            raise UsageError(
+                "LOCAL_RANK",
+                "no GPU for this local rank",
+                got=f"LOCAL_RANK={info.local_rank}, {count} visible GPU(s)",
+                expected="--nproc_per_node at most the number of visible GPUs (CUDA_VISIBLE_DEVICES)",
+            )
         torch.cuda.set_device(info.local_rank)
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return info
+
+
+def peer_failure(exc: BaseException | None) -> BaseException | None:
+    """The error in ``exc``'s chain that says another process of the group is gone, or None.
+
+    A rank killed mid-run (``kill -9``, the OOM killer, a lost machine) leaves the others with a
+    ``DistError`` or a gloo/NCCL ``RuntimeError`` ("Connection reset by peer") at their next
+    collective. Only meaningful under torchrun (``WORLD_SIZE`` > 1); the caller checks that.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, dist.DistError):
+            return exc
+        if isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in PEER_LOST_TEXT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def active() -> bool:

@@ -335,7 +335,11 @@ class TimeBudgetHook(HookBase):
 
 
 class SignalHook(HookBase):
-    """On SIGTERM/SIGINT finish the current step, checkpoint and stop; a second SIGINT aborts."""
+    """On SIGTERM/SIGINT finish the current step, checkpoint and stop; a second SIGINT aborts.
+
+    The trainer learns of the signal at once (``trainer.signal_received``), so a data worker that
+    dies of the same signal is taken for the stop, not for a failure.
+    """
 
     name = "signals"
 
@@ -343,16 +347,20 @@ class SignalHook(HookBase):
         self.signals = tuple(signals)
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._trainer: Trainer | None = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
+        if self._trainer is not None:
+            self._trainer.signal_received = signum
         log.warning("received %s: finishing the current step, then checkpointing", signal.Signals(signum).name)
 
     def before_train(self, trainer: Trainer) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
+        self._trainer = trainer
         for signum in self.signals:
             self._previous[signum] = signal.signal(signum, self._handle)
 
@@ -364,6 +372,7 @@ class SignalHook(HookBase):
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
+        self._trainer = None
 
 
 def _duration(seconds: float) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import signal
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -171,6 +172,7 @@ class Trainer:
         self.epoch_record: dict[str, Any] = {}
         self.last_step: StepResult | None = None
         self.stop_signal: int | None = None
+        self.signal_received: int | None = None  # set by SignalHook's handler the moment a signal arrives
         self.recent_bad_cases: list[str] = []
         self._pending: set[str] = set()
 
@@ -210,8 +212,14 @@ class Trainer:
 
     @property
     def exit_code(self) -> int:
-        """0 for a normal end, 128 + signal number when a signal stopped the run (130 / 143)."""
-        return 128 + self.stop_signal if self.stop_signal else 0
+        """0 for a normal end, 128 + signal number when a signal stopped the run (130 / 143).
+
+        A signal that arrived after the last step (during the final validation or checkpoint) also
+        counts: the run is complete, but whoever sent it asked the process to stop, and a caller
+        running several trainings (a study) must not start the next.
+        """
+        signum = self.stop_signal or self.signal_received
+        return 128 + signum if signum else 0
 
     # ---- one step ------------------------------------------------------------------------
     def _forward_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -332,6 +340,20 @@ class Trainer:
         self._run_hooks("after_epoch")
         self.epoch_records.append(self.epoch_record)
 
+    def _stopped_with_workers(self, exc: RuntimeError) -> bool:
+        """Take a data worker's death after SIGTERM/SIGINT arrived as that stop (no step is lost).
+
+        Workers ignore the stop signals (:class:`~medgn.train.sampler.WorkerInit`), but one started
+        where the signal mask is not inherited (forkserver) can still die of a signal sent to the
+        whole process group. One process only: under DDP the other ranks are inside the step.
+        """
+        if self.signal_received is None or self.dist.enabled:
+            return False
+        name = signal.Signals(self.signal_received).name
+        log.warning("a data loader worker ended after %s (%s): stopping without another step", name, exc)
+        self.request_stop(f"received {name}", signum=self.signal_received)
+        return True
+
     def train(self) -> TrainState:
         """Run until :attr:`total_iters` steps are done or a hook stops the run; returns the final counters."""
         cfg, st = self.cfg, self.state
@@ -341,7 +363,12 @@ class Trainer:
                 iterator = iter(self.source(st.epoch, st.epoch_iter * cfg.grad_accum))
                 while not st.stop_reason:
                     tick = time.monotonic()
-                    batches = self._next_micro_batches(iterator)
+                    try:
+                        batches = self._next_micro_batches(iterator)
+                    except RuntimeError as exc:
+                        if not self._stopped_with_workers(exc):
+                            raise
+                        break
                     result = self.last_step = self.train_step(batches)
                     st.iteration += 1
                     st.epoch_iter += 1

@@ -6,10 +6,17 @@ same config, seed and data order, for the same number of samples seen (fewer ste
 batches), validates each on the same fold in eval mode (BatchNorm with its running statistics, as a
 user would deploy it), and writes ``study.csv``, ``study.md`` and ``study.png`` (validation Dice
 against batch size, one line per norm).
+
+SIGINT or SIGTERM stops the whole study: the arm in training finishes its step and checkpoints (as
+``medgn train`` does), no further arm starts, and no table or plot is written, since a truncated
+arm is no result; :class:`StudyStopped` carries exit 130/143. A signal between arms (while the next
+one reads its data) stops the study there. The runs stay in ``runs/``; redoing the study takes a new
+``--out`` or removing ``runs/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -17,8 +24,10 @@ import itertools
 import json
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +61,46 @@ FIELDS = (
     "seconds",
     "stop_reason",
 )
+
+
+class StudyStopped(MedgnError):
+    """SIGINT or SIGTERM stopped the study before its last arm finished (exit 130 or 143)."""
+
+
+class _Signalled(BaseException):
+    """Raised by the study's own handler, outside an arm's training loop (which has its own)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum: int, frame: Any) -> None:
+    raise _Signalled(signum)
+
+
+@contextlib.contextmanager
+def _signals_stop_the_study() -> Iterator[None]:
+    """Meanwhile SIGINT/SIGTERM raise :class:`_Signalled`, except where a trainer installed its own handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _raise_signalled) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _stopped(signum: int, out_dir: Path, arm: str, done: int, total: int) -> StudyStopped:
+    return StudyStopped(
+        out_dir,
+        f"study stopped by {signal.Signals(signum).name} in arm {arm} ({done} of {total} arms finished); "
+        "no study table or plot written",
+        expected=f"a new --out, or removing {out_dir / 'runs'}, to redo the study",
+        code=128 + signum,
+    )
 
 
 def _final_record(run: Path) -> dict[str, Any]:
@@ -148,50 +197,63 @@ def _run_arms(
     fold: int,
     device: str,
 ) -> list[dict[str, Any]]:
-    """Train every (norm, seed, batch size) arm for the same samples seen; one row per arm."""
+    """Train every (norm, seed, batch size) arm for the same samples seen; one row per arm.
+
+    Raises:
+        StudyStopped: SIGINT or SIGTERM arrived (exit 130/143); no further arm runs.
+    """
     rows: list[dict[str, Any]] = []
-    for norm, seed, batch in itertools.product(norms, list(seeds) or [cfg.train.seed], batch_sizes):
-        iterations = samples // batch
-        lr = cfg.train.lr * (batch / min(batch_sizes) if lr_scaling == "linear" else 1.0)
-        run_cfg = dataclasses.replace(
-            cfg,
-            model=arms[norm],
-            # One epoch of `iterations` steps, validated once at the end; no warmup longer than the run.
-            train=dataclasses.replace(
-                cfg.train,
-                lr=lr,
-                batch_size=batch,
-                epochs=1,
-                iters_per_epoch=iterations,
-                val_every=0,
-                warmup_iters=min(cfg.train.warmup_iters, iterations - 1),
-                early_stopping_patience=0,
-                seed=seed,
-                time_budget_minutes=0.0,
-            ),
-        )
-        run_dir = out_dir / "runs" / f"{norm.replace(':', '_')}_b{batch}_s{seed}"
-        log.info("study: norm %s, seed %d, batch %d, %d iterations", norm, seed, batch, iterations)
-        print(f"study: norm={norm} seed={seed} batch={batch} iterations={iterations}", flush=True)
-        start = time.monotonic()
-        result = train_on_dataset(run_cfg, data, run_dir, fold=fold, device=device, console=False)
-        record = _final_record(run_dir)
-        dice = record["val_dice"] or []
-        rows.append(
-            {
-                "norm": norm,
-                "seed": seed,
-                "batch_size": batch,
-                "iterations": iterations,
-                "lr": lr,
-                "samples_seen": result.state.samples_seen,
-                "val_dice_mean": record["val_mean"],
-                "val_dice_per_class": [round(float(d), 4) for d in dice],
-                "train_loss_last": record["train_loss"],
-                "seconds": round(time.monotonic() - start, 1),
-                "stop_reason": result.state.stop_reason,
-            }
-        )
+    plan = list(itertools.product(norms, list(seeds) or [cfg.train.seed], batch_sizes))
+    arm = ""
+    try:
+        with _signals_stop_the_study():
+            for norm, seed, batch in plan:
+                arm = f"{norm.replace(':', '_')}_b{batch}_s{seed}"
+                iterations = samples // batch
+                lr = cfg.train.lr * (batch / min(batch_sizes) if lr_scaling == "linear" else 1.0)
+                run_cfg = dataclasses.replace(
+                    cfg,
+                    model=arms[norm],
+                    # One epoch of `iterations` steps, validated once at the end; no warmup longer than the run.
+                    train=dataclasses.replace(
+                        cfg.train,
+                        lr=lr,
+                        batch_size=batch,
+                        epochs=1,
+                        iters_per_epoch=iterations,
+                        val_every=0,
+                        warmup_iters=min(cfg.train.warmup_iters, iterations - 1),
+                        early_stopping_patience=0,
+                        seed=seed,
+                        time_budget_minutes=0.0,
+                    ),
+                )
+                run_dir = out_dir / "runs" / arm
+                log.info("study: norm %s, seed %d, batch %d, %d iterations", norm, seed, batch, iterations)
+                print(f"study: norm={norm} seed={seed} batch={batch} iterations={iterations}", flush=True)
+                start = time.monotonic()
+                result = train_on_dataset(run_cfg, data, run_dir, fold=fold, device=device, console=False)
+                if result.exit_code:  # its trainer took the signal: the arm stopped early and checkpointed
+                    raise _Signalled(result.exit_code - 128)
+                record = _final_record(run_dir)
+                dice = record["val_dice"] or []
+                rows.append(
+                    {
+                        "norm": norm,
+                        "seed": seed,
+                        "batch_size": batch,
+                        "iterations": iterations,
+                        "lr": lr,
+                        "samples_seen": result.state.samples_seen,
+                        "val_dice_mean": record["val_mean"],
+                        "val_dice_per_class": [round(float(d), 4) for d in dice],
+                        "train_loss_last": record["train_loss"],
+                        "seconds": round(time.monotonic() - start, 1),
+                        "stop_reason": result.state.stop_reason,
+                    }
+                )
+    except _Signalled as exc:
+        raise _stopped(exc.signum, out_dir, arm, len(rows), len(plan)) from None
     return rows
 
 
