@@ -78,7 +78,7 @@ def measure(norm: str, variant: str, patch: tuple[int, ...], batch: int, device:
     )  # fmt: skip
     tcfg = build(
         TrainConfig,
-        {"amp": amp, "batch_size": batch, "epochs": 1, "iters_per_epoch": 10**6},
+        {"amp": amp, "batch_size": batch, "epochs": 1, "iters_per_epoch": 100_000},  # the bound: a long schedule
         "train",
     )
     trainer = Trainer(model, tcfg, lambda epoch, start: iter(()), device=device)

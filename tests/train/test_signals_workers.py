@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -165,7 +166,9 @@ def test_stop_signals_blocked_delivers_a_pending_signal_on_exit() -> None:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
     try:
         with stop_signals_blocked():
-            os.kill(os.getpid(), signal.SIGTERM)
+            # To this thread, which blocks it: a signal sent to the process would go to another thread
+            # that does not (pytest-xdist runs one), and Python would run the handler at once.
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
             assert seen == []
         assert seen == [signal.SIGTERM]
     finally:
