@@ -25,28 +25,19 @@ from torch.utils.data import Dataset
 from medgn.checkpoint import read_pointer
 from medgn.train.sampler import ResumableLoader, ResumableSampler, WorkerInit, stop_signals_blocked
 from tests.reliability.conftest import child_env, make_msd, medgn_cmd
+from tests.tiny_config import tiny_sets
 
 TRAIN = [
-    "--set",
-    "model.features=[4,8]",
-    "--set",
-    "plan.patch_size=[16,16,16]",
-    "--set",
-    "plan.n_folds=2",
-    "--set",
-    "data.num_workers=2",  # the default: two worker processes in the signalled group
-    "--set",
-    "train.amp=off",
-    "--set",
-    "train.val_every=0",
-    "--set",
-    "train.log_every=1",
-    "--set",
-    "train.checkpoint_every_minutes=0",
-    "--set",
-    "train.epochs=10000",  # never ends by itself: only the signal stops it
-    "--set",
-    "train.iters_per_epoch=2",  # new workers every 2 steps: signals also land while workers start
+    *tiny_sets(
+        {
+            "data.num_workers": "2",  # the default: two worker processes in the signalled group
+            "train.val_every": "0",
+            "train.log_every": "1",
+            "train.checkpoint_every_minutes": "0",
+            "train.epochs": "10000",  # never ends by itself: only the signal stops it
+            "train.iters_per_epoch": "2",  # new workers every 2 steps: signals also land while workers start
+        }
+    ),
     "--no-progress",
     "--device",
     "cpu",

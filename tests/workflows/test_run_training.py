@@ -18,28 +18,18 @@ import torch
 
 from medgn.checkpoint import load_checkpoint, read_pointer
 from medgn.cli import main
+from tests.tiny_config import tiny_sets
 
 TINY = [
-    "--set",
-    "model.features=[4,8]",
-    "--set",
-    "plan.patch_size=[16,16,16]",
-    "--set",
-    "plan.n_folds=2",
-    "--set",
-    "data.num_workers=0",
-    "--set",
-    "train.amp=off",
-    "--set",
-    "train.optimizer=adamw",
-    "--set",
-    "train.lr=0.01",
-    "--set",
-    "train.val_every=1",
-    "--set",
-    "train.log_every=1",
-    "--set",
-    "train.checkpoint_every_minutes=0",
+    *tiny_sets(
+        {
+            "train.optimizer": "adamw",
+            "train.lr": "0.01",
+            "train.val_every": "1",
+            "train.log_every": "1",
+            "train.checkpoint_every_minutes": "0",
+        }
+    ),
     "--no-progress",
     "--device",
     "cpu",

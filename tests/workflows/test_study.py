@@ -10,6 +10,7 @@ import pytest
 from test_run_training import make_dataset
 
 from medgn.cli import main
+from tests.tiny_config import tiny_sets
 
 
 def test_norm_study_two_norms_two_batch_sizes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -32,20 +33,7 @@ def test_norm_study_two_norms_two_batch_sizes(tmp_path: Path, capsys: pytest.Cap
         "cpu",
         "--lr-scaling",
         "linear",
-        "--set",
-        "model.features=[4,8]",
-        "--set",
-        "plan.patch_size=[16,16,16]",
-        "--set",
-        "plan.n_folds=2",
-        "--set",
-        "data.num_workers=0",
-        "--set",
-        "train.amp=off",
-        "--set",
-        "train.optimizer=adamw",
-        "--set",
-        "train.checkpoint_every_minutes=0",
+        *tiny_sets({"train.optimizer": "adamw", "train.checkpoint_every_minutes": "0"}),
     ]
     assert main(argv) == 0
     with open(out / "study.csv", newline="") as handle:

@@ -20,21 +20,9 @@ from medgn.checkpoint import read_pointer
 from medgn.cli import main
 from medgn.train import trainer as trainer_module
 from medgn.workflows import study as study_module
+from tests.tiny_config import tiny_sets
 
-SETTINGS = [
-    "--set",
-    "model.features=[4,8]",
-    "--set",
-    "plan.patch_size=[16,16,16]",
-    "--set",
-    "plan.n_folds=2",
-    "--set",
-    "data.num_workers=0",
-    "--set",
-    "train.amp=off",
-    "--set",
-    "train.checkpoint_every_minutes=0",
-]
+SETTINGS = tiny_sets({"train.checkpoint_every_minutes": "0"})
 
 
 def _argv(data: Path, out: Path) -> list[str]:
