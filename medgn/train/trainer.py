@@ -26,7 +26,7 @@ from torch import nn
 from medgn.checkpoint import load_checkpoint, save_checkpoint
 from medgn.configtools import config_hash, to_dict
 from medgn.environment import versions
-from medgn.errors import InputDataError, ModelError, ResourceError
+from medgn.errors import InputDataError, ModelError
 from medgn.logs import get_logger
 from medgn.train import distributed as ddp
 from medgn.train.config import TrainConfig
@@ -34,6 +34,7 @@ from medgn.train.losses import DeepSupervisionLoss, DiceCELoss
 from medgn.train.optim import build_optimizer, build_scheduler, resolve_amp, schedule_progress
 from medgn.train.rng import capture_rng, restore_rng, seed_everything
 from medgn.train.sampler import BatchSource
+from medgn.train.state import NonFiniteLossError, StepResult, TrainState
 
 log = get_logger(__name__)
 
@@ -65,42 +66,6 @@ class HookBase:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output."""
-
-
-class NonFiniteLossError(ResourceError):
-    """Too many steps in a row had a non-finite loss or gradient (exit code 5)."""
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Counters of a run; JSON-able, saved in every checkpoint."""
-
-    epoch: int = 0  # completed epochs = index of the current epoch
-    epoch_iter: int = 0  # steps done in the current epoch
-    iteration: int = 0  # steps done in the whole run
-    samples_seen: int = 0  # over all ranks
-    nonfinite_total: int = 0
-    nonfinite_in_row: int = 0
-    epoch_loss_sum: float = 0.0
-    epoch_loss_count: int = 0
-    epoch_time_s: float = 0.0
-    stop_reason: str = ""
-    planned_iters: int = 0  # the schedule's length when a time budget fixed it; 0 = epochs x iters
-    # Where the schedule's length last changed, and the decay's progress there (optim.schedule_progress).
-    schedule_anchor_iter: int = 0
-    schedule_anchor_progress: float = 0.0
-
-
-@dataclasses.dataclass
-class StepResult:
-    """What one :meth:`Trainer.train_step` did."""
-
-    loss: float | None
-    lr: float
-    grad_norm: float | None
-    skipped: bool
-    case_ids: list[str]
-    seconds: float
 
 
 def default_loss(cfg: TrainConfig) -> nn.Module:

@@ -45,7 +45,8 @@ from medgn.train.memory import check_training_memory
 from medgn.train.patches import PatchDataset
 from medgn.train.rng import seed_everything
 from medgn.train.sampler import ResumableLoader, ResumableSampler
-from medgn.train.trainer import Trainer, TrainState
+from medgn.train.state import TrainState
+from medgn.train.trainer import Trainer
 from medgn.train.validation import make_validator
 from medgn.workflows.data_record import record_dataset
 from medgn.workflows.resume import (

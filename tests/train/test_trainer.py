@@ -20,7 +20,8 @@ from medgn.train.logging_hooks import default_hooks
 from medgn.train.optim import lr_factor, resolve_amp
 from medgn.train.rng import seed_everything
 from medgn.train.sampler import ResumableLoader, ResumableSampler
-from medgn.train.trainer import HookBase, NonFiniteLossError, Trainer
+from medgn.train.state import NonFiniteLossError
+from medgn.train.trainer import HookBase, Trainer
 
 
 def _cfg(**over: object) -> TrainConfig:
