@@ -18,6 +18,7 @@ from medgn.data.header import SUPPORTED, HeaderInfo, Limits, check_size, itk_aff
 from medgn.data.itk_header import itk_info, itk_reader
 from medgn.data.native import captured_native_stderr, itk_reason
 from medgn.errors import InputDataError
+from medgn.files import path_problem
 
 
 def dicom_series_files(path: Path) -> list[str]:
@@ -36,8 +37,23 @@ def dicom_series_files(path: Path) -> list[str]:
 
 
 def gdcm_series_ids(path: Path) -> list[str]:
-    """The DICOM series GDCM finds in folder ``path`` (its console notices caught, not printed)."""
+    """The DICOM series GDCM finds in folder ``path`` (its console notices caught, not printed).
+
+    Raises:
+        InputDataError: the folder holds an entry that is neither a file nor a folder (a FIFO, a
+            device, a link that leads nowhere): GDCM stops listing the folder there, so the slices
+            after it would silently be missing from the series.
+    """
     import SimpleITK as sitk
+
+    odd = _odd_entries(path)
+    if odd:
+        raise InputDataError(
+            path,
+            f"folder holds {len(odd)} entr{'y' if len(odd) == 1 else 'ies'} that no DICOM reader can list past: "
+            + ", ".join(odd[:5]),
+            expected="only files and folders in a DICOM series folder (remove the others)",
+        )
 
     native: list[str] = []
     try:
@@ -45,6 +61,15 @@ def gdcm_series_ids(path: Path) -> list[str]:
             return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
     except RuntimeError as exc:
         raise InputDataError(path, "cannot scan the folder for DICOM series", got=itk_reason(exc, native)) from None
+
+
+def _odd_entries(path: Path) -> list[str]:
+    """Entries of folder ``path`` that are neither regular files nor folders, each with what it is."""
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+    except OSError:
+        return []  # an unreadable folder: GDCM says so in its own words
+    return [f"{e.name} ({path_problem(e.path)})" for e in entries if path_problem(e.path) is not None]
 
 
 def _gdcm_files(path: Path, series: str) -> list[str]:

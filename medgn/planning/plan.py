@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from medgn.errors import InputDataError, MedgnError
-from medgn.files import atomic_write_json
+from medgn.files import atomic_write_json, path_problem
 
 # The JSON contract: "version" is the planner's rule set (1 since the first release),
 # "schema_version" the layout of this file; both are 1 and a file without schema_version is 1.
@@ -258,6 +258,9 @@ class Plan:
             InputDataError: missing or unreadable file, or a bad plan (exit 3, naming the file).
         """
         path = Path(path)
+        problem = path_problem(path)
+        if problem not in (None, "not found") or path.is_dir():  # a FIFO would block the read
+            raise InputDataError(path, f"plan file is {problem or 'a folder'}", expected="the output of 'medgn plan'")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:

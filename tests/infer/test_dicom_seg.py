@@ -11,6 +11,7 @@ pixels thresholded, read with highdicom and independently with pydicom.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -481,3 +482,23 @@ def test_a_series_that_cannot_carry_a_seg_fails_before_any_mask_is_written(
     assert _infer(run, series, tmp_path / "auto") == 0
     assert (tmp_path / "auto" / "scan.nii.gz").is_file() and not (tmp_path / "auto" / "scan.seg.dcm").exists()
     assert words in json.loads((tmp_path / "auto" / "scan.json").read_text())["warnings"][0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dangling_link"])
+def test_a_series_folder_with_an_entry_no_reader_lists_past_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """GDCM stops listing a folder at a FIFO or a link that leads nowhere: the slices after it would
+    silently be missing from the series, so such a folder is refused naming the entry."""
+    series, ras = write_series(tmp_path / "in" / "scan", volume(), "axial")
+    odd = series / "005a.dcm"  # sorts among the slices
+    if kind == "fifo":
+        os.mkfifo(odd)
+    else:
+        odd.symlink_to(tmp_path / "gone.dcm")
+    run = save_run(tmp_path / "run", plan_dict=plan(_ras_spacing(ras)))
+    capsys.readouterr()
+    assert _infer(run, series, tmp_path / "out", "--output-format", "nifti") == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "005a.dcm" in err[0] and "no DICOM reader can list past" in err[0], err
+    assert not (tmp_path / "out" / "scan.nii.gz").exists()

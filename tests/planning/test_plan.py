@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +244,14 @@ def test_missing_or_unreadable_plan_file_is_input_error(tmp_path: Path) -> None:
 
 def test_gpu_memory_default_is_one_constant() -> None:
     assert PlanConfig().gpu_memory_gb == DEFAULT_GPU_GB == 8.0
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_plan_path_that_is_no_file_is_named_not_opened(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "plan.json"
+    if kind == "fifo":
+        os.mkfifo(path)  # reading it would block until a writer came
+    else:
+        path.mkdir()
+    with pytest.raises(InputDataError, match="plan file is (neither a regular file|a folder)"):
+        Plan.load(path)
