@@ -33,6 +33,7 @@ from medgn.files import (
     atomic_write_text,
     clean_stale_temps,
     file_sha256,
+    path_problem,
 )
 from medgn.logs import get_logger
 
@@ -257,7 +258,7 @@ def resolve_checkpoint(path: str | os.PathLike[str], prefer: Sequence[str] = RES
     if path.suffix == ".json":
         record = read_pointer(path.parent, path.stem)
         if record is None:
-            raise ModelError(path, "checkpoint pointer not found", expected="an existing file")
+            raise _missing(path, "checkpoint pointer")
         return path.parent / record["file"], record.get("sha256")
     sidecar = path.with_name(path.name + ".sha256")
     expected = None
@@ -268,6 +269,17 @@ def resolve_checkpoint(path: str | os.PathLike[str], prefer: Sequence[str] = RES
             raise ModelError(sidecar, f"unreadable checkpoint hash file ({exc})", expected="a sha256 in hex") from None
         expected = words[0] if words else None
     return path, expected
+
+
+def _missing(path: Path, what: str) -> ModelError:
+    """The error for a checkpoint path that is not a regular file, saying what it is instead."""
+    problem = path_problem(path) or "a folder"
+    if problem == "not found":
+        return ModelError(path, f"{what} not found", expected="an existing file")
+    kind = "checkpoint" if what == "checkpoint file" else what
+    return ModelError(
+        path, f"{kind} path is {problem}", expected="a regular file written by medgn train, or a run folder"
+    )
 
 
 def load_checkpoint(
@@ -316,8 +328,8 @@ def read_checkpoint(
             medgn checkpoint; the message names the file.
     """
     file, expected = resolve_checkpoint(path, prefer)
-    if not file.is_file():
-        raise ModelError(file, "checkpoint file not found", expected="an existing file")
+    if not file.is_file():  # named, never opened: reading a FIFO or a device could block or never end
+        raise _missing(file, "checkpoint file")
     try:
         raw = file.read_bytes()
     except OSError as exc:

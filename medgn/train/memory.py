@@ -5,7 +5,8 @@ config and plan. It estimates one training step of the run's network at its patc
 precision with the planner's model (:func:`medgn.models.summary.summary`: weights, gradients,
 optimizer state, kept activations, backward transients), adds the training cases as the data
 pipeline holds them (padded to the patch, cached in memory), and compares both with what the
-device has: ``MemAvailable`` (capped by a cgroup or ``ulimit -v`` limit) for the CPU,
+device has: ``MemAvailable`` (capped by the process's cgroup limit, v1 or v2, less what the group
+uses other than reclaimable page cache, and by ``ulimit -v``) for the CPU,
 ``torch.cuda.mem_get_info`` for a GPU. A run that clearly cannot fit is refused with a
 :class:`~medgn.errors.ResourceError` (exit 5) naming the setting to change; ``train.memory_check:
 false`` trains anyway. A patch far larger than every case gets a warning. Headers only: no pixels
@@ -49,6 +50,12 @@ CASE_BYTES_PER_VOXEL_AND_CHANNEL = 4
 SAMPLE_IMAGE_BYTES, SAMPLE_LABEL_BYTES = 4, 8
 # Optimizer buffers per parameter: SGD momentum keeps one, AdamW two.
 OPTIMIZER_STATES = {"sgd": 1, "adamw": 2}
+# Where the process's memory cgroup is read (tests point these at a fake tree).
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# cgroup v1 writes "no limit" as the largest page-aligned int64 (9223372036854771712); anything at or
+# above 2^62 bytes (4 EiB) is no limit.
+V1_UNLIMITED = 2**62
 
 
 @dataclass(frozen=True)
@@ -86,13 +93,9 @@ def available_cpu_bytes() -> int | None:
             found.append(int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE")))
         except (OSError, ValueError, AttributeError):
             pass
-    try:  # cgroup v2 (a container's --memory): the limit minus what the group already uses
-        limit = Path("/sys/fs/cgroup/memory.max").read_text(encoding="ascii").strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text(encoding="ascii").strip())
-            found.append(max(0, int(limit) - used))
-    except (OSError, ValueError):
-        pass
+    cgroup = cgroup_available_bytes()
+    if cgroup is not None:
+        found.append(cgroup)
     try:  # ulimit -v: the address-space limit minus what the process has mapped
         soft, _ = resource.getrlimit(resource.RLIMIT_AS)
         if soft != resource.RLIM_INFINITY:
@@ -100,6 +103,68 @@ def available_cpu_bytes() -> int | None:
     except (OSError, ValueError):
         pass
     return min(found) if found else None
+
+
+def cgroup_available_bytes() -> int | None:
+    """What this process's memory cgroup still lets it take; None without a limit or readable files.
+
+    The process's own group (``/proc/self/cgroup``) and each of its parents with a limit count, the
+    tightest wins: cgroup v2 ``memory.max - (memory.current - inactive_file)``, cgroup v1
+    ``memory.limit_in_bytes - (memory.usage_in_bytes - total_inactive_file)``. The group's usage
+    includes the page cache of every file read (``train`` has just read the dataset); the inactive part
+    of it is dropped on demand, so it is not counted as used (docker stats and cAdvisor do the same).
+    """
+    try:
+        lines = PROC_SELF_CGROUP.read_text(encoding="ascii").splitlines()
+    except (OSError, ValueError):
+        return None
+    found = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":  # v2 (unified): 0::/<path>
+            found += _group_room(CGROUP_ROOT, path, "memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):  # v1: N:memory:/<path>
+            found += _group_room(
+                CGROUP_ROOT / "memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"
+            )
+    return min(found) if found else None
+
+
+def _group_room(root: Path, path: str, limit_file: str, usage_file: str, inactive_key: str) -> list[int]:
+    """Each limited group from ``root/path`` up to ``root``: its limit minus its usage less inactive file cache.
+
+    Without a cgroup namespace a container sees its host path in ``/proc/self/cgroup`` while its own
+    group is mounted at ``root``: a path that does not exist there starts the walk at ``root``.
+    """
+    group = root / path.strip("/")
+    if not group.is_dir():
+        group = root
+    rooms = []
+    while True:
+        try:
+            limit_text = (group / limit_file).read_text(encoding="ascii").strip()
+            limit = None if limit_text == "max" else int(limit_text)
+            if limit is not None and limit < V1_UNLIMITED:
+                usage = int((group / usage_file).read_text(encoding="ascii").strip())
+                rooms.append(max(0, limit - max(0, usage - _stat_value(group / "memory.stat", inactive_key))))
+        except (OSError, ValueError):
+            pass  # no limit here (the root group has no memory.max) or unreadable: the parents may still have one
+        if group == root or root not in group.parents:
+            return rooms
+        group = group.parent
+
+
+def _stat_value(path: Path, key: str) -> int:
+    """One counter of a cgroup's ``memory.stat`` (bytes); 0 when the file or the key is missing."""
+    try:
+        for line in path.read_text(encoding="ascii").splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _vm_size() -> int:

@@ -13,8 +13,9 @@ workers, caching, size limits, memory layout, inference defaults). What changes 
 sampling) is refused listing each key ``old -> new`` (exit 2) unless ``--allow-changed-settings``
 is given; then the list is shown as a warning and recorded. Some settings cannot change at all:
 the optimiser (its state would not fit another), the split (``splits.json`` holds it) and the
-network (the weights belong to it: exit 4). The plan's own settings are checked by the plan they
-make (``medgn.workflows.train``).
+network (the weights belong to it: exit 4), whether ``model.*`` settings or the plan's stages,
+strides and kernel sizes (:func:`check_resumed_plan_network`) would change it. The plan's other
+settings are checked by the plan they make (``medgn.workflows.train``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from medgn.errors import InputDataError, ModelError, UsageError, printable
 from medgn.logs import get_logger
 from medgn.planning.splits import ALL_FOLDS
 from medgn.workflows.data_record import dataset_changes, record_dataset, valid_record
-from medgn.workflows.run_folder import read_run_record, write_run_record
+from medgn.workflows.run_folder import RESOLVED_CONFIG, RUN_PLAN, read_run_record, write_run_record
 
 log = get_logger(__name__)
 
@@ -73,6 +74,8 @@ FIXED = {
     "plan.split_seed": "the run's folds are in its splits.json",
 }
 ALLOW_FLAG = "--allow-changed-settings"
+# The plan's network keys that decide the weights' shapes (the widths are model.features, in RESOLVED).
+PLAN_NETWORK = ("network.strides", "network.kernel_sizes")
 
 
 @dataclass
@@ -169,11 +172,15 @@ def describe(changes: Mapping[str, tuple]) -> str:
     return "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
 
 
-def _network_error(point: ResumePoint, changes: Mapping[str, tuple]) -> ModelError:
+def _network_error(point: ResumePoint, changes: Mapping[str, tuple], out_dir: Path) -> ModelError:
+    """Another network than the checkpoint's from the settings: most often a resume without the run's
+    own ``--config``/``--set`` (the defaults then make another network), so the hint says to repeat them."""
+    record = out_dir / RESOLVED_CONFIG
     return ModelError(
         point.file,
         f"the checkpoint does not fit this run's network ({describe(changes)[:300]})",
-        expected="the model settings the run was started with (no --set model.* on --resume), or a new --out",
+        expected=f"the model settings the run was started with: repeat its --config and --set options on --resume "
+        f"({record} records them: --config {record} resumes with them), or a new --out",
     )
 
 
@@ -215,7 +222,7 @@ def check_resumed_settings(config: Mapping[str, Any], point: ResumePoint, out_di
     network = {k: v for k, v in changes.items() if k.startswith("model.") and not _may_change(k)}
     network.update(_resolved_changes(stored, config))
     if network:
-        raise _network_error(point, network)
+        raise _network_error(point, network, out_dir)
     fixed = {k: v for k, v in changes.items() if k in FIXED}
     if fixed:
         key = next(iter(fixed))
@@ -241,7 +248,7 @@ def check_resumed_settings(config: Mapping[str, Any], point: ResumePoint, out_di
     return math
 
 
-def check_resumed_network(model: Mapping[str, Any], point: ResumePoint) -> None:
+def check_resumed_network(model: Mapping[str, Any], point: ResumePoint, out_dir: Path) -> None:
     """The network resolved from the run's plan (widths, deep supervision) is the checkpoint's.
 
     Raises:
@@ -251,7 +258,33 @@ def check_resumed_network(model: Mapping[str, Any], point: ResumePoint) -> None:
     if isinstance(stored, Mapping):
         changes = _changes({"model": stored}, {"model": model}, keys=RESOLVED)
         if changes:
-            raise _network_error(point, changes)
+            raise _network_error(point, changes, out_dir)
+
+
+def check_resumed_plan_network(plan: Mapping[str, Any], point: ResumePoint, out_dir: Path) -> None:
+    """The plan's network (stages, strides, kernel sizes) is the one the checkpoint was trained with.
+
+    Args:
+        plan: the run's final plan, as ``Plan.to_dict``.
+
+    Raises:
+        ModelError: another network (exit 4), naming each difference ``old -> new``.
+    """
+    old, new = point.state.get("plan"), plan.get("network")
+    old = old.get("network") if isinstance(old, Mapping) else None
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return  # a checkpoint without a plan (not written by medgn train): its weights are the check
+    changes = {}
+    old_strides, new_strides = old.get("strides") or [], new.get("strides") or []
+    if len(old_strides) != len(new_strides):
+        changes["network.stages"] = (len(old_strides), len(new_strides))
+    changes.update(_changes({"network": old}, {"network": new}, keys=PLAN_NETWORK))
+    if changes:
+        raise ModelError(
+            point.file,
+            f"the checkpoint does not fit the network of this run's plan ({describe(changes)[:300]})",
+            expected=f"the run's own plan ({out_dir / RUN_PLAN}: its --plan, or no --plan on --resume), or a new --out",
+        )
 
 
 def check_resumed_data(point: ResumePoint, index: DatasetIndex, data: Path, limits: Any) -> dict[str, Any]:

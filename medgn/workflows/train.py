@@ -53,6 +53,7 @@ from medgn.workflows.resume import (
     ResumePoint,
     check_resumed_data,
     check_resumed_network,
+    check_resumed_plan_network,
     check_resumed_settings,
     load_resume_point,
     record_resume,
@@ -318,12 +319,13 @@ def train_on_dataset(
         # the resolved config then says what was built, so inference rebuilds the same network.
         deep = cfg.model.deep_supervision and cfg.train.deep_supervision
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, features=features, deep_supervision=deep))
-        if point is not None:  # the widths and heads resolved from the plan: the checkpoint's network
-            check_resumed_network(cfg.to_dict()["model"], point)
+        if point is not None:  # the run's own network and plan, checked before anything is written
+            check_resumed_network(cfg.to_dict()["model"], point, out_dir)  # widths and heads
+            if (out_dir / RUN_PLAN).is_file():
+                _check_resumed_plan(Plan.load(out_dir / RUN_PLAN), plan, out_dir)
+            check_resumed_plan_network(plan.to_dict(), point, out_dir)  # stages, strides, kernel sizes
         # The plan is final: a run that cannot fit in memory stops here (exit 5), before its config and plan.
         check_training_memory(cfg, plan, _fold_cases(index, cfg, out_dir, fold)[0], dev, warn=info.is_main)
-        if resume and (out_dir / RUN_PLAN).is_file():
-            _check_resumed_plan(Plan.load(out_dir / RUN_PLAN), plan, out_dir)
         record = run_record(fold, data_record, point, changed)
         if info.is_main:
             if resume:  # accepted: run.json says what the checkpoints say (restored if lost)

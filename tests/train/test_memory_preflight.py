@@ -236,3 +236,117 @@ def test_out_of_memory_follows_the_chain() -> None:
     assert out_of_memory(OSError(errno.ENOENT, "No such file")) is None
     assert out_of_memory(RuntimeError("shape mismatch")) is None
     assert out_of_memory(None) is None
+
+
+def _cgroups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, membership: str, files: dict[str, str]) -> None:
+    """A fake ``/proc/self/cgroup`` (``membership``) and ``/sys/fs/cgroup`` tree (``files``: path -> text)."""
+    root = tmp_path / "cgroup"
+    root.mkdir(parents=True)
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (tmp_path / "self_cgroup").write_text(membership)
+    monkeypatch.setattr(memory, "CGROUP_ROOT", root)
+    monkeypatch.setattr(memory, "PROC_SELF_CGROUP", tmp_path / "self_cgroup")
+
+
+V2_STAT = "anon 400000000\nfile 7500000000\nactive_file 500000000\ninactive_file 7000000000\n"
+
+
+def test_cgroup_v2_page_cache_is_not_counted_as_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # docker --memory=8g after reading a dataset: 7.9 GB charged, 7 GB of it inactive file cache.
+    group = "kubepods/pod1/"
+    files = {
+        group + "memory.max": "8000000000\n",
+        group + "memory.current": "7900000000\n",
+        group + "memory.stat": V2_STAT,
+        "kubepods/memory.max": "max\n",
+    }
+    _cgroups(tmp_path, monkeypatch, "0::/kubepods/pod1\n", files)
+    assert memory.cgroup_available_bytes() == 8_000_000_000 - (7_900_000_000 - 7_000_000_000)
+
+
+def test_cgroup_v2_the_tightest_parent_limit_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {
+        "a/b/memory.max": "max\n",  # the process's own group has no limit: its parent's applies
+        "a/b/memory.current": "100\n",
+        "a/memory.max": "3000000000\n",
+        "a/memory.current": "2500000000\n",
+        "a/memory.stat": "inactive_file 1000000000\n",
+        "memory.max": "9000000000\n",
+        "memory.current": "1000000000\n",
+    }
+    _cgroups(tmp_path, monkeypatch, "0::/a/b\n", files)
+    assert memory.cgroup_available_bytes() == 3_000_000_000 - 1_500_000_000
+
+
+def test_cgroup_v1_limit_minus_usage_less_inactive_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {
+        "memory/docker/abc/memory.limit_in_bytes": "2000000000\n",
+        "memory/docker/abc/memory.usage_in_bytes": "1900000000\n",
+        "memory/docker/abc/memory.stat": "inactive_file 5\ntotal_inactive_file 1500000000\n",
+        "memory/memory.limit_in_bytes": "9223372036854771712\n",  # v1's "no limit"
+        "memory/memory.usage_in_bytes": "50000000000\n",
+    }
+    membership = "12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/\n"
+    _cgroups(tmp_path, monkeypatch, membership, files)
+    assert memory.cgroup_available_bytes() == 2_000_000_000 - 400_000_000
+    # Without a cgroup namespace the host's path is listed but the container's group is the mount root.
+    _cgroups(
+        tmp_path / "nons",
+        monkeypatch,
+        "4:memory:/docker/abc\n",
+        {
+            "memory/memory.limit_in_bytes": "1000000000\n",
+            "memory/memory.usage_in_bytes": "900000000\n",
+            "memory/memory.stat": "total_inactive_file 600000000\n",
+        },
+    )
+    assert memory.cgroup_available_bytes() == 700_000_000
+
+
+@pytest.mark.parametrize(
+    ("membership", "files"),
+    [
+        (None, {}),  # no /proc/self/cgroup
+        ("0::/\n", {}),  # no memory controller files
+        ("0::/\n", {"memory.max": "max\n", "memory.current": "5\n"}),  # no limit
+        ("0::/\n", {"memory.max": "1000\n"}),  # no memory.current
+        ("0::/\n", {"memory.max": "lots\n", "memory.current": "5\n"}),  # unparsable
+        ("0::/\n", {"memory.max": "1000\n", "memory.current": "\xff\n"}),  # not ASCII
+        ("4:memory:/x\n", {"memory/memory.limit_in_bytes": "1000\n", "memory/memory.usage_in_bytes": ""}),
+    ],
+)
+def test_missing_or_unreadable_cgroup_files_mean_no_cgroup_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, membership: str | None, files: dict[str, str]
+) -> None:
+    _cgroups(tmp_path, monkeypatch, membership or "", files)
+    if membership is None:
+        (tmp_path / "self_cgroup").unlink()
+    assert memory.cgroup_available_bytes() is None
+    assert memory.available_cpu_bytes() is not None  # MemAvailable still counts
+
+
+def test_a_missing_memory_stat_counts_the_whole_usage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _cgroups(tmp_path, monkeypatch, "0::/\n", {"memory.max": "1000000\n", "memory.current": "400000\n"})
+    assert memory.cgroup_available_bytes() == 600_000
+    assert memory.available_cpu_bytes() == 600_000  # the cgroup is tighter than the machine
+
+
+@pytest.mark.parametrize(("inactive", "refused"), [(0, True), (1_800_000_000, False)])
+def test_a_run_near_the_container_limit_by_page_cache_alone_is_not_refused(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inactive: int, refused: bool
+) -> None:
+    # 10 kB below the limit: refused when that is memory in use, trained when it is cache to drop.
+    files = {
+        "memory.max": "2000000000\n",
+        "memory.current": "1999990000\n",
+        "memory.stat": f"active_file 100000\ninactive_file {inactive}\n",
+    }
+    _cgroups(tmp_path, monkeypatch, "0::/\n", files)
+    cases = load_dataset(dataset).cases
+    if refused:
+        with pytest.raises(ResourceError, match="GB available"):
+            memory.check_training_memory(_cfg(), _plan((16, 16, 16)), cases, torch.device("cpu"))
+    else:
+        assert memory.check_training_memory(_cfg(), _plan((16, 16, 16)), cases, torch.device("cpu")) is not None

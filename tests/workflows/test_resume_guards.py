@@ -31,8 +31,13 @@ from tests.workflows.test_run_training import TINY, make_dataset
 SHORT = [*TINY, "--set", "train.iters_per_epoch=2", "--set", "train.val_every=0"]
 
 
-def _train(data: Path, out: Path, *extra: str) -> int:
-    return main(["train", "--data", str(data), "--out", str(out), *SHORT, *extra])
+def _train(data: Path, out: Path, *extra: str, patch: bool = True) -> int:
+    """``medgn train`` with the short settings; ``patch=False`` leaves plan.patch_size to the plan."""
+    sets = list(SHORT)
+    if not patch:
+        at = sets.index("plan.patch_size=[16,16,16]")
+        del sets[at - 1 : at + 1]  # the "--set" before it too
+    return main(["train", "--data", str(data), "--out", str(out), *sets, *extra])
 
 
 def _snapshot(run: Path) -> dict[str, bytes]:
@@ -334,3 +339,77 @@ def test_the_record_digest_ignores_paths_and_times(tmp_path: Path) -> None:
     third = data_record.record_dataset(_index(b))
     assert third["sha256"] != first["sha256"]
     assert data_record.dataset_changes(first, _index(b))[1].describe() == "1 case(s) changed (c0: img0.bin)"
+
+
+@pytest.fixture(scope="module")
+def planned(dataset: Path, trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run trained from a --plan (the fixture run's plan.json) with no plan.* override: its network is
+    the plan's own (plan.patch_size would make a new one from the patch)."""
+    out = tmp_path_factory.mktemp("runs") / "planned"
+    given = out.parent / "given_plan.json"
+    shutil.copyfile(trained / "plan.json", given)
+    assert _train(dataset, out, "--plan", str(given), "--set", "train.epochs=1", patch=False) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    ("key", "index", "value"),
+    [("kernel_sizes", 0, [3, 3, 1]), ("strides", 1, [2, 2, 1])],
+)
+def test_a_plan_with_another_network_is_refused_before_anything_is_written(
+    planned: Path,
+    dataset: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    key: str,
+    index: int,
+    value: list,
+) -> None:
+    run = Path(shutil.copytree(planned, tmp_path / "run"))
+    plan = json.loads((run / "plan.json").read_text())
+    old = plan["network"][key][index]
+    assert old != value
+    plan["network"][key][index] = value  # only the network differs: the plan's other keys are the run's
+    other = tmp_path / "other_plan.json"
+    other.write_text(json.dumps(plan))
+    before = _snapshot(run)
+    args = ("--resume", "--set", "train.epochs=2", "--plan", str(other))
+    assert _train(dataset, run, *args, patch=False) == 4
+    err = _one_error(capsys)
+    assert "does not fit the network of this run's plan" in err, err
+    assert f"network.{key} " in err and str(old) in err and str(value) in err, err
+    assert str(run / "plan.json") in err, err  # the plan to resume with
+    assert _snapshot(run) == before  # config.yaml and plan.json not rewritten, no checkpoint written
+
+
+def test_a_resume_without_the_runs_settings_is_told_to_repeat_them(
+    run: Path, dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _snapshot(run)
+    # No --set at all: the defaults make another network than the run's model.features=[4,8].
+    assert main(["train", "--data", str(dataset), "--out", str(run), "--resume", "--device", "cpu"]) == 4
+    err = _one_error(capsys)
+    assert "model.features [4, 8] -> [32" in err, err
+    assert "no --set model" not in err, err  # the user gave none
+    assert "repeat its --config and --set options" in err and f"--config {run / 'config.yaml'}" in err, err
+    assert _snapshot(run) == before
+    # What the hint says works: the run's config.yaml resumes it.
+    args = ["--config", str(run / "config.yaml"), "--set", "train.epochs=3", "--no-progress", "--device", "cpu"]
+    assert main(["train", "--data", str(dataset), "--out", str(run), "--resume", *args]) == 0
+    trained_to = json.loads(before["checkpoints/latest.json"])["file"]
+    assert read_pointer(run / "checkpoints")["file"] not in (None, trained_to)
+
+
+def test_a_fifo_as_checkpoint_is_named_not_opened(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "model.pt"
+    os.mkfifo(path)  # opening it would block until a writer came: it must only be named
+    words = "checkpoint path is neither a regular file nor a folder (a FIFO, socket or device)"
+    with pytest.raises(ModelError, match=r"neither a regular file nor a folder \(a FIFO"):
+        load_checkpoint(path)  # what --model reads it with (read_checkpoint)
+    out = tmp_path / "new"
+    assert _train(dataset, out, "--init-from", str(path)) == 4
+    err = _one_error(capsys)
+    assert words in err and "not found" not in err, err
+    assert not out.exists()
