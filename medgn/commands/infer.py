@@ -110,6 +110,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_LIMITS.max_voxels,
         help="largest scan accepted, from its header (voxels per channel)",
     )
+    parser.add_argument("--max-dim", type=int, default=DEFAULT_LIMITS.max_dim, help="largest size of one axis (voxels)")
     parser.add_argument(
         "--max-resampled-voxels",
         type=int,

@@ -101,7 +101,7 @@ def check_size(path: Path, shape: tuple[int, ...], itemsize: int, limits: Limits
             path,
             "image dimension above the limit",
             got=f"shape {shape}",
-            expected=f"each axis <= {limits.max_dim} (raise it with --max-dim)",
+            expected=f"each axis <= {limits.max_dim} (raise it with --max-dim; for train, data.limits.max_dim)",
         )
     voxels = int(np.prod(np.asarray(shape, dtype=np.int64)))
     if voxels > limits.max_voxels:
@@ -109,7 +109,7 @@ def check_size(path: Path, shape: tuple[int, ...], itemsize: int, limits: Limits
             path,
             "image has too many voxels",
             got=f"shape {shape} = {voxels} voxels",
-            expected=f"<= {limits.max_voxels} (raise it with --max-voxels)",
+            expected=f"<= {limits.max_voxels} (raise it with --max-voxels; for train, data.limits.max_voxels)",
         )
     if voxels * itemsize > limits.max_bytes:
         raise ResourceError(

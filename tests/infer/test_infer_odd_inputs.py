@@ -108,3 +108,19 @@ def test_saved_probabilities_carry_the_label_value_of_every_class(tmp_path: Path
         labels = saved["label_values"][saved["probabilities"].argmax(0)]
     mask = np.asanyarray(nib.load(tmp_path / "out" / "a.nii.gz").dataobj)
     assert np.array_equal(labels, mask) and (mask == 5).any()
+
+
+def test_the_axis_limit_the_error_names_is_a_flag_of_infer_and_plan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    F.write_image(src / "long.nii.gz", np.zeros((40, 4, 4), np.float32), AFFINE)
+    run = F.save_run(tmp_path / "run")
+    args = ["infer", "--model", str(run), "--input", str(src / "long.nii.gz"), "--output"]
+    assert main([*args, str(tmp_path / "a.nii.gz"), "--max-dim", "20"]) == 5
+    assert "raise it with --max-dim" in capsys.readouterr().err
+    assert main([*args, str(tmp_path / "b.nii.gz"), "--max-dim", "40", "--no-tta"]) == 0
+    with pytest.raises(SystemExit) as shown:
+        main(["plan", "--help"])
+    assert shown.value.code == 0 and "--max-dim" in capsys.readouterr().out
