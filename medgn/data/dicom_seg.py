@@ -15,6 +15,7 @@ label value it stands for (``label value 7``), so a dataset with label values 0,
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,6 +165,12 @@ def _numbers(name: str, ds: Any, tag: str, count: int) -> np.ndarray:
     return values
 
 
+def _segment_label(name: str) -> str:
+    """A label name as a SegmentLabel (LO): no backslash (the value separator) or control characters,
+    at most 64 characters; the text itself is kept, in UTF-8 (see :func:`write_dicom_seg`)."""
+    return re.sub(r"[\\\x00-\x1f\x7f]", "_", name)[:64] or "unnamed"
+
+
 def _descriptions(label_values: Sequence[int], label_names: Mapping[int, str]) -> list[Any]:
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -176,7 +183,7 @@ def _descriptions(label_values: Sequence[int], label_names: Mapping[int, str]) -
     return [
         hd.seg.SegmentDescription(
             segment_number=i,
-            segment_label=label_names.get(int(v), f"class {i}")[:64],  # LO: at most 64 characters
+            segment_label=_segment_label(label_names.get(int(v), f"class {i}")),
             segmented_property_category=codes.SCT.Tissue,
             segmented_property_type=codes.SCT.Tissue,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -225,6 +232,9 @@ def write_dicom_seg(
     dtype = np.uint8 if len(values) < 256 else np.uint16
     frames = np.stack([classes[:, :, k].T for k in range(mask.shape[2])]).astype(dtype)  # (Z, rows=Y, cols=X)
     seg = _segmentation(reference, sources, frames, values, label_names)
+    # UTF-8 for every text value: a label such as a Japanese organ name, or a patient name the
+    # source wrote in another character set, is kept rather than written as '?'.
+    seg.SpecificCharacterSet = "ISO_IR 192"
     out_path = Path(out_path)
     with atomic_path(out_path, overwrite=overwrite) as tmp:
         seg.save_as(tmp)

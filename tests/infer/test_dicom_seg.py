@@ -502,3 +502,25 @@ def test_a_series_folder_with_an_entry_no_reader_lists_past_is_refused(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "005a.dcm" in err[0] and "no DICOM reader can list past" in err[0], err
     assert not (tmp_path / "out" / "scan.nii.gz").exists()
+
+
+def test_label_names_and_patient_names_keep_their_text(tmp_path: Path) -> None:
+    """A backslash (DICOM's value separator) or a control character in a label name is replaced, not
+    split into two values; names outside Latin-1, and a Latin-1 patient name, read back as written."""
+    from medgn.data.dicom_seg import seg_sources, write_dicom_seg
+    from medgn.data.io import read_volume
+
+    def latin1_patient(ds: Dataset, k: int) -> None:
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.PatientName = "Müller^Jürgen"
+
+    series, _ = write_series(tmp_path / "in" / "scan", volume(), "axial", mutate=latin1_patient)
+    reference = read_volume(series)
+    mask = np.zeros(reference.shape, dtype=np.int64)
+    mask[blob()] = 1
+    mask[:2, :2, :2] = 2
+    names = {1: "left\\right", 2: "肝臓 liver\t2"}
+    out = write_dicom_seg(mask, reference, seg_sources(reference), [0, 1, 2], names, tmp_path / "scan.seg.dcm")
+    ds = pydicom.dcmread(out)
+    assert [str(s.SegmentLabel) for s in ds.SegmentSequence] == ["left_right", "肝臓 liver_2"]
+    assert str(ds.PatientName) == "Müller^Jürgen"
