@@ -439,7 +439,8 @@ def _fit(
         summary = {
             "stop_reason": state.stop_reason,
             "iteration": state.iteration,
-            "planned_iters": state.planned_iters,
+            "planned_iters": trainer.total_iters,  # the schedule's length, fitted to a budget or not
+            "schedule_fitted_to_budget": bool(state.planned_iters),
             "seconds": round(time.monotonic() - started_at, 1),
             "epoch": state.epoch,
             "best_val_ema_dice": best,
@@ -471,7 +472,10 @@ def _finished_run(out_dir: Path, cfg: RunConfig) -> TrainResult | None:
         return None
     if not (out_dir / postprocess.FILE).is_file():
         return None
-    if done < (int(summary.get("planned_iters") or 0) or cfg.train.total_iters):
+    # Without a budget the config's epochs decide (a larger train.epochs extends the run); summaries of
+    # earlier versions record 0 there, and a fitted schedule's length otherwise.
+    planned = int(summary.get("planned_iters") or 0) if summary.get("schedule_fitted_to_budget", True) else 0
+    if done < (planned or cfg.train.total_iters):
         return None
     state = TrainState(epoch=int(summary.get("epoch", 0)), iteration=done)
     state.stop_reason = "already finished; nothing to do"

@@ -221,6 +221,28 @@ def test_resuming_a_finished_run_writes_nothing(
     assert (killed / "postprocessing.json").is_file() and (killed / "train_summary.json").is_file()
 
 
+def test_the_summary_records_the_schedules_length_and_more_epochs_extend_a_finished_run(
+    trained: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    summary = json.loads((trained / "train_summary.json").read_text())
+    assert summary["planned_iters"] == 18 and summary["schedule_fitted_to_budget"] is False
+    steps = ["--set", "train.iters_per_epoch=6"]
+    # A summary of an earlier version (0 = epochs x iters, no flag) is still read that way.
+    old = tmp_path / "old"
+    shutil.copytree(trained, old)
+    earlier = {k: v for k, v in summary.items() if k != "schedule_fitted_to_budget"}
+    (old / "train_summary.json").write_text(json.dumps({**earlier, "planned_iters": 0}))
+    argv = ["train", "--data", str(dataset), "--resume", *TINY, *steps]
+    assert main([*argv, "--out", str(old), "--set", "train.epochs=3"]) == 0
+    assert "already finished; nothing to do" in capsys.readouterr().out
+    # Without a budget the config's epochs decide: one more epoch trains 6 more steps.
+    more = tmp_path / "more"
+    shutil.copytree(trained, more)
+    assert main([*argv, "--out", str(more), "--set", "train.epochs=4"]) == 0
+    assert "training stopped (finished) at epoch 4, step 24" in capsys.readouterr().out
+    assert json.loads((more / "train_summary.json").read_text())["planned_iters"] == 24
+
+
 def test_bad_data_found_on_resume_is_an_input_error_and_the_plan_is_the_runs(
     trained: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
