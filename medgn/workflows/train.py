@@ -29,16 +29,14 @@ import torch
 from medgn.checkpoint import checkpoint_files, read_pointer
 from medgn.config import RunConfig, write_resolved_config
 from medgn.data.datasets import Case, load_dataset
-from medgn.data.verify import verify_dataset
 from medgn.data.workload import VALIDATION_OVERLAP, check_dataset_workload
 from medgn.environment import resolve_device
-from medgn.errors import InputDataError, MedgnError, UsageError
+from medgn.errors import MedgnError, UsageError
 from medgn.files import RunLock, atomic_write_json, clean_stale_temps, is_inside, make_output_dir
 from medgn.infer import postprocess
 from medgn.logs import attach_file_log, get_logger
 from medgn.planning.plan import Plan
 from medgn.planning.plan_config import apply_plan_config
-from medgn.planning.splits import ALL_FOLDS, SPLITS_FILE, load_or_create_splits, make_splits
 from medgn.train import distributed as ddp
 from medgn.train.logging_hooks import default_hooks
 from medgn.train.memory import check_training_memory
@@ -59,6 +57,7 @@ from medgn.workflows.resume import (
     record_resume,
     run_record,
 )
+from medgn.workflows.run_data import check_resumed_plan, dataset_plan, fold_cases, log_plan_changes, verify_cases
 from medgn.workflows.run_folder import (
     DATASET_PLAN,
     RESOLVED_CONFIG,
@@ -75,7 +74,6 @@ log = get_logger(__name__)
 
 # (network, run folder, resuming) -> extra hooks; loads initial weights unless resuming (fine-tuning).
 ModelInit = Callable[[torch.nn.Module, Path, bool], Sequence[Any]]
-FINGERPRINT_SEED = 0  # the intensity sampling of a plan made by training (as `medgn plan`'s default)
 
 
 @dataclass
@@ -87,111 +85,6 @@ class TrainResult:
     exit_code: int
     best_dice: float | None
     records: list[dict[str, Any]]
-
-
-def _verify(index: Any, data: Path, cfg: RunConfig, fingerprint: bool) -> Any:
-    """Check every case (all problems logged); with ``fingerprint`` also take the statistics."""
-    report = verify_dataset(index, cfg.data.limits, stats_seed=FINGERPRINT_SEED if fingerprint else None)
-    if not report.ok:
-        for problem in report.problems:
-            log.error("verify: %s", problem)
-        first = report.problems[0]
-        raise InputDataError(
-            data,
-            f"dataset failed verification with {len(report.problems)} problem(s); first: {first}",
-            expected="a clean 'medgn verify' (see medgn.log for all problems)",
-        )
-    return report
-
-
-def _dataset_plan(
-    index: Any,
-    cfg: RunConfig,
-    out_dir: Path,
-    plan_path: Path | None,
-    is_main: bool,
-    report: Any = None,
-    reuse: bool = True,
-) -> Plan:
-    """The plan the run starts from: ``--plan``, else the one stored in the run folder (``reuse``: a
-    resume, or a rank reading what rank 0 wrote), else one made from the data. A new run never takes
-    a stored plan: one left by an earlier refused run into the same folder may be another dataset's."""
-    from medgn.planning.fingerprint import aggregate_fingerprint, compute_fingerprint
-    from medgn.planning.planner import make_plan
-
-    stored = out_dir / DATASET_PLAN
-    if plan_path is not None:
-        given = Plan.load(plan_path)
-        if is_main and not reuse and Path(plan_path).resolve() != stored.resolve():
-            given.save(stored)  # a new run's starting plan: a --resume without --plan finds it here
-        return given
-    if reuse and stored.exists():
-        return Plan.load(stored)
-    stats = report.stats if report is not None else None
-    if stats is not None:  # verification already read every case: no second pass
-        fingerprint = aggregate_fingerprint(index, stats)
-    else:
-        log.info("no plan given: fingerprinting %d cases", len(index.cases))
-        fingerprint = compute_fingerprint(index, cfg.data.limits, seed=FINGERPRINT_SEED)
-    plan = make_plan(index, fingerprint, gpu_memory_gb=cfg.plan.gpu_memory_gb)
-    if is_main:
-        plan.save(stored)
-    return plan
-
-
-def _check_resumed_plan(stored: Plan, plan: Plan, out_dir: Path) -> None:
-    """A resume trains with the run's own plan: its checkpoints were trained on that grid and patch."""
-    a, b = stored.to_dict(), plan.to_dict()
-    keys = sorted((set(a) | set(b)) - {"network"})  # another network: the checkpoint's weights say so (exit 4)
-    diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
-    if diffs:
-        raise UsageError(
-            out_dir / RUN_PLAN,
-            "the resumed run would train with another plan than its own",
-            got="; ".join(diffs)[:300],
-            expected="the run's --plan and plan.* settings, or a new --out",
-        )
-
-
-def _fold_cases(
-    index: Any, cfg: RunConfig, out_dir: Path, fold: int, plan_path: Path | None = None
-) -> tuple[list[Case], list[Case]]:
-    """The fold's (training, validation) cases from the run's splits.json.
-
-    A run without one takes the folds ``medgn plan --folds/--seed`` wrote next to ``plan_path``
-    (checked against the dataset, then copied into the run folder), else makes them from
-    ``plan.n_folds`` and ``plan.split_seed``.
-    """
-    by_id = {c.case_id: c for c in index.cases}
-    if fold == ALL_FOLDS:
-        return list(index.cases), []
-    n_folds = min(cfg.plan.n_folds, len(index.cases))
-    if len(index.cases) < 2:
-        raise InputDataError(
-            index.root,
-            "cross-validation needs at least 2 labelled cases",
-            got=len(index.cases),
-            expected="more cases, or --fold all",
-        )
-    run_splits = out_dir / SPLITS_FILE
-    planned = plan_path.parent / SPLITS_FILE if plan_path is not None else None
-    recorded = run_splits.exists()
-    if recorded or (planned is not None and planned.is_file()):
-        source = run_splits if recorded else planned
-        advice = (
-            "a --out of its own for a run on another dataset"
-            if recorded
-            else "a --plan made from this dataset ('medgn plan DATASET --out FOLDER/plan.json')"
-        )
-        splits = load_or_create_splits(source, sorted(by_id), other_dataset=advice)  # type: ignore[arg-type]
-        n_folds = len(splits)
-    else:
-        splits = make_splits(sorted(by_id), n_folds, cfg.plan.split_seed)
-    if not 0 <= fold < n_folds:
-        raise UsageError("--fold", "fold out of range", got=fold, expected=f"0..{n_folds - 1} or 'all'")
-    if not recorded:  # the run folder records the folds it trained on (the plan's, or new ones)
-        atomic_write_json(run_splits, splits, overwrite=False)
-    return [by_id[i] for i in splits[fold]["train"]], [by_id[i] for i in splits[fold]["val"]]
 
 
 def train_on_dataset(
@@ -293,18 +186,18 @@ def train_on_dataset(
             needs_plan = given is None and not (resume and (out_dir / DATASET_PLAN).exists())
             keep = True  # a dataset that fails verification keeps the log listing every problem
             report = (
-                _verify(index, data, cfg, fingerprint=needs_plan)
+                verify_cases(index, data, cfg, fingerprint=needs_plan)
                 if (verify if verify is not None else not resume)
                 else None
             )
             keep = False
             if data_record is None:  # what a resume of this run will compare its data with
                 data_record = record_dataset(index)
-            base_plan = _dataset_plan(index, cfg, out_dir, given, True, report, reuse=resume)
-            _fold_cases(index, cfg, out_dir, fold, given)
+            base_plan = dataset_plan(index, cfg, out_dir, given, True, report, reuse=resume)
+            fold_cases(index, cfg, out_dir, fold, given)
         ddp.barrier()
         if not info.is_main:
-            base_plan = _dataset_plan(index, cfg, out_dir, Path(plan_path) if plan_path else None, False)
+            base_plan = dataset_plan(index, cfg, out_dir, Path(plan_path) if plan_path else None, False)
         if base_plan.in_channels != len(index.channel_names):  # a --plan made for another dataset
             raise UsageError(
                 plan_path or out_dir / DATASET_PLAN,
@@ -314,7 +207,7 @@ def train_on_dataset(
             )
         plan, features = apply_plan_config(base_plan, cfg.plan, cfg.model.features)
         if info.is_main:
-            _log_plan_changes(base_plan, plan, "--plan" if plan_path else "the dataset's plan")
+            log_plan_changes(base_plan, plan, "--plan" if plan_path else "the dataset's plan")
         # train.deep_supervision switches the extra heads off (both switches must be on to use them);
         # the resolved config then says what was built, so inference rebuilds the same network.
         deep = cfg.model.deep_supervision and cfg.train.deep_supervision
@@ -322,17 +215,17 @@ def train_on_dataset(
         if point is not None:  # the run's own network and plan, checked before anything is written
             check_resumed_network(cfg.to_dict()["model"], point, out_dir)  # widths and heads
             if (out_dir / RUN_PLAN).is_file():
-                _check_resumed_plan(Plan.load(out_dir / RUN_PLAN), plan, out_dir)
+                check_resumed_plan(Plan.load(out_dir / RUN_PLAN), plan, out_dir)
             check_resumed_plan_network(plan.to_dict(), point, out_dir)  # stages, strides, kernel sizes
         # The plan is final: a run that cannot fit in memory stops here (exit 5), before its config and plan.
-        check_training_memory(cfg, plan, _fold_cases(index, cfg, out_dir, fold)[0], dev, warn=info.is_main)
+        check_training_memory(cfg, plan, fold_cases(index, cfg, out_dir, fold)[0], dev, warn=info.is_main)
         record = run_record(fold, data_record, point, changed)
         if info.is_main:
             if resume:  # accepted: run.json says what the checkpoints say (restored if lost)
                 record_resume(out_dir, fold, point, changed)
             write_resolved_config(cfg, out_dir / RESOLVED_CONFIG)
             plan.save(out_dir / RUN_PLAN)
-        train_cases, val_cases = _fold_cases(index, cfg, out_dir, fold)
+        train_cases, val_cases = fold_cases(index, cfg, out_dir, fold)
         # Before any resampling: a case that would explode at the plan's spacing stops the run (exit 5).
         check_dataset_workload(train_cases, plan.target_spacing, cfg.data.limits)
         check_dataset_workload(
@@ -480,21 +373,6 @@ def _finished_run(out_dir: Path, cfg: RunConfig) -> TrainResult | None:
     state = TrainState(epoch=int(summary.get("epoch", 0)), iteration=done)
     state.stop_reason = "already finished; nothing to do"
     return TrainResult(out_dir, state, 0, summary.get("best_val_ema_dice"), [])
-
-
-def _log_plan_changes(base: Plan, plan: Plan, source: str) -> None:
-    """Name in the log what the config's ``plan`` section changed in the plan the run was given."""
-    changes = [
-        f"{name} {list(before)} -> {list(after)}"
-        for name, before, after in (
-            ("target_spacing", base.target_spacing, plan.target_spacing),
-            ("patch_size", base.patch_size, plan.patch_size),
-            ("stages", [len(base.network.strides or ())], [len(plan.network.strides or ())]),
-        )
-        if tuple(before) != tuple(after)
-    ]
-    if changes:
-        log.info("the run config (its plan section, model.features) changes %s: %s", source, "; ".join(changes))
 
 
 def _best(hooks: Sequence[Any]) -> float | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import medgn.data.io
+import medgn.workflows.run_data as run_data
 import medgn.workflows.train as workflow
 from medgn.cli import main
 from medgn.data.datasets import load_dataset
@@ -62,8 +63,8 @@ def test_resume_does_not_verify_again_unless_asked(
     out = tmp_path / "run"
     assert main(["train", "--data", str(data), "--out", str(out), *ONE_STEP]) == 0
     calls: list[int] = []
-    original = workflow.verify_dataset
-    monkeypatch.setattr(workflow, "verify_dataset", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = run_data.verify_dataset
+    monkeypatch.setattr(run_data, "verify_dataset", lambda *a, **k: calls.append(1) or original(*a, **k))
     more = [*TINY, "--set", "train.epochs=2", "--set", "train.iters_per_epoch=1"]
     assert main(["train", "--data", str(data), "--out", str(out), "--resume", *more]) == 0
     assert calls == []
