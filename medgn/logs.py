@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,14 @@ def get_logger(name: str = LOGGER_NAME) -> logging.Logger:
 KEEP_FALLBACK_LOGS = 20
 _RECENT_S = 3600.0
 _fallback: tuple[int, Path] | None = None  # (pid, path): a forked process chooses its own
+
+
+def warn_user(message: str, logger: logging.Logger | None = None) -> None:
+    """A warning for the user: one ``medgn: warning:`` line on stderr, and the same in the log."""
+    from medgn.errors import printable
+
+    (logger or get_logger()).warning(message)
+    sys.stderr.write(f"medgn: warning: {printable(message)}\n")
 
 
 def fallback_log_path() -> Path:

@@ -11,10 +11,11 @@ import numpy as np
 from medgn.commands import limits_from_args
 from medgn.data.datasets import load_dataset
 from medgn.data.preflight import DEFAULT_LIMITS
-from medgn.data.verify import label_coverage, print_warning
+from medgn.data.verify import label_coverage
 from medgn.data.workload import VALIDATION_OVERLAP, check_workload
 from medgn.errors import UsageError
 from medgn.files import is_inside, make_output_dir, missing_folders
+from medgn.logs import warn_user
 from medgn.planning.fingerprint import compute_fingerprint
 from medgn.planning.plan_config import PlanConfig
 from medgn.planning.planner import DEFAULT_GPU_GB, make_plan
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{index.name}: fingerprinting {len(index.cases)} cases")
     fingerprint = compute_fingerprint(index, limits, seed=args.seed)
     for warning in label_coverage(index, fingerprint["label_values_found"])[1]:
-        print_warning(warning)
+        warn_user(warning)
     plan = make_plan(index, fingerprint, gpu_memory_gb=args.gpu_memory)
     for case, entry in zip(index.cases, fingerprint["cases"]):  # spacing and shape in RAS axes
         # The windows of the planned patch at the validator's overlap: what training will predict.

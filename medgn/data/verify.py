@@ -18,7 +18,6 @@ stderr by ``medgn verify`` and ``medgn train``. Region-based labels are refused
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +30,14 @@ from medgn.data.io import Limits, Volume, geometry_diff, read_volume
 from medgn.data.multichannel import read_channels
 from medgn.data.preflight import DEFAULT_LIMITS
 from medgn.data.workload import check_workload
-from medgn.errors import InputDataError, MedgnError, printable
-from medgn.logs import get_logger
+from medgn.errors import InputDataError, MedgnError
+from medgn.logs import get_logger, warn_user
 
 log = get_logger(__name__)
+
+
+def _warn(message: str) -> None:
+    warn_user(message, log)
 
 
 @dataclass
@@ -161,12 +164,6 @@ def verify_case(
     return result
 
 
-def print_warning(message: str) -> None:
-    """Show a dataset warning on stderr as one ``medgn: warning:`` line, and log it."""
-    log.warning(message)
-    sys.stderr.write(f"medgn: warning: {printable(message)}\n")
-
-
 def label_coverage(index: DatasetIndex, found: Iterable[int]) -> tuple[list[str], list[str]]:
     """Problems and warnings about the label values the training labels hold, all together.
 
@@ -204,7 +201,7 @@ def verify_dataset(
     include_test: bool = False,
     target_spacing: Sequence[float] | None = None,
     stats_seed: int | None = None,
-    warn: Callable[[str], None] | None = print_warning,
+    warn: Callable[[str], None] | None = _warn,
 ) -> VerifyReport:
     """Check every case of a dataset and collect all problems.
 

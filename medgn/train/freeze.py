@@ -9,18 +9,12 @@ step counter, so a resumed run freezes or not exactly as the uninterrupted one w
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 
-from medgn.logs import get_logger
+from medgn.logs import get_logger, warn_user
 from medgn.train.trainer import HookBase, Trainer
 
 log = get_logger(__name__)
-
-
-def _warn(message: str) -> None:
-    log.warning(message)
-    print(f"medgn: warning: {message}", file=sys.stderr)
 
 
 class FreezeEncoderHook(HookBase):
@@ -51,9 +45,10 @@ class FreezeEncoderHook(HookBase):
     def before_train(self, trainer: Trainer) -> None:
         if trainer.state.iteration < self.steps and self.steps >= trainer.total_iters:
             self.warned = True
-            _warn(
+            warn_user(
                 f"train.freeze_encoder_steps={self.steps} is not below the run's {trainer.total_iters} steps: "
-                "the loaded encoder will not be trained"
+                "the loaded encoder will not be trained",
+                log,
             )
         if trainer.state.iteration < self.steps:
             self._set(trainer, True)
@@ -69,7 +64,8 @@ class FreezeEncoderHook(HookBase):
             self._set(trainer, False)
         done = trainer.state.iteration >= trainer.total_iters  # not a run stopped early, to be resumed
         if self.steps and done and trainer.state.iteration <= self.steps and not self.warned:
-            _warn(
+            warn_user(
                 f"the encoder stayed frozen for the whole run: train.freeze_encoder_steps={self.steps}, "
-                f"and the run stopped at step {trainer.state.iteration}"
+                f"and the run stopped at step {trainer.state.iteration}",
+                log,
             )

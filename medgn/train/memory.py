@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from medgn.errors import ResourceError, UsageError
-from medgn.logs import get_logger
+from medgn.logs import get_logger, warn_user
 from medgn.planning.plan import MAX_PATCH_VOXELS, Plan
 
 log = get_logger(__name__)
@@ -266,9 +265,10 @@ def check_training_memory(
             f"axis ({largest} voxels at {list(plan.target_spacing)} mm): every case is padded to the patch, "
             f"which costs memory and time and adds no image; a patch near {largest} sees whole cases"
         )
-        log.warning(message)
         if warn:
-            print(f"medgn: warning: {message}", file=sys.stderr)
+            warn_user(message, log)
+        else:
+            log.warning(message)
     estimate = _check_memory(cfg, plan, grids, device) if cfg.train.memory_check else None
     if estimate is None:
         log.info("memory check switched off (train.memory_check: false)")

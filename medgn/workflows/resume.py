@@ -21,7 +21,6 @@ settings are checked by the plan they make (``medgn.workflows.train``).
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,8 @@ from typing import Any
 
 from medgn.checkpoint import newest_intact_checkpoint, read_checkpoint, read_pointer
 from medgn.data.datasets import DatasetIndex
-from medgn.errors import InputDataError, ModelError, UsageError, printable
-from medgn.logs import get_logger
+from medgn.errors import InputDataError, ModelError, UsageError
+from medgn.logs import get_logger, warn_user
 from medgn.planning.splits import ALL_FOLDS
 from medgn.workflows.data_record import dataset_changes, record_dataset, valid_record
 from medgn.workflows.run_folder import RESOLVED_CONFIG, RUN_PLAN, read_run_record, write_run_record
@@ -122,7 +121,9 @@ def load_resume_point(out_dir: Path) -> ResumePoint:
                 "nothing to resume: no intact checkpoint in the run folder (checkpoints/latest.json is missing)",
                 expected="a run folder with checkpoints/, or a new --out",
             )
-        warn(f"{folder / 'latest.json'} is missing: resuming from the newest intact checkpoint, {intact.name}")
+        warn_user(
+            f"{folder / 'latest.json'} is missing: resuming from the newest intact checkpoint, {intact.name}", log
+        )
         state, file, _ = read_checkpoint(intact, map_location="cpu")
         return ResumePoint(state, file)
     try:
@@ -137,12 +138,6 @@ def load_resume_point(out_dir: Path) -> ResumePoint:
         )
         raise ModelError(exc.where, exc.what + hint, got=exc.got, expected=exc.expected) from exc
     return ResumePoint(state, file)
-
-
-def warn(message: str) -> None:
-    """A warning on stderr as one ``medgn: warning:`` line, and in the log."""
-    log.warning(message)
-    sys.stderr.write(f"medgn: warning: {printable(message)}\n")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -244,7 +239,7 @@ def check_resumed_settings(config: Mapping[str, Any], point: ResumePoint, out_di
             f"cadence may change), {ALLOW_FLAG} to continue with these anyway, or a new --out",
         )
     if math:
-        warn(f"resuming at step {point.iteration} with changed settings ({ALLOW_FLAG}): {describe(math)}")
+        warn_user(f"resuming at step {point.iteration} with changed settings ({ALLOW_FLAG}): {describe(math)}", log)
     return math
 
 
@@ -301,9 +296,10 @@ def check_resumed_data(point: ResumePoint, index: DatasetIndex, data: Path, limi
 
     stored = point.run.get("data")
     if not valid_record(stored):
-        warn(
+        warn_user(
             "the run's checkpoint records no dataset fingerprint (an older medgn): the data are not compared "
-            "with the run's; checkpoints record it from now on"
+            "with the run's; checkpoints record it from now on",
+            log,
         )
         return record_dataset(index)
     current, changes = dataset_changes(stored, index)
