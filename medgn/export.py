@@ -103,9 +103,6 @@ def _unsupported(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:200]
 
 
-_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
 def _check_out(out: Path, overwrite: bool) -> None:
     """Check the destination before any work: a file name in an existing folder that can be written.
 
@@ -131,10 +128,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise UsageError(out, "output file exists", expected="another --out, or --overwrite")
     try:  # the folder exists: this only probes that a file can be written in it
         make_output_dir(out.parent)
+    except ResourceError:
+        raise ResourceError(out, "no space left on device", expected="free disk space") from None
     except UsageError as exc:
-        cause = exc.__context__  # the OSError of the probe write
-        if isinstance(cause, OSError) and cause.errno in _FULL:
-            raise ResourceError(out, "no space left on device", expected="free disk space") from None
         raise UsageError(out, exc.what, expected="a file in a folder where files can be written") from None
 
 
@@ -142,14 +138,15 @@ def _write(out: Path, data: bytes, overwrite: bool) -> None:
     """Write the exported bytes to ``out`` atomically; a failed write leaves nothing at ``out``.
 
     Raises:
-        ResourceError: the disk is full, over quota, or the file too large for it (exit 5).
+        ResourceError: the disk is full or over quota (the atomic writer says so), or the file is too
+            large for it (exit 5).
         UsageError: ``out`` cannot be written otherwise (read-only file system, permissions; exit 2).
     """
     _check_out(out, overwrite)  # again: the path or its folder may have changed while exporting
     try:
         atomic_write_bytes(out, data, overwrite=overwrite)
     except OSError as exc:
-        if exc.errno in (*_FULL, errno.EFBIG):
+        if exc.errno == errno.EFBIG:
             raise ResourceError(out, f"cannot write the exported model ({exc.strerror or exc})") from exc
         raise UsageError(
             out, f"cannot write the exported model ({exc.strerror or exc})", expected="a writable --out"

@@ -130,6 +130,7 @@ def make_output_dir(path: str | os.PathLike[str], what: str = "output folder") -
     Raises:
         UsageError: it exists and is not a folder, or cannot be created or written (read-only
             file system, permissions, a parent that is a file); exit 2, before any work.
+        ResourceError: its file system is full or over quota (exit 5).
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -140,6 +141,8 @@ def make_output_dir(path: str | os.PathLike[str], what: str = "output folder") -
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceError(path, f"no space left on device in the {what}", expected="free disk space") from None
         raise UsageError(
             path, f"{what} is not writable ({exc.strerror or exc})", expected="a writable folder"
         ) from None

@@ -193,3 +193,18 @@ def test_a_destination_that_turns_into_a_fifo_while_writing_is_not_replaced(tmp_
             tmp.write_bytes(b"{}")
             os.mkfifo(target)
     assert not target.is_file() and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_an_output_folder_on_a_full_disk_is_a_resource_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = Path.write_bytes
+
+    def full(self: Path, data: bytes) -> int:
+        if self.name.startswith(files.TEMP_MARK):  # the probe
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(ResourceError, match="no space left on device in the output folder"):
+        files.make_output_dir(tmp_path / "out")
+    with pytest.raises(UsageError, match="is not writable"):  # any other failure stays a usage error
+        files.make_output_dir(Path("/proc/medgn_out"))
