@@ -321,6 +321,11 @@ def check_resumed_data(point: ResumePoint, index: DatasetIndex, data: Path, limi
     )
 
 
+def _change_entry(point: ResumePoint, changed: dict[str, tuple]) -> dict[str, Any]:
+    """The record of one resume's accepted changes: the step it resumed at and each key's [old, new]."""
+    return {"iteration": point.iteration, "changes": {k: list(v) for k, v in changed.items()}}
+
+
 def run_record(
     fold: int, data_record: dict[str, Any] | None, point: ResumePoint | None, changed: dict[str, tuple]
 ) -> dict[str, Any]:
@@ -328,7 +333,7 @@ def run_record(
     settings earlier resumes changed (with --allow-changed-settings) at which step."""
     history = list(point.run.get("changed_settings") or []) if point is not None else []
     if changed and point is not None:
-        history.append({"iteration": point.iteration, "changes": {k: list(v) for k, v in changed.items()}})
+        history.append(_change_entry(point, changed))
     record: dict[str, Any] = {"fold": "all" if fold == ALL_FOLDS else fold, "data": data_record}
     if history:
         record["changed_settings"] = history
@@ -342,7 +347,7 @@ def record_resume(out_dir: Path, fold: int, point: ResumePoint | None, changed: 
         return
     extra = {k: v for k, v in (record or {}).items() if k != "fold"}
     if changed and point is not None:
-        entry = {"iteration": point.iteration, "changes": {k: list(v) for k, v in changed.items()}}
-        extra["changed_settings"] = [*(extra.get("changed_settings") or []), entry]
+        extra["changed_settings"] = [*(extra.get("changed_settings") or []), _change_entry(point, changed)]
+        # Warned of on stderr when accepted, before the run's medgn.log was attached: recorded there too.
         log.warning("resumed at step %d with changed settings: %s", point.iteration, describe(changed))
     write_run_record(out_dir, fold, **extra)
