@@ -237,6 +237,7 @@ def estimate_training_memory_bytes(
     patch_size: Sequence[int],
     batch_size: int = 2,
     dtype: torch.dtype = torch.float32,
+    optimizer_states: int = DEFAULT_OPTIMIZER_STATES,
 ) -> int:
     """Estimated peak memory in bytes of one training step of ``cfg``'s network at a patch size.
 
@@ -253,10 +254,12 @@ def estimate_training_memory_bytes(
         patch_size: (D, H, W), multiples of the total stride.
         batch_size: samples per step.
         dtype: activation dtype (bfloat16 under autocast).
+        optimizer_states: buffers the optimizer keeps per parameter (SGD momentum 1, AdamW 2).
     """
     with torch.device("meta"):
         model = build_model(cfg, in_channels, out_channels, strides, kernel_sizes)
-    return int(summary(model, (in_channels, *patch_size), batch_size, dtype, training=True)["total_bytes"])
+    report = summary(model, (in_channels, *patch_size), batch_size, dtype, True, optimizer_states)
+    return int(report["total_bytes"])
 
 
 __all__ = ["estimate_training_memory_bytes", "summary"]

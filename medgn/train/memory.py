@@ -208,20 +208,24 @@ def estimate_training_memory(
         grids: the training cases' shapes at the plan's spacing.
         device: the training device (its type chooses the precision ``train.amp`` resolves to).
     """
-    from medgn.models.registry import build_model
-    from medgn.models.summary import summary
+    from medgn.models.summary import estimate_training_memory_bytes
     from medgn.train.optim import resolve_amp
 
     dtype, _ = resolve_amp(cfg.train.amp, device)
     dtype = dtype or torch.float32
     patch = [int(p) for p in plan.patch_size]
     batch = int(cfg.train.batch_size)
-    with torch.device("meta"):  # shapes only: any patch size costs milliseconds and no memory
-        model = build_model(
-            cfg.model, plan.in_channels, plan.num_classes, plan.network.strides, plan.network.kernel_sizes
-        )
-    states = OPTIMIZER_STATES.get(cfg.train.optimizer, 2)
-    step = int(summary(model, (plan.in_channels, *patch), batch, dtype, True, states)["total_bytes"])
+    step = estimate_training_memory_bytes(  # on the meta device: any patch size costs milliseconds, no memory
+        cfg.model,
+        plan.in_channels,
+        plan.num_classes,
+        plan.network.strides,
+        plan.network.kernel_sizes,
+        patch,
+        batch,
+        dtype,
+        optimizer_states=OPTIMIZER_STATES.get(cfg.train.optimizer, 2),
+    )
     # The pipeline pads every case to the patch (SpatialPadd) before it is cached.
     per_voxel = (plan.in_channels + 1) * CASE_BYTES_PER_VOXEL_AND_CHANNEL
     padded = sorted(
