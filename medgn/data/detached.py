@@ -15,11 +15,13 @@ whose data file field could lie beyond the first :data:`MAX_HEADER_BYTES` is ref
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
 
 from medgn.errors import InputDataError
+from medgn.files import path_sha256
 
 __all__ = ["MAX_DATA_FILES", "detached_data_files", "meta_compressed_stream"]
 
@@ -214,3 +216,18 @@ def meta_compressed_stream(path: str | os.PathLike[str]) -> tuple[Path, int] | N
         return (path, found.end()) if found else None
     files = detached_data_files(path)
     return (files[0], 0) if len(files) == 1 else None
+
+
+def with_data_files_sha256(path: str | os.PathLike[str], digest: str) -> str:
+    """An input's sha256 (``digest``, of its own bytes) combined with its detached data files'.
+
+    For a ``.mhd``/``.nhdr`` header a changed ``.raw`` is then a changed input; any other input keeps
+    ``digest``. A data file outside the header's folder is refused (:func:`detached_data_files`).
+    """
+    data_files = detached_data_files(path) if Path(path).is_file() else []
+    if not data_files:
+        return digest
+    combined = hashlib.sha256(digest.encode())
+    for file in data_files:
+        combined.update(path_sha256(file).encode())
+    return combined.hexdigest()

@@ -17,7 +17,6 @@ last, so a done sidecar whose fingerprint matches proves the case is complete.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -31,7 +30,7 @@ import torch
 
 from medgn.data.preflight import MASK_SUFFIXES
 from medgn.errors import InputDataError, MedgnError, UsageError
-from medgn.files import atomic_path, atomic_write_bytes, atomic_write_json, json_sha256, path_sha256
+from medgn.files import atomic_path, atomic_write_bytes, atomic_write_json, json_sha256
 from medgn.infer.predictor import Predictor
 from medgn.infer.sliding_window import WindowSettings, predict_probabilities
 
@@ -358,26 +357,11 @@ def read_inputs(images: tuple[Path, ...]) -> tuple[list[Any], list[dict[str, str
     Raises:
         InputDataError: an input cannot be read (exit 3).
     """
+    from medgn.data.detached import with_data_files_sha256
     from medgn.data.io import input_bytes
 
     reads = [input_bytes(p) for p in images]
-    return reads, [{"path": os.fspath(p), "sha256": _with_data_files(p, r.sha256)} for p, r in zip(images, reads)]
-
-
-def _with_data_files(path: Path, digest: str) -> str:
-    """The input's sha256, combined with its detached data files' (``.mhd``/``.nhdr`` headers).
-
-    A changed ``.raw`` is then a changed input; a data file outside the header's folder is refused.
-    """
-    from medgn.data.detached import detached_data_files
-
-    data_files = detached_data_files(path) if Path(path).is_file() else []
-    if not data_files:
-        return digest
-    combined = hashlib.sha256(digest.encode())
-    for file in data_files:
-        combined.update(path_sha256(file).encode())
-    return combined.hexdigest()
+    return reads, [{"path": os.fspath(p), "sha256": with_data_files_sha256(p, r.sha256)} for p, r in zip(images, reads)]
 
 
 def outputs_exist(stem: Path, suffix: str) -> list[Path]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from medgn.data.datasets import Case, DatasetIndex
+from medgn.data.detached import detached_data_files, with_data_files_sha256
 from medgn.errors import InputDataError
 from medgn.files import json_sha256, path_sha256
 
@@ -64,13 +65,14 @@ def _relative(root: Path, path: Path) -> str:
 
 
 def _stat(path: Path) -> tuple[int, int]:
-    """(bytes, newest modification time in ns) of a file, or of a folder's files (a DICOM series)."""
+    """(bytes, newest modification time in ns) of a file with its detached data files (a ``.mhd``'s
+    ``.raw``), or of a folder's files (a DICOM series)."""
     if path.is_dir():
         files = [p for p in path.iterdir() if p.is_file()]
         stats = [p.stat() for p in files]
         return sum(s.st_size for s in stats), max([path.stat().st_mtime_ns, *(s.st_mtime_ns for s in stats)])
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
+    stats = [p.stat() for p in (path, *detached_data_files(path))]
+    return sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats)
 
 
 def _entry(root: Path, path: Path, known: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -85,7 +87,7 @@ def _entry(root: Path, path: Path, known: Mapping[str, Any] | None) -> dict[str,
             and known.get("mtime_ns") == mtime
             and isinstance(known.get("sha256"), str)
         )
-        sha = known["sha256"] if same else path_sha256(path)  # type: ignore[index]
+        sha = known["sha256"] if same else with_data_files_sha256(path, path_sha256(path))  # type: ignore[index]
     except OSError as exc:
         raise InputDataError(path, f"cannot read the file ({exc.strerror or exc})", expected="readable data") from None
     return {"path": relative, "size": size, "mtime_ns": mtime, "sha256": sha}

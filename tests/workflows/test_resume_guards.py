@@ -413,3 +413,21 @@ def test_a_fifo_as_checkpoint_is_named_not_opened(
     err = _one_error(capsys)
     assert words in err and "not found" not in err, err
     assert not out.exists()
+
+
+def test_a_changed_raw_file_of_a_metaimage_header_is_a_changed_case(tmp_path: Path) -> None:
+    """The .mhd header stays the same when its .raw data change: the record covers the data file."""
+    index = _index(tmp_path)
+    header = tmp_path / "img0.mhd"
+    header.write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_UCHAR\nElementDataFile = img0.raw\n"
+    )
+    raw = tmp_path / "img0.raw"
+    raw.write_bytes(bytes([3]) * 64)
+    index.cases[0] = Case("c0", (header,), index.cases[0].label)
+    record = data_record.record_dataset(index)
+    stat = header.stat()
+    raw.write_bytes(bytes([4]) * 64)  # same size, other voxels; the header untouched
+    os.utime(raw, ns=(raw.stat().st_atime_ns, stat.st_mtime_ns + 10**9))
+    _, changes = data_record.dataset_changes(record, index)
+    assert changes.changed == {"c0": ["img0.mhd"]}
