@@ -51,6 +51,7 @@ class CaseResult:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     stats: CaseStats | None = None
+    sha256: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -85,6 +86,11 @@ class VerifyReport:
         return [p for c in self.cases for p in c.problems] + self.dataset_problems
 
     @property
+    def sha256(self) -> dict[str, str]:
+        """sha256 of each file's own bytes by its path as the dataset lists it, when taken (``digests``)."""
+        return {path: digest for c in self.cases for path, digest in c.sha256.items()}
+
+    @property
     def stats(self) -> list[CaseStats] | None:
         """Fingerprint statistics of the training cases, when taken and every case passed."""
         train_ids = {c.case_id for c in self.index.cases}
@@ -92,15 +98,20 @@ class VerifyReport:
         return None if not self.ok or any(s is None for s in stats) else stats  # type: ignore[return-value]
 
 
-def _read(path: Path, limits: Limits, result: CaseResult, **kwargs: object) -> Volume | None:
+def _read(path: Path, limits: Limits, result: CaseResult, digest: bool, **kwargs: object) -> Volume | None:
     try:
-        return read_volume(path, limits, **kwargs)  # type: ignore[arg-type]
+        vol = read_volume(path, limits, digest=digest, **kwargs)  # type: ignore[arg-type]
     except MedgnError as exc:
         result.problems.append(exc.one_line())
         return None
+    if vol.sha256 is not None:
+        result.sha256[str(path)] = vol.sha256
+    return vol
 
 
-def _channels(case: Case, expected: int, limits: Limits, result: CaseResult) -> list[tuple[int, Path, Volume]]:
+def _channels(
+    case: Case, expected: int, limits: Limits, result: CaseResult, digest: bool
+) -> list[tuple[int, Path, Volume]]:
     """(channel, file, volume) of every readable channel: one file each, or one 4D MSD file."""
     if len(case.images) == 1 and expected > 1:
         try:
@@ -108,7 +119,7 @@ def _channels(case: Case, expected: int, limits: Limits, result: CaseResult) -> 
         except MedgnError as exc:
             result.problems.append(exc.one_line())
             return []
-    read = [(c, p, _read(p, limits, result)) for c, p in enumerate(case.images)]
+    read = [(c, p, _read(p, limits, result, digest)) for c, p in enumerate(case.images)]
     return [(c, p, v) for c, p, v in read if v is not None]
 
 
@@ -119,14 +130,16 @@ def verify_case(
     target_spacing: Sequence[float] | None = None,
     *,
     rng: np.random.Generator | None = None,
+    digests: bool = False,
 ) -> CaseResult:
-    """Check one case; see :func:`verify_dataset`. With ``rng``, also take its fingerprint statistics."""
+    """Check one case; see :func:`verify_dataset`. With ``rng``, also take its fingerprint statistics;
+    with ``digests``, each file's sha256 from the bytes the check reads."""
     result = CaseResult(case.case_id)
     label_values = sorted(index.labels.values()) if index.labels else None
     first: Volume | None = None
     kept: list[Volume] = []  # the channels, held only when statistics are taken
     names = index.channel_names
-    for channel, path, vol in _channels(case, len(names), limits, result):
+    for channel, path, vol in _channels(case, len(names), limits, result, digests):
         if float(vol.array.min()) == float(vol.array.max()):
             # Normalisation guards std == 0, so a constant channel is safe but worth a look.
             which = f"channel {channel} ({names[channel]}) is a " if len(names) > 1 else ""
@@ -150,7 +163,7 @@ def verify_case(
         del vol
     label = None
     if case.label is not None:
-        label = _read(case.label, limits, result, label=True, label_values=label_values)
+        label = _read(case.label, limits, result, digests, label=True, label_values=label_values)
         if label is not None:
             result.labels_found = np.unique(label.array).tolist()
             if first is not None:
@@ -201,6 +214,7 @@ def verify_dataset(
     include_test: bool = False,
     target_spacing: Sequence[float] | None = None,
     stats_seed: int | None = None,
+    digests: bool = False,
     warn: Callable[[str], None] | None = _warn,
 ) -> VerifyReport:
     """Check every case of a dataset and collect all problems.
@@ -214,6 +228,8 @@ def verify_dataset(
             (``limits.max_resampled_voxels``); None (no plan) checks the headers' limits only.
         stats_seed: when given, also take each training case's fingerprint statistics with this
             sampling seed (``report.stats``; the same numbers as ``compute_fingerprint(seed=...)``).
+        digests: also record each file's sha256 (``report.sha256``), hashed from the bytes the
+            check reads (a NIfTI file is read once for both; a 4D MSD image is not hashed here).
         warn: called with each of ``report.warnings`` (default: printed on stderr and logged, so
             ``medgn train`` shows them); None only records them in the report.
 
@@ -230,7 +246,7 @@ def verify_dataset(
         (case, None) for case in (index.test_cases if include_test else [])
     ]
     for case, case_rng in cases:
-        result = verify_case(case, index, limits, target_spacing, rng=case_rng)
+        result = verify_case(case, index, limits, target_spacing, rng=case_rng, digests=digests)
         results.append(result)
         if progress is not None:
             progress(result)

@@ -75,8 +75,9 @@ def _stat(path: Path) -> tuple[int, int]:
     return sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats)
 
 
-def _entry(root: Path, path: Path, known: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A file's record; the sha256 of ``known`` is reused when path, size and mtime are unchanged."""
+def _entry(root: Path, path: Path, known: Mapping[str, Any] | None, read: str | None) -> dict[str, Any]:
+    """A file's record; the sha256 of ``known`` is reused when path, size and mtime are unchanged,
+    ``read`` (the sha256 of the file's own bytes, taken as they were read) when given."""
     relative = _relative(root, path)
     try:
         size, mtime = _stat(path)
@@ -87,7 +88,10 @@ def _entry(root: Path, path: Path, known: Mapping[str, Any] | None) -> dict[str,
             and known.get("mtime_ns") == mtime
             and isinstance(known.get("sha256"), str)
         )
-        sha = known["sha256"] if same else with_data_files_sha256(path, path_sha256(path))  # type: ignore[index]
+        if same:
+            sha = known["sha256"]  # type: ignore[index]
+        else:
+            sha = with_data_files_sha256(path, read if read is not None else path_sha256(path))
     except OSError as exc:
         raise InputDataError(path, f"cannot read the file ({exc.strerror or exc})", expected="readable data") from None
     return {"path": relative, "size": size, "mtime_ns": mtime, "sha256": sha}
@@ -100,12 +104,16 @@ def _digest(cases: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
     )
 
 
-def record_dataset(index: DatasetIndex, known: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def record_dataset(
+    index: DatasetIndex, known: Mapping[str, Any] | None = None, read: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """The record of every labelled case's files (JSON-able; goes into checkpoints).
 
     Args:
         index: the dataset.
         known: an earlier record: a file unchanged by the quick check keeps its sha256 unread.
+        read: sha256 of files' own bytes by their paths as the dataset lists them, from a pass that
+            already read them (verification's ``report.sha256``): those files are not read again.
 
     Raises:
         InputDataError: a file that cannot be read (exit 3), named.
@@ -115,7 +123,9 @@ def record_dataset(index: DatasetIndex, known: Mapping[str, Any] | None = None) 
     for case in index.cases:
         old = old_cases.get(case.case_id) if isinstance(old_cases, Mapping) else None
         cases[case.case_id] = {
-            slot: _entry(index.root, path, old.get(slot) if isinstance(old, Mapping) else None)
+            slot: _entry(
+                index.root, path, old.get(slot) if isinstance(old, Mapping) else None, (read or {}).get(str(path))
+            )
             for slot, path in _slots(case)
         }
     return {"version": RECORD_VERSION, "sha256": _digest(cases), "cases": cases}

@@ -30,9 +30,11 @@ __all__ = ["FINGERPRINT_SEED", "check_resumed_plan", "dataset_plan", "fold_cases
 FINGERPRINT_SEED = 0  # the intensity sampling of a plan made by training (as `medgn plan`'s default)
 
 
-def verify_cases(index: Any, data: Path, cfg: RunConfig, fingerprint: bool) -> Any:
-    """Check every case (all problems logged); with ``fingerprint`` also take the statistics."""
-    report = verify_dataset(index, cfg.data.limits, stats_seed=FINGERPRINT_SEED if fingerprint else None)
+def verify_cases(index: Any, data: Path, cfg: RunConfig, fingerprint: bool, digests: bool = False) -> Any:
+    """Check every case (all problems logged); with ``fingerprint`` also take the statistics, with
+    ``digests`` each file's sha256 (for the run's dataset record, without reading the files again)."""
+    seed = FINGERPRINT_SEED if fingerprint else None
+    report = verify_dataset(index, cfg.data.limits, stats_seed=seed, digests=digests)
     if not report.ok:
         for problem in report.problems:
             log.error("verify: %s", problem)

@@ -186,13 +186,13 @@ def train_on_dataset(
             needs_plan = given is None and not (resume and (out_dir / DATASET_PLAN).exists())
             keep = True  # a dataset that fails verification keeps the log listing every problem
             report = (
-                verify_cases(index, data, cfg, fingerprint=needs_plan)
+                verify_cases(index, data, cfg, fingerprint=needs_plan, digests=data_record is None)
                 if (verify if verify is not None else not resume)
                 else None
             )
             keep = False
             if data_record is None:  # what a resume of this run will compare its data with
-                data_record = record_dataset(index)
+                data_record = record_dataset(index, read=report.sha256 if report is not None else None)
             base_plan = dataset_plan(index, cfg, out_dir, given, True, report, reuse=resume)
             fold_cases(index, cfg, out_dir, fold, given)
         ddp.barrier()

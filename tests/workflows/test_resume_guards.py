@@ -20,7 +20,8 @@ from torch import nn
 
 from medgn.checkpoint import load_checkpoint, read_pointer, save_checkpoint
 from medgn.cli import main
-from medgn.data.datasets import Case, DatasetIndex
+from medgn.data.datasets import Case, DatasetIndex, load_dataset
+from medgn.data.verify import verify_dataset
 from medgn.errors import ModelError
 from medgn.train.config import TrainConfig
 from medgn.train.trainer import Trainer
@@ -431,3 +432,23 @@ def test_a_changed_raw_file_of_a_metaimage_header_is_a_changed_case(tmp_path: Pa
     os.utime(raw, ns=(raw.stat().st_atime_ns, stat.st_mtime_ns + 10**9))
     _, changes = data_record.dataset_changes(record, index)
     assert changes.changed == {"c0": ["img0.mhd"]}
+
+
+def test_the_record_takes_the_sha256_verification_read_without_reading_again(
+    dataset: Path, trained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new run hashes each file from the bytes verification reads; the record is the same."""
+    index = load_dataset(dataset)
+    fresh = data_record.record_dataset(index)
+    assert load_checkpoint(trained / "checkpoints" / "latest.json")["run"]["data"]["sha256"] == fresh["sha256"]
+    report = verify_dataset(index, digests=True)
+    assert len(report.sha256) == 2 * len(index.cases)  # each case's image and label
+    calls: list[Path] = []
+    monkeypatch.setattr(data_record, "path_sha256", lambda p: calls.append(Path(p)) or "never")
+    assert data_record.record_dataset(index, read=report.sha256) == fresh
+    assert calls == []
+    # Without a digest for a file (a 4D MSD image is not hashed by verification), it is read.
+    partial = {k: v for k, v in report.sha256.items() if not k.endswith(os.path.join("labelsTr", "c1.nii.gz"))}
+    data_record.record_dataset(index, read=partial)
+    assert calls == [dataset / "labelsTr" / "c1.nii.gz"]
+    assert verify_dataset(index).sha256 == {}  # only taken when asked
