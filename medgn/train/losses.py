@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medgn.train.config import TrainConfig
+
 # nnU-Net's soft-Dice smoothing: keeps empty classes finite without biasing large ones.
 DICE_SMOOTH = 1e-5
 
@@ -148,3 +150,11 @@ class DeepSupervisionLoss(nn.Module):
             # A zero weight still runs the head so every parameter gets a gradient (DDP needs that).
             total = total + weight * self.loss(head, downsample_label(label, head.shape[2:]))
         return total
+
+
+def default_loss(cfg: TrainConfig) -> nn.Module:
+    """Dice + CE over deep-supervision heads, configured from ``cfg``."""
+    head = DiceCELoss(
+        cfg.dice_weight, cfg.ce_weight, batch_dice=cfg.batch_dice, include_background=cfg.dice_include_background
+    )
+    return DeepSupervisionLoss(head, drop_lowest=cfg.ds_drop_lowest)

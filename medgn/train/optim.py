@@ -105,3 +105,16 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bo
             "train.amp", "fp16 mixed precision needs a CUDA device", got=mode, expected="bf16, auto or off on the CPU"
         )
     return torch.float16, True
+
+
+def check_optimizer_groups(optimizer: torch.optim.Optimizer, wanted: list[set[str]]) -> None:
+    """Refuse a loaded optimiser state that lacks settings ``optimizer`` steps with (``wanted``,
+    its groups' keys before loading): the state of another optimiser, which torch loads and
+    then fails on at the next step (SGD without ``momentum``)."""
+    for own, group in zip(wanted, optimizer.param_groups):
+        missing = sorted(own - set(group))
+        if missing:
+            raise ValueError(
+                f"the optimiser state lacks {', '.join(missing)}: it was written by another optimiser "
+                f"than this run's {type(optimizer).__name__}"
+            )

@@ -30,11 +30,13 @@ from medgn.errors import InputDataError, ModelError
 from medgn.logs import get_logger
 from medgn.train import distributed as ddp
 from medgn.train.config import TrainConfig
-from medgn.train.losses import DeepSupervisionLoss, DiceCELoss
-from medgn.train.optim import build_optimizer, build_scheduler, resolve_amp, schedule_progress
+from medgn.train.losses import default_loss
+from medgn.train.optim import build_optimizer, build_scheduler, check_optimizer_groups, resolve_amp, schedule_progress
 from medgn.train.rng import capture_rng, restore_rng, seed_everything
 from medgn.train.sampler import BatchSource
 from medgn.train.state import NonFiniteLossError, StepResult, TrainState
+
+__all__ = ["HookBase", "Trainer", "default_loss"]  # default_loss: its old home
 
 log = get_logger(__name__)
 
@@ -66,14 +68,6 @@ class HookBase:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output."""
-
-
-def default_loss(cfg: TrainConfig) -> nn.Module:
-    """Dice + CE over deep-supervision heads, configured from ``cfg``."""
-    head = DiceCELoss(
-        cfg.dice_weight, cfg.ce_weight, batch_dice=cfg.batch_dice, include_background=cfg.dice_include_background
-    )
-    return DeepSupervisionLoss(head, drop_lowest=cfg.ds_drop_lowest)
 
 
 class Trainer:
@@ -402,7 +396,7 @@ class Trainer:
         self.module.load_state_dict(state["model"])
         wanted = [set(group) for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        self._check_optimizer_groups(wanted)
+        check_optimizer_groups(self.optimizer, wanted)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -424,18 +418,6 @@ class Trainer:
             if hook.name in hook_states:
                 hook.load_state_dict(hook_states[hook.name])
         self.epoch_records = list(state.get("epoch_records", []))
-
-    def _check_optimizer_groups(self, wanted: list[set[str]]) -> None:
-        """Refuse a loaded optimiser state that lacks settings this optimiser steps with (``wanted``,
-        its groups' keys before loading): the state of another optimiser, which torch loads and
-        then fails on at the next step (SGD without ``momentum``)."""
-        for own, group in zip(wanted, self.optimizer.param_groups):
-            missing = sorted(own - set(group))
-            if missing:
-                raise ValueError(
-                    f"the optimiser state lacks {', '.join(missing)}: it was written by another optimiser "
-                    f"than this run's {type(self.optimizer).__name__}"
-                )
 
     def resume(self, path: str | Path, state: dict[str, Any] | None = None) -> dict[str, Any]:
         """Continue from a checkpoint (file, pointer or run folder); returns it.
