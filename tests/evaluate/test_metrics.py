@@ -182,3 +182,25 @@ def test_bad_arguments_are_refused() -> None:
         binary_metrics(a, a, (1, 0, 1))
     with pytest.raises(ValueError, match="tolerance"):
         binary_metrics(a, a, (1, 1, 1), nsd_tolerance_mm=-1)
+
+
+@pytest.mark.parametrize("spacing", [0.3, 0.6, 0.8, float(np.float32(0.6))])
+@pytest.mark.parametrize("shift", [1, 2])
+def test_a_distance_equal_to_the_tolerance_is_within_it(spacing: float, shift: int) -> None:
+    """A shift of ``shift`` voxels at a tolerance of exactly that many mm: every surface point is within it.
+
+    Float32 distances compared with a float64 tolerance put 0.6 (0.60000002 in float32) outside a
+    0.6 mm tolerance; MONAI compares both in float32. The spacing of a NIfTI header is float32 itself.
+    """
+    from monai.metrics import compute_surface_dice
+
+    ref = np.zeros((30, 30, 16), dtype=bool)
+    ref[6:18, 6:18, 4:10] = True
+    pred = np.roll(ref, shift, axis=0)
+    tolerance = round(shift * spacing, 10) if spacing in (0.3, 0.6, 0.8) else shift * 0.6
+    m = binary_metrics(pred, ref, [spacing] * 3, nsd_tolerance_mm=tolerance)
+    assert m.nsd == 1.0
+    p, r = torch.from_numpy(pred)[None, None], torch.from_numpy(ref)[None, None]
+    assert compute_surface_dice(p, r, [tolerance], True, spacing=[spacing] * 3).item() == 1.0
+    # Just below the distance, the shifted faces fall outside.
+    assert binary_metrics(pred, ref, [spacing] * 3, nsd_tolerance_mm=tolerance * 0.999).nsd < 1.0
