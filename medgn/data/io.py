@@ -49,8 +49,10 @@ __all__ = [
 ]
 
 # Written geometry must equal the reference within this many mm (and unitless for direction
-# cosines): far below any voxel size, far above float32 header rounding of identical values.
+# cosines), plus GEOMETRY_REL_TOL of the values' size: far below any voxel size, above the float32
+# rounding of a NIfTI header (7 significant digits: an origin of -1123.4 mm is stored 2.4e-5 mm off).
 GEOMETRY_TOL = 1e-5
+GEOMETRY_REL_TOL = 1e-6
 
 
 @dataclass
@@ -100,7 +102,8 @@ def geometry_diff(a: _Geometry, b: _Geometry, tol: float = GEOMETRY_TOL) -> list
         tol: largest allowed difference (mm for spacing/origin, unitless for direction cosines).
 
     Returns:
-        One readable line per differing property with both values; empty when they match.
+        One readable line per differing property with both values and the largest difference;
+        empty when they match (within ``tol`` plus :data:`GEOMETRY_REL_TOL` of the values' size).
     """
     diffs = []
     shape_a, shape_b = tuple(a.shape)[:3], tuple(b.shape)[:3]
@@ -108,18 +111,20 @@ def geometry_diff(a: _Geometry, b: _Geometry, tol: float = GEOMETRY_TOL) -> list
         diffs.append(f"shape {shape_a} vs {shape_b}")
     aff_a, aff_b = np.asarray(a.affine, dtype=np.float64), np.asarray(b.affine, dtype=np.float64)
     sp_a, sp_b = np.linalg.norm(aff_a[:3, :3], axis=0), np.linalg.norm(aff_b[:3, :3], axis=0)
-    if np.max(np.abs(sp_a - sp_b)) > tol:
-        diffs.append(f"spacing {_fmt(sp_a)} vs {_fmt(sp_b)}")
-    if np.max(np.abs(aff_a[:3, 3] - aff_b[:3, 3])) > tol:
-        diffs.append(f"origin {_fmt(aff_a[:3, 3])} vs {_fmt(aff_b[:3, 3])}")
     dir_a, dir_b = aff_a[:3, :3] / sp_a, aff_b[:3, :3] / sp_b
-    if np.max(np.abs(dir_a - dir_b)) > tol:
-        diffs.append(f"direction {_fmt(dir_a.ravel())} vs {_fmt(dir_b.ravel())}")
+    for name, va, vb, unit in (
+        ("spacing", sp_a, sp_b, " mm"),
+        ("origin", aff_a[:3, 3], aff_b[:3, 3], " mm"),
+        ("direction", dir_a.ravel(), dir_b.ravel(), ""),
+    ):
+        off = np.abs(va - vb)
+        if np.any(off > tol + GEOMETRY_REL_TOL * np.maximum(np.abs(va), np.abs(vb))):
+            diffs.append(f"{name} {_fmt(va)} vs {_fmt(vb)} (off by up to {float(off.max()):.3g}{unit})")
     return diffs
 
 
 def _fmt(values: Iterable[float]) -> str:
-    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+    return "(" + ", ".join(f"{v + 0.0:.6g}" for v in values) + ")"  # + 0.0: -0 printed as 0
 
 
 def _read_pixels(info: HeaderInfo, raw: bytes | None = None) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -294,3 +295,26 @@ def test_a_decoder_repeating_itself_is_quoted_once() -> None:
     native = ["Stream too short"] * 70 + ["", "Not a JPEG file"]
     assert itk_reason(RuntimeError("x"), native) == "Stream too short Not a JPEG file (and 69 repeated lines)"
     assert itk_reason(RuntimeError("ITK ERROR: ImageIO(0x1): bad file"), []) == "bad file"
+
+
+def test_a_nifti_mask_of_an_nrrd_scan_far_from_the_origin_is_written(tmp_path: Path, blob: np.ndarray) -> None:
+    """NIfTI keeps its affine in float32: a CT table position of -1123.4 mm comes back 2.4e-5 mm off.
+
+    The written-geometry check refused that mask (and evaluate an NRRD reference against its NIfTI
+    prediction) with two origins printed alike; a real difference is still named, with its size.
+    """
+    affine = np.array([[-0.7, 0, 0, 180.3], [0, -0.7, 0, 200.7], [0, 0, 2.5, -1123.4], [0, 0, 0, 1.0]])
+    src = make_nifti(tmp_path / "src.nii.gz", blob, affine)
+    ref = write_volume(blob, read_volume(src), tmp_path / "ref.nrrd")  # the exact double values
+    ref_vol = read_volume(ref)
+    ref_vol.affine[:] = affine  # as a DICOM series or an NRRD header gives them
+    out = write_mask((blob > 30).astype(np.uint8), ref_vol, tmp_path / "mask.nii.gz")
+    back = read_volume(out, label=True)
+    assert 1e-5 < abs(back.affine[2, 3] - affine[2, 3]) < 1e-4  # float32's rounding, within tolerance
+    assert geometry_diff(ref_vol, back) == []
+    moved = back.affine.copy()
+    moved[2, 3] += 0.01
+    (diff,) = geometry_diff(ref_vol, SimpleNamespace(shape=back.shape, affine=moved))
+    assert diff.startswith("origin (180.3, 200.7, -1123.4) vs (180.3, 200.7, -1123.39) (off by up to 0.00998 mm)")
+    flipped = np.diag([-1.0, 1.0, 1.0, 1.0]) @ affine
+    assert "-0," not in " ".join(geometry_diff(SimpleNamespace(shape=blob.shape, affine=flipped), ref_vol))

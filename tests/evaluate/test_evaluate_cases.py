@@ -201,3 +201,19 @@ def test_a_failed_case_keeps_its_failure_rows_under_an_absent_label(folders: tup
     assert result.summary["per_class"]["1"]["dice"]["mean"] == pytest.approx((1.0 + 0.0 + 0.75) / 3)
     assert result.summary["per_class"]["7"]["dice"]["n"] == 0
     assert result.summary["overall"]["dice"]["n"] == 3
+
+
+def test_a_nifti_prediction_of_an_nrrd_reference_far_from_the_origin_is_scored(tmp_path: Path) -> None:
+    """The same grid as NRRD (double) and NIfTI (float32 affine): -1123.4 mm is stored 2.4e-5 mm off."""
+    import SimpleITK as sitk
+
+    mask = np.zeros((12, 32, 32), np.uint8)
+    mask[3:8, 8:20, 8:20] = 1
+    img = sitk.GetImageFromArray(mask)
+    img.SetSpacing((0.7, 0.7, 2.5))
+    img.SetOrigin((-180.0, -200.0, -1123.4))
+    sitk.WriteImage(img, str(tmp_path / "c1.nrrd"))
+    sitk.WriteImage(img, str(tmp_path / "c1.nii.gz"))
+    result = evaluate(tmp_path / "c1.nii.gz", tmp_path / "c1.nrrd")
+    assert result.exit_code == 0 and not result.failures
+    assert [row.metrics.dice for row in result.rows] == [1.0]
