@@ -2,9 +2,10 @@
 
 This module owns :func:`itk_reader` (an ITK reader with the header read, ITK's console notices
 caught) and :func:`itk_info` (data type, size limits, a compressed MetaImage stream checked to its
-end, a NRRD's orientation required, spacing and affine checked). ITK invents an identity
-orientation for a NRRD without ``space`` and reads a short compressed stream as zeros; both are
-refused here, naming the file.
+end, a NRRD's anatomical orientation required, spacing and affine checked). ITK invents an
+identity orientation for a NRRD without ``space``, takes the axes of a non-anatomical space
+(``scanner-xyz``, ``3D-right-handed``) as patient axes and reads a short compressed stream as zeros;
+all are refused here, naming the file.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def itk_reader(path: Path) -> Any:
         raise InputDataError(path, "cannot read the image header", got=itk_reason(exc, native)) from None
     return reader
 
+
+# The NRRD spaces with anatomical axes, as ITK reports them (it names RAS and LPS files alike by
+# the LPS directions it converts them to).
+ANATOMICAL_SPACES = frozenset({"left-posterior-superior", "right-anterior-superior", "left-anterior-superior"})
 
 _ITK_DTYPES = {
     "8-bit unsigned integer": np.uint8,
@@ -78,6 +83,16 @@ def itk_info(path: Path, reader: Any, fmt: str, limits: Limits) -> HeaderInfo:
             "no orientation in header",
             got="no 'space' field",
             expected="a NRRD with 'space' and 'space directions'",
+        )
+    space = reader.GetMetaData("NRRD_space") if fmt == "nrrd" else None
+    if space is not None and space not in ANATOMICAL_SPACES:
+        # scanner-xyz and 3D-right/left-handed axes have no patient orientation; ITK takes them as LPS.
+        raise InputDataError(
+            path,
+            "no patient orientation in header",
+            got=f"space: {space}",
+            expected="a NRRD in an anatomical space (right-anterior-superior, left-anterior-superior or "
+            "left-posterior-superior)",
         )
     ndim = len(size)
     spacing = np.asarray(reader.GetSpacing(), dtype=np.float64)[:3]

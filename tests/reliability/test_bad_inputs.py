@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from medgn.data.io import read_header
 from medgn.errors import UsageError
 from tests.reliability.conftest import (
     AFFINE,
@@ -83,6 +84,7 @@ def _restream(path: Path, damage: str) -> Path:
 
 
 # (file name, builder(folder, name) -> path, exit code, words the error line must contain)
+UNIT_DIRECTIONS = "space directions: (1,0,0) (0,1,0) (0,0,1)\n"
 BAD_IMAGES: list[tuple[str, Callable[[Path, str], Path], int, list[str]]] = [
     ("empty.nii.gz", lambda f, n: _bytes(f, n, b""), 3, ["empty"]),
     ("random.nii.gz", lambda f, n: _bytes(f, n, np.random.default_rng(0).bytes(3000)), 3, ["gzip"]),
@@ -120,6 +122,20 @@ BAD_IMAGES: list[tuple[str, Callable[[Path, str], Path], int, list[str]]] = [
     ("huge_nrrd.nrrd", lambda f, n: raw_nrrd(f / n, (30000, 30000, 30000)), 5, ["above the limit"]),
     ("huge_mha.mha", lambda f, n: raw_mha(f / n, (4000, 4000, 4000)), 5, ["too many voxels"]),
     ("no_space.nrrd", lambda f, n: raw_nrrd(f / n, (4, 4, 4), fields=""), 3, ["no orientation", "'space' field"]),
+    (
+        "scanner_space.nrrd",
+        lambda f, n: raw_nrrd(
+            f / n, (4, 4, 4), fields="space: scanner-xyz\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n"
+        ),
+        3,
+        ["no patient orientation", "space: scanner-xyz", "anatomical space"],
+    ),
+    (
+        "handed_space.nrrd",
+        lambda f, n: raw_nrrd(f / n, (4, 4, 4), fields="space: 3D-right-handed\n" + UNIT_DIRECTIONS),
+        3,
+        ["no patient orientation", "space: 3D-right-handed"],
+    ),
     (
         "flat_nrrd.nrrd",
         lambda f, n: raw_nrrd(
@@ -772,3 +788,17 @@ def test_thread_counts_out_of_range_are_usage_errors(
     result = cli([*argv, "--threads", threads, "--no-progress"], capsys)
     assert_clean_failure(result, 2, ["--threads"], ["value out of range", "1 <= threads <= 1024"])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("space", "diagonal"),
+    [("RAS", (1, 1, 1)), ("right-anterior-superior", (1, 1, 1)), ("LAS", (-1, 1, 1)), ("LPS", (-1, -1, 1))],
+)
+def test_nrrd_anatomical_spaces_are_read_in_their_orientation(
+    tmp_path: Path, space: str, diagonal: tuple[int, int, int]
+) -> None:
+    """The anatomical spaces pass the check that refuses scanner-xyz and 3D-right-handed, each oriented."""
+    path = raw_nrrd(
+        tmp_path / "v.nrrd", (4, 4, 4), fields=f"space: {space}\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n"
+    )
+    np.testing.assert_allclose(read_header(path).affine[:3, :3], np.diag(diagonal), atol=1e-12)
