@@ -147,6 +147,7 @@ def read_seg_on_grid(
     affine: np.ndarray,
     *,
     expected_sources: Sequence[Any] | None = None,
+    segments: dict[int, np.ndarray] | None = None,
 ) -> np.ndarray:
     """A binary DICOM-SEG's segments as an (X, Y, Z) int32 label map on a reference voxel grid.
 
@@ -161,6 +162,9 @@ def read_seg_on_grid(
         affine: its 4x4 voxel -> RAS affine.
         expected_sources: when given, each frame's referenced SOP instance must be the source
             dataset of the slice it lands on (the writer's own check).
+        segments: when given, filled with each declared segment's voxels whatever overlaps them
+            (label value -> sorted flat indices into the grid), which the label map cannot hold
+            where segments overlap.
 
     Raises:
         InputDataError: not a readable binary SEG; no segments declared, or a frame referring to
@@ -190,6 +194,7 @@ def read_seg_on_grid(
     inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))
     out = np.zeros(tuple(int(s) for s in shape), dtype=np.int32)
     rr, cc = np.meshgrid(np.arange(pixels.shape[1]), np.arange(pixels.shape[2]), indexing="ij")
+    voxels: dict[int, list[np.ndarray]] = {value: [] for value in values.values()}
     for i in range(pixels.shape[0]):
         ipp, row_step, col_step, segment, ref_uid = _frame_geometry(path, per_frame[i], shared, i)
         if segment not in values:
@@ -222,8 +227,14 @@ def read_seg_on_grid(
                     expected=str(expected_sources[k].SOPInstanceUID),
                 )
         on = pixels[i] > 0
-        target = out[idx[..., 0][on], idx[..., 1][on], idx[..., 2][on]]
-        out[idx[..., 0][on], idx[..., 1][on], idx[..., 2][on]] = np.maximum(target, values[segment])
+        where = (idx[..., 0][on], idx[..., 1][on], idx[..., 2][on])
+        out[where] = np.maximum(out[where], values[segment])
+        if segments is not None:
+            voxels[values[segment]].append(np.ravel_multi_index(where, out.shape))
+    if segments is not None:
+        segments.update(
+            {v: np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64) for v, parts in voxels.items()}
+        )
     return out
 
 

@@ -187,15 +187,42 @@ def _surface_metrics(
     return hd95, assd, nsd
 
 
-def structure_mask(array: np.ndarray, labels: int | Iterable[int]) -> np.ndarray:
+@dataclass(frozen=True)
+class Segments:
+    """Binary segments that may overlap (a DICOM-SEG's), as a label map cannot hold them.
+
+    Attributes:
+        shape: the grid's shape.
+        voxels: label value -> flat indices of the segment's voxels in that grid.
+    """
+
+    shape: tuple[int, ...]
+    voxels: Mapping[int, np.ndarray]
+
+    def mask(self, labels: Iterable[int]) -> np.ndarray:
+        """Boolean mask of the union of the segments of ``labels`` (absent ones are empty)."""
+        out = np.zeros(int(np.prod(self.shape)), dtype=bool)
+        for label in labels:
+            if int(label) in self.voxels:
+                out[self.voxels[int(label)]] = True
+        return out.reshape(self.shape)
+
+    def present(self) -> list[int]:
+        """The label values of the segments that hold voxels."""
+        return sorted(v for v, idx in self.voxels.items() if idx.size)
+
+
+def structure_mask(array: np.ndarray | Segments, labels: int | Iterable[int]) -> np.ndarray:
     """Boolean mask of one label, or of the union of several labels (a hierarchical region)."""
+    if isinstance(array, Segments):
+        return array.mask([labels] if isinstance(labels, (int, np.integer)) else labels)
     if isinstance(labels, (int, np.integer)):
         return array == labels
     return np.isin(array, np.asarray(list(labels)))
 
 
 def case_metrics(
-    pred: np.ndarray,
+    pred: np.ndarray | Segments,
     ref: np.ndarray,
     spacing: Sequence[float],
     labels: Sequence[int],
@@ -205,7 +232,7 @@ def case_metrics(
     """Metrics of every label and region of one case, keyed by ``str(label)`` or region name.
 
     Args:
-        pred: predicted label map (integers).
+        pred: predicted label map (integers), or segments that may overlap (each scored whole).
         ref: reference label map of the same shape.
         spacing: voxel size in mm along each array axis.
         labels: the foreground labels to evaluate, each on its own.

@@ -42,8 +42,14 @@ def read_prediction(pred_path: Path, ref: Any) -> Any:
 
     if pred_path.name.lower().endswith(".seg.dcm"):
         from medgn.data.seg_read import read_seg_on_grid
+        from medgn.evaluate.metrics import Segments
 
-        return Volume(read_seg_on_grid(pred_path, ref.shape, ref.affine), ref.affine, pred_path, "dicom-seg")
+        voxels: dict[int, np.ndarray] = {}
+        labels = read_seg_on_grid(pred_path, ref.shape, ref.affine, segments=voxels)
+        meta: dict[str, Any] = {}
+        if sum(idx.size for idx in voxels.values()) > np.count_nonzero(labels):  # segments overlap
+            meta["segments"] = Segments(tuple(labels.shape), voxels)
+        return Volume(labels, ref.affine, pred_path, "dicom-seg", meta)
     mismatch = _geometry_mismatch(pred_path, ref.path)
     if mismatch:
         raise InputDataError(pred_path, mismatch, expected="the reference's shape, spacing, origin and direction")

@@ -16,7 +16,10 @@ from medgn.errors import EXIT_INPUT, EXIT_OK, InputDataError, UsageError
 from medgn.evaluate.metrics import METRIC_NAMES, ClassMetrics
 from medgn.files import path_problem
 
-CASE_SUFFIXES: tuple[str, ...] = (".seg.dcm", *MASK_SUFFIXES)  # a DICOM-SEG prediction too
+# Every label file the readers take (a header with its detached data file too), and a DICOM-SEG
+# prediction; a reference must be a label volume (a DICOM-SEG has no grid of its own to score on).
+REFERENCE_SUFFIXES: tuple[str, ...] = (*MASK_SUFFIXES, ".nhdr", ".mhd")
+CASE_SUFFIXES: tuple[str, ...] = (".seg.dcm", *REFERENCE_SUFFIXES)
 
 
 @dataclass(frozen=True)

@@ -29,14 +29,22 @@ from medgn.evaluate.metrics import (
     FLAG_FAILED,
     FLAG_MISSING,
     ClassMetrics,
+    Segments,
     absent_metrics,
     case_metrics,
     failed_metrics,
 )
 from medgn.evaluate.predictions import read_prediction
-from medgn.evaluate.results import CASE_SUFFIXES, EvaluationResult, MetricRow, case_id, list_cases  # noqa: F401
+from medgn.evaluate.results import (  # noqa: F401
+    CASE_SUFFIXES,
+    REFERENCE_SUFFIXES,
+    EvaluationResult,
+    MetricRow,
+    case_id,
+    list_cases,
+)
 from medgn.files import RunLock, clean_stale_temps, is_inside, make_output_dir, path_problem
-from medgn.logs import get_logger
+from medgn.logs import get_logger, warn_user
 
 OUTPUT_FILES: tuple[str, ...] = ("metrics.csv", "summary.json", "report.md", "boxplot.png")
 
@@ -134,14 +142,22 @@ def _evaluate_case(
 
     _check_readable(ref_path, "reference")
     _check_readable(pred_path, "prediction")
+    if ref_path.name.lower().endswith(".seg.dcm"):
+        raise InputDataError(
+            ref_path,
+            "a DICOM-SEG cannot be a reference: it has no voxel grid of its own to score on",
+            expected=f"the reference as a label volume ({', '.join(REFERENCE_SUFFIXES)})",
+        )
     ref = read_volume(ref_path, label=True)
     _check_not_negative(ref.array, ref_path)
     pred = read_prediction(pred_path, ref)
     _check_not_negative(pred.array, pred_path)
+    scored = pred.meta.get("segments", pred.array)  # overlapping DICOM-SEG segments: each whole
+    found = scored.present() if isinstance(scored, Segments) else np.unique(pred.array)
     present = labels
     if present is None:  # every foreground value found in either map
-        present = tuple(int(v) for v in np.union1d(np.unique(pred.array), np.unique(ref.array)) if v > 0)
-    return case_metrics(pred.array, ref.array, ref.spacing, present, regions, tol)
+        present = tuple(int(v) for v in np.union1d(found, np.unique(ref.array)) if v > 0)
+    return case_metrics(scored, ref.array, ref.spacing, present, regions, tol)
 
 
 def evaluate(
@@ -207,7 +223,7 @@ def evaluate(
     refs, preds = _pair(pred_dir, ref_dir) if single else (list_cases(ref_dir), list_cases(pred_dir))
     if not refs:
         raise InputDataError(
-            ref_dir, "no reference volumes found", expected=f"files ending in {', '.join(CASE_SUFFIXES)}"
+            ref_dir, "no reference volumes found", expected=f"files ending in {', '.join(REFERENCE_SUFFIXES)}"
         )
     not_predicted: list[str] = []
     if only_predicted:
@@ -219,9 +235,16 @@ def evaluate(
     unreadable = {cid for cid, path in refs.items() if not path.is_file()}
     missing = sorted(set(refs) - set(preds) - unreadable)
     if len(missing) == len(refs) and (preds or allow_missing or only_predicted):  # a wrong folder
+        channel = [cid for cid in preds if cid.endswith("_0000") and cid[: -len("_0000")] in refs]
+        hint = (
+            f"; predictions are named like images ({channel[0]}): a mask is named after its case, without "
+            "the _0000 channel suffix"
+            if channel
+            else ""
+        )
         raise InputDataError(
             pred_dir,
-            f"no prediction is named like a reference case ({len(preds)} predictions, {len(refs)} references)",
+            f"no prediction is named like a reference case ({len(preds)} predictions, {len(refs)} references){hint}",
             expected=f"files named like those in {ref_dir}",
         )
     if missing and not allow_missing:
@@ -233,7 +256,8 @@ def evaluate(
         )
     extra = sorted(set(preds) - set(refs))
     if extra:
-        log.warning("%d predictions have no reference and are ignored: %s", len(extra), ", ".join(extra[:20]))
+        more = f" and {len(extra) - 20} more" if len(extra) > 20 else ""
+        warn_user(f"{len(extra)} prediction(s) have no reference and are ignored: {', '.join(extra[:20])}{more}", log)
     out_path = Path(out_dir) if out_dir is not None else None
     images = Path(image_dir) if image_dir is not None else None
     if images is not None and not (images.is_dir() or (single and images.is_file())):

@@ -10,6 +10,7 @@ the mutations are made with pydicom on the written file.
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,13 @@ def _mask() -> np.ndarray:
     return mask
 
 
-def write_seg(path: Path, mask: np.ndarray, label_values: tuple[int, ...] = (1, 3)) -> Path:
-    """A binary SEG of ``mask`` over :func:`_sources`, segment i+1 = ``label_values[i]`` (medgn's Tracking IDs)."""
+def write_seg(
+    path: Path, mask: np.ndarray, label_values: tuple[int, ...] = (1, 3), *, segments: np.ndarray | None = None
+) -> Path:
+    """A binary SEG of ``mask`` over :func:`_sources`, segment i+1 = ``label_values[i]`` (medgn's Tracking IDs).
+
+    ``segments``: (X, Y, Z, S) binary masks instead, one per segment, which may overlap.
+    """
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -96,12 +102,16 @@ def write_seg(path: Path, mask: np.ndarray, label_values: tuple[int, ...] = (1, 
         )
         for i, v in enumerate(label_values)
     ]
-    classes = np.zeros(SHAPE, dtype=np.uint8)
-    for i, v in enumerate(label_values):
-        classes[mask == v] = i + 1
+    if segments is None:
+        classes = np.zeros(SHAPE, dtype=np.uint8)
+        for i, v in enumerate(label_values):
+            classes[mask == v] = i + 1
+        pixels = np.stack([classes[:, :, k].T for k in range(SHAPE[2])])  # (Z, rows = Y, cols = X)
+    else:
+        pixels = segments.astype(np.uint8).transpose(2, 1, 0, 3)  # (Z, rows = Y, cols = X, S)
     seg = hd.seg.Segmentation(
         source_images=_sources(),
-        pixel_array=np.stack([classes[:, :, k].T for k in range(SHAPE[2])]),  # (Z, rows = Y, cols = X)
+        pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),
@@ -255,3 +265,29 @@ def test_evaluate_fails_a_malformed_seg_case_and_scores_the_others(
     assert errors[1].startswith(f"medgn: error: case c: {pred / 'c.seg.dcm'}: DICOM-SEG frame 1 refers to segment 7")
     csv_text = (out / "metrics.csv").read_text()
     assert "a,1,1.0," in csv_text and "a,3,1.0," in csv_text and ",7," not in csv_text
+
+
+def test_overlapping_segments_are_each_scored_whole(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """DICOM allows segments that share voxels (a structure inside another); a label map cannot hold them.
+
+    Segment 1 equal to reference label 1 scored Dice 0.93 where segment 3 covered part of it.
+    """
+    whole = np.zeros(SHAPE, dtype=bool)
+    whole[1:5, 0:4, 0:4] = True
+    inner = np.zeros(SHAPE, dtype=bool)
+    inner[2:4, 1:3, 1:3] = True  # inside segment 1
+    pred, ref = tmp_path / "pred", tmp_path / "ref"
+    pred.mkdir()
+    ref.mkdir()
+    write_seg(pred / "c.seg.dcm", _mask(), segments=np.stack([whole, inner], axis=-1))
+    nib.save(nib.Nifti1Image(whole.astype(np.uint8), _affine()), str(ref / "c.nii.gz"))  # label 1 only
+    voxels: dict[int, np.ndarray] = {}
+    labels = read_seg_on_grid(pred / "c.seg.dcm", SHAPE, _affine(), segments=voxels)
+    assert sorted(voxels) == [1, 3] and voxels[1].size == whole.sum() and voxels[3].size == inner.sum()
+    assert (labels == 1).sum() == whole.sum() - inner.sum()  # the label map: the higher value wins
+    out = tmp_path / "out"
+    code = main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(out), "--worst-k", "0"])
+    assert code == 0, capsys.readouterr().err
+    rows = {row["label"]: row for row in csv.DictReader((out / "metrics.csv").open())}
+    assert float(rows["1"]["dice"]) == 1.0 and float(rows["1"]["hd95"]) == 0.0
+    assert float(rows["3"]["dice"]) == 0.0  # predicted, absent from the reference

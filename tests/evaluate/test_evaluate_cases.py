@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from medgn.cli import main
+from medgn.errors import InputDataError
 from medgn.evaluate.run import evaluate
 
 SHAPE = (12, 10, 8)
@@ -217,3 +218,44 @@ def test_a_nifti_prediction_of_an_nrrd_reference_far_from_the_origin_is_scored(t
     result = evaluate(tmp_path / "c1.nii.gz", tmp_path / "c1.nrrd")
     assert result.exit_code == 0 and not result.failures
     assert [row.metrics.dice for row in result.rows] == [1.0]
+
+
+def test_headers_with_detached_data_are_cases_and_a_seg_reference_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """.mhd and .nhdr files (with their .raw) are cases like .mha and .nrrd, on both sides.
+
+    They were not listed: a reference folder of a.mha, b.mhd and c.nhdr with only a predicted scored
+    one case, exit 0. A DICOM-SEG reference fails its case with the reason; a prediction without a
+    reference is said on the console; predictions named like images get a hint.
+    """
+    import SimpleITK as sitk
+
+    mask = np.zeros((12, 16, 16), np.uint8)
+    mask[3:8, 4:10, 4:10] = 1
+    img = sitk.GetImageFromArray(mask)
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    ref.mkdir()
+    pred.mkdir()
+    for name in ("a.mha", "b.mhd", "c.nhdr"):
+        sitk.WriteImage(img, str(ref / name))
+    sitk.WriteImage(img, str(pred / "a.mha"))
+    with pytest.raises(InputDataError, match=r"2 of 3 predictions missing: b, c"):
+        evaluate(pred, ref)
+    sitk.WriteImage(img, str(pred / "b.nhdr"))
+    sitk.WriteImage(img, str(pred / "c.mhd"))
+    sitk.WriteImage(img, str(pred / "extra.nii.gz"))
+    result = evaluate(pred, ref)
+    assert result.exit_code == 0 and sorted(row.case for row in result.rows) == ["a", "b", "c"]
+    assert all(row.metrics.dice == 1.0 for row in result.rows)
+    assert "1 prediction(s) have no reference and are ignored: extra" in capsys.readouterr().err
+    (ref / "d.seg.dcm").write_bytes(b"DICM")
+    sitk.WriteImage(img, str(pred / "d.nii.gz"))
+    result = evaluate(pred, ref)
+    assert result.exit_code == 3
+    assert "a DICOM-SEG cannot be a reference" in " ".join(str(f) for f in result.failures.values())
+    images = tmp_path / "images"
+    images.mkdir()
+    sitk.WriteImage(img, str(images / "a_0000.nii.gz"))
+    with pytest.raises(InputDataError, match=r"named like images \(a_0000\).*without the _0000 channel suffix"):
+        evaluate(images, ref)
