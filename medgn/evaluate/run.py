@@ -135,6 +135,26 @@ def _check_not_negative(array: np.ndarray, path: Path) -> None:
         )
 
 
+# Largest |cos| between two voxel axes taken as perpendicular (0.006 degrees; float32 headers
+# are far below it, a gantry tilt of 1 degree far above).
+SHEAR_TOL = 1e-4
+
+
+def _check_perpendicular(affine: np.ndarray, path: Path) -> None:
+    """Refuse a sheared voxel grid: distances in mm are computed along perpendicular axes."""
+    axes = np.asarray(affine, dtype=np.float64)[:3, :3]
+    unit = axes / np.linalg.norm(axes, axis=0)
+    cos = np.abs(unit.T @ unit - np.eye(3)).max()
+    if cos > SHEAR_TOL:
+        raise InputDataError(
+            path,
+            "voxel axes are not perpendicular (a sheared grid, as from a gantry tilt): surface distances in mm "
+            "would be wrong",
+            got=f"axes {float(np.degrees(np.arcsin(min(cos, 1.0)))):.3g} degrees off perpendicular",
+            expected="a reference on a grid with perpendicular axes (resample it first)",
+        )
+
+
 def _evaluate_case(
     pred_path: Path, ref_path: Path, labels: tuple[int, ...] | None, regions: dict[str, tuple[int, ...]], tol: float
 ) -> dict[str, ClassMetrics]:
@@ -150,6 +170,7 @@ def _evaluate_case(
         )
     ref = read_volume(ref_path, label=True)
     _check_not_negative(ref.array, ref_path)
+    _check_perpendicular(ref.affine, ref_path)
     pred = read_prediction(pred_path, ref)
     _check_not_negative(pred.array, pred_path)
     scored = pred.meta.get("segments", pred.array)  # overlapping DICOM-SEG segments: each whole

@@ -259,3 +259,23 @@ def test_headers_with_detached_data_are_cases_and_a_seg_reference_is_named(
     sitk.WriteImage(img, str(images / "a_0000.nii.gz"))
     with pytest.raises(InputDataError, match=r"named like images \(a_0000\).*without the _0000 channel suffix"):
         evaluate(images, ref)
+
+
+def test_a_sheared_reference_fails_its_case_and_an_oblique_one_is_scored(tmp_path: Path) -> None:
+    """Distances are taken along perpendicular voxel axes: on a sheared grid they were silently wrong."""
+    mask = _cube()
+    sheared = np.eye(4)
+    sheared[0, 2] = np.tan(np.radians(30))  # the z axis leans 30 degrees towards x
+    oblique = np.eye(4)
+    c, s = np.cos(np.radians(25)), np.sin(np.radians(25))
+    oblique[:2, :2] = [[c, -s], [s, c]]
+    for name, affine in (("sheared", sheared), ("oblique", oblique)):
+        for side in ("pred", "ref"):
+            (tmp_path / name / side).mkdir(parents=True)
+            nib.save(nib.Nifti1Image(mask, affine), str(tmp_path / name / side / "c.nii.gz"))
+    result = evaluate(tmp_path / "sheared" / "pred", tmp_path / "sheared" / "ref")
+    assert result.exit_code == 3
+    (failure,) = [str(f) for f in result.failures.values()]
+    assert "voxel axes are not perpendicular" in failure and "30 degrees off perpendicular" in failure
+    result = evaluate(tmp_path / "oblique" / "pred", tmp_path / "oblique" / "ref")
+    assert result.exit_code == 0 and [row.metrics.dice for row in result.rows] == [1.0]
