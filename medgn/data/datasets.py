@@ -5,7 +5,8 @@ with labels); what inference reads is :func:`medgn.data.inputs.find_inputs`. Pro
 ``dataset.json`` or the file layout are collected and reported together in one error, so a user fixes
 everything in one pass. Case ids that are empty, hidden (``.nii`` from a file named ``.nii.gz``), a
 path, or given by two entries, and paths that would leave the dataset folder are refused. Region-based
-labels load (``medgn evaluate`` scores them) but :func:`refuse_regions` keeps them from training.
+labels load (``medgn evaluate`` scores them) but :func:`refuse_unsupported_labels` keeps them, and
+nnU-Net's ``ignore`` label, from training.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import Any, Literal
 from medgn.data.preflight import ITK_SUFFIXES, NIFTI_SUFFIXES
 from medgn.errors import InputDataError, UsageError
 from medgn.files import path_problem, split_suffix
+from medgn.logs import get_logger, warn_user
+
+log = get_logger(__name__)
 
 IMAGE_SUFFIXES = (*NIFTI_SUFFIXES, *ITK_SUFFIXES)
 CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -162,6 +166,8 @@ def _labels(raw: Any, msd: bool, problems: list[str]) -> tuple[dict[str, int], d
             regions[str(key)] = value
         elif isinstance(value, int) and not isinstance(value, bool):
             labels[str(key)] = value
+        elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+            labels[str(key)] = int(value)  # "1": nnU-Net reads it with int() too
         else:
             problems.append(f"label {key!r} has a non-integer value {value!r}")
     values = sorted(labels.values())
@@ -221,7 +227,10 @@ def _load_msd(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIndex
     if not isinstance(training, list):
         problems.append("'training' must be a list")
         training = []
-    _check_num_training(desc, len(training), "'training' lists", problems)
+    mismatch: list[str] = []  # MSD readers (MONAI, nnU-Net's converter) go by the list itself
+    _check_num_training(desc, len(training), "'training' lists", mismatch)
+    for message in mismatch:
+        warn_user(f"{json_path}: {message}; the {len(training)} cases 'training' lists are used", log)
     cases = []
     ids = _CaseIds("training", problems)
     for i, entry in enumerate(training):
@@ -245,13 +254,15 @@ def _load_msd(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIndex
         test_list = []
     test_ids = _CaseIds("test", problems)
     for i, rel in enumerate(test_list):
+        if isinstance(rel, dict) and "image" in rel:  # MONAI's style: {"image": "./imagesTs/x.nii.gz"}
+            rel = rel["image"]
         path = _inside(root, rel, json_path, problems)
         if path is not None:
             case_id = test_ids.take(i, rel, strip_image_suffix(path.name))
             if case_id is not None:
                 tests.append(Case(case_id, (path,), None))
         elif not isinstance(rel, str):
-            problems.append(f"test[{i}] is not a path")
+            problems[-1] = f"test[{i}] is not a path or an object with an 'image' path: {rel!r}"[:200]
     _raise_all(json_path, problems)
     names = channels or ("image",)
     return DatasetIndex(
@@ -292,6 +303,11 @@ def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIn
     problems = [
         f"missing key {key!r}" for key in ("channel_names", "labels", "numTraining", "file_ending") if key not in desc
     ]
+    if "dataset" in desc:  # nnU-Net v2's explicit file lists instead of imagesTr/labelsTr
+        problems.append(
+            "the 'dataset' key (explicit file lists) is not supported: medgn reads the cases from imagesTr and "
+            "labelsTr; move the files there and remove the key"
+        )
     labels, regions = _labels(desc.get("labels"), False, problems) if "labels" in desc else ({}, {})
     if regions and "regions_class_order" not in desc:
         problems.append("labels with regions need 'regions_class_order'")
@@ -448,23 +464,32 @@ def load_dataset(root: str | os.PathLike[str]) -> DatasetIndex:
     )
 
 
-def refuse_regions(index: DatasetIndex) -> None:
-    """Refuse a dataset whose labels are nnU-Net regions, for training (verify, plan, train).
+def refuse_unsupported_labels(index: DatasetIndex) -> None:
+    """Refuse labels medgn cannot train (verify, plan, train): nnU-Net regions and the ``ignore`` label.
 
-    Training learns one class per integer label value; overlapping regions (``"whole tumor": [1, 2, 3]``
-    with ``regions_class_order``) would need sigmoid outputs per region, which medgn does not train.
-    ``medgn evaluate --dataset`` still scores such regions.
+    Training learns one class per integer label value. Overlapping regions (``"whole tumor": [1, 2,
+    3]`` with ``regions_class_order``) would need sigmoid outputs per region; nnU-Net's ``ignore``
+    label marks unannotated voxels that must stay out of the loss, which medgn's loss does not do
+    (trained as a class, the network would predict "ignore"). ``medgn evaluate --dataset`` still
+    scores regions.
 
     Raises:
-        InputDataError: ``dataset.json`` declares regions (exit 3), naming them.
+        InputDataError: ``dataset.json`` declares regions or an ``ignore`` label (exit 3), naming them.
     """
+    where = index.root / "dataset.json"
     declared = index.regions.get("regions") if index.regions else None
-    if not declared:
-        return
-    shown = ", ".join(f"{name!r}: {members}" for name, members in declared.items())
-    raise InputDataError(
-        index.root / "dataset.json",
-        f"region-based labels ({shown}) are not supported for training",
-        expected='one integer value per label in \'labels\', e.g. {"background": 0, "edema": 1, ...}; '
-        "regions can still be scored with 'medgn evaluate --region NAME=1,2,...'",
-    )
+    if declared:
+        shown = ", ".join(f"{name!r}: {members}" for name, members in declared.items())
+        raise InputDataError(
+            where,
+            f"region-based labels ({shown}) are not supported for training",
+            expected='one integer value per label in \'labels\', e.g. {"background": 0, "edema": 1, ...}; '
+            "regions can still be scored with 'medgn evaluate --region NAME=1,2,...'",
+        )
+    if "ignore" in index.labels:
+        raise InputDataError(
+            where,
+            f"the 'ignore' label (value {index.labels['ignore']}: voxels left unannotated) is not supported for "
+            "training: medgn's loss cannot leave them out, and it would learn them as a class",
+            expected="labels without 'ignore' (annotate or relabel those voxels)",
+        )

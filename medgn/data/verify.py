@@ -12,8 +12,8 @@ problem of every case is collected with its file, so ``medgn verify`` can list t
 Across the training labels it checks which classes appear (:func:`label_coverage`): no foreground
 in any label is a problem (there is nothing to learn), a class declared in ``dataset.json`` that no
 label holds is a warning (nnU-Net accepts it too, but that class can only score Dice 0), shown on
-stderr by ``medgn verify`` and ``medgn train``. Region-based labels are refused
-(:func:`medgn.data.datasets.refuse_regions`).
+stderr by ``medgn verify`` and ``medgn train``. Region-based labels and nnU-Net's ``ignore`` label
+are refused (:func:`medgn.data.datasets.refuse_unsupported_labels`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from medgn.data.case_stats import CaseStats, case_statistics
-from medgn.data.datasets import Case, DatasetIndex, refuse_regions
+from medgn.data.datasets import Case, DatasetIndex, refuse_unsupported_labels
 from medgn.data.io import Limits, Volume, geometry_diff, read_volume
 from medgn.data.multichannel import read_channels
 from medgn.data.preflight import DEFAULT_LIMITS
@@ -239,7 +239,7 @@ def verify_dataset(
     Raises:
         InputDataError: the dataset declares region-based labels (exit 3), before any file is read.
     """
-    refuse_regions(index)
+    refuse_unsupported_labels(index)
     results = []
     rng = np.random.default_rng(stats_seed) if stats_seed is not None else None
     cases = [(case, rng) for case in index.cases] + [

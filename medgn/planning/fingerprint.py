@@ -23,7 +23,7 @@ from medgn.data.case_stats import (
     ras_axes,
     ras_spacing_shape,
 )
-from medgn.data.datasets import Case, DatasetIndex, refuse_regions
+from medgn.data.datasets import Case, DatasetIndex, refuse_unsupported_labels
 from medgn.data.io import read_volume
 from medgn.data.multichannel import read_case_images
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
@@ -89,7 +89,7 @@ def compute_fingerprint(
             classes declared but found in no label are left to the caller
             (:func:`medgn.data.verify.label_coverage`).
     """
-    refuse_regions(index)
+    refuse_unsupported_labels(index)
     rng = np.random.default_rng(seed)
     stats = []
     for case in index.cases:

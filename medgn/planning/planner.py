@@ -18,7 +18,10 @@ import numpy as np
 
 from medgn.data.datasets import DatasetIndex
 from medgn.errors import InputDataError, ResourceError
+from medgn.logs import get_logger, warn_user
 from medgn.planning.plan import MAX_PATCH_VOXELS, PLAN_VERSION, Plan
+
+log = get_logger(__name__)
 
 # Anisotropy threshold and coarse-axis percentile from nnU-Net: a ratio above 3 means the median
 # would give the coarse axis far too many interpolated slices for most cases.
@@ -60,9 +63,18 @@ def plan_for_ct_or_mr(modality: str, stats: dict[str, float] | None = None) -> d
     """The normalisation of one channel.
 
     Args:
-        modality: "CT" selects clipping + dataset z-score; anything else per-case z-score.
+        modality: "CT" selects clipping + dataset z-score; "noNorm" (nnU-Net's channel name for a
+            channel used as it is) none; anything else per-case z-score. nnU-Net's
+            "rescale_to_0_1" and "rgb_to_0_1" get the z-score too, with a warning.
         stats: foreground intensity statistics (``p00_5``, ``p99_5``, ``mean``, ``std``), needed for CT.
     """
+    if modality.strip().lower() == "nonorm":
+        return {"scheme": "none"}
+    if modality.strip().lower() in ("rescale_to_0_1", "rgb_to_0_1"):
+        warn_user(
+            f"channel {modality!r}: medgn has no rescaling to [0, 1]; the channel is z-scored per case instead",
+            log,
+        )
     if modality.upper() == "CT":
         if stats is None:
             raise InputDataError("fingerprint", "CT normalisation needs foreground intensity statistics")

@@ -179,6 +179,36 @@ def test_train_refuses_region_based_labels(tmp_path: Path, capsys: pytest.Captur
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_the_nnunet_ignore_label_is_refused_for_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """nnU-Net's 'ignore' label marks unannotated voxels: trained as a class, the network predicted it."""
+    root = make_nnunet(tmp_path / "ds", n_cases=2, channels=1)
+    _edit(root, labels={"background": 0, "cube": 1, "ignore": 2})
+    for argv in (["verify", root], ["plan", root, "--out", tmp_path / "plan.json"]):
+        code, _, err = _run(argv, capsys)
+        assert code == 3 and len(err.strip().splitlines()) == 1, err
+        assert str(root / "dataset.json") in err and "the 'ignore' label (value 2" in err
+    code, _, err = _run(
+        ["train", "--data", root, "--out", tmp_path / "run", "--device", "cpu", "--no-progress"], capsys
+    )
+    assert code == 3 and "'ignore' label" in err and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_dataset_json_variants_other_tools_write_are_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """nnU-Net label values as strings ("1", read with int() there), MONAI's test entries as objects."""
+    root = make_nnunet(tmp_path / "nn", n_cases=2, channels=1)
+    _edit(root, labels={"background": "0", "cube": "1"})
+    assert load_dataset(root).labels == {"background": 0, "cube": 1}
+    _edit(root, labels={"background": 0, "cube": "one"})
+    assert "label 'cube' has a non-integer value 'one'" in _description_problem(root)
+    _edit(root, labels={"background": 0, "cube": 1}, dataset={"case0": {"images": ["a.nii.gz"], "label": "b.nii.gz"}})
+    assert "the 'dataset' key (explicit file lists) is not supported" in _description_problem(root)
+    msd = _msd(tmp_path / "msd", 2, test=[{"image": "./imagesTr/c0.nii.gz"}, "./imagesTr/c1.nii.gz"])
+    assert [c.case_id for c in load_dataset(msd).test_cases] == ["c0", "c1"]
+    _edit(msd, test=[{"label": "./x.nii.gz"}])
+    text = _description_problem(msd)
+    assert "1 problem(s)" in text and "test[0] is not a path or an object with an 'image' path" in text
+
+
 # --- classes that no label holds ----------------------------------------------------------------
 
 
@@ -225,13 +255,24 @@ def test_unreadable_label_leaves_class_presence_unjudged(tmp_path: Path) -> None
 # --- small messages -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", ["3", 3.0, True, None])
-def test_num_training_must_be_an_integer(tmp_path: Path, value: object) -> None:
-    text = _description_problem(_msd(tmp_path / "msd", 3, numTraining=value))
-    assert f"numTraining must be an integer, got {value!r}" in text
+@pytest.mark.parametrize("value", ["3", 3.0, True, None, 5])
+def test_num_training_must_be_an_integer(tmp_path: Path, value: object, capsys: pytest.CaptureFixture[str]) -> None:
+    """nnU-Net checks numTraining against imagesTr; MSD readers (MONAI) go by the training list: a warning."""
+    assert len(load_dataset(_msd(tmp_path / "msd", 3, numTraining=value)).cases) == 3
+    msd = (
+        "numTraining is 5 but 'training' lists 3 cases"
+        if value == 5
+        else f"numTraining must be an integer, got {value!r}"
+    )
+    assert f"{msd}; the 3 cases 'training' lists are used" in capsys.readouterr().err
     root = make_nnunet(tmp_path / "nn", n_cases=3, channels=1)
     _edit(root, numTraining=value)
-    assert f"numTraining must be an integer, got {value!r}" in _description_problem(root)
+    words = (
+        "numTraining is 5 but imagesTr holds 3 cases"
+        if value == 5
+        else f"numTraining must be an integer, got {value!r}"
+    )
+    assert words in _description_problem(root)
 
 
 def test_nnunet_label_without_an_image_is_a_problem(tmp_path: Path) -> None:

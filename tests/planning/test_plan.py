@@ -79,6 +79,14 @@ def test_ct_sample_gets_ct_scheme_mr_gets_zscore(shared_data: Path) -> None:
     assert float(np.percentile(mr, 0.5)) > -500 > float(np.percentile(ct, 0.5))  # the samples are what they claim
 
 
+def test_nnunet_channel_names_choose_the_normalisation(capsys: pytest.CaptureFixture[str]) -> None:
+    """nnU-Net's channel_names name the normalisation too: "noNorm" channels are used as they are."""
+    assert plan_for_ct_or_mr("noNorm") == {"scheme": "none"}
+    assert plan_for_ct_or_mr("T2") == {"scheme": "zscore"} and capsys.readouterr().err == ""
+    assert plan_for_ct_or_mr("rescale_to_0_1") == {"scheme": "zscore"}
+    assert "medgn has no rescaling to [0, 1]; the channel is z-scored per case instead" in capsys.readouterr().err
+
+
 def test_ras_spacing_follows_orientation(tmp_path: Path) -> None:
     affine = np.array([[0, 0, 3.0, 0], [-0.5, 0, 0, 0], [0, 0.7, 0, 0], [0, 0, 0, 1]])  # array z -> R, x -> P, y -> S
     vol = read_volume(make_nifti(tmp_path / "a.nii.gz", np.zeros((4, 5, 6), np.float32), affine))
