@@ -15,6 +15,7 @@ import contextlib
 import importlib
 import logging
 import os
+import select
 import sys
 import threading
 import traceback
@@ -22,7 +23,16 @@ import warnings
 from collections.abc import Sequence
 
 import medgn
-from medgn.errors import EXIT_BUG, EXIT_OK, EXIT_USAGE, MedgnError, ResourceError, brief, out_of_memory
+from medgn.errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_BUG,
+    EXIT_OK,
+    EXIT_USAGE,
+    MedgnError,
+    ResourceError,
+    brief,
+    out_of_memory,
+)
 from medgn.logs import attach_file_log, current_log_path, fallback_log_path, get_logger
 
 # Subcommands in the order `medgn --help` lists them; each names a module in medgn/commands.
@@ -164,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("medgn: interrupted\n")
         return 130
     except Exception as exc:  # noqa: BLE001 - any other exception is a bug: exit 1, unless memory ran out
+        if isinstance(exc, BrokenPipeError) and _stdout_closed():
+            return EXIT_BROKEN_PIPE  # medgn ... | head: the reader left; the files written are complete
         _report(exc, args.debug)
         where = current_log_path() or fallback_log_path()
         oom = out_of_memory(exc)
@@ -189,6 +201,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = str(exc).splitlines()[0] if str(exc) else ""
         sys.stderr.write(f"medgn: internal error: {type(exc).__name__}: {first} (traceback in {where})\n")
         return EXIT_BUG
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (``medgn verify | head -1``: the pipe reports an
+    error); stdout then leads to /dev/null, so that nothing fails again at exit."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        closed = any(events & select.POLLERR for _, events in poller.poll(0))
+        if closed:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+        return closed
+    except (OSError, ValueError, AttributeError):  # no descriptor (a captured stream), or no poll()
+        return False
 
 
 def _peer_failure(exc: BaseException) -> BaseException | None:

@@ -20,6 +20,7 @@ EXIT_INPUT = 3
 EXIT_MODEL = 4
 EXIT_RESOURCE = 5
 EXIT_LOCKED = 6
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader left (| head)
 
 
 def printable(text: str) -> str:

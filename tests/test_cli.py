@@ -12,6 +12,7 @@ import pytest
 import medgn
 from medgn import cli
 from medgn.errors import (
+    EXIT_BROKEN_PIPE,
     InputDataError,
     LockedError,
     MedgnError,
@@ -198,3 +199,15 @@ def test_exit_now_keeps_what_a_clean_exit_does(thread: str, tmp_path: Path) -> N
 def test_the_console_command_exits_with_mains_code(tmp_path: Path) -> None:
     r = _run("verify", str(tmp_path / "missing"))  # through exit_now, as the env and --version tests
     assert r.returncode == 2 and r.stderr.startswith("medgn: error:") and r.stderr.count("\n") == 1
+
+
+def test_a_reader_that_left_is_not_an_internal_error() -> None:
+    """``medgn env | head -0``: writing to a pipe whose reader has gone was an internal error (exit 1)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medgn", "env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader leaves before medgn writes its first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == EXIT_BROKEN_PIPE == 141
+    assert "internal error" not in err and "Traceback" not in err, err
