@@ -285,77 +285,98 @@ def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RunLock:
     """An exclusive lock on an output folder, held by one run at a time.
 
-    The lock is a file created with ``O_EXCL`` holding pid, host and start time. A lock left by a
-    process on this host that no longer exists is stale and is taken over. Use as a context manager.
-    ``name`` picks another lock file, for runs that own only part of a folder (one mask file).
+    The lock is a file in the folder holding pid, host, start time and purpose (for the message a
+    second run gets), locked with ``flock`` while the run holds it. The kernel releases that lock
+    when its process ends however it ends (``kill -9``, a crash), so a file left behind is simply
+    taken over, with no guess from process ids, and two runs can never both hold it: the one that
+    locks a file that is no longer at the path (its holder released it) tries again. Use as a
+    context manager. ``name`` picks another lock file, for runs that own only part of a folder
+    (one mask file).
     """
 
     def __init__(self, folder: str | os.PathLike[str], purpose: str = "run", name: str = LOCK_NAME) -> None:
         self.folder = Path(folder)
         self.path = self.folder / name
         self.purpose = purpose
-        self.stale_removed: dict[str, Any] | None = None
-        self._held = False
+        self.stale_removed: dict[str, Any] | None = None  # what a dead holder had written, when taken over
+        self._fd: int | None = None
 
     def _read(self) -> dict[str, Any]:
         try:
-            return json.loads(self.path.read_text(encoding="utf-8"))
+            data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
+        return data if isinstance(data, dict) else {}
+
+    def _locked(self) -> LockedError:
+        holder = self._read()
+        return LockedError(
+            self.folder,
+            "output folder is in use by another medgn run",
+            got=f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}",
+            expected=f"wait for it to finish, or remove {self.path} if that process is gone",
+        )
 
     def acquire(self) -> RunLock:
+        import fcntl
+
         if not self.folder.is_dir():
             raise UsageError(self.folder, "output folder does not exist", expected="an existing folder")
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "purpose": self.purpose}
-        for _ in range(2):
+        for _ in range(10):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read()
-                same_host = holder.get("host") == socket.gethostname()
-                pid = holder.get("pid")
-                if same_host and isinstance(pid, int) and not _pid_alive(pid):
-                    self.stale_removed = holder
-                    _remove_quietly(self.path)
-                    continue
-                if not holder and time.time() - self.path.stat().st_mtime > 60:
-                    # An empty or unreadable lock older than a minute: its writer died mid-create.
-                    self.stale_removed = {}
-                    _remove_quietly(self.path)
-                    continue
-                raise LockedError(
-                    self.folder,
-                    "output folder is in use by another medgn run",
-                    got=f"pid {pid} on {holder.get('host', '?')}",
-                    expected=f"wait for it to finish, or remove {self.path} if that process is gone",
-                ) from None
+                fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             except OSError as exc:
                 raise UsageError(
                     self.folder, f"cannot create lock file ({exc.strerror})", expected="a writable folder"
                 ) from exc
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(info, handle)
-            self._held = True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._locked() from None
+            except OSError as exc:
+                os.close(fd)
+                raise UsageError(
+                    self.path, f"cannot lock the file ({exc.strerror})", expected="a file system with file locks"
+                ) from exc
+            try:  # the holder may have released (unlinked) it between our open and our lock
+                here = os.stat(self.path)
+                mine = os.fstat(fd)
+                current = (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+            except FileNotFoundError:
+                current = False
+            if not current:
+                os.close(fd)
+                continue
+            left = os.read(fd, 65536)
+            if left:  # written by a run that ended without releasing it (killed)
+                try:
+                    previous = json.loads(left.decode("utf-8"))
+                except ValueError:
+                    previous = {}
+                self.stale_removed = previous if isinstance(previous, dict) else {}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+            self._fd = fd
             return self
         raise LockedError(self.folder, "could not take the output-folder lock", expected="one run per folder")
 
     def release(self) -> None:
-        if self._held:
-            _remove_quietly(self.path)
-            self._held = False
+        if self._fd is None:
+            return
+        try:  # unlinked while still locked: a run that opens the path from now on makes a new file
+            here, mine = os.stat(self.path), os.fstat(self._fd)
+            if (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
+                _remove_quietly(self.path)
+        except OSError:
+            pass
+        finally:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> RunLock:
         return self.acquire()

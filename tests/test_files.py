@@ -208,3 +208,70 @@ def test_an_output_folder_on_a_full_disk_is_a_resource_error(tmp_path: Path, mon
         files.make_output_dir(tmp_path / "out")
     with pytest.raises(UsageError, match="is not writable"):  # any other failure stays a usage error
         files.make_output_dir(Path("/proc/medgn_out"))
+
+
+_LOCK_WORKER = """
+import os, sys
+from medgn.errors import LockedError
+from medgn.files import RunLock
+folder, rounds = sys.argv[1], int(sys.argv[2])
+held = clashes = 0
+for _ in range(rounds):
+    child = os.fork()
+    if child == 0:  # a run that takes the lock and dies without releasing it: a file is left
+        try:
+            RunLock(folder).acquire()
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    lock = RunLock(folder)
+    try:
+        lock.acquire()
+    except LockedError:
+        continue
+    held += 1
+    try:  # only the holder of the lock may hold this file: a second holder finds it
+        os.close(os.open(os.path.join(folder, "inside"), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        clashes += 1
+    else:
+        os.unlink(os.path.join(folder, "inside"))
+    lock.release()
+print(held, clashes)
+"""
+
+
+def test_two_processes_never_hold_the_lock_at_once(tmp_path: Path) -> None:
+    """Taking over a lock a killed run left, then racing on it: one holder at a time, no other error.
+
+    Reading a dead holder's pid, unlinking its file and creating a new one let two runs in at once
+    (the second unlinked the first's fresh lock), and a holder releasing between a failed create
+    and the stat of its file was an internal error.
+    """
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import time; from medgn.files import RunLock; RunLock({str(tmp_path)!r}).acquire(); "
+            "print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with pytest.raises(LockedError, match=f"pid {holder.pid} on"):
+        files.RunLock(tmp_path).acquire()
+    holder.kill()  # SIGKILL: no release; its file stays behind
+    holder.wait()
+    assert (tmp_path / files.LOCK_NAME).exists()
+    lock = files.RunLock(tmp_path).acquire()
+    assert lock.stale_removed is not None and lock.stale_removed["pid"] == holder.pid
+    lock.release()
+    racers = [
+        subprocess.Popen([sys.executable, "-c", _LOCK_WORKER, str(tmp_path), "300"], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = [r.communicate(timeout=120)[0].split() for r in racers]
+    assert [r.returncode for r in racers] == [0, 0]
+    assert all(clashes == "0" for _, clashes in results), results
+    assert sum(int(held) for held, _ in results) > 0

@@ -8,7 +8,6 @@ cleans only its own files, so that several such runs can share a folder.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import _infer_fixtures as F
@@ -17,7 +16,7 @@ import pytest
 
 from medgn.cli import main
 from medgn.errors import LockedError, UsageError
-from medgn.files import LOCK_NAME, TEMP_MARK
+from medgn.files import LOCK_NAME, TEMP_MARK, RunLock
 from medgn.infer.outputs import mask_file
 from medgn.infer.predictor import Predictor
 from medgn.infer.run import infer, mask_lock_name
@@ -143,7 +142,7 @@ def test_named_masks_share_a_folder(tmp_path: Path, capsys: pytest.CaptureFixtur
     out.mkdir()
     # A folder run holds the folder's lock, and another run's temporary file is in flight: a named
     # mask locks and cleans only its own files.
-    (out / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": 0}))
+    folder_lock = RunLock(out, purpose="infer").acquire()
     other_temp = out / f"{TEMP_MARK}0123456789ab-a.v2.nii.gz"  # another run's mask "a.v2.nii.gz"
     other_temp.write_bytes(b"partial")
     own_temp = out / f"{TEMP_MARK}0123456789ab-a.nii.gz"
@@ -156,7 +155,7 @@ def test_named_masks_share_a_folder(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert (out / LOCK_NAME).exists() and sorted(p.name for p in out.glob(".medgn-*.lock")) == []
     # A folder run into that folder (its lock free again) cleans its own cases' temps, not the
     # temp file of a named mask being written.
-    (out / LOCK_NAME).unlink()
+    folder_lock.release()
     folder = tmp_path / "batch"
     _scan(folder, "b.nii.gz", seed=3)
     assert infer(_predictor(), folder, out).exit_code == 0
@@ -169,9 +168,8 @@ def test_two_runs_never_write_the_same_mask_of_one_folder(tmp_path: Path, capsys
         _scan(folder, name, seed=i)
     out = tmp_path / "masks"
     out.mkdir()
-    live = {"pid": os.getpid(), "host": os.uname().nodename, "started": 0}  # this process: alive
     # A named-mask run is writing a.nii.gz: a folder run over a and b is refused, writing nothing.
-    (out / mask_lock_name("a")).write_text(json.dumps(live))
+    mask_a = RunLock(out, purpose="infer", name=mask_lock_name("a")).acquire()
     assert main(["infer", "--model", str(tmp_path / "run"), "--input", str(folder), "--output", str(out)]) == 6
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mask a is being written by another medgn run" in err[0]
@@ -181,12 +179,13 @@ def test_two_runs_never_write_the_same_mask_of_one_folder(tmp_path: Path, capsys
         infer(_predictor(), folder, out, shard="0/2")
     assert infer(_predictor(), folder, out, shard="1/2").exit_code == 0 and (out / "b.nii.gz").is_file()
     # A folder run holds the lock of every mask it writes: a named-mask run for one of them is refused.
-    (out / mask_lock_name("a")).unlink()
-    (out / mask_lock_name("c")).write_text(json.dumps(live))  # as a folder run writing c holds it
+    mask_a.release()
+    mask_c = RunLock(out, purpose="infer", name=mask_lock_name("c")).acquire()  # as a folder run writing c holds it
     _scan(tmp_path / "one", "c.nii.gz", seed=5)
     assert main(["infer", "--model", str(tmp_path / "run"), "--input", str(tmp_path / "one" / "c.nii.gz"),
                  "--output", str(out / "c.nii.gz")]) == 6  # fmt: skip
     assert not (out / "c.nii.gz").exists()
+    mask_c.release()
 
 
 def test_the_summary_line_stays_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
