@@ -155,7 +155,8 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make the names in ``folder`` (a rename, a new file) durable, where the file system can."""
     with contextlib.suppress(OSError):  # not every file system can fsync a directory
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -199,7 +200,7 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = True) -> Ite
         _fsync_file(tmp)
         _refuse_special(final)  # again: the path may have changed while the file was written
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except OSError as exc:
         _remove_quietly(tmp)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -274,13 +275,18 @@ def atomic_write_with(final: str | os.PathLike[str], writer: Callable[[Path], No
 
 
 def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
-    """Remove temporary files an interrupted run left in ``folder``; return what was removed."""
+    """Remove temporary files (and staging folders) an interrupted run left in ``folder``; return them."""
     removed = []
     folder = Path(folder)
     if folder.is_dir():
         for path in folder.iterdir():
-            if path.name.startswith(TEMP_MARK) and path.is_file():
+            if not path.name.startswith(TEMP_MARK):
+                continue
+            if path.is_file():
                 _remove_quietly(path)
+                removed.append(path)
+            elif path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed
 

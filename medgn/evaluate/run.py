@@ -16,13 +16,16 @@ When an output folder is given, the run holds its lock and writes the reports
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from medgn.errors import InputDataError, MedgnError, UsageError
+from medgn.errors import InputDataError, MedgnError, ResourceError, UsageError
 from medgn.evaluate.figures import find_image
 from medgn.evaluate.metrics import (
     FLAG_BOTH_EMPTY,
@@ -43,7 +46,7 @@ from medgn.evaluate.results import (  # noqa: F401
     case_id,
     list_cases,
 )
-from medgn.files import RunLock, clean_stale_temps, is_inside, make_output_dir, path_problem
+from medgn.files import TEMP_MARK, RunLock, clean_stale_temps, fsync_dir, is_inside, make_output_dir, path_problem
 from medgn.logs import get_logger, warn_user
 
 OUTPUT_FILES: tuple[str, ...] = ("metrics.csv", "summary.json", "report.md", "boxplot.png")
@@ -89,7 +92,8 @@ def _check_out_dir(out_dir: Path, inputs: Sequence[Path], overwrite: bool) -> No
                 got=str(folder),
                 expected="a folder outside the prediction, reference and image folders",
             )
-    if not overwrite:
+    # Without summary.json (written last) the files are what a stopped run left: replaced.
+    if not overwrite and (out_dir / "summary.json").exists():
         existing = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
         if existing:
             raise UsageError(
@@ -431,13 +435,38 @@ def _write(
     images: Path | None,
     worst_k: int,
 ) -> None:
+    """Write the outputs as one set: all in a temporary folder inside ``out_dir``, then moved into place
+    with ``summary.json`` last. A run stopped or out of disk space before that leaves the earlier
+    results as they were; ``summary.json`` (removed first when the set is replaced) marks a finished
+    evaluation."""
     from medgn.evaluate.figures import write_boxplot, write_overlays
     from medgn.evaluate.report import write_outputs
 
+    stage = Path(tempfile.mkdtemp(prefix=TEMP_MARK, suffix="-evaluation", dir=out_dir))
+    try:
+        figures = [write_boxplot(result, stage / "boxplot.png")]
+        figures += write_overlays(result, stage / "overlays", refs, preds, images, worst_k)
+        shown = [f.relative_to(stage) for f in figures]
+        names = [f.relative_to(stage) for f in write_outputs(result, stage, shown)] + shown
+        _publish(stage, out_dir, names)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceError(out_dir, "no space left on device while writing", expected="free disk space") from exc
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     result.out_dir = out_dir
+    result.files = [out_dir / name for name in names]
+
+
+def _publish(stage: Path, out_dir: Path, names: Sequence[Path]) -> None:
+    """Move the staged outputs into ``out_dir``, replacing an earlier evaluation's, summary last."""
+    summary = Path("summary.json")
+    (out_dir / summary).unlink(missing_ok=True)  # from here on the folder holds no finished evaluation
     # --overwrite: an earlier evaluation's overlays would pass for this one's worst cases
     for stale in (out_dir / "overlays").glob("*_label-*.png"):
         stale.unlink()
-    figures = [write_boxplot(result, out_dir / "boxplot.png")]
-    figures += write_overlays(result, out_dir / "overlays", refs, preds, images, worst_k)
-    result.files = write_outputs(result, out_dir, [f.relative_to(out_dir) for f in figures]) + figures
+    for name in sorted(names, key=lambda n: n == summary):
+        (out_dir / name).parent.mkdir(exist_ok=True)
+        os.replace(stage / name, out_dir / name)
+    fsync_dir(out_dir)

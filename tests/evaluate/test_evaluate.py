@@ -426,3 +426,44 @@ def test_images_that_match_no_case_are_refused_and_a_missing_one_is_named_in_its
     notes = {t.split(",")[0]: t for t in titles}
     assert notes["c1"].endswith("(image unreadable: over the reference)"), titles
     assert (tmp_path / "o" / "overlays" / "c1_label-1.png").is_file()
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_outputs_are_replaced_as_one_set(
+    folders: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run that fails while writing (a full disk, a kill) leaves the earlier evaluation whole.
+
+    The files were written one by one into the folder: a failure after metrics.csv left the new
+    metrics beside the old summary and report, taken as a finished evaluation by the next run.
+    """
+    import errno
+
+    import medgn.evaluate.report as report
+
+    pred_dir, ref_dir = folders
+    out = tmp_path / "out"
+    argv = ["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(out)]
+    assert main(argv) == 0
+    before = _snapshot(out)
+    assert "overlays/c2_label-1.png" in before and "summary.json" in before
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "atomic_write_json", full)  # summary.json: after metrics.csv and the figures
+    assert main(["evaluate", "--pred", str(ref_dir), "--ref", str(ref_dir), "--out", str(out), "--overwrite"]) == 5
+    assert "no space left on device" in capsys.readouterr().err
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".medgn")) == []
+    monkeypatch.undo()
+    # What a run killed while moving its outputs into place leaves: no summary.json. The next run
+    # replaces it without --overwrite, and removes the staging folder a killed run left.
+    (out / "summary.json").unlink()
+    (out / ".medgn-tmp-abc123-evaluation" / "overlays").mkdir(parents=True)
+    assert main(argv) == 0
+    assert (out / "summary.json").is_file() and not (out / ".medgn-tmp-abc123-evaluation").exists()
+    assert main(argv) == 2 and "already holds evaluation results" in capsys.readouterr().err
