@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from medgn.errors import ModelError, ResourceError, UsageError
-from medgn.files import atomic_write_bytes, make_output_dir, path_problem
+from medgn.files import atomic_write_bytes, is_inside, make_output_dir, path_problem
 
 __all__ = [
     "FORMATS",
@@ -371,6 +371,15 @@ def export_model(
             model_path,
             f"an export holds one network; this is an ensemble of {len(predictor.models)}",
             expected="one of its run folders (e.g. " + str(predictor.run_dirs()[0]) + ")",
+        )
+    source = Path(predictor.sources[0].path)  # a file beside it could be a checkpoint of the run, or a pointer
+    same = Path(out).resolve() == source.resolve()
+    if same or (source.parent.name == "checkpoints" and is_inside(out, source.parent)):
+        raise UsageError(
+            out,
+            "would replace the model's own checkpoint" if same else "is inside the model's checkpoints folder",
+            got=f"the model {source}",
+            expected="an --out outside the run's checkpoints folder",
         )
     plan = predictor.plan.to_dict()
     keep = ("dataset", "in_channels", "num_classes", "label_values", "target_spacing", "normalization", "patch_size")

@@ -224,3 +224,23 @@ def test_a_folder_that_is_a_file_is_refused_before_loading(
     line = _one_line(capsys)
     assert str(out) in line and "output folder is a file" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_the_models_own_checkpoint_is_never_replaced(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--out`` the checkpoint being exported, with --overwrite, replaced the trained run (exit 0)."""
+    import shutil
+
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    own = next((run / "checkpoints").glob("*.pt"))
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    for out, words in (
+        (own, "would replace the model's own checkpoint"),
+        (run / "checkpoints" / "latest.json.pt", "is inside the model's checkpoints folder"),
+        (run / "checkpoints" / ".." / "checkpoints" / own.name, "would replace the model's own checkpoint"),
+    ):
+        assert main(["export", "--model", str(run), "--out", str(out), "--overwrite"]) == 2
+        assert words in _one_line(capsys)
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
+    assert main(["export", "--model", str(run), "--out", str(run / "model.onnx")]) == 0  # the run folder is fine
