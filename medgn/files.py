@@ -51,6 +51,24 @@ def split_suffix(name: str) -> tuple[str, str]:
     return stem, "." + ext
 
 
+NAME_MAX = 255  # bytes in one file name (Linux file systems)
+# A temporary file is named TEMP_MARK + 12 hex digits + "-" + (its final name, fitted to what is left).
+TEMP_ROOM = NAME_MAX - len(TEMP_MARK) - 13
+
+
+def fit_name(name: str, room: int = NAME_MAX) -> str:
+    """``name`` when it takes at most ``room`` bytes; else its stem cut short, a digest of the whole
+    name and its suffix (kept: writers choose the format by it), unique and within ``room``."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= room:
+        return name
+    stem, suffix = split_suffix(name)
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    keep = max(room - len(suffix.encode("utf-8", "surrogateescape")) - len(digest) - 1, 0)
+    cut = stem.encode("utf-8", "surrogateescape")[:keep].decode("utf-8", "ignore")
+    return f"{cut}-{digest}{suffix}"
+
+
 def is_inside(child: str | os.PathLike[str], parent: str | os.PathLike[str]) -> bool:
     """True when ``child`` is ``parent`` or lies under it, after resolving symlinks and ``..``.
 
@@ -190,8 +208,7 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = True) -> Ite
     _refuse_special(final)
     if not overwrite and final.exists():
         raise UsageError(final, "output exists", expected="a new path, or pass --overwrite")
-    stem, suffix = split_suffix(final.name)
-    tmp = final.with_name(f"{TEMP_MARK}{uuid.uuid4().hex[:12]}-{stem}{suffix}")
+    tmp = final.with_name(f"{TEMP_MARK}{uuid.uuid4().hex[:12]}-{fit_name(final.name, TEMP_ROOM)}")
     try:
         yield tmp
         if not tmp.exists():

@@ -275,3 +275,15 @@ def test_two_processes_never_hold_the_lock_at_once(tmp_path: Path) -> None:
     assert [r.returncode for r in racers] == [0, 0]
     assert all(clashes == "0" for _, clashes in results), results
     assert sum(int(held) for held, _ in results) > 0
+
+
+def test_files_with_names_near_the_limit_are_written(tmp_path: Path) -> None:
+    """The temporary name adds 24 bytes to the final one: a legal 250-byte name could not be written."""
+    name = "é" * 120 + "x.nii.gz"  # 248 bytes in UTF-8
+    assert len(name.encode()) == 248
+    out = files.atomic_write_text(tmp_path / name, "data")
+    assert out.read_text() == "data" and [p.name for p in tmp_path.iterdir()] == [name]
+    fitted = files.fit_name(name, files.TEMP_ROOM)
+    assert len(fitted.encode()) <= files.TEMP_ROOM and fitted.endswith(".nii.gz")
+    assert files.fit_name("a" * 300 + ".png") != files.fit_name("a" * 299 + "b.png")  # the digest keeps them apart
+    assert files.fit_name("short.png") == "short.png"

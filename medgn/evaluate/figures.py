@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medgn.errors import MedgnError
-from medgn.files import atomic_path
+from medgn.files import atomic_path, fit_name
 from medgn.logs import get_logger
 
 if TYPE_CHECKING:
@@ -214,7 +214,7 @@ def write_overlays(
                 title = f"{cid}, label {key}: Dice {m[0]:.3f}, HD95 {m[1]:.2f} mm{note}"
                 ref_mask, pred_mask = structure_mask(ref.array, int(key)), structure_mask(pred.array, int(key))
                 written.append(
-                    _overlay(folder / f"{cid}_label-{key}.png", title, under, ref_mask, pred_mask, ref.affine)
+                    _overlay(folder / fit_name(f"{cid}_label-{key}.png"), title, under, ref_mask, pred_mask, ref.affine)
                 )
             except MedgnError as exc:
                 log.warning("no overlay for %s, label %s: %s", cid, key, exc.one_line())

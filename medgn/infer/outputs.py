@@ -21,7 +21,7 @@ from typing import Any
 
 from medgn.data.preflight import MASK_SUFFIXES
 from medgn.errors import EXIT_OK, UsageError
-from medgn.files import atomic_write_json, make_output_dir, path_sha256
+from medgn.files import NAME_MAX, atomic_write_json, make_output_dir, path_sha256
 from medgn.files import is_inside as _inside
 
 __all__ = [
@@ -247,6 +247,14 @@ def check_mask_file(target: MaskFile, input_path: str | os.PathLike[str]) -> Pat
             expected=f"a path outside {src}",
         )
     outputs = [target.path, *(target.folder / (target.stem + s) for s in (".json", "_probabilities.npz"))]
+    longest = max(outputs, key=lambda p: len(os.fsencode(p.name)))
+    if len(os.fsencode(longest.name)) > NAME_MAX:
+        raise UsageError(
+            "--output",
+            "mask name too long for the files written beside it",
+            got=f"{longest.name[:40]}... ({len(os.fsencode(longest.name))} bytes)",
+            expected=f"a name whose stem has at most {NAME_MAX - len('_probabilities.npz')} bytes",
+        )
     if src.is_file() and any(p == src or (p.exists() and os.path.samefile(p, src)) for p in outputs):
         raise UsageError(
             "--output", "output would replace the input file", got=str(target.path), expected="another file name"

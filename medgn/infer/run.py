@@ -27,7 +27,7 @@ from medgn.data.inputs import find_inputs, missing_input
 from medgn.data.preflight import MASK_SUFFIXES
 from medgn.data.prepare import PIPELINE_VERSION
 from medgn.errors import EXIT_BUG, LockedError, MedgnError, UsageError, printable
-from medgn.files import TEMP_MARK, RunLock, missing_folders, remove_empty_folders
+from medgn.files import TEMP_MARK, TEMP_ROOM, RunLock, fit_name, missing_folders, remove_empty_folders
 from medgn.infer import postprocess
 from medgn.infer.case import (
     OUTPUT_FORMATS,
@@ -91,9 +91,10 @@ def _clean_own_temps(output_dir: Path, names: Sequence[str], report_name: str | 
     if report_name is not None:
         finals.add(report_name)
     removed = []
+    tails = {fit_name(name, TEMP_ROOM) for name in finals}
     for path in output_dir.iterdir():
-        # temp names are TEMP_MARK + 12 hex + "-" + final name (see medgn.files.atomic_path)
-        if path.name.startswith(TEMP_MARK) and path.name[len(TEMP_MARK) + 13 :] in finals and path.is_file():
+        # temp names are TEMP_MARK + 12 hex + "-" + the final name fitted (see medgn.files.atomic_path)
+        if path.name.startswith(TEMP_MARK) and path.name[len(TEMP_MARK) + 13 :] in tails and path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

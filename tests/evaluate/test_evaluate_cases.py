@@ -279,3 +279,16 @@ def test_a_sheared_reference_fails_its_case_and_an_oblique_one_is_scored(tmp_pat
     assert "voxel axes are not perpendicular" in failure and "30 degrees off perpendicular" in failure
     result = evaluate(tmp_path / "oblique" / "pred", tmp_path / "oblique" / "ref")
     assert result.exit_code == 0 and [row.metrics.dice for row in result.rows] == [1.0]
+
+
+def test_a_case_named_near_the_limit_gets_its_overlay(tmp_path: Path) -> None:
+    """The overlay <case>_label-<label>.png of a 245-byte case name would be 257 bytes: an internal error."""
+    for side in ("pred", "ref"):
+        (tmp_path / side).mkdir()
+    case = "c" * 245
+    _save(tmp_path / "ref" / f"{case}.nii", _cube())
+    _save(tmp_path / "pred" / f"{case}.nii", _cube(shift=1))
+    result = evaluate(tmp_path / "pred", tmp_path / "ref", tmp_path / "out", worst_k=1)
+    assert result.exit_code == 0
+    (overlay,) = (tmp_path / "out" / "overlays").iterdir()
+    assert overlay.name.startswith("c" * 200) and overlay.name.endswith(".png") and len(overlay.name) <= 255

@@ -112,6 +112,8 @@ def test_named_mask_beside_its_input_and_the_refusals(tmp_path: Path, capsys: py
     _scan(tmp_path / "in", "b.nii.gz", seed=1)
     (tmp_path / "link.nii.gz").symlink_to(scan)
     cases.append((scan, tmp_path / "link.nii.gz", "replace the input file"))
+    # 245 bytes: a legal name, but its <stem>_probabilities.npz would not be
+    cases.append((scan, tmp_path / ("m" * 238 + ".nii.gz"), "mask name too long for the files written beside it"))
     for source, output, message in cases:
         code = main(["infer", "--model", missing_model, "--input", str(source), "--output", str(output)])
         err = capsys.readouterr().err
