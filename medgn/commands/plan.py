@@ -14,7 +14,7 @@ from medgn.data.preflight import DEFAULT_LIMITS
 from medgn.data.verify import label_coverage
 from medgn.data.workload import VALIDATION_OVERLAP, check_workload
 from medgn.errors import UsageError
-from medgn.files import is_inside, make_output_dir, missing_folders
+from medgn.files import RunLock, is_inside, make_output_dir, missing_folders
 from medgn.logs import warn_user
 from medgn.planning.fingerprint import compute_fingerprint
 from medgn.planning.plan_config import PlanConfig
@@ -134,16 +134,24 @@ def run(args: argparse.Namespace) -> int:
             overlap=VALIDATION_OVERLAP,
         )
     make_output_dir(out.parent)  # a missing folder (runs/ of a fresh clone) is created, after every check
-    plan.save(out, overwrite=args.overwrite)
-    if existing is not None:
-        splits = existing
-    elif len(index.cases) >= 2:
-        folds = min(args.folds or PlanConfig().n_folds, len(index.cases))
-        splits = load_or_create_splits(
-            out.with_name(SPLITS_FILE), [c.case_id for c in index.cases], folds, args.seed, other_dataset=ANOTHER_OUT
-        )
-    else:
-        splits = []
+    with RunLock(out.parent, purpose="plan"):  # one plan at a time writes a folder's plan and splits.json
+        if out.exists() and not args.overwrite:  # a plan that finished while this one fingerprinted
+            raise UsageError(out, "output exists", expected="a new path, or pass --overwrite")
+        existing = _existing_splits(out.with_name(SPLITS_FILE), [c.case_id for c in index.cases], args.folds)
+        plan.save(out, overwrite=args.overwrite)
+        if existing is not None:
+            splits = existing
+        elif len(index.cases) >= 2:
+            folds = min(args.folds or PlanConfig().n_folds, len(index.cases))
+            splits = load_or_create_splits(
+                out.with_name(SPLITS_FILE),
+                [c.case_id for c in index.cases],
+                folds,
+                args.seed,
+                other_dataset=ANOTHER_OUT,
+            )
+        else:
+            splits = []
     norms = ", ".join(n["scheme"] for n in plan.normalization)
     print(
         f"target spacing {list(plan.target_spacing)} mm, normalisation {norms}, patch "

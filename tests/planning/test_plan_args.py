@@ -59,3 +59,35 @@ def test_verify_integer_options_out_of_range_are_usage_errors(
         detach_file_logs()
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"medgn: error: {option}: limit must be positive")
+
+
+def test_concurrent_plans_into_one_folder_do_not_mix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two plans at once into one folder: one wrote 4 folds into a splits.json another asked 2 of."""
+    import medgn.commands.plan as plan_command
+    from medgn.files import RunLock
+
+    root = make_nnunet(tmp_path / "ds", n_cases=4, channels=1)
+    out = tmp_path / "plans" / "plan.json"
+    out.parent.mkdir()
+    with RunLock(out.parent, purpose="another plan"):
+        try:
+            assert main(["plan", str(root), "--out", str(out), "--folds", "2"]) == 6
+        finally:
+            detach_file_logs()
+    assert "in use by another medgn run" in capsys.readouterr().err and not out.exists()
+    fingerprint = plan_command.compute_fingerprint
+
+    def meanwhile(*args: object, **kwargs: object) -> object:  # another plan finishes, with 3 folds
+        result = fingerprint(*args, **kwargs)
+        monkeypatch.setattr(plan_command, "compute_fingerprint", fingerprint)
+        assert main(["plan", str(root), "--out", str(tmp_path / "plans" / "other.json"), "--folds", "3"]) == 0
+        return result
+
+    monkeypatch.setattr(plan_command, "compute_fingerprint", meanwhile)
+    try:
+        code = main(["plan", str(root), "--out", str(out), "--folds", "2"])
+    finally:
+        detach_file_logs()
+    assert code == 2 and "already holds 3 folds" in capsys.readouterr().err and not out.exists()
