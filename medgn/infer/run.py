@@ -203,7 +203,14 @@ def infer(
             if target is not None:
                 created, named = missing_folders(target.folder), True
             out, shard_pair, lock = _claim_output(input_path, output_dir, target, settings, created)
-            stack.enter_context(lock)  # at once: a refused run never removes a folder another run took
+            if shard_pair is not None:  # after its lock is released (last in, first out): an empty shard folder goes
+                stack.callback(_remove_empty_folder, lock.folder)
+            try:
+                stack.enter_context(lock)  # at once: a refused run never removes a folder another run took
+            except LockedError as exc:
+                if target is None:
+                    raise
+                raise _mask_locked(out, target.stem, exc) from None
             cases = {c.case_id: c for c in find_inputs(input_path, names=settings.channels)}
             if target is not None and len(cases) != 1:
                 raise UsageError(
@@ -255,12 +262,22 @@ def _mask_lock(out: Path, stem: str) -> RunLock:
     try:
         return lock.acquire()
     except LockedError as exc:
-        raise LockedError(
-            out,
-            f"mask {printable(stem)} is being written by another medgn run",
-            got=exc.got,
-            expected="wait for it to finish, or write into another folder",
-        ) from None
+        raise _mask_locked(out, stem, exc) from None
+
+
+def _remove_empty_folder(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty (another shard run of the same split holds it), or gone
+        folder.rmdir()
+
+
+def _mask_locked(out: Path, stem: str, exc: LockedError) -> LockedError:
+    """The one message for a mask another run writes, whichever kind of run came first."""
+    return LockedError(
+        out,
+        f"mask {printable(stem)} is being written by another medgn run",
+        got=exc.got,
+        expected="wait for it to finish, or write into another folder",
+    )
 
 
 def _claim_output(

@@ -186,6 +186,7 @@ def test_two_runs_never_write_the_same_mask_of_one_folder(tmp_path: Path, capsys
     _scan(tmp_path / "one", "c.nii.gz", seed=5)
     assert main(["infer", "--model", str(tmp_path / "run"), "--input", str(tmp_path / "one" / "c.nii.gz"),
                  "--output", str(out / "c.nii.gz")]) == 6  # fmt: skip
+    assert "mask c is being written by another medgn run" in capsys.readouterr().err  # as the other way round
     assert not (out / "c.nii.gz").exists()
     mask_c.release()
 

@@ -231,6 +231,7 @@ def test_shards_split_a_folder(tmp_path: Path) -> None:
     assert [c.case_id for c in r0.cases] == ["a", "c"] and [c.case_id for c in r1.cases] == ["b"]
     assert (tmp_path / "out" / "report-0of2.json").is_file() and (tmp_path / "out" / "report-1of2.json").is_file()
     assert sorted(_arrays(tmp_path / "out")) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+    assert not list((tmp_path / "out").glob(".medgn-shard-*"))  # each shard's lock folder goes with its lock
 
 
 def test_channels_by_name(tmp_path: Path) -> None:
