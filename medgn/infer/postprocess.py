@@ -179,6 +179,8 @@ def pooled(decisions: Sequence[PostProcessing]) -> PostProcessing:
     """One decision for a fold ensemble: cross-validation evidence pooled over folds, else agreement."""
     if not decisions:
         return PostProcessing()
+    if len(decisions) == 1:
+        return decisions[0]  # one model: its decision with its evidence, as postprocessing.json has it
     if all(d.source == "cross-validation" for d in decisions):
         means = {}
         for k in sorted({k for d in decisions for k in d.lcc}):

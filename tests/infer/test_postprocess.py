@@ -114,3 +114,9 @@ def test_an_unreadable_decision_file_is_a_model_error_naming_it(tmp_path: Path, 
     assert info.value.code == 4 and str(path) in str(info.value)
     path.write_text('{"lcc": {"1": true}, "source": "cross-validation"}')
     assert PostProcessing.load(tmp_path).lcc == {1: True}
+
+
+def test_one_models_decision_keeps_its_evidence() -> None:
+    """The sidecar of a one-model run said evidence {} for a decision its postprocessing.json explains."""
+    decision = postprocess.decide_from_topology([postprocess.topology_evidence(r, [1]) for _, r in _blob_cases(3)])
+    assert postprocess.pooled([decision]) == decision and decision.evidence["1"] == {"one_piece": 3, "cases": 3}
