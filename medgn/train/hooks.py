@@ -34,7 +34,8 @@ Validator = Callable[[nn.Module], Sequence[float]]
 
 
 class CheckpointHook(HookBase):
-    """Ask for a checkpoint at every epoch end, every N minutes, every K steps, and at the end."""
+    """Ask for a checkpoint at every epoch end, every N minutes, every K steps, and at the end (``final``;
+    a run stopped by a signal gets ``latest`` only)."""
 
     name = "checkpoint"
 
@@ -58,11 +59,13 @@ class CheckpointHook(HookBase):
         self._last = time.monotonic()
 
     def after_train(self, trainer: Trainer) -> None:
-        trainer.request_checkpoint("latest", "final")
+        # Stopped by a signal, the run is not at its end: a resumable checkpoint, written at once.
+        trainer.request_checkpoint(*(("latest",) if trainer.stop_signal is not None else ("latest", "final")))
 
 
 class ValidationHook(HookBase):
-    """Validate every N epochs and at the end; track an EMA of mean Dice and the best checkpoint.
+    """Validate every N epochs and at the end (not after a stop signal); track an EMA of mean Dice and
+    the best checkpoint.
 
     Args:
         validate: returns Dice per class for the (unwrapped, eval-mode) model.
@@ -123,7 +126,9 @@ class ValidationHook(HookBase):
             self.run(trainer)
 
     def after_train(self, trainer: Trainer) -> None:
-        if self.last_iteration != trainer.state.iteration:
+        # Not after a stop signal: the run is not at its end (its resume validates there), and the
+        # sender waits (``docker stop`` kills after 10 s).
+        if self.last_iteration != trainer.state.iteration and trainer.stop_signal is None:
             self.run(trainer)
 
     def state_dict(self) -> dict[str, Any]:

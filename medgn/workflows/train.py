@@ -328,7 +328,8 @@ def _fit(
     state = trainer.train()  # a run killed after its last step only runs its end: final validation and checkpoint
     best = _best(hooks)
     if info.is_main:
-        _choose_postprocessing(out_dir, evidence, dataset, classes)
+        if trainer.stop_signal is None:  # a run stopped by a signal decides at its real end, once resumed
+            _choose_postprocessing(out_dir, evidence, dataset, classes)
         summary = {
             "stop_reason": state.stop_reason,
             "iteration": state.iteration,

@@ -2,7 +2,8 @@
 
 ``timeout``, systemd, SLURM's scancel, ``kill -- -PGID`` and a terminal's Ctrl-C signal every process
 of the group, the data workers included. The main process alone must decide: it finishes the step,
-writes the final checkpoint and ``train_summary.json``, and exits 143 (SIGTERM) or 130 (SIGINT);
+writes a checkpoint (``latest``, without a validation) and ``train_summary.json``, and exits 143
+(SIGTERM) or 130 (SIGINT);
 a worker killed by the same signal must not turn that into "DataLoader worker ... is killed by
 signal" (exit 1). The unit tests check the worker set-up itself on a real two-worker DataLoader.
 """
@@ -83,8 +84,10 @@ def test_signal_to_the_process_group_checkpoints_and_exits(
     assert "internal error" not in err and "Traceback" not in err, err
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["stop_reason"] == f"received {signal.Signals(signum).name}"
-    final = read_pointer(run / "checkpoints", "final")
-    assert final is not None and final["iteration"] == summary["iteration"] >= 6
+    latest = read_pointer(run / "checkpoints", "latest")
+    assert latest is not None and latest["iteration"] == summary["iteration"] >= 6
+    assert read_pointer(run / "checkpoints", "final") is None  # not the run's end
+    assert not (run / "postprocessing.json").exists()  # decided at the real end, after --resume
 
 
 class _Pids(Dataset):
@@ -189,7 +192,7 @@ def test_a_worker_dying_of_the_stop_signal_is_taken_for_the_stop(tmp_path: Path)
     trainer.source = dying
     state = trainer.train()
     assert state.stop_reason == "received SIGTERM" and state.iteration == 7 and trainer.exit_code == 143
-    assert read_pointer(tmp_path / "checkpoints", "final")["iteration"] == 7
+    assert read_pointer(tmp_path / "checkpoints", "latest")["iteration"] == 7
 
     trainer = _trainer(cfg, None, [])  # without a signal the same error is an error
 

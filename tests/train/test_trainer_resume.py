@@ -80,8 +80,9 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_143(tmp_path: Path, ref
     stopped = _run(tmp_path, "--sigterm-at-step", "4")  # the signal arrives during step 4's forward
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
     assert "received SIGTERM" in stopped.stdout
-    final = load_checkpoint(tmp_path / "checkpoints" / "final.json")
-    assert final["counters"]["iteration"] == 4 and final["counters"]["stop_reason"] == "received SIGTERM"
+    assert not (tmp_path / "checkpoints" / "final.json").exists()  # not the run's end: no final checkpoint
+    latest = load_checkpoint(tmp_path / "checkpoints" / "latest.json")
+    assert latest["counters"]["iteration"] == 4 and latest["counters"]["stop_reason"] == "received SIGTERM"
     resumed = _run(tmp_path, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_training_state(reference, load_checkpoint(tmp_path / "checkpoints" / "final.json"))

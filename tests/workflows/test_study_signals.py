@@ -64,7 +64,7 @@ def test_a_signal_during_an_arms_step_stops_the_study(
     run = out / "runs" / "group_b1_s0"
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["stop_reason"] == f"received {name}" and summary["iteration"] == 3  # the step finished
-    assert read_pointer(run / "checkpoints", "final")["iteration"] == 3  # and was checkpointed
+    assert read_pointer(run / "checkpoints", "latest")["iteration"] == 3  # and was checkpointed
 
 
 def test_a_signal_while_an_arm_is_set_up_stops_the_study(
