@@ -303,6 +303,13 @@ def _claim_output(
                 got=settings.output_format,
                 expected="an output folder for the DICOM-SEG alone, or --output-format both",
             )
+        if settings.output_format == "nifti" and target.suffix.lower() not in (".nii.gz", ".nii"):
+            raise UsageError(
+                "--output-format",
+                f"nifti writes a NIfTI mask, but --output names a {target.suffix} file",
+                got=str(target.path),
+                expected="a mask name ending in .nii.gz or .nii, or no --output-format (the name decides)",
+            )
         out = check_mask_file(target, input_path)
         # The folder may hold other masks, and other runs writing them: lock this mask only.
         return out, None, RunLock(out, purpose=f"infer {target.path.name}", name=mask_lock_name(target.stem))

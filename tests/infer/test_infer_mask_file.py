@@ -130,6 +130,11 @@ def test_named_mask_beside_its_input_and_the_refusals(tmp_path: Path, capsys: py
         + ["--output-format", "dicom-seg"]
     )
     assert code == 2 and "dicom-seg writes no .nii.gz mask" in capsys.readouterr().err
+    code = main(
+        ["infer", "--model", missing_model, "--input", str(scan), "--output", str(tmp_path / "x.mha")]
+        + ["--output-format", "nifti"]
+    )  # a .mha was written, the option silently ignored
+    assert code == 2 and "nifti writes a NIfTI mask, but --output names a .mha file" in capsys.readouterr().err
     # An input folder (a DICOM series, a folder of one scan) gets nothing new: its next read would
     # find the mask. Outside it, a folder of one case takes a named mask.
     one = _scan(tmp_path / "one").parent
