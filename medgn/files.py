@@ -340,7 +340,7 @@ class RunLock:
             self.folder,
             "output folder is in use by another medgn run",
             got=f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}",
-            expected=f"wait for it to finish, or remove {self.path} if that process is gone",
+            expected="wait for it to finish (its lock ends with that process, however it ends)",
         )
 
     def acquire(self) -> RunLock:

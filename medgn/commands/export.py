@@ -8,7 +8,10 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("export", help="export a trained model to ONNX or TorchScript")
     parser.add_argument(
-        "--model", required=True, metavar="RUN_DIR_OR_CHECKPOINT", help="run folder (its best checkpoint) or checkpoint"
+        "--model",
+        required=True,
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="run folder (its best checkpoint, else final, else latest) or checkpoint",
     )
     parser.add_argument(
         "--format",

@@ -18,7 +18,7 @@ from medgn.data.datasets import Case
 from medgn.data.verify import verify_dataset
 from medgn.errors import InputDataError, UsageError
 from medgn.files import atomic_write_json
-from medgn.logs import get_logger
+from medgn.logs import get_logger, warn_user
 from medgn.planning.plan import Plan
 from medgn.planning.splits import ALL_FOLDS, SPLITS_FILE, load_or_create_splits, make_splits
 from medgn.workflows.run_folder import DATASET_PLAN, RUN_PLAN
@@ -130,6 +130,12 @@ def fold_cases(
         n_folds = len(splits)
     else:
         splits = make_splits(sorted(by_id), n_folds, cfg.plan.split_seed)
+        if n_folds < cfg.plan.n_folds:  # said once: the folds are written to splits.json below
+            warn_user(
+                f"plan.n_folds is {cfg.plan.n_folds} but the dataset has {len(by_id)} cases: {n_folds} folds "
+                f"(0..{n_folds - 1}), one case each held out",
+                log,
+            )
     if not 0 <= fold < n_folds:
         raise UsageError("--fold", "fold out of range", got=fold, expected=f"0..{n_folds - 1} or 'all'")
     if not recorded:  # the run folder records the folds it trained on (the plan's, or new ones)

@@ -542,3 +542,11 @@ def test_a_bad_flag_value_is_named_as_typed(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"medgn: error: {flag}: value out of range (config ")
     assert not (tmp_path / "r").exists()
+
+
+def test_more_folds_than_cases_are_said(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """plan.n_folds 5 on 4 cases made 4 folds without a word; --fold 4 then seemed a mistake of the user's."""
+    argv = ["train", "--data", str(dataset), "--out", str(tmp_path / "new"), "--fold", "4", *TINY]
+    assert main([*argv, "--set", "plan.n_folds=5"]) == 2
+    err = capsys.readouterr().err
+    assert "plan.n_folds is 5 but the dataset has 4 cases: 4 folds (0..3)" in err and "fold out of range" in err
