@@ -22,7 +22,9 @@ class DataConfig:
         cache_rate: fraction of cases cached in memory when ``cache_dir`` is None (0 = no cache).
         num_workers: data loader worker processes.
         foreground_ratio: fraction of random crops centred on a foreground voxel.
-        samples_per_volume: random crops drawn from each loaded volume.
+        samples_per_volume: not used by ``medgn train``, whose sampler draws one crop per sample
+            and decides how many samples each case gives (kept so that earlier configs load; a
+            resume may change it). :func:`medgn.data.pipeline.train_transforms` alone reads it.
         prob_flip: probability of a flip, per axis.
         prob_rotate: probability of a random rotation of a patch (resampled from its neighbourhood in
             the case, :class:`medgn.data.augment.RandPatchAffined`).
@@ -49,7 +51,7 @@ class DataConfig:
     num_workers: int = field(default=2, metadata={"min": 0, "max": 64})
     # nnU-Net samples a third of its patches around foreground.
     foreground_ratio: float = field(default=0.33, metadata={"min": 0.0, "max": 1.0})
-    # 1..64 crops per load: amortises decompression of a case across several patches.
+    # 1..64 crops per call of train_transforms (not used by medgn train: see above).
     samples_per_volume: int = field(default=2, metadata={"min": 1, "max": 64})
     # Augmentation probabilities and ranges from nnU-Net's default data augmentation.
     prob_flip: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})

@@ -57,6 +57,7 @@ MAY_CHANGE = frozenset(
         "data.num_workers",
         "data.cache_dir",
         "data.cache_rate",
+        "data.samples_per_volume",  # not used by the trainer
         "model.memory_format",
         "model.checkpoint",
     }
