@@ -308,6 +308,23 @@ def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+# Lock files held by this process. A forked child (a DataLoader worker) closes its copies at once:
+# an flock lasts while any process holds the file open, so a worker outliving a killed run would
+# keep the run's folder locked for the seconds it takes to notice.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
 class RunLock:
     """An exclusive lock on an output folder, held by one run at a time.
 
@@ -385,6 +402,7 @@ class RunLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
             self._fd = fd
+            _HELD_LOCKS.add(fd)
             return self
         raise LockedError(self.folder, "could not take the output-folder lock", expected="one run per folder")
 
@@ -398,6 +416,7 @@ class RunLock:
         except OSError:
             pass
         finally:
+            _HELD_LOCKS.discard(self._fd)
             os.close(self._fd)
             self._fd = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -287,3 +288,28 @@ def test_files_with_names_near_the_limit_are_written(tmp_path: Path) -> None:
     assert len(fitted.encode()) <= files.TEMP_ROOM and fitted.endswith(".nii.gz")
     assert files.fit_name("a" * 300 + ".png") != files.fit_name("a" * 299 + "b.png")  # the digest keeps them apart
     assert files.fit_name("short.png") == "short.png"
+
+
+def test_a_forked_child_does_not_keep_a_killed_runs_lock(tmp_path: Path) -> None:
+    """A DataLoader worker outliving its killed run kept the flock (the same open file) for seconds."""
+    script = (
+        "import os, sys, time\n"
+        "from medgn.files import RunLock\n"
+        f"RunLock({str(tmp_path)!r}).acquire()\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    null = os.open(os.devnull, os.O_RDWR)\n"
+        "    os.dup2(null, 1)\n"
+        "    os.dup2(null, 2)\n"
+        "    time.sleep(30)\n"
+        "    os._exit(0)\n"
+        "print(child, flush=True)\n"
+        "os._exit(0)  # killed: no release\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    worker = int(proc.stdout.strip())
+    try:
+        lock = files.RunLock(tmp_path).acquire()  # while the worker still runs
+        lock.release()
+    finally:
+        os.kill(worker, signal.SIGKILL)
