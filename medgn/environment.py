@@ -54,10 +54,25 @@ def cuda_devices() -> list[dict[str, Any]]:
                 "name": props.name,
                 "memory_gib": round(props.total_memory / 2**30, 1),
                 "capability": f"{props.major}.{props.minor}",
-                "bf16": bool(torch.cuda.is_bf16_supported()),
+                "bf16": cuda_bf16_supported(index),
             }
         )
     return devices
+
+
+def cuda_bf16_supported(device: Any = None) -> bool:
+    """Whether a GPU computes bf16 natively: compute capability 8.0 or newer (A100, H100, RTX 30xx on).
+
+    ``torch.cuda.is_bf16_supported()`` also counts emulation, so it says True on a V100 or T4, where
+    bf16 is slow and cuDNN has no bf16 3D convolutions; and it asks about the current device, not
+    ``device`` (a torch.device, "cuda:1", an index, or None: the current one).
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    index = torch.device(device).index if isinstance(device, (torch.device, str)) else device
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def cpu_bf16_supported() -> bool:

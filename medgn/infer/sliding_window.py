@@ -24,13 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medgn.environment import cpu_bf16_supported
+from medgn.environment import cpu_bf16_supported, cuda_bf16_supported
 from medgn.errors import ResourceError, UsageError
 from medgn.infer.config import distinct_spatial_axes
 
 __all__ = ["PRECISIONS", "WindowSettings", "mirror_flips", "predict_probabilities"]
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# What "auto" resolves to, as a sidecar records it: fp16 is autocast on a GPU without native bf16.
+RESOLVED_PRECISIONS = (*PRECISIONS, "fp16")
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class WindowSettings:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
+        if self.precision not in RESOLVED_PRECISIONS:
             raise UsageError("--precision", "unknown precision", got=self.precision, expected=" or ".join(PRECISIONS))
         if not 0.0 <= self.overlap < 1.0:
             raise UsageError("--overlap", "overlap out of range", got=self.overlap, expected="a fraction in [0, 1)")
@@ -91,14 +93,14 @@ def mirror_flips(settings: WindowSettings) -> list[tuple[int, ...]]:
 
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:
-    """What ``precision`` means on ``device``: "bf16", "fp32", or "auto" for fp16 on a GPU without bf16.
+    """What ``precision`` means on ``device``: "bf16", "fp32", or "fp16" (autocast on a GPU without bf16).
 
     Recorded in sidecars, so a mask says which arithmetic made it.
     """
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "auto"
+        return "bf16" if cuda_bf16_supported(device) else "fp16"
     return "bf16" if device.type == "cpu" and cpu_bf16_supported() else "fp32"
 
 
@@ -108,9 +110,11 @@ def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.Ab
         return contextlib.nullcontext()
     if device.type == "cuda":
         # bf16 keeps fp32's exponent range (no overflow in deep layers); fp16 only on older GPUs.
-        dtype = torch.bfloat16 if precision == "bf16" or torch.cuda.is_bf16_supported() else torch.float16
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else None
+        if dtype is None:  # "auto"
+            dtype = torch.bfloat16 if cuda_bf16_supported(device) else torch.float16
         return torch.autocast("cuda", dtype=dtype)
-    if device.type == "cpu" and (precision == "bf16" or cpu_bf16_supported()):
+    if device.type == "cpu" and (precision == "bf16" or (precision == "auto" and cpu_bf16_supported())):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from medgn.environment import cpu_bf16_supported
+from medgn.environment import cpu_bf16_supported, cuda_bf16_supported
 from medgn.errors import UsageError
 from medgn.train.config import TrainConfig
 
@@ -91,7 +91,7 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bo
     if mode == "off":
         return None, False
     is_cuda = device.type == "cuda"
-    bf16_ok = torch.cuda.is_bf16_supported() if is_cuda else True
+    bf16_ok = cuda_bf16_supported(device) if is_cuda else True
     if mode == "auto":
         if not is_cuda:
             return (torch.bfloat16, False) if cpu_bf16_supported() else (None, False)

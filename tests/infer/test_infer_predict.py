@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import _infer_fixtures as F
@@ -242,7 +243,7 @@ def test_bf16_precision_on_cpu_stays_close_to_fp32() -> None:
     assert (fp32 - bf16).abs().max() < 5e-2
     assert (fp32.argmax(0) == bf16.argmax(0)).float().mean() > 0.97
     with pytest.raises(UsageError, match="precision"):
-        WindowSettings(roi_size=(16, 16, 16), precision="fp16")
+        WindowSettings(roi_size=(16, 16, 16), precision="fp8")
 
 
 def test_auto_precision_is_recorded_as_what_runs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -275,3 +276,30 @@ def test_class_indices_never_pick_a_nan_score() -> None:
         ..., None, None
     ]
     assert class_indices(probs).ravel().tolist() == [0, 1, 0]
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"), [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")]
+)
+def test_a_gpu_without_native_bf16_gets_fp16_with_a_scaler(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], expected: str
+) -> None:
+    """torch.cuda.is_bf16_supported() counts emulation (True on a V100 or T4): "auto" chose slow bf16 there,
+    and asked the current device, not the one the run uses."""
+    from medgn.environment import cuda_bf16_supported
+    from medgn.infer.sliding_window import autocast_for, resolve_precision
+    from medgn.train.optim import resolve_amp
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what torch says everywhere
+    asked: list[object] = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: asked.append(index) or capability)
+    gpu = torch.device("cuda", 1)
+    assert cuda_bf16_supported(gpu) is (expected == "bf16") and asked == [1]
+    assert resolve_precision(gpu, "auto") == expected
+    amp = resolve_amp("auto", gpu)
+    assert amp == ((torch.bfloat16, False) if expected == "bf16" else (torch.float16, True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a build without CUDA may say so
+        context = autocast_for(gpu, "auto")
+    assert context.fast_dtype == (torch.bfloat16 if expected == "bf16" else torch.float16)
