@@ -11,7 +11,11 @@ decided in ``group_norm_plan.py``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -58,6 +62,30 @@ def kernel_strides(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return t, c * s, s, 1
 
 
+def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.contiguous() if t is not None else None
+
+
+def on_device(x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """``x``'s GPU as the current device: Triton launches on the current device and its stream, so a
+    tensor on ``cuda:1`` while ``cuda:0`` is current would be read from the wrong GPU."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _on_input_device(fn: F) -> F:
+    """Run ``fn(tensor, ...)`` with its first argument's GPU as the current device."""
+
+    @functools.wraps(fn)
+    def run(first: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        with on_device(first):
+            return fn(first, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
 def _flags(weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None,
            activation: str) -> dict[str, int | bool]:  # fmt: skip
     return {
@@ -68,6 +96,7 @@ def _flags(weight: torch.Tensor | None, bias: torch.Tensor | None, residual: tor
     }
 
 
+@_on_input_device
 def group_norm_forward(
     x: torch.Tensor,
     num_groups: int,
@@ -92,6 +121,7 @@ def group_norm_forward(
         stats = torch.zeros((n, num_groups), dtype=torch.float32, device=x.device)
         return alloc_like(x), stats, torch.ones_like(stats)
     path = forward_path(x, num_groups, path)
+    weight, bias = _dense(weight), _dense(bias)  # the kernels read them as contiguous vectors
     y = alloc_like(x)
     x, sxn, sxc, sxs = kernel_strides(x)
     r, srn, src, srs = kernel_strides(residual) if residual is not None else (x, 0, 0, 0)
@@ -130,6 +160,7 @@ def group_norm_forward(
     return y, mean, rstd
 
 
+@_on_input_device
 def group_norm_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -160,6 +191,7 @@ def group_norm_backward(
         dres = alloc_like(residual) if need_dres and residual is not None else x.new_empty((0,))
         return alloc_like(x), dw, db, dres
     path = backward_path(x, num_groups, path)
+    weight, bias = _dense(weight), _dense(bias)
     dx = alloc_like(x)
     x, sxn, sxc, sxs = kernel_strides(x)
     # The kernels read dy with x's strides: give dy x's memory format (a no-op when it has it).
@@ -172,8 +204,8 @@ def group_norm_backward(
     w = weight if weight is not None else x
     b = bias if bias is not None else x
     # Absent gradients are distinct empty tensors: custom-op outputs may not alias each other.
-    dw = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
-    db = torch.empty_like(bias) if bias is not None else x.new_empty((0,))
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight is not None else x.new_empty((0,))
+    db = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias is not None else x.new_empty((0,))
     s = math.prod(x.shape[2:])
     cpg = c // num_groups
     count = float(cpg * s)

@@ -194,3 +194,45 @@ def test_empty_batch_or_volume_launches_nothing(shape, kernel_path) -> None:
     y.sum().backward()
     assert x.grad.shape == x.shape
     assert torch.equal(w.grad, torch.zeros(32)) and torch.equal(b.grad, torch.zeros(32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_weight_and_bias_are_read_by_their_strides(device: str, kernel_path: str) -> None:
+    """A ``[::2]`` weight (a direct caller's view) was read as contiguous: errors of 9 against the reference."""
+    inp = make_inputs((2, 8, 4, 5, 6), torch.float32, False, seed=3, device=device)
+    wide_w = torch.randn(16, device=device)
+    wide_b = torch.randn(16, device=device)
+    w, b = wide_w[::2], wide_b[::2]  # strided views
+    assert not w.is_contiguous()
+    x = inp["x"].detach().requires_grad_()
+    wl, bl = w.detach().requires_grad_(), b.detach().requires_grad_()
+    y = group_norm(x, 4, wl, bl, activation="leaky_relu", backend="triton")
+    y.backward(inp["dy"])
+    xr = inp["x"].detach().double().cpu().requires_grad_()
+    wr, br = w.detach().double().cpu().requires_grad_(), b.detach().double().cpu().requires_grad_()
+    yr = group_norm_ref(xr, 4, wr, br, 1e-5, "leaky_relu")
+    yr.backward(inp["dy"].double().cpu())
+    assert max_err(y, yr) < 1e-4
+    assert max_err(x.grad, xr.grad) < 1e-4
+    assert max_err(wl.grad, wr.grad) < 1e-3 and max_err(bl.grad, br.grad) < 1e-3
+
+
+def test_the_launchers_run_on_the_inputs_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton launches on the current CUDA device: a tensor on cuda:1 must make cuda:1 current."""
+    import contextlib
+
+    import medgn.ops.group_norm_triton as launchers
+
+    assert isinstance(launchers.on_device(torch.zeros(1)), contextlib.nullcontext)  # a CPU tensor: nothing to switch
+    entered: list[object] = []
+
+    @contextlib.contextmanager
+    def record(x: torch.Tensor):
+        entered.append(x.device)
+        yield
+
+    monkeypatch.setattr(launchers, "on_device", record)
+    inp = make_inputs((1, 4, 3, 3, 3), torch.float32, False, seed=0, device="cpu")
+    y, mean, rstd = group_norm_forward(inp["x"], 2, inp["weight"], inp["bias"], 1e-5, "none", None, 0.01)
+    group_norm_backward(inp["dy"], inp["x"], inp["weight"], inp["bias"], None, mean, rstd, 2, "none", 0.01, False)
+    assert entered == [inp["x"].device, inp["dy"].device]
