@@ -425,7 +425,8 @@ class Trainer:
         ``state``: the checkpoint at ``path`` already loaded (and checked) by the caller.
         """
         if state is None:
-            state = load_checkpoint(path, map_location=self.device)
+            # On the CPU: the RNG states must stay CPU byte tensors; load_state_dict moves the rest.
+            state = load_checkpoint(path, map_location="cpu")
         old = state.get("config", {}).get("train", {})
         changed = {k: (old.get(k), v) for k, v in to_dict(self.cfg).items() if old.get(k) != v}
         if changed:

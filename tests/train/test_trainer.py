@@ -398,3 +398,25 @@ def test_budgets_and_folds_read_as_people_write_them() -> None:
 
     assert [_duration(s) for s in (10.0, 59.5, 60.0, 90.0, 1200.0)] == ["10 s", "59.5 s", "1 min", "1.5 min", "20 min"]
     assert [fold_name(f) for f in (-1, 0, 3)] == ["all", "0", "3"]
+
+
+def test_resume_reads_the_checkpoint_onto_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loaded onto a GPU, the saved RNG states became CUDA tensors that restore_rng refuses ("the
+    checkpoint does not fit this run's network"); load_state_dict moves the weights and state itself."""
+    import medgn.train.trainer as trainer_module
+
+    cfg = _cfg(epochs=1)
+    first = _trainer(cfg, tmp_path, [CheckpointHook(0.0)])
+    first.train()
+    asked: list[object] = []
+    load = trainer_module.load_checkpoint
+
+    def spy(path: object, **kwargs: object) -> object:
+        asked.append(kwargs.get("map_location"))
+        return load(path, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "load_checkpoint", spy)
+    again = _trainer(cfg, None, [])
+    again.device = torch.device("meta")  # what a GPU run would have asked for: not where the file goes
+    again.resume(tmp_path / "checkpoints")
+    assert asked == ["cpu"] and again.state.iteration == first.state.iteration
