@@ -205,6 +205,25 @@ def _window_logits(
     return total[(slice(None), slice(None), *keep)]
 
 
+def _flip_probabilities(
+    model: nn.Module,
+    flipped: torch.Tensor,
+    dims: tuple[int, ...],
+    settings: WindowSettings,
+    sw_device: torch.device,
+    stitch_device: torch.device,
+    sw_batch_size: int,
+) -> torch.Tensor:
+    """(K, X, Y, Z) probabilities on the CPU of one mirrored copy, mirrored back: the softmax and the
+    flip allocate full volumes too, so an out-of-memory there takes the same fallback."""
+    logits = _window_logits(model, flipped, settings, sw_device, stitch_device, sw_batch_size)
+    probs = torch.softmax(logits.float(), dim=1)  # (1, K, X, Y, Z)
+    del logits
+    if dims:
+        probs = torch.flip(probs, dims)
+    return probs[0].cpu()
+
+
 def _oom_error(device: str | torch.device, exc: BaseException) -> ResourceError:
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return ResourceError(
@@ -263,11 +282,20 @@ def predict_probabilities(
         for model in models:
             for dims in flips:
                 flipped = torch.flip(batch, dims) if dims else batch
+                failed = False
                 try:
-                    logits = _window_logits(model, flipped, settings, sw_device, stitch_device, sw_batch_size)
+                    probs = _flip_probabilities(model, flipped, dims, settings, sw_device, stitch_device, sw_batch_size)
                 except torch.OutOfMemoryError as exc:
                     if stitch_device.type == "cpu" and sw_batch_size == 1:
                         raise _oom_error(device, exc) from exc
+                    failed = True  # retried below, once this block has let go of the failed attempt's tensors
+                except (MemoryError, RuntimeError) as exc:
+                    # The CPU allocator raises RuntimeError ("can't allocate memory"): nothing smaller to
+                    # fall back to there; the patch or the scan is too large for this machine.
+                    if not _cpu_out_of_memory(exc):
+                        raise
+                    raise _oom_error(device, exc) from exc
+                if failed:
                     if sw_device.type == "cuda":
                         torch.cuda.empty_cache()
                     stitch_device, sw_batch_size = torch.device("cpu"), 1
@@ -276,19 +304,11 @@ def predict_probabilities(
                             f"out of memory on {device}: stitching moved to the CPU with one window per forward"
                         )
                     try:
-                        logits = _window_logits(model, flipped, settings, sw_device, stitch_device, sw_batch_size)
+                        probs = _flip_probabilities(
+                            model, flipped, dims, settings, sw_device, stitch_device, sw_batch_size
+                        )
                     except torch.OutOfMemoryError as again:
                         raise _oom_error(device, again) from again
-                except (MemoryError, RuntimeError) as exc:
-                    # The CPU allocator raises RuntimeError ("can't allocate memory"): nothing smaller to
-                    # fall back to there; the patch or the scan is too large for this machine.
-                    if not _cpu_out_of_memory(exc):
-                        raise
-                    raise _oom_error(device, exc) from exc
-                probs = torch.softmax(logits.float(), dim=1)  # (1, K, X, Y, Z)
-                if dims:
-                    probs = torch.flip(probs, dims)
-                probs = probs[0].cpu()
                 total = probs if total is None else total.add_(probs)
                 count += 1
     assert total is not None  # at least one model and one flip ran

@@ -95,6 +95,31 @@ def test_out_of_memory_falls_back_to_cpu_stitching_and_is_recorded() -> None:
     assert len(warnings) == 1 and "stitching moved to the CPU" in warnings[0]
 
 
+def test_the_retry_starts_after_the_failed_attempt_let_go_of_its_memory() -> None:
+    """The retry ran inside the ``except`` block: the live exception kept the failed attempt's frames,
+    and with them its GPU buffers, so ``empty_cache`` freed nothing and the retry had no room."""
+    import weakref
+
+    held: list[weakref.ref] = []
+
+    class HoldsThenFails(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = F.ThresholdNet()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not held:
+                activations = torch.ones(64, 64, 64)  # what a failed forward holds when memory runs out
+                held.append(weakref.ref(activations))
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            assert held[0]() is None, "the failed attempt's tensors are still alive during the retry"
+            return self.inner(x)
+
+    x = torch.as_tensor(F.image())[None] - 50.0
+    got = predict_probabilities([HoldsThenFails()], x, WindowSettings((8, 8, 8)), warnings=[])
+    assert torch.equal(got, predict_probabilities([F.ThresholdNet()], x, WindowSettings((8, 8, 8))))
+
+
 def test_other_errors_are_not_swallowed() -> None:
     x = torch.zeros(1, 12, 12, 12)
     warnings: list[str] = []
