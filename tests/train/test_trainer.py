@@ -420,3 +420,22 @@ def test_resume_reads_the_checkpoint_onto_the_cpu(tmp_path: Path, monkeypatch: p
     again.device = torch.device("meta")  # what a GPU run would have asked for: not where the file goes
     again.resume(tmp_path / "checkpoints")
     assert asked == ["cpu"] and again.state.iteration == first.state.iteration
+
+
+def test_the_grad_scaler_step_unscales_before_clipping_and_updates(tmp_path: Path) -> None:
+    """The fp16 branch of a step (a GPU without bf16) otherwise runs only on such a GPU: here with the
+    CPU's GradScaler. The reported gradient norm is the unscaled one, clipping sees it, and the step
+    updates the weights exactly as the same step without a scaler (the scale is a power of two)."""
+    cfg = _cfg(clip_grad=0.5)
+    plain, scaled = _trainer(cfg, None, []), _trainer(cfg, None, [])
+    scaled.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    batches = [next(iter(plain.source(0, 0)))]
+    seed_everything(cfg.seed)  # the same dropout masks in both steps
+    a = plain.train_step(batches)
+    seed_everything(cfg.seed)
+    b = scaled.train_step(batches)
+    assert not a.skipped and not b.skipped
+    assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5) and a.grad_norm > cfg.clip_grad  # clipped
+    for p, q in zip(plain.module.parameters(), scaled.module.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    assert scaled.scaler.get_scale() == 2.0**10  # a finite step keeps the scale until the growth interval
