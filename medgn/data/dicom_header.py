@@ -33,7 +33,29 @@ def dicom_series_files(path: Path) -> list[str]:
         raise InputDataError(
             path, f"folder holds {len(series)} DICOM series: {listing}", expected="exactly one series per folder"
         )
+    _refuse_split_series(path, series[0])
     return _gdcm_files(path, series[0])
+
+
+def _refuse_split_series(path: Path, series: str) -> None:
+    """Refuse a series that continues in a subfolder: read from ``path`` alone it would be a volume of
+    part of its slices, with no gap to show it (an export splits a long series into folders)."""
+    try:
+        subfolders = sorted(e.path for e in os.scandir(path) if e.is_dir(follow_symlinks=False))
+    except OSError:
+        return
+    for sub in subfolders:
+        try:
+            found = gdcm_series_ids(Path(sub))
+        except InputDataError:
+            continue  # a subfolder GDCM cannot list holds no slice of this series it could read
+        if series in found:
+            raise InputDataError(
+                path,
+                f"DICOM series {series} continues in subfolder {Path(sub).name} "
+                f"({len(_gdcm_files(Path(sub), series))} more files)",
+                expected="all slices of the series in one folder",
+            )
 
 
 def gdcm_series_ids(path: Path) -> list[str]:
@@ -127,6 +149,19 @@ def _slice_geometry(reader: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.
     return position, orientation, spacing
 
 
+def _tag(reader: Any, key: str) -> str:
+    return str(reader.GetMetaData(key)).strip() if reader.HasMetaDataKey(key) else ""
+
+
+def _positive(reader: Any, key: str) -> float | None:
+    """A tag's value as a positive finite number (SpacingBetweenSlices, SliceThickness), or None."""
+    try:
+        value = float(_tag(reader, key).split("\\")[0])
+    except ValueError:
+        return None
+    return value if np.isfinite(value) and value > 0 else None
+
+
 def _check_pixel_data(name: str) -> None:
     """An uncompressed slice's PixelData holds every byte its Rows x Columns declare.
 
@@ -167,6 +202,13 @@ def dicom_header(path: Path, limits: Limits) -> HeaderInfo:
         reader = itk_reader(Path(name))
         position, orientation, pixel = _slice_geometry(reader, name)
         _check_pixel_data(name)
+        if _tag(reader, "0028|0004").upper() == "MONOCHROME1":
+            # GDCM inverts such slices' stored values: HU or MR intensities would come out turned over.
+            raise InputDataError(
+                name,
+                "MONOCHROME1 slices are not read: their stored values would come out inverted",
+                expected="a MONOCHROME2 series (PhotometricInterpretation 0028,0004)",
+            )
         if first is None:
             first, orientation0, pixel0 = reader, orientation, pixel
         elif np.max(np.abs(orientation - orientation0)) > 1e-3 or np.max(np.abs(pixel - pixel0)) > 1e-3 * pixel0.max():
@@ -218,8 +260,11 @@ def dicom_header(path: Path, limits: Limits) -> HeaderInfo:
                 expected=f"uniform slice step {step:.4f} mm",
             )
         spacing = (info.spacing[0], info.spacing[1], abs(step))
-    else:
-        spacing = info.spacing
+    else:  # one slice: the step it stands for, as its tags give it (ITK would say 1 mm)
+        thickness = next(
+            (v for v in (_positive(first, "0018|0088"), _positive(first, "0018|0050")) if v is not None), 1.0
+        )
+        spacing = (info.spacing[0], info.spacing[1], thickness)
     origin = np.asarray(positions[int(np.argmin(np.asarray(positions) @ normal))])
     affine = itk_affine(origin, spacing, direction)
     meta = {

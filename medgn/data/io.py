@@ -154,6 +154,9 @@ def _read_pixels(info: HeaderInfo, raw: bytes | None = None) -> np.ndarray:
                 if info.format == "dicom":
                     reader = sitk.ImageSeriesReader()
                     reader.SetFileNames(info.meta["files"])
+                    # Each slice rescaled by its own slope and intercept (Philips MR varies them) and
+                    # signedness, into float: the first slice's integer type truncated or wrapped the rest.
+                    reader.SetOutputPixelType(sitk.sitkFloat32)
                     image = reader.Execute()
                 else:
                     image = sitk.ReadImage(str(path))

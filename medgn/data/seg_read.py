@@ -23,9 +23,10 @@ __all__ = ["GRID_TOL_VOXELS", "LPS_TO_RAS", "TRACKING_PREFIX", "read_seg_on_grid
 
 # Tracking ID of a segment medgn writes: the raw label value the segment stands for.
 TRACKING_PREFIX = "label value "
-# A frame position may differ from a slice centre by this many voxels (float rounding of
-# DS values written with 16 characters), never by a real fraction of a slice.
-GRID_TOL_VOXELS = 1e-3
+# A frame position may differ from a slice centre by this many voxels: exported positions are
+# rounded (to 0.01 mm, jittered by micrometres), and the series' own check accepts a quarter of a
+# pixel the same way; still half the way to the next voxel, so no frame is ever placed ambiguously.
+GRID_TOL_VOXELS = 0.25
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])  # DICOM LPS <-> RAS: flip x and y
 
 
