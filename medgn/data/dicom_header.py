@@ -223,7 +223,8 @@ def dicom_header(path: Path, limits: Limits) -> HeaderInfo:
     info = itk_info(path, first, "dicom", limits)
     direction = np.asarray(info.meta["direction"]).reshape(3, 3)
     normal = direction[:, 2]
-    along = np.sort(np.asarray(positions) @ normal)
+    order = np.argsort(np.asarray(positions) @ normal, kind="stable")
+    along = (np.asarray(positions) @ normal)[order]
     shape3 = (info.shape[0], info.shape[1], len(files))
     check_size(path, shape3, info.dtype.itemsize, limits)
     # Every slice on the line through the first along the normal: a gantry tilt or a shifted slice
@@ -250,6 +251,15 @@ def dicom_header(path: Path, limits: Limits) -> HeaderInfo:
                 f"DICOM series has {stacked} of its {len(files)} slices at the same position",
                 got=f"positions along the slice normal {along[0]:.3f}..{along[-1]:.3f} mm",
                 expected="one slice per position (a time series or several echoes goes in separate folders)",
+            )
+        twins = np.flatnonzero(steps <= tolerance)
+        if twins.size:  # a few slices where another one is: duplicates, not a gap
+            i = int(twins[0])
+            raise InputDataError(
+                path,
+                f"DICOM series has {twins.size} slice(s) at the position of another: "
+                f"{Path(files[order[i]]).name} and {Path(files[order[i + 1]]).name} at {along[i]:.3f} mm",
+                expected="one slice per position (remove the duplicate)",
             )
         if np.any(np.abs(steps - step) > tolerance):
             gaps = [f"{along[i]:.3f}->{along[i + 1]:.3f} mm" for i in np.flatnonzero(np.abs(steps - step) > tolerance)]

@@ -105,3 +105,12 @@ def test_rounded_positions_still_place_every_slice_for_the_seg(tmp_path: Path) -
     volume = read_volume(folder)
     sources = seg_sources(volume)
     assert [round(float(s.ImagePositionPatient[2])) for s in sources] == [0, 2, 4, 6, 8, 10]
+
+
+def test_a_duplicate_slice_is_named_as_such(tmp_path: Path) -> None:
+    """A copied slice was reported as "missing or uneven slices: 4.000->4.000 mm"."""
+    folder, files, _ = _series(tmp_path / "s")
+    shutil.copy(files[2], folder / "copy_of_slice.dcm")
+    with pytest.raises(InputDataError, match="1 slice\\(s\\) at the position of another: .* at 4.000 mm") as info:
+        read_volume(folder)
+    assert "copy_of_slice.dcm" in str(info.value) and files[2].name in str(info.value)
