@@ -267,13 +267,22 @@ def parse_shard(shard: str | tuple[int, int] | None, env: Mapping[str, str] | No
     """``"i/n"`` (or ``(i, n)``) as a checked pair; without one, torchrun's RANK/WORLD_SIZE.
 
     Raises:
-        UsageError: malformed text, n < 1, or i outside 0..n-1.
+        UsageError: malformed text, n < 1, or i outside 0..n-1; RANK/WORLD_SIZE of several processes
+            without MASTER_ADDR/MASTER_PORT (variables left in a shell: the run would do a share).
     """
     env = os.environ if env is None else env
     source = "--shard"
     if shard is None:
         if "RANK" in env and "WORLD_SIZE" in env:
             shard, source = f"{env['RANK']}/{env['WORLD_SIZE']}", "RANK/WORLD_SIZE"
+            missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+            if missing and env["WORLD_SIZE"].strip() != "1":  # left over in a shell, not set by torchrun
+                raise UsageError(
+                    source,
+                    "set without torchrun's rendezvous address: this process would segment only its share",
+                    got=f"RANK={env['RANK']} WORLD_SIZE={env['WORLD_SIZE']}, {' and '.join(missing)} unset",
+                    expected="a torchrun launch, --shard i/n, or unset RANK and WORLD_SIZE",
+                )
         else:
             return None
     if isinstance(shard, str):

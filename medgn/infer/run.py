@@ -296,6 +296,14 @@ def _claim_output(
             raise UsageError(
                 "--shard", "one named mask cannot be split into shards", got=settings.shard, expected="an output folder"
             )
+        implied = parse_shard(None)  # torchrun's processes would each write the same mask
+        if implied is not None and implied[1] > 1:
+            raise UsageError(
+                "RANK/WORLD_SIZE",
+                f"one named mask cannot be split among {implied[1]} processes",
+                got=f"process {implied[0]} of {implied[1]} (torchrun)",
+                expected="one process for one scan, or an output folder",
+            )
         if settings.output_format == "dicom-seg":
             raise UsageError(
                 "--output-format",

@@ -135,6 +135,12 @@ def test_named_mask_beside_its_input_and_the_refusals(tmp_path: Path, capsys: py
         + ["--output-format", "nifti"]
     )  # a .mha was written, the option silently ignored
     assert code == 2 and "nifti writes a NIfTI mask, but --output names a .mha file" in capsys.readouterr().err
+    # Under torchrun every process would write the one mask (one lost the race, the other was killed).
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")):
+            env.setenv(name, value)
+        code = main(["infer", "--model", missing_model, "--input", str(scan), "--output", str(tmp_path / "x.nii.gz")])
+    assert code == 2 and "one named mask cannot be split among 2 processes" in capsys.readouterr().err
     # An input folder (a DICOM series, a folder of one scan) gets nothing new: its next read would
     # find the mask. Outside it, a folder of one case takes a named mask.
     one = _scan(tmp_path / "one").parent

@@ -85,10 +85,10 @@ def test_a_case_named_like_a_shard_report_is_refused_before_anything_is_written(
 
 def test_bad_torchrun_variables_name_them_not_the_shard_option() -> None:
     with pytest.raises(UsageError) as bad:
-        parse_shard(None, env={"RANK": "abc", "WORLD_SIZE": "2"})
+        parse_shard(None, env={"RANK": "abc", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
     assert bad.value.one_line().startswith("RANK/WORLD_SIZE:")
     with pytest.raises(UsageError) as out_of_range:
-        parse_shard(None, env={"RANK": "2", "WORLD_SIZE": "2"})
+        parse_shard(None, env={"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
     assert out_of_range.value.one_line().startswith("RANK/WORLD_SIZE:")
     with pytest.raises(UsageError) as given:
         parse_shard("x", env={"RANK": "0", "WORLD_SIZE": "2"})

@@ -63,7 +63,12 @@ def test_shards_partition_the_sorted_cases() -> None:
 def test_parse_shard_text_env_and_errors() -> None:
     assert parse_shard("1/3", env={}) == (1, 3)
     assert parse_shard(None, env={}) is None
-    assert parse_shard(None, env={"RANK": "2", "WORLD_SIZE": "4"}) == (2, 4)
+    torchrun = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert parse_shard(None, env={"RANK": "2", "WORLD_SIZE": "4", **torchrun}) == (2, 4)
+    assert parse_shard(None, env={"RANK": "0", "WORLD_SIZE": "1"}) == (0, 1)  # one process: nothing to split
+    # Left over in a shell: a plain run segmented half the cases, exit 0.
+    with pytest.raises(UsageError, match="without torchrun's rendezvous address: this process would segment only"):
+        parse_shard(None, env={"RANK": "1", "WORLD_SIZE": "2"})
     for bad in ("3/3", "x", "1/0", "-1/2", "1/2/3"):
         with pytest.raises(UsageError):
             parse_shard(bad, env={})
