@@ -27,7 +27,7 @@ from medgn.checkpoint import load_checkpoint, save_checkpoint
 from medgn.configtools import config_hash, to_dict
 from medgn.environment import versions
 from medgn.errors import InputDataError, ModelError
-from medgn.logs import get_logger
+from medgn.logs import get_logger, warn_user
 from medgn.train import distributed as ddp
 from medgn.train.config import TrainConfig
 from medgn.train.losses import default_loss
@@ -404,11 +404,11 @@ class Trainer:
         self.state = TrainState(**{k: v for k, v in state["counters"].items() if k in fields})
         self.state.stop_reason = ""
         saved_world = int(state.get("sampler", {}).get("world_size", 1))
-        if saved_world != self.dist.world_size:
-            log.warning(
-                "resuming a %d-process run with %d processes: data order and RNG streams change",
-                saved_world,
-                self.dist.world_size,
+        if saved_world != self.dist.world_size and self.dist.is_main:  # said once, on the console too
+            warn_user(
+                f"resuming a {saved_world}-process run with {self.dist.world_size} processes: data order and RNG "
+                "streams change (the result is no longer bit for bit an uninterrupted run's)",
+                log,
             )
         rngs = state.get("rng") or []
         if rngs:

@@ -439,3 +439,12 @@ def test_the_grad_scaler_step_unscales_before_clipping_and_updates(tmp_path: Pat
     for p, q in zip(plain.module.parameters(), scaled.module.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
     assert scaled.scaler.get_scale() == 2.0**10  # a finite step keeps the scale until the growth interval
+
+
+def test_resuming_with_another_process_count_is_said_on_the_console(capsys: pytest.CaptureFixture[str]) -> None:
+    """The warning went to medgn.log only: a 2-process run resumed alone silently changed its data order."""
+    cfg = _cfg(epochs=1)
+    state = _trainer(cfg, None, []).state_dict()
+    state["sampler"]["world_size"] = 2
+    _trainer(cfg, None, []).load_state_dict(state)
+    assert "resuming a 2-process run with 1 processes: data order and RNG streams change" in capsys.readouterr().err
