@@ -200,6 +200,13 @@ def dicom_header(path: Path, limits: Limits) -> HeaderInfo:
     first = None
     for name in files:
         reader = itk_reader(Path(name))
+        frames = _positive(reader, "0028|0008")  # NumberOfFrames
+        if frames is not None and frames > 1:  # its per-frame positions are not in the slice tags read here
+            raise InputDataError(
+                name,
+                f"multi-frame DICOM ({int(frames)} frames in one file, e.g. Enhanced CT/MR) is not read",
+                expected="a classic series, one file per slice (convert it, e.g. with dcm2niix)",
+            )
         position, orientation, pixel = _slice_geometry(reader, name)
         _check_pixel_data(name)
         if _tag(reader, "0028|0004").upper() == "MONOCHROME1":
@@ -211,6 +218,13 @@ def dicom_header(path: Path, limits: Limits) -> HeaderInfo:
             )
         if first is None:
             first, orientation0, pixel0 = reader, orientation, pixel
+        elif tuple(reader.GetSize())[:2] != tuple(first.GetSize())[:2]:
+            raise InputDataError(
+                name,
+                "DICOM slices differ in size (Columns x Rows)",
+                got="x".join(map(str, tuple(reader.GetSize())[:2])),
+                expected=f"{'x'.join(map(str, tuple(first.GetSize())[:2]))} (as {files[0]})",
+            )
         elif np.max(np.abs(orientation - orientation0)) > 1e-3 or np.max(np.abs(pixel - pixel0)) > 1e-3 * pixel0.max():
             raise InputDataError(
                 name,

@@ -114,3 +114,25 @@ def test_a_duplicate_slice_is_named_as_such(tmp_path: Path) -> None:
     with pytest.raises(InputDataError, match="1 slice\\(s\\) at the position of another: .* at 4.000 mm") as info:
         read_volume(folder)
     assert "copy_of_slice.dcm" in str(info.value) and files[2].name in str(info.value)
+
+
+def test_slices_of_another_size_and_multi_frame_files_are_named(tmp_path: Path) -> None:
+    """A slice of other Columns was "cannot read the voxel data" naming the folder; an Enhanced
+    multi-frame file was "no ImagePositionPatient"."""
+    folder, files, _ = _series(tmp_path / "s")
+    ds = pydicom.dcmread(files[4])
+    ds.Columns = SHAPE[0] + 2
+    ds.PixelData = np.zeros((SHAPE[1], SHAPE[0] + 2), dtype=np.int16).tobytes()
+    ds.save_as(files[4])
+    with pytest.raises(InputDataError, match="DICOM slices differ in size \\(Columns x Rows\\) \\(got 10x8") as info:
+        read_volume(folder)
+    assert str(files[4]) in str(info.value)
+    multi, files, _ = _series(tmp_path / "m")
+    for path in files[1:]:
+        path.unlink()
+    ds = pydicom.dcmread(files[0])
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    ds.save_as(files[0])
+    with pytest.raises(InputDataError, match="multi-frame DICOM \\(2 frames in one file"):
+        read_volume(multi)
