@@ -13,6 +13,8 @@ import platform
 import sys
 from typing import Any
 
+# torchrun's rendezvous variables: with RANK and WORLD_SIZE, what its env:// rendezvous reads.
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT")
 _PACKAGES = ("torch", "monai", "nibabel", "SimpleITK", "numpy", "triton")
 
 

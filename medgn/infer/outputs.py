@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from medgn.data.preflight import MASK_SUFFIXES
+from medgn.environment import RENDEZVOUS_VARS
 from medgn.errors import EXIT_OK, UsageError
 from medgn.files import NAME_MAX, atomic_write_json, make_output_dir, path_sha256
 from medgn.files import is_inside as _inside
@@ -275,7 +276,7 @@ def parse_shard(shard: str | tuple[int, int] | None, env: Mapping[str, str] | No
     if shard is None:
         if "RANK" in env and "WORLD_SIZE" in env:
             shard, source = f"{env['RANK']}/{env['WORLD_SIZE']}", "RANK/WORLD_SIZE"
-            missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+            missing = [name for name in RENDEZVOUS_VARS if not env.get(name)]
             if missing and env["WORLD_SIZE"].strip() != "1":  # left over in a shell, not set by torchrun
                 raise UsageError(
                     source,

@@ -204,7 +204,7 @@ def infer(
                 created, named = missing_folders(target.folder), True
             out, shard_pair, lock = _claim_output(input_path, output_dir, target, settings, created)
             if shard_pair is not None:  # after its lock is released (last in, first out): an empty shard folder goes
-                stack.callback(_remove_empty_folder, lock.folder)
+                stack.callback(remove_empty_folders, [lock.folder])
             try:
                 stack.enter_context(lock)  # at once: a refused run never removes a folder another run took
             except LockedError as exc:
@@ -263,11 +263,6 @@ def _mask_lock(out: Path, stem: str) -> RunLock:
         return lock.acquire()
     except LockedError as exc:
         raise _mask_locked(out, stem, exc) from None
-
-
-def _remove_empty_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not empty (another shard run of the same split holds it), or gone
-        folder.rmdir()
 
 
 def _mask_locked(out: Path, stem: str, exc: LockedError) -> LockedError:

@@ -27,10 +27,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from medgn.environment import RENDEZVOUS_VARS
 from medgn.errors import UsageError
 
-# torchrun's variables; with MASTER_ADDR/MASTER_PORT they are what the env:// rendezvous reads.
-RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT")
 # What a collective says when a peer process is gone (gloo over TCP; NCCL's communicator).
 PEER_LOST_TEXT = (
     "gloo/transport",
