@@ -106,15 +106,11 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
 
 def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager[None]:
     """The autocast context a forward pass runs in on ``device`` for ``precision`` (see WindowSettings)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if device.type == "cuda":
+    resolved = resolve_precision(device, precision)
+    if device.type == "cuda" and resolved != "fp32":
         # bf16 keeps fp32's exponent range (no overflow in deep layers); fp16 only on older GPUs.
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else None
-        if dtype is None:  # "auto"
-            dtype = torch.bfloat16 if cuda_bf16_supported(device) else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    if device.type == "cpu" and (precision == "bf16" or (precision == "auto" and cpu_bf16_supported())):
+        return torch.autocast("cuda", dtype=torch.bfloat16 if resolved == "bf16" else torch.float16)
+    if device.type == "cpu" and resolved == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
