@@ -50,6 +50,11 @@ def brief(text: object, width: int = 200) -> str:
 OUT_OF_MEMORY_TEXT = ("can't allocate memory", "cannot allocate memory", "not enough memory", "out of memory")
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the file system is full or over quota (exit 5, not a bug)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def out_of_memory(exc: BaseException | None) -> BaseException | None:
     """The exception in ``exc``'s chain (itself, then its causes and contexts) saying memory ran out.
 

@@ -13,7 +13,6 @@ hashing a file, an input (a file or a DICOM folder) and a JSON-able record.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from medgn.errors import LockedError, ResourceError, UsageError
+from medgn.errors import LockedError, ResourceError, UsageError, disk_full
 
 TEMP_MARK = ".medgn-tmp-"
 LOCK_NAME = ".medgn.lock"
@@ -159,7 +158,7 @@ def make_output_dir(path: str | os.PathLike[str], what: str = "output folder") -
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if disk_full(exc):
             raise ResourceError(path, f"no space left on device in the {what}", expected="free disk space") from None
         raise UsageError(
             path, f"{what} is not writable ({exc.strerror or exc})", expected="a writable folder"
@@ -220,7 +219,7 @@ def atomic_path(final: str | os.PathLike[str], *, overwrite: bool = True) -> Ite
         fsync_dir(final.parent)
     except OSError as exc:
         _remove_quietly(tmp)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if disk_full(exc):
             raise ResourceError(final, "no space left on device while writing", expected="free disk space") from exc
         raise
     except RuntimeError as exc:

@@ -16,7 +16,6 @@ When an output folder is given, the run holds its lock and writes the reports
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medgn.errors import InputDataError, MedgnError, ResourceError, UsageError
+from medgn.errors import InputDataError, MedgnError, ResourceError, UsageError, disk_full
 from medgn.evaluate.figures import find_image
 from medgn.evaluate.metrics import (
     FLAG_BOTH_EMPTY,
@@ -450,7 +449,7 @@ def _write(
         names = [f.relative_to(stage) for f in write_outputs(result, stage, shown)] + shown
         _publish(stage, out_dir, names)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if disk_full(exc):
             raise ResourceError(out_dir, "no space left on device while writing", expected="free disk space") from exc
         raise
     finally:
