@@ -256,13 +256,14 @@ def _load_msd(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIndex
     for i, rel in enumerate(test_list):
         if isinstance(rel, dict) and "image" in rel:  # MONAI's style: {"image": "./imagesTs/x.nii.gz"}
             rel = rel["image"]
+        if not isinstance(rel, str):
+            problems.append(f"test[{i}] is not a path or an object with an 'image' path: {rel!r}"[:200])
+            continue
         path = _inside(root, rel, json_path, problems)
         if path is not None:
             case_id = test_ids.take(i, rel, strip_image_suffix(path.name))
             if case_id is not None:
                 tests.append(Case(case_id, (path,), None))
-        elif not isinstance(rel, str):
-            problems[-1] = f"test[{i}] is not a path or an object with an 'image' path: {rel!r}"[:200]
     _raise_all(json_path, problems)
     names = channels or ("image",)
     return DatasetIndex(

@@ -216,14 +216,12 @@ def dicom_header(path: Path, limits: Limits) -> HeaderInfo:
                 "MONOCHROME1 slices are not read: their stored values would come out inverted",
                 expected="a MONOCHROME2 series (PhotometricInterpretation 0028,0004)",
             )
+        size = "x".join(map(str, tuple(reader.GetSize())[:2]))  # Columns x Rows
         if first is None:
-            first, orientation0, pixel0 = reader, orientation, pixel
-        elif tuple(reader.GetSize())[:2] != tuple(first.GetSize())[:2]:
+            first, orientation0, pixel0, size0 = reader, orientation, pixel, size
+        elif size != size0:
             raise InputDataError(
-                name,
-                "DICOM slices differ in size (Columns x Rows)",
-                got="x".join(map(str, tuple(reader.GetSize())[:2])),
-                expected=f"{'x'.join(map(str, tuple(first.GetSize())[:2]))} (as {files[0]})",
+                name, "DICOM slices differ in size (Columns x Rows)", got=size, expected=f"{size0} (as {files[0]})"
             )
         elif np.max(np.abs(orientation - orientation0)) > 1e-3 or np.max(np.abs(pixel - pixel0)) > 1e-3 * pixel0.max():
             raise InputDataError(

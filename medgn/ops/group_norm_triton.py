@@ -204,8 +204,8 @@ def group_norm_backward(
     w = weight if weight is not None else x
     b = bias if bias is not None else x
     # Absent gradients are distinct empty tensors: custom-op outputs may not alias each other.
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight is not None else x.new_empty((0,))
-    db = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias is not None else x.new_empty((0,))
+    dw = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
+    db = torch.empty_like(bias) if bias is not None else x.new_empty((0,))
     s = math.prod(x.shape[2:])
     cpg = c // num_groups
     count = float(cpg * s)

@@ -68,9 +68,10 @@ def plan_for_ct_or_mr(modality: str, stats: dict[str, float] | None = None) -> d
             "rescale_to_0_1" and "rgb_to_0_1" get the z-score too, with a warning.
         stats: foreground intensity statistics (``p00_5``, ``p99_5``, ``mean``, ``std``), needed for CT.
     """
-    if modality.strip().lower() == "nonorm":
+    name = modality.strip().lower()
+    if name == "nonorm":
         return {"scheme": "none"}
-    if modality.strip().lower() in ("rescale_to_0_1", "rgb_to_0_1"):
+    if name in ("rescale_to_0_1", "rgb_to_0_1"):
         warn_user(
             f"channel {modality!r}: medgn has no rescaling to [0, 1]; the channel is z-scored per case instead",
             log,

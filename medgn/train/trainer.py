@@ -36,7 +36,7 @@ from medgn.train.rng import capture_rng, restore_rng, seed_everything
 from medgn.train.sampler import BatchSource
 from medgn.train.state import NonFiniteLossError, StepResult, TrainState
 
-__all__ = ["HookBase", "Trainer", "default_loss"]  # default_loss: its old home
+__all__ = ["HookBase", "Trainer"]
 
 log = get_logger(__name__)
 
