@@ -43,25 +43,79 @@ MIN_GAIN = 1e-4
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of a boolean mask (empty stays empty).
+    """The largest 26-connected component of a boolean mask of up to 3 axes (empty stays empty).
 
-    Labelled inside the mask's bounding box only: an organ fills a small part of a scan, and
-    labelling the whole grid took most of the time (0.2 s of a 2.3 M-voxel LA2018 scan).
+    Of pieces of equal size, the one whose first voxel comes first in C order is kept (the same
+    choice as ``scipy.ndimage.label`` followed by an argmax of the sizes). Labelled inside the mask's
+    bounding box only: an organ fills a small part of a scan.
     """
-    from scipy import ndimage
-
     mask = np.asarray(mask, dtype=bool)
+    if mask.ndim > 3:
+        raise ValueError(f"largest_component takes at most 3 axes, got shape {mask.shape}")
     box = nonzero_box(mask)
     if box is None:
         return mask.copy()
-    labels, count = ndimage.label(mask[box], structure=np.ones((3,) * mask.ndim, dtype=bool))
-    if count <= 1:
-        return mask.copy()
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
     out = np.zeros_like(mask)
-    out[box] = labels == int(sizes.argmax())
+    out[box] = _largest_run_component(mask[box])
     return out
+
+
+# Under 26-connectivity a row (d, h, :) of a volume touches the rows at these (d, h) offsets after
+# it in C order; the four before it are found from their side.
+_ROWS_AFTER = ((0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def _largest_run_component(mask: np.ndarray) -> np.ndarray:
+    """:func:`largest_component` of a non-empty mask, labelled as runs of voxels along the last axis.
+
+    Each run is a node; two runs are joined when their rows are neighbours and their extents
+    overlap or touch diagonally. The graph's components come from hooking roots to the smaller
+    root and halving paths until every edge joins one root. This needs numpy only: importing
+    ``scipy.ndimage`` took 0.1 s, a twentieth of a one-scan ``medgn infer``.
+    """
+    grid = mask.reshape((1,) * (3 - mask.ndim) + mask.shape)
+    depth, height, width = grid.shape
+    rows = grid.reshape(-1, width)
+    steps = np.diff(rows.astype(np.int8), axis=1, prepend=np.int8(0), append=np.int8(0))
+    row, start = np.nonzero(steps == 1)  # runs in C order: by row, then start; stops rise likewise
+    stop = np.nonzero(steps == -1)[1]  # one past each run's last voxel
+    span = width + 2  # row-major keys that keep every row's positions apart
+    key_start, key_stop = row * span + start, row * span + stop
+    d, h = np.divmod(row, height)
+    ends_a, ends_b = [], []
+    for dd, dh in _ROWS_AFTER:
+        nd, nh = d + dd, h + dh
+        i = np.flatnonzero((nd < depth) & (nh >= 0) & (nh < height))
+        target = (nd[i] * height + nh[i]) * span
+        # the target row's runs j touching run i: stop_j >= start_i and start_j <= stop_i
+        lo = np.searchsorted(key_stop, target + start[i], side="left")
+        hi = np.searchsorted(key_start, target + stop[i], side="right")
+        count = np.maximum(hi - lo, 0)
+        total = int(count.sum())
+        if total:
+            first = np.repeat(np.cumsum(count) - count, count)
+            ends_a.append(np.repeat(i, count))
+            ends_b.append(np.repeat(lo, count) + np.arange(total) - first)
+    root = np.arange(row.size)
+    if ends_a:
+        a, b = np.concatenate(ends_a), np.concatenate(ends_b)
+        while True:
+            ra, rb = root[a], root[b]
+            apart = ra != rb
+            if not apart.any():
+                break
+            np.minimum.at(root, np.maximum(ra, rb)[apart], np.minimum(ra, rb)[apart])
+            while True:  # every node straight to its root
+                up = root[root]
+                if np.array_equal(up, root):
+                    break
+                root = up
+    sizes = np.bincount(root, weights=stop - start, minlength=row.size)
+    keep = root == int(sizes.argmax())  # roots are each piece's first run: ties go to the first piece
+    edges = np.zeros((rows.shape[0], width + 1), np.int32)
+    np.add.at(edges, (row[keep], start[keep]), 1)
+    np.add.at(edges, (row[keep], stop[keep]), -1)
+    return (np.cumsum(edges[:, :width], axis=1) > 0).reshape(mask.shape)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

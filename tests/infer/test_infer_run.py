@@ -325,15 +325,16 @@ def test_la2018_case_keeps_its_geometry(tmp_path: Path, shared_data: Path) -> No
 NO_MONAI = """
 import sys
 from medgn.cli import main
-code = main(["infer", "--model", sys.argv[1], "--input", sys.argv[2], "--output", sys.argv[3]])
-print(code, sorted(m for m in ("monai", "scipy.signal", "pandas") if m in sys.modules))
+code = main(["infer", "--model", sys.argv[1], "--input", sys.argv[2], "--output", sys.argv[3], "--postprocess", "lcc"])
+print(code, sorted(m for m in ("monai", "scipy.ndimage", "scipy.signal", "pandas") if m in sys.modules))
 """
 
 
 def test_infer_segments_a_scan_without_importing_monai(tmp_path: Path) -> None:
     # Importing MONAI takes 2-3 s, longer than segmenting a scan on a CPU: inference reads, preprocesses,
     # slides its windows and inverts with medgn's own code (held to MONAI's by tests/data/test_prepare.py
-    # and tests/infer/test_sliding_window.py).
+    # and tests/infer/test_sliding_window.py). The largest-component filter labels without
+    # scipy.ndimage, whose import took 0.1 s (held to scipy's labelling by tests/infer/test_postprocess.py).
     run = F.save_run(tmp_path / "run")
     scan = F.write_image(tmp_path / "scan.nii.gz", F.image(), AFFINE)
     out = tmp_path / "out" / "mask.nii.gz"

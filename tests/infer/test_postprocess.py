@@ -43,20 +43,54 @@ def test_largest_component_keeps_the_biggest_piece_only() -> None:
     assert not postprocess.largest_component(np.zeros((4, 4, 4), bool)).any()
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_largest_component_in_the_bounding_box_equals_labelling_the_whole_grid(seed: int) -> None:
+def _scipy_largest(mask: np.ndarray) -> np.ndarray:
+    """The reference: scipy's 26-connected labelling of the whole grid, then the first largest label."""
     from scipy import ndimage
 
+    labels, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
+    if count == 0:
+        return mask.copy()
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == sizes.argmax()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_largest_component_equals_scipys_labelling_of_the_whole_grid(seed: int) -> None:
     rng = np.random.default_rng(seed)
     mask = np.zeros((30, 26, 22), bool)
     mask[3:20, 5:24, 2:15] = rng.random((17, 19, 13)) < 0.3  # many pieces, some of equal size
-    labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
     kept = postprocess.largest_component(mask)
     assert kept.shape == mask.shape and kept.dtype == bool
     assert 0 < kept.sum() < mask.sum()  # pieces were dropped
-    np.testing.assert_array_equal(kept, labels == sizes.argmax())
+    np.testing.assert_array_equal(kept, _scipy_largest(mask))
+
+
+def test_largest_component_matches_scipy_on_many_small_masks_of_one_to_three_axes() -> None:
+    # Edge rows and columns, runs touching only diagonally, masks of one voxel or all voxels, and ties
+    # between pieces of equal size (the first in C order wins, as with scipy's label order).
+    rng = np.random.default_rng(7)
+    for _ in range(1500):
+        shape = tuple(int(n) for n in rng.integers(1, 8, size=int(rng.integers(1, 4))))
+        mask = rng.random(shape) < rng.uniform(0.05, 0.8)
+        kept = postprocess.largest_component(mask)
+        assert kept.shape == mask.shape and kept.dtype == bool
+        np.testing.assert_array_equal(kept, _scipy_largest(mask), err_msg=f"{shape}\n{mask.astype(int)}")
+
+
+def test_largest_component_joins_runs_that_touch_only_at_a_corner() -> None:
+    mask = np.zeros((3, 3, 3), bool)
+    mask[0, 0, 0] = mask[1, 1, 1] = mask[2, 2, 2] = True  # a chain of voxels meeting at corners
+    mask[0, 2, 0] = True  # meets (1, 1, 1) at a corner as well: all four are one piece
+    assert postprocess.largest_component(mask).sum() == 4
+    two = np.zeros((2, 6), bool)
+    two[0, 0:2] = two[1, 3:5] = True  # a gap of one column between the runs: two pieces
+    np.testing.assert_array_equal(postprocess.largest_component(two), two & (np.arange(6) < 2))
+
+
+def test_largest_component_refuses_more_than_three_axes() -> None:
+    with pytest.raises(ValueError, match="at most 3 axes"):
+        postprocess.largest_component(np.ones((2, 2, 2, 2), bool))
 
 
 def test_a_spurious_blob_turns_the_filter_on_and_apply_removes_it() -> None:
