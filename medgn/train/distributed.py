@@ -10,7 +10,8 @@ The environment is checked before the process group is joined (:func:`dist_info_
 leaked or hand-written one otherwise fails deep inside PyTorch or waits 30 minutes for ranks that
 never come: ``WORLD_SIZE`` must be positive, ``0 <= RANK < WORLD_SIZE``, ``0 <= LOCAL_RANK <
 LOCAL_WORLD_SIZE`` (and a visible GPU), and ``MASTER_ADDR``/``MASTER_PORT`` set when more than one
-process takes part (exit 2 naming the variables). A peer that dies mid-run breaks the collectives of
+process takes part (exit 2 naming the variables). A group that cannot be joined is named with its
+address: a busy ``MASTER_PORT`` is exit 2, no answer or a timeout exit 5. A peer that dies mid-run breaks the collectives of
 the others: :func:`peer_failure` recognises that error, which the CLI reports as "another rank
 stopped" (exit 5: the job lost a process, a machine or a connection) rather than as a bug.
 """
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from medgn.environment import RENDEZVOUS_VARS
-from medgn.errors import UsageError
+from medgn.errors import ResourceError, UsageError, brief
 
 # What a collective says when a peer process is gone (gloo over TCP; NCCL's communicator).
 PEER_LOST_TEXT = (
@@ -139,8 +140,31 @@ def init_distributed(device_type: str) -> DistInfo:
                 expected="--nproc_per_node at most the number of visible GPUs (CUDA_VISIBLE_DEVICES)",
             )
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    try:
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    except dist.DistError as exc:
+        raise _join_failure(exc) from exc
     return info
+
+
+def _join_failure(exc: BaseException) -> UsageError | ResourceError:
+    """The error for a process group that could not be joined: a busy ``MASTER_PORT`` is the user's to
+    change (exit 2); anything else (no answer from the address, a timeout) is the network's (exit 5).
+    Without this, a failed join read as "another rank stopped"."""
+    where = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+    reason = brief(exc, 160)
+    if "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower():
+        return UsageError(
+            "MASTER_PORT",
+            f"cannot start the process group at {where}: the port is in use",
+            expected="a free port (torchrun --master-port, or MASTER_PORT)",
+        )
+    return ResourceError(
+        "",
+        f"cannot join the process group at {where}",
+        got=reason,
+        expected="every rank started with the same MASTER_ADDR and MASTER_PORT, reachable from this machine",
+    )
 
 
 def peer_failure(exc: BaseException | None) -> BaseException | None:

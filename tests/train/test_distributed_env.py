@@ -12,7 +12,7 @@ import pytest
 import torch.distributed as dist
 
 from medgn.cli import main
-from medgn.errors import UsageError
+from medgn.errors import ResourceError, UsageError
 from medgn.train import distributed as ddp
 
 VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -143,3 +143,43 @@ def test_cli_reports_a_lost_rank_on_one_line(
     assert main(["env"]) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(words), err
+
+
+def test_a_busy_master_port_is_exit_2_naming_the_port(monkeypatch, tmp_path, capsys) -> None:
+    # Rank 0 starts the rendezvous server on MASTER_PORT; a port in use failed there and read as
+    # "another rank stopped" (exit 5), sending the user to look for a rank that never ran.
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for name in VARS:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in {
+            "RANK": "0",
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }.items():
+            monkeypatch.setenv(name, value)
+        out = tmp_path / "run"
+        code = main(["train", "--data", str(tmp_path), "--out", str(out), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert f"127.0.0.1:{port}: the port is in use" in err[0] and err[0].startswith("medgn: error: MASTER_PORT:"), err
+    assert not dist.is_initialized()
+
+
+def test_a_process_group_that_cannot_be_joined_is_a_resource_error(env, monkeypatch) -> None:
+    env(RANK="1", WORLD_SIZE="2", **RENDEZVOUS)
+
+    def timed_out(*args, **kwargs):
+        raise dist.DistNetworkError("The client socket has timed out after 1800000ms while trying to connect")
+
+    monkeypatch.setattr(dist, "init_process_group", timed_out)
+    with pytest.raises(ResourceError) as info:
+        ddp.init_distributed("cpu")
+    line = info.value.one_line()
+    assert info.value.code == 5 and "cannot join the process group at 127.0.0.1:29555" in line
+    assert "timed out" in line
