@@ -11,9 +11,10 @@ leaked or hand-written one otherwise fails deep inside PyTorch or waits 30 minut
 never come: ``WORLD_SIZE`` must be positive, ``0 <= RANK < WORLD_SIZE``, ``0 <= LOCAL_RANK <
 LOCAL_WORLD_SIZE`` (and a visible GPU), and ``MASTER_ADDR``/``MASTER_PORT`` set when more than one
 process takes part (exit 2 naming the variables). A group that cannot be joined is named with its
-address: a busy ``MASTER_PORT`` is exit 2, no answer or a timeout exit 5. A peer that dies mid-run breaks the collectives of
-the others: :func:`peer_failure` recognises that error, which the CLI reports as "another rank
-stopped" (exit 5: the job lost a process, a machine or a connection) rather than as a bug.
+address: a busy ``MASTER_PORT`` is exit 2, no answer or a timeout exit 5. A peer that dies mid-run
+breaks the collectives of the others: :func:`peer_failure` recognises that error, which the CLI
+reports as "another rank stopped" (exit 5: the job lost a process, a machine or a connection)
+rather than as a bug.
 """
 
 from __future__ import annotations
