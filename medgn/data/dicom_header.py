@@ -9,6 +9,7 @@ found, then the stack checked for gantry tilt, missing or uneven slices before a
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -193,10 +194,35 @@ def _check_pixel_data(name: str) -> None:
         )
 
 
+def _check_one_plane(planes: list[tuple[str, np.ndarray, np.ndarray, str]]) -> None:
+    """Refuse slices whose size, orientation or pixel spacing differ from most of the series'.
+
+    The slice named is one outside the majority, so a localizer (scout) image that sorts first is
+    named itself instead of the first good slice after it.
+    """
+    key = [(size, tuple(np.round(o.ravel(), 3)), tuple(np.round(p, 3))) for _, o, p, size in planes]
+    common, count = Counter(key).most_common(1)[0]
+    _, orientation0, pixel0, size0 = planes[key.index(common)]
+    share = f"as {count} of {len(planes)} slices, e.g. {planes[key.index(common)][0]}"
+    for name, orientation, pixel, size in planes:
+        if size != size0:
+            raise InputDataError(
+                name, "DICOM slices differ in size (Columns x Rows)", got=size, expected=f"{size0} ({share})"
+            )
+        if np.max(np.abs(orientation - orientation0)) > 1e-3 or np.max(np.abs(pixel - pixel0)) > 1e-3 * pixel0.max():
+            raise InputDataError(
+                name,
+                "DICOM slices differ in orientation or pixel spacing (a localizer in the series?)",
+                got=f"{orientation.ravel().tolist()}, {pixel.tolist()}",
+                expected=f"{orientation0.ravel().tolist()}, {pixel0.tolist()} ({share})",
+            )
+
+
 def dicom_header(path: Path, limits: Limits) -> HeaderInfo:
     """The validated header of the one DICOM series in folder ``path``, every slice checked from its tags."""
     files = dicom_series_files(path)
     positions = []
+    planes: list[tuple[str, np.ndarray, np.ndarray, str]] = []  # file, orientation, pixel spacing, size
     first = None
     for name in files:
         reader = itk_reader(Path(name))
@@ -218,20 +244,11 @@ def dicom_header(path: Path, limits: Limits) -> HeaderInfo:
             )
         size = "x".join(map(str, tuple(reader.GetSize())[:2]))  # Columns x Rows
         if first is None:
-            first, orientation0, pixel0, size0 = reader, orientation, pixel, size
-        elif size != size0:
-            raise InputDataError(
-                name, "DICOM slices differ in size (Columns x Rows)", got=size, expected=f"{size0} (as {files[0]})"
-            )
-        elif np.max(np.abs(orientation - orientation0)) > 1e-3 or np.max(np.abs(pixel - pixel0)) > 1e-3 * pixel0.max():
-            raise InputDataError(
-                name,
-                "DICOM slices differ in orientation or pixel spacing",
-                got=f"{orientation.ravel().tolist()}, {pixel.tolist()}",
-                expected=f"{orientation0.ravel().tolist()}, {pixel0.tolist()} (as {files[0]})",
-            )
+            first = reader
+        planes.append((name, orientation, pixel, size))
         positions.append(position)
     assert first is not None  # dicom_series_files never returns an empty list
+    _check_one_plane(planes)
     info = itk_info(path, first, "dicom", limits)
     direction = np.asarray(info.meta["direction"]).reshape(3, 3)
     normal = direction[:, 2]

@@ -80,6 +80,21 @@ def test_one_slice_takes_its_thickness_as_the_step(tmp_path: Path) -> None:
     assert read_volume(folder).spacing[2] == pytest.approx(3.5)
 
 
+def test_a_localizer_sorting_first_is_the_slice_named(tmp_path: Path) -> None:
+    """A scout image filed before the axial slices made every good slice "differ", the first one named."""
+    folder, files, _ = _series(tmp_path / "s")
+    ds = pydicom.dcmread(files[0])
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # coronal
+    ds.InstanceNumber = 99
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.2.1125.99.1"
+    localizer = folder / "000_localizer.dcm"
+    ds.save_as(localizer)
+    with pytest.raises(InputDataError, match="differ in orientation or pixel spacing") as info:
+        read_volume(folder)
+    line = str(info.value)
+    assert line.startswith(f"{localizer}:") and f"as {len(files)} of {len(files) + 1} slices" in line, line
+
+
 def test_a_series_that_continues_in_a_subfolder_is_refused(tmp_path: Path) -> None:
     """Half a series beside its other half in a subfolder was segmented as half a volume, exit 0."""
     folder, files, _ = _series(tmp_path / "s")
