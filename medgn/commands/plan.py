@@ -105,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             out, "refusing to write into the dataset folder", expected="an output path outside the input tree"
         )
-    if out.is_dir():
-        raise UsageError(out, "output path is a folder", expected="a plan file name, e.g. runs/la2018_plan.json")
+    if out.is_dir() or args.out.endswith(("/", os.sep)):  # Path() drops the slash of "newrun/"
+        raise UsageError(args.out, "output path is a folder", expected="a plan file name, e.g. runs/la2018_plan.json")
     if out.exists() and not args.overwrite:
         raise UsageError(out, "output exists", expected="a new path, or pass --overwrite")
     if args.folds is not None and args.folds < 2:
@@ -142,7 +142,13 @@ def run(args: argparse.Namespace) -> int:
         if existing is not None:
             splits = existing
         elif len(index.cases) >= 2:
-            folds = min(args.folds or PlanConfig().n_folds, len(index.cases))
+            asked = args.folds or PlanConfig().n_folds
+            folds = min(asked, len(index.cases))
+            if folds < asked:
+                warn_user(
+                    f"{asked} folds asked ({'--folds' if args.folds else 'the default'}) but the dataset has "
+                    f"{len(index.cases)} cases: {folds} folds, one case each held out"
+                )
             splits = load_or_create_splits(
                 out.with_name(SPLITS_FILE),
                 [c.case_id for c in index.cases],

@@ -24,7 +24,7 @@ from medgn.data.case_stats import (
     ras_spacing_shape,
 )
 from medgn.data.datasets import Case, DatasetIndex, refuse_unsupported_labels
-from medgn.data.io import read_volume
+from medgn.data.io import geometry_diff, read_volume
 from medgn.data.multichannel import read_case_images
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
 from medgn.data.verify import label_coverage
@@ -62,6 +62,17 @@ def _read_case(case: Case, index: DatasetIndex, limits: Limits, rng: np.random.G
     label_values = sorted(index.labels.values()) if index.labels else None
     images = read_case_images(case.images, len(index.channel_names), limits)
     label = read_volume(case.label, limits, label=True, label_values=label_values) if case.label else None
+    # The statistics sample every volume at the label's voxel positions: they must share one grid
+    # (the same rule and words as verify's).
+    first = images[0]
+    for channel, vol in enumerate(images[1:], start=1):
+        diffs = geometry_diff(first, vol)
+        if diffs:
+            raise InputDataError(vol.path, f"channel {channel} geometry differs from {first.path}: {'; '.join(diffs)}")
+    if label is not None:
+        diffs = geometry_diff(first, label)
+        if diffs:
+            raise InputDataError(label.path, f"label geometry differs from image {first.path}: {'; '.join(diffs)}")
     return case_statistics(case.case_id, images, label, rng)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,6 +48,60 @@ def make_splits(case_ids: Sequence[str], n_folds: int = 5, seed: int = 0) -> lis
     ]
 
 
+def _names(ids: Sequence[str] | set[str], limit: int = 5) -> str:
+    shown = sorted(ids)[:limit]
+    return ", ".join(shown) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def _check_splits(path: Path, splits: object, case_ids: Sequence[str], other_dataset: str) -> None:
+    """Refuse a splits file that is not a list of folds over exactly the dataset's cases.
+
+    Every case is validated in exactly one fold; a fold trains only on known cases, never on its own
+    validation cases, and on at least one case. (A fold may train on fewer than all other cases, as
+    a hand-made split can leave some out.)
+    """
+    folds = splits if isinstance(splits, list) else None
+    ok = folds is not None and all(
+        isinstance(f, dict)
+        and all(isinstance(f.get(k), list) and all(isinstance(c, str) for c in f[k]) for k in ("train", "val"))
+        for f in folds
+    )
+    if not ok or not folds:
+        raise InputDataError(
+            path, "splits file is malformed", expected='a list of {"train": [...], "val": [...]} folds'
+        )
+    known = set(case_ids)
+    val = [c for f in folds for c in f["val"]]
+    twice = {c for c, n in Counter(val).items() if n > 1}
+    if twice:
+        raise InputDataError(path, f"cases validated in more than one fold: {_names(twice)}")
+    missing, extra = known - set(val), set(val) - known
+    if missing or extra:
+        detail = "; ".join(
+            part
+            for part in (
+                f"{len(extra)} not in the dataset ({_names(extra)})" if extra else "",
+                f"{len(missing)} of the dataset's missing ({_names(missing)})" if missing else "",
+            )
+            if part
+        )
+        raise InputDataError(
+            path,
+            f"splits do not match the dataset's cases: {detail}",
+            got=f"{len(val)} cases",
+            expected=f"{len(known)} cases: {other_dataset}",
+        )
+    for k, fold in enumerate(folds):
+        train = set(fold["train"])
+        unknown, leaked = train - known, train & set(fold["val"])
+        if unknown:
+            raise InputDataError(path, f"fold {k} trains on cases not in the dataset: {_names(unknown)}")
+        if leaked:
+            raise InputDataError(path, f"fold {k} trains on its own validation cases: {_names(leaked)}")
+        if not train:
+            raise InputDataError(path, f"fold {k} has no training cases")
+
+
 def load_or_create_splits(
     path: str | os.PathLike[str],
     case_ids: Sequence[str],
@@ -66,17 +121,7 @@ def load_or_create_splits(
             splits = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise InputDataError(path, f"cannot read splits ({exc})") from None
-        try:
-            val = sorted(c for fold in splits for c in fold["val"])
-        except (TypeError, KeyError):
-            raise InputDataError(path, "splits file is malformed", expected="a list of {train, val} folds") from None
-        if val != sorted(case_ids):
-            raise InputDataError(
-                path,
-                "splits do not match the dataset's cases",
-                got=f"{len(val)} cases",
-                expected=f"{len(case_ids)} cases: {other_dataset}",
-            )
+        _check_splits(path, splits, case_ids, other_dataset)
         return splits
     splits = make_splits(case_ids, n_folds, seed)
     atomic_write_json(path, splits, overwrite=False)

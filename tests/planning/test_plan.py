@@ -263,3 +263,86 @@ def test_a_plan_path_that_is_no_file_is_named_not_opened(tmp_path: Path, kind: s
         path.mkdir()
     with pytest.raises(InputDataError, match="plan file is (neither a regular file|a folder)"):
         Plan.load(path)
+
+
+def _shift_label(root: Path, case: str, affine_change: dict[str, object]) -> Path:
+    import nibabel as nib
+
+    path = root / "labelsTr" / f"{case}.nii.gz"
+    img = nib.load(path)
+    array = np.asarray(img.dataobj)
+    if "pad" in affine_change:
+        array = np.pad(array, ((0, int(affine_change["pad"])), (0, 0), (0, 0)))
+        array[-1] = 1  # foreground where the image has no voxels
+    affine = img.affine.copy()
+    affine[:3, 3] += np.asarray(affine_change.get("shift", (0, 0, 0)))
+    path.unlink()
+    return make_nifti(path, array.astype(np.uint8), affine)
+
+
+@pytest.mark.parametrize("change", [{"pad": 3}, {"shift": (5.0, 0, 0)}], ids=["larger_label", "moved_label"])
+def test_plan_refuses_a_label_off_its_images_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str], change) -> None:
+    # The statistics sample the images at the label's voxel positions: a larger label was an internal
+    # error (IndexError), a moved one a plan from mismatched voxels, exit 0.
+    root = make_nnunet(tmp_path / "ds", n_cases=3, spacing=(1.0, 1.0, 2.0))
+    label = _shift_label(root, "case1", change)
+    out = tmp_path / "plans" / "plan.json"
+    assert main(["plan", str(root), "--out", str(out)]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"medgn: error: {label}: label geometry differs from image"), err
+    assert not out.parent.exists()
+
+
+def test_plan_refuses_a_channel_off_the_first_channels_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_nnunet(tmp_path / "ds", n_cases=3, spacing=(1.0, 1.0, 2.0))
+    channel = root / "imagesTr" / "case2_0001.nii.gz"
+    make_nifti(channel, np.zeros((6, 5, 4), np.float32), spacing=(1.0, 1.0, 3.0))
+    assert main(["plan", str(root), "--out", str(tmp_path / "p" / "plan.json")]) == 3
+    assert f"{channel}: channel 1 geometry differs from" in capsys.readouterr().err
+
+
+def test_plan_out_ending_in_a_slash_is_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_nnunet(tmp_path / "ds", n_cases=3, spacing=(1.0, 1.0, 2.0))
+    out = str(tmp_path / "newrun") + "/"
+    assert main(["plan", str(root), "--out", out]) == 2
+    assert "output path is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "newrun").exists() and not (tmp_path / "splits.json").exists()
+
+
+def test_plan_says_when_it_makes_fewer_folds_than_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_nnunet(tmp_path / "ds", n_cases=3, spacing=(1.0, 1.0, 2.0))
+    out = tmp_path / "p" / "plan.json"
+    assert main(["plan", str(root), "--out", str(out), "--folds", "10"]) == 0
+    captured = capsys.readouterr()
+    assert "10 folds asked (--folds) but the dataset has 3 cases: 3 folds" in captured.err
+    assert len(json.loads((out.parent / "splits.json").read_text())) == 3
+
+
+SPLIT_PROBLEMS = [
+    ("leak", lambda s: s[0]["train"].append(s[0]["val"][0]), "fold 0 trains on its own validation cases: case"),
+    (
+        "unknown",
+        lambda s: s[1]["train"].append("nonexistent_case"),
+        "fold 1 trains on cases not in the dataset: nonexi",
+    ),
+    ("empty_train", lambda s: s[2].update(train=[]), "fold 2 has no training cases"),
+    ("twice", lambda s: s[1]["val"].append(s[0]["val"][0]), "cases validated in more than one fold: case"),
+    (
+        "renamed",
+        lambda s: s[0]["val"].__setitem__(0, "other"),
+        "1 not in the dataset (other); 1 of the dataset's missing",
+    ),
+    ("not_folds", lambda s: s.append({"train": "case0", "val": []}), "splits file is malformed"),
+]
+
+
+@pytest.mark.parametrize(("name", "change", "words"), SPLIT_PROBLEMS, ids=[p[0] for p in SPLIT_PROBLEMS])
+def test_a_hand_made_splits_file_is_checked_fold_by_fold(tmp_path: Path, name: str, change, words: str) -> None:
+    path = tmp_path / "splits.json"
+    ids = [f"case{i}" for i in range(6)]
+    splits = make_splits(ids, 3, 0)
+    change(splits)
+    path.write_text(json.dumps(splits))
+    with pytest.raises(InputDataError) as info:
+        load_or_create_splits(path, ids)
+    assert info.value.where == str(path) and words in info.value.one_line(), info.value.one_line()
