@@ -31,12 +31,22 @@ _RECENT_S = 3600.0
 _fallback: tuple[int, Path] | None = None  # (pid, path): a forked process chooses its own
 
 
+_warnings_given = 0
+
+
 def warn_user(message: str, logger: logging.Logger | None = None) -> None:
     """A warning for the user: one ``medgn: warning:`` line on stderr, and the same in the log."""
     from medgn.errors import printable
 
+    global _warnings_given
+    _warnings_given += 1
     (logger or get_logger()).warning(message)
     sys.stderr.write(f"medgn: warning: {printable(message)}\n")
+
+
+def warnings_given() -> int:
+    """How many :func:`warn_user` lines this process has written (a command's summary counts its own)."""
+    return _warnings_given
 
 
 def fallback_log_path() -> Path:

@@ -10,6 +10,7 @@ from medgn.data.datasets import load_dataset
 from medgn.data.preflight import DEFAULT_LIMITS
 from medgn.data.verify import verify_dataset
 from medgn.errors import InputDataError, UsageError
+from medgn.logs import warn_user, warnings_given
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         from medgn.planning.plan import Plan
 
         plan = Plan.load(args.plan)
+    warned_before = warnings_given()
     index = load_dataset(args.dataset)
     if plan is not None and plan.in_channels != len(index.channel_names):  # as 'medgn train' refuses it
         raise UsageError(
@@ -49,20 +51,26 @@ def run(args: argparse.Namespace) -> int:
         )
     target_spacing = plan.target_spacing if plan is not None else None
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(
-        title=f"{index.name} ({index.format}, {len(index.cases)} cases, channels {', '.join(index.channel_names)})"
-    )
-    for column in ("case", "shape", "spacing (mm)", "labels", "status"):
-        table.add_column(column)
     report = verify_dataset(index, limits, include_test=args.test, target_spacing=target_spacing, warn=None)
+    tested = f", {len(report.cases) - len(index.cases)} test" if args.test else ""
+    table = Table(  # names and ids are shown as written: "[red]" in a name is text, not markup
+        title=escape(
+            f"{index.name} ({index.format}, {len(index.cases)} training{tested} cases, "
+            f"channels {', '.join(index.channel_names)})"
+        )
+    )
+    table.add_column("case", overflow="fold")  # a long id wraps whole instead of losing its middle
+    for column in ("shape", "spacing (mm)", "labels", "status"):
+        table.add_column(column)
     for result in report.cases:
         status = "ok" if result.ok else f"{len(result.problems)} problem(s)"
         if result.notes:
             status += f", {len(result.notes)} note(s)"
         table.add_row(
-            result.case_id,
+            escape(result.case_id),
             str(result.shape or "-"),
             str(result.spacing or "-"),
             str(result.labels_found or "-"),
@@ -73,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         for note in result.notes:
             print(f"note: {note}", file=sys.stderr)
     for warning in report.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        warn_user(warning)
     problems = report.problems
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
@@ -86,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             expected="every case readable, finite, with declared labels and matching geometry, "
             "and some foreground to learn",
         )
-    warned = f" ({len(report.warnings)} warning(s) above)" if report.warnings else ""
+    count = warnings_given() - warned_before
+    warned = f" ({count} warning(s) above)" if count else ""
     print(f"{index.name}: all {len(report.cases)} cases passed{warned}")
     return 0

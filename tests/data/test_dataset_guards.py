@@ -234,7 +234,7 @@ def test_declared_class_in_no_label_is_a_warning(tmp_path: Path, capsys: pytest.
     make_nifti(root / "labelsTr" / "c2.nii.gz", _label(3))
     code, out, err = _run(["verify", root], capsys)
     assert code == 0 and "all 3 cases passed (1 warning(s) above)" in out
-    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    warnings = [line for line in err.splitlines() if line.startswith("medgn: warning:")]
     assert len(warnings) == 1 and "'never' (2)" in warnings[0] and "'rare'" not in warnings[0]
     assert "Dice 0" in warnings[0]
     # The check training runs prints it on stderr too (it calls verify_dataset with the default warn).
@@ -243,6 +243,32 @@ def test_declared_class_in_no_label_is_a_warning(tmp_path: Path, capsys: pytest.
     assert capsys.readouterr().err == f"medgn: warning: {report.warnings[0]}\n"
     code, _, err = _run(["plan", root, "--out", tmp_path / "p" / "plan.json"], capsys)
     assert code == 0 and "medgn: warning:" in err and "'never' (2)" in err
+
+
+def test_verify_counts_every_warning_and_shows_names_as_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A dataset name with "[/red]" was read as console markup (internal error, exit 1); the summary
+    # counted the declared-class warning but not the numTraining one printed before it; the title
+    # counted training cases beside rows of test cases too; long ids lost their middle.
+    long_id = "patient_" + "abcdefghij" * 12
+    root = _msd(tmp_path / "ds", 3, labels={"0": "background", "1": "cube", "2": "never"})
+    desc = json.loads((root / "dataset.json").read_text())
+    desc.update(name="LA [/red] copy", numTraining=80)
+    make_nifti(root / "imagesTr" / f"{long_id}.nii.gz", _image(5))
+    make_nifti(root / "labelsTr" / f"{long_id}.nii.gz", _label())
+    desc["training"].append({"image": f"./imagesTr/{long_id}.nii.gz", "label": f"./labelsTr/{long_id}.nii.gz"})
+    (root / "imagesTs").mkdir()
+    make_nifti(root / "imagesTs" / "t0.nii.gz", _image(6))
+    desc["test"] = ["./imagesTs/t0.nii.gz"]
+    (root / "dataset.json").write_text(json.dumps(desc))
+    code, out, err = _run(["verify", root, "--test"], capsys)
+    warnings = [line for line in err.splitlines() if line.startswith("medgn: warning:")]
+    assert code == 0 and len(warnings) == 2, err
+    assert "LA [/red] copy (msd, 4 training, 1 test cases" in out
+    assert "all 5 cases passed (2 warning(s) above)" in out
+    first_cells = "".join(line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│"))
+    assert long_id in first_cells, out
 
 
 def test_unreadable_label_leaves_class_presence_unjudged(tmp_path: Path) -> None:
