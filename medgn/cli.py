@@ -45,7 +45,7 @@ _LESS_MEMORY = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line and exit code 2.
 
     The line starts ``medgn: error:`` like every other medgn error, then names the subcommand:
@@ -61,10 +61,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``medgn`` argument parser with every registered subcommand."""
-    parser = _Parser(prog="medgn", description="3D medical-image segmentation with a fused GroupNorm U-Net.")
+    parser = OneLineParser(prog="medgn", description="3D medical-image segmentation with a fused GroupNorm U-Net.")
     parser.add_argument("--version", action="version", version=f"medgn {medgn.__version__}")
     parser.add_argument("--debug", action="store_true", help="print tracebacks on errors")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name in SUBCOMMANDS:
         module = importlib.import_module(f"medgn.commands.{name}")
         module.register(subparsers)

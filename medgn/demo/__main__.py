@@ -17,30 +17,77 @@ import sys
 import time
 from pathlib import Path
 
+from medgn.cli import OneLineParser
 from medgn.cli import main as medgn_main
 from medgn.demo.make_dataset import build_demo_dataset
 from medgn.errors import MedgnError, UsageError
+from medgn.files import is_inside
 
-REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-# What a demo folder holds: only such a folder (or an empty one) is replaced by the next demo.
-DEMO_ENTRIES = frozenset({"dataset", "run", "predictions", "evaluation", "plan.json", "splits.json"})
+DEMO_CONFIG = Path(__file__).with_name("demo.yaml")  # package data: the demo runs from a wheel too
+# A demo folder is marked when it is made; only a marked (or an empty) folder is replaced by the next
+# demo. Names alone cannot tell: a project folder may hold its own dataset/ or run/.
+MARKER = ".medgn-demo"
+# What a demo folder holds besides its marker.
+DEMO_ENTRIES = frozenset({MARKER, "dataset", "run", "predictions", "evaluation", "plan.json", "splits.json"})
+DEMO_NAME = "MNI152-demo"  # the dataset.json name of the demo's dataset (folders from before the marker)
+
+
+def _is_earlier_demo(out: Path) -> bool:
+    if (out / MARKER).is_file():
+        return True
+    try:  # a demo folder made before the marker existed: its dataset is the demo's
+        return json.loads((out / "dataset" / "dataset.json").read_text(encoding="utf-8")).get("name") == DEMO_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _replace_demo_folder(out: Path) -> None:
-    """Empty ``out`` for a new demo; refuse a path that is a file or a folder holding anything else."""
+    """Empty ``out`` for a new demo and mark it; refuse a file, a link, the current folder or one above
+    it, and a folder holding anything but an earlier demo."""
+    if out.is_symlink():
+        raise UsageError(out, "demo output path is a symbolic link", expected="a real folder for the demo (--out)")
     if out.exists() and not out.is_dir():
         raise UsageError(out, "demo output path exists and is not a folder", expected="a folder for the demo")
-    if out.is_dir():
+    if is_inside(Path.cwd(), out):
+        raise UsageError(
+            out, "demo output folder holds the current folder", expected="a subfolder, e.g. --out demo_run"
+        )
+    if out.is_dir() and any(out.iterdir()):
         foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES)
-        if foreign:
+        if foreign or not _is_earlier_demo(out):
             raise UsageError(
                 out,
                 "refusing to replace a folder that is not a demo output",
-                got=", ".join(foreign[:5]),
+                got=", ".join(foreign[:5]) or "no demo marker",
                 expected="an empty folder, an earlier demo's folder, or a new --out",
             )
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    try:
+        if out.is_dir():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        (out / MARKER).write_text("made by python -m medgn.demo; the next demo replaces this folder\n")
+    except OSError as exc:
+        raise UsageError(out, f"cannot make the demo folder ({exc.strerror or exc})") from None
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Everything the steps would refuse later, refused before the folder is replaced or minutes spent."""
+    import torch
+
+    from medgn.commands.train import parse_duration_minutes
+    from medgn.config import load_run_config
+    from medgn.environment import resolve_device
+
+    if args.train_subjects < 2 or args.test_subjects < 1:
+        raise UsageError(
+            "--train-subjects/--test-subjects",
+            "too few subjects",
+            got=(args.train_subjects, args.test_subjects),
+            expected=">= 2 training and >= 1 test subjects",
+        )
+    minutes = parse_duration_minutes(args.time_budget)
+    load_run_config(args.config, [*args.set, f"train.time_budget_minutes={minutes}"])
+    resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _run(args: list[str]) -> None:
@@ -51,11 +98,13 @@ def _run(args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m medgn.demo", description="Train, infer and evaluate on the MNI152 demo dataset."
     )
     parser.add_argument("--out", type=Path, default=Path("demo_run"), help="demo folder (replaced)")
-    parser.add_argument("--config", type=Path, default=REPO_CONFIG, help="run config (default configs/demo.yaml)")
+    parser.add_argument(
+        "--config", type=Path, default=DEMO_CONFIG, help="run config (default: the demo's, medgn/demo/demo.yaml)"
+    )
     parser.add_argument(
         "--time-budget", default="8m", help="training time budget, a safety net on slow machines (default 8m)"
     )
@@ -69,18 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     except MedgnError as exc:
         sys.stderr.write(f"medgn: error: {exc.one_line()}\n")
         return exc.code
+    except KeyboardInterrupt:  # Ctrl-C while the dataset is built (the medgn steps handle their own)
+        sys.stderr.write("medgn: stopped: interrupted; the next demo replaces the folder\n")
+        return 130
 
 
 def _demo(args: argparse.Namespace) -> int:
     start = time.monotonic()
     out = args.out
-    if args.train_subjects < 2 or args.test_subjects < 1:  # checked before anything is replaced
-        raise UsageError(
-            "--train-subjects/--test-subjects",
-            "too few subjects",
-            got=(args.train_subjects, args.test_subjects),
-            expected=">= 2 training and >= 1 test subjects",
-        )
+    _check_options(args)  # before anything is replaced
     _replace_demo_folder(out)
     dataset, run, pred, evaluation = out / "dataset", out / "run", out / "predictions", out / "evaluation"
     print(
@@ -141,7 +187,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"report:        {evaluation / 'report.md'}")
     print(f"box plot:      {evaluation / 'boxplot.png'}")
     print(f"overlays:      {evaluation / 'overlays'}")
-    print(f"training plot: {run / 'progress.png'}")
+    if (run / "progress.png").is_file():  # drawn once an epoch has finished
+        print(f"training plot: {run / 'progress.png'}")
     print(f"masks:         {pred}")
     return 0
 

@@ -91,7 +91,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     from medgn.demo.__main__ import _replace_demo_folder
 
     _replace_demo_folder(out)
-    assert out.is_dir() and list(out.iterdir()) == []
+    assert out.is_dir() and [p.name for p in out.iterdir()] == [".medgn-demo"]
 
 
 def test_demo_never_replaces_a_folder_that_is_not_a_demo_output(
@@ -113,3 +113,92 @@ def test_demo_never_replaces_a_folder_that_is_not_a_demo_output(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("medgn: error: ") and "too few subjects" in err[-1]
     assert (earlier / "run").is_dir()
+
+
+def test_a_folder_with_demo_like_names_but_no_demo_is_never_replaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A project folder holding its own dataset/ and splits.json was deleted: names alone passed.
+    from medgn.demo.__main__ import main
+
+    project = tmp_path / "project"
+    (project / "dataset").mkdir(parents=True)
+    (project / "dataset" / "my_scan.nii.gz").write_text("precious")
+    (project / "splits.json").write_text("{}")
+    assert main(["--out", str(project), "--train-subjects", "2", "--test-subjects", "1"]) == 2
+    assert "not a demo output (got no demo marker" in capsys.readouterr().err
+    assert (project / "dataset" / "my_scan.nii.gz").read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    ("option", "words"),
+    [
+        (["--time-budget", "bogus"], "--time-budget: invalid duration"),
+        (["--config", "nope.yaml"], "config file not found"),
+        (["--set", "train.bogus=1"], "train.bogus"),
+    ],
+)
+def test_demo_options_are_refused_before_an_earlier_demo_is_replaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: list[str], words: str
+) -> None:
+    from medgn.demo.__main__ import MARKER, main
+
+    earlier = tmp_path / "earlier"
+    (earlier / "run").mkdir(parents=True)
+    (earlier / MARKER).write_text("")
+    (earlier / "run" / "kept").write_text("x")
+    assert main(["--out", str(earlier), *option]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medgn: error: ") and words in err[0], err
+    assert (earlier / "run" / "kept").is_file() and not (earlier / "dataset").exists()
+
+
+def test_demo_output_paths_it_cannot_use_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medgn.demo.__main__ import MARKER, main
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / MARKER).write_text("")
+    (tmp_path / "link").symlink_to(earlier)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out, words in (
+        (str(tmp_path / "link"), "is a symbolic link"),
+        (".", "holds the current folder"),
+        (str(tmp_path), "holds the current folder"),
+        ("/dev/null/x", "cannot make the demo folder"),
+    ):
+        assert main(["--out", out, "--train-subjects", "2", "--test-subjects", "1"]) == 2, out
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (out, err)
+    assert (earlier / MARKER).is_file() and here.is_dir()
+
+
+def test_ctrl_c_while_the_dataset_is_built_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import medgn.demo.__main__ as demo
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "build_demo_dataset", interrupted)
+    assert demo.main(["--out", str(tmp_path / "d"), "--train-subjects", "2", "--test-subjects", "1"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["medgn: stopped: interrupted; the next demo replaces the folder"], err
+    assert (tmp_path / "d" / demo.MARKER).is_file()  # so the next demo may replace it
+
+
+def test_the_demo_config_ships_inside_the_package() -> None:
+    # It lived in the source tree's configs/, so a wheel's demo failed after minutes of building.
+    import medgn.demo
+    from medgn.config import load_run_config
+    from medgn.demo.__main__ import DEMO_CONFIG
+
+    assert DEMO_CONFIG.parent == Path(medgn.demo.__file__).parent
+    assert tuple(load_run_config(DEMO_CONFIG).plan.patch_size) == (48, 48, 48)
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert '"medgn.demo" = ["demo.yaml"]' in pyproject
