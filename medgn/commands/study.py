@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.config, args.set)
     batch_sizes = _ints(args.batch_sizes, "--batch-sizes", 1, MAX_BATCH)
-    seeds = _ints(args.seeds, "--seeds", 0, 2**31 - 1) if args.seeds else []
+    seeds = _ints(args.seeds, "--seeds", 0, 2**31 - 1) if args.seeds is not None else []
     fold = parse_fold(args.fold)
     if fold == ALL_FOLDS:
         raise UsageError("--fold", "a study compares validation Dice: it needs a validation fold", got=args.fold)
@@ -87,7 +87,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--norms", f"unknown norm {unknown[0]!r}", expected="one of " + ", ".join(sorted(NORMS)))
     samples = args.iterations * min(batch_sizes)
     lcm = math.lcm(*batch_sizes)
-    samples = max(lcm, (samples // lcm) * lcm)  # every batch size divides the samples seen
+    if samples % lcm:  # every arm must see exactly these samples: a batch size must divide them
+        step = lcm // min(batch_sizes)
+        lower, upper = (args.iterations // step) * step, (args.iterations // step + 1) * step
+        raise UsageError(
+            "--iterations",
+            f"{args.iterations} steps at batch {min(batch_sizes)} are {samples} samples, which not every batch "
+            f"size ({args.batch_sizes}) divides",
+            expected=f"a multiple of {step}, e.g. " + (f"{lower} or {upper}" if lower else f"{upper}"),
+        )
     if samples > MAX_SAMPLES_PER_EPOCH:  # each arm is one epoch, whose sample order is a list
         raise UsageError(
             "--iterations",

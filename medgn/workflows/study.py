@@ -63,6 +63,9 @@ FIELDS = (
 )
 
 
+STUDY_FILES = ("study.csv", "study.json", "study.md", "study.png")
+
+
 class StudyStopped(MedgnError):
     """SIGINT or SIGTERM stopped the study before its last arm finished (exit 130 or 143)."""
 
@@ -133,7 +136,8 @@ def norm_study(
     Args:
         cfg: base run config (its ``model.norm`` and ``train.batch_size`` are replaced per run).
         data: dataset folder.
-        out_dir: study folder; each run goes to ``runs/<norm>_b<batch>``.
+        out_dir: study folder; each run goes to ``runs/<norm>_b<batch>_s<seed>`` (a ``:`` in the
+            norm's name becomes ``_``); an earlier study's tables there are removed first.
         norms: norm names (``batch``, ``group``, ``instance``, ``group_torch``, ...); a group norm
             may name its group rule: ``group:cpg4`` (4 channels per group at narrow layers, at
             most 32 groups) or ``group:g32`` (32 groups, or one per channel when narrower).
@@ -154,7 +158,18 @@ def norm_study(
         )
     if lr_scaling not in ("none", "linear"):
         raise UsageError("--lr-scaling", "unknown rule", got=lr_scaling, expected="none or linear")
+    if cfg.train.grad_accum != 1:  # the arms compare batch sizes: accumulation would multiply them unseen
+        raise UsageError(
+            "train.grad_accum",
+            "a norm study compares batch sizes, which gradient accumulation changes",
+            got=cfg.train.grad_accum,
+            expected="1 (the batch sizes are --batch-sizes)",
+        )
     arms = {norm: norm_arm(cfg.model, norm) for norm in norms}  # fails on a bad name before any run
+    configs = {  # every arm's config, built and bound-checked before the study folder is made
+        (norm, seed, batch): arm_config(cfg, arms[norm], seed, batch, samples, min(batch_sizes), lr_scaling)
+        for norm, seed, batch in itertools.product(norms, list(seeds) or [cfg.train.seed], batch_sizes)
+    }
     earlier = list((Path(out_dir) / "runs").glob("*/checkpoints"))
     if earlier:  # its arms would stop at "already has checkpoints" one by one, after others re-ran
         raise UsageError(
@@ -164,8 +179,10 @@ def norm_study(
         )
     created = missing_folders(Path(out_dir) / "runs")  # removed again if the first arm is refused
     make_output_dir(out_dir, "study folder")
+    for name in STUDY_FILES:  # an earlier study's table must not sit beside runs it does not describe
+        (out_dir / name).unlink(missing_ok=True)
     try:
-        rows = _run_arms(cfg, data, Path(out_dir), arms, norms, seeds, batch_sizes, samples, lr_scaling, fold, device)
+        rows = _run_arms(configs, data, Path(out_dir), fold, device)
     except MedgnError:
         remove_empty_folders(created)  # only empty ones: a refused first arm leaves no study folder
         raise
@@ -185,49 +202,22 @@ def norm_study(
 
 
 def _run_arms(
-    cfg: RunConfig,
-    data: Any,
-    out_dir: Path,
-    arms: dict[str, UNet3DConfig],
-    norms: Sequence[str],
-    seeds: Sequence[int],
-    batch_sizes: Sequence[int],
-    samples: int,
-    lr_scaling: str,
-    fold: int,
-    device: str,
+    configs: dict[tuple[str, int, int], RunConfig], data: Any, out_dir: Path, fold: int, device: str
 ) -> list[dict[str, Any]]:
-    """Train every (norm, seed, batch size) arm for the same samples seen; one row per arm.
+    """Train every (norm, seed, batch size) arm of ``configs`` in order; one row per arm.
 
     Raises:
         StudyStopped: SIGINT or SIGTERM arrived (exit 130/143); no further arm runs.
     """
     rows: list[dict[str, Any]] = []
-    plan = list(itertools.product(norms, list(seeds) or [cfg.train.seed], batch_sizes))
+    plan = list(configs)
     arm = ""
     try:
         with _signals_stop_the_study():
             for norm, seed, batch in plan:
                 arm = f"{norm.replace(':', '_')}_b{batch}_s{seed}"
-                iterations = samples // batch
-                lr = cfg.train.lr * (batch / min(batch_sizes) if lr_scaling == "linear" else 1.0)
-                run_cfg = dataclasses.replace(
-                    cfg,
-                    model=arms[norm],
-                    # One epoch of `iterations` steps, validated once at the end; no warmup longer than the run.
-                    train=dataclasses.replace(
-                        cfg.train,
-                        lr=lr,
-                        batch_size=batch,
-                        epochs=1,
-                        iters_per_epoch=iterations,
-                        val_every=0,
-                        warmup_iters=min(cfg.train.warmup_iters, iterations - 1),
-                        early_stopping_patience=0,
-                        seed=seed,
-                        time_budget_minutes=0.0,
-                    ),
-                )
+                run_cfg = configs[norm, seed, batch]
+                iterations, lr = run_cfg.train.iters_per_epoch, run_cfg.train.lr
                 run_dir = out_dir / "runs" / arm
                 log.info("study: norm %s, seed %d, batch %d, %d iterations", norm, seed, batch, iterations)
                 print(f"study: norm={norm} seed={seed} batch={batch} iterations={iterations}", flush=True)
@@ -255,6 +245,37 @@ def _run_arms(
     except _Signalled as exc:
         raise _stopped(exc.signum, out_dir, arm, len(rows), len(plan)) from None
     return rows
+
+
+def arm_config(
+    cfg: RunConfig, model: UNet3DConfig, seed: int, batch: int, samples: int, smallest: int, lr_scaling: str
+) -> RunConfig:
+    """One arm's run config: one epoch of ``samples // batch`` steps, validated once at its end.
+
+    The learning rate scales with the batch under ``linear``; the warmup covers the same samples in
+    every arm (``train.warmup_iters`` is steps at the smallest batch), never the whole run. Built
+    through the config's own checks, so a scaled learning rate above its bound is refused.
+    """
+    iterations = samples // batch
+    warmup = min(round(cfg.train.warmup_iters * smallest / batch), iterations - 1)
+    train = {
+        **to_dict(cfg.train),
+        "lr": cfg.train.lr * (batch / smallest if lr_scaling == "linear" else 1.0),
+        "batch_size": batch,
+        "epochs": 1,
+        "iters_per_epoch": iterations,
+        "val_every": 0,
+        "warmup_iters": warmup,
+        "early_stopping_patience": 0,
+        "seed": seed,
+        "time_budget_minutes": 0.0,
+    }
+    try:
+        return dataclasses.replace(cfg, model=model, train=build(type(cfg.train), train, "train"))
+    except UsageError as exc:
+        raise UsageError(
+            exc.where, f"the arm at batch {batch}: {exc.what}", got=exc.got, expected=exc.expected
+        ) from None
 
 
 def norm_arm(model: UNet3DConfig, spec: str) -> UNet3DConfig:

@@ -105,6 +105,16 @@ def test_group_rule_arms_set_the_model_section() -> None:
         (["--iterations", "0"], "--iterations: out of range"),
         (["--iterations", "100001"], "--iterations: out of range"),
         (["--iterations", "2000", "--batch-sizes", "1000"], "samples per run, more than one epoch may hold"),
+        (["--seeds", ""], "--seeds: empty list"),
+        # Steps the batch sizes cannot share were rounded to other step counts without a word.
+        (
+            ["--iterations", "3", "--batch-sizes", "2,4"],
+            "3 steps at batch 2 are 6 samples, which not every batch size (2,4) divides (expected a multiple of 2, e.g. 2 or 4)",
+        ),
+        (["--iterations", "1", "--batch-sizes", "3,4"], "expected a multiple of 4, e.g. 4)"),
+        (["--set", "train.grad_accum=2"], "train.grad_accum: a norm study compares batch sizes"),
+        # A scaled learning rate above train.lr's bound was trained although --set refuses it.
+        (["--set", "train.lr=5", "--lr-scaling", "linear", "--batch-sizes", "1,4"], "the arm at batch 4: "),
     ],
 )
 def test_study_values_are_checked_before_any_run(
@@ -126,3 +136,32 @@ def test_a_study_whose_first_arm_is_refused_leaves_no_folder(
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("medgn: warning:")]
     assert len(err) == 1 and "fold out of range" in err[0]  # (a warning says 5 folds became 4)
     assert not out.exists()
+
+
+def test_every_arm_warms_up_over_the_same_samples() -> None:
+    from medgn.config import load_run_config
+    from medgn.workflows.study import arm_config
+
+    cfg = load_run_config(None, ["train.warmup_iters=8", "train.lr=0.01"])
+    arms = {b: arm_config(cfg, cfg.model, 0, b, 64, 1, "linear").train for b in (1, 2, 4)}
+    assert [(t.warmup_iters, t.iters_per_epoch, t.lr) for t in arms.values()] == [
+        (8, 64, 0.01),
+        (4, 32, 0.02),
+        (2, 16, 0.04),
+    ]
+    short = arm_config(cfg, cfg.model, 0, 4, 8, 1, "none").train  # 2 steps: no warmup as long as the run
+    assert (short.warmup_iters, short.lr) == (1, 0.01)
+
+
+def test_an_earlier_studys_tables_go_when_a_new_study_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its runs/ removed as advised, an interrupted new study left the old table beside the new runs.
+    data = make_dataset(tmp_path / "data", n=4, size=16)
+    out = tmp_path / "study"
+    out.mkdir()
+    for name in ("study.csv", "study.json", "study.md", "study.png"):
+        (out / name).write_text("old")
+    argv = ["study", "norms", "--data", str(data), "--out", str(out), "--norms", "group", "--batch-sizes", "1"]
+    assert main([*argv, "--iterations", "2", "--fold", "7"]) == 2  # the first arm is refused
+    assert sorted(p.name for p in out.iterdir()) == []
