@@ -3,7 +3,8 @@
 ``group_norm`` computes ``act(group_norm(x) * weight + bias + residual)``. Backend "torch" runs the
 pure-PyTorch reference; "triton" runs the fused kernels of ``group_norm_triton`` (CUDA tensors, or
 CPU tensors under ``TRITON_INTERPRET=1``); "auto" picks triton for CUDA tensors when triton is
-installed. The triton path is two custom ops, ``medgn::group_norm_fwd`` and ``medgn::group_norm_bwd``,
+installed and its kernels launch on the device (tried once per device; otherwise a warning, and
+torch). The triton path is two custom ops, ``medgn::group_norm_fwd`` and ``medgn::group_norm_bwd``,
 with fake (meta) implementations and an autograd formula, so ``torch.compile`` traces through them,
 ``torch.library.opcheck`` passes, and autocast leaves bf16 inputs in bf16 (custom ops are not on
 autocast's upcast list, unlike ``F.group_norm``). Eager calls on plain tensors run the same
@@ -41,6 +42,40 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 def _triton_available() -> bool:
     """True when the triton package is installed."""
     return _TRITON_INSTALLED
+
+
+# Per CUDA device: whether Triton's kernels launch there. Triton builds a small C launcher the first
+# time it runs, which needs a C compiler and Python's headers, and loads it from TRITON_CACHE_DIR,
+# which a filesystem mounted noexec refuses; without them "auto" would fail every GroupNorm.
+_TRITON_WORKS: dict[int, bool] = {}
+
+
+def _probe_launch(device: torch.device) -> None:
+    """One forward launch of the Triton kernel on a tiny tensor (raises what Triton raises)."""
+    from medgn.ops.group_norm_triton import group_norm_forward
+
+    group_norm_forward(torch.zeros(1, 2, 8, device=device), 1, None, None, 1e-5, "none", None, 0.01)
+
+
+def _triton_works(device: torch.device) -> bool:
+    """Whether a tiny forward launch succeeds on ``device`` (tried once per device); when it fails,
+    say why once and let "auto" use the torch backend instead."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _TRITON_WORKS:
+        try:
+            _probe_launch(torch.device("cuda", index))
+            _TRITON_WORKS[index] = True
+        except Exception as exc:  # noqa: BLE001 - any failure to build or launch means: not here
+            from medgn.errors import brief
+            from medgn.logs import warn_user
+
+            _TRITON_WORKS[index] = False
+            warn_user(
+                f"medgn's Triton GroupNorm kernels cannot run on cuda:{index} ({type(exc).__name__}: "
+                f"{brief(exc, 160)}); GroupNorm uses PyTorch's kernels instead (slower). Triton needs a C "
+                "compiler and Python headers, and a TRITON_CACHE_DIR that allows executables"
+            )
+    return _TRITON_WORKS[index]
 
 
 def _interpreting() -> bool:
@@ -220,6 +255,8 @@ def _resolve_backend(x: torch.Tensor, backend: str) -> str:
         raise ValueError(f"group_norm: unknown backend {backend!r}, expected one of {BACKENDS}")
     if backend == "auto":
         ok = x.is_cuda and x.dtype in _TRITON_DTYPES and _triton_available()
+        if ok and not torch.compiler.is_compiling():  # a compiled graph was traced after an eager call
+            ok = _triton_works(x.device)
         return "triton" if ok else "torch"
     if backend == "triton":
         if not _triton_available():

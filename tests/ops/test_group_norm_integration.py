@@ -200,3 +200,32 @@ def test_paths_chosen_for_unet_levels() -> None:
     assert forward_path(torch.empty(2, 64, 16, 16, 16), 16) == "fused"
     assert backward_path(torch.empty(2, 64, 16, 16, 16), 16) == "split"
     assert forward_path(torch.empty(2, 32, 32, 32, 32), 32) == "split"
+
+
+def test_auto_falls_back_to_torch_once_when_triton_cannot_launch(monkeypatch, capsys) -> None:
+    # Triton builds a C launcher on first use: without a compiler (a slim image) or with its cache on
+    # a noexec tmpfs, every GroupNorm on "auto" failed with an internal error.
+    import importlib
+    from types import SimpleNamespace
+
+    gn = importlib.import_module("medgn.ops.group_norm")  # the module: medgn.ops.group_norm is also the function
+
+    calls = []
+
+    def no_compiler(device: torch.device) -> None:
+        calls.append(device)
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(gn, "_probe_launch", no_compiler)
+    monkeypatch.setattr(gn, "_TRITON_INSTALLED", True)
+    monkeypatch.setattr(gn, "_TRITON_WORKS", {})
+    x = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda", 1))
+    assert gn._resolve_backend(x, "auto") == "torch"
+    assert gn._resolve_backend(x, "auto") == "torch"  # asked once per device
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot run on cuda:1 (RuntimeError: Failed to find C compiler" in err[0], err
+    assert calls == [torch.device("cuda", 1)]
+    monkeypatch.setattr(gn, "_probe_launch", lambda device: None)
+    other = SimpleNamespace(is_cuda=True, dtype=torch.float32, device=torch.device("cuda", 0))
+    assert gn._resolve_backend(other, "auto") == "triton"
+    assert gn._resolve_backend(torch.zeros(1, 2, 4), "auto") == "torch"  # a CPU tensor is never probed
