@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from medgn.commands import limits_from_args
 from medgn.data.preflight import DEFAULT_LIMITS
 from medgn.errors import UsageError, printable
 from medgn.infer.config import distinct_spatial_axes
+
+WEIGHTS_VAR = "MEDGN_WEIGHTS"  # the model when --model is not given: the Docker images' baked weights
 
 
 def _axes(text: str) -> tuple[int, ...]:
@@ -27,9 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         action="append",
-        required=True,
+        default=None,
         metavar="RUN_DIR_OR_CHECKPOINT",
-        help="run folder or checkpoint; repeat to average folds",
+        help=f"run folder or checkpoint; repeat to average folds (default: ${WEIGHTS_VAR}, which the Docker "
+        "images set to their baked weights)",
     )
     parser.add_argument(
         "--input",
@@ -136,6 +140,13 @@ def run(args: argparse.Namespace) -> int:
             attach_file_log(fallback_log_path())
         except OSError:
             pass
+    if not args.model:
+        baked = os.environ.get(WEIGHTS_VAR, "")
+        if not baked:
+            raise UsageError(
+                "--model", "no model given", expected=f"--model RUN_DIR_OR_CHECKPOINT (or {WEIGHTS_VAR} set to one)"
+            )
+        args.model = [baked]
     if args.threads is not None and not 1 <= args.threads <= 1024:
         raise UsageError("--threads", "value out of range", got=args.threads, expected="1 <= threads <= 1024")
     channels = None

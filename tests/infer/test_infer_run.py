@@ -423,3 +423,27 @@ def test_postprocessing_follows_the_runs_decision_unless_told(
     assert main([*argv, "--largest-component", "--postprocess", "none"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--largest-component" in err[0] and not (tmp_path / "x").exists()
+
+
+def test_the_model_defaults_to_medgn_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Docker images set MEDGN_WEIGHTS to their baked weights, which nothing read: --model was required.
+    scan = F.write_image(tmp_path / "scan.nii.gz", F.image(), AFFINE)
+    monkeypatch.delenv("MEDGN_WEIGHTS", raising=False)
+    assert main(["infer", "--input", str(scan), "--output", str(tmp_path / "a" / "m.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "medgn: error: --model: no model given (expected --model RUN_DIR_OR_CHECKPOINT (or MEDGN_WEIGHTS set to one))"
+    ], err
+    run = F.save_run(tmp_path / "baked")
+    monkeypatch.setenv("MEDGN_WEIGHTS", str(run))
+    assert main(["infer", "--input", str(scan), "--output", str(tmp_path / "b" / "m.nii.gz")]) == 0
+    sidecar = json.loads(next((tmp_path / "b").glob("*.json")).read_text())
+    assert str(run) in json.dumps(sidecar)
+    other = F.save_run(tmp_path / "other", seed=3)  # --model given: the variable is not used
+    assert (
+        main(["infer", "--model", str(other), "--input", str(scan), "--output", str(tmp_path / "c" / "m.nii.gz")]) == 0
+    )
+    sidecar = json.dumps(json.loads(next((tmp_path / "c").glob("*.json")).read_text()))
+    assert str(other) in sidecar and str(run) not in sidecar
