@@ -109,7 +109,8 @@ def test_group_rule_arms_set_the_model_section() -> None:
         # Steps the batch sizes cannot share were rounded to other step counts without a word.
         (
             ["--iterations", "3", "--batch-sizes", "2,4"],
-            "3 steps at batch 2 are 6 samples, which not every batch size (2,4) divides (expected a multiple of 2, e.g. 2 or 4)",
+            "3 steps at batch 2 are 6 samples, which not every batch size (2,4) divides "
+            "(expected a multiple of 2, e.g. 2 or 4)",
         ),
         (["--iterations", "1", "--batch-sizes", "3,4"], "expected a multiple of 4, e.g. 4)"),
         (["--set", "train.grad_accum=2"], "train.grad_accum: a norm study compares batch sizes"),
