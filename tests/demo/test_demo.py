@@ -202,3 +202,29 @@ def test_the_demo_config_ships_inside_the_package() -> None:
     assert tuple(load_run_config(DEMO_CONFIG).plan.patch_size) == (48, 48, 48)
     pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert '"medgn.demo" = ["demo.yaml"]' in pyproject
+
+
+def test_the_training_plot_is_named_only_when_it_was_drawn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A budget that ends inside the first epoch draws no plot; the demo still named progress.png.
+    import medgn.demo.__main__ as demo
+
+    out = tmp_path / "d"
+
+    def fake_step(argv: list[str]) -> int:
+        if argv[0] == "evaluate":
+            (out / "evaluation").mkdir(parents=True)
+            summary = {"per_class": {"1": {"dice": {"mean": 0.5, "n": 1}}}}
+            (out / "evaluation" / "summary.json").write_text(json.dumps(summary))
+        if argv[0] == "train" and drawn:
+            (out / "run").mkdir(parents=True)
+            (out / "run" / "progress.png").write_bytes(b"png")
+        return 0
+
+    monkeypatch.setattr(demo, "medgn_main", fake_step)
+    monkeypatch.setattr(demo, "build_demo_dataset", lambda folder, **kwargs: folder.mkdir(parents=True))
+    for drawn in (False, True):
+        assert demo.main(["--out", str(out), "--train-subjects", "2", "--test-subjects", "1"]) == 0
+        named = "training plot:" in capsys.readouterr().out
+        assert named == drawn
