@@ -72,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dataset",
         type=Path,
         metavar="DIR",
-        help="dataset folder whose dataset.json declares regions (nnU-Net labels with lists) to evaluate too",
+        help="dataset folder whose dataset.json declares the labels (a case with another value fails) and "
+        "regions (nnU-Net labels with lists) to evaluate too",
     )
     parser.add_argument(
         "--nsd-tolerance-mm", type=float, default=2.0, metavar="MM", help="surface Dice tolerance in mm (default 2)"
@@ -100,11 +101,14 @@ def run(args: argparse.Namespace) -> int:
     from medgn.evaluate.run import evaluate
 
     regions: dict[str, tuple[int, ...]] = {}
+    declared_labels = None
     if args.dataset is not None:
         from medgn.data.datasets import load_dataset
 
-        declared = load_dataset(args.dataset).regions  # {"regions": {name: [labels]}, "order": [...]}
+        index = load_dataset(args.dataset)
+        declared = index.regions  # {"regions": {name: [labels]}, "order": [...]}
         regions.update({name: tuple(members) for name, members in declared.get("regions", {}).items()})
+        declared_labels = sorted(index.labels.values()) if index.labels else None
     for name, members in args.region:
         if name in regions:
             raise UsageError("--region", f"region {name!r} given twice", got=[n for n, _ in args.region])
@@ -121,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         worst_k=args.worst_k,
         overwrite=args.overwrite,
         only_predicted=args.only_predicted,
+        declared_labels=declared_labels,
     )
     print(format_table(result))
     counts = result.summary["counts"]

@@ -4,9 +4,12 @@ Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, no g
 switch, no display needed) and saved through :func:`medgn.files.atomic_path`. An overlay shows the
 axial, coronal and sagittal planes through the reference structure's centre, or through a plane of
 the structure with clearly more wrong voxels (a leak, a missed end; :func:`overlay_slices`),
-oriented from the affine (world right and anterior/superior point right and up, RAS), with the
-reference contour in green and the prediction contour in red over the image, or over the
-reference when no image is given.
+oriented from the affine in radiological convention (the patient's right on the viewer's left in
+axial and coronal planes, anterior on the left in sagittal ones, superior and anterior up), each
+edge lettered (R/L, A/P, S/I), whatever order the file stores its axes in. The reference contour is
+wide and green, the prediction's narrow and red on top of it (where they agree, a red line inside a
+green band), over the image in one intensity window for all three planes (its 0.5-99.5 percentiles),
+or over the reference when no image is given.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medgn.errors import MedgnError
+from medgn.evaluate.metrics import FLAG_FAILED, FLAG_MISSING
 from medgn.files import atomic_path, fit_name
 from medgn.logs import get_logger
 
@@ -29,8 +33,15 @@ log = get_logger(__name__)
 
 # Views as (name, world axis normal to the plane); RAS world axes 0 = R, 1 = A, 2 = S.
 VIEWS: tuple[tuple[str, int], ...] = (("axial", 2), ("coronal", 1), ("sagittal", 0))
+# The letters at a plane's edges: (left, right) for the horizontal world axis, (bottom, top) for the
+# vertical one. Radiological convention: the horizontal axis runs toward the patient's left (or
+# posterior, in a sagittal plane) from the viewer's left.
+EDGE_LETTERS: dict[int, tuple[str, str]] = {0: ("R", "L"), 1: ("A", "P")}
+UP_LETTERS: dict[int, tuple[str, str]] = {1: ("P", "A"), 2: ("I", "S")}
 REF_COLOUR = "#00d000"  # green: reference
 PRED_COLOUR = "#ff2020"  # red: prediction
+REF_WIDTH, PRED_WIDTH = 2.4, 1.0  # the reference's band stays visible around an agreeing prediction
+WINDOW_PERCENTILES = (0.5, 99.5)  # one grey window for the three planes of an image
 DPI = 100  # 100 dpi at 12 x 4.2 inches: 1200 x 420 px, readable and small on disk
 
 
@@ -43,28 +54,49 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def boxplot_data(result: EvaluationResult) -> tuple[list[list[float]], list[list[float]], list[str], list[str]]:
+    """Per structure: the Dice values, the finite HD95 values and the two panels' tick labels.
+
+    An absent structure (in no map of any case) is marked so on both panels; missing and failed
+    cases, which score Dice 0, are counted under the Dice box; infinite HD95s under the HD95 box.
+    """
+    keys = list(result.summary["per_class"])
+    absent = set(result.absent)
+    rows = [[r for r in result.rows if r.label == k and k not in absent] for k in keys]
+    dice = [[r.metrics.dice for r in group] for group in rows]
+    hd95 = [[r.metrics.hd95 for r in group] for group in rows]
+    finite = [[v for v in vals if math.isfinite(v)] for vals in hd95]
+    lost = [sum(bool({FLAG_MISSING, FLAG_FAILED} & set(r.metrics.flags)) for r in group) for group in rows]
+    dice_ticks = [
+        f"{k}\n(absent)" if k in absent else f"{k}\n({n} missing/failed, Dice 0)" if n else k
+        for k, n in zip(keys, lost)
+    ]
+    hd_ticks = [
+        f"{k}\n(absent)" if k in absent else f"{k}\n({len(h) - len(f)} inf)" for k, h, f in zip(keys, hd95, finite)
+    ]
+    return dice, finite, dice_ticks, hd_ticks
+
+
 def write_boxplot(result: EvaluationResult, path: Path) -> Path:
     """Box plots of Dice (all rows) and HD95 (finite rows, infinite ones counted) per class."""
     from matplotlib.figure import Figure
 
     keys = list(result.summary["per_class"])
     width = max(6.0, 1.0 + 1.1 * len(keys))  # about an inch per class, at least 6 inches
-    fig = Figure(figsize=(2 * width, 4.2))
+    fig = Figure(figsize=(2 * width, 4.4))
     ax_dice, ax_hd = fig.subplots(1, 2)
-    absent = set(result.absent)  # in no map of any case: NaN rows, an empty box
-    dice = [[r.metrics.dice for r in result.rows if r.label == k and k not in absent] for k in keys]
-    hd95 = [[r.metrics.hd95 for r in result.rows if r.label == k and k not in absent] for k in keys]
-    finite = [[v for v in vals if math.isfinite(v)] for vals in hd95]
+    dice, finite, dice_ticks, hd_ticks = boxplot_data(result)
     positions = list(range(1, len(keys) + 1))
     if keys:
         ax_dice.boxplot([v if v else [math.nan] for v in dice], positions=positions)
         ax_hd.boxplot([v if v else [math.nan] for v in finite], positions=positions)
-    ax_dice.set_xticks(positions, [f"{k}\n(absent)" if k in absent else k for k in keys])
-    ax_hd.set_xticks(positions, [f"{k}\n({len(h) - len(f)} inf)" for k, h, f in zip(keys, hd95, finite)])
+    ax_dice.set_xticks(positions, dice_ticks)
+    ax_hd.set_xticks(positions, hd_ticks)
     ax_dice.set_ylim(-0.02, 1.02)  # Dice lives in [0, 1]; a small margin keeps 0 and 1 visible
     ax_dice.set_title("Dice per class")
-    ax_hd.set_title("HD95 per class (finite cases)")
-    ax_hd.set_ylabel("mm")
+    ax_dice.set_ylabel("Dice")
+    ax_hd.set_title("HD95 per class (finite cases; 'inf': one map empty, missing or failed)")
+    ax_hd.set_ylabel("HD95 (mm)")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -90,23 +122,28 @@ def _normal_axis(affine: np.ndarray, world_normal: int) -> int:
     return int(np.flatnonzero(io_orientation(affine)[:, 0] == world_normal)[0])
 
 
-def _plane(volume: np.ndarray, affine: np.ndarray, index: int, world_normal: int) -> tuple[np.ndarray, float]:
-    """Plane ``index`` along the array axis normal to a world axis, displayed RAS-up/right.
+def _plane(volume: np.ndarray, affine: np.ndarray, index: int, world_normal: int) -> tuple[np.ndarray, float, int, int]:
+    """Plane ``index`` along the array axis normal to a world axis, in radiological display.
 
-    Returns the 2D array (row 0 at the bottom with ``origin="lower"``) and the display aspect.
+    Returns the 2D array (rows: the vertical world axis, up with ``origin="lower"``; columns: the
+    horizontal one, toward the patient's left or posterior), the display aspect (row over column
+    spacing) and the horizontal and vertical world axes.
     """
     from nibabel.orientations import io_orientation
 
     ornt = io_orientation(affine)  # row i: (world axis of array axis i, +1 / -1)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     normal = _normal_axis(affine, world_normal)
-    plane = np.take(volume, index, axis=normal)
-    axes = [a for a in range(3) if a != normal]
-    axes.sort(key=lambda a: ornt[a, 0])  # horizontal: the lower world axis (R before A before S)
-    for i, axis in enumerate(axes):
-        if ornt[axis, 1] < 0:
-            plane = np.flip(plane, axis=i)
-    return plane.T, float(spacing[axes[1]] / spacing[axes[0]])
+    plane = np.take(volume, index, axis=normal)  # its axes: the other two array axes, in array order
+    rest = [a for a in range(3) if a != normal]
+    horizontal, vertical = sorted(rest, key=lambda a: ornt[a, 0])  # R before A before S
+    if rest[0] != vertical:  # rows along the vertical axis, whatever order the file stores them in
+        plane = plane.T
+    if ornt[vertical, 1] < 0:  # up is anterior or superior
+        plane = np.flip(plane, axis=0)
+    if ornt[horizontal, 1] > 0:  # rightward is the patient's left (from R) or posterior (from A)
+        plane = np.flip(plane, axis=1)
+    return plane, float(spacing[vertical] / spacing[horizontal]), int(ornt[horizontal, 0]), int(ornt[vertical, 0])
 
 
 def overlay_slices(ref: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> dict[str, int]:
@@ -117,15 +154,21 @@ def overlay_slices(ref: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> dic
     then that one, so that a worst case's overlay shows a leak into a neighbouring structure or a
     missed end rather than a plane that looks right. An error spread evenly over the boundary (a
     mask one voxel too large) keeps the centre plane, where both contours show. With an empty
-    reference the prediction takes its place; with both empty, the middle of the volume.
+    reference the prediction takes its place; with both empty, the middle of the volume. Where no
+    plane of a view cuts both (a prediction beside the structure), the axial view shows the
+    reference and the other two the prediction.
     """
     wrong = ref != pred
-    base = ref if ref.any() else pred
-    centre = np.rint(np.argwhere(base).mean(axis=0)).astype(int) if base.any() else np.asarray(ref.shape) // 2
     planes: dict[str, int] = {}
     for name, world_normal in VIEWS:
         normal = _normal_axis(affine, world_normal)
         others = tuple(a for a in range(3) if a != normal)
+        base = ref if ref.any() else pred
+        if ref.any() and pred.any() and not (ref.any(axis=others) & pred.any(axis=others)).any():
+            # No plane of this view shows both (a prediction beside the structure): the first view
+            # shows the reference, the others the prediction, so that the figure shows both.
+            base = ref if name == VIEWS[0][0] else pred
+        centre = np.rint(np.argwhere(base).mean(axis=0)).astype(int) if base.any() else np.asarray(ref.shape) // 2
         per_plane = np.count_nonzero(wrong, axis=others)  # (size along normal,)
         cuts = base.any(axis=others) if base.any() else np.ones_like(per_plane, dtype=bool)
         scores = np.where(cuts, per_plane, -1)
@@ -139,25 +182,53 @@ def overlay_slices(ref: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> dic
     return planes
 
 
+def _window(under: np.ndarray) -> tuple[float, float]:
+    """One grey window for every plane: the volume's 0.5-99.5 percentiles (a few bright voxels, a
+    contrast blob or a metal artefact, would otherwise darken the one plane that holds them)."""
+    values = np.asarray(under, dtype=np.float32)
+    lo, hi = np.percentile(values, WINDOW_PERCENTILES) if values.size else (0.0, 1.0)
+    if not hi > lo:  # a constant image, or a label map under the contours
+        lo, hi = float(values.min(initial=0.0)), float(values.max(initial=1.0))
+    return float(lo), float(hi) if hi > lo else float(lo) + 1.0
+
+
 def _overlay(path: Path, title: str, under: np.ndarray, ref: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     planes = overlay_slices(ref, pred, affine)
-    fig = Figure(figsize=(12, 4.2))
+    vmin, vmax = _window(under)
+    fig = Figure(figsize=(12, 4.4))
     for ax, (name, normal) in zip(fig.subplots(1, 3), VIEWS):
-        img2d, aspect = _plane(under, affine, planes[name], normal)
-        ax.imshow(img2d, cmap="gray", origin="lower", aspect=aspect, interpolation="nearest")
-        for mask, colour in ((ref, REF_COLOUR), (pred, PRED_COLOUR)):
-            m2d, _ = _plane(mask.astype(np.float32), affine, planes[name], normal)
+        img2d, aspect, horizontal, vertical = _plane(under, affine, planes[name], normal)
+        ax.imshow(img2d, cmap="gray", origin="lower", aspect=aspect, interpolation="nearest", vmin=vmin, vmax=vmax)
+        shown = []
+        for mask, colour, width, what in (
+            (ref, REF_COLOUR, REF_WIDTH, "reference"),
+            (pred, PRED_COLOUR, PRED_WIDTH, "prediction"),
+        ):
+            m2d = _plane(mask.astype(np.float32), affine, planes[name], normal)[0]
             if m2d.min() < 0.5 < m2d.max() and min(m2d.shape) >= 2:  # contour needs a crossing
-                ax.contour(m2d, levels=[0.5], colors=colour, linewidths=1.0)
-        ax.set_title(f"{name}, slice {planes[name]}")
+                ax.contour(m2d, levels=[0.5], colors=colour, linewidths=width)
+                shown.append(what)
+        missing = [
+            w for w in ("reference", "prediction") if w not in shown and (ref if w == "reference" else pred).any()
+        ]
+        ax.set_title(f"{name}, slice {planes[name]}" + (f" (no {' or '.join(missing)} here)" if missing else ""))
+        left, right = EDGE_LETTERS[horizontal]
+        bottom, top = UP_LETTERS[vertical]
+        for x, y, letter, ha, va in (
+            (0.01, 0.5, left, "left", "center"),
+            (0.99, 0.5, right, "right", "center"),
+            (0.5, 0.01, bottom, "center", "bottom"),
+            (0.5, 0.99, top, "center", "top"),
+        ):
+            ax.text(x, y, letter, transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=10, weight="bold")
         ax.set_xticks([])
         ax.set_yticks([])
     handles = [
-        Line2D([], [], color=REF_COLOUR, label="reference"),
-        Line2D([], [], color=PRED_COLOUR, label="prediction"),
+        Line2D([], [], color=REF_COLOUR, linewidth=REF_WIDTH, label="reference"),
+        Line2D([], [], color=PRED_COLOUR, linewidth=PRED_WIDTH, label="prediction"),
     ]
     fig.legend(handles=handles, loc="lower center", ncol=2)
     fig.suptitle(title)
@@ -172,7 +243,7 @@ def write_overlays(
     image_dir: Path | None,
     worst_k: int,
 ) -> list[Path]:
-    """Overlay PNGs ``<case>_label-<label>.png`` for the ``worst_k`` worst cases of each label."""
+    """Overlay PNGs ``<case>_label-<label or region>.png`` for the ``worst_k`` worst cases of each."""
     from medgn.data.io import geometry_diff, read_volume
     from medgn.data.multichannel import read_display_volume
     from medgn.evaluate.metrics import structure_mask
@@ -211,8 +282,10 @@ def write_overlays(
                     else:
                         under, note = image.array, ""
                 m = result.value(cid, key, "dice"), result.value(cid, key, "hd95")
-                title = f"{cid}, label {key}: Dice {m[0]:.3f}, HD95 {m[1]:.2f} mm{note}"
-                ref_mask, pred_mask = structure_mask(ref.array, int(key)), structure_mask(pred.array, int(key))
+                what = f"region {key}" if key in result.regions else f"label {key}"
+                title = f"{cid}, {what}: Dice {m[0]:.3f}, HD95 {m[1]:.2f} mm{note}"
+                labels = result.regions.get(key) or int(key)
+                ref_mask, pred_mask = structure_mask(ref.array, labels), structure_mask(pred.array, labels)
                 written.append(
                     _overlay(folder / fit_name(f"{cid}_label-{key}.png"), title, under, ref_mask, pred_mask, ref.affine)
                 )

@@ -48,14 +48,14 @@ def _stats(rows: Sequence[MetricRow]) -> dict[str, Any]:
 
 
 def worst_cases(result: EvaluationResult, k: int) -> dict[str, list[str]]:
-    """Per label, the ``k`` evaluated cases with the lowest Dice (then the largest HD95).
+    """Per label and region, the ``k`` evaluated cases with the lowest Dice (then the largest HD95).
 
     Missing and failed cases and cases where both maps are empty (or the label is absent from
     every case) are left out: there is nothing to draw for them.
     """
     skip = {FLAG_MISSING, FLAG_FAILED, FLAG_BOTH_EMPTY, FLAG_ABSENT}
     out: dict[str, list[str]] = {}
-    for key in [str(v) for v in result.labels]:
+    for key in [*(str(v) for v in result.labels), *result.regions]:
         rows = [r for r in result.rows if r.label == key and not skip.intersection(r.metrics.flags)]
         rows.sort(key=lambda r: (r.metrics.dice, -r.metrics.hd95, r.case))
         out[key] = [r.case for r in rows[:k]]
@@ -164,7 +164,7 @@ def _table_rows(result: EvaluationResult) -> list[list[str]]:
         "HD95 inf",
         "ASSD mean mm",
         f"NSD@{tol:g}mm mean",
-        "empty b/r/p",
+        "empty both/ref/pred",
     ]
     lines = [header]
     sections = [*result.summary["per_class"].items(), ("overall", result.summary["overall"])]
@@ -196,10 +196,29 @@ def format_table(result: EvaluationResult) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
 
+_MARKDOWN_SPECIAL = "\\`*_[]<>|~"
+
+
+def md_text(text: str) -> str:
+    """``text`` shown as written in Markdown: a case named ``a|b*c*`` neither splits a table cell
+    nor turns italic."""
+    return "".join(f"\\{ch}" if ch in _MARKDOWN_SPECIAL else ch for ch in str(text))
+
+
 def _markdown(lines: Sequence[Sequence[str]]) -> list[str]:
     out = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
-    out += ["| " + " | ".join(line) + " |" for line in lines[1:]]
+    out += ["| " + " | ".join(md_text(cell) for cell in line) + " |" for line in lines[1:]]
     return out
+
+
+DEFINITIONS = (
+    "**Dice** = 2|P∩R| / (|P| + |R|) and **IoU** = |P∩R| / |P∪R| of the prediction P and the reference R "
+    "(1 is perfect). **HD95**: the 95th percentile of the distances, in mm, from each map's surface to "
+    "the other's, both ways (0 is perfect). **ASSD**: the mean of those distances. **NSD@t**: the share "
+    "of both surfaces within t mm of the other surface (surface Dice; 1 is perfect). Distances use the "
+    "reference's voxel spacing. **std** is the population standard deviation (0 for one case). "
+    "**overall** pools every case of every label (regions left out: their voxels are counted in their labels)."
+)
 
 
 def report_markdown(result: EvaluationResult, figures: Sequence[Path] = ()) -> str:
@@ -214,9 +233,9 @@ def report_markdown(result: EvaluationResult, figures: Sequence[Path] = ()) -> s
     text.append("")
     text.append(
         f"Cases: {c['cases']}, evaluated {c['evaluated']}, missing {c['missing']}, failed {c['failed']}, "
-        f"predictions without reference {c['unmatched_predictions']}. Empty (label rows): "
-        f"both {c['empty'][FLAG_BOTH_EMPTY]}, reference only {c['empty'][FLAG_REF_EMPTY]}, "
-        f"prediction only {c['empty'][FLAG_PRED_EMPTY]}."
+        f"predictions without reference {c['unmatched_predictions']}. Empty maps among the label rows: "
+        f"both empty {c['empty'][FLAG_BOTH_EMPTY]}, reference empty {c['empty'][FLAG_REF_EMPTY]}, "
+        f"prediction empty {c['empty'][FLAG_PRED_EMPTY]}."
     )
     if s.get("absent"):
         text += [
@@ -231,13 +250,25 @@ def report_markdown(result: EvaluationResult, figures: Sequence[Path] = ()) -> s
     text += [
         "",
         "Both empty: Dice 1, distances 0. One side empty, missing or failed: Dice 0, distances "
-        "infinite; HD95/ASSD means are over finite values and `HD95 inf` counts the others.",
+        "infinite; HD95/ASSD means are over finite values and `HD95 inf` counts the others. "
+        "`empty both/ref/pred`: the rows where both maps are empty, where the reference is empty and where "
+        "the prediction is empty.",
+        "",
+        DEFINITIONS,
         "",
     ]
     if result.failures or result.missing:
         text += ["## Failed and missing cases", ""]
-        text += [f"- `{cid}` failed: {why}" for cid, why in result.failures.items()]
-        text += [f"- `{cid}`: prediction missing (counted as Dice 0)" for cid in result.missing]
+        text += [f"- {md_text(cid)} failed: {md_text(why)}" for cid, why in result.failures.items()]
+        text += [f"- {md_text(cid)}: prediction missing (counted as Dice 0)" for cid in result.missing]
+        text.append("")
+    worst = s.get("worst_cases", {})
+    if any(worst.values()):
+        text += ["## Worst cases", ""]
+        for key, cases in worst.items():
+            if cases:
+                listed = ", ".join(f"{md_text(cid)} (Dice {_num(result.value(cid, key, 'dice'), 3)})" for cid in cases)
+                text.append(f"- {'region' if key in result.regions else 'label'} {md_text(key)}: {listed}")
         text.append("")
     text += ["## Every case", ""]
     lines = [list(CSV_COLUMNS)]
@@ -257,8 +288,16 @@ def report_markdown(result: EvaluationResult, figures: Sequence[Path] = ()) -> s
         )
     text += _markdown(lines)
     if figures:
+        from urllib.parse import quote
+
         text += ["", "## Figures", ""]
-        text += [f"![{p.stem}]({p.as_posix()})" for p in figures]
+        text.append(
+            "Overlays (reference wide green, prediction narrow red; radiological convention, edges lettered) "
+            "of the worst cases, then the box plots."
+        )
+        text.append("")
+        for p in figures:
+            text += [f"![{md_text(p.stem)}]({quote(p.as_posix())})", "", f"*{md_text(p.stem)}*", ""]
     return "\n".join(text) + "\n"
 
 

@@ -159,7 +159,12 @@ def _check_perpendicular(affine: np.ndarray, path: Path) -> None:
 
 
 def _evaluate_case(
-    pred_path: Path, ref_path: Path, labels: tuple[int, ...] | None, regions: dict[str, tuple[int, ...]], tol: float
+    pred_path: Path,
+    ref_path: Path,
+    labels: tuple[int, ...] | None,
+    regions: dict[str, tuple[int, ...]],
+    tol: float,
+    declared: tuple[int, ...] | None = None,
 ) -> dict[str, ClassMetrics]:
     from medgn.data.io import read_volume
 
@@ -178,6 +183,16 @@ def _evaluate_case(
     _check_not_negative(pred.array, pred_path)
     scored = pred.meta.get("segments", pred.array)  # overlapping DICOM-SEG segments: each whole
     found = scored.present() if isinstance(scored, Segments) else np.unique(pred.array)
+    if declared is not None:
+        for what, path, values in (("reference", ref_path, np.unique(ref.array)), ("prediction", pred_path, found)):
+            stray = sorted({int(v) for v in values} - {0, *declared})
+            if stray:
+                raise InputDataError(
+                    path,
+                    f"{what} holds label values the dataset does not declare",
+                    got=stray[:10],
+                    expected=f"values in {sorted({0, *declared})} (its dataset.json labels)",
+                )
     present = labels
     if present is None:  # every foreground value found in either map
         present = tuple(int(v) for v in np.union1d(found, np.unique(ref.array)) if v > 0)
@@ -197,6 +212,7 @@ def evaluate(
     *,
     overwrite: bool = False,
     only_predicted: bool = False,
+    declared_labels: Sequence[int] | None = None,
 ) -> EvaluationResult:
     """Compare predicted label maps with reference label maps, case by case and class by class.
 
@@ -224,6 +240,9 @@ def evaluate(
         overwrite: replace earlier results in ``out_dir``.
         only_predicted: evaluate only the reference cases that have a prediction (a test subset
             scored against a folder of every label); the others are counted as not predicted.
+        declared_labels: the label values a dataset declares (its dataset.json); a case whose
+            reference or prediction holds another value fails, naming it, instead of being scored
+            (or leaving a stray value out unseen).
 
     Returns:
         The rows, the summary and the failures; ``result.exit_code`` is 3 when any case failed: an
@@ -323,6 +342,7 @@ def evaluate(
             allow_missing,
             worst_k,
             not_predicted if only_predicted else None,
+            tuple(int(v) for v in declared_labels) if declared_labels is not None else None,
         )
 
 
@@ -341,6 +361,7 @@ def _run(
     allow_missing: bool,
     worst_k: int,
     not_predicted: Sequence[str] | None = None,  # with --only-predicted: the references left out
+    declared: tuple[int, ...] | None = None,
 ) -> EvaluationResult:
     """Evaluate every case, summarise, and write the outputs (the caller holds the lock)."""
     from medgn.evaluate.report import build_summary
@@ -353,7 +374,7 @@ def _run(
         try:
             if cid not in preds:  # a reference that is not a readable file (see evaluate)
                 _check_readable(ref_path, "reference")
-            per_case[cid] = _evaluate_case(preds[cid], ref_path, label_set, region_map, nsd_tolerance_mm)
+            per_case[cid] = _evaluate_case(preds[cid], ref_path, label_set, region_map, nsd_tolerance_mm, declared)
         except MedgnError as exc:
             failures[cid] = exc.one_line()
             log.info("case %s failed: %s", cid, exc.one_line())  # the caller reports it

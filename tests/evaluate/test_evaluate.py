@@ -162,7 +162,9 @@ def test_cli_writes_every_output(
     assert main([*argv, "--overwrite", "--worst-k", "1"]) == 0
     # the earlier run's overlays go: the folder shows this evaluation's worst cases only
     kept = sorted(p.name for p in (out / "overlays").iterdir())
-    assert len(kept) == 1 + 2 and "mine.png" in kept and set(kept) - {"mine.png"} < set(overlays)
+    # one per label and one for the region "any"
+    assert len(kept) == 1 + 3 and "mine.png" in kept and set(kept) - {"mine.png"} < set(overlays)
+    assert any(name.endswith("_label-any.png") for name in kept)
     assert main([*argv, "--overwrite", "--worst-k", "0"]) == 0
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["mine.png"]
 

@@ -292,3 +292,59 @@ def test_a_case_named_near_the_limit_gets_its_overlay(tmp_path: Path) -> None:
     assert result.exit_code == 0
     (overlay,) = (tmp_path / "out" / "overlays").iterdir()
     assert overlay.name.startswith("c" * 200) and overlay.name.endswith(".png") and len(overlay.name) <= 255
+
+
+def test_the_report_reads_without_the_source_and_shows_names_as_written(tmp_path: Path) -> None:
+    # Case names were Markdown ("a|b*c*" split a table row and turned italic); "reference only"
+    # meant "reference empty"; no metric was defined; regions had no worst cases or overlays; the
+    # box plot counted an absent label's "0 inf" and drew missing cases as plain Dice-0 points.
+    from medgn.evaluate.figures import boxplot_data
+
+    pred, ref = tmp_path / "pred", tmp_path / "ref"
+    pred.mkdir()
+    ref.mkdir()
+    for cid, shift in (("odd|name*x*", 1), ("c2", 0), ("lost", 0)):
+        _save(ref / f"{cid}.nii.gz", _cube())
+        if cid != "lost":
+            _save(pred / f"{cid}.nii.gz", _cube(shift=shift))
+    result = evaluate(pred, ref, tmp_path / "out", labels=[1, 5], regions={"both": [1, 5]}, allow_missing=True)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| odd\\|name\\*x\\* | 1 |" in report and "| odd|name" not in report
+    assert "reference empty 0, prediction empty 0" in report and "reference only" not in report
+    assert "**HD95**: the 95th percentile" in report and "population standard deviation" in report
+    assert "## Worst cases" in report and "- region both: odd\\|name\\*x\\* (Dice 0.750)" in report
+    assert result.summary["worst_cases"]["both"] == ["odd|name*x*", "c2"]
+    assert any(p.name.endswith("_label-both.png") for p in (tmp_path / "out" / "overlays").iterdir())
+    _, _, dice_ticks, hd_ticks = boxplot_data(result)
+    keys = list(result.summary["per_class"])
+    assert keys == ["1", "5", "both"]
+    assert dice_ticks == ["1\n(1 missing/failed, Dice 0)", "5\n(absent)", "both\n(1 missing/failed, Dice 0)"]
+    assert hd_ticks == ["1\n(1 inf)", "5\n(absent)", "both\n(1 inf)"]
+
+
+def test_values_the_dataset_does_not_declare_fail_the_case(
+    tmp_path: Path, folders: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # With --dataset, a stray label 7 in a prediction was scored as a class of its own (raising the
+    # overall mean through its both-empty cases) or, with --labels, left out unseen.
+    pred, ref = folders
+    stray = _cube(shift=1)
+    stray[0, 0, 0] = 7
+    _save(pred / "c3.nii.gz", stray)
+    dataset = tmp_path / "ds"
+    dataset.mkdir()
+    (dataset / "dataset.json").write_text(
+        json.dumps({"name": "d", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "organ"}, "training": []})
+    )
+    out = tmp_path / "out"
+    code = main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(out), "--dataset", str(dataset)])
+    assert code == 3
+    failures = json.loads((out / "summary.json").read_text())["failures"]
+    assert (
+        list(failures) == ["c3"]
+        and "prediction holds label values the dataset does not declare (got [7]" in failures["c3"]
+    )
+    assert str(pred / "c3.nii.gz") in failures["c3"]
+    capsys.readouterr()
+    # Without --dataset nothing is declared: label 7 is a class like any other.
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(tmp_path / "o2")]) == 0
