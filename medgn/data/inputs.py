@@ -26,7 +26,10 @@ from medgn.data.preflight import gdcm_series_ids
 from medgn.errors import InputDataError, UsageError
 from medgn.files import path_problem
 
-__all__ = ["find_inputs", "missing_input"]
+__all__ = ["MISSING_MARK", "declared_channel_names", "find_inputs", "missing_input"]
+
+# Appended to the path of a channel file a case lacks: the case is listed and fails alone when read.
+MISSING_MARK = " (missing)"
 
 
 def _is_dicom_folder(path: Path) -> bool:
@@ -69,10 +72,20 @@ def _named_channels(input_path: Path, channels: Sequence[str]) -> list[Case]:
         cases.append(
             Case(
                 case_id,
-                images if not missing else images + tuple(input_path / f"{case_id}_{ch} (missing)" for ch in missing),
+                images
+                if not missing
+                else images + tuple(input_path / f"{case_id}_{ch}{MISSING_MARK}" for ch in missing),
             )
         )
     return cases
+
+
+def declared_channel_names(path: str | os.PathLike[str]) -> tuple[str, ...] | None:
+    """The channel names a dataset folder's dataset.json declares; None for any other input."""
+    path = Path(path)
+    if not (path.is_dir() and (path / "dataset.json").is_file()):
+        return None
+    return tuple(load_dataset(path).channel_names)
 
 
 def missing_input(path: Path) -> UsageError:
@@ -124,15 +137,19 @@ def find_inputs(
                 expected="one naming scheme",
             )
         cases = [Case(check_case_id(strip_image_suffix(p.name), path), (p,)) for p in plain]
+        numbered = [(cid, found) for cid, found in sorted(grouped.items()) if 0 not in found]
+        if numbered and len(numbered) == len(grouped):  # no case starts at _0000: numbered scans, not channels
+            case_id, found = numbered[0]
+            raise InputDataError(
+                path,
+                f"case {case_id} has channels {sorted(found)}",
+                expected="consecutive channels from _0000 (a name ending in _ and 4 digits is read as a channel "
+                "of a case: rename single-channel scans such as patient_0001, or give them one file at a time)",
+            )
         for case_id, found in sorted(grouped.items()):
-            if sorted(found) != list(range(len(found))):
-                raise InputDataError(
-                    path,
-                    f"case {case_id} has channels {sorted(found)}",
-                    expected="consecutive channels from _0000 (a name ending in _ and 4 digits is read as a channel "
-                    "of a case: rename single-channel scans such as patient_0001, or give them one file at a time)",
-                )
-            cases.append(Case(check_case_id(case_id, path), tuple(found[c] for c in sorted(found))))
+            # A channel missing before the last one found: the case fails alone, naming the file.
+            images = tuple(found.get(c, path / f"{case_id}_{c:04d}{MISSING_MARK}") for c in range(max(found) + 1))
+            cases.append(Case(check_case_id(case_id, path), images))
     elif _is_dicom_folder(path):
         cases = [Case(check_case_id(path.name, path), (path,))]
     else:

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from medgn.data.datasets import CHANNEL_RE, strip_image_suffix
+from medgn.data.inputs import MISSING_MARK
 from medgn.data.preflight import MASK_SUFFIXES
 from medgn.errors import InputDataError, MedgnError, UsageError
 from medgn.files import atomic_path, atomic_write_bytes, atomic_write_json, json_sha256
@@ -113,8 +115,17 @@ def _read_channels(
     from medgn.data.multichannel import read_case_images
     from medgn.data.preflight import DEFAULT_LIMITS
 
-    if len(images) == 1 and in_channels > 1:  # one 4D file holding every channel (MSD)
-        return read_case_images(images, in_channels)
+    if len(images) == 1 and in_channels > 1:
+        named = CHANNEL_RE.match(strip_image_suffix(images[0].name))
+        if named:  # case_0000 alone: the case's other channel files are missing
+            stem = named.group("case")
+            raise InputDataError(
+                images[0].with_name(f"{stem}_0001"),
+                "channel file missing",
+                got=f"only {images[0].name}",
+                expected=f"{in_channels} channel files per case ({stem}_0000 ... _{in_channels - 1:04d})",
+            )
+        return read_case_images(images, in_channels, limits)  # one 4D file holding every channel (MSD)
     if len(images) != in_channels:
         raise InputDataError(
             images[0],
@@ -360,6 +371,13 @@ def read_inputs(images: tuple[Path, ...]) -> tuple[list[Any], list[dict[str, str
     from medgn.data.detached import with_data_files_sha256
     from medgn.data.io import input_bytes
 
+    for path in images:
+        if path.name.endswith(MISSING_MARK):  # a channel file the case lacks (find_inputs kept its place)
+            raise InputDataError(
+                path.with_name(path.name[: -len(MISSING_MARK)]),
+                "channel file missing",
+                expected="a file for every channel of the case",
+            )
     reads = [input_bytes(p) for p in images]
     return reads, [{"path": os.fspath(p), "sha256": with_data_files_sha256(p, r.sha256)} for p, r in zip(images, reads)]
 

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from medgn.data.inputs import find_inputs, missing_input
+from medgn.data.inputs import declared_channel_names, find_inputs, missing_input
 from medgn.data.preflight import MASK_SUFFIXES
 from medgn.data.prepare import PIPELINE_VERSION
-from medgn.errors import EXIT_BUG, LockedError, MedgnError, UsageError, printable
+from medgn.errors import EXIT_BUG, InputDataError, LockedError, MedgnError, UsageError, printable
 from medgn.files import TEMP_MARK, TEMP_ROOM, RunLock, fit_name, missing_folders, remove_empty_folders
 from medgn.infer import postprocess
 from medgn.infer.case import (
@@ -60,7 +60,7 @@ from medgn.infer.predictor import Predictor, load_predictor
 from medgn.infer.settings import InferSettings
 from medgn.infer.sliding_window import WindowSettings, resolve_precision
 from medgn.logs import get_logger
-from medgn.planning.plan import Plan
+from medgn.planning.plan import Plan, channel_names, reordered
 
 __all__ = ["InferSettings", "InferenceReport", "infer"]
 
@@ -212,6 +212,7 @@ def infer(
                     raise
                 raise _mask_locked(out, target.stem, exc) from None
             cases = {c.case_id: c for c in find_inputs(input_path, names=settings.channels)}
+            declared = declared_channel_names(input_path)  # a dataset folder's channel_names, or None
             if target is not None and len(cases) != 1:
                 raise UsageError(
                     "--output",
@@ -233,6 +234,7 @@ def infer(
             if removed:
                 log.info("removed %d temporary file(s) of an interrupted run in %s", len(removed), out)
             predictor = models if isinstance(models, Predictor) else load_predictor(models, settings.device)
+            _check_channel_order(predictor, settings.channels, declared, input_path)
             started = True
             return _run_cases(predictor, cases, selected, names, out, shard_pair, settings, target)
     finally:
@@ -361,6 +363,32 @@ def choose_postprocessing(predictor: Predictor, run: InferSettings) -> PostProce
         return None
     decision = postprocess.pooled([d for d in decisions if d is not None])
     return decision if any(decision.lcc.values()) else None
+
+
+def _check_channel_order(
+    predictor: Predictor, given: Sequence[str] | None, declared: Sequence[str] | None, input_path: Path
+) -> None:
+    """Refuse channels named in another order than the model's (wrong masks without a word).
+
+    ``--channels`` or a dataset folder's ``channel_names`` that name the model's channels (as its
+    plan records them) in another order would feed FLAIR where the model expects T1c.
+    """
+    model = channel_names(predictor.plan)
+    for names, where, error in (
+        (given, "--channels", UsageError),
+        (declared, str(input_path / "dataset.json"), InputDataError),
+    ):
+        if names and reordered(model, names) is not None:
+            raise error(
+                where,
+                f"names the model's channels in another order: {', '.join(names)}; the model was trained on "
+                f"{', '.join(model)}",
+                expected=(
+                    f"--channels {','.join(model)}"
+                    if error is UsageError
+                    else "the model's order (channel_names and the _0000, _0001... files)"
+                ),
+            )
 
 
 def _run_cases(

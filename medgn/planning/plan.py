@@ -274,6 +274,23 @@ class Plan:
         return atomic_write_json(path, self.to_dict(), overwrite=overwrite)
 
 
+def channel_names(plan: Plan | Mapping[str, Any]) -> tuple[str, ...]:
+    """The channel names a plan (or a checkpoint's plan dict) records; () when it records none."""
+    dataset = plan.dataset if isinstance(plan, Plan) else plan.get("dataset")
+    names = (dataset or {}).get("channel_names") if isinstance(dataset, Mapping) else None
+    return tuple(str(n) for n in names) if isinstance(names, (list, tuple)) else ()
+
+
+def reordered(model: Sequence[str], given: Sequence[str]) -> list[int] | None:
+    """Where each of ``given``'s channels sits in ``model``'s order, when ``given`` names the same
+    distinct channels in another order (T1c, FLAIR for a model of FLAIR, T1c); else None (the same
+    order, other names, or names that cannot say: repeated or missing)."""
+    model, given = [str(n) for n in model], [str(n) for n in given]
+    if len(set(model)) != len(model) or sorted(model) != sorted(given) or model == given:
+        return None
+    return [model.index(n) for n in given]
+
+
 def _plain(obj: Any) -> Any:
     """A JSON round-trip copy: tuples become lists, mappings dicts (what a file would hold)."""
     return json.loads(json.dumps(obj))

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from medgn.config import RunConfig
-from medgn.errors import ModelError, UsageError
+from medgn.errors import MedgnError, ModelError, UsageError
 from medgn.files import atomic_write_json
 from medgn.logs import get_logger
 from medgn.workflows.train import TrainResult, train_on_dataset
@@ -82,8 +82,14 @@ def _warm_head(src: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def match_weights(model: nn.Module, source: InitSource) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+def match_weights(
+    model: nn.Module, source: InitSource, channels: tuple[str, ...] = ()
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Which source tensors to load into ``model`` and what happens to every layer.
+
+    ``channels``: the new run's channel names. When they name the source's channels in another
+    order (T1c, FLAIR after FLAIR, T1c), the first convolution's input channels are reordered to
+    match, so that each filter still sees the modality it learned on.
 
     Returns:
         (tensors to load, one report row per target tensor: layer, action, shapes, reason).
@@ -92,7 +98,10 @@ def match_weights(model: nn.Module, source: InitSource) -> tuple[dict[str, torch
         ArchitectureMismatch: a difference other than the heads' class count or the first
             convolution's channel count; the message lists source vs target shapes.
     """
+    from medgn.planning.plan import channel_names, reordered
+
     target = model.state_dict()
+    order = reordered(channel_names(source.plan), channels)
     load: dict[str, torch.Tensor] = {}
     rows: list[dict[str, Any]] = []
     diffs: list[str] = []
@@ -103,7 +112,11 @@ def match_weights(model: nn.Module, source: InitSource) -> tuple[dict[str, torch
             diffs.append(f"{key}: not in the source (target {shape})")
             continue
         row = {"layer": key, "source_shape": list(src.shape), "target_shape": list(shape)}
-        if tuple(src.shape) == shape:
+        if tuple(src.shape) == shape and key == FIRST_CONV and order is not None:
+            load[key] = src[:, order]
+            moved = f"{', '.join(channel_names(source.plan))} -> {', '.join(channels)}"
+            rows.append({**row, "action": "loaded", "reason": f"input channels reordered: {moved}"})
+        elif tuple(src.shape) == shape:
             load[key] = src
             rows.append({**row, "action": "loaded"})
         elif key == FIRST_CONV and src.shape[0] == shape[0] and src.shape[2:] == shape[2:]:
@@ -186,6 +199,17 @@ def resume_hooks(out_dir: Path, freeze_steps: int) -> list[Any]:
     return [FreezeEncoderHook(freeze_steps, trainable=reinit)]
 
 
+def _run_channels(out_dir: Path) -> tuple[str, ...]:
+    """The channel names of the run being set up (its plan.json, written before the model is built)."""
+    from medgn.planning.plan import Plan, channel_names
+    from medgn.workflows.run_folder import RUN_PLAN
+
+    try:
+        return channel_names(Plan.load(out_dir / RUN_PLAN))
+    except MedgnError:  # no plan of its own (a caller outside medgn train): nothing to reorder by
+        return ()
+
+
 def init_from(
     model: nn.Module, source: InitSource | None, out_dir: Path, freeze_steps: int, resume: bool = False
 ) -> list[Any]:
@@ -197,7 +221,7 @@ def init_from(
 
     if resume or source is None:
         return resume_hooks(out_dir, freeze_steps)
-    load, rows = match_weights(model, source)
+    load, rows = match_weights(model, source, _run_channels(out_dir))
     model.load_state_dict(load, strict=False)
     for row in rows:
         log.info("init-from %s: %s%s", row["layer"], row["action"], f" ({row['reason']})" if "reason" in row else "")

@@ -4,6 +4,7 @@ class-to-label map stored with saved probabilities."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -124,3 +125,63 @@ def test_the_axis_limit_the_error_names_is_a_flag_of_infer_and_plan(
     with pytest.raises(SystemExit) as shown:
         main(["plan", "--help"])
     assert shown.value.code == 0 and "--max-dim" in capsys.readouterr().out
+
+
+def _named_predictor(names: list[str]) -> Predictor:
+    plan = F.plan(in_channels=len(names))
+    plan["dataset"] = {"name": "d", "format": "nnunet", "channel_names": names}
+    return Predictor.from_modules([F.ThresholdNet()], plan)
+
+
+def test_channels_named_in_another_order_than_the_models_are_refused(tmp_path: Path) -> None:
+    # Swapped --channels, or a dataset.json naming the channels in another order, fed FLAIR where the
+    # model expects T1c: a wrong mask, exit 0, no warning.
+    from medgn.errors import InputDataError
+    from tests.data.conftest import make_nnunet
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for channel in ("FLAIR", "T1c"):
+        F.write_image(src / f"p1_{channel}.nii.gz", F.image(), AFFINE)
+    predictor = _named_predictor(["FLAIR", "T1c"])
+    with pytest.raises(UsageError, match="--channels: names the model's channels in another order: T1c, FLAIR"):
+        infer(predictor, src, tmp_path / "o1", channels=["T1c", "FLAIR"])
+    assert not (tmp_path / "o1").exists()
+    assert infer(predictor, src, tmp_path / "o2", channels=["FLAIR", "T1c"]).exit_code == 0
+    dataset = make_nnunet(tmp_path / "ds", n_cases=1, channels=2)  # channel_names CT, T2
+    (dataset / "imagesTs").mkdir()
+    for c in range(2):
+        F.write_image(dataset / "imagesTs" / f"t1_{c:04d}.nii.gz", F.image(), AFFINE)
+    with pytest.raises(InputDataError, match="dataset.json: names the model's channels in another order: CT, T2"):
+        infer(_named_predictor(["T2", "CT"]), dataset, tmp_path / "o3")
+    assert infer(_named_predictor(["CT", "T2"]), dataset, tmp_path / "o4").exit_code == 0
+
+
+def test_a_case_missing_a_channel_file_fails_alone_naming_the_file(tmp_path: Path) -> None:
+    # A case with only _0001, or _0000 and _0002, stopped the whole folder; a lone _0000 was read as
+    # a 4D file "with 1 channel on its 4th axis".
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("c8_0000", "c8_0001", "c9_0001", "cc_0000", "cc_0002", "cd_0000"):
+        F.write_image(src / f"{name}.nii.gz", F.image(), AFFINE)
+    report = infer(_predictor(in_channels=2), src, tmp_path / "out")
+    status = {c.case_id: (c.status, c.code) for c in report.cases}
+    assert status == {"c8": ("ok", None), "c9": ("failed", 3), "cc": ("failed", 3), "cd": ("failed", 3)}
+    messages = {c["case_id"]: c["message"] for c in json.loads((tmp_path / "out" / "report.json").read_text())["cases"]}
+    assert messages["c9"].startswith(f"{src / 'c9_0000'}: channel file missing")
+    assert messages["cc"].startswith(f"{src / 'cc_0001'}: channel file missing")
+    assert messages["cd"].startswith(f"{src / 'cd_0001'}: channel file missing (got only cd_0000.nii.gz")
+
+
+def test_a_4d_scan_keeps_to_the_size_limits(tmp_path: Path) -> None:
+    # A 4D file of every channel was read with the default limits whatever --max-voxels said.
+    import nibabel as nib
+
+    from medgn.data.preflight import DEFAULT_LIMITS
+
+    image = np.stack([F.image(), F.image(1)], axis=-1)
+    nib.save(nib.Nifti1Image(image, AFFINE), str(tmp_path / "m8.nii.gz"))
+    small = dataclasses.replace(DEFAULT_LIMITS, max_voxels=100)
+    report = infer(_predictor(in_channels=2), tmp_path / "m8.nii.gz", tmp_path / "out", limits=small)
+    (case,) = report.cases
+    assert (case.status, case.code) == ("failed", 5) and "too many voxels" in case.message

@@ -251,3 +251,24 @@ def test_first_conv_is_reinitialised_for_another_channel_count(pretrained: tuple
     assert "encoder.0.0.conv.weight" not in load and torch.equal(
         load["encoder.0.1.conv.weight"], source.weights["encoder.0.1.conv.weight"]
     )
+
+
+def test_the_first_conv_follows_channels_named_in_another_order() -> None:
+    # Fine-tuning a FLAIR, T1c model on a dataset declaring T1c, FLAIR applied each filter's FLAIR
+    # weights to T1c, without a word (init_report said every layer was loaded as it was).
+    from medgn.workflows.finetune import FIRST_CONV, InitSource
+
+    strides, kernels = [[1, 1, 1], [2, 2, 2]], [[3, 3, 3], [3, 3, 3]]
+    cfg = build(UNet3DConfig, {"features": [4, 8]}, "model")
+    torch.manual_seed(0)
+    trained = build_model(cfg, 2, 2, strides, kernels)
+    plan = {"network": {"strides": strides}, "dataset": {"channel_names": ["FLAIR", "T1c"]}}
+    source = InitSource(Path("src.pt"), "0" * 64, trained.state_dict(), {}, plan)
+    net = build_model(cfg, 2, 2, strides, kernels)
+    load, rows = match_weights(net, source, ("T1c", "FLAIR"))
+    first = source.weights[FIRST_CONV]
+    assert torch.equal(load[FIRST_CONV][:, 0], first[:, 1]) and torch.equal(load[FIRST_CONV][:, 1], first[:, 0])
+    row = next(r for r in rows if r["layer"] == FIRST_CONV)
+    assert row["action"] == "loaded" and row["reason"] == "input channels reordered: FLAIR, T1c -> T1c, FLAIR"
+    for same in (("FLAIR", "T1c"), ("t1", "t2"), ()):  # the same order, other names, no names: as they are
+        assert torch.equal(match_weights(net, source, same)[0][FIRST_CONV], first)
