@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medgn.data.prepare import PIPELINE_VERSION
 from medgn.errors import ModelError, ResourceError, UsageError
 from medgn.files import atomic_write_bytes, is_inside, make_output_dir, path_problem
 
@@ -51,6 +52,16 @@ SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts")}
 # preprocessing as JSON (spacing, normalisation, label values, channels, patch), the total stride
 # every spatial size must be a multiple of ("16,16,8"), and the medgn version that wrote it.
 METADATA_KEYS = ("medgn_preprocessing", "medgn_stride", "medgn_version")
+# What medgn.data.prepare does before the network, in order: an exported model's users redo it.
+PREPROCESSING_STEPS = (
+    "crop to the box of voxels nonzero in any channel",
+    "normalise each channel by its 'normalization' entry: zscore = (x - mean) / std over the case's nonzero "
+    "voxels of that channel; ct = clip to 'clip', then (x - mean) / std with the plan's values; none = as it is",
+    "reorient to RAS (array axes toward the patient's right, anterior, superior)",
+    "resample trilinearly to target_spacing (mm, in RAS axis order)",
+    "the network takes (B, C, D, H, W), D, H, W along R, A, S, each a multiple of medgn_stride (medgn infer "
+    "slides windows of patch_size and blends them with Gaussian weights)",
+)
 # Opset 18: InstanceNormalization, Resize and ConvTranspose as onnxruntime >= 1.14 runs them; the
 # GroupNorm decomposition needs nothing newer (GroupNormalization-21 is not required).
 OPSET = 18
@@ -383,8 +394,11 @@ def export_model(
         )
     plan = predictor.plan.to_dict()
     keep = ("dataset", "in_channels", "num_classes", "label_values", "target_spacing", "normalization", "patch_size")
+    preprocessing = {k: plan[k] for k in keep if k in plan}
+    preprocessing["steps"] = list(PREPROCESSING_STEPS)
+    preprocessing["pipeline_version"] = PIPELINE_VERSION
     metadata = {
-        "medgn_preprocessing": json.dumps({k: plan[k] for k in keep if k in plan}, sort_keys=True),
+        "medgn_preprocessing": json.dumps(preprocessing, sort_keys=True),
         "medgn_stride": ",".join(map(str, _total_stride(predictor.models[0]))),
         "medgn_version": medgn.__version__,
     }

@@ -211,6 +211,10 @@ def test_the_format_follows_the_file_name_and_the_file_carries_the_preprocessing
     pre = json.loads(meta["medgn_preprocessing"])
     assert pre["target_spacing"] == PLAN["target_spacing"] and pre["label_values"] == PLAN["label_values"]
     assert pre["normalization"] == PLAN["normalization"] and pre["in_channels"] == 1
+    # The steps before the network, which the plan's numbers alone do not say (crop, RAS, nonzero z-score).
+    steps = " ".join(pre["steps"])
+    assert "crop to the box of voxels nonzero" in steps and "reorient to RAS" in steps and "nonzero voxels" in steps
+    assert pre["pipeline_version"] >= 3
 
 
 @pytest.mark.parametrize(
