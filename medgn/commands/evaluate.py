@@ -108,7 +108,10 @@ def run(args: argparse.Namespace) -> int:
         index = load_dataset(args.dataset)
         declared = index.regions  # {"regions": {name: [labels]}, "order": [...]}
         regions.update({name: tuple(members) for name, members in declared.get("regions", {}).items()})
-        declared_labels = sorted(index.labels.values()) if index.labels else None
+        # The values a label map may hold: the plain labels and every member of a region (an
+        # nnU-Net region dataset lists its labels only inside regions).
+        values = {int(v) for v in index.labels.values()} | {int(m) for ms in regions.values() for m in ms}
+        declared_labels = sorted(values) if values - {0} else None
     for name, members in args.region:
         if name in regions:
             raise UsageError("--region", f"region {name!r} given twice", got=[n for n, _ in args.region])

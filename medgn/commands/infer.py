@@ -146,6 +146,17 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(
                 "--model", "no model given", expected=f"--model RUN_DIR_OR_CHECKPOINT (or {WEIGHTS_VAR} set to one)"
             )
+        from medgn.errors import ModelError
+        from medgn.infer.predictor import resolve_model_path
+
+        try:
+            resolve_model_path(baked)
+        except ModelError as exc:  # e.g. an image built without baked weights: the folder holds none
+            raise UsageError(
+                "--model",
+                f"no model given, and ${WEIGHTS_VAR} ({baked}) holds none: {exc.what}",
+                expected="--model RUN_DIR_OR_CHECKPOINT (mount the run folder)",
+            ) from None
         args.model = [baked]
     if args.threads is not None and not 1 <= args.threads <= 1024:
         raise UsageError("--threads", "value out of range", got=args.threads, expected="1 <= threads <= 1024")

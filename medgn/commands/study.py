@@ -89,12 +89,13 @@ def run(args: argparse.Namespace) -> int:
     lcm = math.lcm(*batch_sizes)
     if samples % lcm:  # every arm must see exactly these samples: a batch size must divide them
         step = lcm // min(batch_sizes)
-        lower, upper = (args.iterations // step) * step, (args.iterations // step + 1) * step
+        most = min(MAX_ITERATIONS, MAX_SAMPLES_PER_EPOCH // min(batch_sizes))
+        near = [n for n in ((args.iterations // step) * step, (args.iterations // step + 1) * step) if 0 < n <= most]
         raise UsageError(
             "--iterations",
             f"{args.iterations} steps at batch {min(batch_sizes)} are {samples} samples, which not every batch "
             f"size ({args.batch_sizes}) divides",
-            expected=f"a multiple of {step}, e.g. " + (f"{lower} or {upper}" if lower else f"{upper}"),
+            expected=f"a multiple of {step}" + (f", e.g. {' or '.join(map(str, near))}" if near else f" up to {most}"),
         )
     if samples > MAX_SAMPLES_PER_EPOCH:  # each arm is one epoch, whose sample order is a list
         raise UsageError(

@@ -146,6 +146,17 @@ def _plane(volume: np.ndarray, affine: np.ndarray, index: int, world_normal: int
     return plane, float(spacing[vertical] / spacing[horizontal]), int(ornt[horizontal, 0]), int(ornt[vertical, 0])
 
 
+def _centre_index(mask: np.ndarray, axis: int, affine: np.ndarray) -> int:
+    """The index along array ``axis`` nearest the centre of ``mask``; a centre halfway between two
+    planes takes the one lower in world coordinates, so that the same scan stored flipped shows the
+    same plane."""
+    from nibabel.orientations import io_orientation
+
+    centre = float(np.argwhere(mask)[:, axis].mean())
+    rising = io_orientation(affine)[axis, 1] > 0  # the index grows with the world coordinate
+    return int(np.ceil(centre - 0.5)) if rising else int(np.floor(centre + 0.5))
+
+
 def overlay_slices(ref: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> dict[str, int]:
     """The array index, along each view's normal, of the plane an overlay shows.
 
@@ -168,11 +179,10 @@ def overlay_slices(ref: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> dic
             # No plane of this view shows both (a prediction beside the structure): the first view
             # shows the reference, the others the prediction, so that the figure shows both.
             base = ref if name == VIEWS[0][0] else pred
-        centre = np.rint(np.argwhere(base).mean(axis=0)).astype(int) if base.any() else np.asarray(ref.shape) // 2
         per_plane = np.count_nonzero(wrong, axis=others)  # (size along normal,)
         cuts = base.any(axis=others) if base.any() else np.ones_like(per_plane, dtype=bool)
         scores = np.where(cuts, per_plane, -1)
-        mid = int(centre[normal])
+        mid = _centre_index(base, normal, affine) if base.any() else ref.shape[normal] // 2
         # 1.5: an even boundary error varies by less between planes through the structure.
         if scores.max() > 1.5 * per_plane[mid]:
             best = np.flatnonzero(scores == scores.max())
@@ -202,7 +212,7 @@ def _overlay(path: Path, title: str, under: np.ndarray, ref: np.ndarray, pred: n
     for ax, (name, normal) in zip(fig.subplots(1, 3), VIEWS):
         img2d, aspect, horizontal, vertical = _plane(under, affine, planes[name], normal)
         ax.imshow(img2d, cmap="gray", origin="lower", aspect=aspect, interpolation="nearest", vmin=vmin, vmax=vmax)
-        shown = []
+        missing = []
         for mask, colour, width, what in (
             (ref, REF_COLOUR, REF_WIDTH, "reference"),
             (pred, PRED_COLOUR, PRED_WIDTH, "prediction"),
@@ -210,10 +220,8 @@ def _overlay(path: Path, title: str, under: np.ndarray, ref: np.ndarray, pred: n
             m2d = _plane(mask.astype(np.float32), affine, planes[name], normal)[0]
             if m2d.min() < 0.5 < m2d.max() and min(m2d.shape) >= 2:  # contour needs a crossing
                 ax.contour(m2d, levels=[0.5], colors=colour, linewidths=width)
-                shown.append(what)
-        missing = [
-            w for w in ("reference", "prediction") if w not in shown and (ref if w == "reference" else pred).any()
-        ]
+            if mask.any() and not m2d.any():
+                missing.append(what)
         ax.set_title(f"{name}, slice {planes[name]}" + (f" (no {' or '.join(missing)} here)" if missing else ""))
         left, right = EDGE_LETTERS[horizontal]
         bottom, top = UP_LETTERS[vertical]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -196,13 +197,15 @@ def format_table(result: EvaluationResult) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
 
-_MARKDOWN_SPECIAL = "\\`*_[]<>|~"
+_MARKDOWN_SPECIAL = "\\`*_[]<>|~&"
+_LEADING = re.compile(r"^(\d+)([.)])|^([-+#=>])")  # what would start a list, heading or quote
 
 
 def md_text(text: str) -> str:
     """``text`` shown as written in Markdown: a case named ``a|b*c*`` neither splits a table cell
-    nor turns italic."""
-    return "".join(f"\\{ch}" if ch in _MARKDOWN_SPECIAL else ch for ch in str(text))
+    nor turns italic, ``a&amp;b`` stays as typed, and ``1. first`` starts no list."""
+    out = "".join(f"\\{ch}" if ch in _MARKDOWN_SPECIAL else ch for ch in str(text))
+    return _LEADING.sub(lambda m: f"{m.group(1)}\\{m.group(2)}" if m.group(1) else f"\\{m.group(3)}", out)
 
 
 def _markdown(lines: Sequence[Sequence[str]]) -> list[str]:

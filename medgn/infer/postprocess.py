@@ -52,6 +52,8 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim > 3:
         raise ValueError(f"largest_component takes at most 3 axes, got shape {mask.shape}")
+    if mask.ndim == 0:  # one voxel: its own largest component
+        return mask.copy()
     box = nonzero_box(mask)
     if box is None:
         return mask.copy()
@@ -112,10 +114,10 @@ def _largest_run_component(mask: np.ndarray) -> np.ndarray:
                 root = up
     sizes = np.bincount(root, weights=stop - start, minlength=row.size)
     keep = root == int(sizes.argmax())  # roots are each piece's first run: ties go to the first piece
-    edges = np.zeros((rows.shape[0], width + 1), np.int32)
+    edges = np.zeros((rows.shape[0], width + 1), np.int8)  # runs of a row never overlap: 0 or 1 inside
     np.add.at(edges, (row[keep], start[keep]), 1)
     np.add.at(edges, (row[keep], stop[keep]), -1)
-    return (np.cumsum(edges[:, :width], axis=1) > 0).reshape(mask.shape)
+    return (np.cumsum(edges[:, :width], axis=1, dtype=np.int8) > 0).reshape(mask.shape)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

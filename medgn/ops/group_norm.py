@@ -65,6 +65,8 @@ def _triton_works(device: torch.device) -> bool:
         try:
             _probe_launch(torch.device("cuda", index))
             _TRITON_WORKS[index] = True
+        except torch.OutOfMemoryError:  # a full GPU says nothing about Triton: asked again next time
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure to build or launch means: not here
             from medgn.errors import brief
             from medgn.logs import warn_user
@@ -72,8 +74,9 @@ def _triton_works(device: torch.device) -> bool:
             _TRITON_WORKS[index] = False
             warn_user(
                 f"medgn's Triton GroupNorm kernels cannot run on cuda:{index} ({type(exc).__name__}: "
-                f"{brief(exc, 160)}); GroupNorm uses PyTorch's kernels instead (slower). Triton needs a C "
-                "compiler and Python headers, and a TRITON_CACHE_DIR that allows executables"
+                f"{brief(exc, 160)}); GroupNorm uses PyTorch's kernels instead (slower). The usual causes: no C "
+                "compiler or Python headers for Triton's launcher, or a TRITON_CACHE_DIR that does not allow "
+                "executables (a noexec /tmp)"
             )
     return _TRITON_WORKS[index]
 
@@ -255,8 +258,8 @@ def _resolve_backend(x: torch.Tensor, backend: str) -> str:
         raise ValueError(f"group_norm: unknown backend {backend!r}, expected one of {BACKENDS}")
     if backend == "auto":
         ok = x.is_cuda and x.dtype in _TRITON_DTYPES and _triton_available()
-        if ok and not torch.compiler.is_compiling():  # a compiled graph was traced after an eager call
-            ok = _triton_works(x.device)
+        if ok:  # a graph being compiled takes what eager calls found (the probe itself is not traced)
+            ok = all(_TRITON_WORKS.values()) if torch.compiler.is_compiling() else _triton_works(x.device)
         return "triton" if ok else "torch"
     if backend == "triton":
         if not _triton_available():

@@ -56,9 +56,9 @@ def _names(ids: Sequence[str] | set[str], limit: int = 5) -> str:
 def _check_splits(path: Path, splits: object, case_ids: Sequence[str], other_dataset: str) -> None:
     """Refuse a splits file that is not a list of folds over exactly the dataset's cases.
 
-    Every case is validated in exactly one fold; a fold trains only on known cases, never on its own
-    validation cases, and on at least one case. (A fold may train on fewer than all other cases, as
-    a hand-made split can leave some out.)
+    Every case is validated in exactly one fold, every fold validates some; a fold trains only on
+    known cases, each once, never on its own validation cases, and on at least one case. (A fold
+    may train on fewer than all other cases, as a hand-made split can leave some out.)
     """
     folds = splits if isinstance(splits, list) else None
     ok = folds is not None and all(
@@ -74,7 +74,7 @@ def _check_splits(path: Path, splits: object, case_ids: Sequence[str], other_dat
     val = [c for f in folds for c in f["val"]]
     twice = {c for c, n in Counter(val).items() if n > 1}
     if twice:
-        raise InputDataError(path, f"cases validated in more than one fold: {_names(twice)}")
+        raise InputDataError(path, f"cases listed more than once in the 'val' lists: {_names(twice)}")
     missing, extra = known - set(val), set(val) - known
     if missing or extra:
         detail = "; ".join(
@@ -92,6 +92,11 @@ def _check_splits(path: Path, splits: object, case_ids: Sequence[str], other_dat
             expected=f"{len(known)} cases: {other_dataset}",
         )
     for k, fold in enumerate(folds):
+        if not fold["val"]:
+            raise InputDataError(path, f"fold {k} validates no case", expected="every fold's 'val' list not empty")
+        repeated = {c for c, n in Counter(fold["train"]).items() if n > 1}
+        if repeated:
+            raise InputDataError(path, f"fold {k} lists training cases twice: {_names(repeated)}")
         train = set(fold["train"])
         unknown, leaked = train - known, train & set(fold["val"])
         if unknown:

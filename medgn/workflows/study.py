@@ -257,7 +257,8 @@ def arm_config(
     through the config's own checks, so a scaled learning rate above its bound is refused.
     """
     iterations = samples // batch
-    warmup = min(round(cfg.train.warmup_iters * smallest / batch), iterations - 1)
+    # Rounded up, so that a warmup never vanishes at a larger batch (1 step at batch 1 stays 1 at batch 4).
+    warmup = min(math.ceil(cfg.train.warmup_iters * smallest / batch), iterations - 1)
     train = {
         **to_dict(cfg.train),
         "lr": cfg.train.lr * (batch / smallest if lr_scaling == "linear" else 1.0),

@@ -378,10 +378,10 @@ def test_overlays_show_the_planes_of_a_localised_error_and_the_centre_otherwise(
     from medgn.evaluate.figures import overlay_slices
 
     ref = np.zeros((20, 18, 16), dtype=bool)
-    ref[4:12, 5:13, 6:14] = True  # centre (7.5, 8.5, 9.5): planes 8, 8, 10
+    ref[4:11, 5:12, 6:13] = True  # centre (7, 8, 9)
     pred = ref.copy()
     pred[15:18, 2:4, 1:3] = True  # a spurious blob in planes that do not cut the reference
-    pred[4:12, 5:13, 13] = False  # a missed end: 64 wrong voxels in axial plane 13, none in plane 10
+    pred[4:11, 5:12, 12] = False  # a missed end: 49 wrong voxels in axial plane 12, none in plane 9
     dilated = binary_dilation(ref)  # one voxel too large all round: the same error in every plane
     affine = np.diag([*SPACING, 1.0])
     if axes == "LAS":  # array x runs right-to-left
@@ -389,9 +389,9 @@ def test_overlays_show_the_planes_of_a_localised_error_and_the_centre_otherwise(
     if axes == "SRA":  # array axis 0 is superior, 1 right, 2 anterior: the axial normal is array axis 0
         affine = affine[:, [2, 0, 1, 3]]
         ref, pred, dilated = (a.transpose(2, 0, 1) for a in (ref, pred, dilated))
-    assert overlay_slices(ref, pred, affine) == {"axial": 13, "coronal": 8, "sagittal": 8}
-    assert overlay_slices(ref, dilated, affine) == {"axial": 10, "coronal": 8, "sagittal": 8}
-    assert overlay_slices(ref, ref, affine) == {"axial": 10, "coronal": 8, "sagittal": 8}
+    assert overlay_slices(ref, pred, affine) == {"axial": 12, "coronal": 8, "sagittal": 7}
+    assert overlay_slices(ref, dilated, affine) == {"axial": 9, "coronal": 8, "sagittal": 7}
+    assert overlay_slices(ref, ref, affine) == {"axial": 9, "coronal": 8, "sagittal": 7}
     empty = np.zeros_like(ref)
     middle = {"axial": ref.shape[2 if axes != "SRA" else 0] // 2}
     assert overlay_slices(empty, empty, affine)["axial"] == middle["axial"]

@@ -83,3 +83,40 @@ def test_a_few_bright_voxels_do_not_set_the_grey_window() -> None:
     lo, hi = _window(image)
     assert 10 < lo < 30 and 50 < hi < 70
     assert _window(np.zeros((4, 4, 4))) == (0.0, 1.0)  # a label map under the contours, all background
+
+
+def test_a_centre_between_two_planes_shows_the_same_plane_of_a_flipped_file() -> None:
+    # Rounding half to even picked world plane 16 for one storage and 14 for the same scan stored flipped.
+    ref = np.zeros((12, 12, 12), bool)
+    ref[3:9, 2:8, 4:10] = True  # centre 5.5, 4.5, 6.5: halfway between planes on every axis
+    pred = ref.copy()
+    planes = overlay_slices(ref, pred, np.eye(4))
+    flipped, affine = _stored(ref, (0, 1, 2), (0, 1, 2))
+    flipped_planes = overlay_slices(flipped, flipped, affine)
+    for name, normal in VIEWS:  # the same world plane: index i there is n - 1 - i here
+        assert flipped_planes[name] == ref.shape[normal] - 1 - planes[name], name
+
+
+def test_markdown_keeps_ampersands_and_leading_numbers_as_typed() -> None:
+    from medgn.evaluate.report import md_text
+
+    assert md_text("a&amp;b") == "a\\&amp;b"  # not the character entity "&"
+    assert md_text("1. first") == "1\\. first" and md_text("-x") == "\\-x"  # no list starts
+    assert md_text("case_1.5") == "case\\_1.5"
+
+
+def test_a_panel_says_a_mask_is_absent_only_when_it_is(tmp_path) -> None:
+    # A mask filling the whole plane draws no contour, and was called absent there.
+    from unittest import mock
+
+    from medgn.evaluate import figures
+
+    ref = np.zeros((10, 10, 10), bool)
+    ref[:, :, 3:7] = True  # fills axial planes 3-6 completely
+    pred = ref.copy()
+    pred[:, :, 6] = False
+    titles = []
+    with mock.patch("matplotlib.axes.Axes.set_title", lambda self, text, *a, **k: titles.append(text)):
+        figures._overlay(tmp_path / "o.png", "t", ref.astype(np.float32), ref, pred, np.eye(4))
+    # Plane 6 (the most wrong voxels): the reference fills it, the prediction is not in it.
+    assert titles == ["axial, slice 6 (no prediction here)", "coronal, slice 4", "sagittal, slice 4"], titles

@@ -436,6 +436,13 @@ def test_the_model_defaults_to_medgn_weights(
     assert err == [
         "medgn: error: --model: no model given (expected --model RUN_DIR_OR_CHECKPOINT (or MEDGN_WEIGHTS set to one))"
     ], err
+    unbaked = tmp_path / "weights"  # an image built without weights: the folder holds a README only
+    unbaked.mkdir()
+    (unbaked / "README.md").write_text("bake a run here")
+    monkeypatch.setenv("MEDGN_WEIGHTS", str(unbaked))
+    assert main(["infer", "--input", str(scan), "--output", str(tmp_path / "u" / "m.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--model: no model given, and $MEDGN_WEIGHTS ({unbaked}) holds none" in err[0], err
     run = F.save_run(tmp_path / "baked")
     monkeypatch.setenv("MEDGN_WEIGHTS", str(run))
     assert main(["infer", "--input", str(scan), "--output", str(tmp_path / "b" / "m.nii.gz")]) == 0

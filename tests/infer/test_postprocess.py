@@ -154,3 +154,7 @@ def test_one_models_decision_keeps_its_evidence() -> None:
     """The sidecar of a one-model run said evidence {} for a decision its postprocessing.json explains."""
     decision = postprocess.decide_from_topology([postprocess.topology_evidence(r, [1]) for _, r in _blob_cases(3)])
     assert postprocess.pooled([decision]) == decision and decision.evidence["1"] == {"one_piece": 3, "cases": 3}
+
+
+def test_a_single_voxel_is_its_own_largest_component() -> None:
+    assert postprocess.largest_component(np.array(True)) and not postprocess.largest_component(np.array(False))

@@ -229,3 +229,18 @@ def test_auto_falls_back_to_torch_once_when_triton_cannot_launch(monkeypatch, ca
     other = SimpleNamespace(is_cuda=True, dtype=torch.float32, device=torch.device("cuda", 0))
     assert gn._resolve_backend(other, "auto") == "triton"
     assert gn._resolve_backend(torch.zeros(1, 2, 4), "auto") == "torch"  # a CPU tensor is never probed
+    # A graph being compiled is not probed but follows what eager calls found (cuda:1 failed above).
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert gn._resolve_backend(other, "auto") == "torch"
+    monkeypatch.setattr(gn, "_TRITON_WORKS", {0: True})
+    assert gn._resolve_backend(other, "auto") == "triton"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+
+    def full(device: torch.device) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(gn, "_probe_launch", full)
+    monkeypatch.setattr(gn, "_TRITON_WORKS", {})
+    with pytest.raises(torch.OutOfMemoryError):  # a full GPU is no verdict on Triton: asked again later
+        gn._resolve_backend(other, "auto")
+    assert gn._TRITON_WORKS == {}

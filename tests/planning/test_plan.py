@@ -326,7 +326,10 @@ SPLIT_PROBLEMS = [
         "fold 1 trains on cases not in the dataset: nonexi",
     ),
     ("empty_train", lambda s: s[2].update(train=[]), "fold 2 has no training cases"),
-    ("twice", lambda s: s[1]["val"].append(s[0]["val"][0]), "cases validated in more than one fold: case"),
+    ("twice", lambda s: s[1]["val"].append(s[0]["val"][0]), "cases listed more than once in the 'val' lists: case"),
+    ("twice_in_a_fold", lambda s: s[0]["val"].append(s[0]["val"][0]), "listed more than once in the 'val' lists"),
+    ("train_twice", lambda s: s[0]["train"].append(s[0]["train"][0]), "fold 0 lists training cases twice: case"),
+    ("empty_val", lambda s: s.append({"train": ["case0"], "val": []}), "fold 3 validates no case"),
     (
         "renamed",
         lambda s: s[0]["val"].__setitem__(0, "other"),

@@ -113,6 +113,7 @@ def test_group_rule_arms_set_the_model_section() -> None:
             "(expected a multiple of 2, e.g. 2 or 4)",
         ),
         (["--iterations", "1", "--batch-sizes", "3,4"], "expected a multiple of 4, e.g. 4)"),
+        (["--iterations", "100000", "--batch-sizes", "1,3"], "expected a multiple of 3, e.g. 99999)"),
         (["--set", "train.grad_accum=2"], "train.grad_accum: a norm study compares batch sizes"),
         # A scaled learning rate above train.lr's bound was trained although --set refuses it.
         (["--set", "train.lr=5", "--lr-scaling", "linear", "--batch-sizes", "1,4"], "the arm at batch 4: "),
@@ -152,6 +153,8 @@ def test_every_arm_warms_up_over_the_same_samples() -> None:
     ]
     short = arm_config(cfg, cfg.model, 0, 4, 8, 1, "none").train  # 2 steps: no warmup as long as the run
     assert (short.warmup_iters, short.lr) == (1, 0.01)
+    one = load_run_config(None, ["train.warmup_iters=1"])  # rounded up: a warmup never vanishes
+    assert [arm_config(one, one.model, 0, b, 64, 1, "none").train.warmup_iters for b in (1, 2, 4)] == [1, 1, 1]
 
 
 def test_an_earlier_studys_tables_go_when_a_new_study_starts(
