@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset is not None:
         from medgn.data.datasets import load_dataset
 
-        index = load_dataset(args.dataset)
+        index = load_dataset(args.dataset, training=False)
         declared = index.regions  # {"regions": {name: [labels]}, "order": [...]}
         regions.update({name: tuple(members) for name, members in declared.get("regions", {}).items()})
         # The values a label map may hold: the plain labels and every member of a region (an

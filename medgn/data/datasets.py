@@ -300,7 +300,7 @@ def group_channels(folder: Path, ending: str | None) -> tuple[dict[str, dict[int
     return grouped, plain
 
 
-def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIndex:
+def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path, training: bool = True) -> DatasetIndex:
     problems = [
         f"missing key {key!r}" for key in ("channel_names", "labels", "numTraining", "file_ending") if key not in desc
     ]
@@ -327,8 +327,9 @@ def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path) -> DatasetIn
         problems.append(f"'file_ending' must be an image file ending such as \".nii.gz\", got {ending!r}")
         ending = None
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    test_only = not training and not images_dir.exists() and not labels_dir.exists()
     for folder in (images_dir, labels_dir):
-        if not folder.is_dir():
+        if not folder.is_dir() and not test_only:  # a folder of test cases for inference needs neither
             problems.append(f"folder missing: {folder}")
     cases: list[Case] = []
     if images_dir.is_dir() and channels and ending:
@@ -423,11 +424,14 @@ def _raise_all(where: Path, problems: list[str]) -> None:
         raise InputDataError(where, f"{len(problems)} problem(s) in the dataset description: {shown}")
 
 
-def load_dataset(root: str | os.PathLike[str]) -> DatasetIndex:
+def load_dataset(root: str | os.PathLike[str], *, training: bool = True) -> DatasetIndex:
     """Index a training dataset (MSD, nnU-Net v2 raw, or ``images/`` + ``labels/`` folders).
 
     Args:
         root: the dataset folder.
+        training: False for inference and evaluation, which read only the description and the test
+            cases: an nnU-Net folder without imagesTr and labelsTr (test cases as distributed) is
+            then no problem.
 
     Returns:
         The dataset's description and cases (files are checked to exist, not read).
@@ -445,12 +449,12 @@ def load_dataset(root: str | os.PathLike[str]) -> DatasetIndex:
     if json_path.is_file():
         desc = _load_json(json_path)
         if "channel_names" in desc or "file_ending" in desc:
-            return _load_nnunet(root, desc, json_path)
+            return _load_nnunet(root, desc, json_path, training)
         if "training" in desc or "modality" in desc:
             return _load_msd(root, desc, json_path)
         labels = desc.get("labels")
         if isinstance(labels, dict) and labels and all(isinstance(v, (int, list)) for v in labels.values()):
-            return _load_nnunet(root, desc, json_path)  # nnU-Net style labels: report its missing keys
+            return _load_nnunet(root, desc, json_path, training)  # nnU-Net style labels: report its missing keys
         raise InputDataError(
             json_path,
             "unrecognised dataset.json",

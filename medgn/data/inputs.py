@@ -85,7 +85,7 @@ def declared_channel_names(path: str | os.PathLike[str]) -> tuple[str, ...] | No
     path = Path(path)
     if not (path.is_dir() and (path / "dataset.json").is_file()):
         return None
-    return tuple(load_dataset(path).channel_names)
+    return tuple(load_dataset(path, training=False).channel_names)
 
 
 def missing_input(path: Path) -> UsageError:
@@ -123,7 +123,7 @@ def find_inputs(
     elif not path.is_dir():
         raise missing_input(path)
     elif (path / "dataset.json").is_file():
-        index = load_dataset(path)
+        index = load_dataset(path, training=False)
         cases = index.test_cases
         if not cases:
             raise UsageError(path, "dataset has no test cases", expected="a 'test' list or an imagesTs folder")

@@ -185,3 +185,24 @@ def test_a_4d_scan_keeps_to_the_size_limits(tmp_path: Path) -> None:
     report = infer(_predictor(in_channels=2), tmp_path / "m8.nii.gz", tmp_path / "out", limits=small)
     (case,) = report.cases
     assert (case.status, case.code) == ("failed", 5) and "too many voxels" in case.message
+
+
+def test_a_dataset_folder_of_test_cases_only_is_read(tmp_path: Path) -> None:
+    # dataset.json and imagesTs as distributed for testing: refused for lacking imagesTr and labelsTr.
+    from medgn.data.datasets import load_dataset
+    from medgn.errors import InputDataError
+
+    root = tmp_path / "ds"
+    (root / "imagesTs").mkdir(parents=True)
+    desc = {
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, "organ": 1},
+        "numTraining": 0,
+        "file_ending": ".nii.gz",
+    }
+    (root / "dataset.json").write_text(json.dumps(desc))
+    F.write_image(root / "imagesTs" / "t1_0000.nii.gz", F.image(), AFFINE)
+    report = infer(_predictor(), root, tmp_path / "out")
+    assert [(c.case_id, c.status) for c in report.cases] == [("t1", "ok")]
+    with pytest.raises(InputDataError, match="folder missing: .*imagesTr"):  # training still needs them
+        load_dataset(root)
