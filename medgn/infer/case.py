@@ -116,16 +116,20 @@ def _read_channels(
     from medgn.data.preflight import DEFAULT_LIMITS
 
     if len(images) == 1 and in_channels > 1:
-        named = CHANNEL_RE.match(strip_image_suffix(images[0].name))
-        if named:  # case_0000 alone: the case's other channel files are missing
-            stem = named.group("case")
+        try:
+            return read_case_images(images, in_channels, limits)  # one 4D file holding every channel (MSD)
+        except InputDataError as exc:
+            named = CHANNEL_RE.match(strip_image_suffix(images[0].name))
+            three_d = "has 1 channel(s) on its 4th axis" in exc.what or "must be a 4D NIfTI" in exc.what
+            if not (named and three_d):
+                raise
+            stem = named.group("case")  # a 3D case_0000 alone: the case's other channel files are missing
             raise InputDataError(
                 images[0].with_name(f"{stem}_0001"),
                 "channel file missing",
                 got=f"only {images[0].name}",
                 expected=f"{in_channels} channel files per case ({stem}_0000 ... _{in_channels - 1:04d})",
-            )
-        return read_case_images(images, in_channels, limits)  # one 4D file holding every channel (MSD)
+            ) from None
     if len(images) != in_channels:
         raise InputDataError(
             images[0],

@@ -206,3 +206,13 @@ def test_a_dataset_folder_of_test_cases_only_is_read(tmp_path: Path) -> None:
     assert [(c.case_id, c.status) for c in report.cases] == [("t1", "ok")]
     with pytest.raises(InputDataError, match="folder missing: .*imagesTr"):  # training still needs them
         load_dataset(root)
+
+
+def test_a_4d_scan_named_like_a_channel_file_is_still_read_as_one(tmp_path: Path) -> None:
+    # The lone-_0000 rule is for 3D files: a 4D file of every channel may carry the suffix too.
+    import nibabel as nib
+
+    image = np.stack([F.image(), F.image(1)], axis=-1)
+    nib.save(nib.Nifti1Image(image, AFFINE), str(tmp_path / "BRATS_001_0000.nii.gz"))
+    report = infer(_predictor(in_channels=2), tmp_path / "BRATS_001_0000.nii.gz", tmp_path / "out")
+    assert [(c.case_id, c.status) for c in report.cases] == [("BRATS_001_0000", "ok")]
