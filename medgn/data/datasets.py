@@ -300,6 +300,10 @@ def group_channels(folder: Path, ending: str | None) -> tuple[dict[str, dict[int
     return grouped, plain
 
 
+# Appended to the path of a channel file a case lacks: the case is listed and fails alone when read.
+MISSING_MARK = " (missing)"
+
+
 def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path, training: bool = True) -> DatasetIndex:
     problems = [
         f"missing key {key!r}" for key in ("channel_names", "labels", "numTraining", "file_ending") if key not in desc
@@ -365,7 +369,14 @@ def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path, training: bo
     if (root / "imagesTs").is_dir():
         grouped, _ = group_channels(root / "imagesTs", ending)
         tests = [
-            Case(check_case_id(cid, root / "imagesTs"), tuple(found[c] for c in sorted(found)))
+            Case(
+                check_case_id(cid, root / "imagesTs"),
+                # a channel the case lacks keeps its place: the case fails alone, naming the file
+                tuple(
+                    found.get(c, root / "imagesTs" / f"{cid}_{c:04d}{ending}{MISSING_MARK}")
+                    for c in range(max(len(channels), max(found) + 1))
+                ),
+            )
             for cid, found in sorted(grouped.items())
         ]
     return DatasetIndex(

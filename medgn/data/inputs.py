@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medgn.data.datasets import (
+    MISSING_MARK,
     Case,
     check_case_id,
     group_channels,
@@ -27,9 +28,6 @@ from medgn.errors import InputDataError, UsageError
 from medgn.files import path_problem
 
 __all__ = ["MISSING_MARK", "declared_channel_names", "find_inputs", "missing_input"]
-
-# Appended to the path of a channel file a case lacks: the case is listed and fails alone when read.
-MISSING_MARK = " (missing)"
 
 
 def _is_dicom_folder(path: Path) -> bool:

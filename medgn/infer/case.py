@@ -121,7 +121,7 @@ def _read_channels(
         except InputDataError as exc:
             named = CHANNEL_RE.match(strip_image_suffix(images[0].name))
             three_d = "has 1 channel(s) on its 4th axis" in exc.what or "must be a 4D NIfTI" in exc.what
-            if not (named and three_d):
+            if not (named and named.group("channel") == "0000" and three_d):
                 raise
             stem = named.group("case")  # a 3D case_0000 alone: the case's other channel files are missing
             raise InputDataError(
@@ -365,23 +365,32 @@ def _segment(
     return CaseOutcome(outputs + [stem.name + ".json"], warnings)
 
 
-def read_inputs(images: tuple[Path, ...]) -> tuple[list[Any], list[dict[str, str]]]:
+def read_inputs(images: tuple[Path, ...], channels: int | None = None) -> tuple[list[Any], list[dict[str, str]]]:
     """Read every channel's file once: what was read (decoded later, only when the case runs) and
     each channel's path and sha256, which decide whether the case is done or its outputs are ours.
 
     Raises:
-        InputDataError: an input cannot be read (exit 3).
+        InputDataError: an input cannot be read, a channel file is missing, or the case has more
+            channel files than ``channels`` (the model's) (exit 3).
     """
     from medgn.data.detached import with_data_files_sha256
     from medgn.data.io import input_bytes
 
-    for path in images:
-        if path.name.endswith(MISSING_MARK):  # a channel file the case lacks (find_inputs kept its place)
+    needed = images[:channels] if channels else images
+    for path in needed:
+        if path.name.endswith(MISSING_MARK):  # a channel file the case lacks (its place kept by find_inputs)
             raise InputDataError(
                 path.with_name(path.name[: -len(MISSING_MARK)]),
                 "channel file missing",
                 expected="a file for every channel of the case",
             )
+    extra = [p for p in images[len(needed) :] if not p.name.endswith(MISSING_MARK)]
+    if extra:  # c_0003 beside c_0000, c_0001 for a 2-channel model: not a gap at c_0002
+        raise InputDataError(
+            extra[0],
+            f"case has channel files the model does not take: {', '.join(p.name for p in extra)}",
+            expected=f"{channels} channel file(s) per case, as the model was trained",
+        )
     reads = [input_bytes(p) for p in images]
     return reads, [{"path": os.fspath(p), "sha256": with_data_files_sha256(p, r.sha256)} for p, r in zip(images, reads)]
 

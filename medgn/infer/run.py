@@ -454,7 +454,7 @@ def _run_cases(
             t0 = time.perf_counter()
             result = CaseResult(cid, names[cid], "ok")
             try:
-                reads, inputs = read_inputs(case.images)
+                reads, inputs = read_inputs(case.images, predictor.plan.in_channels)
                 fp = fingerprint(
                     [r["sha256"] for r in inputs], predictor.model_sha256s, predictor.config_hash, recorded
                 )

@@ -162,15 +162,23 @@ def test_a_case_missing_a_channel_file_fails_alone_naming_the_file(tmp_path: Pat
     # a 4D file "with 1 channel on its 4th axis".
     src = tmp_path / "in"
     src.mkdir()
-    for name in ("c8_0000", "c8_0001", "c9_0001", "cc_0000", "cc_0002", "cd_0000"):
+    for name in ("c8_0000", "c8_0001", "c9_0001", "cc_0000", "cc_0002", "cd_0000", "ce_0000", "ce_0001", "ce_0003"):
         F.write_image(src / f"{name}.nii.gz", F.image(), AFFINE)
     report = infer(_predictor(in_channels=2), src, tmp_path / "out")
     status = {c.case_id: (c.status, c.code) for c in report.cases}
-    assert status == {"c8": ("ok", None), "c9": ("failed", 3), "cc": ("failed", 3), "cd": ("failed", 3)}
+    assert status == {
+        "c8": ("ok", None),
+        "c9": ("failed", 3),
+        "cc": ("failed", 3),
+        "cd": ("failed", 3),
+        "ce": ("failed", 3),
+    }
     messages = {c["case_id"]: c["message"] for c in json.loads((tmp_path / "out" / "report.json").read_text())["cases"]}
     assert messages["c9"].startswith(f"{src / 'c9_0000'}: channel file missing")
     assert messages["cc"].startswith(f"{src / 'cc_0001'}: channel file missing")
     assert messages["cd"].startswith(f"{src / 'cd_0001'}: channel file missing (got only cd_0000.nii.gz")
+    # _0000 and _0001 there for a 2-channel model: _0003 is one too many, not _0002 missing
+    assert messages["ce"].startswith(f"{src / 'ce_0003.nii.gz'}: case has channel files the model does not take")
 
 
 def test_a_4d_scan_keeps_to_the_size_limits(tmp_path: Path) -> None:
@@ -216,3 +224,23 @@ def test_a_4d_scan_named_like_a_channel_file_is_still_read_as_one(tmp_path: Path
     nib.save(nib.Nifti1Image(image, AFFINE), str(tmp_path / "BRATS_001_0000.nii.gz"))
     report = infer(_predictor(in_channels=2), tmp_path / "BRATS_001_0000.nii.gz", tmp_path / "out")
     assert [(c.case_id, c.status) for c in report.cases] == [("BRATS_001_0000", "ok")]
+
+
+def test_a_dataset_test_case_missing_a_channel_fails_alone(tmp_path: Path) -> None:
+    # In a dataset folder, a_0000 + a_0002 fed a_0002 as channel 1 (exit 0), and b_0001 alone was
+    # reported as "b_0001 missing".
+    from tests.data.conftest import make_nnunet
+
+    dataset = make_nnunet(tmp_path / "ds", n_cases=1, channels=2)
+    (dataset / "imagesTs").mkdir()
+    for name in ("a_0000", "a_0002", "b_0001", "c_0000", "c_0001"):
+        F.write_image(dataset / "imagesTs" / f"{name}.nii.gz", F.image(), AFFINE)
+    report = infer(_predictor(in_channels=2), dataset, tmp_path / "out")
+    status = {c.case_id: (c.status, c.message) for c in report.cases}
+    assert status["c"][0] == "ok"
+    assert status["a"][0] == "failed" and status["a"][1].startswith(
+        f"{dataset / 'imagesTs' / 'a_0001.nii.gz'}: channel file missing"
+    )
+    assert status["b"][0] == "failed" and status["b"][1].startswith(
+        f"{dataset / 'imagesTs' / 'b_0000.nii.gz'}: channel file missing"
+    )
