@@ -85,7 +85,9 @@ def dataset_plan(
 def check_resumed_plan(stored: Plan, plan: Plan, out_dir: Path) -> None:
     """A resume trains with the run's own plan: its checkpoints were trained on that grid and patch."""
     a, b = stored.to_dict(), plan.to_dict()
-    keys = sorted((set(a) | set(b)) - {"network"})  # another network: the checkpoint's weights say so (exit 4)
+    # Another network: the checkpoint's weights say so (exit 4). The dataset record: the data check
+    # compares the run's cases (a plan may name the channels now where an older run's did not).
+    keys = sorted((set(a) | set(b)) - {"network", "dataset"})
     diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
     if diffs:
         raise UsageError(

@@ -35,7 +35,7 @@ from medgn.errors import MedgnError, UsageError
 from medgn.files import RunLock, atomic_write_json, clean_stale_temps, is_inside, make_output_dir
 from medgn.infer import postprocess
 from medgn.logs import attach_file_log, get_logger
-from medgn.planning.plan import Plan
+from medgn.planning.plan import Plan, channel_names, reordered
 from medgn.planning.plan_config import apply_plan_config
 from medgn.train import distributed as ddp
 from medgn.train.logging_hooks import default_hooks
@@ -205,7 +205,18 @@ def train_on_dataset(
                 f"{len(index.channel_names)} ({', '.join(index.channel_names)})",
                 expected="a plan made from this dataset (medgn plan), or none",
             )
+        if reordered(channel_names(base_plan), index.channel_names) is not None:  # its normalisations too
+            raise UsageError(
+                plan_path or out_dir / DATASET_PLAN,
+                f"the plan names the dataset's channels in another order: {', '.join(channel_names(base_plan))}; "
+                f"the dataset has {', '.join(index.channel_names)}",
+                expected="a plan made from this dataset (medgn plan), or none",
+            )
         plan, features = apply_plan_config(base_plan, cfg.plan, cfg.model.features)
+        # The model takes the channels of the dataset it trains on: its plan names them, whatever
+        # dataset a --plan was made from (inference and fine-tuning check channel order by them).
+        if channel_names(plan) != tuple(index.channel_names):
+            plan = plan.replace(dataset={**(plan.dataset or {}), "channel_names": list(index.channel_names)})
         if info.is_main:
             log_plan_changes(base_plan, plan, "--plan" if plan_path else "the dataset's plan")
         # train.deep_supervision switches the extra heads off (both switches must be on to use them);

@@ -159,3 +159,55 @@ def test_train_deep_supervision_switches_the_heads_off(tmp_path: Path) -> None:
         runs[flag] = state["config"]["model"]["deep_supervision"]
     # The network was built (and is rebuilt for inference) from this config: heads on only when both say so.
     assert runs == {"true": True, "false": False}
+
+
+def test_a_plan_of_other_channel_names_is_recorded_with_the_datasets_own(tmp_path: Path) -> None:
+    # A --plan from a dataset naming its channel otherwise left the other names in the run's plan:
+    # inference then judged channel order by names the model never saw.
+    data = make_dataset(tmp_path / "data", n=4, size=16)
+    other = make_dataset(tmp_path / "other", n=4, size=16)
+    desc = json.loads((other / "dataset.json").read_text())
+    desc["modality"] = {"0": "T1"}
+    (other / "dataset.json").write_text(json.dumps(desc))
+    plan = tmp_path / "plans" / "plan.json"
+    assert main(["plan", str(other), "--out", str(plan), "--folds", "2"]) == 0
+    run = tmp_path / "run"
+    code = main(["train", "--data", str(data), "--out", str(run), "--plan", str(plan), *ONE_STEP, "--no-progress"])
+    assert code == 0
+    assert json.loads((run / "plan.json").read_text())["dataset"]["channel_names"] == ["MRI"]
+
+
+def test_a_plan_naming_the_datasets_channels_in_another_order_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its normalisations follow its own order, and the model would record the swapped names.
+    from tests.data.conftest import make_nnunet
+
+    data = make_nnunet(tmp_path / "data", n_cases=2, channels=2)  # CT, T2
+    other = make_nnunet(tmp_path / "other", n_cases=2, channels=2)
+    desc = json.loads((other / "dataset.json").read_text())
+    desc["channel_names"] = {"0": "T2", "1": "CT"}
+    (other / "dataset.json").write_text(json.dumps(desc))
+    plan = tmp_path / "plans" / "plan.json"
+    assert main(["plan", str(other), "--out", str(plan)]) == 0
+    capsys.readouterr()
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--plan",
+            str(plan),
+            "--fold",
+            "all",
+            *ONE_STEP,
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        code == 2
+        and "the plan names the dataset's channels in another order: T2, CT; the dataset has CT, T2" in err[-1]
+    )
