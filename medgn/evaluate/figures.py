@@ -167,7 +167,8 @@ def overlay_slices(ref: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> dic
     mask one voxel too large) keeps the centre plane, where both contours show. With an empty
     reference the prediction takes its place; with both empty, the middle of the volume. Where no
     plane of a view cuts both (a prediction beside the structure), the axial view shows the
-    reference and the other two the prediction.
+    reference and the other two the prediction; and a prediction that no chosen plane would cut
+    moves the other two views to planes that cut it.
     """
     wrong = ref != pred
     planes: dict[str, int] = {}
@@ -189,6 +190,23 @@ def overlay_slices(ref: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> dic
             planes[name] = int(best[np.argmin(np.abs(best - mid))])
         else:
             planes[name] = mid
+    if (
+        ref.any()
+        and pred.any()
+        and not any(np.take(pred, planes[name], axis=_normal_axis(affine, n)).any() for name, n in VIEWS)
+    ):
+        # A prediction that no chosen plane cuts (a false positive off the structure's edge): the
+        # views after the first move to the plane cutting both with the most wrong voxels, or,
+        # where none cuts both, to the prediction's centre.
+        for name, world_normal in VIEWS[1:]:
+            normal = _normal_axis(affine, world_normal)
+            others = tuple(a for a in range(3) if a != normal)
+            both = ref.any(axis=others) & pred.any(axis=others)
+            if both.any():
+                per_plane = np.where(both, np.count_nonzero(wrong, axis=others), -1)
+                planes[name] = int(np.argmax(per_plane))
+            else:
+                planes[name] = _centre_index(pred, normal, affine)
     return planes
 
 
@@ -243,6 +261,11 @@ def _overlay(path: Path, title: str, under: np.ndarray, ref: np.ndarray, pred: n
     return _save(fig, path)
 
 
+def _file_word(key: str) -> str:
+    """A label or region name as part of a file name: "ET/TC" is no folder."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
+
+
 def write_overlays(
     result: EvaluationResult,
     folder: Path,
@@ -295,7 +318,14 @@ def write_overlays(
                 labels = result.regions.get(key) or int(key)
                 ref_mask, pred_mask = structure_mask(ref.array, labels), structure_mask(pred.array, labels)
                 written.append(
-                    _overlay(folder / fit_name(f"{cid}_label-{key}.png"), title, under, ref_mask, pred_mask, ref.affine)
+                    _overlay(
+                        folder / fit_name(f"{cid}_label-{_file_word(key)}.png"),
+                        title,
+                        under,
+                        ref_mask,
+                        pred_mask,
+                        ref.affine,
+                    )
                 )
             except MedgnError as exc:
                 log.warning("no overlay for %s, label %s: %s", cid, key, exc.one_line())

@@ -208,9 +208,13 @@ def md_text(text: str) -> str:
     return _LEADING.sub(lambda m: f"{m.group(1)}\\{m.group(2)}" if m.group(1) else f"\\{m.group(3)}", out)
 
 
-def _markdown(lines: Sequence[Sequence[str]]) -> list[str]:
+def _markdown(lines: Sequence[Sequence[str]], text_columns: Sequence[int] = (0,)) -> list[str]:
+    """A Markdown table; the cells of ``text_columns`` (names) are escaped, numbers and flags kept plain."""
     out = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
-    out += ["| " + " | ".join(md_text(cell) for cell in line) + " |" for line in lines[1:]]
+    out += [
+        "| " + " | ".join(md_text(cell) if i in text_columns else cell for i, cell in enumerate(line)) + " |"
+        for line in lines[1:]
+    ]
     return out
 
 
@@ -289,14 +293,14 @@ def report_markdown(result: EvaluationResult, figures: Sequence[Path] = ()) -> s
                 ", ".join(m.flags),
             ]
         )
-    text += _markdown(lines)
+    text += _markdown(lines, text_columns=(0, 1))
     if figures:
         from urllib.parse import quote
 
         text += ["", "## Figures", ""]
         text.append(
-            "Overlays (reference wide green, prediction narrow red; radiological convention, edges lettered) "
-            "of the worst cases, then the box plots."
+            "The box plot of Dice and HD95 per class, then the worst cases' overlays (reference wide green, "
+            "prediction narrow red; radiological convention, edges lettered)."
         )
         text.append("")
         for p in figures:

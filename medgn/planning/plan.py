@@ -283,9 +283,10 @@ def channel_names(plan: Plan | Mapping[str, Any]) -> tuple[str, ...]:
 
 def reordered(model: Sequence[str], given: Sequence[str]) -> list[int] | None:
     """Where each of ``given``'s channels sits in ``model``'s order, when ``given`` names the same
-    distinct channels in another order (T1c, FLAIR for a model of FLAIR, T1c); else None (the same
-    order, other names, or names that cannot say: repeated or missing)."""
-    model, given = [str(n) for n in model], [str(n) for n in given]
+    distinct channels in another order (T1c, FLAIR or t1c, flair for a model of FLAIR, T1c; case
+    does not count); else None (the same order, other names, or names that cannot say: repeated or
+    missing)."""
+    model, given = [str(n).casefold() for n in model], [str(n).casefold() for n in given]  # t1c is T1c
     if len(set(model)) != len(model) or sorted(model) != sorted(given) or model == given:
         return None
     return [model.index(n) for n in given]

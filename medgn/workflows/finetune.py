@@ -235,7 +235,10 @@ def init_from(
         "freeze_encoder_steps": freeze_steps,
         "layers": rows,
     }
-    atomic_write_json(out_dir / INIT_REPORT, report, overwrite=True)
+    from medgn.train.distributed import dist_info_from_env
+
+    if dist_info_from_env().is_main:  # under torchrun every rank loads the same; one writes the report
+        atomic_write_json(out_dir / INIT_REPORT, report, overwrite=True)
     log.info("init-from %s: %d tensors loaded, %d re-initialised", source.file, loaded, len(reinit))
     return [FreezeEncoderHook(freeze_steps, trainable=reinit)] if freeze_steps > 0 else []
 

@@ -310,6 +310,7 @@ def test_the_report_reads_without_the_source_and_shows_names_as_written(tmp_path
     result = evaluate(pred, ref, tmp_path / "out", labels=[1, 5], regions={"both": [1, 5]}, allow_missing=True)
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| odd\\|name\\*x\\* | 1 |" in report and "| odd|name" not in report
+    assert "| 0.7500 |" in report and "0\\." not in report  # numbers stay plain
     assert "reference empty 0, prediction empty 0" in report and "reference only" not in report
     assert "**HD95**: the 95th percentile" in report and "population standard deviation" in report
     assert "## Worst cases" in report and "- region both: odd\\|name\\*x\\* (Dice 0.750)" in report
@@ -348,3 +349,25 @@ def test_values_the_dataset_does_not_declare_fail_the_case(
     capsys.readouterr()
     # Without --dataset nothing is declared: label 7 is a class like any other.
     assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(tmp_path / "o2")]) == 0
+
+
+def test_a_region_name_with_a_slash_gets_its_overlay(tmp_path: Path, folders: tuple[Path, Path]) -> None:
+    # "ET/TC" went into the overlay's file name as a folder: an internal error (exit 1).
+    pred, ref = folders
+    out = tmp_path / "out"
+    argv = [
+        "evaluate",
+        "--pred",
+        str(pred),
+        "--ref",
+        str(ref),
+        "--out",
+        str(out),
+        "--region",
+        "ET/TC=1",
+        "--worst-k",
+        "1",
+    ]
+    assert main(argv) == 0
+    names = sorted(p.name for p in (out / "overlays").iterdir())
+    assert names == ["c3_label-1.png", "c3_label-ET_TC.png"], names

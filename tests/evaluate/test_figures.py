@@ -120,3 +120,14 @@ def test_a_panel_says_a_mask_is_absent_only_when_it_is(tmp_path) -> None:
         figures._overlay(tmp_path / "o.png", "t", ref.astype(np.float32), ref, pred, np.eye(4))
     # Plane 6 (the most wrong voxels): the reference fills it, the prediction is not in it.
     assert titles == ["axial, slice 6 (no prediction here)", "coronal, slice 4", "sagittal, slice 4"], titles
+
+
+def test_a_false_positive_off_the_structures_edge_is_in_some_panel() -> None:
+    # Planes through the reference missed a small blob above it in all three panels.
+    ref = np.zeros((30, 30, 20), bool)
+    ref[5:25, 5:25, 3:8] = True
+    pred = np.zeros_like(ref)
+    pred[6:8, 6:8, 15:18] = True
+    planes = overlay_slices(ref, pred, np.eye(4))
+    assert 3 <= planes["axial"] < 8  # the reference
+    assert 6 <= planes["coronal"] < 8 and 6 <= planes["sagittal"] < 8  # planes that cut both

@@ -349,3 +349,12 @@ def test_a_hand_made_splits_file_is_checked_fold_by_fold(tmp_path: Path, name: s
     with pytest.raises(InputDataError) as info:
         load_or_create_splits(path, ids)
     assert info.value.where == str(path) and words in info.value.one_line(), info.value.one_line()
+
+
+def test_channel_order_is_judged_by_names_whatever_their_case() -> None:
+    from medgn.planning.plan import reordered
+
+    assert reordered(["FLAIR", "T1c"], ["T1c", "FLAIR"]) == [1, 0]
+    assert reordered(["FLAIR", "T1c"], ["t1c", "flair"]) == [1, 0]  # lowercase file suffixes
+    assert reordered(["FLAIR", "T1c"], ["flair", "t1c"]) is None  # the same order
+    assert reordered(["MR", "MR"], ["MR", "MR"]) is None and reordered(["CT"], ["T2"]) is None
