@@ -32,11 +32,11 @@ from medgn.data.datasets import CHANNEL_RE, strip_image_suffix
 from medgn.data.inputs import MISSING_MARK
 from medgn.data.preflight import MASK_SUFFIXES
 from medgn.errors import InputDataError, MedgnError, UsageError
-from medgn.files import atomic_path, atomic_write_bytes, atomic_write_json, json_sha256
+from medgn.files import atomic_path, atomic_write_bytes, atomic_write_json, file_sha256, json_sha256
 from medgn.infer.predictor import Predictor
 from medgn.infer.sliding_window import WindowSettings, predict_probabilities
 
-__all__ = ["CaseOutcome", "fingerprint", "mask_suffix", "read_inputs", "read_sidecar", "run_case"]
+__all__ = ["CaseOutcome", "fingerprint", "mask_suffix", "outputs_intact", "read_inputs", "read_sidecar", "run_case"]
 
 SIDECAR_VERSION = 1
 SEG_SUFFIX = ".seg.dcm"  # medgn.data.dicom_seg.SEG_SUFFIX, kept here so naming needs no pydicom
@@ -81,12 +81,34 @@ def fingerprint(inputs: list[str], models: list[str], config_hash: str, settings
 
 
 def read_sidecar(path: Path) -> dict[str, Any] | None:
-    """A case sidecar, or None when absent or unreadable (an unreadable one proves nothing)."""
+    """A case sidecar, or None when absent, unreadable or not shaped like one (it proves nothing)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    outputs, hashes = data.get("outputs", []), data.get("output_sha256", {})
+    well_formed = (
+        isinstance(data.get("fingerprint", ""), str)
+        and isinstance(data.get("status", ""), str)
+        and isinstance(outputs, list)
+        and all(isinstance(o, str) and o and "/" not in o and o not in (".", "..") for o in outputs)
+        and isinstance(hashes, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in hashes.items())
+    )
+    return data if well_formed else None
+
+
+def outputs_intact(folder: Path, sidecar: Mapping[str, Any]) -> bool:
+    """Whether every output a done sidecar records is in ``folder`` and, where it recorded a sha256
+    (sidecars from before did not), still has those bytes: a deleted or damaged mask is redone."""
+    hashes = sidecar.get("output_sha256", {})
+    for name in sidecar.get("outputs", []):
+        path = folder / name
+        if not path.is_file() or (name in hashes and file_sha256(path) != hashes[name]):
+            return False
+    return True
 
 
 def class_indices(probs: torch.Tensor) -> np.ndarray:
@@ -213,7 +235,7 @@ def run_case(
         return _segment(
             images, stem, predictor, settings, options, preprocess, invert, sidecar_base, sidecar_path, published, reads
         )
-    except Exception:
+    except BaseException:  # an error, or Ctrl-C / SIGTERM (which medgn turns into KeyboardInterrupt)
         # A case that failed before publishing anything leaves what was there before; once an
         # output is published (or after a kill) "running" stays, so a rerun redoes the case.
         if not published:
@@ -347,12 +369,18 @@ def _segment(
         outputs.append(_write_probabilities(probs.numpy(), reference, predictor.label_values, stem, overwrite).name)
     times["postprocess_write"] = time.perf_counter() - t2
     times["total"] = time.perf_counter() - t0
+    own = (stem.name + ".", stem.name + PROBABILITIES_SUFFIX)  # never another case's file, whatever a record says
+    for stale in options.get("stale_outputs") or ():  # an earlier run's outputs this one did not rewrite
+        if stale not in outputs and stale != sidecar_path.name and stale.startswith(own):
+            with contextlib.suppress(OSError):
+                (stem.parent / stale).unlink(missing_ok=True)
 
     sidecar = dict(sidecar_base)
     sidecar.update(
         {
             "status": "done",
             "outputs": outputs,
+            "output_sha256": {name: file_sha256(stem.parent / name) for name in outputs},
             "mask": outputs[0],
             "seconds": {k: round(v, 4) for k, v in times.items()},
             "warnings": warnings,
@@ -419,6 +447,12 @@ def refuse_existing(
             f"{stem.name}.json records the mask {same_stem[0]}, and {mask} would share it (one provenance file "
             "per mask name)",
             expected=f"another name for this mask, or --overwrite to replace {same_stem[0]}'s record",
+        )
+    if sidecar is None:  # no readable record: nothing says whose they are
+        return UsageError(
+            stem.parent,
+            f"outputs exist without a readable provenance file ({stem.name}.json): {names}",
+            expected="pass --overwrite to redo them, or another --output",
         )
     return UsageError(
         stem.parent,

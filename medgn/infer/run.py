@@ -36,6 +36,7 @@ from medgn.infer.case import (
     fingerprint,
     mask_suffix,
     outputs_exist,
+    outputs_intact,
     primary_suffix,
     read_inputs,
     read_sidecar,
@@ -464,18 +465,24 @@ def _run_cases(
                 sidecar = read_sidecar(stem.with_name(stem.name + ".json"))
                 mask_done = stem.with_name(stem.name + primary_suffix(case.images, run.output_format, suffix)).is_file()
                 same = sidecar is not None and sidecar.get("fingerprint") == fp
-                # An interrupted run of the same fingerprint left these outputs: ours to replace.
-                resuming = same and sidecar.get("status") == "running"
-                if same and sidecar.get("status") == "done" and mask_done:
+                done = same and sidecar.get("status") == "done"
+                # An interrupted run of the same fingerprint left these outputs, or a finished one whose
+                # outputs were deleted or damaged since: ours to replace.
+                resuming = same and (sidecar.get("status") == "running" or not mask_done)
+                if done and mask_done and outputs_intact(out, sidecar):
                     result.status, result.message, result.outputs = (
                         "skipped",
                         "done earlier with the same inputs, models and settings",
-                        list(sidecar.get("outputs", [])),
+                        [*sidecar.get("outputs", []), stem.name + ".json"],
                     )
-                elif existing and not (run.overwrite or resuming):
+                    result.warnings = [str(w) for w in sidecar.get("warnings", []) if isinstance(w, str)]
+                elif existing and not (run.overwrite or resuming or done):
                     raise refuse_existing(stem, existing, sidecar, stem.name + suffix)
                 else:
-                    options["overwrite"] = bool(run.overwrite or resuming)
+                    options["overwrite"] = bool(run.overwrite or resuming or done)
+                    # What an earlier run recorded beside this case and this run may not write again
+                    # (probabilities, a DICOM-SEG, another format): removed once this run has its own.
+                    options["stale_outputs"] = list(sidecar.get("outputs", [])) if sidecar is not None else []
                     base = {
                         "sidecar_version": 1,
                         "case_id": cid,

@@ -61,6 +61,13 @@ class InferSettings:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
+        # The window settings' own rules (WindowSettings), checked before a model is loaded or a folder made.
+        if not 0.0 <= float(self.overlap) < 1.0:
+            raise UsageError("--overlap", "overlap out of range", got=self.overlap, expected="a fraction in [0, 1)")
+        if int(self.sw_batch_size) < 1:
+            raise UsageError(
+                "--sw-batch-size", "needs at least one window per forward", got=self.sw_batch_size, expected=">= 1"
+            )
         if self.postprocess not in POSTPROCESS:
             raise UsageError(
                 "--postprocess", "unknown post-processing", got=self.postprocess, expected=" or ".join(POSTPROCESS)
