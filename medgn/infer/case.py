@@ -36,7 +36,17 @@ from medgn.files import atomic_path, atomic_write_bytes, atomic_write_json, file
 from medgn.infer.predictor import Predictor
 from medgn.infer.sliding_window import WindowSettings, predict_probabilities
 
-__all__ = ["CaseOutcome", "fingerprint", "mask_suffix", "outputs_intact", "read_inputs", "read_sidecar", "run_case"]
+__all__ = [
+    "CaseOutcome",
+    "changed_outputs",
+    "fingerprint",
+    "mask_suffix",
+    "output_state",
+    "read_inputs",
+    "read_sidecar",
+    "recorded_outputs",
+    "run_case",
+]
 
 SIDECAR_VERSION = 1
 SEG_SUFFIX = ".seg.dcm"  # medgn.data.dicom_seg.SEG_SUFFIX, kept here so naming needs no pydicom
@@ -88,27 +98,65 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(data, dict):
         return None
-    outputs, hashes = data.get("outputs", []), data.get("output_sha256", {})
+    hashes = data.get("output_sha256", {})
+
+    def names(key: str) -> bool:
+        values = data.get(key, [])
+        return isinstance(values, list) and all(
+            isinstance(o, str) and o and "/" not in o and o not in (".", "..") for o in values
+        )
+
+    warnings = data.get("warnings", [])
     well_formed = (
         isinstance(data.get("fingerprint", ""), str)
         and isinstance(data.get("status", ""), str)
-        and isinstance(outputs, list)
-        and all(isinstance(o, str) and o and "/" not in o and o not in (".", "..") for o in outputs)
+        and names("outputs")
+        and names("previous_outputs")
         and isinstance(hashes, dict)
         and all(isinstance(k, str) and isinstance(v, str) for k, v in hashes.items())
+        and isinstance(warnings, list)
+        and all(isinstance(w, str) for w in warnings)
     )
     return data if well_formed else None
 
 
-def outputs_intact(folder: Path, sidecar: Mapping[str, Any]) -> bool:
-    """Whether every output a done sidecar records is in ``folder`` and, where it recorded a sha256
-    (sidecars from before did not), still has those bytes: a deleted or damaged mask is redone."""
+def output_state(folder: Path, sidecar: Mapping[str, Any] | None) -> str:
+    """ "intact" when every output the sidecar records is in ``folder`` with the sha256 it recorded
+    (sidecars from before recorded none: existence only); "changed" when one has other bytes (edited
+    by hand, or damaged); else "missing" (one was deleted)."""
+    if sidecar is None:
+        return "missing"
     hashes = sidecar.get("output_sha256", {})
+    state = "intact"
     for name in sidecar.get("outputs", []):
         path = folder / name
-        if not path.is_file() or (name in hashes and file_sha256(path) != hashes[name]):
-            return False
-    return True
+        if not path.is_file():
+            state = "missing"
+        elif name in hashes and file_sha256(path) != hashes[name]:
+            return "changed"
+    return state
+
+
+def changed_outputs(stem: Path, folder: Path, sidecar: Mapping[str, Any]) -> UsageError:
+    """The refusal for outputs whose bytes changed since this model and these settings wrote them."""
+    hashes = sidecar.get("output_sha256", {})
+    changed = [n for n in sidecar.get("outputs", []) if n in hashes and (folder / n).is_file()]
+    changed = [n for n in changed if file_sha256(folder / n) != hashes[n]]
+    return UsageError(
+        stem.parent,
+        f"outputs changed since medgn wrote them (edited by hand, or damaged): {', '.join(changed)}",
+        expected="--overwrite to predict them again, or another --output to keep them",
+    )
+
+
+def recorded_outputs(sidecar: Mapping[str, Any] | None, mask: str) -> list[str]:
+    """The outputs an earlier record lists beside ``mask`` (also while it was running), when that
+    record is of the same mask file: a record of another mask (another format, another input) keeps
+    its files."""
+    if sidecar is None:
+        return []
+    outputs = [*sidecar.get("outputs", []), *sidecar.get("previous_outputs", [])]
+    return outputs if mask in outputs else []
 
 
 def class_indices(probs: torch.Tensor) -> np.ndarray:
@@ -229,7 +277,10 @@ def run_case(
     """
     sidecar_path = stem.with_name(stem.name + ".json")
     previous = sidecar_path.read_bytes() if sidecar_path.is_file() else None
-    atomic_write_json(sidecar_path, {**sidecar_base, "status": "running"}, overwrite=True)
+    running = {**sidecar_base, "status": "running"}
+    if options.get("stale_outputs"):  # a resume after a kill still knows what the earlier record left
+        running["previous_outputs"] = list(options["stale_outputs"])
+    atomic_write_json(sidecar_path, running, overwrite=True)
     published: list[str] = []
     try:
         return _segment(
@@ -369,9 +420,9 @@ def _segment(
         outputs.append(_write_probabilities(probs.numpy(), reference, predictor.label_values, stem, overwrite).name)
     times["postprocess_write"] = time.perf_counter() - t2
     times["total"] = time.perf_counter() - t0
-    own = (stem.name + ".", stem.name + PROBABILITIES_SUFFIX)  # never another case's file, whatever a record says
-    for stale in options.get("stale_outputs") or ():  # an earlier run's outputs this one did not rewrite
-        if stale not in outputs and stale != sidecar_path.name and stale.startswith(own):
+    own = (stem.name + SEG_SUFFIX, stem.name + PROBABILITIES_SUFFIX)  # only these: never a mask or a user's file
+    for stale in options.get("stale_outputs") or ():  # an earlier record's outputs this run did not rewrite
+        if stale not in outputs and stale in own:
             with contextlib.suppress(OSError):
                 (stem.parent / stale).unlink(missing_ok=True)
 

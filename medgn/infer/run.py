@@ -33,13 +33,15 @@ from medgn.infer.case import (
     OUTPUT_FORMATS,
     PROBABILITIES_SUFFIX,
     SEG_SUFFIX,
+    changed_outputs,
     fingerprint,
     mask_suffix,
+    output_state,
     outputs_exist,
-    outputs_intact,
     primary_suffix,
     read_inputs,
     read_sidecar,
+    recorded_outputs,
     refuse_existing,
     run_case,
 )
@@ -465,24 +467,27 @@ def _run_cases(
                 sidecar = read_sidecar(stem.with_name(stem.name + ".json"))
                 mask_done = stem.with_name(stem.name + primary_suffix(case.images, run.output_format, suffix)).is_file()
                 same = sidecar is not None and sidecar.get("fingerprint") == fp
-                done = same and sidecar.get("status") == "done"
-                # An interrupted run of the same fingerprint left these outputs, or a finished one whose
-                # outputs were deleted or damaged since: ours to replace.
-                resuming = same and (sidecar.get("status") == "running" or not mask_done)
-                if done and mask_done and outputs_intact(out, sidecar):
+                state = output_state(out, sidecar) if same else "missing"
+                # An interrupted run of the same fingerprint left these outputs, or a finished one some
+                # of whose outputs were deleted since: ours to replace. One changed since it was written
+                # (a mask corrected by hand, or damaged) is never replaced without --overwrite.
+                resuming = same and (sidecar.get("status") == "running" or (state == "missing" and not run.overwrite))
+                if same and sidecar.get("status") == "done" and mask_done and state == "intact":
                     result.status, result.message, result.outputs = (
                         "skipped",
                         "done earlier with the same inputs, models and settings",
                         [*sidecar.get("outputs", []), stem.name + ".json"],
                     )
-                    result.warnings = [str(w) for w in sidecar.get("warnings", []) if isinstance(w, str)]
-                elif existing and not (run.overwrite or resuming or done):
+                    result.warnings = list(sidecar.get("warnings", []))
+                elif same and state == "changed" and not run.overwrite:
+                    raise changed_outputs(stem, out, sidecar)
+                elif existing and not (run.overwrite or resuming):
                     raise refuse_existing(stem, existing, sidecar, stem.name + suffix)
                 else:
-                    options["overwrite"] = bool(run.overwrite or resuming or done)
-                    # What an earlier run recorded beside this case and this run may not write again
-                    # (probabilities, a DICOM-SEG, another format): removed once this run has its own.
-                    options["stale_outputs"] = list(sidecar.get("outputs", [])) if sidecar is not None else []
+                    options["overwrite"] = bool(run.overwrite or resuming)
+                    # What the earlier record of this same mask listed and this run may not write again
+                    # (its probabilities, its DICOM-SEG): removed once this run has its own outputs.
+                    options["stale_outputs"] = recorded_outputs(sidecar, stem.name + suffix)
                     base = {
                         "sidecar_version": 1,
                         "case_id": cid,

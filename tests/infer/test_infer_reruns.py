@@ -35,15 +35,23 @@ def _rerun(run: Path, scans: Path, out: Path, *extra: str) -> dict[str, str]:
     return {"code": code, **{c["case_id"]: c["status"] for c in report["cases"]}}
 
 
-def test_a_rerun_redoes_what_was_deleted_or_damaged_and_skips_the_rest(setup, capsys) -> None:
+def test_a_rerun_redoes_what_was_deleted_and_keeps_what_was_changed(setup, capsys) -> None:
     run, scans, out = setup
     sidecar = json.loads((out / "a.json").read_text())
     assert set(sidecar["output_sha256"]) == {"a.nii.gz", "a_probabilities.npz"}
     assert _rerun(run, scans, out, "--save-probabilities") == {"code": 0, "a": "skipped", "b": "skipped"}
     (out / "a.nii.gz").unlink()  # the mask alone deleted: was refused as "another model" (exit 2)
-    (out / "b_probabilities.npz").write_bytes(b"damaged")  # was skipped as done
-    assert _rerun(run, scans, out, "--save-probabilities") == {"code": 0, "a": "ok", "b": "ok"}
-    assert (out / "a.nii.gz").is_file() and (out / "b_probabilities.npz").stat().st_size > 100
+    assert _rerun(run, scans, out, "--save-probabilities") == {"code": 0, "a": "ok", "b": "skipped"}
+    assert (out / "a.nii.gz").is_file()
+    # A mask corrected by hand (or damaged) has other bytes than recorded: never predicted over silently.
+    corrected = bytearray((out / "b.nii.gz").read_bytes())
+    (out / "b.nii.gz").write_bytes(bytes(corrected[:-1]) + bytes([corrected[-1] ^ 1]))
+    kept = (out / "b.nii.gz").read_bytes()
+    assert _rerun(run, scans, out, "--save-probabilities") == {"code": 2, "a": "skipped", "b": "failed"}
+    message = next(c for c in json.loads((out / "report.json").read_text())["cases"] if c["case_id"] == "b")["message"]
+    assert "outputs changed since medgn wrote them (edited by hand, or damaged): b.nii.gz" in message
+    assert (out / "b.nii.gz").read_bytes() == kept
+    assert _rerun(run, scans, out, "--save-probabilities", "--overwrite") == {"code": 0, "a": "skipped", "b": "ok"}
     assert _rerun(run, scans, out, "--save-probabilities") == {"code": 0, "a": "skipped", "b": "skipped"}
 
 
@@ -93,3 +101,55 @@ def test_an_interrupt_restores_the_earlier_record(setup, monkeypatch) -> None:
     argv = ["infer", "--model", str(run), "--input", str(scans), "--output", str(out), "--overwrite", "--no-tta"]
     assert main(argv) == 130
     assert (out / "a.json").read_bytes() == before
+
+
+def test_a_named_mask_in_another_format_keeps_the_earlier_mask(tmp_path: Path) -> None:
+    # --overwrite of seg.mha after seg.nrrd replaced seg.json's record and deleted seg.nrrd with it.
+    run = F.save_run(tmp_path / "run")
+    scan = F.write_image(tmp_path / "s.nii.gz", F.image(), AFFINE)
+    out = tmp_path / "x"
+    base = ["infer", "--model", str(run), "--input", str(scan)]
+    assert main([*base, "--output", str(out / "seg.nrrd"), "--save-probabilities"]) == 0
+    assert main([*base, "--output", str(out / "seg.mha"), "--overwrite"]) == 0
+    assert {"seg.nrrd", "seg.mha", "seg_probabilities.npz"} <= {p.name for p in out.iterdir()}
+
+
+def test_a_resumed_overwrite_still_removes_the_earlier_probabilities(setup, monkeypatch) -> None:
+    # A killed --overwrite run left a "running" record without the earlier outputs: its resume kept
+    # the old probabilities beside the new mask for good.
+    import medgn.infer.case as case
+
+    run, scans, out = setup
+    real = case._segment
+
+    def killed_after_publishing(*args, **kwargs):
+        args[9].append("a.nii.gz")  # "published": the record stays "running", as after a kill
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(case, "_segment", killed_after_publishing)
+    main(
+        [
+            "infer",
+            "--model",
+            str(run),
+            "--input",
+            str(scans / "a.nii.gz"),
+            "--output",
+            str(out),
+            "--overwrite",
+            "--no-tta",
+        ]
+    )
+    assert json.loads((out / "a.json").read_text())["previous_outputs"] == ["a.nii.gz", "a_probabilities.npz"]
+    monkeypatch.setattr(case, "_segment", real)
+    assert (
+        main(["infer", "--model", str(run), "--input", str(scans / "a.nii.gz"), "--output", str(out), "--no-tta"]) == 0
+    )
+    assert not (out / "a_probabilities.npz").exists() and (out / "b_probabilities.npz").exists()
+
+
+def test_a_sidecar_with_malformed_warnings_is_unreadable(setup) -> None:
+    run, scans, out = setup
+    sidecar = json.loads((out / "b.json").read_text())
+    (out / "b.json").write_text(json.dumps({**sidecar, "warnings": 5}))
+    assert _rerun(run, scans, out, "--save-probabilities") == {"code": 2, "a": "skipped", "b": "failed"}
