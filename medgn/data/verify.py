@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from medgn.data.case_stats import CaseStats, case_statistics
-from medgn.data.datasets import Case, DatasetIndex, refuse_unsupported_labels
+from medgn.data.datasets import MISSING_MARK, Case, DatasetIndex, refuse_unsupported_labels
 from medgn.data.io import Limits, Volume, geometry_diff, read_volume
 from medgn.data.multichannel import read_channels
 from medgn.data.preflight import DEFAULT_LIMITS
@@ -119,7 +119,15 @@ def _channels(
         except MedgnError as exc:
             result.problems.append(exc.one_line())
             return []
-    read = [(c, p, _read(p, limits, result, digest)) for c, p in enumerate(case.images)]
+    missing = [p for p in case.images if p.name.endswith(MISSING_MARK)]  # a test case's place kept for a file
+    for p in missing:
+        result.problems.append(f"channel file missing: {p.with_name(p.name[: -len(MISSING_MARK)])}")
+    extra = case.images[expected:] if expected else ()
+    if any(not p.name.endswith(MISSING_MARK) for p in extra):
+        shown = ", ".join(p.name for p in extra if not p.name.endswith(MISSING_MARK))
+        result.problems.append(f"unexpected channel file (only {expected} channels declared): {shown}")
+    present = [(c, p) for c, p in enumerate(case.images) if p not in missing]
+    read = [(c, p, _read(p, limits, result, digest)) for c, p in present]
     return [(c, p, v) for c, p, v in read if v is not None]
 
 

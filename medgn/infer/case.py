@@ -470,6 +470,7 @@ def read_inputs(images: tuple[Path, ...], channels: int | None = None) -> tuple[
             f"case has channel files the model does not take: {', '.join(p.name for p in extra)}",
             expected=f"{channels} channel file(s) per case, as the model was trained",
         )
+    images = tuple(p for p in images if not p.name.endswith(MISSING_MARK))  # places beyond the model's channels
     reads = [input_bytes(p) for p in images]
     return reads, [{"path": os.fspath(p), "sha256": with_data_files_sha256(p, r.sha256)} for p, r in zip(images, reads)]
 

@@ -458,14 +458,17 @@ def _run_cases(
             result = CaseResult(cid, names[cid], "ok")
             try:
                 reads, inputs = read_inputs(case.images, predictor.plan.in_channels)
+                images = tuple(
+                    Path(i["path"]) for i in inputs
+                )  # a place kept for a channel the model does not take: gone
                 fp = fingerprint(
                     [r["sha256"] for r in inputs], predictor.model_sha256s, predictor.config_hash, recorded
                 )
-                suffix = target.suffix if target is not None else _volume_suffix(case.images[0], run.output_format)
+                suffix = target.suffix if target is not None else _volume_suffix(images[0], run.output_format)
                 options["mask_suffix"] = suffix
                 existing = outputs_exist(stem, suffix)
                 sidecar = read_sidecar(stem.with_name(stem.name + ".json"))
-                mask_done = stem.with_name(stem.name + primary_suffix(case.images, run.output_format, suffix)).is_file()
+                mask_done = stem.with_name(stem.name + primary_suffix(images, run.output_format, suffix)).is_file()
                 same = sidecar is not None and sidecar.get("fingerprint") == fp
                 state = output_state(out, sidecar) if same else "missing"
                 # An interrupted run of the same fingerprint left these outputs, or a finished one some
@@ -500,7 +503,7 @@ def _run_cases(
                         "plan": {k: v for k, v in predictor.plan.to_dict().items() if k in SIDECAR_PLAN_KEYS},
                         **env,
                     }
-                    outcome = run_case(case.images, stem, predictor, settings, options, preprocess, invert, base, reads)
+                    outcome = run_case(images, stem, predictor, settings, options, preprocess, invert, base, reads)
                     result.outputs, result.warnings = outcome.outputs, outcome.warnings
             except MedgnError as exc:
                 result.status, result.code, result.message = "failed", exc.code, exc.one_line()

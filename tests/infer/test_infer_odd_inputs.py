@@ -244,3 +244,24 @@ def test_a_dataset_test_case_missing_a_channel_fails_alone(tmp_path: Path) -> No
     assert status["b"][0] == "failed" and status["b"][1].startswith(
         f"{dataset / 'imagesTs' / 'b_0000.nii.gz'}: channel file missing"
     )
+
+
+def test_verify_and_infer_name_a_test_cases_missing_and_extra_channel_files(tmp_path: Path, capsys) -> None:
+    # verify --test showed the placeholder "t2_0001.nii.gz (missing): file not found" and passed a case
+    # with an extra _0002; a 3-channel dataset's case with _0000, _0001 for a 2-channel model failed.
+    from tests.data.conftest import make_nnunet
+
+    dataset = make_nnunet(tmp_path / "ds", n_cases=2, channels=2)
+    (dataset / "imagesTs").mkdir()
+    for name in ("t1_0000", "t1_0001", "t2_0000", "t3_0000", "t3_0001", "t3_0002"):
+        F.write_image(dataset / "imagesTs" / f"{name}.nii.gz", F.image(), AFFINE)
+    assert main(["verify", str(dataset), "--test"]) == 3
+    err = capsys.readouterr().err
+    assert f"channel file missing: {dataset / 'imagesTs' / 't2_0001.nii.gz'}" in err and "(missing)" not in err
+    assert "unexpected channel file (only 2 channels declared): t3_0002.nii.gz" in err
+    three = make_nnunet(tmp_path / "ds3", n_cases=1, channels=3)
+    (three / "imagesTs").mkdir()
+    for name in ("u1_0000", "u1_0001"):
+        F.write_image(three / "imagesTs" / f"{name}.nii.gz", F.image(), AFFINE)
+    report = infer(_predictor(in_channels=2), three, tmp_path / "out")
+    assert [(c.case_id, c.status) for c in report.cases] == [("u1", "ok")]
