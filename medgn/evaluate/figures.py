@@ -157,6 +157,15 @@ def _centre_index(mask: np.ndarray, axis: int, affine: np.ndarray) -> int:
     return int(np.ceil(centre - 0.5)) if rising else int(np.floor(centre + 0.5))
 
 
+def _nearest(candidates: np.ndarray, target: int, axis: int, affine: np.ndarray) -> int:
+    """The candidate plane nearest ``target``; of two as near, the one lower in world coordinates
+    (the same plane for a scan stored flipped)."""
+    from nibabel.orientations import io_orientation
+
+    rising = io_orientation(affine)[axis, 1] > 0
+    return int(min(candidates, key=lambda c: (abs(int(c) - target), int(c) if rising else -int(c))))
+
+
 def overlay_slices(ref: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> dict[str, int]:
     """The array index, along each view's normal, of the plane an overlay shows.
 
@@ -186,8 +195,7 @@ def overlay_slices(ref: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> dic
         mid = _centre_index(base, normal, affine) if base.any() else ref.shape[normal] // 2
         # 1.5: an even boundary error varies by less between planes through the structure.
         if scores.max() > 1.5 * per_plane[mid]:
-            best = np.flatnonzero(scores == scores.max())
-            planes[name] = int(best[np.argmin(np.abs(best - mid))])
+            planes[name] = _nearest(np.flatnonzero(scores == scores.max()), mid, normal, affine)
         else:
             planes[name] = mid
     if (
@@ -204,7 +212,8 @@ def overlay_slices(ref: np.ndarray, pred: np.ndarray, affine: np.ndarray) -> dic
             both = ref.any(axis=others) & pred.any(axis=others)
             if both.any():
                 per_plane = np.where(both, np.count_nonzero(wrong, axis=others), -1)
-                planes[name] = int(np.argmax(per_plane))
+                best = np.flatnonzero(per_plane == per_plane.max())
+                planes[name] = _nearest(best, _centre_index(pred, normal, affine), normal, affine)
             else:
                 planes[name] = _centre_index(pred, normal, affine)
     return planes
@@ -286,6 +295,12 @@ def write_overlays(
     if not any(worst.values()):
         return written
     folder.mkdir(exist_ok=True)
+    words: dict[str, str] = {}  # structure -> its word in file names, one word per structure
+    for key in worst:
+        word = _file_word(key)
+        while word in words.values():  # "ET/TC" and "ET_TC" would share a file
+            word += "_"
+        words[key] = word
     for key, cases in worst.items():
         for cid in cases:
             try:
@@ -319,7 +334,7 @@ def write_overlays(
                 ref_mask, pred_mask = structure_mask(ref.array, labels), structure_mask(pred.array, labels)
                 written.append(
                     _overlay(
-                        folder / fit_name(f"{cid}_label-{_file_word(key)}.png"),
+                        folder / fit_name(f"{cid}_label-{words[key]}.png"),
                         title,
                         under,
                         ref_mask,

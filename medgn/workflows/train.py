@@ -213,10 +213,19 @@ def train_on_dataset(
                 expected="a plan made from this dataset (medgn plan), or none",
             )
         plan, features = apply_plan_config(base_plan, cfg.plan, cfg.model.features)
-        # The model takes the channels of the dataset it trains on: its plan names them, whatever
-        # dataset a --plan was made from (inference and fine-tuning check channel order by them).
-        if channel_names(plan) != tuple(index.channel_names):
-            plan = plan.replace(dataset={**(plan.dataset or {}), "channel_names": list(index.channel_names)})
+        # The model learns the dataset it trains on: its plan describes that dataset (its channels,
+        # which inference and fine-tuning check the order by, and its label names, which name the
+        # DICOM-SEG segments), whatever dataset a --plan was made from.
+        record = {
+            **(plan.dataset or {}),
+            "name": index.name,
+            "format": index.format,
+            "channel_names": list(index.channel_names),
+            "modalities": list(index.modalities),
+            **({"labels": dict(index.labels), "regions": index.regions} if index.labels else {}),
+        }
+        if record != dict(plan.dataset or {}):
+            plan = plan.replace(dataset=record)
         if info.is_main:
             log_plan_changes(base_plan, plan, "--plan" if plan_path else "the dataset's plan")
         # train.deep_supervision switches the extra heads off (both switches must be on to use them);

@@ -365,9 +365,11 @@ def test_a_region_name_with_a_slash_gets_its_overlay(tmp_path: Path, folders: tu
         str(out),
         "--region",
         "ET/TC=1",
+        "--region",
+        "ET_TC=1",  # another name with the same file word: its own file
         "--worst-k",
         "1",
     ]
     assert main(argv) == 0
     names = sorted(p.name for p in (out / "overlays").iterdir())
-    assert names == ["c3_label-1.png", "c3_label-ET_TC.png"], names
+    assert names == ["c3_label-1.png", "c3_label-ET_TC.png", "c3_label-ET_TC_.png"], names

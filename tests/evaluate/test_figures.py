@@ -131,3 +131,16 @@ def test_a_false_positive_off_the_structures_edge_is_in_some_panel() -> None:
     planes = overlay_slices(ref, pred, np.eye(4))
     assert 3 <= planes["axial"] < 8  # the reference
     assert 6 <= planes["coronal"] < 8 and 6 <= planes["sagittal"] < 8  # planes that cut both
+
+
+def test_the_planes_chosen_for_a_false_positive_do_not_depend_on_storage_order() -> None:
+    ref = np.zeros((30, 30, 20), bool)
+    ref[5:25, 5:25, 3:8] = True
+    pred = np.zeros_like(ref)
+    pred[6:8, 6:8, 15:18] = True  # two planes tie in each of coronal and sagittal
+    planes = overlay_slices(ref, pred, np.eye(4))
+    flipped_ref, affine = _stored(ref, (0, 1, 2), (0, 1))
+    flipped_pred, _ = _stored(pred, (0, 1, 2), (0, 1))
+    flipped = overlay_slices(flipped_ref, flipped_pred, affine)
+    for name, normal in VIEWS[1:]:
+        assert flipped[name] == ref.shape[normal] - 1 - planes[name], name

@@ -167,14 +167,16 @@ def test_a_plan_of_other_channel_names_is_recorded_with_the_datasets_own(tmp_pat
     data = make_dataset(tmp_path / "data", n=4, size=16)
     other = make_dataset(tmp_path / "other", n=4, size=16)
     desc = json.loads((other / "dataset.json").read_text())
-    desc["modality"] = {"0": "T1"}
+    desc["modality"], desc["name"], desc["labels"] = {"0": "T1"}, "other", {"0": "background", "1": "thing"}
     (other / "dataset.json").write_text(json.dumps(desc))
     plan = tmp_path / "plans" / "plan.json"
     assert main(["plan", str(other), "--out", str(plan), "--folds", "2"]) == 0
     run = tmp_path / "run"
     code = main(["train", "--data", str(data), "--out", str(run), "--plan", str(plan), *ONE_STEP, "--no-progress"])
     assert code == 0
-    assert json.loads((run / "plan.json").read_text())["dataset"]["channel_names"] == ["MRI"]
+    record = json.loads((run / "plan.json").read_text())["dataset"]
+    assert record["channel_names"] == ["MRI"] and record["name"] == "tiny" and record["modalities"] == ["MR"]
+    assert record["labels"] == {"background": 0, "cube": 1}  # the names a DICOM-SEG's segments get
 
 
 def test_a_plan_naming_the_datasets_channels_in_another_order_is_refused(
