@@ -123,22 +123,33 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
 def output_state(folder: Path, sidecar: Mapping[str, Any] | None) -> str:
     """ "intact" when every output the sidecar records is in ``folder`` with the sha256 it recorded
     (sidecars from before recorded none: existence only); "changed" when one has other bytes (edited
-    by hand, or damaged); else "missing" (one was deleted)."""
+    by hand, or damaged); "missing" when one was deleted and the others are proven unchanged;
+    "unproven" when one was deleted and another has no recorded sha256 to prove it unchanged."""
     if sidecar is None:
         return "missing"
     hashes = sidecar.get("output_sha256", {})
-    state = "intact"
+    gone, unhashed = False, False
     for name in sidecar.get("outputs", []):
         path = folder / name
         if not path.is_file():
-            state = "missing"
-        elif name in hashes and file_sha256(path) != hashes[name]:
+            gone = True
+        elif name not in hashes:
+            unhashed = True
+        elif file_sha256(path) != hashes[name]:
             return "changed"
-    return state
+    return ("unproven" if unhashed else "missing") if gone else "intact"
 
 
-def changed_outputs(stem: Path, folder: Path, sidecar: Mapping[str, Any]) -> UsageError:
-    """The refusal for outputs whose bytes changed since this model and these settings wrote them."""
+def changed_outputs(stem: Path, folder: Path, sidecar: Mapping[str, Any], state: str = "changed") -> UsageError:
+    """The refusal for outputs that may no longer be what this model and these settings wrote."""
+    if state == "unproven":  # an older record: no sha256 says the outputs still there are unchanged
+        present = [n for n in sidecar.get("outputs", []) if (folder / n).is_file()]
+        return UsageError(
+            stem.parent,
+            f"some outputs of an earlier run are gone and the others cannot be shown unchanged (its record "
+            f"has no sha256): {', '.join(present)}",
+            expected="--overwrite to predict them again, or another --output to keep them",
+        )
     hashes = sidecar.get("output_sha256", {})
     changed = [n for n in sidecar.get("outputs", []) if n in hashes and (folder / n).is_file()]
     changed = [n for n in changed if file_sha256(folder / n) != hashes[n]]
@@ -149,14 +160,14 @@ def changed_outputs(stem: Path, folder: Path, sidecar: Mapping[str, Any]) -> Usa
     )
 
 
-def recorded_outputs(sidecar: Mapping[str, Any] | None, mask: str) -> list[str]:
-    """The outputs an earlier record lists beside ``mask`` (also while it was running), when that
-    record is of the same mask file: a record of another mask (another format, another input) keeps
-    its files."""
+def recorded_outputs(sidecar: Mapping[str, Any] | None, stem: str, mask: str) -> list[str]:
+    """The outputs an earlier record lists (also while it was running), when that record is of the
+    same case: it lists ``mask`` or this stem's DICOM-SEG. A record of another mask (another format,
+    another input) keeps its files."""
     if sidecar is None:
         return []
     outputs = [*sidecar.get("outputs", []), *sidecar.get("previous_outputs", [])]
-    return outputs if mask in outputs else []
+    return outputs if mask in outputs or stem + SEG_SUFFIX in outputs else []
 
 
 def class_indices(probs: torch.Tensor) -> np.ndarray:

@@ -482,15 +482,15 @@ def _run_cases(
                         [*sidecar.get("outputs", []), stem.name + ".json"],
                     )
                     result.warnings = list(sidecar.get("warnings", []))
-                elif same and state == "changed" and not run.overwrite:
-                    raise changed_outputs(stem, out, sidecar)
+                elif same and state in ("changed", "unproven") and not run.overwrite:
+                    raise changed_outputs(stem, out, sidecar, state)
                 elif existing and not (run.overwrite or resuming):
                     raise refuse_existing(stem, existing, sidecar, stem.name + suffix)
                 else:
                     options["overwrite"] = bool(run.overwrite or resuming)
                     # What the earlier record of this same mask listed and this run may not write again
                     # (its probabilities, its DICOM-SEG): removed once this run has its own outputs.
-                    options["stale_outputs"] = recorded_outputs(sidecar, stem.name + suffix)
+                    options["stale_outputs"] = recorded_outputs(sidecar, stem.name, stem.name + suffix)
                     base = {
                         "sidecar_version": 1,
                         "case_id": cid,

@@ -222,7 +222,12 @@ def train_on_dataset(
             "format": index.format,
             "channel_names": list(index.channel_names),
             "modalities": list(index.modalities),
-            **({"labels": dict(index.labels), "regions": index.regions} if index.labels else {}),
+            # its label names where they name the plan's label values (else the plan's stay)
+            **(
+                {"labels": dict(index.labels), "regions": index.regions}
+                if index.labels and sorted(index.labels.values()) == list(plan.label_values)
+                else {}
+            ),
         }
         if record != dict(plan.dataset or {}):
             plan = plan.replace(dataset=record)

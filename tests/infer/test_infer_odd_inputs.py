@@ -265,3 +265,17 @@ def test_verify_and_infer_name_a_test_cases_missing_and_extra_channel_files(tmp_
         F.write_image(three / "imagesTs" / f"{name}.nii.gz", F.image(), AFFINE)
     report = infer(_predictor(in_channels=2), three, tmp_path / "out")
     assert [(c.case_id, c.status) for c in report.cases] == [("u1", "ok")]
+
+
+def test_verify_test_names_a_constant_extra_channel_file_without_an_internal_error(tmp_path: Path, capsys) -> None:
+    import numpy as np
+
+    from tests.data.conftest import make_nnunet
+
+    dataset = make_nnunet(tmp_path / "ds", n_cases=2, channels=2)
+    (dataset / "imagesTs").mkdir()
+    for name in ("t3_0000", "t3_0001"):
+        F.write_image(dataset / "imagesTs" / f"{name}.nii.gz", F.image(), AFFINE)
+    F.write_image(dataset / "imagesTs" / "t3_0002.nii.gz", np.zeros_like(F.image()), AFFINE)  # constant: a note
+    assert main(["verify", str(dataset), "--test"]) == 3
+    assert "unexpected channel file (only 2 channels declared): t3_0002.nii.gz" in capsys.readouterr().err

@@ -153,3 +153,26 @@ def test_a_sidecar_with_malformed_warnings_is_unreadable(setup) -> None:
     sidecar = json.loads((out / "b.json").read_text())
     (out / "b.json").write_text(json.dumps({**sidecar, "warnings": 5}))
     assert _rerun(run, scans, out, "--save-probabilities") == {"code": 2, "a": "skipped", "b": "failed"}
+
+
+def test_an_older_record_with_an_output_gone_does_not_predict_over_the_rest(setup) -> None:
+    # A sidecar from before output hashes, probabilities deleted to save disk, the mask corrected by
+    # hand: the rerun redid the case and the correction was lost.
+    run, scans, out = setup
+    sidecar = json.loads((out / "a.json").read_text())
+    del sidecar["output_sha256"]
+    (out / "a.json").write_text(json.dumps(sidecar))
+    (out / "a_probabilities.npz").unlink()
+    kept = (out / "a.nii.gz").read_bytes()
+    assert _rerun(run, scans, out, "--save-probabilities") == {"code": 2, "a": "failed", "b": "skipped"}
+    message = next(c for c in json.loads((out / "report.json").read_text())["cases"] if c["case_id"] == "a")["message"]
+    assert "cannot be shown unchanged (its record has no sha256): a.nii.gz" in message
+    assert (out / "a.nii.gz").read_bytes() == kept
+
+
+def test_stale_files_of_a_dicom_seg_record_are_matched_by_the_seg() -> None:
+    from medgn.infer.case import recorded_outputs
+
+    record = {"outputs": ["scan.seg.dcm", "scan_probabilities.npz"]}
+    assert recorded_outputs(record, "scan", "scan.nii.gz") == ["scan.seg.dcm", "scan_probabilities.npz"]
+    assert recorded_outputs({"outputs": ["other.nrrd"]}, "scan", "scan.nii.gz") == []

@@ -8,6 +8,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 import medgn.data.io
@@ -213,3 +215,22 @@ def test_a_plan_naming_the_datasets_channels_in_another_order_is_refused(
         code == 2
         and "the plan names the dataset's channels in another order: T2, CT; the dataset has CT, T2" in err[-1]
     )
+
+
+def test_a_plan_with_other_label_values_keeps_its_label_names(tmp_path: Path) -> None:
+    # The dataset's names replaced the plan's although they named other values: class 2 lost its name.
+    data = make_dataset(tmp_path / "data", n=4, size=16)
+    other = make_dataset(tmp_path / "other", n=4, size=16)
+    desc = json.loads((other / "dataset.json").read_text())
+    desc["labels"] = {"0": "background", "1": "cube", "2": "ball"}
+    (other / "dataset.json").write_text(json.dumps(desc))
+    label = nib.load(other / "labelsTr" / "c0.nii.gz")
+    array = np.asarray(label.dataobj).copy()
+    array[0, 0, 0] = 2
+    nib.save(nib.Nifti1Image(array, label.affine, label.header), other / "labelsTr" / "c0.nii.gz")
+    plan = tmp_path / "plans" / "plan.json"
+    assert main(["plan", str(other), "--out", str(plan), "--folds", "2"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--plan", str(plan), *ONE_STEP, "--no-progress"]) == 0
+    saved = json.loads((run / "plan.json").read_text())
+    assert saved["label_values"] == [0, 1, 2] and saved["dataset"]["labels"] == {"background": 0, "cube": 1, "ball": 2}
