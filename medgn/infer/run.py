@@ -485,7 +485,8 @@ def _run_cases(
                 elif same and state in ("changed", "unproven") and not run.overwrite:
                     raise changed_outputs(stem, out, sidecar, state)
                 elif existing and not (run.overwrite or resuming):
-                    raise refuse_existing(stem, existing, sidecar, stem.name + suffix)
+                    primary = stem.name + primary_suffix(images, run.output_format, suffix)  # a SEG, or the mask
+                    raise refuse_existing(stem, existing, sidecar, primary)
                 else:
                     options["overwrite"] = bool(run.overwrite or resuming)
                     # What the earlier record of this same mask listed and this run may not write again

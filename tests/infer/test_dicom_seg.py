@@ -524,3 +524,13 @@ def test_label_names_and_patient_names_keep_their_text(tmp_path: Path) -> None:
     ds = pydicom.dcmread(out)
     assert [str(s.SegmentLabel) for s in ds.SegmentSequence] == ["left_right", "肝臓 liver_2"]
     assert str(ds.PatientName) == "Müller^Jürgen"
+
+
+def test_a_dicom_seg_rerun_with_other_settings_names_the_settings(tmp_path: Path) -> None:
+    # The refusal said the NIfTI name "would share" the SEG's record, though the run writes the SEG.
+    series, ras = write_series(tmp_path / "in" / "scan", volume(), "oblique")
+    predictor = Predictor.from_modules([ThresholdNet()], plan(_ras_spacing(ras)))
+    assert infer(predictor, series, tmp_path / "seg", output_format="dicom-seg").exit_code == 0
+    report = infer(predictor, series, tmp_path / "seg", output_format="dicom-seg", save_probabilities=True)
+    (case,) = report.cases
+    assert case.code == 2 and "outputs exist from a different model, settings or input" in case.message, case.message
