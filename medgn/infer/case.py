@@ -120,42 +120,42 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
     return data if well_formed else None
 
 
-def output_state(folder: Path, sidecar: Mapping[str, Any] | None) -> str:
-    """ "intact" when every output the sidecar records is in ``folder`` with the sha256 it recorded
-    (sidecars from before recorded none: existence only); "changed" when one has other bytes (edited
-    by hand, or damaged); "missing" when one was deleted and the others are proven unchanged;
-    "unproven" when one was deleted and another has no recorded sha256 to prove it unchanged."""
+def output_state(folder: Path, sidecar: Mapping[str, Any] | None) -> tuple[str, list[str]]:
+    """What became of the outputs a sidecar records, and the outputs that say so.
+
+    ("intact", []) when every one is in ``folder`` with the sha256 it recorded (sidecars from before
+    recorded none: existence only); ("changed", [those]) when one has other bytes (edited by hand,
+    or damaged); ("missing", []) when one was deleted and the others are proven unchanged;
+    ("unproven", [the others]) when one was deleted and another has no recorded sha256 to prove it.
+    """
     if sidecar is None:
-        return "missing"
+        return "missing", []
     hashes = sidecar.get("output_sha256", {})
-    gone, unhashed = False, False
+    gone, unhashed = False, []
     for name in sidecar.get("outputs", []):
         path = folder / name
         if not path.is_file():
             gone = True
         elif name not in hashes:
-            unhashed = True
+            unhashed.append(name)
         elif file_sha256(path) != hashes[name]:
-            return "changed"
-    return ("unproven" if unhashed else "missing") if gone else "intact"
+            return "changed", [name]
+    if not gone:
+        return "intact", []
+    return ("unproven", unhashed) if unhashed else ("missing", [])
 
 
-def changed_outputs(stem: Path, folder: Path, sidecar: Mapping[str, Any], state: str = "changed") -> UsageError:
-    """The refusal for outputs that may no longer be what this model and these settings wrote."""
-    if state == "unproven":  # an older record: no sha256 says the outputs still there are unchanged
-        present = [n for n in sidecar.get("outputs", []) if (folder / n).is_file()]
-        return UsageError(
-            stem.parent,
-            f"some outputs of an earlier run are gone and the others cannot be shown unchanged (its record "
-            f"has no sha256): {', '.join(present)}",
-            expected="--overwrite to predict them again, or another --output to keep them",
-        )
-    hashes = sidecar.get("output_sha256", {})
-    changed = [n for n in sidecar.get("outputs", []) if n in hashes and (folder / n).is_file()]
-    changed = [n for n in changed if file_sha256(folder / n) != hashes[n]]
+def changed_outputs(stem: Path, state: str, names: list[str]) -> UsageError:
+    """The refusal for outputs that may no longer be what this model and these settings wrote
+    (``state`` and ``names`` from :func:`output_state`)."""
+    what = (
+        "some outputs of an earlier run are gone and the others cannot be shown unchanged (its record has no sha256)"
+        if state == "unproven"  # an older record: no sha256 says the outputs still there are unchanged
+        else "outputs changed since medgn wrote them (edited by hand, or damaged)"
+    )
     return UsageError(
         stem.parent,
-        f"outputs changed since medgn wrote them (edited by hand, or damaged): {', '.join(changed)}",
+        f"{what}: {', '.join(names)}",
         expected="--overwrite to predict them again, or another --output to keep them",
     )
 

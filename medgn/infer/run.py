@@ -457,10 +457,9 @@ def _run_cases(
             t0 = time.perf_counter()
             result = CaseResult(cid, names[cid], "ok")
             try:
+                # A place kept for a channel the model does not take is gone from what was read.
                 reads, inputs = read_inputs(case.images, predictor.plan.in_channels)
-                images = tuple(
-                    Path(i["path"]) for i in inputs
-                )  # a place kept for a channel the model does not take: gone
+                images = tuple(Path(i["path"]) for i in inputs)
                 fp = fingerprint(
                     [r["sha256"] for r in inputs], predictor.model_sha256s, predictor.config_hash, recorded
                 )
@@ -468,13 +467,14 @@ def _run_cases(
                 options["mask_suffix"] = suffix
                 existing = outputs_exist(stem, suffix)
                 sidecar = read_sidecar(stem.with_name(stem.name + ".json"))
-                mask_done = stem.with_name(stem.name + primary_suffix(images, run.output_format, suffix)).is_file()
+                primary = stem.name + primary_suffix(images, run.output_format, suffix)  # a SEG, or the mask
+                mask_done = (out / primary).is_file()
                 same = sidecar is not None and sidecar.get("fingerprint") == fp
-                state = output_state(out, sidecar) if same else "missing"
+                state, telling = output_state(out, sidecar) if same else ("missing", [])
                 # An interrupted run of the same fingerprint left these outputs, or a finished one some
                 # of whose outputs were deleted since: ours to replace. One changed since it was written
                 # (a mask corrected by hand, or damaged) is never replaced without --overwrite.
-                resuming = same and (sidecar.get("status") == "running" or (state == "missing" and not run.overwrite))
+                resuming = same and (sidecar.get("status") == "running" or state == "missing")
                 if same and sidecar.get("status") == "done" and mask_done and state == "intact":
                     result.status, result.message, result.outputs = (
                         "skipped",
@@ -483,9 +483,8 @@ def _run_cases(
                     )
                     result.warnings = list(sidecar.get("warnings", []))
                 elif same and state in ("changed", "unproven") and not run.overwrite:
-                    raise changed_outputs(stem, out, sidecar, state)
+                    raise changed_outputs(stem, state, telling)
                 elif existing and not (run.overwrite or resuming):
-                    primary = stem.name + primary_suffix(images, run.output_format, suffix)  # a SEG, or the mask
                     raise refuse_existing(stem, existing, sidecar, primary)
                 else:
                     options["overwrite"] = bool(run.overwrite or resuming)
