@@ -304,6 +304,16 @@ def group_channels(folder: Path, ending: str | None) -> tuple[dict[str, dict[int
 MISSING_MARK = " (missing)"
 
 
+def missing_file(path: Path) -> Path:
+    """The place kept in a case for channel file ``path``, which does not exist."""
+    return path.with_name(path.name + MISSING_MARK)
+
+
+def missing_original(path: Path) -> Path | None:
+    """The channel file a place made by :func:`missing_file` stands for; None for a real file."""
+    return path.with_name(path.name[: -len(MISSING_MARK)]) if path.name.endswith(MISSING_MARK) else None
+
+
 def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path, training: bool = True) -> DatasetIndex:
     problems = [
         f"missing key {key!r}" for key in ("channel_names", "labels", "numTraining", "file_ending") if key not in desc
@@ -373,7 +383,7 @@ def _load_nnunet(root: Path, desc: dict[str, Any], json_path: Path, training: bo
                 check_case_id(cid, root / "imagesTs"),
                 # a channel the case lacks keeps its place: the case fails alone, naming the file
                 tuple(
-                    found.get(c, root / "imagesTs" / f"{cid}_{c:04d}{ending}{MISSING_MARK}")
+                    found.get(c, missing_file(root / "imagesTs" / f"{cid}_{c:04d}{ending}"))
                     for c in range(max(len(channels), max(found) + 1))
                 ),
             )

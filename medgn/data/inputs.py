@@ -15,19 +15,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medgn.data.datasets import (
-    MISSING_MARK,
     Case,
     check_case_id,
     group_channels,
     is_image_file,
     load_dataset,
+    missing_file,
     strip_image_suffix,
 )
 from medgn.data.preflight import gdcm_series_ids
 from medgn.errors import InputDataError, UsageError
 from medgn.files import path_problem
 
-__all__ = ["MISSING_MARK", "declared_channel_names", "find_inputs", "missing_input"]
+__all__ = ["declared_channel_names", "find_inputs", "missing_input"]
 
 
 def _is_dicom_folder(path: Path) -> bool:
@@ -72,7 +72,7 @@ def _named_channels(input_path: Path, channels: Sequence[str]) -> list[Case]:
                 case_id,
                 images
                 if not missing
-                else images + tuple(input_path / f"{case_id}_{ch}{MISSING_MARK}" for ch in missing),
+                else images + tuple(missing_file(input_path / f"{case_id}_{ch}") for ch in missing),
             )
         )
     return cases
@@ -146,7 +146,7 @@ def find_inputs(
             )
         for case_id, found in sorted(grouped.items()):
             # A channel missing before the last one found: the case fails alone, naming the file.
-            images = tuple(found.get(c, path / f"{case_id}_{c:04d}{MISSING_MARK}") for c in range(max(found) + 1))
+            images = tuple(found.get(c, missing_file(path / f"{case_id}_{c:04d}")) for c in range(max(found) + 1))
             cases.append(Case(check_case_id(case_id, path), images))
     elif _is_dicom_folder(path):
         cases = [Case(check_case_id(path.name, path), (path,))]

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from medgn.data.case_stats import CaseStats, case_statistics
-from medgn.data.datasets import MISSING_MARK, Case, DatasetIndex, refuse_unsupported_labels
+from medgn.data.datasets import Case, DatasetIndex, missing_original, refuse_unsupported_labels
 from medgn.data.io import Limits, Volume, geometry_diff, read_volume
 from medgn.data.multichannel import read_channels
 from medgn.data.preflight import DEFAULT_LIMITS
@@ -119,15 +119,14 @@ def _channels(
         except MedgnError as exc:
             result.problems.append(exc.one_line())
             return []
-    missing = [p for p in case.images if p.name.endswith(MISSING_MARK)]  # a test case's place kept for a file
-    for p in missing:
-        result.problems.append(f"channel file missing: {p.with_name(p.name[: -len(MISSING_MARK)])}")
-    extra = case.images[expected:] if expected else ()
-    if any(not p.name.endswith(MISSING_MARK) for p in extra):
-        shown = ", ".join(p.name for p in extra if not p.name.endswith(MISSING_MARK))
-        result.problems.append(f"unexpected channel file (only {expected} channels declared): {shown}")
-    kept = case.images[:expected] if expected else case.images  # an extra file is named above, not read
-    present = [(c, p) for c, p in enumerate(kept) if p not in missing]
+    kept = case.images[:expected] if expected else case.images  # an extra file is named below, not read
+    for p in case.images:  # a test case's place kept for a file it lacks
+        if (original := missing_original(p)) is not None:
+            result.problems.append(f"channel file missing: {original}")
+    extra = [p.name for p in case.images[len(kept) :] if missing_original(p) is None]
+    if extra:
+        result.problems.append(f"unexpected channel file (only {expected} channels declared): {', '.join(extra)}")
+    present = [(c, p) for c, p in enumerate(kept) if missing_original(p) is None]
     read = [(c, p, _read(p, limits, result, digest)) for c, p in present]
     return [(c, p, v) for c, p, v in read if v is not None]
 

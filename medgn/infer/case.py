@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medgn.data.datasets import CHANNEL_RE, strip_image_suffix
-from medgn.data.inputs import MISSING_MARK
+from medgn.data.datasets import CHANNEL_RE, missing_original, strip_image_suffix
 from medgn.data.preflight import MASK_SUFFIXES
 from medgn.errors import InputDataError, MedgnError, UsageError
 from medgn.files import atomic_path, atomic_write_bytes, atomic_write_json, file_sha256, json_sha256
@@ -468,20 +467,17 @@ def read_inputs(images: tuple[Path, ...], channels: int | None = None) -> tuple[
 
     needed = images[:channels] if channels else images
     for path in needed:
-        if path.name.endswith(MISSING_MARK):  # a channel file the case lacks (its place kept by find_inputs)
-            raise InputDataError(
-                path.with_name(path.name[: -len(MISSING_MARK)]),
-                "channel file missing",
-                expected="a file for every channel of the case",
-            )
-    extra = [p for p in images[len(needed) :] if not p.name.endswith(MISSING_MARK)]
+        original = missing_original(path)
+        if original is not None:  # a channel file the case lacks (its place kept by find_inputs)
+            raise InputDataError(original, "channel file missing", expected="a file for every channel of the case")
+    extra = [p for p in images[len(needed) :] if missing_original(p) is None]
     if extra:  # c_0003 beside c_0000, c_0001 for a 2-channel model: not a gap at c_0002
         raise InputDataError(
             extra[0],
             f"case has channel files the model does not take: {', '.join(p.name for p in extra)}",
             expected=f"{channels} channel file(s) per case, as the model was trained",
         )
-    images = tuple(p for p in images if not p.name.endswith(MISSING_MARK))  # places beyond the model's channels
+    images = (*needed, *extra)  # places kept beyond the model's channels are not read
     reads = [input_bytes(p) for p in images]
     return reads, [{"path": os.fspath(p), "sha256": with_data_files_sha256(p, r.sha256)} for p, r in zip(images, reads)]
 
