@@ -109,6 +109,18 @@ def _read(path: Path, limits: Limits, result: CaseResult, digest: bool, **kwargs
     return vol
 
 
+def channel_geometry_problem(first: Volume, vol: Volume, channel: int) -> str | None:
+    """Why channel ``channel`` is not on the first channel's grid, or None (verify's and plan's words)."""
+    diffs = geometry_diff(first, vol)
+    return f"channel {channel} geometry differs from {first.path}: {'; '.join(diffs)}" if diffs else None
+
+
+def label_geometry_problem(first: Volume, label: Volume) -> str | None:
+    """Why the label is not on its image's grid, or None (verify's and plan's words)."""
+    diffs = geometry_diff(first, label)
+    return f"label geometry differs from image {first.path}: {'; '.join(diffs)}" if diffs else None
+
+
 def _channels(
     case: Case, expected: int, limits: Limits, result: CaseResult, digest: bool
 ) -> list[tuple[int, Path, Volume]]:
@@ -160,12 +172,8 @@ def verify_case(
                     check_workload(path, vol.shape, vol.affine, target_spacing, limits)
                 except MedgnError as exc:
                     result.problems.append(exc.one_line())
-        else:
-            diffs = geometry_diff(first, vol)
-            if diffs:
-                result.problems.append(
-                    f"{path}: channel {channel} geometry differs from {first.path}: {'; '.join(diffs)}"
-                )
+        elif (problem := channel_geometry_problem(first, vol, channel)) is not None:
+            result.problems.append(f"{path}: {problem}")
         if rng is not None:
             kept.append(vol)
         del vol
@@ -174,12 +182,8 @@ def verify_case(
         label = _read(case.label, limits, result, digests, label=True, label_values=label_values)
         if label is not None:
             result.labels_found = np.unique(label.array).tolist()
-            if first is not None:
-                diffs = geometry_diff(first, label)
-                if diffs:
-                    result.problems.append(
-                        f"{case.label}: label geometry differs from image {first.path}: {'; '.join(diffs)}"
-                    )
+            if first is not None and (problem := label_geometry_problem(first, label)) is not None:
+                result.problems.append(f"{case.label}: {problem}")
     if rng is not None and result.ok and kept:
         result.stats = case_statistics(case.case_id, kept, label, rng)
     return result

@@ -24,10 +24,10 @@ from medgn.data.case_stats import (
     ras_spacing_shape,
 )
 from medgn.data.datasets import Case, DatasetIndex, refuse_unsupported_labels
-from medgn.data.io import geometry_diff, read_volume
+from medgn.data.io import read_volume
 from medgn.data.multichannel import read_case_images
 from medgn.data.preflight import DEFAULT_LIMITS, Limits
-from medgn.data.verify import label_coverage
+from medgn.data.verify import channel_geometry_problem, label_coverage, label_geometry_problem
 from medgn.errors import InputDataError
 
 __all__ = [
@@ -66,13 +66,10 @@ def _read_case(case: Case, index: DatasetIndex, limits: Limits, rng: np.random.G
     # (the same rule and words as verify's).
     first = images[0]
     for channel, vol in enumerate(images[1:], start=1):
-        diffs = geometry_diff(first, vol)
-        if diffs:
-            raise InputDataError(vol.path, f"channel {channel} geometry differs from {first.path}: {'; '.join(diffs)}")
-    if label is not None:
-        diffs = geometry_diff(first, label)
-        if diffs:
-            raise InputDataError(label.path, f"label geometry differs from image {first.path}: {'; '.join(diffs)}")
+        if (problem := channel_geometry_problem(first, vol, channel)) is not None:
+            raise InputDataError(vol.path, problem)
+    if label is not None and (problem := label_geometry_problem(first, label)) is not None:
+        raise InputDataError(label.path, problem)
     return case_statistics(case.case_id, images, label, rng)
 
 
