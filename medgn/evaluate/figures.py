@@ -146,23 +146,25 @@ def _plane(volume: np.ndarray, affine: np.ndarray, index: int, world_normal: int
     return plane, float(spacing[vertical] / spacing[horizontal]), int(ornt[horizontal, 0]), int(ornt[vertical, 0])
 
 
+def _rising(affine: np.ndarray, axis: int) -> bool:
+    """Whether the index along array ``axis`` grows with the world coordinate."""
+    from nibabel.orientations import io_orientation
+
+    return bool(io_orientation(affine)[axis, 1] > 0)
+
+
 def _centre_index(mask: np.ndarray, axis: int, affine: np.ndarray) -> int:
     """The index along array ``axis`` nearest the centre of ``mask``; a centre halfway between two
     planes takes the one lower in world coordinates, so that the same scan stored flipped shows the
     same plane."""
-    from nibabel.orientations import io_orientation
-
     centre = float(np.argwhere(mask)[:, axis].mean())
-    rising = io_orientation(affine)[axis, 1] > 0  # the index grows with the world coordinate
-    return int(np.ceil(centre - 0.5)) if rising else int(np.floor(centre + 0.5))
+    return int(np.ceil(centre - 0.5)) if _rising(affine, axis) else int(np.floor(centre + 0.5))
 
 
 def _nearest(candidates: np.ndarray, target: int, axis: int, affine: np.ndarray) -> int:
     """The candidate plane nearest ``target``; of two as near, the one lower in world coordinates
     (the same plane for a scan stored flipped)."""
-    from nibabel.orientations import io_orientation
-
-    rising = io_orientation(affine)[axis, 1] > 0
+    rising = _rising(affine, axis)
     return int(min(candidates, key=lambda c: (abs(int(c) - target), int(c) if rising else -int(c))))
 
 

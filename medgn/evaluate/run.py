@@ -183,8 +183,9 @@ def _evaluate_case(
     _check_not_negative(pred.array, pred_path)
     scored = pred.meta.get("segments", pred.array)  # overlapping DICOM-SEG segments: each whole
     found = scored.present() if isinstance(scored, Segments) else np.unique(pred.array)
+    ref_values = np.unique(ref.array) if declared is not None or labels is None else None  # read once, if needed
     if declared is not None:
-        for what, path, values in (("reference", ref_path, np.unique(ref.array)), ("prediction", pred_path, found)):
+        for what, path, values in (("reference", ref_path, ref_values), ("prediction", pred_path, found)):
             stray = sorted({int(v) for v in values} - {0, *declared})
             if stray:
                 raise InputDataError(
@@ -195,7 +196,7 @@ def _evaluate_case(
                 )
     present = labels
     if present is None:  # every foreground value found in either map
-        present = tuple(int(v) for v in np.union1d(found, np.unique(ref.array)) if v > 0)
+        present = tuple(int(v) for v in np.union1d(found, ref_values) if v > 0)
     return case_metrics(scored, ref.array, ref.spacing, present, regions, tol)
 
 
