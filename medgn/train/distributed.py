@@ -11,7 +11,8 @@ leaked or hand-written one otherwise fails deep inside PyTorch or waits 30 minut
 never come: ``WORLD_SIZE`` must be positive, ``0 <= RANK < WORLD_SIZE``, ``0 <= LOCAL_RANK <
 LOCAL_WORLD_SIZE`` (and a visible GPU), and ``MASTER_ADDR``/``MASTER_PORT`` set when more than one
 process takes part (exit 2 naming the variables). A group that cannot be joined is named with its
-address: a busy ``MASTER_PORT`` is exit 2, no answer or a timeout exit 5. A peer that dies mid-run
+address: a busy ``MASTER_PORT`` is exit 2, no answer or a timeout exit 5. Ranks started without
+torchrun wait five minutes (``MEDGN_JOIN_TIMEOUT`` seconds) for the others, not PyTorch's 30. A peer that dies mid-run
 breaks the collectives of the others: :func:`peer_failure` recognises that error, which the CLI
 reports as "another rank stopped" (exit 5: the job lost a process, a machine or a connection)
 rather than as a bug.
@@ -31,6 +32,9 @@ import torch.distributed as dist
 
 from medgn.environment import RENDEZVOUS_VARS
 from medgn.errors import ResourceError, UsageError, brief
+
+# Seconds a rank started without torchrun waits for the others (MEDGN_JOIN_TIMEOUT overrides).
+JOIN_TIMEOUT_S = 300.0
 
 # What a collective says when a peer process is gone (gloo over TCP; NCCL's communicator).
 PEER_LOST_TEXT = (
@@ -141,11 +145,94 @@ def init_distributed(device_type: str) -> DistInfo:
                 expected="--nproc_per_node at most the number of visible GPUs (CUDA_VISIBLE_DEVICES)",
             )
         torch.cuda.set_device(info.local_rank)
+    backend = "nccl" if device_type == "cuda" else "gloo"
     try:
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        store = _join_store(info)
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world_size)
     except dist.DistError as exc:
         raise _join_failure(exc) from exc
     return info
+
+
+def join_timeout_seconds() -> float:
+    """How long a hand-launched rank waits for the others to join: ``MEDGN_JOIN_TIMEOUT`` seconds,
+    default :data:`JOIN_TIMEOUT_S`."""
+    raw = os.environ.get("MEDGN_JOIN_TIMEOUT")
+    if raw is None or raw.strip() == "":
+        return JOIN_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 7 * 24 * 3600:
+        raise UsageError(
+            "MEDGN_JOIN_TIMEOUT", "environment variable is not a number of seconds", got=raw, expected="e.g. 300"
+        )
+    return value
+
+
+def _join_store(info: DistInfo) -> Any:
+    """The rendezvous store for a rank started without torchrun's agent (``WORLD_SIZE``, ``RANK`` and
+    ``MASTER_*`` set by hand or by a scheduler), or None under torchrun, whose agent hosts the store and
+    has already gathered every process.
+
+    PyTorch's own ``env://`` join waits its collective timeout, 30 minutes, for ranks that never come
+    (``WORLD_SIZE=2`` with one process started); here rank 0 waits :func:`join_timeout_seconds` for the
+    others to connect and the others as long to reach it, then the store keeps PyTorch's timeout for
+    the rest of the run.
+    """
+    from datetime import timedelta
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return None
+    try:
+        port = int(os.environ["MASTER_PORT"])
+    except ValueError:
+        port = -1
+    if not 0 < port < 2**16:
+        raise UsageError("MASTER_PORT", "not a TCP port", got=os.environ["MASTER_PORT"], expected="1-65535")
+    if info.rank != 0:
+        _wait_for_rank_0(os.environ["MASTER_ADDR"], port, join_timeout_seconds())
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        port,
+        info.world_size,
+        is_master=info.rank == 0,
+        timeout=timedelta(seconds=join_timeout_seconds()),
+        wait_for_workers=True,
+        multi_tenant=True,
+    )
+    store.set_timeout(dist.default_pg_timeout)
+    return store
+
+
+def _wait_for_rank_0(address: str, port: int, timeout_s: float) -> None:
+    """Wait until rank 0's store accepts connections (PyTorch's client prints a C++ stack trace on every
+    retry while it waits).
+
+    Raises:
+        ResourceError: nothing answered at ``address:port`` within ``timeout_s`` seconds (exit 5).
+    """
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((address, port), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise ResourceError(
+                    "",
+                    f"cannot join the process group at {address}:{port}: rank 0 did not answer in {timeout_s:g} s",
+                    got=brief(exc, 80),
+                    expected="rank 0 started with the same MASTER_ADDR and MASTER_PORT, reachable from this machine "
+                    "(MEDGN_JOIN_TIMEOUT sets the wait)",
+                ) from exc
+        time.sleep(0.5)
 
 
 def _join_failure(exc: BaseException) -> UsageError | ResourceError:
@@ -160,12 +247,13 @@ def _join_failure(exc: BaseException) -> UsageError | ResourceError:
             f"cannot start the process group at {where}: the port is in use",
             expected="a free port (torchrun --master-port, or MASTER_PORT)",
         )
-    return ResourceError(
-        "",
-        f"cannot join the process group at {where}",
-        got=reason,
-        expected="every rank started with the same MASTER_ADDR and MASTER_PORT, reachable from this machine",
-    )
+    expected = "every rank started with the same MASTER_ADDR and MASTER_PORT, reachable from this machine"
+    if "timed out" in str(exc).lower() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        expected = (
+            f"all WORLD_SIZE={os.environ.get('WORLD_SIZE', '')} ranks started within "
+            f"{join_timeout_seconds():g} s (MEDGN_JOIN_TIMEOUT) with the same MASTER_ADDR and MASTER_PORT"
+        )
+    return ResourceError("", f"cannot join the process group at {where}", got=reason, expected=expected)
 
 
 def peer_failure(exc: BaseException | None) -> BaseException | None:

@@ -15,7 +15,16 @@ from medgn.cli import main
 from medgn.errors import ResourceError, UsageError
 from medgn.train import distributed as ddp
 
-VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "MEDGN_JOIN_TIMEOUT",
+    "TORCHELASTIC_USE_AGENT_STORE",
+)
 GLOO_RESET = (
     "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:50835: "
     "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the application."
@@ -172,7 +181,8 @@ def test_a_busy_master_port_is_exit_2_naming_the_port(monkeypatch, tmp_path, cap
 
 
 def test_a_process_group_that_cannot_be_joined_is_a_resource_error(env, monkeypatch) -> None:
-    env(RANK="1", WORLD_SIZE="2", **RENDEZVOUS)
+    # Under torchrun the agent hosts the store and PyTorch's own join runs.
+    env(RANK="1", WORLD_SIZE="2", TORCHELASTIC_USE_AGENT_STORE="True", **RENDEZVOUS)
 
     def timed_out(*args, **kwargs):
         raise dist.DistNetworkError("The client socket has timed out after 1800000ms while trying to connect")
@@ -183,3 +193,82 @@ def test_a_process_group_that_cannot_be_joined_is_a_resource_error(env, monkeypa
     line = info.value.one_line()
     assert info.value.code == 5 and "cannot join the process group at 127.0.0.1:29555" in line
     assert "timed out" in line
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("rank", "words"),
+    [
+        ("0", "(got Timed out after"),  # rank 0 waits for its clients: "1/2 clients joined"
+        ("1", ": rank 0 did not answer in 1 s (got"),
+    ],
+)
+def test_a_hand_launched_rank_alone_stops_after_the_join_timeout(env, tmp_path, capsys, rank, words) -> None:
+    # WORLD_SIZE=2 with one process started (by hand or a scheduler, no torchrun agent) waited PyTorch's
+    # 30 minutes; it now waits MEDGN_JOIN_TIMEOUT seconds (default 300) and says what to start.
+    import time
+
+    env(RANK=rank, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), MEDGN_JOIN_TIMEOUT="1")
+    out = tmp_path / "run"
+    began = time.monotonic()
+    code = main(["train", "--data", str(tmp_path), "--out", str(out), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 5 and len(err) == 1, err
+    assert err[0].startswith("medgn: error: cannot join the process group at 127.0.0.1:") and words in err[0], err
+    assert "MEDGN_JOIN_TIMEOUT" in err[0], err
+    assert time.monotonic() - began < 60 and not out.exists() and not dist.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"MEDGN_JOIN_TIMEOUT": "soon"}, "MEDGN_JOIN_TIMEOUT: environment variable is not a number of seconds"),
+        ({"MEDGN_JOIN_TIMEOUT": "0"}, "MEDGN_JOIN_TIMEOUT: environment variable is not a number of seconds"),
+        ({"MASTER_PORT": "99999"}, "MASTER_PORT: not a TCP port (got 99999"),
+        ({"MASTER_PORT": "http"}, "MASTER_PORT: not a TCP port (got http"),
+    ],
+)
+def test_join_settings_that_cannot_work_are_exit_2(env, values, where) -> None:
+    env(RANK="0", WORLD_SIZE="2", **{**RENDEZVOUS, **values})
+    with pytest.raises(UsageError) as info:
+        ddp.init_distributed("cpu")
+    assert info.value.code == 2 and where in info.value.one_line()
+
+
+def test_hand_launched_ranks_join_whichever_starts_first(tmp_path) -> None:
+    # Two processes with RANK/WORLD_SIZE/MASTER_* set by hand (as a scheduler's job script does), rank 1
+    # started first: it waits for rank 0 quietly (PyTorch's client printed a C++ stack trace on every
+    # retry), then both join and reduce.
+    import os
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import torch, torch.distributed as d; from medgn.train.distributed import init_distributed; "
+        "init_distributed('cpu'); t = torch.tensor([d.get_rank() + 1]); d.all_reduce(t); print(int(t))"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in VARS}
+    port = str(_free_port())
+    procs = []
+    for rank in ("1", "0"):
+        env = {**base, "RANK": rank, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        )
+        time.sleep(2)
+    try:
+        results = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, (stdout, stderr) in zip(procs, results):
+        assert proc.returncode == 0 and stdout.decode().strip() == "3", (stdout, stderr)
+        assert b"socket.cpp" not in stderr and b"frame #" not in stderr, stderr[-2000:]
