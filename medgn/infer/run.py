@@ -34,6 +34,7 @@ from medgn.infer.case import (
     PROBABILITIES_SUFFIX,
     SEG_SUFFIX,
     changed_outputs,
+    default_output_format,
     fingerprint,
     mask_suffix,
     output_state,
@@ -247,6 +248,18 @@ def infer(
             remove_empty_folders(created)
 
 
+def _case_settings(recorded: dict[str, Any], images: tuple[Path, ...], output_format: str | None) -> dict[str, Any]:
+    """The settings a case's fingerprint covers: an ``--output-format`` that writes what this input gets
+    by default (``nifti`` for a ``.nii.gz`` scan, ``both`` for a DICOM series) is left out, so a rerun
+    that names the default, or leaves it out, is the same run."""
+    if output_format is None or "mask_suffix" in recorded:
+        return recorded
+    default = output_format == default_output_format(images)
+    if default and _volume_suffix(images[0], output_format) == mask_suffix(images[0]):
+        return {k: v for k, v in recorded.items() if k != "output_format"}
+    return recorded
+
+
 def _volume_suffix(first_channel: Path, output_format: str | None) -> str:
     """A folder run's mask format: NIfTI when ``--output-format nifti`` asks for it, else the input's own."""
     return ".nii.gz" if output_format == "nifti" else mask_suffix(first_channel)
@@ -423,7 +436,9 @@ def _run_cases(
     recorded = {
         **asdict(settings),
         "save_probabilities": run.save_probabilities,
-        "largest_component": run.largest_component,
+        # --largest-component and --postprocess lcc are one request (recorded as the first spelled it
+        # before; a sidecar of that kind is still recognised, see `spelled`)
+        "largest_component": run.largest_component or run.postprocess == "lcc",
         "label_values": predictor.label_values,
         "inversion": "log_probabilities",
         "preprocessing": PIPELINE_VERSION,
@@ -442,6 +457,9 @@ def _run_cases(
     }
     if run.output_format is not None:  # recorded only when chosen: default runs keep their fingerprints
         recorded["output_format"] = run.output_format
+    # The settings as this run's options spelled them, which earlier versions recorded: a case done by
+    # such a run is still this run's.
+    spelled = {**recorded, "largest_component": run.largest_component}
     if target is not None and any(target.suffix.lower() != mask_suffix(cases[c].images[0]) for c in selected):
         recorded["mask_suffix"] = target.suffix.lower()  # another format than the input's own (the same otherwise)
     preprocess, invert = _pipeline(predictor.plan, run.limits)
@@ -460,16 +478,20 @@ def _run_cases(
                 # A place kept for a channel the model does not take is gone from what was read.
                 reads, inputs = read_inputs(case.images, predictor.plan.in_channels)
                 images = tuple(Path(i["path"]) for i in inputs)
-                fp = fingerprint(
-                    [r["sha256"] for r in inputs], predictor.model_sha256s, predictor.config_hash, recorded
-                )
+                case_settings = _case_settings(recorded, images, run.output_format)
+                hashes = [r["sha256"] for r in inputs]
+                fp = fingerprint(hashes, predictor.model_sha256s, predictor.config_hash, case_settings)
                 suffix = target.suffix if target is not None else _volume_suffix(images[0], run.output_format)
                 options["mask_suffix"] = suffix
                 existing = outputs_exist(stem, suffix)
                 sidecar = read_sidecar(stem.with_name(stem.name + ".json"))
                 primary = stem.name + primary_suffix(images, run.output_format, suffix)  # a SEG, or the mask
                 mask_done = (out / primary).is_file()
-                same = sidecar is not None and sidecar.get("fingerprint") == fp
+                same = sidecar is not None and (
+                    sidecar.get("fingerprint") == fp
+                    or sidecar.get("fingerprint")
+                    == fingerprint(hashes, predictor.model_sha256s, predictor.config_hash, spelled)
+                )
                 state, telling = output_state(out, sidecar) if same else ("missing", [])
                 # An interrupted run of the same fingerprint left these outputs, or a finished one some
                 # of whose outputs were deleted since: ours to replace. One changed since it was written
@@ -498,7 +520,7 @@ def _run_cases(
                         "fingerprint": fp,
                         "models": report.models,
                         "config_hash": predictor.config_hash,
-                        "settings": recorded,
+                        "settings": case_settings,
                         "infer_settings": run.to_dict(),
                         "plan": {k: v for k, v in predictor.plan.to_dict().items() if k in SIDECAR_PLAN_KEYS},
                         **env,

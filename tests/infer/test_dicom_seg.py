@@ -534,3 +534,14 @@ def test_a_dicom_seg_rerun_with_other_settings_names_the_settings(tmp_path: Path
     report = infer(predictor, series, tmp_path / "seg", output_format="dicom-seg", save_probabilities=True)
     (case,) = report.cases
     assert case.code == 2 and "outputs exist from a different model, settings or input" in case.message, case.message
+
+
+def test_a_dicom_series_rerun_naming_its_default_format_is_the_same_run(tmp_path: Path) -> None:
+    # A series gets a SEG and a NIfTI mask by default; `--output-format both` asks for just that.
+    series, ras = write_series(tmp_path / "in" / "scan", volume(), "oblique")
+    predictor = Predictor.from_modules([ThresholdNet()], plan(_ras_spacing(ras)))
+    assert infer(predictor, series, tmp_path / "seg").exit_code == 0
+    (case,) = infer(predictor, series, tmp_path / "seg", output_format="both").cases
+    assert case.status == "skipped", case.message
+    (case,) = infer(predictor, series, tmp_path / "seg", output_format="nifti").cases
+    assert case.code == 2, case.message  # the SEG is not written: another run

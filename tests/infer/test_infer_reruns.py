@@ -176,3 +176,48 @@ def test_stale_files_of_a_dicom_seg_record_are_matched_by_the_seg() -> None:
     record = {"outputs": ["scan.seg.dcm", "scan_probabilities.npz"]}
     assert recorded_outputs(record, "scan", "scan.nii.gz") == ["scan.seg.dcm", "scan_probabilities.npz"]
     assert recorded_outputs({"outputs": ["other.nrrd"]}, "scan", "scan.nii.gz") == []
+
+
+def test_equivalent_spellings_of_the_same_settings_are_the_same_run(setup) -> None:
+    # `--largest-component` is `--postprocess lcc`, and `--output-format nifti` is what a .nii.gz scan
+    # gets anyway: a rerun spelled the other way was refused as "other settings" (exit 2).
+    run, scans, out = setup
+    assert _rerun(run, scans, out, "--save-probabilities", "--output-format", "nifti") == {
+        "code": 0,
+        "a": "skipped",
+        "b": "skipped",
+    }
+    assert _rerun(run, scans, out, "--overwrite", "--largest-component") == {"code": 0, "a": "ok", "b": "ok"}
+    assert _rerun(run, scans, out, "--postprocess", "lcc") == {"code": 0, "a": "skipped", "b": "skipped"}
+    assert _rerun(run, scans, out, "--postprocess", "lcc", "--output-format", "nifti") == {
+        "code": 0,
+        "a": "skipped",
+        "b": "skipped",
+    }
+    # Settings that change the mask are still another run.
+    assert _rerun(run, scans, out, "--postprocess", "none") == {"code": 2, "a": "failed", "b": "failed"}
+
+
+def test_a_record_of_an_earlier_version_spelled_as_asked_is_still_recognised(setup) -> None:
+    # Sidecars written before the spellings were made one recorded `largest_component` as the option
+    # said it (false for `--postprocess lcc`) and an explicit default `--output-format`.
+    import medgn.infer.case as case_mod
+
+    run, scans, out = setup
+    assert _rerun(run, scans, out, "--overwrite", "--postprocess", "lcc", "--output-format", "nifti") == {
+        "code": 0,
+        "a": "ok",
+        "b": "ok",
+    }
+    for name in ("a", "b"):
+        sidecar = json.loads((out / f"{name}.json").read_text())
+        old = {**sidecar["settings"], "largest_component": False, "output_format": "nifti"}
+        hashes = [i["sha256"] for i in sidecar["inputs"]]
+        models = [m["sha256"] for m in sidecar["models"]]
+        sidecar["fingerprint"] = case_mod.fingerprint(hashes, models, sidecar["config_hash"], old)
+        (out / f"{name}.json").write_text(json.dumps(sidecar))
+    assert _rerun(run, scans, out, "--postprocess", "lcc", "--output-format", "nifti") == {
+        "code": 0,
+        "a": "skipped",
+        "b": "skipped",
+    }
