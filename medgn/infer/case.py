@@ -430,11 +430,17 @@ def _segment(
         outputs.append(_write_probabilities(probs.numpy(), reference, predictor.label_values, stem, overwrite).name)
     times["postprocess_write"] = time.perf_counter() - t2
     times["total"] = time.perf_counter() - t0
-    own = (stem.name + SEG_SUFFIX, stem.name + PROBABILITIES_SUFFIX)  # only these: never a mask or a user's file
+    own = (stem.name + SEG_SUFFIX, stem.name + PROBABILITIES_SUFFIX)  # only these: never a user's file
+    mask_name = stem.name + str(options.get("mask_suffix", ""))
+    recorded_sha = options.get("stale_sha256") or {}
     for stale in options.get("stale_outputs") or ():  # an earlier record's outputs this run did not rewrite
-        if stale not in outputs and stale in own:
+        path = stem.parent / stale
+        # This case's mask, when a SEG alone replaces it, only as the earlier record wrote it (a mask
+        # corrected by hand since stays): left there, `medgn evaluate` would score the old mask.
+        ours = stale == mask_name and path.is_file() and recorded_sha.get(stale) == file_sha256(path)
+        if stale not in outputs and (stale in own or ours):
             with contextlib.suppress(OSError):
-                (stem.parent / stale).unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
 
     sidecar = dict(sidecar_base)
     sidecar.update(

@@ -513,6 +513,7 @@ def _run_cases(
                     # What the earlier record of this same mask listed and this run may not write again
                     # (its probabilities, its DICOM-SEG): removed once this run has its own outputs.
                     options["stale_outputs"] = recorded_outputs(sidecar, stem.name, stem.name + suffix)
+                    options["stale_sha256"] = dict(sidecar.get("output_sha256", {})) if sidecar else {}
                     base = {
                         "sidecar_version": 1,
                         "case_id": cid,

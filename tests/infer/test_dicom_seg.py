@@ -545,3 +545,27 @@ def test_a_dicom_series_rerun_naming_its_default_format_is_the_same_run(tmp_path
     assert case.status == "skipped", case.message
     (case,) = infer(predictor, series, tmp_path / "seg", output_format="nifti").cases
     assert case.code == 2, case.message  # the SEG is not written: another run
+
+
+def test_a_seg_alone_with_overwrite_removes_the_earlier_mask_only_as_written(tmp_path: Path) -> None:
+    # `both`, then `dicom-seg --overwrite`: the earlier NIfTI mask stayed beside the new SEG, recorded
+    # nowhere, and `medgn evaluate` on the folder scored it. Removed now, unless changed since.
+    series, ras = write_series(tmp_path / "in" / "scan", volume(), "oblique")
+    predictor = Predictor.from_modules([ThresholdNet()], plan(_ras_spacing(ras)))
+    out = tmp_path / "seg"
+    assert infer(predictor, series, out).exit_code == 0
+    assert {"scan.nii.gz", "scan.seg.dcm"} <= {p.name for p in out.iterdir()}
+    assert infer(predictor, series, out, output_format="dicom-seg", overwrite=True).exit_code == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "report.json",
+        "scan.json",
+        "scan.seg.dcm",
+    ]
+    assert json.loads((out / "scan.json").read_text())["outputs"] == ["scan.seg.dcm"]
+    # A mask corrected by hand after the `both` run is the user's: kept.
+    assert infer(predictor, series, out, overwrite=True).exit_code == 0
+    edited = bytearray((out / "scan.nii.gz").read_bytes())
+    edited[-1] ^= 1
+    (out / "scan.nii.gz").write_bytes(bytes(edited))
+    assert infer(predictor, series, out, output_format="dicom-seg", overwrite=True).exit_code == 0
+    assert (out / "scan.nii.gz").read_bytes() == bytes(edited)
