@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     regions: dict[str, tuple[int, ...]] = {}
     declared_labels = None
+    label_names: dict[int, str] = {}
     if args.dataset is not None:
         from medgn.data.datasets import load_dataset
 
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         # nnU-Net region dataset lists its labels only inside regions).
         values = {int(v) for v in index.labels.values()} | {int(m) for ms in regions.values() for m in ms}
         declared_labels = sorted(values) if values - {0} else None
+        label_names = {int(v): str(name) for name, v in index.labels.items()}
     for name, members in args.region:
         if name in regions:
             raise UsageError("--region", f"region {name!r} given twice", got=[n for n, _ in args.region])
@@ -129,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         only_predicted=args.only_predicted,
         declared_labels=declared_labels,
+        label_names=label_names,
     )
     print(format_table(result))
     counts = result.summary["counts"]

@@ -67,12 +67,14 @@ def boxplot_data(result: EvaluationResult) -> tuple[list[list[float]], list[list
     hd95 = [[r.metrics.hd95 for r in group] for group in rows]
     finite = [[v for v in vals if math.isfinite(v)] for vals in hd95]
     lost = [sum(bool({FLAG_MISSING, FLAG_FAILED} & set(r.metrics.flags)) for r in group) for group in rows]
+    shown = [result.named(k) for k in keys]
     dice_ticks = [
-        f"{k}\n(absent)" if k in absent else f"{k}\n({n} missing/failed, Dice 0)" if n else k
-        for k, n in zip(keys, lost)
+        f"{s}\n(absent)" if k in absent else f"{s}\n({n} missing/failed, Dice 0)" if n else s
+        for k, s, n in zip(keys, shown, lost)
     ]
     hd_ticks = [
-        f"{k}\n(absent)" if k in absent else f"{k}\n({len(h) - len(f)} inf)" for k, h, f in zip(keys, hd95, finite)
+        f"{s}\n(absent)" if k in absent else f"{s}\n({len(h) - len(f)} inf)"
+        for k, s, h, f in zip(keys, shown, hd95, finite)
     ]
     return dice, finite, dice_ticks, hd_ticks
 
@@ -330,7 +332,7 @@ def write_overlays(
                     else:
                         under, note = image.array, ""
                 m = result.value(cid, key, "dice"), result.value(cid, key, "hd95")
-                what = f"region {key}" if key in result.regions else f"label {key}"
+                what = f"region {key}" if key in result.regions else f"label {result.named(key)}"
                 title = f"{cid}, {what}: Dice {m[0]:.3f}, HD95 {m[1]:.2f} mm{note}"
                 labels = result.regions.get(key) or int(key)
                 ref_mask, pred_mask = structure_mask(ref.array, labels), structure_mask(pred.array, labels)

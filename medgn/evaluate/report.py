@@ -95,6 +95,7 @@ def build_summary(
             "empty": _flag_counts(label_rows),
         },
         "per_class": per_class,
+        "label_names": dict(result.label_names),
         "overall": _stats(label_rows),
         "absent": list(result.absent),
         "missing": list(result.missing),
@@ -174,7 +175,7 @@ def _table_rows(result: EvaluationResult) -> list[list[str]]:
         empty = stats["empty"]
         lines.append(
             [
-                f"{key} (absent)" if key in absent else key,
+                f"{result.named(key)} (absent)" if key in absent else result.named(key),
                 str(stats["dice"]["n"]),
                 _num(stats["dice"]["mean"]),
                 _num(stats["dice"]["std"]),
@@ -275,7 +276,9 @@ def report_markdown(result: EvaluationResult, figures: Sequence[Path] = ()) -> s
         for key, cases in worst.items():
             if cases:
                 listed = ", ".join(f"{md_text(cid)} (Dice {_num(result.value(cid, key, 'dice'), 3)})" for cid in cases)
-                text.append(f"- {'region' if key in result.regions else 'label'} {md_text(key)}: {listed}")
+                text.append(
+                    f"- {'region' if key in result.regions else 'label'} {md_text(result.named(key))}: {listed}"
+                )
         text.append("")
     text += ["## Every case", ""]
     lines = [list(CSV_COLUMNS)]

@@ -55,6 +55,7 @@ class EvaluationResult:
             per-class and overall statistics leave them out.
         out_dir: where the reports were written, or None.
         files: the files written.
+        label_names: label value (as a row key) -> the name its dataset gives it, for readers.
     """
 
     rows: list[MetricRow]
@@ -67,6 +68,12 @@ class EvaluationResult:
     absent: list[str] = field(default_factory=list)
     out_dir: Path | None = None
     files: list[Path] = field(default_factory=list)
+    label_names: dict[str, str] = field(default_factory=dict)
+
+    def named(self, key: str) -> str:
+        """A label or region as shown to readers: ``1 (left_atrium)`` when the dataset names label 1."""
+        name = self.label_names.get(key)
+        return f"{key} ({name})" if name else key
 
     @property
     def exit_code(self) -> int:

@@ -214,6 +214,7 @@ def evaluate(
     overwrite: bool = False,
     only_predicted: bool = False,
     declared_labels: Sequence[int] | None = None,
+    label_names: Mapping[int, str] | None = None,
 ) -> EvaluationResult:
     """Compare predicted label maps with reference label maps, case by case and class by class.
 
@@ -244,6 +245,8 @@ def evaluate(
         declared_labels: the label values a dataset declares (its dataset.json); a case whose
             reference or prediction holds another value fails, naming it, instead of being scored
             (or leaving a stray value out unseen).
+        label_names: label value -> name (its dataset.json's), shown beside the number in the
+            printed table, ``report.md``, ``summary.json`` and the figures.
 
     Returns:
         The rows, the summary and the failures; ``result.exit_code`` is 3 when any case failed: an
@@ -344,6 +347,7 @@ def evaluate(
             worst_k,
             not_predicted if only_predicted else None,
             tuple(int(v) for v in declared_labels) if declared_labels is not None else None,
+            {str(int(v)): str(n) for v, n in (label_names or {}).items() if int(v) != 0},
         )
 
 
@@ -363,6 +367,7 @@ def _run(
     worst_k: int,
     not_predicted: Sequence[str] | None = None,  # with --only-predicted: the references left out
     declared: tuple[int, ...] | None = None,
+    label_names: dict[str, str] | None = None,
 ) -> EvaluationResult:
     """Evaluate every case, summarise, and write the outputs (the caller holds the lock)."""
     from medgn.evaluate.report import build_summary
@@ -397,6 +402,7 @@ def _run(
         regions=region_map,
         cases=list(refs),
         absent=absent,
+        label_names={k: v for k, v in (label_names or {}).items() if k in keys},
     )
     settings = {
         "pred_dir": str(pred_dir),

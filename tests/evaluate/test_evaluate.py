@@ -290,6 +290,63 @@ def test_cli_reads_regions_from_dataset_json(folders: tuple[Path, Path], tmp_pat
     assert summary["per_class"]["cube"]["dice"]["mean"] == pytest.approx(summary["per_class"]["1"]["dice"]["mean"])
 
 
+def test_dataset_label_names_are_shown_beside_the_numbers(
+    folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The printed table, report.md, summary.json and the overlays said "label 2", where the dataset
+    # calls it by a name the reader knows.
+    pred_dir, ref_dir = folders
+    dataset = tmp_path / "ds"
+    (dataset / "imagesTr").mkdir(parents=True)
+    (dataset / "labelsTr").mkdir()
+    for ref in ref_dir.glob("*.nii.gz"):
+        (dataset / "labelsTr" / ref.name).symlink_to(ref)
+        (dataset / "imagesTr" / ref.name).symlink_to(ref)
+    desc = {
+        "name": "named",
+        "modality": {"0": "MRI"},
+        "labels": {"0": "background", "1": "left atrium", "2": "scar|tissue"},
+        "numTraining": 3,
+        "training": [
+            {"image": f"./imagesTr/{r.name}", "label": f"./labelsTr/{r.name}"} for r in sorted(ref_dir.glob("*.nii.gz"))
+        ],
+    }
+    (dataset / "dataset.json").write_text(json.dumps(desc))
+    out = tmp_path / "out"
+    argv = ["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(out), "--dataset", str(dataset)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "1 (left atrium)" in printed and "2 (scar|tissue)" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["label_names"] == {"1": "left atrium", "2": "scar|tissue"}
+    assert set(summary["per_class"]) == {"1", "2"}  # keys stay the numbers
+    report = (out / "report.md").read_text()
+    assert "| 1 (left atrium) |" in report and "| 2 (scar\\|tissue) |" in report
+    assert "- label 2 (scar\\|tissue): c2 (Dice 0.000)" in report
+    # Without a dataset, numbers alone, as before.
+    assert main(["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(out), "--overwrite"]) == 0
+    assert "left atrium" not in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["label_names"] == {}
+
+
+def test_an_overlay_title_names_the_label(folders: tuple[Path, Path], tmp_path: Path, monkeypatch) -> None:
+    import medgn.evaluate.figures as figures
+
+    titles: list[str] = []
+    real = figures._overlay
+
+    def spy(path, title, *args):
+        titles.append(title)
+        return real(path, title, *args)
+
+    monkeypatch.setattr(figures, "_overlay", spy)
+    pred_dir, ref_dir = folders
+    result = evaluate(pred_dir, ref_dir, tmp_path / "out", worst_k=1, label_names={0: "background", 2: "scar"})
+    assert figures.boxplot_data(result)[2][1].startswith("2 (scar)")
+    assert any(t.startswith("c2, label 2 (scar): Dice 0.000") for t in titles), titles
+    assert any(", label 1: Dice" in t for t in titles), titles
+
+
 def test_locked_output_folder_is_refused(folders: tuple[Path, Path], tmp_path: Path) -> None:
     from medgn.files import RunLock
 
